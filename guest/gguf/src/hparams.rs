@@ -32,7 +32,10 @@ impl Hparams {
         let md = &file.metadata;
         let arch = file.architecture()?.to_string();
         let key = |k: &str| format!("{arch}.{k}");
-        let bad = |k: &str, reason: String| GgufError::BadHparam { key: key(k), reason };
+        let bad = |k: &str, reason: String| GgufError::BadHparam {
+            key: key(k),
+            reason,
+        };
         let bounded = |k: &str, lo: u32, hi: u32| -> Result<u32> {
             let v = md.u32(&key(k))?;
             if v < lo || v > hi {
@@ -57,7 +60,10 @@ impl Hparams {
         };
         let head_dim = match md.opt_u32(&key("attention.key_length"))? {
             Some(v) if v == 0 || v > MAX_WIDTH => {
-                return Err(bad("attention.key_length", format!("{v} is outside 1..={MAX_WIDTH}")));
+                return Err(bad(
+                    "attention.key_length",
+                    format!("{v} is outside 1..={MAX_WIDTH}"),
+                ));
             }
             Some(v) => v,
             None if n_embd % n_head != 0 => {
@@ -71,23 +77,51 @@ impl Hparams {
         let n_ctx_train = bounded("context_length", 1, MAX_CONTEXT)?;
         let rope_freq_base = md.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         if !(rope_freq_base.is_finite() && rope_freq_base > 0.0) {
-            return Err(bad("rope.freq_base", format!("{rope_freq_base} is not a positive number")));
+            return Err(bad(
+                "rope.freq_base",
+                format!("{rope_freq_base} is not a positive number"),
+            ));
         }
-        let rms_eps = md.opt_f32(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
+        let rms_eps = md
+            .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5);
         if !(rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0) {
-            return Err(bad("attention.layer_norm_rms_epsilon", format!("{rms_eps} is not in (0, 1)")));
+            return Err(bad(
+                "attention.layer_norm_rms_epsilon",
+                format!("{rms_eps} is not in (0, 1)"),
+            ));
         }
 
         // The file must hold tensors for exactly the blocks it announces.
         let last = format!("blk.{}.", n_layer - 1);
         let beyond = format!("blk.{n_layer}.");
         if !file.tensors.iter().any(|t| t.name.starts_with(&last)) {
-            return Err(bad("block_count", format!("{n_layer}, but the file has no tensors for block {}", n_layer - 1)));
+            return Err(bad(
+                "block_count",
+                format!(
+                    "{n_layer}, but the file has no tensors for block {}",
+                    n_layer - 1
+                ),
+            ));
         }
         if file.tensors.iter().any(|t| t.name.starts_with(&beyond)) {
-            return Err(bad("block_count", format!("{n_layer}, but the file has tensors for block {n_layer}")));
+            return Err(bad(
+                "block_count",
+                format!("{n_layer}, but the file has tensors for block {n_layer}"),
+            ));
         }
 
-        Ok(Self { arch, n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, n_ctx_train, rope_freq_base, rms_eps })
+        Ok(Self {
+            arch,
+            n_layer,
+            n_embd,
+            n_ff,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ctx_train,
+            rope_freq_base,
+            rms_eps,
+        })
     }
 }

@@ -52,7 +52,10 @@ impl TensorInfo {
         if self.ty.is_supported() {
             Ok(())
         } else {
-            Err(GgufError::UnsupportedTensorType { name: self.name.clone(), ty: self.ty })
+            Err(GgufError::UnsupportedTensorType {
+                name: self.name.clone(),
+                ty: self.ty,
+            })
         }
     }
 }
@@ -72,7 +75,10 @@ pub struct GgufFile {
 impl GgufFile {
     /// Parse the header of `src`, validating every tensor's placement against its size.
     pub fn read<S: Source + ?Sized>(src: &S) -> Result<Self> {
-        Parser { c: Cursor::new(src) }.file()
+        Parser {
+            c: Cursor::new(src),
+        }
+        .file()
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
@@ -141,7 +147,10 @@ impl<S: Source + ?Sized> Parser<'_, S> {
             Some(Value::U32(a)) => {
                 let a = u64::from(*a);
                 if a == 0 || !a.is_power_of_two() || a > MAX_ALIGNMENT {
-                    return Err(GgufError::BadAlignment { value: a, limit: MAX_ALIGNMENT });
+                    return Err(GgufError::BadAlignment {
+                        value: a,
+                        limit: MAX_ALIGNMENT,
+                    });
                 }
                 a
             }
@@ -159,7 +168,10 @@ impl<S: Source + ?Sized> Parser<'_, S> {
         for i in 0..n_tensors {
             let t = self.tensor_info(i, alignment)?;
             if !names.insert(t.name.clone()) {
-                return Err(GgufError::DuplicateTensor { name: t.name, offset: t.info_offset });
+                return Err(GgufError::DuplicateTensor {
+                    name: t.name,
+                    offset: t.info_offset,
+                });
             }
             tensors.push(t);
         }
@@ -176,7 +188,14 @@ impl<S: Source + ?Sized> Parser<'_, S> {
             })?;
         place_tensors(&mut tensors, data_offset, file_size)?;
 
-        Ok(GgufFile { version, metadata, tensors, alignment, data_offset, file_size })
+        Ok(GgufFile {
+            version,
+            metadata,
+            tensors,
+            alignment,
+            data_offset,
+            file_size,
+        })
     }
 
     /// A u64 count whose items take at least `min_item_bytes` each: bounded by the bytes
@@ -187,7 +206,12 @@ impl<S: Source + ?Sized> Parser<'_, S> {
         let fits = self.c.remaining() / min_item_bytes;
         let limit = fits.min(MAX_ENTRIES);
         if n > limit {
-            return Err(GgufError::TooLarge { field: field.into(), offset, value: n, limit });
+            return Err(GgufError::TooLarge {
+                field: field.into(),
+                offset,
+                value: n,
+                limit,
+            });
         }
         Ok(n)
     }
@@ -204,8 +228,10 @@ impl<S: Source + ?Sized> Parser<'_, S> {
             });
         }
         let bytes = self.c.bytes(field, len)?;
-        String::from_utf8(bytes)
-            .map_err(|_| GgufError::InvalidUtf8 { field: field(), offset: offset + 8 })
+        String::from_utf8(bytes).map_err(|_| GgufError::InvalidUtf8 {
+            field: field(),
+            offset: offset + 8,
+        })
     }
 
     fn value(&mut self, key: &str, type_id: u32, depth: u32) -> Result<Value> {
@@ -295,7 +321,13 @@ impl<S: Source + ?Sized> Parser<'_, S> {
             ValueType::U64 => numbers!(U64, u64),
             ValueType::I64 => numbers!(I64, i64),
             ValueType::F64 => numbers!(F64, f64),
-            ValueType::Bool => Array::Bool(self.c.bytes(&field, n)?.into_iter().map(|b| b != 0).collect()),
+            ValueType::Bool => Array::Bool(
+                self.c
+                    .bytes(&field, n)?
+                    .into_iter()
+                    .map(|b| b != 0)
+                    .collect(),
+            ),
             ValueType::String => {
                 let mut v = Vec::with_capacity(n_usize);
                 for i in 0..n {
@@ -336,14 +368,20 @@ impl<S: Source + ?Sized> Parser<'_, S> {
             reason,
         };
 
-        let n_dims = self.c.u32(&|| format!("dimension count of tensor '{name}'"))?;
+        let n_dims = self
+            .c
+            .u32(&|| format!("dimension count of tensor '{name}'"))?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(bad(format!("{n_dims} dimensions; ggml tensors have 1 to {MAX_DIMS}")));
+            return Err(bad(format!(
+                "{n_dims} dimensions; ggml tensors have 1 to {MAX_DIMS}"
+            )));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         let mut n_elements: u64 = 1;
         for d in 0..n_dims {
-            let v = self.c.u64(&|| format!("dimension {d} of tensor '{name}'"))?;
+            let v = self
+                .c
+                .u64(&|| format!("dimension {d} of tensor '{name}'"))?;
             // ggml keeps dims as int64_t: a value with the top bit set is negative.
             if v == 0 || v > i64::MAX as u64 {
                 return Err(bad(format!("dimension {d} is {}", v as i64)));
@@ -375,9 +413,20 @@ impl<S: Source + ?Sized> Parser<'_, S> {
 
         let offset = self.c.u64(&|| format!("data offset of tensor '{name}'"))?;
         if offset % alignment != 0 {
-            return Err(GgufError::Misaligned { name, offset, alignment });
+            return Err(GgufError::Misaligned {
+                name,
+                offset,
+                alignment,
+            });
         }
-        Ok(TensorInfo { name, ty, dims, offset, n_bytes, info_offset })
+        Ok(TensorInfo {
+            name,
+            ty,
+            dims,
+            offset,
+            n_bytes,
+            info_offset,
+        })
     }
 }
 
@@ -393,7 +442,9 @@ fn place_tensors(tensors: &mut [TensorInfo], data_offset: u64, file_size: u64) -
                 return Err(GgufError::TensorOutOfBounds {
                     name: t.name.clone(),
                     start: data_offset.saturating_add(t.offset),
-                    end: data_offset.saturating_add(t.offset).saturating_add(t.n_bytes),
+                    end: data_offset
+                        .saturating_add(t.offset)
+                        .saturating_add(t.n_bytes),
                     file_size,
                 });
             }
@@ -404,7 +455,10 @@ fn place_tensors(tensors: &mut [TensorInfo], data_offset: u64, file_size: u64) -
     for w in order.windows(2) {
         let (a, b) = (&tensors[w[0]], &tensors[w[1]]);
         if a.offset + a.n_bytes > b.offset {
-            return Err(GgufError::Overlap { first: a.name.clone(), second: b.name.clone() });
+            return Err(GgufError::Overlap {
+                first: a.name.clone(),
+                second: b.name.clone(),
+            });
         }
     }
     Ok(())

@@ -78,11 +78,13 @@ impl Source for FileSource {
 
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        self.file.read_exact_at(buf, offset).map_err(|e| GgufError::Io {
-            offset,
-            len: buf.len() as u64,
-            message: e.to_string(),
-        })
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| GgufError::Io {
+                offset,
+                len: buf.len() as u64,
+                message: e.to_string(),
+            })
     }
 }
 
@@ -101,7 +103,13 @@ pub(crate) struct Cursor<'s, S: Source + ?Sized> {
 
 impl<'s, S: Source + ?Sized> Cursor<'s, S> {
     pub(crate) fn new(src: &'s S) -> Self {
-        Self { src, size: src.size(), pos: 0, window: Vec::new(), window_start: 0 }
+        Self {
+            src,
+            size: src.size(),
+            pos: 0,
+            window: Vec::new(),
+            window_start: 0,
+        }
     }
 
     pub(crate) fn pos(&self) -> u64 {
@@ -128,7 +136,11 @@ impl<'s, S: Source + ?Sized> Cursor<'s, S> {
 
     /// Check that `needed` bytes are left, naming `field` otherwise.
     pub(crate) fn ensure(&self, field: &dyn Fn() -> String, needed: u64) -> Result<()> {
-        if needed > self.remaining() { Err(self.eof(field, needed)) } else { Ok(()) }
+        if needed > self.remaining() {
+            Err(self.eof(field, needed))
+        } else {
+            Ok(())
+        }
     }
 
     /// Read exactly `out.len()` bytes.

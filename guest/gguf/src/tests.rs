@@ -6,9 +6,20 @@ fn tiny() -> GgufWriter {
     let mut w = GgufWriter::new();
     w.kv("general.architecture", Value::String("llama".into()))
         .kv("general.alignment", Value::U32(64))
-        .kv("test.nested", Value::Array(Array::Array(vec![Array::U8(vec![1, 2]), Array::String(vec!["a".into()])])))
+        .kv(
+            "test.nested",
+            Value::Array(Array::Array(vec![
+                Array::U8(vec![1, 2]),
+                Array::String(vec!["a".into()]),
+            ])),
+        )
         .kv("test.f64", Value::F64(0.5))
-        .tensor("a", GgmlType::F32, &[4, 2], (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect())
+        .tensor(
+            "a",
+            GgmlType::F32,
+            &[4, 2],
+            (0..8).flat_map(|i| (i as f32).to_le_bytes()).collect(),
+        )
         .tensor("b", GgmlType::Q8_0, &[32], vec![0u8; 34]);
     w
 }
@@ -20,14 +31,20 @@ fn writer_output_round_trips() {
     assert_eq!(f.version, 3);
     assert_eq!(f.alignment, 64);
     assert_eq!(f.data_offset % 64, 0);
-    assert_eq!(f.metadata.str("general.architecture").expect("present"), "llama");
+    assert_eq!(
+        f.metadata.str("general.architecture").expect("present"),
+        "llama"
+    );
     assert_eq!(f.metadata.get("test.f64"), Some(&Value::F64(0.5)));
     let nested = f.metadata.array("test.nested").expect("present");
     assert_eq!(nested.len(), 2);
     let a = f.tensor("a").expect("present");
     assert_eq!(a.dims, vec![4, 2]);
     assert_eq!(a.n_bytes, 32);
-    assert_eq!(f.dequantize(bytes.as_slice(), a).expect("f32"), (0..8).map(|i| i as f32).collect::<Vec<_>>());
+    assert_eq!(
+        f.dequantize(bytes.as_slice(), a).expect("f32"),
+        (0..8).map(|i| i as f32).collect::<Vec<_>>()
+    );
     let b = f.tensor("b").expect("present");
     assert_eq!(b.offset % 64, 0);
     assert!(b.offset >= a.offset + 32);
@@ -48,7 +65,10 @@ fn header_errors_name_the_problem() {
     assert!(matches!(err(&b), GgufError::BadMagic { .. }));
     let mut b = good.clone();
     patch(&mut b, 4, &1u32.to_le_bytes());
-    assert!(matches!(err(&b), GgufError::UnsupportedVersion { version: 1, .. }));
+    assert!(matches!(
+        err(&b),
+        GgufError::UnsupportedVersion { version: 1, .. }
+    ));
     let mut b = good.clone();
     patch(&mut b, 4, &3u32.to_be_bytes());
     let e = err(&b);
@@ -63,7 +83,13 @@ fn header_errors_name_the_problem() {
 
 #[test]
 fn bad_alignment_values() {
-    for (v, ok) in [(Value::U32(0), false), (Value::U32(13), false), (Value::U32(1 << 31), false), (Value::U64(32), false), (Value::U32(16), true)] {
+    for (v, ok) in [
+        (Value::U32(0), false),
+        (Value::U32(13), false),
+        (Value::U32(1 << 31), false),
+        (Value::U64(32), false),
+        (Value::U32(16), true),
+    ] {
         let mut w = GgufWriter::new();
         w.kv("general.alignment", v.clone());
         let r = GgufFile::read(w.to_bytes().as_slice());
@@ -75,20 +101,37 @@ fn bad_alignment_values() {
 fn duplicate_keys_and_tensors_are_errors() {
     let mut w = GgufWriter::new();
     w.kv("k", Value::U8(1)).kv("k", Value::U8(2));
-    assert!(matches!(GgufFile::read(w.to_bytes().as_slice()), Err(GgufError::DuplicateKey { .. })));
+    assert!(matches!(
+        GgufFile::read(w.to_bytes().as_slice()),
+        Err(GgufError::DuplicateKey { .. })
+    ));
     let mut w = GgufWriter::new();
-    w.tensor("t", GgmlType::F32, &[1], vec![0; 4]).tensor("t", GgmlType::F32, &[1], vec![0; 4]);
-    assert!(matches!(GgufFile::read(w.to_bytes().as_slice()), Err(GgufError::DuplicateTensor { .. })));
+    w.tensor("t", GgmlType::F32, &[1], vec![0; 4])
+        .tensor("t", GgmlType::F32, &[1], vec![0; 4]);
+    assert!(matches!(
+        GgufFile::read(w.to_bytes().as_slice()),
+        Err(GgufError::DuplicateTensor { .. })
+    ));
 }
 
 #[test]
 fn unsupported_type_is_named_with_the_tensor() {
     let mut w = GgufWriter::new();
-    w.tensor("blk.0.ffn_up.weight", GgmlType::IQ2_XXS, &[256], vec![0; 66]);
+    w.tensor(
+        "blk.0.ffn_up.weight",
+        GgmlType::IQ2_XXS,
+        &[256],
+        vec![0; 66],
+    );
     let bytes = w.to_bytes();
     let f = GgufFile::read(bytes.as_slice()).expect("parses: the type is known");
-    let e = f.dequantize(bytes.as_slice(), &f.tensors[0]).expect_err("no dequantizer");
-    assert_eq!(e.to_string(), "tensor 'blk.0.ffn_up.weight' has type IQ2_XXS, which Realm does not support yet");
+    let e = f
+        .dequantize(bytes.as_slice(), &f.tensors[0])
+        .expect_err("no dequantizer");
+    assert_eq!(
+        e.to_string(),
+        "tensor 'blk.0.ffn_up.weight' has type IQ2_XXS, which Realm does not support yet"
+    );
 }
 
 #[test]

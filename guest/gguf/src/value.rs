@@ -255,11 +255,16 @@ impl Metadata {
     }
 
     fn wrong(key: &str, expected: &'static str, v: &Value) -> GgufError {
-        GgufError::WrongType { key: key.into(), expected, found: v.value_type().name() }
+        GgufError::WrongType {
+            key: key.into(),
+            expected,
+            found: v.value_type().name(),
+        }
     }
 
     fn required(&self, key: &str) -> Result<&Value> {
-        self.get(key).ok_or_else(|| GgufError::MissingKey { key: key.into() })
+        self.get(key)
+            .ok_or_else(|| GgufError::MissingKey { key: key.into() })
     }
 
     /// A string value, or a typed error naming the key.
@@ -271,7 +276,8 @@ impl Metadata {
     /// A non-negative integer of any width.
     pub fn u64(&self, key: &str) -> Result<u64> {
         let v = self.required(key)?;
-        v.as_u64().ok_or_else(|| Self::wrong(key, "non-negative integer", v))
+        v.as_u64()
+            .ok_or_else(|| Self::wrong(key, "non-negative integer", v))
     }
 
     /// An integer that must fit in u32 (counts and ids).
@@ -300,18 +306,34 @@ impl Metadata {
 
     /// Optional lookups: `Ok(None)` when absent, an error when present with the wrong type.
     pub fn opt_u32(&self, key: &str) -> Result<Option<u32>> {
-        if self.get(key).is_some() { self.u32(key).map(Some) } else { Ok(None) }
+        if self.get(key).is_some() {
+            self.u32(key).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     pub fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
-        if self.get(key).is_some() { self.f32(key).map(Some) } else { Ok(None) }
+        if self.get(key).is_some() {
+            self.f32(key).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
-        if self.get(key).is_some() { self.bool(key).map(Some) } else { Ok(None) }
+        if self.get(key).is_some() {
+            self.bool(key).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     pub fn opt_str(&self, key: &str) -> Result<Option<&str>> {
-        if self.get(key).is_some() { self.str(key).map(Some) } else { Ok(None) }
+        if self.get(key).is_some() {
+            self.str(key).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 }

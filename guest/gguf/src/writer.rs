@@ -1,8 +1,8 @@
 //! A small GGUF v3 writer, for tests and tools that build model files in code.
 
+use crate::GgmlType;
 use crate::reader::{DEFAULT_ALIGNMENT, MAGIC};
 use crate::value::{Array, Value};
-use crate::GgmlType;
 
 /// Collects metadata and tensors, then lays them out as a valid GGUF v3 file.
 #[derive(Debug, Default)]

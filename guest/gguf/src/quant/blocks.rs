@@ -150,7 +150,10 @@ fn i8s<const N: usize>(b: &[u8], at: usize) -> [i8; N] {
 impl BlockQ4_0 {
     /// Parse one block; `b` holds exactly [`Q4_0_BYTES`] (the dispatcher guarantees it).
     pub fn parse(b: &[u8]) -> Self {
-        Self { d: h(b, 0), qs: arr(b, 2) }
+        Self {
+            d: h(b, 0),
+            qs: arr(b, 2),
+        }
     }
 
     pub fn dequantize(&self, y: &mut [f32]) {
@@ -165,7 +168,11 @@ impl BlockQ4_0 {
 
 impl BlockQ4_1 {
     pub fn parse(b: &[u8]) -> Self {
-        Self { d: h(b, 0), m: h(b, 2), qs: arr(b, 4) }
+        Self {
+            d: h(b, 0),
+            m: h(b, 2),
+            qs: arr(b, 4),
+        }
     }
 
     pub fn dequantize(&self, y: &mut [f32]) {
@@ -180,7 +187,11 @@ impl BlockQ4_1 {
 
 impl BlockQ5_0 {
     pub fn parse(b: &[u8]) -> Self {
-        Self { d: h(b, 0), qh: u32::from_le_bytes(arr(b, 2)), qs: arr(b, 6) }
+        Self {
+            d: h(b, 0),
+            qh: u32::from_le_bytes(arr(b, 2)),
+            qs: arr(b, 6),
+        }
     }
 
     pub fn dequantize(&self, y: &mut [f32]) {
@@ -197,7 +208,12 @@ impl BlockQ5_0 {
 
 impl BlockQ5_1 {
     pub fn parse(b: &[u8]) -> Self {
-        Self { d: h(b, 0), m: h(b, 2), qh: u32::from_le_bytes(arr(b, 4)), qs: arr(b, 8) }
+        Self {
+            d: h(b, 0),
+            m: h(b, 2),
+            qh: u32::from_le_bytes(arr(b, 4)),
+            qs: arr(b, 8),
+        }
     }
 
     pub fn dequantize(&self, y: &mut [f32]) {
@@ -214,7 +230,10 @@ impl BlockQ5_1 {
 
 impl BlockQ8_0 {
     pub fn parse(b: &[u8]) -> Self {
-        Self { d: h(b, 0), qs: i8s(b, 2) }
+        Self {
+            d: h(b, 0),
+            qs: i8s(b, 2),
+        }
     }
 
     pub fn dequantize(&self, y: &mut [f32]) {
@@ -226,7 +245,11 @@ impl BlockQ8_0 {
 
 impl BlockQ8_1 {
     pub fn parse(b: &[u8]) -> Self {
-        Self { d: h(b, 0), s: h(b, 2), qs: i8s(b, 4) }
+        Self {
+            d: h(b, 0),
+            s: h(b, 2),
+            qs: i8s(b, 4),
+        }
     }
 
     pub fn dequantize(&self, y: &mut [f32]) {
@@ -238,7 +261,12 @@ impl BlockQ8_1 {
 
 impl BlockQ2K {
     pub fn parse(b: &[u8]) -> Self {
-        Self { scales: arr(b, 0), qs: arr(b, 16), d: h(b, 80), dmin: h(b, 82) }
+        Self {
+            scales: arr(b, 0),
+            qs: arr(b, 16),
+            d: h(b, 80),
+            dmin: h(b, 82),
+        }
     }
 
     pub fn dequantize(&self, y: &mut [f32]) {
@@ -265,7 +293,12 @@ impl BlockQ2K {
 
 impl BlockQ3K {
     pub fn parse(b: &[u8]) -> Self {
-        Self { hmask: arr(b, 0), qs: arr(b, 32), scales: arr(b, 96), d: h(b, 108) }
+        Self {
+            hmask: arr(b, 0),
+            qs: arr(b, 32),
+            scales: arr(b, 96),
+            d: h(b, 108),
+        }
     }
 
     /// The 16 six-bit scales, unpacked as ggml does with its `kmask1/kmask2` shuffle.
@@ -311,13 +344,21 @@ pub fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
 impl BlockQ4K {
     pub fn parse(b: &[u8]) -> Self {
-        Self { d: h(b, 0), dmin: h(b, 2), scales: arr(b, 4), qs: arr(b, 16) }
+        Self {
+            d: h(b, 0),
+            dmin: h(b, 2),
+            scales: arr(b, 4),
+            qs: arr(b, 16),
+        }
     }
 
     pub fn dequantize(&self, y: &mut [f32]) {
@@ -342,7 +383,13 @@ impl BlockQ4K {
 
 impl BlockQ5K {
     pub fn parse(b: &[u8]) -> Self {
-        Self { d: h(b, 0), dmin: h(b, 2), scales: arr(b, 4), qh: arr(b, 16), qs: arr(b, 48) }
+        Self {
+            d: h(b, 0),
+            dmin: h(b, 2),
+            scales: arr(b, 4),
+            qh: arr(b, 16),
+            qs: arr(b, 48),
+        }
     }
 
     pub fn dequantize(&self, y: &mut [f32]) {
@@ -372,7 +419,12 @@ impl BlockQ5K {
 
 impl BlockQ6K {
     pub fn parse(b: &[u8]) -> Self {
-        Self { ql: arr(b, 0), qh: arr(b, 128), scales: i8s(b, 192), d: h(b, 208) }
+        Self {
+            ql: arr(b, 0),
+            qh: arr(b, 128),
+            scales: i8s(b, 192),
+            d: h(b, 208),
+        }
     }
 
     pub fn dequantize(&self, y: &mut [f32]) {
@@ -402,7 +454,11 @@ impl BlockQ8K {
         for (i, s) in bsums.iter_mut().enumerate() {
             *s = i16::from_le_bytes(arr(b, 4 + QK_K + 2 * i));
         }
-        Self { d: f32::from_le_bytes(arr(b, 0)), qs: i8s(b, 4), bsums }
+        Self {
+            d: f32::from_le_bytes(arr(b, 0)),
+            qs: i8s(b, 4),
+            bsums,
+        }
     }
 
     pub fn dequantize(&self, y: &mut [f32]) {

@@ -25,7 +25,10 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
     let bs = ty.block_size() as usize;
     let ts = ty.type_size() as usize;
     if data.len() % ts != 0 {
-        return Err(err(format!("{} bytes is not a whole number of {ts}-byte blocks", data.len())));
+        return Err(err(format!(
+            "{} bytes is not a whole number of {ts}-byte blocks",
+            data.len()
+        )));
     }
     let n_blocks = data.len() / ts;
     if n_blocks.checked_mul(bs) != Some(out.len()) {
@@ -37,9 +40,13 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
     }
     let blocks = data.chunks_exact(ts).zip(out.chunks_exact_mut(bs));
     match ty {
-        GgmlType::F32 => blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        GgmlType::F32 => {
+            blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        }
         GgmlType::F16 => blocks.for_each(|(b, y)| y[0] = f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        GgmlType::BF16 => blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        GgmlType::BF16 => {
+            blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32())
+        }
         GgmlType::Q4_0 => blocks.for_each(|(b, y)| BlockQ4_0::parse(b).dequantize(y)),
         GgmlType::Q4_1 => blocks.for_each(|(b, y)| BlockQ4_1::parse(b).dequantize(y)),
         GgmlType::Q5_0 => blocks.for_each(|(b, y)| BlockQ5_0::parse(b).dequantize(y)),

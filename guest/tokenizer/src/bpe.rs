@@ -1,0 +1,285 @@
+//! Byte-level BPE (`tokenizer.ggml.model = gpt2`): regex pre-tokenization chosen by
+//! `tokenizer.ggml.pre`, GPT-2's byte-to-unicode mapping, then merges by rank.
+//!
+//! Follows llama.cpp's `llm_tokenizer_bpe_session` (src/llama-vocab.cpp) and its
+//! `unicode_regex_split`: each regex splits every piece the previous one left, keeping both
+//! the matches and the text between them.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use fancy_regex::Regex;
+use realm_gguf::{Array, Metadata};
+
+use crate::vocab::Vocab;
+use crate::{Result, TokenizerError};
+
+const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Pre-tokenizer regexes by `tokenizer.ggml.pre`, as llama.cpp's `llm_tokenizer_bpe` sets them.
+const PRETOKENIZERS: &[(&[&str], &[&str])] = &[
+    (&["default", "gpt2", "gpt-2", "olmo", "jais"], &[GPT2]),
+    (
+        &[
+            "smollm",
+            "starcoder",
+            "refact",
+            "command-r",
+            "codeshell",
+            "exaone",
+            "minerva",
+        ],
+        &[r"\p{N}", GPT2],
+    ),
+    (
+        &[
+            "llama3",
+            "llama-bpe",
+            "llama-v3",
+            "falcon3",
+            "pixtral",
+            "dbrx",
+            "smaug-bpe",
+        ],
+        &[LLAMA3],
+    ),
+    (
+        &[
+            "qwen2",
+            "deepseek-r1-qwen",
+            "stablelm2",
+            "hunyuan",
+            "megrez",
+        ],
+        &[QWEN2],
+    ),
+];
+
+/// GPT-2's reversible map from bytes to printable characters.
+fn byte_to_char_table() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut next = 256u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        table[b as usize] = if printable {
+            char::from(b)
+        } else {
+            let c = char::from_u32(next).unwrap_or('\u{FFFD}');
+            next += 1;
+            c
+        };
+    }
+    table
+}
+
+#[derive(Debug)]
+pub struct Bpe {
+    regexes: Vec<Regex>,
+    /// (left id, right id) → (rank, merged id); ids past the vocabulary name merge
+    /// intermediates that are not tokens themselves.
+    merges: HashMap<(u32, u32), (u32, u32)>,
+    /// Symbol text → id for vocabulary tokens and merge intermediates.
+    symbols: HashMap<String, u32>,
+    byte_to_char: [char; 256],
+    char_to_byte: HashMap<char, u8>,
+}
+
+impl Bpe {
+    pub fn new(md: &Metadata, vocab: &Vocab) -> Result<Self> {
+        let pre = md.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
+        let exprs = PRETOKENIZERS
+            .iter()
+            .find(|(names, _)| names.contains(&pre))
+            .map(|(_, exprs)| *exprs)
+            .ok_or_else(|| TokenizerError::UnknownPretokenizer {
+                name: pre.into(),
+                known: PRETOKENIZERS
+                    .iter()
+                    .flat_map(|(n, _)| n.iter().copied())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let regexes = exprs
+            .iter()
+            .map(|e| Regex::new(e).map_err(|err| TokenizerError::Regex(err.to_string())))
+            .collect::<Result<_>>()?;
+
+        const MERGES: &str = "tokenizer.ggml.merges";
+        let merge_texts = match md.array(MERGES)? {
+            Array::String(v) => v,
+            other => {
+                return Err(TokenizerError::WrongArrayType {
+                    key: MERGES,
+                    expected: "string",
+                    found: other.element_type().name(),
+                });
+            }
+        };
+        let mut symbols = vocab.token_to_id.clone();
+        let intern = |s: &str, symbols: &mut HashMap<String, u32>| -> u32 {
+            let next = symbols.len() as u32;
+            *symbols.entry(s.to_string()).or_insert(next)
+        };
+        let mut merges = HashMap::with_capacity(merge_texts.len());
+        for (rank, m) in merge_texts.iter().enumerate() {
+            // Split at the first space after the first character, as llama.cpp does.
+            let split = m
+                .char_indices()
+                .skip(1)
+                .find(|&(_, c)| c == ' ')
+                .map(|(i, _)| i);
+            let Some(at) = split else {
+                return Err(TokenizerError::BadMerge {
+                    index: rank,
+                    text: m.clone(),
+                });
+            };
+            let (left, right) = (&m[..at], &m[at + 1..]);
+            let l = intern(left, &mut symbols);
+            let r = intern(right, &mut symbols);
+            let merged = intern(&format!("{left}{right}"), &mut symbols);
+            // The first (lowest-rank) occurrence of a pair wins.
+            merges.entry((l, r)).or_insert((rank as u32, merged));
+        }
+        let byte_to_char = byte_to_char_table();
+        let char_to_byte = byte_to_char
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
+        Ok(Self {
+            regexes,
+            merges,
+            symbols,
+            byte_to_char,
+            char_to_byte,
+        })
+    }
+
+    /// Split `text` into pre-tokenizer words.
+    fn words<'t>(&self, text: &'t str) -> Result<Vec<&'t str>> {
+        let mut pieces = vec![text];
+        for re in &self.regexes {
+            let mut next = Vec::with_capacity(pieces.len());
+            for piece in pieces {
+                let mut last = 0;
+                for m in re.find_iter(piece) {
+                    let m = m.map_err(|e| TokenizerError::Regex(e.to_string()))?;
+                    if m.start() > last {
+                        next.push(&piece[last..m.start()]);
+                    }
+                    if m.end() > m.start() {
+                        next.push(m.as_str());
+                    }
+                    last = m.end();
+                }
+                if last < piece.len() {
+                    next.push(&piece[last..]);
+                }
+            }
+            pieces = next;
+        }
+        Ok(pieces)
+    }
+
+    /// Append the ids of raw (non-special) `text` to `out`.
+    pub fn encode(&self, vocab: &Vocab, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        for word in self.words(text)? {
+            let mapped: String = word
+                .bytes()
+                .map(|b| self.byte_to_char[b as usize])
+                .collect();
+            self.merge_word(vocab, &mapped, out);
+        }
+        Ok(())
+    }
+
+    fn merge_word(&self, vocab: &Vocab, word: &str, out: &mut Vec<u32>) {
+        struct Sym {
+            id: u32,
+            start: usize,
+            end: usize,
+            prev: Option<usize>,
+            next: Option<usize>,
+        }
+        let mut syms: Vec<Sym> = Vec::with_capacity(word.len());
+        for (i, (start, c)) in word.char_indices().enumerate() {
+            let text = &word[start..start + c.len_utf8()];
+            syms.push(Sym {
+                id: self.symbols.get(text).copied().unwrap_or(u32::MAX),
+                start,
+                end: start + c.len_utf8(),
+                prev: i.checked_sub(1),
+                next: None,
+            });
+        }
+        let n = syms.len();
+        for i in 0..n.saturating_sub(1) {
+            syms[i].next = Some(i + 1);
+        }
+        // Min-heap on (rank, left index): the lowest rank merges first, leftmost on ties.
+        let mut heap = BinaryHeap::new();
+        let push = |heap: &mut BinaryHeap<_>, syms: &[Sym], l: usize, r: usize| {
+            if let Some(&(rank, _)) = self.merges.get(&(syms[l].id, syms[r].id)) {
+                heap.push(Reverse((rank, l, r, syms[l].id, syms[r].id)));
+            }
+        };
+        for i in 1..n {
+            push(&mut heap, &syms, i - 1, i);
+        }
+        while let Some(Reverse((_, l, r, lid, rid))) = heap.pop() {
+            // Skip pairs made stale by an earlier merge.
+            if syms[l].id != lid
+                || syms[r].id != rid
+                || syms[l].next != Some(r)
+                || syms[l].end == syms[l].start
+            {
+                continue;
+            }
+            let (_, merged) = self.merges[&(lid, rid)];
+            syms[l].id = merged;
+            syms[l].end = syms[r].end;
+            syms[l].next = syms[r].next;
+            syms[r].start = syms[r].end;
+            syms[r].id = u32::MAX;
+            if let Some(nx) = syms[l].next {
+                syms[nx].prev = Some(l);
+            }
+            if let Some(p) = syms[l].prev {
+                push(&mut heap, &syms, p, l);
+            }
+            if let Some(nx) = syms[l].next {
+                push(&mut heap, &syms, l, nx);
+            }
+        }
+        let mut i = if n > 0 { Some(0) } else { None };
+        while let Some(at) = i {
+            let s = &syms[at];
+            let text = &word[s.start..s.end];
+            match vocab.id(text) {
+                Some(id) => out.push(id),
+                // llama.cpp falls back to single bytes of the symbol, dropping unknown ones.
+                None => out.extend(
+                    text.bytes()
+                        .filter_map(|b| vocab.id(std::str::from_utf8(&[b]).unwrap_or(""))),
+                ),
+            }
+            i = s.next;
+        }
+    }
+
+    /// The bytes a normal token stands for (GPT-2 characters mapped back to bytes).
+    pub fn decode_token(&self, text: &str, out: &mut Vec<u8>) {
+        for c in text.chars() {
+            match self.char_to_byte.get(&c) {
+                Some(&b) => out.push(b),
+                None => {
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Chat templates: the GGUF's own `tokenizer.chat_template` (Jinja, rendered with minijinja),
+//! or a built-in one when the file has none.
+
+use minijinja::{Environment, Error, ErrorKind, context};
+use realm_gguf::Metadata;
+use serde::Serialize;
+
+use crate::{Result, TokenizerError};
+
+/// Longest template accepted.
+pub const MAX_TEMPLATE_LEN: usize = 1 << 20;
+/// Interpreter steps one render may take: stops templates that loop without bound.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+/// Longest rendered prompt accepted.
+pub const MAX_RENDERED_LEN: usize = 16 << 20;
+
+/// ChatML, the format of SmolLM2, Qwen and many others.
+const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// Gemma's turn format: a system message is folded into the first user turn, and the
+/// assistant's role is called `model`. BOS comes from the tokenizer, not the template.
+const GEMMA: &str = "{% set sys = '' %}{% set turns = messages %}\
+{% if messages and messages[0].role == 'system' %}{% set sys = messages[0].content ~ '\n\n' %}{% set turns = messages[1:] %}{% endif %}\
+{% for m in turns %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n\
+{{ sys if loop.first else '' }}{{ m.content | trim }}<end_of_turn>\n{% endfor %}\
+{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A compiled chat template.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    /// Where the template came from: `"gguf"`, `"chatml"` or `"gemma"`.
+    pub origin: &'static str,
+    bos: String,
+    eos: String,
+}
+
+fn template_error(e: Error) -> TokenizerError {
+    TokenizerError::Template(e.to_string())
+}
+
+impl ChatTemplate {
+    /// The file's template, else Gemma's for `gemma*` architectures, else ChatML.
+    pub fn from_metadata(md: &Metadata, vocab: &crate::Vocab) -> Result<Self> {
+        let arch = md.opt_str("general.architecture")?.unwrap_or("");
+        let (source, origin) = match md.opt_str("tokenizer.chat_template")? {
+            Some(t) => (t.to_string(), "gguf"),
+            None if arch.starts_with("gemma") => (GEMMA.to_string(), "gemma"),
+            None => (CHATML.to_string(), "chatml"),
+        };
+        let text = |id: Option<u32>| {
+            id.and_then(|i| vocab.text(i).ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        Self::new(source, origin, text(vocab.bos), text(vocab.eos))
+    }
+
+    /// Compile `source`; errors name the template's syntax problem.
+    pub fn new(source: String, origin: &'static str, bos: String, eos: String) -> Result<Self> {
+        if source.len() > MAX_TEMPLATE_LEN {
+            return Err(TokenizerError::Template(format!(
+                "{} bytes, more than the limit of {MAX_TEMPLATE_LEN}",
+                source.len()
+            )));
+        }
+        let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_template_owned("chat", source)
+            .map_err(template_error)?;
+        Ok(Self {
+            env,
+            origin,
+            bos,
+            eos,
+        })
+    }
+
+    /// Render `messages`; with `add_generation_prompt` the text ends where the assistant's
+    /// reply begins.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let tmpl = self.env.get_template("chat").map_err(template_error)?;
+        let out = tmpl
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos,
+                eos_token => &self.eos,
+            })
+            .map_err(template_error)?;
+        if out.len() > MAX_RENDERED_LEN {
+            return Err(TokenizerError::Template(format!(
+                "rendered prompt is {} bytes, over {MAX_RENDERED_LEN}",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(src: &str) -> Result<ChatTemplate> {
+        ChatTemplate::new(src.into(), "gguf", "<s>".into(), "</s>".into())
+    }
+
+    #[test]
+    fn chatml_fallback_renders() {
+        let c = t(CHATML).expect("compiles");
+        let out = c
+            .render(&[Message::new("user", "Hi")], true)
+            .expect("renders");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn gemma_fallback_folds_the_system_message() {
+        let c = t(GEMMA).expect("compiles");
+        let out = c
+            .render(
+                &[
+                    Message::new("system", "Be brief."),
+                    Message::new("user", " Hi "),
+                    Message::new("assistant", "Hello"),
+                ],
+                true,
+            )
+            .expect("renders");
+        assert_eq!(
+            out,
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
+    fn hostile_templates_fail_cleanly() {
+        assert!(t("{% for").is_err());
+        assert!(t(&"x".repeat(MAX_TEMPLATE_LEN + 1)).is_err());
+        let looping =
+            t("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}")
+                .expect("compiles");
+        let e = looping.render(&[], false).expect_err("out of fuel");
+        assert!(e.to_string().contains("fuel"), "{e}");
+        let raising = t("{{ raise_exception('no system role') }}").expect("compiles");
+        assert!(
+            raising
+                .render(&[], false)
+                .expect_err("raises")
+                .to_string()
+                .contains("no system role")
+        );
+        let recursive =
+            t("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}").expect("compiles");
+        assert!(recursive.render(&[], false).is_err());
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let c = t("{{ messages[0].content.strip() }}|{{ messages[0].role.upper() }}")
+            .expect("compiles");
+        assert_eq!(
+            c.render(&[Message::new("user", "  x ")], false)
+                .expect("renders"),
+            "x|USER"
+        );
+    }
+}

@@ -1,0 +1,208 @@
+//! Tokenizers and chat templates built from a GGUF file's own metadata, token-exact with
+//! llama.cpp: byte-level BPE (`gpt2`) and SentencePiece (`llama`), special tokens matched
+//! whole, and a streaming decoder that never splits a UTF-8 character.
+
+mod bpe;
+mod chat;
+mod error;
+mod spm;
+mod stream;
+mod vocab;
+
+pub use chat::{ChatTemplate, Message};
+pub use error::{Result, TokenizerError};
+pub use stream::Utf8Stream;
+pub use vocab::{TokenType, Vocab};
+
+use realm_gguf::Metadata;
+
+/// Which algorithm the file's `tokenizer.ggml.model` names.
+#[derive(Debug)]
+enum Kind {
+    Bpe(bpe::Bpe),
+    Spm,
+}
+
+/// A tokenizer for one model file.
+#[derive(Debug)]
+pub struct Tokenizer {
+    vocab: Vocab,
+    kind: Kind,
+    /// Ids matched whole before the algorithm runs (control, user-defined, unknown tokens),
+    /// longest text first, as llama.cpp's `cache_special_tokens`.
+    specials: Vec<u32>,
+}
+
+enum Fragment<'t> {
+    Token(u32),
+    Raw(&'t str),
+}
+
+impl Tokenizer {
+    pub fn from_metadata(md: &Metadata) -> Result<Self> {
+        let model = md.str("tokenizer.ggml.model")?;
+        let spm = match model {
+            "gpt2" => false,
+            "llama" => true,
+            other => return Err(TokenizerError::UnknownModel(other.into())),
+        };
+        let vocab = Vocab::from_metadata(md, spm)?;
+        let kind = if spm {
+            Kind::Spm
+        } else {
+            Kind::Bpe(bpe::Bpe::new(md, &vocab)?)
+        };
+        let mut specials: Vec<u32> = (0..vocab.len() as u32)
+            .filter(|&id| {
+                matches!(
+                    vocab.token_type(id),
+                    TokenType::Control | TokenType::UserDefined | TokenType::Unknown
+                ) && !vocab.tokens[id as usize].is_empty()
+            })
+            .collect();
+        specials.sort_by_key(|&id| std::cmp::Reverse(vocab.tokens[id as usize].len()));
+        Ok(Self {
+            vocab,
+            kind,
+            specials,
+        })
+    }
+
+    pub fn vocab(&self) -> &Vocab {
+        &self.vocab
+    }
+
+    /// `"bpe"` or `"spm"`.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Bpe(_) => "bpe",
+            Kind::Spm => "spm",
+        }
+    }
+
+    /// Token ids for `text`. `add_special` adds BOS/EOS as the file asks; `parse_special`
+    /// matches control tokens such as `<|im_start|>` written in the text (user-defined
+    /// tokens are always matched, as in llama.cpp).
+    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        if add_special && self.vocab.add_bos {
+            out.extend(self.vocab.bos);
+        }
+        let mut prev_special = true;
+        for frag in self.partition(text, parse_special) {
+            match frag {
+                Fragment::Token(id) => {
+                    out.push(id);
+                    prev_special = true;
+                }
+                Fragment::Raw(raw) => {
+                    match &self.kind {
+                        Kind::Bpe(bpe) => bpe.encode(&self.vocab, raw, &mut out)?,
+                        Kind::Spm => {
+                            let mut s = String::with_capacity(raw.len() + 3);
+                            if self.vocab.add_space_prefix && prev_special {
+                                s.push('▁');
+                            }
+                            s.extend(raw.chars().map(|c| if c == ' ' { '▁' } else { c }));
+                            spm::encode(&self.vocab, &s, &mut out);
+                        }
+                    }
+                    prev_special = false;
+                }
+            }
+        }
+        if add_special && self.vocab.add_eos {
+            out.extend(self.vocab.eos);
+        }
+        Ok(out)
+    }
+
+    /// Split `text` at every occurrence of a special token, longest tokens first.
+    fn partition<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
+        let mut frags = vec![Fragment::Raw(text)];
+        if text.is_empty() {
+            return Vec::new();
+        }
+        for &id in &self.specials {
+            let ty = self.vocab.token_type(id);
+            if !parse_special && matches!(ty, TokenType::Control | TokenType::Unknown) {
+                continue;
+            }
+            let needle = self.vocab.tokens[id as usize].as_str();
+            if !frags
+                .iter()
+                .any(|f| matches!(f, Fragment::Raw(r) if r.contains(needle)))
+            {
+                continue;
+            }
+            let mut next = Vec::with_capacity(frags.len() + 2);
+            for f in frags {
+                match f {
+                    Fragment::Raw(mut r) => {
+                        while let Some(at) = r.find(needle) {
+                            if at > 0 {
+                                next.push(Fragment::Raw(&r[..at]));
+                            }
+                            next.push(Fragment::Token(id));
+                            r = &r[at + needle.len()..];
+                        }
+                        if !r.is_empty() {
+                            next.push(Fragment::Raw(r));
+                        }
+                    }
+                    tok => next.push(tok),
+                }
+            }
+            frags = next;
+        }
+        frags
+    }
+
+    /// The bytes token `id` stands for. Control tokens give their text only when `special`.
+    pub fn token_bytes(&self, id: u32, special: bool, out: &mut Vec<u8>) -> Result<()> {
+        let text = self.vocab.text(id)?;
+        match self.vocab.token_type(id) {
+            TokenType::Control | TokenType::Unknown | TokenType::Unused => {
+                if special {
+                    out.extend_from_slice(text.as_bytes());
+                }
+            }
+            TokenType::UserDefined => out.extend_from_slice(text.as_bytes()),
+            TokenType::Byte if matches!(self.kind, Kind::Spm) => {
+                if let Some(b) = self.vocab.byte_tokens.iter().position(|&t| t == Some(id)) {
+                    out.push(b as u8);
+                }
+            }
+            _ => match &self.kind {
+                Kind::Bpe(bpe) => bpe.decode_token(text, out),
+                Kind::Spm => {
+                    for c in text.chars() {
+                        let c = if c == '▁' { ' ' } else { c };
+                        let mut buf = [0u8; 4];
+                        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    }
+                }
+            },
+        }
+        Ok(())
+    }
+
+    /// The text of `ids`; control tokens are dropped unless `special`. Invalid UTF-8 (a
+    /// sequence cut mid-character) becomes U+FFFD.
+    pub fn decode(&self, ids: &[u32], special: bool) -> Result<String> {
+        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        for &id in ids {
+            self.token_bytes(id, special, &mut bytes)?;
+        }
+        if matches!(self.kind, Kind::Spm)
+            && self.vocab.add_space_prefix
+            && bytes.first() == Some(&b' ')
+        {
+            bytes.remove(0);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests;

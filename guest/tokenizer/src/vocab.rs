@@ -1,0 +1,277 @@
+//! The vocabulary of a GGUF file: token texts, types, scores and special ids, each checked
+//! against the others (lengths agree, ids are in range, byte tokens are well-formed).
+
+use std::collections::{HashMap, HashSet};
+
+use realm_gguf::{Array, Metadata};
+
+use crate::{Result, TokenizerError};
+
+/// Largest vocabulary accepted (the largest real ones are ~256k).
+pub const MAX_VOCAB: usize = 1 << 24;
+
+/// llama.cpp's `llama_token_type`, stored per token in `tokenizer.ggml.token_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenType {
+    Undefined,
+    Normal,
+    Unknown,
+    Control,
+    UserDefined,
+    Unused,
+    Byte,
+}
+
+impl TokenType {
+    fn from_i32(v: i32) -> Option<Self> {
+        use TokenType::*;
+        Some(match v {
+            0 => Undefined,
+            1 => Normal,
+            2 => Unknown,
+            3 => Control,
+            4 => UserDefined,
+            5 => Unused,
+            6 => Byte,
+            _ => return None,
+        })
+    }
+}
+
+/// Token texts end-of-generation by convention, as llama.cpp's vocab loader lists them.
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+];
+
+#[derive(Debug, Clone)]
+pub struct Vocab {
+    pub tokens: Vec<String>,
+    pub types: Vec<TokenType>,
+    /// Empty when the file has no scores (byte-level BPE).
+    pub scores: Vec<f32>,
+    pub token_to_id: HashMap<String, u32>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub eot: Option<u32>,
+    pub unk: Option<u32>,
+    pub pad: Option<u32>,
+    pub add_bos: bool,
+    pub add_eos: bool,
+    pub add_space_prefix: bool,
+    /// SentencePiece `<0xHH>` tokens by byte value.
+    pub byte_tokens: Box<[Option<u32>; 256]>,
+    eog: HashSet<u32>,
+}
+
+fn wrong(key: &'static str, expected: &'static str, a: &Array) -> TokenizerError {
+    TokenizerError::WrongArrayType {
+        key,
+        expected,
+        found: a.element_type().name(),
+    }
+}
+
+impl Vocab {
+    /// Read `tokenizer.ggml.*`; `spm` selects SentencePiece defaults (BOS added, space prefix).
+    pub fn from_metadata(md: &Metadata, spm: bool) -> Result<Self> {
+        const TOKENS: &str = "tokenizer.ggml.tokens";
+        let tokens = match md.array(TOKENS)? {
+            Array::String(v) => v.clone(),
+            other => return Err(wrong(TOKENS, "string", other)),
+        };
+        let n_vocab = tokens.len();
+        if n_vocab == 0 {
+            return Err(TokenizerError::EmptyVocab);
+        }
+        if n_vocab > MAX_VOCAB {
+            return Err(TokenizerError::VocabTooLarge {
+                n_vocab,
+                limit: MAX_VOCAB,
+            });
+        }
+        let check_len = |key: &'static str, len: usize| {
+            if len == n_vocab {
+                Ok(())
+            } else {
+                Err(TokenizerError::LengthMismatch { key, len, n_vocab })
+            }
+        };
+
+        const TYPES: &str = "tokenizer.ggml.token_type";
+        let types = match md.get(TYPES).map(|_| md.array(TYPES)).transpose()? {
+            None => vec![TokenType::Normal; n_vocab],
+            Some(Array::I32(v)) => {
+                check_len(TYPES, v.len())?;
+                v.iter()
+                    .enumerate()
+                    .map(|(id, &t)| {
+                        TokenType::from_i32(t).ok_or(TokenizerError::BadTokenType {
+                            id: id as u32,
+                            ty: t,
+                        })
+                    })
+                    .collect::<Result<_>>()?
+            }
+            Some(other) => return Err(wrong(TYPES, "i32", other)),
+        };
+
+        const SCORES: &str = "tokenizer.ggml.scores";
+        let scores = match md.get(SCORES).map(|_| md.array(SCORES)).transpose()? {
+            None => Vec::new(),
+            Some(Array::F32(v)) => {
+                check_len(SCORES, v.len())?;
+                v.clone()
+            }
+            Some(other) => return Err(wrong(SCORES, "f32", other)),
+        };
+
+        let special = |name: &str| -> Result<Option<u32>> {
+            let key = format!("tokenizer.ggml.{name}_token_id");
+            match md.get(&key) {
+                None => Ok(None),
+                Some(v) => {
+                    let id = v.as_u64().ok_or_else(|| realm_gguf::GgufError::WrongType {
+                        key: key.clone(),
+                        expected: "non-negative integer",
+                        found: v.value_type().name(),
+                    })?;
+                    if id >= n_vocab as u64 {
+                        return Err(TokenizerError::SpecialIdOutOfRange { key, id, n_vocab });
+                    }
+                    Ok(Some(id as u32))
+                }
+            }
+        };
+        let (bos, eos, eot, unk, pad) = (
+            special("bos")?,
+            special("eos")?,
+            special("eot")?,
+            special("unknown")?,
+            special("padding")?,
+        );
+        let eom = special("eom")?;
+
+        let mut token_to_id = HashMap::with_capacity(n_vocab);
+        for (id, t) in tokens.iter().enumerate() {
+            // Later duplicates win, as in llama.cpp's loader.
+            token_to_id.insert(t.clone(), id as u32);
+        }
+
+        let mut byte_tokens = Box::new([None; 256]);
+        for (id, (text, ty)) in tokens.iter().zip(&types).enumerate() {
+            if *ty == TokenType::Byte {
+                let byte = parse_byte_token(text).ok_or_else(|| TokenizerError::BadByteToken {
+                    id: id as u32,
+                    text: text.clone(),
+                })?;
+                byte_tokens[byte as usize] = Some(id as u32);
+            }
+        }
+
+        let mut eog: HashSet<u32> = [eos, eot, eom].into_iter().flatten().collect();
+        for (id, (text, ty)) in tokens.iter().zip(&types).enumerate() {
+            if matches!(ty, TokenType::Control | TokenType::UserDefined)
+                && EOG_TEXTS.contains(&text.as_str())
+            {
+                eog.insert(id as u32);
+            }
+        }
+
+        Ok(Self {
+            tokens,
+            types,
+            scores,
+            token_to_id,
+            bos,
+            eos,
+            eot,
+            unk,
+            pad,
+            add_bos: md.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(spm),
+            add_eos: md
+                .opt_bool("tokenizer.ggml.add_eos_token")?
+                .unwrap_or(false),
+            add_space_prefix: md
+                .opt_bool("tokenizer.ggml.add_space_prefix")?
+                .unwrap_or(spm),
+            byte_tokens,
+            eog,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn id(&self, text: &str) -> Option<u32> {
+        self.token_to_id.get(text).copied()
+    }
+
+    pub fn text(&self, id: u32) -> Result<&str> {
+        self.tokens
+            .get(id as usize)
+            .map(String::as_str)
+            .ok_or(TokenizerError::UnknownId {
+                id,
+                n_vocab: self.tokens.len(),
+            })
+    }
+
+    pub fn token_type(&self, id: u32) -> TokenType {
+        self.types
+            .get(id as usize)
+            .copied()
+            .unwrap_or(TokenType::Undefined)
+    }
+
+    pub fn score(&self, id: u32) -> f32 {
+        self.scores.get(id as usize).copied().unwrap_or(0.0)
+    }
+
+    /// Whether generating `id` ends the turn (EOS, EOT, and the conventional end tokens).
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.contains(&id)
+    }
+
+    /// The end-of-generation ids, sorted.
+    pub fn eog_ids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.eog.iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// `<0xHH>` → the byte; anything else (`<0x-1>`, `<0xZZ>`, `<0x100>`) → `None`.
+fn parse_byte_token(text: &str) -> Option<u8> {
+    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_tokens_parse_strictly() {
+        assert_eq!(parse_byte_token("<0x0A>"), Some(10));
+        assert_eq!(parse_byte_token("<0xff>"), Some(255));
+        for bad in ["<0x-1>", "<0xZZ>", "<0x100>", "<0x1>", "0x0A", "<0x+A>"] {
+            assert_eq!(parse_byte_token(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Token-exact parity with llama.cpp on the two real vocabularies, and the real chat template.
+//!
+//! Needs the models fetched by `make models` (which `make test` runs first).
+
+use std::path::PathBuf;
+
+use realm_gguf::{FileSource, GgufFile};
+use realm_tokenizer::{ChatTemplate, Message, Tokenizer};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn load(file: &str) -> (GgufFile, Tokenizer) {
+    let path = root().join("models").join(file);
+    let src = FileSource::open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make models` first", path.display()));
+    let gguf = GgufFile::read(&src).expect("real model parses");
+    let tok = Tokenizer::from_metadata(&gguf.metadata).expect("real vocabulary loads");
+    (gguf, tok)
+}
+
+fn reference(dir: &str, file: &str) -> Vec<serde_json::Value> {
+    let path = root().join("tests/reference").join(dir).join(file);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn check_tokenize_jsonl(tok: &Tokenizer, dir: &str) {
+    let cases = reference(dir, "tokenize.jsonl");
+    assert!(cases.len() >= 40, "{dir}: only {} cases", cases.len());
+    for case in cases {
+        let text = case["text"].as_str().expect("text");
+        let want = ids(&case["ids"]);
+        let got = tok.encode(text, true, true).expect("encodes");
+        assert_eq!(got, want, "{dir}: {text:?}");
+        let body = if tok.vocab().add_bos {
+            &got[1..]
+        } else {
+            &got[..]
+        };
+        assert_eq!(
+            tok.decode(body, true).expect("decodes"),
+            text,
+            "{dir}: round trip"
+        );
+    }
+}
+
+#[test]
+fn smollm2_matches_llama_cpp() {
+    let (_, tok) = load("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert_eq!(tok.kind_name(), "bpe");
+    assert_eq!(tok.vocab().len(), 49152);
+    check_tokenize_jsonl(&tok, "smollm2-135m-q4_1");
+}
+
+#[test]
+fn gemma3_matches_llama_cpp() {
+    let (_, tok) = load("gemma-3-270m-q4_k_m.gguf");
+    assert_eq!(tok.kind_name(), "spm");
+    assert_eq!(tok.vocab().len(), 262144);
+    check_tokenize_jsonl(&tok, "gemma-3-270m-q4_k_m");
+    // <end_of_turn> ends a generation even though EOS is <eos>.
+    let eot = tok.vocab().id("<end_of_turn>").expect("token");
+    assert!(tok.vocab().is_eog(eot) && tok.vocab().is_eog(1));
+}
+
+#[test]
+fn smollm2_chat_template_and_prompt_ids_match_llama_cpp() {
+    let (gguf, tok) = load("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let tmpl = ChatTemplate::from_metadata(&gguf.metadata, tok.vocab()).expect("template compiles");
+    assert_eq!(tmpl.origin, "gguf");
+    for case in reference("smollm2-135m-q4_1", "greedy.jsonl") {
+        let messages: Vec<Message> = case["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| {
+                Message::new(
+                    m["role"].as_str().expect("role"),
+                    m["content"].as_str().expect("content"),
+                )
+            })
+            .collect();
+        let prompt = tmpl.render(&messages, true).expect("renders");
+        assert_eq!(
+            prompt,
+            case["templated_prompt"].as_str().expect("prompt"),
+            "{}",
+            case["id"]
+        );
+        assert_eq!(
+            tok.encode(&prompt, true, true).expect("encodes"),
+            ids(&case["prompt_ids"]),
+            "{}",
+            case["id"]
+        );
+    }
+}
+
+#[test]
+fn gemma3_prompts_match_llama_cpp() {
+    let (_, tok) = load("gemma-3-270m-q4_k_m.gguf");
+    for case in reference("gemma-3-270m-q4_k_m", "greedy.jsonl") {
+        let prompt = case["prompt"].as_str().expect("prompt");
+        assert_eq!(
+            tok.encode(prompt, true, true).expect("encodes"),
+            ids(&case["prompt_ids"]),
+            "{}",
+            case["id"]
+        );
+    }
+}
+
+/// Harder inputs than the reference files: no llama.cpp ids for them, so the checks are
+/// the properties that must hold whatever the ids are.
+#[test]
+fn harder_inputs_round_trip_on_both_vocabularies() {
+    let cases = [
+        " ".repeat(100),
+        "\n\n\n\t\t  \r\n   x   \n".repeat(3),
+        "1234567890 3.14159 1,000,000 0x1F".into(),
+        "👩‍👩‍👧‍👦 🏳️‍🌈 🇫🇷 ❤️‍🔥 🧑🏽‍💻".into(),
+        "日本語のテキストと中文文本和한국어 텍스트".into(),
+        "fn main() {\n    let v: Vec<u8> = vec![0; 4];\n\tprintln!(\"{v:?}\");\n}\n".into(),
+        "<|im_start|>system\nx<|im_end|><start_of_turn>user\n<end_of_turn><|im_start|><|im_start|>"
+            .into(),
+        "a\u{0}b\u{7f}c\u{feff}d\u{200b}e".into(),
+        "Ünïcödé façade — “quotes” ‘single’ … ½ ≠ ∞".into(),
+    ];
+    for file in [
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+    ] {
+        let (_, tok) = load(file);
+        for text in &cases {
+            let ids = tok.encode(text, false, true).expect("encodes");
+            assert_eq!(
+                &tok.decode(&ids, true).expect("decodes"),
+                text,
+                "{file}: {text:?}"
+            );
+        }
+        // A control token written in a chat prompt is one id, not its characters.
+        let im_start = "<|im_start|>";
+        if let Some(id) = tok.vocab().id(im_start) {
+            assert_eq!(
+                tok.encode(&format!("x{im_start}y"), false, true)
+                    .expect("encodes")
+                    .iter()
+                    .filter(|&&t| t == id)
+                    .count(),
+                1
+            );
+            assert!(
+                !tok.encode(im_start, false, false)
+                    .expect("encodes")
+                    .contains(&id),
+                "{file}: parse_special off"
+            );
+        }
+    }
+    // SmolLM2 splits digits one by one (the `smollm` pre-tokenizer's first regex).
+    let (_, tok) = load("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert_eq!(tok.encode("2026", false, true).expect("encodes").len(), 4);
+}
