@@ -1,0 +1,112 @@
+//! The `realm` binary on the real models and on broken input.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn model(name: &str) -> PathBuf {
+    let p = root().join("models").join(name);
+    assert!(p.exists(), "{} is missing: run `make models`", p.display());
+    p
+}
+
+fn realm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_realm"))
+        .args(args)
+        .output()
+        .expect("realm runs")
+}
+
+fn inspect_json(name: &str) -> serde_json::Value {
+    let out = realm(&[
+        "inspect",
+        "--json",
+        model(name).to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn inspect_shows_the_real_files() {
+    let smol = inspect_json("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert_eq!(smol["tensors"].as_array().expect("tensors").len(), 272);
+    assert_eq!(smol["architecture"], "llama");
+    assert_eq!(smol["hparams"]["n_layer"], 30);
+    assert_eq!(smol["hparams"]["n_head_kv"], 3);
+    assert_eq!(smol["tokenizer"]["kind"], "bpe");
+    assert_eq!(smol["types"]["Q4_1"]["count"], 210);
+
+    let gemma = inspect_json("gemma-3-270m-q4_k_m.gguf");
+    assert_eq!(gemma["tensors"].as_array().expect("tensors").len(), 236);
+    assert_eq!(gemma["architecture"], "gemma3");
+    assert_eq!(gemma["hparams"]["head_dim"], 256);
+    assert_eq!(gemma["tokenizer"]["n_vocab"], 262144);
+    assert_eq!(gemma["types"]["Q4_K"]["count"], 27);
+
+    let text = realm(&[
+        "inspect",
+        model("SmolLM2-135M-Instruct.Q4_1.gguf")
+            .to_str()
+            .expect("utf-8"),
+    ]);
+    let text = String::from_utf8(text.stdout).expect("utf-8");
+    assert!(text.contains("tensors: 272"), "{text}");
+    assert!(text.contains("blk.29.ffn_up.weight"), "{text}");
+    assert!(text.contains("Q4_1 ×210"), "{text}");
+}
+
+#[test]
+fn tokenize_prints_llama_cpp_ids() {
+    let out = realm(&[
+        "tokenize",
+        "--model",
+        model("gemma-3-270m-q4_k_m.gguf").to_str().expect("utf-8"),
+        "Hello world",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[2,9259,1902]");
+    let out = realm(&[
+        "tokenize",
+        "-m",
+        model("SmolLM2-135M-Instruct.Q4_1.gguf")
+            .to_str()
+            .expect("utf-8"),
+        "<|im_start|>user\nHi<|im_end|>",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "[1,4093,198,26843,2]"
+    );
+}
+
+#[test]
+fn bad_files_give_one_line_errors() {
+    let dir = std::env::temp_dir().join(format!("realm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let full = std::fs::read(model("SmolLM2-135M-Instruct.Q4_1.gguf")).expect("read");
+    let in_header = dir.join("in-header.gguf");
+    std::fs::write(&in_header, &full[..1_000_000]).expect("write");
+    let in_data = dir.join("in-data.gguf");
+    std::fs::write(&in_data, &full[..50_000_000]).expect("write");
+    let missing = dir.join("missing.gguf");
+    for (path, needle) in [
+        (&in_header, "array 'tokenizer.ggml.merges'"),
+        (&in_data, "spans bytes"),
+        (&missing, "cannot open"),
+    ] {
+        let out = realm(&["inspect", path.to_str().expect("utf-8")]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
