@@ -400,7 +400,7 @@ impl<S: Source + ?Sized> Parser<'_, S> {
             offset: type_offset,
             type_id,
         })?;
-        if dims[0] % ty.block_size() != 0 {
+        if !dims[0].is_multiple_of(ty.block_size()) {
             return Err(bad(format!(
                 "row length {} is not a multiple of the {ty} block size {}",
                 dims[0],
@@ -412,7 +412,7 @@ impl<S: Source + ?Sized> Parser<'_, S> {
             .ok_or_else(|| bad("its byte size overflows".into()))?;
 
         let offset = self.c.u64(&|| format!("data offset of tensor '{name}'"))?;
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(GgufError::Misaligned {
                 name,
                 offset,

@@ -155,3 +155,43 @@ fn hparams_are_validated() {
     assert!(Hparams::from_gguf(&base(4, 1)).is_err());
     assert!(Hparams::from_gguf(&base(4, 1_000_000)).is_err());
 }
+
+/// A source that claims to be 1 TiB: the header bytes, then zeros.
+struct Sparse(Vec<u8>);
+
+impl Source for Sparse {
+    fn size(&self) -> u64 {
+        1 << 40
+    }
+
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = usize::try_from(offset + i as u64).ok().and_then(|at| self.0.get(at)).copied().unwrap_or(0);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn sizes_and_offsets_past_4_gib_stay_64_bit() {
+    // Candle's reader truncated these to 32 bits inside a wasm32 guest. Second tensor:
+    // 2^34 f32 values (64 GiB) placed 5 GiB into the data section.
+    let mut raw = b"GGUF".to_vec();
+    raw.extend_from_slice(&3u32.to_le_bytes());
+    raw.extend_from_slice(&2u64.to_le_bytes());
+    raw.extend_from_slice(&0u64.to_le_bytes());
+    for (name, dim, offset) in [("small", 8u64, 0u64), ("huge", 1 << 34, 5 << 30)] {
+        raw.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        raw.extend_from_slice(name.as_bytes());
+        raw.extend_from_slice(&1u32.to_le_bytes());
+        raw.extend_from_slice(&dim.to_le_bytes());
+        raw.extend_from_slice(&0u32.to_le_bytes());
+        raw.extend_from_slice(&offset.to_le_bytes());
+    }
+    let f = GgufFile::read(&Sparse(raw)).expect("parses");
+    let huge = f.tensor("huge").expect("present");
+    assert_eq!(huge.dims, vec![1 << 34]);
+    assert_eq!(huge.n_bytes, 1 << 36);
+    assert_eq!(huge.offset, f.data_offset + (5 << 30));
+    assert!(huge.offset > u32::MAX as u64);
+}

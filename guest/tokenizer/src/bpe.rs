@@ -216,8 +216,8 @@ impl Bpe {
             });
         }
         let n = syms.len();
-        for i in 0..n.saturating_sub(1) {
-            syms[i].next = Some(i + 1);
+        for (i, s) in syms.iter_mut().enumerate() {
+            s.next = (i + 1 < n).then_some(i + 1);
         }
         // Min-heap on (rank, left index): the lowest rank merges first, leftmost on ties.
         let mut heap = BinaryHeap::new();

@@ -19,7 +19,7 @@ use realm_gguf::Metadata;
 /// Which algorithm the file's `tokenizer.ggml.model` names.
 #[derive(Debug)]
 enum Kind {
-    Bpe(bpe::Bpe),
+    Bpe(Box<bpe::Bpe>),
     Spm,
 }
 
@@ -50,7 +50,7 @@ impl Tokenizer {
         let kind = if spm {
             Kind::Spm
         } else {
-            Kind::Bpe(bpe::Bpe::new(md, &vocab)?)
+            Kind::Bpe(Box::new(bpe::Bpe::new(md, &vocab)?))
         };
         let mut specials: Vec<u32> = (0..vocab.len() as u32)
             .filter(|&id| {

@@ -52,8 +52,8 @@ pub fn encode(vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
         });
     }
     let n = syms.len();
-    for i in 0..n.saturating_sub(1) {
-        syms[i].next = Some(i + 1);
+    for (i, s) in syms.iter_mut().enumerate() {
+        s.next = (i + 1 < n).then_some(i + 1);
     }
 
     let mut heap = BinaryHeap::new();

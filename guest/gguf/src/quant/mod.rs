@@ -24,7 +24,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
     }
     let bs = ty.block_size() as usize;
     let ts = ty.type_size() as usize;
-    if data.len() % ts != 0 {
+    if !data.len().is_multiple_of(ts) {
         return Err(err(format!(
             "{} bytes is not a whole number of {ts}-byte blocks",
             data.len()
