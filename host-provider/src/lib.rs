@@ -1,12 +1,43 @@
-//! Realm's host provider. Today: locating models and describing GGUF files; the wasmtime
-//! embedding and compute provider build on this.
+//! Realm's host provider: runs the Realm guest component in wasmtime and serves its
+//! `realm:compute` imports natively. The Rust API:
+//!
+//! ```no_run
+//! # fn main() -> anyhow::Result<()> {
+//! use realm_host::{Engine, EngineConfig, Prompt, default_params};
+//! let engine = Engine::new(EngineConfig::default())?;
+//! let mut model = engine.load_model(&realm_host::default_model_path())?;
+//! let mut session = model.session(0)?;
+//! let mut generation = session.generate(Prompt::Text("Once upon a time".into()), default_params())?;
+//! for piece in &mut generation {
+//!     print!("{}", piece?.text);
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
+pub mod bindings;
+pub mod compute;
 pub mod inspect;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
+use wasmtime::component::{Component, HasData, Linker, ResourceAny};
+use wasmtime::{ResourceLimiter, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use bindings::inference::Error as GuestError;
+pub use bindings::inference::{Chunk, FinishReason, Message, ModelInfo, Params, Prompt, Usage};
+use compute::{ComputeState, MappedModel};
 
 /// File name of the default model (SmolLM2-135M-Instruct, Q4_1), fetched by `make models`.
 pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// File name of the built guest component.
+pub const COMPONENT_FILE: &str = "realm_guest.wasm";
+/// Most linear memory one guest may use.
+pub const DEFAULT_GUEST_MEMORY: usize = 1 << 30;
 
 /// Where the default model lives: `$REALM_MODEL`, else `models/` under the current
 /// directory, else `models/` of the checkout the binary was built in.
@@ -18,15 +49,349 @@ pub fn default_model_path() -> PathBuf {
     if local.exists() {
         return local;
     }
-    // target/{debug,release}/realm → the repository root is two levels up.
-    let built = std::env::current_exe().ok().and_then(|exe| {
-        exe.parent()?
-            .parent()?
-            .parent()
-            .map(|root| root.join("models").join(DEFAULT_MODEL))
-    });
-    match built {
+    match checkout_root().map(|root| root.join("models").join(DEFAULT_MODEL)) {
         Some(p) if p.exists() => p,
         _ => local,
+    }
+}
+
+/// The repository a binary in `target/{profile}/` was built from.
+fn checkout_root() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    // target/{release,debug}/realm, or target/{profile}/deps/<test> for tests.
+    exe.ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "target"))
+        .and_then(|t| t.parent())
+        .map(Path::to_path_buf)
+}
+
+/// The guest component: `$REALM_COMPONENT`, else the release build in this checkout's
+/// `target/`, else `realm_guest.wasm` beside the binary.
+pub fn default_component_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("REALM_COMPONENT") {
+        return PathBuf::from(p);
+    }
+    let candidates = [
+        checkout_root().map(|r| r.join("target/wasm32-wasip2/release").join(COMPONENT_FILE)),
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join(COMPONENT_FILE))),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("target/wasm32-wasip2/release").join(COMPONENT_FILE))
+}
+
+/// How to build an [`Engine`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Compute threads (default: the machine's available parallelism).
+    pub threads: usize,
+    pub component: PathBuf,
+    pub max_guest_memory: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            component: default_component_path(),
+            max_guest_memory: DEFAULT_GUEST_MEMORY,
+        }
+    }
+}
+
+/// Per-Store host data: WASI, the compute provider, and the guest's limits.
+pub struct HostState {
+    wasi: WasiCtx,
+    pub compute: ComputeState,
+    limits: GuestLimits,
+}
+
+/// Caps the guest's linear memory and remembers the most it asked for.
+struct GuestLimits {
+    max_memory: usize,
+    peak_memory: usize,
+}
+
+impl ResourceLimiter for GuestLimits {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = desired <= self.max_memory;
+        if ok {
+            self.peak_memory = self.peak_memory.max(desired);
+        }
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.compute.table,
+        }
+    }
+}
+
+struct HasCompute;
+
+impl HasData for HasCompute {
+    type Data<'a> = &'a mut ComputeState;
+}
+
+/// A compiled guest component and the linker that serves its imports; cheap to share.
+pub struct Engine {
+    engine: wasmtime::Engine,
+    component: Component,
+    linker: Linker<HostState>,
+    pool: Arc<rayon::ThreadPool>,
+    config: EngineConfig,
+}
+
+/// Turn a guest's typed error into a one-line message.
+pub fn guest_error(e: GuestError) -> anyhow::Error {
+    match e {
+        GuestError::NotFound(m) => anyhow!("not found: {m}"),
+        GuestError::InvalidModel(m) => anyhow!("invalid model: {m}"),
+        GuestError::Unsupported(m) => anyhow!("unsupported: {m}"),
+        GuestError::InvalidInput(m) => anyhow!("invalid input: {m}"),
+        GuestError::ContextOverflow(m) => anyhow!("context overflow: {m}"),
+        GuestError::Compute(m) => anyhow!("compute error: {m}"),
+    }
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig) -> anyhow::Result<Self> {
+        let mut wc = wasmtime::Config::new();
+        // Compiled code is cached on disk (wasmtime's cache directory): the first run
+        // compiles the component, later ones load it.
+        if let Ok(cache) = wasmtime::Cache::new(wasmtime::CacheConfig::new()) {
+            wc.cache(Some(cache));
+        }
+        let engine = wasmtime::Engine::new(&wc)?;
+        let path = &config.component;
+        let bytes = std::fs::read(path).with_context(|| {
+            format!(
+                "cannot read the guest component {} (build it with `make build`)",
+                path.display()
+            )
+        })?;
+        let component = Component::new(&engine, &bytes)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("{} is not a valid component", path.display()))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        bindings::Guest::add_to_linker::<HostState, HasCompute>(&mut linker, |s| &mut s.compute)?;
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(config.threads.max(1))
+                .build()?,
+        );
+        Ok(Self {
+            engine,
+            component,
+            linker,
+            pool,
+            config,
+        })
+    }
+
+    /// Map `path` and load it in a fresh guest instance.
+    pub fn load_model(&self, path: &Path) -> anyhow::Result<Model> {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("model")
+            .to_string();
+        let mapped = MappedModel::open(&name, path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let models = HashMap::from([(name.clone(), mapped)]);
+        let mut store = Store::new(
+            &self.engine,
+            HostState {
+                wasi: wasmtime_wasi::WasiCtx::builder().inherit_stderr().build(),
+                compute: ComputeState::new(models, self.pool.clone()),
+                limits: GuestLimits {
+                    max_memory: self.config.max_guest_memory,
+                    peak_memory: 0,
+                },
+            },
+        );
+        store.limiter(|s| &mut s.limits);
+        let guest = bindings::Guest::instantiate(&mut store, &self.component, &self.linker)?;
+        let handle = guest
+            .realm_inference_runtime()
+            .model()
+            .call_load(&mut store, &name)?
+            .map_err(guest_error)?;
+        let info = guest
+            .realm_inference_runtime()
+            .model()
+            .call_info(&mut store, handle)?;
+        Ok(Model {
+            store,
+            guest,
+            handle,
+            info,
+        })
+    }
+}
+
+/// A model loaded in its own guest instance (one wasmtime Store).
+pub struct Model {
+    store: Store<HostState>,
+    guest: bindings::Guest,
+    handle: ResourceAny,
+    pub info: ModelInfo,
+}
+
+impl Model {
+    pub fn tokenize(&mut self, text: &str, add_special: bool) -> anyhow::Result<Vec<u32>> {
+        let g = self.guest.realm_inference_runtime();
+        g.model()
+            .call_tokenize(&mut self.store, self.handle, text, add_special)?
+            .map_err(guest_error)
+    }
+
+    pub fn apply_template(
+        &mut self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> anyhow::Result<String> {
+        let g = self.guest.realm_inference_runtime();
+        g.model()
+            .call_apply_template(
+                &mut self.store,
+                self.handle,
+                messages,
+                add_generation_prompt,
+            )?
+            .map_err(guest_error)
+    }
+
+    /// A new session with `n_ctx` positions of KV cache (0: the default).
+    pub fn session(&mut self, n_ctx: u32) -> anyhow::Result<Session<'_>> {
+        let g = self.guest.realm_inference_runtime();
+        let h = g
+            .model()
+            .call_session(&mut self.store, self.handle, n_ctx)?
+            .map_err(guest_error)?;
+        Ok(Session {
+            model: self,
+            handle: h,
+        })
+    }
+
+    /// The most linear memory the guest has used, in bytes.
+    pub fn guest_memory_peak(&self) -> usize {
+        self.store.data().limits.peak_memory
+    }
+
+    pub fn compute_stats(&self) -> compute::Stats {
+        self.store.data().compute.stats.clone()
+    }
+}
+
+/// One conversation: its own KV cache and token history.
+pub struct Session<'m> {
+    model: &'m mut Model,
+    handle: ResourceAny,
+}
+
+impl Session<'_> {
+    pub fn generate(&mut self, prompt: Prompt, params: Params) -> anyhow::Result<Generation<'_>> {
+        let m = &mut *self.model;
+        let g = m.guest.realm_inference_runtime();
+        let h = g
+            .session()
+            .call_generate(&mut m.store, self.handle, &prompt, &params)?
+            .map_err(guest_error)?;
+        Ok(Generation {
+            model: m,
+            handle: h,
+        })
+    }
+
+    pub fn model(&mut self) -> &mut Model {
+        self.model
+    }
+}
+
+/// A running generation: an iterator of text pieces.
+pub struct Generation<'s> {
+    model: &'s mut Model,
+    handle: ResourceAny,
+}
+
+impl Generation<'_> {
+    pub fn finish_reason(&mut self) -> anyhow::Result<Option<FinishReason>> {
+        let g = self.model.guest.realm_inference_runtime();
+        Ok(g.generation()
+            .call_finish_reason(&mut self.model.store, self.handle)?)
+    }
+
+    pub fn usage(&mut self) -> anyhow::Result<Usage> {
+        let g = self.model.guest.realm_inference_runtime();
+        Ok(g.generation()
+            .call_usage(&mut self.model.store, self.handle)?)
+    }
+
+    /// Every id generated so far, the end-of-generation token included.
+    pub fn tokens(&mut self) -> anyhow::Result<Vec<u32>> {
+        let g = self.model.guest.realm_inference_runtime();
+        Ok(g.generation()
+            .call_tokens(&mut self.model.store, self.handle)?)
+    }
+
+    pub fn model(&mut self) -> &mut Model {
+        self.model
+    }
+}
+
+impl Iterator for Generation<'_> {
+    type Item = anyhow::Result<Chunk>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let g = self.model.guest.realm_inference_runtime();
+        match g.generation().call_next(&mut self.model.store, self.handle) {
+            Ok(Ok(Some(chunk))) => Some(Ok(chunk)),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => Some(Err(guest_error(e))),
+            Err(trap) => Some(Err(anyhow::Error::from(trap).context("the guest trapped"))),
+        }
+    }
+}
+
+/// Sampling defaults for the CLI and API: llama.cpp's (temperature 0.8, top-k 40, top-p
+/// 0.95, min-p 0.05), 256 new tokens.
+pub fn default_params() -> Params {
+    Params {
+        max_tokens: 256,
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.05,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        seed: 0,
+        stop: Vec::new(),
     }
 }

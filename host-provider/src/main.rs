@@ -1,11 +1,14 @@
 //! The `realm` command line.
 
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use realm_gguf::{FileSource, GgufFile};
+use realm_host::{Engine, EngineConfig, Message, Model, Params, Prompt};
 use realm_tokenizer::Tokenizer;
 
 #[derive(Parser, Debug)]
@@ -15,8 +18,113 @@ struct Cli {
     command: Command,
 }
 
+/// Options shared by `run` and `chat`.
+#[derive(Args, Debug)]
+struct GenOpts {
+    /// The GGUF model (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
+    #[arg(long, short)]
+    model: Option<PathBuf>,
+    /// Compute threads (default: all cores).
+    #[arg(long, short)]
+    threads: Option<usize>,
+    /// A system message (chat template prompts only).
+    #[arg(long)]
+    system: Option<String>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long = "temp", default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: u32,
+    /// Keep the most likely tokens up to this probability mass (1: all).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalty for repeating recent tokens (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed: the same seed gives the same text.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Most tokens to generate.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 256)]
+    max_tokens: u32,
+    /// Context size in tokens (0: the model's, up to 4096).
+    #[arg(long = "ctx-size", default_value_t = 0)]
+    ctx_size: u32,
+    /// Stop when this text is generated (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl GenOpts {
+    fn params(&self) -> Params {
+        Params {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: 64,
+            seed: self.seed,
+            stop: self.stop.clone(),
+        }
+    }
+
+    fn load(&self) -> anyhow::Result<Model> {
+        let path = self
+            .model
+            .clone()
+            .unwrap_or_else(realm_host::default_model_path);
+        if !path.exists() {
+            anyhow::bail!(
+                "model file {} does not exist (run `make models`, or pass --model)",
+                path.display()
+            );
+        }
+        let mut config = EngineConfig::default();
+        if let Some(t) = self.threads {
+            if t == 0 {
+                anyhow::bail!("--threads must be at least 1");
+            }
+            config.threads = t;
+        }
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+        spinner.set_message("compiling the Realm component…");
+        let engine = Engine::new(config)?;
+        spinner.set_message(format!("loading {}…", path.display()));
+        let model = engine
+            .load_model(&path)
+            .with_context(|| format!("cannot load {}", path.display()));
+        spinner.finish_and_clear();
+        model
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Answer one prompt, streaming the text to stdout.
+    Run {
+        #[command(flatten)]
+        opts: GenOpts,
+        /// Complete the prompt as plain text instead of applying the chat template.
+        #[arg(long)]
+        raw: bool,
+        /// Print one JSON object at the end instead of streaming text.
+        #[arg(long)]
+        json: bool,
+        prompt: String,
+    },
+    /// An interactive conversation (the session keeps its history).
+    Chat {
+        #[command(flatten)]
+        opts: GenOpts,
+    },
     /// Describe a GGUF file: architecture, hyper-parameters, tokenizer, tensors.
     Inspect {
         /// The GGUF file (default: the default model under models/).
@@ -47,8 +155,123 @@ fn open(path: &Path) -> anyhow::Result<(FileSource, GgufFile)> {
     Ok((src, file))
 }
 
+fn run_prompt(opts: &GenOpts, raw: bool, json: bool, prompt: String) -> anyhow::Result<()> {
+    let mut model = opts.load()?;
+    let prompt = if raw {
+        Prompt::Text(prompt)
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &opts.system {
+            messages.push(Message {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+        messages.push(Message {
+            role: "user".into(),
+            content: prompt,
+        });
+        Prompt::Messages(messages)
+    };
+    let mut session = model.session(opts.ctx_size)?;
+    let started = Instant::now();
+    let mut generation = session.generate(prompt, opts.params())?;
+    let mut text = String::new();
+    let mut stdout = std::io::stdout().lock();
+    for piece in &mut generation {
+        let piece = piece?;
+        if !json {
+            stdout.write_all(piece.text.as_bytes())?;
+            stdout.flush()?;
+        }
+        text.push_str(&piece.text);
+    }
+    let usage = generation.usage()?;
+    let ids = generation.tokens()?;
+    let finish = generation.finish_reason()?;
+    let wall = started.elapsed();
+    let model = generation.model();
+    let per_s = |n: u32, ns: u64| {
+        if ns == 0 {
+            0.0
+        } else {
+            f64::from(n) / (ns as f64 / 1e9)
+        }
+    };
+    if json {
+        let stats = model.compute_stats();
+        let out = serde_json::json!({
+            "text": text,
+            "ids": ids,
+            "prompt_tokens": usage.prompt_tokens,
+            "generated_tokens": usage.generated_tokens,
+            "finish_reason": finish.map(|f| format!("{f:?}").to_lowercase()),
+            "prefill_tokens_per_s": per_s(usage.prompt_tokens, usage.prefill_ns),
+            "decode_tokens_per_s": per_s(usage.generated_tokens.saturating_sub(1), usage.decode_ns),
+            "wall_s": wall.as_secs_f64(),
+            "guest_memory_peak_bytes": model.guest_memory_peak(),
+            "weight_bytes": model.info.weight_bytes,
+            "host_calls": stats.calls,
+        });
+        writeln!(stdout, "{out}")?;
+    } else {
+        writeln!(stdout)?;
+    }
+    Ok(())
+}
+
+fn chat(opts: &GenOpts) -> anyhow::Result<()> {
+    let mut model = opts.load()?;
+    eprintln!(
+        "realm chat: {} ({}). Type a message; an empty line or Ctrl-D ends.",
+        model.info.name, model.info.architecture
+    );
+    let mut messages = Vec::new();
+    if let Some(s) = &opts.system {
+        messages.push(Message {
+            role: "system".into(),
+            content: s.clone(),
+        });
+    }
+    let mut session = model.session(opts.ctx_size)?;
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(Message {
+            role: "user".into(),
+            content: line.trim_end().to_string(),
+        });
+        let mut reply = String::new();
+        let mut generation = session.generate(Prompt::Messages(messages.clone()), opts.params())?;
+        for piece in &mut generation {
+            let piece = piece?;
+            stdout.write_all(piece.text.as_bytes())?;
+            stdout.flush()?;
+            reply.push_str(&piece.text);
+        }
+        writeln!(stdout)?;
+        messages.push(Message {
+            role: "assistant".into(),
+            content: reply,
+        });
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run {
+            opts,
+            raw,
+            json,
+            prompt,
+        } => run_prompt(&opts, raw, json, prompt)?,
+        Command::Chat { opts } => chat(&opts)?,
         Command::Inspect { model, json } => {
             let path = model.unwrap_or_else(realm_host::default_model_path);
             let (_, file) = open(&path)?;

@@ -166,7 +166,11 @@ impl Source for Sparse {
 
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         for (i, b) in buf.iter_mut().enumerate() {
-            *b = usize::try_from(offset + i as u64).ok().and_then(|at| self.0.get(at)).copied().unwrap_or(0);
+            *b = usize::try_from(offset + i as u64)
+                .ok()
+                .and_then(|at| self.0.get(at))
+                .copied()
+                .unwrap_or(0);
         }
         Ok(())
     }

@@ -3,7 +3,10 @@
 //! Fields are parsed from bytes rather than cast, so no alignment or `unsafe` is needed;
 //! the size assertions pin each layout to ggml's.
 
-#![allow(clippy::needless_range_loop, reason = "indexed loops mirror ggml's reference code line for line")]
+#![allow(
+    clippy::needless_range_loop,
+    reason = "indexed loops mirror ggml's reference code line for line"
+)]
 
 use half::f16;
 

@@ -1,0 +1,336 @@
+//! Models, sessions and generations: the state behind the exported `realm:inference`
+//! resources. Prompt → tokens → prefill → sample/decode loop with streaming-safe text.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Instant;
+
+use realm_gguf::GgufFile;
+use realm_tokenizer::{ChatTemplate, Message as ChatMessage, Tokenizer, Utf8Stream};
+
+use crate::compute::{HostFile, KvCache, ModelFile, open_model};
+use crate::model::{self, Architecture, Scratch};
+use crate::realm::inference::types::{
+    Chunk, Error, FinishReason, Message, ModelInfo, Params, Prompt, Usage,
+};
+use crate::sample::{Sampler, SamplerParams};
+
+/// Context positions of a session when the caller asks for the default (0).
+pub const DEFAULT_CTX: u32 = 4096;
+
+struct ModelState {
+    name: String,
+    arch: Box<dyn Architecture>,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    weight_bytes: u64,
+    architecture: String,
+    // Kept open: the host maps weights through it.
+    _file: ModelFile,
+}
+
+pub struct LoadedModel(Rc<ModelState>);
+
+fn invalid(e: impl std::fmt::Display) -> Error {
+    Error::InvalidModel(e.to_string())
+}
+
+impl LoadedModel {
+    pub fn load(name: &str) -> Result<Self, Error> {
+        let file = open_model(name)?;
+        let gguf = GgufFile::read(&HostFile(&file)).map_err(invalid)?;
+        let tokenizer = Tokenizer::from_metadata(&gguf.metadata).map_err(|e| match e {
+            realm_tokenizer::TokenizerError::UnknownModel(_)
+            | realm_tokenizer::TokenizerError::UnknownPretokenizer { .. } => {
+                Error::Unsupported(e.to_string())
+            }
+            other => invalid(other),
+        })?;
+        let template =
+            ChatTemplate::from_metadata(&gguf.metadata, tokenizer.vocab()).map_err(invalid)?;
+        let arch = model::load(&file, &gguf)?;
+        let weight_bytes = gguf.tensors.iter().map(|t| t.n_bytes).sum();
+        let architecture = gguf.architecture().map_err(invalid)?.to_string();
+        Ok(Self(Rc::new(ModelState {
+            name: name.into(),
+            arch,
+            tokenizer,
+            template,
+            weight_bytes,
+            architecture,
+            _file: file,
+        })))
+    }
+
+    pub fn info(&self) -> ModelInfo {
+        let m = &self.0;
+        let hp = m.arch.hparams();
+        ModelInfo {
+            name: m.name.clone(),
+            architecture: m.architecture.clone(),
+            n_vocab: m.tokenizer.vocab().len() as u32,
+            n_ctx_train: hp.n_ctx_train,
+            n_layer: hp.n_layer,
+            n_embd: hp.n_embd,
+            n_head: hp.n_head,
+            n_head_kv: hp.n_head_kv,
+            tokenizer: m.tokenizer.kind_name().into(),
+            chat_template: m.template.origin.into(),
+            weight_bytes: m.weight_bytes,
+        }
+    }
+
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>, Error> {
+        self.0
+            .tokenizer
+            .encode(text, add_special, true)
+            .map_err(|e| Error::InvalidInput(e.to_string()))
+    }
+
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String, Error> {
+        self.0
+            .tokenizer
+            .decode(ids, false)
+            .map_err(|e| Error::InvalidInput(e.to_string()))
+    }
+
+    pub fn apply_template(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
+        let msgs: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage::new(&m.role, &m.content))
+            .collect();
+        self.0
+            .template
+            .render(&msgs, add_generation_prompt)
+            .map_err(|e| Error::InvalidInput(e.to_string()))
+    }
+
+    pub fn session(&self, n_ctx: u32) -> Result<SessionHandle, Error> {
+        let hp = self.0.arch.hparams();
+        let n_ctx = if n_ctx == 0 {
+            DEFAULT_CTX.min(hp.n_ctx_train)
+        } else {
+            n_ctx
+        };
+        if n_ctx > hp.n_ctx_train {
+            return Err(Error::InvalidInput(format!(
+                "context {n_ctx} is larger than the model's trained {}",
+                hp.n_ctx_train
+            )));
+        }
+        let cache = KvCache::new(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim);
+        let scratch = self.0.arch.scratch();
+        Ok(SessionHandle(Rc::new(RefCell::new(SessionState {
+            model: self.0.clone(),
+            cache,
+            scratch,
+            n_ctx,
+            tokens: Vec::new(),
+        }))))
+    }
+}
+
+struct SessionState {
+    model: Rc<ModelState>,
+    cache: KvCache,
+    scratch: Scratch,
+    n_ctx: u32,
+    /// Tokens whose keys and values are in the cache, in order.
+    tokens: Vec<u32>,
+}
+
+impl SessionState {
+    fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>, Error> {
+        let pos = self.tokens.len() as u32;
+        let logits = self
+            .model
+            .arch
+            .forward(&self.scratch, &self.cache, ids, pos)?;
+        self.tokens.extend_from_slice(ids);
+        Ok(logits)
+    }
+}
+
+pub struct SessionHandle(Rc<RefCell<SessionState>>);
+
+impl SessionHandle {
+    pub fn n_past(&self) -> u32 {
+        self.0.borrow().tokens.len() as u32
+    }
+
+    pub fn generate(&self, prompt: Prompt, params: Params) -> Result<GenerationHandle, Error> {
+        let mut s = self.0.borrow_mut();
+        let model = s.model.clone();
+        let sampler = SamplerParams {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            repeat_penalty: params.repeat_penalty,
+            repeat_last_n: params.repeat_last_n,
+            seed: params.seed,
+        };
+        sampler.validate().map_err(Error::InvalidInput)?;
+        let text = match &prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Messages(m) => LoadedModel(model.clone()).apply_template(m, true)?,
+        };
+        let ids = model
+            .tokenizer
+            .encode(&text, true, true)
+            .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        if ids.is_empty() {
+            return Err(Error::InvalidInput("the prompt is empty".into()));
+        }
+        if ids.len() as u64 >= u64::from(s.n_ctx) {
+            return Err(Error::ContextOverflow(format!(
+                "the prompt is {} tokens but the context holds {} (one more is needed to generate)",
+                ids.len(),
+                s.n_ctx
+            )));
+        }
+
+        // Reuse the cached prefix; at least the last prompt token is always recomputed.
+        let common = s
+            .tokens
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
+        s.tokens.truncate(common);
+        let started = Instant::now();
+        let logits = s.forward(&ids[common..])?;
+        let prefill_ns = started.elapsed().as_nanos() as u64;
+        drop(s);
+
+        Ok(GenerationHandle(RefCell::new(GenerationState {
+            session: self.0.clone(),
+            model,
+            sampler: Sampler::new(sampler),
+            logits: Some(logits),
+            pending: None,
+            history: ids.clone(),
+            generated: Vec::new(),
+            max_tokens: params.max_tokens,
+            stop: params.stop.into_iter().filter(|s| !s.is_empty()).collect(),
+            utf8: Utf8Stream::new(),
+            text: String::new(),
+            emitted: 0,
+            finish: None,
+            usage: Usage {
+                prompt_tokens: ids.len() as u32,
+                generated_tokens: 0,
+                prefill_ns,
+                decode_ns: 0,
+            },
+        })))
+    }
+}
+
+struct GenerationState {
+    session: Rc<RefCell<SessionState>>,
+    model: Rc<ModelState>,
+    sampler: Sampler,
+    /// Logits to sample the next token from.
+    logits: Option<Vec<f32>>,
+    /// A sampled token not yet run through the model.
+    pending: Option<u32>,
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    max_tokens: u32,
+    stop: Vec<String>,
+    utf8: Utf8Stream,
+    /// All text generated so far, and how much of it has been handed out.
+    text: String,
+    emitted: usize,
+    finish: Option<FinishReason>,
+    usage: Usage,
+}
+
+pub struct GenerationHandle(RefCell<GenerationState>);
+
+impl GenerationHandle {
+    pub fn next(&self) -> Result<Option<Chunk>, Error> {
+        let mut g = self.0.borrow_mut();
+        if g.finish.is_some() {
+            return Ok(None);
+        }
+        if let Some(tok) = g.pending.take() {
+            let started = Instant::now();
+            let logits = g.session.borrow_mut().forward(&[tok])?;
+            g.usage.decode_ns += started.elapsed().as_nanos() as u64;
+            g.logits = Some(logits);
+        }
+        let Some(mut logits) = g.logits.take() else {
+            return Ok(None);
+        };
+        let g = &mut *g;
+        let tok = g.sampler.sample(&mut logits, &g.history);
+        g.generated.push(tok);
+        g.history.push(tok);
+        g.usage.generated_tokens += 1;
+        if g.model.tokenizer.vocab().is_eog(tok) {
+            g.finish = Some(FinishReason::Eog);
+            return Ok(None);
+        }
+
+        let mut bytes = Vec::new();
+        g.model
+            .tokenizer
+            .token_bytes(tok, false, &mut bytes)
+            .map_err(|e| Error::Compute(e.to_string()))?;
+        let piece = g.utf8.push(&bytes);
+        g.text.push_str(&piece);
+
+        // Stop strings: cut there; otherwise hold back a tail that could start one.
+        let mut end = g.text.len();
+        if let Some(at) = g
+            .stop
+            .iter()
+            .filter_map(|s| g.text[g.emitted..].find(s.as_str()).map(|i| g.emitted + i))
+            .min()
+        {
+            end = at;
+            g.finish = Some(FinishReason::Stop);
+        } else {
+            let hold = g
+                .stop
+                .iter()
+                .flat_map(|s| {
+                    (1..s.len()).filter(|&n| s.is_char_boundary(n) && g.text.ends_with(&s[..n]))
+                })
+                .max()
+                .unwrap_or(0);
+            end -= hold;
+        }
+        let n_past = g.session.borrow().tokens.len() as u32;
+        let n_ctx = g.session.borrow().n_ctx;
+        if g.finish.is_none() && (g.generated.len() as u32 >= g.max_tokens || n_past + 1 >= n_ctx) {
+            g.finish = Some(FinishReason::Length);
+            end = g.text.len();
+        }
+        if g.finish.is_none() {
+            g.pending = Some(tok);
+        }
+        let text = g.text[g.emitted..end].to_string();
+        g.emitted = end;
+        Ok(Some(Chunk { text, token: tok }))
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.0.borrow().finish
+    }
+
+    pub fn usage(&self) -> Usage {
+        self.0.borrow().usage
+    }
+
+    pub fn tokens(&self) -> Vec<u32> {
+        self.0.borrow().generated.clone()
+    }
+}

@@ -1,0 +1,102 @@
+//! The architectures Realm runs, behind one trait: adding one is a new module here and a
+//! line in [`load`]; nothing outside the guest changes.
+
+mod llama;
+
+use realm_gguf::{GgufFile, Hparams, TensorInfo};
+
+use crate::compute::{self, KvCache, ModelFile, Tensor, Weight};
+use crate::realm::inference::types::Error;
+
+/// Architectures by `general.architecture`.
+pub const KNOWN: &[&str] = &["llama"];
+
+/// A loaded model's forward pass.
+pub trait Architecture {
+    fn hparams(&self) -> &Hparams;
+    /// Activation buffers for one session, sized for this model.
+    fn scratch(&self) -> Scratch;
+    /// Run `ids` at positions `pos…` (appending to `cache`); logits of the last one.
+    fn forward(
+        &self,
+        s: &Scratch,
+        cache: &KvCache,
+        ids: &[u32],
+        pos: u32,
+    ) -> Result<Vec<f32>, Error>;
+}
+
+/// A session's activation tensors, reused for every token (nothing allocated per token).
+pub struct Scratch {
+    /// (n, n_embd) the residual stream.
+    pub x: Tensor,
+    /// (n, n_embd) normalized input to the next matmul, and matmul outputs.
+    pub xb: Tensor,
+    /// (n, n_head · head_dim), (n, n_head_kv · head_dim) ×2.
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    /// (n, n_head · head_dim) attention output.
+    pub att: Tensor,
+    /// (n, n_ff) ×2 feed-forward gate and up projections.
+    pub gate: Tensor,
+    pub up: Tensor,
+    /// (1, n_vocab).
+    pub logits: Tensor,
+}
+
+pub fn load(file: &ModelFile, gguf: &GgufFile) -> Result<Box<dyn Architecture>, Error> {
+    let arch = gguf
+        .architecture()
+        .map_err(|e| Error::InvalidModel(e.to_string()))?;
+    let hp = Hparams::from_gguf(gguf).map_err(|e| Error::InvalidModel(e.to_string()))?;
+    match arch {
+        "llama" => Ok(Box::new(llama::Llama::load(Loader { file, gguf }, hp)?)),
+        other => Err(Error::Unsupported(format!(
+            "architecture '{other}' is not supported (known: {})",
+            KNOWN.join(", ")
+        ))),
+    }
+}
+
+/// Creates host weights from the file's tensors, checking their shapes.
+pub struct Loader<'a> {
+    file: &'a ModelFile,
+    gguf: &'a GgufFile,
+}
+
+impl Loader<'_> {
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.gguf.tensor(name)
+    }
+
+    /// The weight `name`, which must have exactly `dims` (ggml order).
+    pub fn weight(&self, name: &str, dims: &[u64]) -> Result<Weight, Error> {
+        let t = self
+            .tensor(name)
+            .ok_or_else(|| Error::InvalidModel(format!("tensor '{name}' is missing")))?;
+        if t.dims != dims {
+            return Err(Error::InvalidModel(format!(
+                "tensor '{name}' has shape {:?}, expected {dims:?}",
+                t.dims
+            )));
+        }
+        t.check_supported()
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        let dtype = compute::dtype(t.ty).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "tensor '{name}' has type {}, which Realm does not support yet",
+                t.ty
+            ))
+        })?;
+        Ok(self.file.weight(t.offset, dtype, &t.dims)?)
+    }
+
+    pub fn optional(&self, name: &str, dims: &[u64]) -> Result<Option<Weight>, Error> {
+        if self.tensor(name).is_some() {
+            self.weight(name, dims).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}

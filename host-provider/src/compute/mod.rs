@@ -1,0 +1,882 @@
+//! The host side of `realm:compute`: model files (memory-mapped once, shared by every
+//! tenant), weights as validated ranges of them, f32 activation tensors and f16 KV caches,
+//! and the ops. Every handle, shape and offset from the guest is checked here again.
+
+pub mod kernels;
+pub mod quant;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use half::f16;
+use memmap2::Mmap;
+use rayon::prelude::*;
+use realm_gguf::GgmlType;
+use wasmtime::component::{Resource, ResourceTable};
+
+use crate::bindings::realm::compute::{store, tensors, types};
+use crate::bindings::{Activation, ComputeError, Dtype, RopeMode};
+use kernels::LayerCache;
+use quant::VecDot;
+
+/// A model file mapped into the host's memory, shared read-only.
+#[derive(Debug)]
+pub struct MappedModel {
+    pub name: String,
+    pub path: std::path::PathBuf,
+    pub map: Mmap,
+}
+
+impl MappedModel {
+    pub fn open(name: &str, path: &std::path::Path) -> std::io::Result<Arc<Self>> {
+        let file = std::fs::File::open(path)?;
+        // SAFETY: the map is read-only; Realm never writes model files, and a file truncated
+        // underneath a running process is outside what any mmap-based runtime can defend.
+        let map = unsafe { Mmap::map(&file)? };
+        Ok(Arc::new(Self {
+            name: name.into(),
+            path: path.into(),
+            map,
+        }))
+    }
+}
+
+pub struct ModelFileRes {
+    model: Arc<MappedModel>,
+}
+
+/// A weight: a checked byte range of a mapped file. Small f32/f16 weights (norms) are
+/// decoded once; quantized ones are used in place.
+pub struct WeightRes {
+    model: Arc<MappedModel>,
+    offset: usize,
+    len: usize,
+    ty: GgmlType,
+    dims: Vec<u64>,
+    decoded: Option<Vec<f32>>,
+}
+
+impl WeightRes {
+    fn bytes(&self) -> &[u8] {
+        &self.model.map[self.offset..self.offset + self.len]
+    }
+
+    fn row_len(&self) -> usize {
+        self.dims[0] as usize
+    }
+
+    fn n_rows(&self) -> usize {
+        self.dims[1..].iter().product::<u64>() as usize
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct TensorRes {
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+pub struct KvCacheRes {
+    n_ctx: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    layers: Vec<LayerCache>,
+}
+
+/// Largest tensor a guest may make the host allocate (elements).
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 28;
+/// Largest KV cache (f16 values, keys and values together).
+pub const MAX_KV_ELEMENTS: u64 = 1 << 32;
+
+/// Per-Store compute state: the resource table, the models this guest may open, the
+/// thread pool, and scratch buffers reused across calls (nothing allocated per token).
+pub struct ComputeState {
+    pub table: ResourceTable,
+    pub models: HashMap<String, Arc<MappedModel>>,
+    pub pool: Arc<rayon::ThreadPool>,
+    quantized: Vec<u8>,
+    rope_cache: Vec<(f32, f32)>,
+    pub stats: Stats,
+}
+
+/// Counters for `--json` and `realm bench`.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub calls: u64,
+    pub matmul_ns: u64,
+    pub attention_ns: u64,
+    pub other_ns: u64,
+}
+
+impl ComputeState {
+    pub fn new(models: HashMap<String, Arc<MappedModel>>, pool: Arc<rayon::ThreadPool>) -> Self {
+        Self {
+            table: ResourceTable::new(),
+            models,
+            pool,
+            quantized: Vec::new(),
+            rope_cache: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+}
+
+type Res<T> = Result<T, ComputeError>;
+
+fn invalid(msg: impl Into<String>) -> ComputeError {
+    ComputeError::InvalidArgument(msg.into())
+}
+
+fn handle<E: std::fmt::Display>(e: E) -> ComputeError {
+    invalid(format!("bad handle: {e}"))
+}
+
+fn ggml_type(d: Dtype) -> GgmlType {
+    match d {
+        Dtype::F32 => GgmlType::F32,
+        Dtype::F16 => GgmlType::F16,
+        Dtype::Bf16 => GgmlType::BF16,
+        Dtype::Q40 => GgmlType::Q4_0,
+        Dtype::Q41 => GgmlType::Q4_1,
+        Dtype::Q50 => GgmlType::Q5_0,
+        Dtype::Q51 => GgmlType::Q5_1,
+        Dtype::Q80 => GgmlType::Q8_0,
+        Dtype::Q81 => GgmlType::Q8_1,
+        Dtype::Q2k => GgmlType::Q2_K,
+        Dtype::Q3k => GgmlType::Q3_K,
+        Dtype::Q4k => GgmlType::Q4_K,
+        Dtype::Q5k => GgmlType::Q5_K,
+        Dtype::Q6k => GgmlType::Q6_K,
+        Dtype::Q8k => GgmlType::Q8_K,
+    }
+}
+
+impl types::Host for ComputeState {}
+
+impl crate::bindings::realm::inference::types::Host for ComputeState {}
+
+impl store::Host for ComputeState {
+    fn open_model(&mut self, name: String) -> Res<Resource<ModelFileRes>> {
+        let model = self.models.get(&name).cloned().ok_or_else(|| {
+            let mut known: Vec<&str> = self.models.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            ComputeError::NotFound(format!(
+                "no model named '{name}' (available: {})",
+                known.join(", ")
+            ))
+        })?;
+        self.table
+            .push(ModelFileRes { model })
+            .map_err(|e| ComputeError::ResourceExhausted(e.to_string()))
+    }
+}
+
+impl store::HostModelFile for ComputeState {
+    fn size(&mut self, f: Resource<ModelFileRes>) -> u64 {
+        self.table
+            .get(&f)
+            .map(|f| f.model.map.len() as u64)
+            .unwrap_or(0)
+    }
+
+    fn read(&mut self, f: Resource<ModelFileRes>, offset: u64, len: u32) -> Res<Vec<u8>> {
+        let f = self.table.get(&f).map_err(handle)?;
+        let size = f.model.map.len() as u64;
+        let end = offset
+            .checked_add(u64::from(len))
+            .filter(|&e| e <= size)
+            .ok_or_else(|| {
+                ComputeError::OutOfBounds(format!(
+                    "read of {len} bytes at {offset} passes the end of the file ({size} bytes)"
+                ))
+            })?;
+        Ok(f.model.map[offset as usize..end as usize].to_vec())
+    }
+
+    fn weight(
+        &mut self,
+        f: Resource<ModelFileRes>,
+        offset: u64,
+        dtype: Dtype,
+        dims: Vec<u64>,
+    ) -> Res<Resource<WeightRes>> {
+        let model = self.table.get(&f).map_err(handle)?.model.clone();
+        let ty = ggml_type(dtype);
+        if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
+            return Err(invalid(format!(
+                "weight shape {dims:?} must have 1 to 4 non-zero dimensions"
+            )));
+        }
+        let n = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| invalid(format!("weight shape {dims:?} overflows")))?;
+        if !dims[0].is_multiple_of(ty.block_size()) {
+            return Err(invalid(format!(
+                "weight rows of {} are not whole {ty} blocks",
+                dims[0]
+            )));
+        }
+        let len = ty
+            .bytes_for(n)
+            .ok_or_else(|| invalid(format!("weight shape {dims:?} overflows")))?;
+        let size = model.map.len() as u64;
+        let end = offset.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
+            ComputeError::OutOfBounds(format!("weight of {len} bytes at offset {offset} passes the end of the file ({size} bytes)"))
+        })?;
+        let decoded = match ty {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                let mut v = vec![0f32; n as usize];
+                realm_gguf::quant::dequantize(
+                    ty,
+                    &model.map[offset as usize..end as usize],
+                    &mut v,
+                )
+                .map_err(|e| invalid(e.to_string()))?;
+                Some(v)
+            }
+            _ if VecDot::for_weight(ty).is_some() => None,
+            _ => {
+                return Err(ComputeError::Unsupported(format!(
+                    "no matmul kernel for {ty} weights yet"
+                )));
+            }
+        };
+        let w = WeightRes {
+            model,
+            offset: offset as usize,
+            len: len as usize,
+            ty,
+            dims,
+            decoded,
+        };
+        self.table
+            .push(w)
+            .map_err(|e| ComputeError::ResourceExhausted(e.to_string()))
+    }
+
+    fn drop(&mut self, f: Resource<ModelFileRes>) -> wasmtime::Result<()> {
+        self.table.delete(f)?;
+        Ok(())
+    }
+}
+
+impl store::HostWeight for ComputeState {
+    fn dims(&mut self, w: Resource<WeightRes>) -> Vec<u64> {
+        self.table
+            .get(&w)
+            .map(|w| w.dims.clone())
+            .unwrap_or_default()
+    }
+
+    fn drop(&mut self, w: Resource<WeightRes>) -> wasmtime::Result<()> {
+        self.table.delete(w)?;
+        Ok(())
+    }
+}
+
+impl tensors::HostTensor for ComputeState {
+    fn new(&mut self, cols: u32) -> Resource<TensorRes> {
+        // A zero-width tensor is allowed to exist; every op rejects it.
+        self.table
+            .push(TensorRes {
+                rows: 0,
+                cols: cols as usize,
+                data: Vec::new(),
+            })
+            .unwrap_or_else(|_| Resource::new_own(u32::MAX))
+    }
+
+    fn rows(&mut self, t: Resource<TensorRes>) -> u32 {
+        self.table.get(&t).map(|t| t.rows as u32).unwrap_or(0)
+    }
+
+    fn cols(&mut self, t: Resource<TensorRes>) -> u32 {
+        self.table.get(&t).map(|t| t.cols as u32).unwrap_or(0)
+    }
+
+    fn read_row(&mut self, t: Resource<TensorRes>, row: u32) -> Res<Vec<f32>> {
+        let t = self.table.get(&t).map_err(handle)?;
+        let row = row as usize;
+        if row >= t.rows {
+            return Err(ComputeError::OutOfBounds(format!(
+                "row {row} of a tensor with {} rows",
+                t.rows
+            )));
+        }
+        Ok(t.data[row * t.cols..(row + 1) * t.cols].to_vec())
+    }
+
+    fn write(&mut self, t: Resource<TensorRes>, rows: u32, data: Vec<f32>) -> Res<()> {
+        let t = self.table.get_mut(&t).map_err(handle)?;
+        if data.len() != rows as usize * t.cols {
+            return Err(invalid(format!(
+                "{} values for {rows} rows of {}",
+                data.len(),
+                t.cols
+            )));
+        }
+        t.rows = rows as usize;
+        t.data = data;
+        Ok(())
+    }
+
+    fn drop(&mut self, t: Resource<TensorRes>) -> wasmtime::Result<()> {
+        self.table.delete(t)?;
+        Ok(())
+    }
+}
+
+impl tensors::HostKvCache for ComputeState {
+    fn new(
+        &mut self,
+        n_layer: u32,
+        n_ctx: u32,
+        n_head_kv: u32,
+        head_dim: u32,
+    ) -> Resource<KvCacheRes> {
+        // Sizes are checked when the cache is first written: construction cannot fail in WIT.
+        let c = KvCacheRes {
+            n_ctx: n_ctx as usize,
+            n_head_kv: n_head_kv as usize,
+            head_dim: head_dim as usize,
+            layers: (0..n_layer.min(4096))
+                .map(|_| LayerCache::default())
+                .collect(),
+        };
+        self.table
+            .push(c)
+            .unwrap_or_else(|_| Resource::new_own(u32::MAX))
+    }
+
+    fn capacity(&mut self, c: Resource<KvCacheRes>) -> u32 {
+        self.table.get(&c).map(|c| c.n_ctx as u32).unwrap_or(0)
+    }
+
+    fn drop(&mut self, c: Resource<KvCacheRes>) -> wasmtime::Result<()> {
+        self.table.delete(c)?;
+        Ok(())
+    }
+}
+
+fn distinct<A, B>(a: &Resource<A>, b: &Resource<B>) -> Res<()> {
+    if a.rep() == b.rep() {
+        Err(invalid(
+            "an op's output must be a different tensor from its inputs",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+impl ComputeState {
+    /// Take a tensor's buffer out of the table (to write it while reading others).
+    fn take(&mut self, t: &Resource<TensorRes>) -> Res<TensorRes> {
+        let t = self.table.get_mut(t).map_err(handle)?;
+        Ok(std::mem::replace(
+            t,
+            TensorRes {
+                rows: 0,
+                cols: t.cols,
+                data: Vec::new(),
+            },
+        ))
+    }
+
+    fn put(&mut self, t: &Resource<TensorRes>, value: TensorRes) -> Res<()> {
+        *self.table.get_mut(t).map_err(handle)? = value;
+        Ok(())
+    }
+
+    fn timed<T>(
+        &mut self,
+        bucket: fn(&mut Stats) -> &mut u64,
+        f: impl FnOnce(&mut Self) -> T,
+    ) -> T {
+        let start = std::time::Instant::now();
+        let r = f(self);
+        self.stats.calls += 1;
+        *bucket(&mut self.stats) += start.elapsed().as_nanos() as u64;
+        r
+    }
+}
+
+fn set_rows(t: &mut TensorRes, rows: usize) -> Res<()> {
+    let n = rows
+        .checked_mul(t.cols)
+        .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
+        .ok_or_else(|| {
+            ComputeError::ResourceExhausted(format!(
+                "{rows} × {} tensor is larger than {MAX_TENSOR_ELEMENTS} elements",
+                t.cols
+            ))
+        })?;
+    t.rows = rows;
+    t.data.resize(n, 0.0);
+    Ok(())
+}
+
+impl tensors::Host for ComputeState {
+    fn embed(
+        &mut self,
+        table: Resource<WeightRes>,
+        ids: Vec<u32>,
+        scale: f32,
+        out: Resource<TensorRes>,
+    ) -> Res<()> {
+        self.timed(
+            |s| &mut s.other_ns,
+            |st| {
+                let mut o = st.take(&out)?;
+                let r = (|| {
+                    let w = st.table.get(&table).map_err(handle)?;
+                    let (row_len, n_rows) = (w.row_len(), w.n_rows());
+                    if o.cols != row_len {
+                        return Err(invalid(format!(
+                            "embedding rows are {row_len} wide, the output {}",
+                            o.cols
+                        )));
+                    }
+                    set_rows(&mut o, ids.len())?;
+                    let row_bytes = w.ty.row_bytes(row_len as u64).unwrap_or(0) as usize;
+                    for (i, &id) in ids.iter().enumerate() {
+                        if id as usize >= n_rows {
+                            return Err(ComputeError::OutOfBounds(format!(
+                                "token id {id} is past the {n_rows}-row embedding"
+                            )));
+                        }
+                        let dst = &mut o.data[i * row_len..(i + 1) * row_len];
+                        match &w.decoded {
+                            Some(d) => dst.copy_from_slice(&d[id as usize * row_len..][..row_len]),
+                            None => {
+                                let src = &w.bytes()[id as usize * row_bytes..][..row_bytes];
+                                realm_gguf::quant::dequantize(w.ty, src, dst)
+                                    .map_err(|e| invalid(e.to_string()))?;
+                            }
+                        }
+                        if scale != 1.0 {
+                            dst.iter_mut().for_each(|v| *v *= scale);
+                        }
+                    }
+                    Ok(())
+                })();
+                st.put(&out, o)?;
+                r
+            },
+        )
+    }
+
+    fn matmul(
+        &mut self,
+        x: Resource<TensorRes>,
+        w: Resource<WeightRes>,
+        out: Resource<TensorRes>,
+    ) -> Res<()> {
+        distinct(&x, &out)?;
+        self.timed(
+            |s| &mut s.matmul_ns,
+            |st| {
+                let mut o = st.take(&out)?;
+                let r = st.matmul_into(&x, &w, &mut o);
+                st.put(&out, o)?;
+                r
+            },
+        )
+    }
+
+    fn rms_norm(
+        &mut self,
+        x: Resource<TensorRes>,
+        w: Resource<WeightRes>,
+        eps: f32,
+        out: Resource<TensorRes>,
+    ) -> Res<()> {
+        distinct(&x, &out)?;
+        self.timed(
+            |s| &mut s.other_ns,
+            |st| {
+                let mut o = st.take(&out)?;
+                let r = (|| {
+                    let xt = st.table.get(&x).map_err(handle)?;
+                    let wt = st.table.get(&w).map_err(handle)?;
+                    let wv = wt
+                        .decoded
+                        .as_deref()
+                        .ok_or_else(|| invalid("rms-norm weights must be f32, f16 or bf16"))?;
+                    if wv.is_empty() || o.cols != xt.cols || !xt.cols.is_multiple_of(wv.len()) {
+                        return Err(invalid(format!(
+                            "rms-norm of width {} with a {}-wide weight into width {}",
+                            xt.cols,
+                            wv.len(),
+                            o.cols
+                        )));
+                    }
+                    set_rows(&mut o, xt.rows)?;
+                    kernels::rms_norm(&xt.data, wv, eps, &mut o.data);
+                    Ok(())
+                })();
+                st.put(&out, o)?;
+                r
+            },
+        )
+    }
+
+    fn rope(
+        &mut self,
+        x: Resource<TensorRes>,
+        head_dim: u32,
+        pos: u32,
+        freq_base: f32,
+        mode: RopeMode,
+    ) -> Res<()> {
+        self.timed(
+            |s| &mut s.other_ns,
+            |st| {
+                let mut cache = std::mem::take(&mut st.rope_cache);
+                let t = st.table.get_mut(&x).map_err(handle)?;
+                let hd = head_dim as usize;
+                if hd == 0
+                    || !hd.is_multiple_of(2)
+                    || !t.cols.is_multiple_of(hd)
+                    || !(freq_base.is_finite() && freq_base > 0.0)
+                {
+                    return Err(invalid(format!(
+                        "rope with head_dim {hd} on width {} (base {freq_base})",
+                        t.cols
+                    )));
+                }
+                let cols = t.cols;
+                for (i, row) in t.data.chunks_exact_mut(cols).enumerate() {
+                    kernels::rope(
+                        row,
+                        hd,
+                        pos.saturating_add(i as u32),
+                        freq_base,
+                        mode == RopeMode::Neox,
+                        &mut cache,
+                    );
+                }
+                st.rope_cache = cache;
+                Ok(())
+            },
+        )
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "mirrors the WIT signature")]
+    fn attention(
+        &mut self,
+        q: Resource<TensorRes>,
+        k: Resource<TensorRes>,
+        v: Resource<TensorRes>,
+        cache: Resource<KvCacheRes>,
+        layer: u32,
+        pos: u32,
+        n_head: u32,
+        scale: f32,
+        window: u32,
+        out: Resource<TensorRes>,
+    ) -> Res<()> {
+        distinct(&q, &out)?;
+        distinct(&k, &out)?;
+        distinct(&v, &out)?;
+        self.timed(
+            |s| &mut s.attention_ns,
+            |st| {
+                let mut o = st.take(&out)?;
+                let r = st.attention_into(
+                    &q,
+                    &k,
+                    &v,
+                    &cache,
+                    layer as usize,
+                    pos as usize,
+                    n_head as usize,
+                    scale,
+                    window as usize,
+                    &mut o,
+                );
+                st.put(&out, o)?;
+                r
+            },
+        )
+    }
+
+    fn glu(
+        &mut self,
+        gate: Resource<TensorRes>,
+        up: Resource<TensorRes>,
+        act: Activation,
+    ) -> Res<()> {
+        distinct(&gate, &up)?;
+        self.timed(
+            |s| &mut s.other_ns,
+            |st| {
+                let mut u = st.take(&up)?;
+                let r = (|| {
+                    let g = st.table.get(&gate).map_err(handle)?;
+                    if g.data.len() != u.data.len() || g.cols != u.cols {
+                        return Err(invalid(format!(
+                            "glu of {}×{} and {}×{}",
+                            g.rows, g.cols, u.rows, u.cols
+                        )));
+                    }
+                    let f = match act {
+                        Activation::Silu => kernels::silu,
+                        Activation::GeluTanh => kernels::gelu_tanh,
+                    };
+                    u.data
+                        .iter_mut()
+                        .zip(&g.data)
+                        .for_each(|(u, &g)| *u *= f(g));
+                    Ok(())
+                })();
+                st.put(&up, u)?;
+                r
+            },
+        )
+    }
+
+    fn add(&mut self, acc: Resource<TensorRes>, x: Resource<TensorRes>) -> Res<()> {
+        distinct(&acc, &x)?;
+        self.timed(
+            |s| &mut s.other_ns,
+            |st| {
+                let mut a = st.take(&acc)?;
+                let r = (|| {
+                    let xt = st.table.get(&x).map_err(handle)?;
+                    if xt.data.len() != a.data.len() {
+                        return Err(invalid(format!(
+                            "add of {}×{} and {}×{}",
+                            a.rows, a.cols, xt.rows, xt.cols
+                        )));
+                    }
+                    a.data.iter_mut().zip(&xt.data).for_each(|(a, &b)| *a += b);
+                    Ok(())
+                })();
+                st.put(&acc, a)?;
+                r
+            },
+        )
+    }
+
+    fn scale(&mut self, x: Resource<TensorRes>, s: f32) -> Res<()> {
+        let t = self.table.get_mut(&x).map_err(handle)?;
+        t.data.iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
+    fn softmax(&mut self, x: Resource<TensorRes>) -> Res<()> {
+        let t = self.table.get_mut(&x).map_err(handle)?;
+        if t.cols == 0 {
+            return Err(invalid("softmax of a zero-width tensor"));
+        }
+        let cols = t.cols;
+        t.data.chunks_exact_mut(cols).for_each(kernels::softmax);
+        Ok(())
+    }
+
+    fn keep_last_row(&mut self, x: Resource<TensorRes>) -> Res<()> {
+        let t = self.table.get_mut(&x).map_err(handle)?;
+        if t.rows > 1 {
+            let start = (t.rows - 1) * t.cols;
+            t.data.drain(..start);
+            t.rows = 1;
+        }
+        Ok(())
+    }
+}
+
+impl ComputeState {
+    fn matmul_into(
+        &mut self,
+        x: &Resource<TensorRes>,
+        w: &Resource<WeightRes>,
+        o: &mut TensorRes,
+    ) -> Res<()> {
+        let mut xq = std::mem::take(&mut self.quantized);
+        let xt = self.table.get(x).map_err(handle)?;
+        let wt = self.table.get(w).map_err(handle)?;
+        let (k, n) = (wt.row_len(), wt.n_rows());
+        if xt.cols != k || o.cols != n {
+            return Err(invalid(format!(
+                "matmul of a {}-wide input by a {k}→{n} weight into width {}",
+                xt.cols, o.cols
+            )));
+        }
+        set_rows(o, xt.rows)?;
+        let rows = xt.rows;
+        let pool = self.pool.clone();
+        match (&wt.decoded, VecDot::for_weight(wt.ty)) {
+            (Some(wf), _) => pool.install(|| {
+                o.data
+                    .par_chunks_mut(n)
+                    .zip(xt.data.par_chunks(k))
+                    .for_each(|(orow, xrow)| {
+                        for (j, ov) in orow.iter_mut().enumerate() {
+                            *ov = wf[j * k..(j + 1) * k]
+                                .iter()
+                                .zip(xrow)
+                                .map(|(a, b)| a * b)
+                                .sum();
+                        }
+                    })
+            }),
+            (None, Some(kind)) => {
+                let qrow = k / 32 * kind.block_bytes();
+                xq.clear();
+                let mut tmp = Vec::with_capacity(qrow);
+                for xrow in xt.data.chunks_exact(k) {
+                    quant::quantize_row(kind, xrow, &mut tmp);
+                    xq.extend_from_slice(&tmp);
+                }
+                let wrow = wt.ty.row_bytes(k as u64).unwrap_or(0) as usize;
+                let (wb, ty) = (wt.bytes(), wt.ty);
+                let threads = pool.current_num_threads().max(1);
+                pool.install(|| {
+                    if rows >= 2 * threads {
+                        o.data
+                            .par_chunks_mut(n)
+                            .zip(xq.par_chunks(qrow))
+                            .for_each(|(orow, xr)| {
+                                for (j, ov) in orow.iter_mut().enumerate() {
+                                    *ov = quant::dot(ty, &wb[j * wrow..(j + 1) * wrow], xr);
+                                }
+                            });
+                    } else {
+                        let chunk = n.div_ceil(threads * 4).max(16);
+                        for (orow, xr) in o.data.chunks_exact_mut(n).zip(xq.chunks_exact(qrow)) {
+                            orow.par_chunks_mut(chunk)
+                                .enumerate()
+                                .for_each(|(c, part)| {
+                                    for (i, ov) in part.iter_mut().enumerate() {
+                                        let j = c * chunk + i;
+                                        *ov = quant::dot(ty, &wb[j * wrow..(j + 1) * wrow], xr);
+                                    }
+                                });
+                        }
+                    }
+                });
+            }
+            (None, None) => {
+                return Err(ComputeError::Unsupported(format!(
+                    "no matmul kernel for {} weights",
+                    wt.ty
+                )));
+            }
+        }
+        self.quantized = xq;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "mirrors the WIT signature")]
+    fn attention_into(
+        &mut self,
+        q: &Resource<TensorRes>,
+        k: &Resource<TensorRes>,
+        v: &Resource<TensorRes>,
+        cache: &Resource<KvCacheRes>,
+        layer: usize,
+        pos: usize,
+        n_head: usize,
+        scale: f32,
+        window: usize,
+        o: &mut TensorRes,
+    ) -> Res<()> {
+        // Append k and v to the cache (taken out of the table while we read the others).
+        let mut c = {
+            let c = self.table.get_mut(cache).map_err(handle)?;
+            std::mem::replace(
+                c,
+                KvCacheRes {
+                    n_ctx: c.n_ctx,
+                    n_head_kv: c.n_head_kv,
+                    head_dim: c.head_dim,
+                    layers: Vec::new(),
+                },
+            )
+        };
+        let r = (|| {
+            let (qt, kt, vt) = (
+                self.table.get(q).map_err(handle)?,
+                self.table.get(k).map_err(handle)?,
+                self.table.get(v).map_err(handle)?,
+            );
+            let (hd, n_kv) = (c.head_dim, c.n_head_kv);
+            let kv_width = n_kv * hd;
+            if hd == 0 || n_kv == 0 || n_head == 0 || !n_head.is_multiple_of(n_kv) {
+                return Err(invalid(format!(
+                    "attention with {n_head} heads over {n_kv} KV heads of {hd}"
+                )));
+            }
+            if qt.cols != n_head * hd
+                || kt.cols != kv_width
+                || vt.cols != kv_width
+                || o.cols != qt.cols
+            {
+                return Err(invalid(
+                    "attention tensor widths disagree with the cache's heads",
+                ));
+            }
+            if kt.rows != qt.rows || vt.rows != qt.rows {
+                return Err(invalid("q, k and v must have the same number of rows"));
+            }
+            let n = qt.rows;
+            if pos.checked_add(n).is_none_or(|end| end > c.n_ctx) {
+                return Err(ComputeError::ResourceExhausted(format!(
+                    "positions {pos}..{} pass the context of {}",
+                    pos + n,
+                    c.n_ctx
+                )));
+            }
+            if (c.n_ctx as u64) * (kv_width as u64) * (c.layers.len() as u64) * 2 > MAX_KV_ELEMENTS
+            {
+                return Err(ComputeError::ResourceExhausted(
+                    "KV cache larger than the host allows".into(),
+                ));
+            }
+            let n_layers = c.layers.len();
+            let lc = c
+                .layers
+                .get_mut(layer)
+                .ok_or_else(|| invalid(format!("layer {layer} of a {n_layers}-layer cache")))?;
+            lc.k.truncate(pos * kv_width);
+            lc.v.truncate(pos * kv_width);
+            if lc.k.len() != pos * kv_width {
+                return Err(invalid(format!(
+                    "position {pos} skips past the {} cached positions",
+                    lc.k.len() / kv_width
+                )));
+            }
+            lc.k.extend(kt.data.iter().map(|&x| f16::from_f32(x)));
+            lc.v.extend(vt.data.iter().map(|&x| f16::from_f32(x)));
+
+            set_rows(o, n)?;
+            let lc = &*lc;
+            let pool = self.pool.clone();
+            pool.install(|| {
+                o.data
+                    .par_chunks_mut(qt.cols)
+                    .zip(qt.data.par_chunks(qt.cols))
+                    .enumerate()
+                    .for_each_init(Vec::new, |scores, (i, (orow, qrow))| {
+                        kernels::attend_row(
+                            qrow,
+                            lc,
+                            pos + i,
+                            n_head,
+                            n_kv,
+                            hd,
+                            scale,
+                            window,
+                            scores,
+                            orow,
+                        );
+                    })
+            });
+            Ok(())
+        })();
+        *self.table.get_mut(cache).map_err(handle)? = c;
+        r
+    }
+}
