@@ -1,13 +1,13 @@
 # Realm: `make run` answers a prompt on the default model, `make test` runs every test.
-# Both set up what they need (wasm target, models) themselves.
+# Both set up what they need (wasm target, models, builds) themselves.
 
 CARGO ?= cargo
 JOBS ?= 2
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPT ?= What is the capital of France? Answer in one word.
-WASM_CRATES := -p realm-gguf -p realm-tokenizer
+WASM_CRATES := -p realm-gguf -p realm-tokenizer -p realm-guest
 
-.PHONY: setup models build run test lint fuzz clean-models
+.PHONY: setup models guest build run test lint fuzz
 
 setup:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -15,23 +15,27 @@ setup:
 models:
 	@./scripts/fetch-models.sh
 
-build: setup
+# The guest component, found by the host in target/wasm32-wasip2/release/.
+guest: setup
+	$(CARGO) build --release -j$(JOBS) --target wasm32-wasip2 -p realm-guest
+
+build: guest
 	$(CARGO) build --release -j$(JOBS) -p realm-host
 
-run: setup models build
-	./target/release/realm inspect $(MODEL)
-	./target/release/realm tokenize --model $(MODEL) "$(PROMPT)"
+run: models build
+	./target/release/realm run --model $(MODEL) "$(PROMPT)"
 
-test: setup models
-	$(CARGO) test --workspace -j$(JOBS)
-	$(CARGO) build --target wasm32-wasip2 -j$(JOBS) $(WASM_CRATES)
+# Release profile throughout: one build of wasmtime serves tests, `make run` and benches.
+test: models guest
+	$(CARGO) test --release -j$(JOBS) --workspace
+	$(CARGO) build --release -j$(JOBS) --target wasm32-wasip2 $(WASM_CRATES)
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -j$(JOBS) -- -D warnings
+	$(CARGO) clippy --release --workspace --all-targets -j$(JOBS) -- -D warnings
 
-# Coverage-guided fuzzing of the GGUF reader (needs cargo-fuzz; not part of `make test`).
+# Coverage-guided fuzzing of the format core (needs cargo-fuzz; not part of `make test`).
 FUZZ_SECONDS ?= 300
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run gguf_reader corpus/gguf_reader ../guest/gguf/tests/data/malformed -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run gguf_reader corpus/gguf_reader ../guest/gguf/tests/data/malformed -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=512

@@ -361,8 +361,24 @@ impl Generation<'_> {
             .call_tokens(&mut self.model.store, self.handle)?)
     }
 
+    /// Per generated id, the top-2 logit gap at that step.
+    pub fn margins(&mut self) -> anyhow::Result<Vec<f32>> {
+        let g = self.model.guest.realm_inference_runtime();
+        Ok(g.generation()
+            .call_margins(&mut self.model.store, self.handle)?)
+    }
+
     pub fn model(&mut self) -> &mut Model {
         self.model
+    }
+}
+
+/// `eog`, `stop` or `length`.
+pub fn finish_name(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Eog => "eog",
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
     }
 }
 

@@ -31,7 +31,7 @@ struct GenOpts {
     #[arg(long)]
     system: Option<String>,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long = "temp", default_value_t = 0.8)]
+    #[arg(long = "temp", default_value_t = 0.8, allow_negative_numbers = true)]
     temperature: f32,
     /// Keep the K most likely tokens (0: all).
     #[arg(long, default_value_t = 40)]
@@ -189,6 +189,7 @@ fn run_prompt(opts: &GenOpts, raw: bool, json: bool, prompt: String) -> anyhow::
     let usage = generation.usage()?;
     let ids = generation.tokens()?;
     let finish = generation.finish_reason()?;
+    let margins = generation.margins()?;
     let wall = started.elapsed();
     let model = generation.model();
     let per_s = |n: u32, ns: u64| {
@@ -205,7 +206,8 @@ fn run_prompt(opts: &GenOpts, raw: bool, json: bool, prompt: String) -> anyhow::
             "ids": ids,
             "prompt_tokens": usage.prompt_tokens,
             "generated_tokens": usage.generated_tokens,
-            "finish_reason": finish.map(|f| format!("{f:?}").to_lowercase()),
+            "finish_reason": finish.map(realm_host::finish_name),
+            "margins": margins,
             "prefill_tokens_per_s": per_s(usage.prompt_tokens, usage.prefill_ns),
             "decode_tokens_per_s": per_s(usage.generated_tokens.saturating_sub(1), usage.decode_ns),
             "wall_s": wall.as_secs_f64(),

@@ -216,6 +216,7 @@ impl SessionHandle {
             pending: None,
             history: ids.clone(),
             generated: Vec::new(),
+            margins: Vec::new(),
             max_tokens: params.max_tokens,
             stop: params.stop.into_iter().filter(|s| !s.is_empty()).collect(),
             utf8: Utf8Stream::new(),
@@ -242,6 +243,7 @@ struct GenerationState {
     pending: Option<u32>,
     history: Vec<u32>,
     generated: Vec<u32>,
+    margins: Vec<f32>,
     max_tokens: u32,
     stop: Vec<String>,
     utf8: Utf8Stream,
@@ -270,6 +272,7 @@ impl GenerationHandle {
             return Ok(None);
         };
         let g = &mut *g;
+        g.margins.push(crate::sample::top2_gap(&logits));
         let tok = g.sampler.sample(&mut logits, &g.history);
         g.generated.push(tok);
         g.history.push(tok);
@@ -332,5 +335,9 @@ impl GenerationHandle {
 
     pub fn tokens(&self) -> Vec<u32> {
         self.0.borrow().generated.clone()
+    }
+
+    pub fn margins(&self) -> Vec<f32> {
+        self.0.borrow().margins.clone()
     }
 }

@@ -83,6 +83,10 @@ impl GuestGeneration for engine::GenerationHandle {
     fn tokens(&self) -> Vec<u32> {
         self.tokens()
     }
+
+    fn margins(&self) -> Vec<f32> {
+        self.margins()
+    }
 }
 
 export!(Component);

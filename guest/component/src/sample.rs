@@ -102,6 +102,20 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The gap between the best and the second-best logit.
+pub fn top2_gap(logits: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &l in logits {
+        if l > a {
+            b = a;
+            a = l;
+        } else if l > b {
+            b = l;
+        }
+    }
+    if b.is_finite() { a - b } else { 0.0 }
+}
+
 impl Sampler {
     pub fn new(params: SamplerParams) -> Self {
         let rng = Rng::new(params.seed);

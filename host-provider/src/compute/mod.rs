@@ -722,6 +722,28 @@ impl ComputeState {
                         }
                     })
             }),
+            (None, Some(_))
+                if std::env::var_os("REALM_DEBUG_F32").is_some()
+                    && (rows > 1 || std::env::var_os("REALM_DEBUG_F32_ALL").is_some()) =>
+            {
+                let wrow = wt.ty.row_bytes(k as u64).unwrap_or(0) as usize;
+                let mut wf = vec![0f32; k];
+                for (orow, xrow) in o.data.chunks_exact_mut(n).zip(xt.data.chunks_exact(k)) {
+                    for (j, ov) in orow.iter_mut().enumerate() {
+                        realm_gguf::quant::dequantize(
+                            wt.ty,
+                            &wt.bytes()[j * wrow..(j + 1) * wrow],
+                            &mut wf,
+                        )
+                        .ok();
+                        *ov = wf
+                            .iter()
+                            .zip(xrow)
+                            .map(|(a, b)| (*a as f64) * (*b as f64))
+                            .sum::<f64>() as f32;
+                    }
+                }
+            }
             (None, Some(kind)) => {
                 let qrow = k / 32 * kind.block_bytes();
                 xq.clear();

@@ -8,8 +8,16 @@ use realm_gguf::{GgufFile, Hparams, TensorInfo};
 use crate::compute::{self, KvCache, ModelFile, Tensor, Weight};
 use crate::realm::inference::types::Error;
 
-/// Architectures by `general.architecture`.
-pub const KNOWN: &[&str] = &["llama"];
+type LoadFn = fn(Loader<'_>, Hparams) -> Result<Box<dyn Architecture>, Error>;
+
+/// The registry: `general.architecture` → loader. One line per architecture.
+const ARCHITECTURES: &[(&str, LoadFn)] =
+    &[("llama", |l, hp| Ok(Box::new(llama::Llama::load(l, hp)?)))];
+
+/// Names of the architectures Realm runs.
+pub fn known() -> Vec<&'static str> {
+    ARCHITECTURES.iter().map(|(name, _)| *name).collect()
+}
 
 /// A loaded model's forward pass.
 pub trait Architecture {
@@ -49,14 +57,14 @@ pub fn load(file: &ModelFile, gguf: &GgufFile) -> Result<Box<dyn Architecture>, 
     let arch = gguf
         .architecture()
         .map_err(|e| Error::InvalidModel(e.to_string()))?;
+    let Some((_, load)) = ARCHITECTURES.iter().find(|(name, _)| *name == arch) else {
+        return Err(Error::Unsupported(format!(
+            "architecture '{arch}' is not supported (known: {})",
+            known().join(", ")
+        )));
+    };
     let hp = Hparams::from_gguf(gguf).map_err(|e| Error::InvalidModel(e.to_string()))?;
-    match arch {
-        "llama" => Ok(Box::new(llama::Llama::load(Loader { file, gguf }, hp)?)),
-        other => Err(Error::Unsupported(format!(
-            "architecture '{other}' is not supported (known: {})",
-            KNOWN.join(", ")
-        ))),
-    }
+    load(Loader { file, gguf }, hp)
 }
 
 /// Creates host weights from the file's tensors, checking their shapes.

@@ -1,0 +1,225 @@
+//! End to end through the real component: `realm run` on the default model, compared with
+//! llama.cpp's greedy outputs, plus streaming, isolation of weights, and error handling.
+//!
+//! Needs `make models` and the release guest component (`make test` builds both first).
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn realm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_realm"))
+}
+
+fn run_json(args: &[&str]) -> serde_json::Value {
+    let out = realm()
+        .args(["run", "--json", "--threads", "2"])
+        .args(args)
+        .output()
+        .expect("realm runs");
+    assert!(
+        out.status.success(),
+        "realm run {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    serde_json::from_str(stdout.trim().lines().last().expect("a line")).expect("json")
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id"))
+        .collect()
+}
+
+#[test]
+fn paris_in_one_word() {
+    let out = realm()
+        .args([
+            "run",
+            "--temp",
+            "0",
+            "What is the capital of France? Answer in one word.",
+        ])
+        .output()
+        .expect("realm runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "The capital of France is Paris."
+    );
+}
+
+/// Greedy ids equal llama.cpp's up to the first near-tie (a top-2 logit gap below 0.02 in
+/// llama.cpp's run), or over the whole output, end-of-generation id included.
+#[test]
+fn greedy_ids_match_llama_cpp() {
+    let path = root().join("tests/reference/smollm2-135m-q4_1/greedy.jsonl");
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for line in std::fs::read_to_string(&path).expect("reference").lines() {
+        let case: serde_json::Value = serde_json::from_str(line).expect("json");
+        let name = case["id"].as_str().expect("id");
+        let max = case["max_new_tokens"].to_string();
+        let mut args: Vec<String> = vec!["--temp".into(), "0".into(), "-n".into(), max];
+        let mut user = String::new();
+        for m in case["messages"].as_array().expect("messages") {
+            match m["role"].as_str() {
+                Some("system") => args.extend([
+                    "--system".into(),
+                    m["content"].as_str().expect("text").into(),
+                ]),
+                _ => user = m["content"].as_str().expect("text").into(),
+            }
+        }
+        args.push(user);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_json(&args);
+        let (want, got) = (ids(&case["output_ids"]), ids(&out["ids"]));
+        let gaps: Vec<f64> = case["top2_gaps"]
+            .as_array()
+            .expect("gaps")
+            .iter()
+            .map(|g| g.as_f64().expect("gap"))
+            .collect();
+        let margins: Vec<f64> = out["margins"]
+            .as_array()
+            .expect("margins")
+            .iter()
+            .map(|g| g.as_f64().expect("margin"))
+            .collect();
+        let near_tie = gaps.iter().position(|&g| g < 0.02);
+        let divergence = want
+            .iter()
+            .zip(&got)
+            .position(|(a, b)| a != b)
+            .or((want.len() != got.len()).then(|| want.len().min(got.len())));
+        let checked = near_tie.unwrap_or(want.len()).min(want.len());
+        let max_gap_diff = gaps
+            .iter()
+            .zip(&margins)
+            .take(divergence.unwrap_or(usize::MAX))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        report.push(format!("{name}: first divergence {divergence:?}, first near-tie {near_tie:?}, largest top-2 gap difference before divergence {max_gap_diff:.3}"));
+        if want[..checked] != got[..checked.min(got.len())] {
+            failures.push(format!("{name}: llama.cpp {want:?}\n  realm     {got:?}"));
+        }
+    }
+    println!("{}", report.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{}\n{}",
+        failures.join("\n"),
+        report.join("\n")
+    );
+}
+
+#[test]
+fn weights_stay_in_the_host() {
+    let out = run_json(&["--temp", "0", "-n", "16", "Tell me about the sea."]);
+    let guest = out["guest_memory_peak_bytes"].as_u64().expect("peak");
+    let weights = out["weight_bytes"].as_u64().expect("weights");
+    assert!(weights > 90_000_000, "{weights}");
+    // The guest holds the tokenizer and bookkeeping, never the weights.
+    assert!(
+        guest < weights / 4,
+        "guest linear memory {guest} vs weights {weights}"
+    );
+}
+
+#[test]
+fn text_streams_while_generating() {
+    let mut child = realm()
+        .args([
+            "run",
+            "--raw",
+            "--temp",
+            "0",
+            "-n",
+            "48",
+            "Once upon a time",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("realm starts");
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).expect("a first byte");
+    // The first piece arrived while the process was still generating the rest.
+    assert!(
+        child.try_wait().expect("status").is_none(),
+        "realm had already exited"
+    );
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).expect("the rest");
+    assert!(child.wait().expect("exit").success());
+    assert!(rest.len() > 20, "{rest:?}");
+}
+
+fn one_line_error(args: &[&str], needle: &str) {
+    let out = realm().args(args).output().expect("realm runs");
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: {err}");
+    assert!(err.contains(needle), "{args:?}: {err}");
+}
+
+#[test]
+fn errors_are_one_clear_line() {
+    let dir = std::env::temp_dir().join(format!("realm-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let model = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let full = std::fs::read(&model).expect("model");
+
+    let truncated = dir.join("truncated.gguf");
+    std::fs::write(&truncated, &full[..full.len() / 2]).expect("write");
+
+    // A well-formed file of an architecture Realm does not know.
+    let file = realm_gguf::GgufFile::read(full.as_slice()).expect("parses");
+    let mut w = realm_gguf::GgufWriter::new();
+    for (k, v) in file.metadata.iter() {
+        let k = k.replacen("llama.", "mamba9.", 1);
+        let v = if k == "general.architecture" {
+            realm_gguf::Value::String("mamba9".into())
+        } else {
+            v.clone()
+        };
+        w.kv(&k, v);
+    }
+    w.tensor(
+        "blk.0.attn_norm.weight",
+        realm_gguf::GgmlType::F32,
+        &[576],
+        vec![0; 576 * 4],
+    );
+    let unknown = dir.join("mamba9.gguf");
+    std::fs::write(&unknown, w.to_bytes()).expect("write");
+
+    let s = |p: &PathBuf| p.to_str().expect("utf-8").to_string();
+    one_line_error(
+        &["run", "--model", &s(&dir.join("missing.gguf")), "hi"],
+        "does not exist",
+    );
+    one_line_error(&["run", "--model", &s(&truncated), "hi"], "spans bytes");
+    one_line_error(
+        &["run", "--model", &s(&unknown), "hi"],
+        "architecture 'mamba9' is not supported (known: llama)",
+    );
+    let long = "the sea ".repeat(200);
+    one_line_error(&["run", "--ctx-size", "128", &long], "context overflow");
+    one_line_error(&["run", "--temp", "-1", "hi"], "temperature");
+    let _ = std::fs::remove_dir_all(&dir);
+}
