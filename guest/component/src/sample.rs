@@ -247,7 +247,7 @@ mod tests {
 
     #[test]
     fn filters_restrict_the_choice() {
-        let logits = [5.0, 4.9, 0.0, -3.0, -10.0];
+        let mut logits = [5.0, 4.9, 0.0, -3.0, -10.0];
         let mut top1 = Sampler::new(SamplerParams {
             top_k: 1,
             ..params(1.5)
@@ -285,7 +285,7 @@ mod tests {
                 ..params(0.0)
             }
             .validate()
-            .unwrap_err()
+            .expect_err("out of range")
             .contains("temperature")
         );
         assert!(
@@ -294,7 +294,7 @@ mod tests {
                 ..params(0.0)
             }
             .validate()
-            .unwrap_err()
+            .expect_err("out of range")
             .contains("top_p")
         );
         assert!(params(0.7).validate().is_ok());

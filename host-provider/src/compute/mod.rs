@@ -536,11 +536,8 @@ impl tensors::Host for ComputeState {
                 let mut cache = std::mem::take(&mut st.rope_cache);
                 let t = st.table.get_mut(&x).map_err(handle)?;
                 let hd = head_dim as usize;
-                if hd == 0
-                    || !hd.is_multiple_of(2)
-                    || !t.cols.is_multiple_of(hd)
-                    || !(freq_base.is_finite() && freq_base > 0.0)
-                {
+                let base_ok = freq_base.is_finite() && freq_base > 0.0;
+                if hd == 0 || !hd.is_multiple_of(2) || !t.cols.is_multiple_of(hd) || !base_ok {
                     return Err(invalid(format!(
                         "rope with head_dim {hd} on width {} (base {freq_base})",
                         t.cols
