@@ -9,7 +9,8 @@ use half::f16;
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let n = w.len();
     for (xg, yg) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-        let sum: f64 = xg.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        // ggml squares in f32 and sums in f64.
+        let sum: f64 = xg.iter().map(|&v| f64::from(v * v)).sum();
         let mean = (sum / n as f64) as f32;
         let scale = 1.0 / (mean + eps).sqrt();
         for ((y, &x), &w) in yg.iter_mut().zip(xg).zip(w) {
@@ -43,15 +44,65 @@ pub fn rope(
                 (2 * i, 2 * i + 1)
             };
             let (x0, x1) = (head[a], head[b]);
-            head[a] = x0 * c - x1 * s;
-            head[b] = x0 * s + x1 * c;
+            // ggml's C, as GCC contracts it: one product rounded, the other fused.
+            head[a] = x0.mul_add(c, -(x1 * s));
+            head[b] = x0.mul_add(s, x1 * c);
         }
     }
 }
 
-/// ggml's `silu`: x / (1 + e^-x).
+/// ggml's vectorized `expf` (`ggml_v_expf`, AVX-512 form): a degree-5 polynomial on the
+/// reduced argument, scaled by 2^n. llama.cpp's SiLU uses it instead of libm's `expf`, and
+/// the last-bit differences are enough to change greedy outputs, so Realm matches it.
+#[inline(always)]
+pub fn ggml_v_expf(x: f32) -> f32 {
+    // The constants are ggml's hex floats (0x1.8p23, 0x1.715476p+0, …), bit for bit.
+    let c = |bits: u32| f32::from_bits(bits);
+    let shift = c(0x4b40_0000);
+    let z = x.mul_add(c(0x3fb8_aa3b), shift);
+    let n = z - shift;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
+    let u = b * b;
+    let j = c(0x3c07_2010)
+        .mul_add(b, c(0x3d2b_9f17))
+        .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
+        .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    // scalef: exact in f64, then one rounding (subnormal results included).
+    (f64::from(j) * 2f64.powi(n as i32)) as f32
+}
+
+/// ggml's `silu` as its AVX-512 `ggml_v_silu` computes it: x / (1 + v_expf(-x)).
+#[inline(always)]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + ggml_v_expf(0.0 - x))
+}
+
+/// up ×= act(gate), element-wise, with FMA when the CPU has it (the polynomial needs it
+/// to be fast; the results are the same either way).
+pub fn glu(gate: &[f32], up: &mut [f32], act: fn(f32) -> f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA (checked just above); the function only enables it.
+        unsafe { glu_fma(gate, up, act) };
+        return;
+    }
+    glu_portable(gate, up, act);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn glu_fma(gate: &[f32], up: &mut [f32], act: fn(f32) -> f32) {
+    glu_portable(gate, up, act);
+}
+
+#[inline(always)]
+fn glu_portable(gate: &[f32], up: &mut [f32], act: fn(f32) -> f32) {
+    for (u, &g) in up.iter_mut().zip(gate) {
+        *u *= act(g);
+    }
 }
 
 /// GELU, tanh approximation (ggml `gelu`).
@@ -81,8 +132,41 @@ pub struct LayerCache {
     pub v: Vec<f16>,
 }
 
+/// ggml's `ggml_vec_dot_f16` on AVX-512 (what llama.cpp runs on this class of machine):
+/// four 16-lane accumulators over 64-element steps, folded as ggml's `GGML_F32x16_REDUCE`
+/// ((0+2) + (1+3)), then GCC's `_mm512_reduce_add_ps` tree. The
+/// f16 × f16 products are exact in f32, so only the additions round, in this order.
+pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
+    let mut acc = [[0f32; 16]; 4];
+    let steps = x.len() / 64;
+    for i in 0..steps {
+        for (j, a) in acc.iter_mut().enumerate() {
+            for (l, lane) in a.iter_mut().enumerate() {
+                let at = i * 64 + j * 16 + l;
+                *lane += x[at].to_f32() * y[at].to_f32();
+            }
+        }
+    }
+    let mut v = [0f32; 16];
+    for l in 0..16 {
+        v[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    }
+    let t3: [f32; 8] = std::array::from_fn(|i| v[8 + i] + v[i]);
+    let t6: [f32; 4] = std::array::from_fn(|i| t3[4 + i] + t3[i]);
+    let mut sum = f64::from((t6[0] + t6[2]) + (t6[1] + t6[3]));
+    for at in steps * 64..x.len() {
+        sum += f64::from(x[at].to_f32() * y[at].to_f32());
+    }
+    sum as f32
+}
+
 /// Causal attention of one query row at position `p` over `cache[..=p]` (or its last
 /// `window` positions), all heads; GQA maps `n_head / n_head_kv` query heads per KV head.
+///
+/// The numerics are ggml-cpu's `flash_attn_ext_f16` (llama.cpp's default attention): q is
+/// rounded to f16, scores are f16 dot products, and the softmax is online, with the
+/// weighted sum of values accumulated *in f16* (`ggml_vec_mad_f16`) and rescaled in f16
+/// whenever the running maximum rises; the sum of weights stays in f32.
 #[allow(
     clippy::too_many_arguments,
     reason = "the shape of attention is this many numbers"
@@ -96,7 +180,7 @@ pub fn attend_row(
     head_dim: usize,
     scale: f32,
     window: usize,
-    scores: &mut Vec<f32>,
+    scratch: &mut Vec<f16>,
     out: &mut [f32],
 ) {
     let group = n_head / n_head_kv;
@@ -106,29 +190,39 @@ pub fn attend_row(
     } else {
         0
     };
+    scratch.resize(2 * head_dim, f16::ZERO);
+    let (q16, acc) = scratch.split_at_mut(head_dim);
     for h in 0..n_head {
         let g = h / group;
-        // ggml converts q to f16 for the f16 K·q matmul.
-        let qh: Vec<f32> = q[h * head_dim..(h + 1) * head_dim]
-            .iter()
-            .map(|&v| f16::from_f32(v).to_f32())
-            .collect();
-        scores.clear();
-        for t in start..=p {
-            let k = &cache.k[t * kv_width + g * head_dim..][..head_dim];
-            let s: f32 = qh.iter().zip(k).map(|(&a, &b)| a * b.to_f32()).sum();
-            scores.push(s * scale);
+        for (d, &v) in q16.iter_mut().zip(&q[h * head_dim..(h + 1) * head_dim]) {
+            *d = f16::from_f32(v);
         }
-        softmax(scores);
-        let o = &mut out[h * head_dim..(h + 1) * head_dim];
-        o.fill(0.0);
-        for (i, &w) in scores.iter().enumerate() {
-            // …and the softmax weights to f16 for the f16 V·weights matmul.
-            let w = f16::from_f32(w).to_f32();
-            let v = &cache.v[(start + i) * kv_width + g * head_dim..][..head_dim];
-            for (o, &v) in o.iter_mut().zip(v) {
-                *o += w * v.to_f32();
+        acc.fill(f16::ZERO);
+        let (mut sum, mut max) = (0f32, f32::NEG_INFINITY);
+        for t in start..=p {
+            let row = t * kv_width + g * head_dim;
+            let s = dot_f16(&cache.k[row..row + head_dim], q16) * scale;
+            let (mut ms, mut vs) = (1f32, 1f32);
+            if s > max {
+                ms = (max - s).exp();
+                max = s;
+                for a in acc.iter_mut() {
+                    *a = f16::from_f32(a.to_f32() * ms);
+                }
+            } else {
+                vs = (s - max).exp();
             }
+            for (a, v) in acc.iter_mut().zip(&cache.v[row..row + head_dim]) {
+                *a = f16::from_f32(v.to_f32().mul_add(vs, a.to_f32()));
+            }
+            sum = sum.mul_add(ms, vs);
+        }
+        let inv = 1.0 / sum;
+        for (o, a) in out[h * head_dim..(h + 1) * head_dim]
+            .iter_mut()
+            .zip(acc.iter())
+        {
+            *o = a.to_f32() * inv;
         }
     }
 }

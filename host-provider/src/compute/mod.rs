@@ -719,28 +719,6 @@ impl ComputeState {
                         }
                     })
             }),
-            (None, Some(_))
-                if std::env::var_os("REALM_DEBUG_F32").is_some()
-                    && (rows > 1 || std::env::var_os("REALM_DEBUG_F32_ALL").is_some()) =>
-            {
-                let wrow = wt.ty.row_bytes(k as u64).unwrap_or(0) as usize;
-                let mut wf = vec![0f32; k];
-                for (orow, xrow) in o.data.chunks_exact_mut(n).zip(xt.data.chunks_exact(k)) {
-                    for (j, ov) in orow.iter_mut().enumerate() {
-                        realm_gguf::quant::dequantize(
-                            wt.ty,
-                            &wt.bytes()[j * wrow..(j + 1) * wrow],
-                            &mut wf,
-                        )
-                        .ok();
-                        *ov = wf
-                            .iter()
-                            .zip(xrow)
-                            .map(|(a, b)| (*a as f64) * (*b as f64))
-                            .sum::<f64>() as f32;
-                    }
-                }
-            }
             (None, Some(kind)) => {
                 let qrow = k / 32 * kind.block_bytes();
                 xq.clear();
@@ -758,9 +736,7 @@ impl ComputeState {
                             .par_chunks_mut(n)
                             .zip(xq.par_chunks(qrow))
                             .for_each(|(orow, xr)| {
-                                for (j, ov) in orow.iter_mut().enumerate() {
-                                    *ov = quant::dot(ty, &wb[j * wrow..(j + 1) * wrow], xr);
-                                }
+                                quant::dot_rows(ty, wb, wrow, xr, 0, orow);
                             });
                     } else {
                         let chunk = n.div_ceil(threads * 4).max(16);
@@ -768,10 +744,7 @@ impl ComputeState {
                             orow.par_chunks_mut(chunk)
                                 .enumerate()
                                 .for_each(|(c, part)| {
-                                    for (i, ov) in part.iter_mut().enumerate() {
-                                        let j = c * chunk + i;
-                                        *ov = quant::dot(ty, &wb[j * wrow..(j + 1) * wrow], xr);
-                                    }
+                                    quant::dot_rows(ty, wb, wrow, xr, c * chunk, part);
                                 });
                         }
                     }
@@ -878,7 +851,7 @@ impl ComputeState {
                     .par_chunks_mut(qt.cols)
                     .zip(qt.data.par_chunks(qt.cols))
                     .enumerate()
-                    .for_each_init(Vec::new, |scores, (i, (orow, qrow))| {
+                    .for_each_init(Vec::<f16>::new, |scores, (i, (orow, qrow))| {
                         kernels::attend_row(
                             qrow,
                             lc,

@@ -62,53 +62,121 @@ pub fn quantize_row(kind: VecDot, x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
-/// Dot product of one weight row (`w`, whole blocks of `ty`) with one quantized activation
-/// row (`x`, from [`quantize_row`] with `VecDot::for_weight(ty)`).
+/// Dot products of weight rows `j0..j0 + out.len()` (each `wrow` bytes of `ty` blocks in
+/// `w`) with one quantized activation row `x`.
+///
+/// The arithmetic is ggml's x86 AVX2 `ggml_vec_dot_*` order, which llama.cpp runs on this
+/// class of machine: per block, eight lanes each summing four consecutive integer products,
+/// `acc[lane] = fma(d_w · d_x, lane_sum, acc[lane])`, the eight lanes reduced as ggml's
+/// `hsum_float_8`, and for Q4_1/Q5_1 the `m · s` terms summed (fused) on the side. Matching
+/// the rounding, not just the math, is what keeps greedy outputs token-exact with llama.cpp.
+pub fn dot_rows(ty: GgmlType, w: &[u8], wrow: usize, x: &[u8], j0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA (checked just above); the function only enables it.
+        unsafe { dot_rows_fma(ty, w, wrow, x, j0, out) };
+        return;
+    }
+    dot_rows_portable(ty, w, wrow, x, j0, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn dot_rows_fma(ty: GgmlType, w: &[u8], wrow: usize, x: &[u8], j0: usize, out: &mut [f32]) {
+    dot_rows_portable(ty, w, wrow, x, j0, out);
+}
+
+#[inline(always)]
+fn dot_rows_portable(ty: GgmlType, w: &[u8], wrow: usize, x: &[u8], j0: usize, out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        let row = &w[(j0 + i) * wrow..(j0 + i + 1) * wrow];
+        *o = dot(ty, row, x);
+    }
+}
+
+/// One row's dot product, in ggml's AVX2 order (see [`dot_rows`]).
+#[inline(always)]
 pub fn dot(ty: GgmlType, w: &[u8], x: &[u8]) -> f32 {
     match ty {
-        GgmlType::Q4_0 => dot_q4_0(w, x),
-        GgmlType::Q4_1 => dot_q4_1(w, x),
-        GgmlType::Q5_0 => dot_q5_0(w, x),
-        GgmlType::Q5_1 => dot_q5_1(w, x),
-        GgmlType::Q8_0 => dot_q8_0(w, x),
+        GgmlType::Q4_0 => blocks(w, x, 18, Q8_0_BYTES, 2, |b, q| {
+            for j in 0..16 {
+                q[j] = i32::from(b[2 + j] & 0x0F) - 8;
+                q[j + 16] = i32::from(b[2 + j] >> 4) - 8;
+            }
+            (h(b, 0), None)
+        }),
+        GgmlType::Q4_1 => blocks(w, x, 20, Q8_1_BYTES, 4, |b, q| {
+            for j in 0..16 {
+                q[j] = i32::from(b[4 + j] & 0x0F);
+                q[j + 16] = i32::from(b[4 + j] >> 4);
+            }
+            (h(b, 0), Some(h(b, 2)))
+        }),
+        GgmlType::Q5_0 => blocks(w, x, 22, Q8_0_BYTES, 2, |b, q| {
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            for j in 0..16 {
+                let (h0, h1) = q5_high(qh, j);
+                q[j] = (i32::from(b[6 + j] & 0x0F) | h0) - 16;
+                q[j + 16] = (i32::from(b[6 + j] >> 4) | h1) - 16;
+            }
+            (h(b, 0), None)
+        }),
+        GgmlType::Q5_1 => blocks(w, x, 24, Q8_1_BYTES, 4, |b, q| {
+            let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            for j in 0..16 {
+                let (h0, h1) = q5_high(qh, j);
+                q[j] = i32::from(b[8 + j] & 0x0F) | h0;
+                q[j + 16] = i32::from(b[8 + j] >> 4) | h1;
+            }
+            (h(b, 0), Some(h(b, 2)))
+        }),
+        GgmlType::Q8_0 => blocks(w, x, 34, Q8_0_BYTES, 2, |b, q| {
+            for (q, &v) in q.iter_mut().zip(&b[2..34]) {
+                *q = i32::from(v as i8);
+            }
+            (h(b, 0), None)
+        }),
         _ => 0.0,
     }
 }
 
-fn i8s(b: &[u8]) -> impl Iterator<Item = i32> + '_ {
-    b.iter().map(|&v| i32::from(v as i8))
+/// ggml's AVX2 block loop. `unpack` writes a weight block's 32 quants (as signed integers)
+/// and returns its scale and, for the Q*_1 types, its min.
+#[inline(always)]
+fn blocks(
+    w: &[u8],
+    x: &[u8],
+    w_bytes: usize,
+    x_bytes: usize,
+    x_quants_at: usize,
+    unpack: impl Fn(&[u8], &mut [i32; 32]) -> (f32, Option<f32>),
+) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    let mut q = [0i32; 32];
+    for (wb, xb) in w.chunks_exact(w_bytes).zip(x.chunks_exact(x_bytes)) {
+        let (dw, m) = unpack(wb, &mut q);
+        if let Some(m) = m {
+            summs = m.mul_add(h(xb, 2), summs);
+        }
+        let d = dw * h(xb, 0);
+        let ys = &xb[x_quants_at..x_quants_at + 32];
+        for (lane, a) in acc.iter_mut().enumerate() {
+            let mut sum = 0i32;
+            for k in 4 * lane..4 * lane + 4 {
+                sum += q[k] * i32::from(ys[k] as i8);
+            }
+            *a = d.mul_add(sum as f32, *a);
+        }
+    }
+    hsum8(acc) + summs
 }
 
-fn dot_q4_0(w: &[u8], x: &[u8]) -> f32 {
-    let mut sumf = 0f32;
-    for (wb, xb) in w.chunks_exact(18).zip(x.chunks_exact(Q8_0_BYTES)) {
-        let (qs, ys) = (&wb[2..18], &xb[2..34]);
-        let mut sumi = 0i32;
-        for (j, y) in i8s(&ys[..16]).enumerate() {
-            sumi += (i32::from(qs[j] & 0x0F) - 8) * y;
-        }
-        for (j, y) in i8s(&ys[16..]).enumerate() {
-            sumi += (i32::from(qs[j] >> 4) - 8) * y;
-        }
-        sumf += sumi as f32 * (h(wb, 0) * h(xb, 0));
-    }
-    sumf
-}
-
-fn dot_q4_1(w: &[u8], x: &[u8]) -> f32 {
-    let mut sumf = 0f32;
-    for (wb, xb) in w.chunks_exact(20).zip(x.chunks_exact(Q8_1_BYTES)) {
-        let (qs, ys) = (&wb[4..20], &xb[4..36]);
-        let mut sumi = 0i32;
-        for (j, y) in i8s(&ys[..16]).enumerate() {
-            sumi += i32::from(qs[j] & 0x0F) * y;
-        }
-        for (j, y) in i8s(&ys[16..]).enumerate() {
-            sumi += i32::from(qs[j] >> 4) * y;
-        }
-        sumf += (h(wb, 0) * h(xb, 0)) * sumi as f32 + h(wb, 2) * h(xb, 2);
-    }
-    sumf
+/// ggml's `hsum_float_8`: upper half onto lower, then pairs, then the last two.
+#[inline(always)]
+fn hsum8(a: [f32; 8]) -> f32 {
+    let r = [a[4] + a[0], a[5] + a[1], a[6] + a[2], a[7] + a[3]];
+    (r[0] + r[2]) + (r[1] + r[3])
 }
 
 fn q5_high(qh: u32, j: usize) -> (i32, i32) {
@@ -116,52 +184,6 @@ fn q5_high(qh: u32, j: usize) -> (i32, i32) {
         (((qh >> j) << 4) & 0x10) as i32,
         ((qh >> (j + 12)) & 0x10) as i32,
     )
-}
-
-fn dot_q5_0(w: &[u8], x: &[u8]) -> f32 {
-    let mut sumf = 0f32;
-    for (wb, xb) in w.chunks_exact(22).zip(x.chunks_exact(Q8_0_BYTES)) {
-        let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
-        let (qs, ys) = (&wb[6..22], &xb[2..34]);
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let (h0, h1) = q5_high(qh, j);
-            let x0 = (i32::from(qs[j] & 0x0F) | h0) - 16;
-            let x1 = (i32::from(qs[j] >> 4) | h1) - 16;
-            sumi += x0 * i32::from(ys[j] as i8) + x1 * i32::from(ys[j + 16] as i8);
-        }
-        sumf += sumi as f32 * (h(wb, 0) * h(xb, 0));
-    }
-    sumf
-}
-
-fn dot_q5_1(w: &[u8], x: &[u8]) -> f32 {
-    let mut sumf = 0f32;
-    for (wb, xb) in w.chunks_exact(24).zip(x.chunks_exact(Q8_1_BYTES)) {
-        let qh = u32::from_le_bytes([wb[4], wb[5], wb[6], wb[7]]);
-        let (qs, ys) = (&wb[8..24], &xb[4..36]);
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let (h0, h1) = q5_high(qh, j);
-            let x0 = i32::from(qs[j] & 0x0F) | h0;
-            let x1 = i32::from(qs[j] >> 4) | h1;
-            sumi += x0 * i32::from(ys[j] as i8) + x1 * i32::from(ys[j + 16] as i8);
-        }
-        sumf += (h(wb, 0) * h(xb, 0)) * sumi as f32 + h(wb, 2) * h(xb, 2);
-    }
-    sumf
-}
-
-fn dot_q8_0(w: &[u8], x: &[u8]) -> f32 {
-    let mut sumf = 0f32;
-    for (wb, xb) in w.chunks_exact(34).zip(x.chunks_exact(Q8_0_BYTES)) {
-        let sumi: i32 = i8s(&wb[2..34])
-            .zip(i8s(&xb[2..34]))
-            .map(|(a, b)| a * b)
-            .sum();
-        sumf += sumi as f32 * (h(wb, 0) * h(xb, 0));
-    }
-    sumf
 }
 
 #[cfg(test)]
