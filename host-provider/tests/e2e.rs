@@ -223,3 +223,26 @@ fn errors_are_one_clear_line() {
     one_line_error(&["run", "--temp", "-1", "hi"], "temperature");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn chat_keeps_the_conversation() {
+    use std::io::Write;
+    let mut child = realm()
+        .args(["chat", "--temp", "0", "-n", "24"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("realm starts");
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin.write_all(b"What is the capital of France? Answer in one word.\nAnd of Italy?\n\n").expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().expect("exit");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let replies: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(replies.len() >= 2, "{text}");
+    assert_eq!(replies[0], "The capital of France is Paris.");
+    // The second answer is given in the context of the first question.
+    assert!(text.contains("Rome"), "{text}");
+}
