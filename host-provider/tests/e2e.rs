@@ -64,7 +64,55 @@ fn paris_in_one_word() {
 /// llama.cpp's run), or over the whole output, end-of-generation id included.
 #[test]
 fn greedy_ids_match_llama_cpp() {
-    let path = root().join("tests/reference/smollm2-135m-q4_1/greedy.jsonl");
+    check_greedy_parity("smollm2-135m-q4_1", None);
+}
+
+#[test]
+fn gemma3_greedy_ids_match_llama_cpp() {
+    check_greedy_parity("gemma-3-270m-q4_k_m", Some("gemma-3-270m-q4_k_m.gguf"));
+}
+
+#[test]
+fn gemma3_answers_paris() {
+    let model = root().join("models/gemma-3-270m-q4_k_m.gguf");
+    let out = realm()
+        .args([
+            "run",
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--raw",
+            "--temp",
+            "0",
+            "-n",
+            "8",
+        ])
+        .arg("Question: What is the capital of France?\nAnswer:")
+        .output()
+        .expect("realm runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with(" Paris"), "{text:?}");
+}
+
+/// Runs every prompt of `tests/reference/<dir>/greedy.jsonl` (chat `messages`, or a raw
+/// `prompt` when `model` is given) and compares with llama.cpp's greedy ids.
+fn check_greedy_parity(dir: &str, model: Option<&str>) {
+    let path = root()
+        .join("tests/reference")
+        .join(dir)
+        .join("greedy.jsonl");
+    let model_arg = model.map(|m| {
+        root()
+            .join("models")
+            .join(m)
+            .to_str()
+            .expect("utf-8")
+            .to_string()
+    });
     let mut report = Vec::new();
     let mut failures = Vec::new();
     for line in std::fs::read_to_string(&path).expect("reference").lines() {
@@ -72,17 +120,26 @@ fn greedy_ids_match_llama_cpp() {
         let name = case["id"].as_str().expect("id");
         let max = case["max_new_tokens"].to_string();
         let mut args: Vec<String> = vec!["--temp".into(), "0".into(), "-n".into(), max];
-        let mut user = String::new();
-        for m in case["messages"].as_array().expect("messages") {
-            match m["role"].as_str() {
-                Some("system") => args.extend([
-                    "--system".into(),
-                    m["content"].as_str().expect("text").into(),
-                ]),
-                _ => user = m["content"].as_str().expect("text").into(),
-            }
+        if let Some(m) = &model_arg {
+            args.extend(["--model".into(), m.clone()]);
         }
-        args.push(user);
+        match case["messages"].as_array() {
+            Some(messages) => {
+                let mut user = String::new();
+                for m in messages {
+                    let text: String = m["content"].as_str().expect("text").into();
+                    match m["role"].as_str() {
+                        Some("system") => args.extend(["--system".into(), text]),
+                        _ => user = text,
+                    }
+                }
+                args.push(user);
+            }
+            None => args.extend([
+                "--raw".into(),
+                case["prompt"].as_str().expect("prompt").into(),
+            ]),
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = run_json(&args);
         let (want, got) = (ids(&case["output_ids"]), ids(&out["ids"]));
@@ -216,7 +273,7 @@ fn errors_are_one_clear_line() {
     one_line_error(&["run", "--model", &s(&truncated), "hi"], "spans bytes");
     one_line_error(
         &["run", "--model", &s(&unknown), "hi"],
-        "architecture 'mamba9' is not supported (known: llama)",
+        "architecture 'mamba9' is not supported (known: llama, gemma3)",
     );
     let long = "the sea ".repeat(200);
     one_line_error(&["run", "--ctx-size", "128", &long], "context overflow");
@@ -235,10 +292,16 @@ fn chat_keeps_the_conversation() {
         .spawn()
         .expect("realm starts");
     let mut stdin = child.stdin.take().expect("piped");
-    stdin.write_all(b"What is the capital of France? Answer in one word.\nAnd of Italy?\n\n").expect("write");
+    stdin
+        .write_all(b"What is the capital of France? Answer in one word.\nAnd of Italy?\n\n")
+        .expect("write");
     drop(stdin);
     let out = child.wait_with_output().expect("exit");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let replies: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(replies.len() >= 2, "{text}");

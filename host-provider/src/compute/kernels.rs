@@ -105,10 +105,23 @@ fn glu_portable(gate: &[f32], up: &mut [f32], act: fn(f32) -> f32) {
     }
 }
 
-/// GELU, tanh approximation (ggml `gelu`).
+/// GELU, tanh approximation, as ggml-cpu evaluates it: through its f16 lookup table
+/// (`ggml_table_gelu_f16`, built from `ggml_gelu_f32` of every f16), saturating outside
+/// ±10.
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+    const COEF_A: f32 = 0.044_715;
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let x = f16::from_f32(x).to_f32();
+    // GCC contracts `1.0f + GELU_COEF_A*x*x` into one fused multiply-add.
+    let inner = (COEF_A * x).mul_add(x, 1.0);
+    let g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh());
+    f16::from_f32(g).to_f32()
 }
 
 /// Numerically stable softmax in place; the sum is taken in f64 as ggml does.

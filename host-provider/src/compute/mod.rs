@@ -720,7 +720,13 @@ impl ComputeState {
                     })
             }),
             (None, Some(kind)) => {
-                let qrow = k / 32 * kind.block_bytes();
+                if !k.is_multiple_of(kind.block_len()) {
+                    return Err(invalid(format!(
+                        "rows of {k} are not whole {}-element activation blocks",
+                        kind.block_len()
+                    )));
+                }
+                let qrow = k / kind.block_len() * kind.block_bytes();
                 xq.clear();
                 let mut tmp = Vec::with_capacity(qrow);
                 for xrow in xt.data.chunks_exact(k) {

@@ -12,11 +12,15 @@ pub const Q8_0_BYTES: usize = 34;
 /// Bytes of one Q8_1 block: f16 scale, f16 (scale × sum), 32 × i8.
 pub const Q8_1_BYTES: usize = 36;
 
+/// Bytes of one Q8_K block: f32 scale, 256 × i8, 16 × i16 sums of 16.
+pub const Q8_K_BYTES: usize = 4 + 256 + 32;
+
 /// The activation format a weight type multiplies against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VecDot {
     Q8_0,
     Q8_1,
+    Q8K,
 }
 
 impl VecDot {
@@ -24,6 +28,7 @@ impl VecDot {
         match ty {
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => Some(VecDot::Q8_0),
             GgmlType::Q4_1 | GgmlType::Q5_1 => Some(VecDot::Q8_1),
+            GgmlType::Q4_K | GgmlType::Q6_K => Some(VecDot::Q8K),
             _ => None,
         }
     }
@@ -32,6 +37,15 @@ impl VecDot {
         match self {
             VecDot::Q8_0 => Q8_0_BYTES,
             VecDot::Q8_1 => Q8_1_BYTES,
+            VecDot::Q8K => Q8_K_BYTES,
+        }
+    }
+
+    /// Elements per activation block.
+    pub fn block_len(self) -> usize {
+        match self {
+            VecDot::Q8K => 256,
+            _ => 32,
         }
     }
 }
@@ -44,6 +58,10 @@ fn h(b: &[u8], at: usize) -> f32 {
 /// block's absolute maximum, `127 / max` as the inverse, round half to even.
 pub fn quantize_row(kind: VecDot, x: &[f32], out: &mut Vec<u8>) {
     out.clear();
+    if kind == VecDot::Q8K {
+        quantize_row_q8_k(x, out);
+        return;
+    }
     for block in x.chunks_exact(32) {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -59,6 +77,35 @@ pub fn quantize_row(kind: VecDot, x: &[f32], out: &mut Vec<u8>) {
             out.extend_from_slice(&f16::from_f32(d * sum as f32).to_le_bytes());
         }
         out.extend(qs.iter().map(|&q| q as u8));
+    }
+}
+
+/// ggml's `quantize_row_q8_K_ref`: scale from the signed value of largest magnitude
+/// (`-127 / max`), round half to even, clamp at 127, sums of each 16.
+fn quantize_row_q8_k(x: &[f32], out: &mut Vec<u8>) {
+    for block in x.chunks_exact(256) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in block {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            out.extend_from_slice(&[0u8; Q8_K_BYTES]);
+            continue;
+        }
+        let iscale = -127.0 / max;
+        let qs: Vec<i8> = block
+            .iter()
+            .map(|&v| ((iscale * v).round_ties_even() as i32).min(127) as i8)
+            .collect();
+        out.extend_from_slice(&(1.0 / iscale).to_le_bytes());
+        out.extend(qs.iter().map(|&q| q as u8));
+        for sixteen in qs.chunks_exact(16) {
+            let sum: i32 = sixteen.iter().map(|&q| i32::from(q)).sum();
+            out.extend_from_slice(&(sum as i16).to_le_bytes());
+        }
     }
 }
 
@@ -136,8 +183,84 @@ pub fn dot(ty: GgmlType, w: &[u8], x: &[u8]) -> f32 {
             }
             (h(b, 0), None)
         }),
+        GgmlType::Q4_K => dot_q4_k(w, x),
+        GgmlType::Q6_K => dot_q6_k(w, x),
         _ => 0.0,
     }
+}
+
+/// Q4_K × Q8_K in ggml's AVX2 order: per super-block, the scaled integer sums in eight
+/// lanes (four consecutive bytes each) fused into `acc` with `d = d_x · d_w`, and the mins
+/// (`-d_x · dmin · Σ min·sum8`) in four lanes of their own.
+#[inline(always)]
+fn dot_q4_k(w: &[u8], x: &[u8]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut acc_m = [0f32; 4];
+    for (wb, xb) in w.chunks_exact(144).zip(x.chunks_exact(Q8_K_BYTES)) {
+        let dy = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+        let d = dy * h(wb, 0);
+        let dmin = -dy * h(wb, 2);
+        let scales: [u8; 12] = wb[4..16].try_into().unwrap_or([0; 12]);
+        let (sc, mn): (Vec<i32>, Vec<i32>) = (0..8)
+            .map(|j| {
+                let (s, m) = realm_gguf::quant::scale_min_k4(j, &scales);
+                (i32::from(s), i32::from(m))
+            })
+            .unzip();
+        let q8 = &xb[4..260];
+        let bsum = |k: usize| i32::from(i16::from_le_bytes([xb[260 + 2 * k], xb[261 + 2 * k]]));
+        for (l, a) in acc_m.iter_mut().enumerate() {
+            let q8s = |k: usize| bsum(2 * k) + bsum(2 * k + 1);
+            let prod = mn[2 * l] * q8s(2 * l) + mn[2 * l + 1] * q8s(2 * l + 1);
+            *a = dmin.mul_add(prod as f32, *a);
+        }
+        let mut sumi = [0i32; 8];
+        for j in 0..4 {
+            let qs = &wb[16 + 32 * j..16 + 32 * j + 32];
+            for (e, &b) in qs.iter().enumerate() {
+                let lo = i32::from(b & 0x0F) * i32::from(q8[64 * j + e] as i8);
+                let hi = i32::from(b >> 4) * i32::from(q8[64 * j + 32 + e] as i8);
+                sumi[e / 4] += sc[2 * j] * lo + sc[2 * j + 1] * hi;
+            }
+        }
+        for (a, &s) in acc.iter_mut().zip(&sumi) {
+            *a = d.mul_add(s as f32, *a);
+        }
+    }
+    let m = (acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]);
+    hsum8(acc) + m
+}
+
+/// Q6_K × Q8_K in ggml's AVX2 order (the -32 offset applied in integers).
+#[inline(always)]
+fn dot_q6_k(w: &[u8], x: &[u8]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (wb, xb) in w.chunks_exact(210).zip(x.chunks_exact(Q8_K_BYTES)) {
+        let dy = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+        let d = dy * h(wb, 208);
+        let (ql, qh, sc) = (&wb[0..128], &wb[128..192], &wb[192..208]);
+        let q8 = &xb[4..260];
+        let mut sumi = [0i32; 8];
+        for n in 0..2 {
+            let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+            for l in 0..32 {
+                let q = [
+                    i32::from((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32,
+                    i32::from((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32,
+                    i32::from((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32,
+                    i32::from((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32,
+                ];
+                for (k, &qv) in q.iter().enumerate() {
+                    let s = i32::from(sc[l / 16 + 2 * k] as i8);
+                    sumi[l / 4] += s * qv * i32::from(q8[128 * n + 32 * k + l] as i8);
+                }
+            }
+        }
+        for (a, &s) in acc.iter_mut().zip(&sumi) {
+            *a = d.mul_add(s as f32, *a);
+        }
+    }
+    hsum8(acc)
 }
 
 /// ggml's AVX2 block loop. `unpack` writes a weight block's 32 quants (as signed integers)
@@ -212,7 +335,8 @@ mod tests {
         // Sane f16 scales (and mins) in each block.
         let ts = ty.type_size() as usize;
         let scales: &[usize] = match ty {
-            GgmlType::Q4_1 | GgmlType::Q5_1 => &[0, 2],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K => &[0, 2],
+            GgmlType::Q6_K => &[208],
             _ => &[0],
         };
         for b in 0..n_blocks {
@@ -226,7 +350,8 @@ mod tests {
     }
 
     /// Each kernel agrees with (reference dequantizer × f32 dot) within the error that
-    /// quantizing the activations to 8 bits allows.
+    /// quantizing the activations to 8 bits allows: at most half a quantization step per
+    /// activation, |x|max / 254, times Σ|w|, plus 5 % for rounding of the scales.
     #[test]
     fn kernels_match_the_reference_dequantizer() {
         for ty in [

@@ -80,9 +80,12 @@ impl Architecture for Llama {
         Scratch {
             x: Tensor::new(hp.n_embd),
             xb: Tensor::new(hp.n_embd),
+            xb2: Tensor::new(0),
             q: Tensor::new(q_dim),
             k: Tensor::new(kv_dim),
             v: Tensor::new(kv_dim),
+            qn: Tensor::new(0),
+            kn: Tensor::new(0),
             att: Tensor::new(q_dim),
             gate: Tensor::new(hp.n_ff),
             up: Tensor::new(hp.n_ff),

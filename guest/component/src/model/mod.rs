@@ -1,6 +1,7 @@
 //! The architectures Realm runs, behind one trait: adding one is a new module here and a
 //! line in [`load`]; nothing outside the guest changes.
 
+mod gemma3;
 mod llama;
 
 use realm_gguf::{GgufFile, Hparams, TensorInfo};
@@ -11,8 +12,10 @@ use crate::realm::inference::types::Error;
 type LoadFn = fn(Loader<'_>, Hparams) -> Result<Box<dyn Architecture>, Error>;
 
 /// The registry: `general.architecture` → loader. One line per architecture.
-const ARCHITECTURES: &[(&str, LoadFn)] =
-    &[("llama", |l, hp| Ok(Box::new(llama::Llama::load(l, hp)?)))];
+const ARCHITECTURES: &[(&str, LoadFn)] = &[
+    ("llama", |l, hp| Ok(Box::new(llama::Llama::load(l, hp)?))),
+    ("gemma3", |l, hp| Ok(Box::new(gemma3::Gemma3::load(l, hp)?))),
+];
 
 /// Names of the architectures Realm runs.
 pub fn known() -> Vec<&'static str> {
@@ -40,10 +43,15 @@ pub struct Scratch {
     pub x: Tensor,
     /// (n, n_embd) normalized input to the next matmul, and matmul outputs.
     pub xb: Tensor,
+    /// (n, n_embd) a second buffer for post-norms (Gemma).
+    pub xb2: Tensor,
     /// (n, n_head · head_dim), (n, n_head_kv · head_dim) ×2.
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
+    /// q and k after per-head norms (Gemma), same shapes as q and k.
+    pub qn: Tensor,
+    pub kn: Tensor,
     /// (n, n_head · head_dim) attention output.
     pub att: Tensor,
     /// (n, n_ff) ×2 feed-forward gate and up projections.
@@ -98,6 +106,14 @@ impl Loader<'_> {
             ))
         })?;
         Ok(self.file.weight(t.offset, dtype, &t.dims)?)
+    }
+
+    /// An optional integer hyper-parameter.
+    pub fn metadata_u32(&self, key: &str) -> Result<Option<u32>, Error> {
+        self.gguf
+            .metadata
+            .opt_u32(key)
+            .map_err(|e| Error::InvalidModel(e.to_string()))
     }
 
     pub fn optional(&self, name: &str, dims: &[u64]) -> Result<Option<Weight>, Error> {
