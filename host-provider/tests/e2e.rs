@@ -11,8 +11,11 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `realm`, run from the repository root as a user would (so `models/` is the default).
 fn realm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_realm"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_realm"));
+    c.current_dir(root());
+    c
 }
 
 fn run_json(args: &[&str]) -> serde_json::Value {
