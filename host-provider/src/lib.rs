@@ -91,6 +91,8 @@ pub struct EngineConfig {
     pub threads: usize,
     pub component: PathBuf,
     pub max_guest_memory: usize,
+    /// Cap on resident weight bytes (None: the whole model may stay mapped in).
+    pub max_resident: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -101,6 +103,7 @@ impl Default for EngineConfig {
                 .unwrap_or(1),
             component: default_component_path(),
             max_guest_memory: DEFAULT_GUEST_MEMORY,
+            max_resident: None,
         }
     }
 }
@@ -228,7 +231,7 @@ impl Engine {
             &self.engine,
             HostState {
                 wasi: wasmtime_wasi::WasiCtx::builder().inherit_stderr().build(),
-                compute: ComputeState::new(models, self.pool.clone()),
+                compute: ComputeState::new(models, self.pool.clone(), self.config.max_resident),
                 limits: GuestLimits {
                     max_memory: self.config.max_guest_memory,
                     peak_memory: 0,
@@ -303,6 +306,11 @@ impl Model {
     /// The most linear memory the guest has used, in bytes.
     pub fn guest_memory_peak(&self) -> usize {
         self.store.data().limits.peak_memory
+    }
+
+    /// Residency counters of the weight store.
+    pub fn store_stats(&self) -> compute::residency::StoreStats {
+        self.store.data().compute.store.stats
     }
 
     pub fn compute_stats(&self) -> compute::Stats {

@@ -57,6 +57,27 @@ struct GenOpts {
     /// Stop when this text is generated (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Keep at most this many bytes of weights resident (e.g. 64M, 1G); the rest is read
+    /// from the file when needed.
+    #[arg(long, value_parser = parse_bytes)]
+    max_resident: Option<u64>,
+}
+
+/// `1234`, `64K`, `100M`, `2G` (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a byte count (like 4096, 64M or 2G)"))?;
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("'{s}' is out of range"))
 }
 
 impl GenOpts {
@@ -92,6 +113,7 @@ impl GenOpts {
             }
             config.threads = t;
         }
+        config.max_resident = self.max_resident;
         let spinner = indicatif::ProgressBar::new_spinner();
         spinner.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         spinner.enable_steady_tick(std::time::Duration::from_millis(120));
@@ -201,6 +223,7 @@ fn run_prompt(opts: &GenOpts, raw: bool, json: bool, prompt: String) -> anyhow::
     };
     if json {
         let stats = model.compute_stats();
+        let store = model.store_stats();
         let out = serde_json::json!({
             "text": text,
             "ids": ids,
@@ -214,6 +237,14 @@ fn run_prompt(opts: &GenOpts, raw: bool, json: bool, prompt: String) -> anyhow::
             "guest_memory_peak_bytes": model.guest_memory_peak(),
             "weight_bytes": model.info.weight_bytes,
             "host_calls": stats.calls,
+            "weights": {
+                "max_resident_bytes": opts.max_resident,
+                "peak_resident_bytes": store.peak_resident_bytes,
+                "loads": store.loads,
+                "evictions": store.evictions,
+                "prefetches": store.prefetches,
+                "prefetch_hits": store.prefetch_hits,
+            },
         });
         writeln!(stdout, "{out}")?;
     } else {
@@ -304,6 +335,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // `RUST_LOG=realm=debug` shows weight loads and evictions as they happen.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

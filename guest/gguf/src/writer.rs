@@ -8,7 +8,23 @@ use crate::value::{Array, Value};
 #[derive(Debug, Default)]
 pub struct GgufWriter {
     kv: Vec<(String, Value)>,
-    tensors: Vec<(String, GgmlType, Vec<u64>, Vec<u8>)>,
+    tensors: Vec<(String, GgmlType, Vec<u64>, Data)>,
+}
+
+/// A tensor's bytes: given, or that many zeros (written as a hole in a sparse file).
+#[derive(Debug)]
+enum Data {
+    Bytes(Vec<u8>),
+    Zeros(u64),
+}
+
+impl Data {
+    fn len(&self) -> u64 {
+        match self {
+            Data::Bytes(b) => b.len() as u64,
+            Data::Zeros(n) => *n,
+        }
+    }
 }
 
 impl GgufWriter {
@@ -23,8 +39,69 @@ impl GgufWriter {
 
     /// Add a tensor; `dims` in ggml order (row length first), `data` its raw blocks.
     pub fn tensor(&mut self, name: &str, ty: GgmlType, dims: &[u64], data: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.into(), ty, dims.to_vec(), data));
+        self.tensors
+            .push((name.into(), ty, dims.to_vec(), Data::Bytes(data)));
         self
+    }
+
+    /// Add an all-zero tensor without holding its bytes (for files of many GiB).
+    pub fn zeros(&mut self, name: &str, ty: GgmlType, dims: &[u64]) -> &mut Self {
+        let n: u64 = dims.iter().product();
+        let len = ty.bytes_for(n).unwrap_or(0);
+        self.tensors
+            .push((name.into(), ty, dims.to_vec(), Data::Zeros(len)));
+        self
+    }
+
+    /// Header and tensor-info bytes (padded to the data section) and each tensor's
+    /// offset within the data section.
+    fn layout(&self) -> (Vec<u8>, Vec<u64>) {
+        let align = self.alignment();
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.kv.len() as u64).to_le_bytes());
+        for (k, v) in &self.kv {
+            put_str(&mut out, k);
+            out.extend_from_slice(&(v.value_type() as u32).to_le_bytes());
+            put_value(&mut out, v);
+        }
+        let mut offsets = Vec::with_capacity(self.tensors.len());
+        let mut offset = 0u64;
+        for (name, ty, dims, data) in &self.tensors {
+            put_str(&mut out, name);
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&(*ty as u32).to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            offsets.push(offset);
+            offset = (offset + data.len()).next_multiple_of(align);
+        }
+        out.resize(out.len().next_multiple_of(align as usize), 0);
+        (out, offsets)
+    }
+
+    /// Write the file; zero tensors become holes, so a 5 GiB test model takes kilobytes
+    /// of disk on file systems with sparse files.
+    pub fn write_file(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        let (header, offsets) = self.layout();
+        let mut f = std::fs::File::create(path)?;
+        f.write_all(&header)?;
+        let base = header.len() as u64;
+        let mut end = base;
+        for ((_, _, _, data), off) in self.tensors.iter().zip(offsets) {
+            end = end.max(base + off + data.len());
+            if let Data::Bytes(b) = data {
+                f.seek(SeekFrom::Start(base + off))?;
+                f.write_all(b)?;
+            }
+        }
+        f.set_len(end.next_multiple_of(self.alignment()))?;
+        Ok(())
     }
 
     fn alignment(&self) -> u64 {
@@ -36,35 +113,19 @@ impl GgufWriter {
             .unwrap_or(DEFAULT_ALIGNMENT)
     }
 
-    /// The whole file.
+    /// The whole file, in memory.
     pub fn to_bytes(&self) -> Vec<u8> {
         let align = self.alignment() as usize;
-        let mut out = Vec::new();
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.kv.len() as u64).to_le_bytes());
-        for (k, v) in &self.kv {
-            put_str(&mut out, k);
-            out.extend_from_slice(&(v.value_type() as u32).to_le_bytes());
-            put_value(&mut out, v);
-        }
-        let mut offset = 0usize;
-        for (name, ty, dims, data) in &self.tensors {
-            put_str(&mut out, name);
-            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend_from_slice(&d.to_le_bytes());
+        let (mut out, offsets) = self.layout();
+        let base = out.len();
+        for ((_, _, _, data), off) in self.tensors.iter().zip(offsets) {
+            out.resize(base + off as usize, 0);
+            match data {
+                Data::Bytes(b) => out.extend_from_slice(b),
+                Data::Zeros(n) => out.resize(out.len() + *n as usize, 0),
             }
-            out.extend_from_slice(&(*ty as u32).to_le_bytes());
-            out.extend_from_slice(&(offset as u64).to_le_bytes());
-            offset = (offset + data.len()).next_multiple_of(align);
         }
         out.resize(out.len().next_multiple_of(align), 0);
-        for (_, _, _, data) in &self.tensors {
-            out.extend_from_slice(data);
-            out.resize(out.len().next_multiple_of(align), 0);
-        }
         out
     }
 }

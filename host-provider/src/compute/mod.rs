@@ -4,6 +4,7 @@
 
 pub mod kernels;
 pub mod quant;
+pub mod residency;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,6 +55,8 @@ pub struct WeightRes {
     ty: GgmlType,
     dims: Vec<u64>,
     decoded: Option<Vec<f32>>,
+    /// The weight store's unit for weights used in place (None once decoded).
+    unit: Option<usize>,
 }
 
 impl WeightRes {
@@ -98,6 +101,7 @@ pub struct ComputeState {
     quantized: Vec<u8>,
     rope_cache: Vec<(f32, f32)>,
     pub stats: Stats,
+    pub store: residency::WeightStore,
 }
 
 /// Counters for `--json` and `realm bench`.
@@ -110,7 +114,11 @@ pub struct Stats {
 }
 
 impl ComputeState {
-    pub fn new(models: HashMap<String, Arc<MappedModel>>, pool: Arc<rayon::ThreadPool>) -> Self {
+    pub fn new(
+        models: HashMap<String, Arc<MappedModel>>,
+        pool: Arc<rayon::ThreadPool>,
+        max_resident: Option<u64>,
+    ) -> Self {
         Self {
             table: ResourceTable::new(),
             models,
@@ -118,6 +126,7 @@ impl ComputeState {
             quantized: Vec::new(),
             rope_cache: Vec::new(),
             stats: Stats::default(),
+            store: residency::WeightStore::new(max_resident),
         }
     }
 }
@@ -157,6 +166,16 @@ impl types::Host for ComputeState {}
 impl crate::bindings::realm::inference::types::Host for ComputeState {}
 
 impl store::Host for ComputeState {
+    fn set_max_resident(&mut self, bytes: u64) {
+        self.store.set_budget((bytes > 0).then_some(bytes));
+    }
+
+    fn prefetch(&mut self, w: Resource<WeightRes>) {
+        if let Some(unit) = self.table.get(&w).ok().and_then(|w| w.unit) {
+            self.store.prefetch(unit);
+        }
+    }
+
     fn open_model(&mut self, name: String) -> Res<Resource<ModelFileRes>> {
         let model = self.models.get(&name).cloned().ok_or_else(|| {
             let mut known: Vec<&str> = self.models.keys().map(String::as_str).collect();
@@ -236,13 +255,17 @@ impl store::HostModelFile for ComputeState {
                 .map_err(|e| invalid(e.to_string()))?;
                 Some(v)
             }
-            _ if VecDot::for_weight(ty).is_some() => None,
+            _ if ty.is_supported() => None,
             _ => {
                 return Err(ComputeError::Unsupported(format!(
-                    "no matmul kernel for {ty} weights yet"
+                    "no kernels for {ty} weights yet"
                 )));
             }
         };
+        let unit = decoded.is_none().then(|| {
+            self.store
+                .register(model.clone(), offset as usize, len as usize)
+        });
         let w = WeightRes {
             model,
             offset: offset as usize,
@@ -250,6 +273,7 @@ impl store::HostModelFile for ComputeState {
             ty,
             dims,
             decoded,
+            unit,
         };
         self.table
             .push(w)
@@ -425,6 +449,9 @@ impl tensors::Host for ComputeState {
         scale: f32,
         out: Resource<TensorRes>,
     ) -> Res<()> {
+        if let Some(unit) = self.table.get(&table).map_err(handle)?.unit {
+            self.store.touch(unit);
+        }
         self.timed(
             |s| &mut s.other_ns,
             |st| {
@@ -691,6 +718,9 @@ impl ComputeState {
         w: &Resource<WeightRes>,
         o: &mut TensorRes,
     ) -> Res<()> {
+        if let Some(unit) = self.table.get(w).map_err(handle)?.unit {
+            self.store.touch(unit);
+        }
         let mut xq = std::mem::take(&mut self.quantized);
         let xt = self.table.get(x).map_err(handle)?;
         let wt = self.table.get(w).map_err(handle)?;
@@ -757,10 +787,25 @@ impl ComputeState {
                 });
             }
             (None, None) => {
-                return Err(ComputeError::Unsupported(format!(
-                    "no matmul kernel for {} weights",
-                    wt.ty
-                )));
+                // Types without an integer kernel yet (Q2_K, Q3_K, Q5_K, …): each weight row
+                // is dequantized by the reference code and multiplied in f32.
+                let wrow = wt.ty.row_bytes(k as u64).unwrap_or(0) as usize;
+                let (wb, ty) = (wt.bytes(), wt.ty);
+                pool.install(|| {
+                    for (orow, xrow) in o.data.chunks_exact_mut(n).zip(xt.data.chunks_exact(k)) {
+                        orow.par_chunks_mut(64).enumerate().for_each_init(
+                            || vec![0f32; k],
+                            |wf, (c, part)| {
+                                for (i, ov) in part.iter_mut().enumerate() {
+                                    let j = c * 64 + i;
+                                    let row = &wb[j * wrow..(j + 1) * wrow];
+                                    let _ = realm_gguf::quant::dequantize(ty, row, wf);
+                                    *ov = wf.iter().zip(xrow).map(|(a, b)| a * b).sum();
+                                }
+                            },
+                        );
+                    }
+                });
             }
         }
         self.quantized = xq;
