@@ -71,11 +71,22 @@ pub fn default_component_path() -> PathBuf {
     if let Some(p) = std::env::var_os("REALM_COMPONENT") {
         return PathBuf::from(p);
     }
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
     let candidates = [
+        // <target>/release/realm → <target>/wasm32-wasip2/release (any CARGO_TARGET_DIR).
+        exe_dir
+            .as_ref()
+            .and_then(|d| d.parent())
+            .map(|t| t.join("wasm32-wasip2/release").join(COMPONENT_FILE)),
+        // <target>/release/deps/<test binary>
+        exe_dir
+            .as_ref()
+            .and_then(|d| d.parent()?.parent())
+            .map(|t| t.join("wasm32-wasip2/release").join(COMPONENT_FILE)),
         checkout_root().map(|r| r.join("target/wasm32-wasip2/release").join(COMPONENT_FILE)),
-        std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(|d| d.join(COMPONENT_FILE))),
+        exe_dir.map(|d| d.join(COMPONENT_FILE)),
     ];
     candidates
         .into_iter()
