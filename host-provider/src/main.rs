@@ -237,6 +237,11 @@ fn run_prompt(opts: &GenOpts, raw: bool, json: bool, prompt: String) -> anyhow::
             "guest_memory_peak_bytes": model.guest_memory_peak(),
             "weight_bytes": model.info.weight_bytes,
             "host_calls": stats.calls,
+            "host_ms": {
+                "matmul": stats.matmul_ns as f64 / 1e6,
+                "attention": stats.attention_ns as f64 / 1e6,
+                "other": stats.other_ns as f64 / 1e6,
+            },
             "weights": {
                 "max_resident_bytes": opts.max_resident,
                 "peak_resident_bytes": store.peak_resident_bytes,

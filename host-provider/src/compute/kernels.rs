@@ -3,7 +3,21 @@
 //! multiplication, attention with q and the softmax weights rounded to f16 like ggml's
 //! f16 matmuls over an f16 KV cache.
 
+use std::sync::OnceLock;
+
 use half::f16;
+
+/// Every f16 as f32 (ggml keeps the same table): exact, and much faster than converting
+/// in software where the build cannot assume F16C.
+fn f16_table() -> &'static [f32] {
+    static TABLE: OnceLock<Vec<f32>> = OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_bits(b).to_f32()).collect())
+}
+
+#[inline(always)]
+fn f32_of(t: &[f32], h: f16) -> f32 {
+    t[h.to_bits() as usize]
+}
 
 /// y = x / sqrt(mean(x²) + eps) · w, over groups of `w.len()` values (a row or a head).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
@@ -80,9 +94,16 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + ggml_v_expf(0.0 - x))
 }
 
+/// The gate activations `glu` applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    Silu,
+    GeluTanh,
+}
+
 /// up ×= act(gate), element-wise, with FMA when the CPU has it (the polynomial needs it
 /// to be fast; the results are the same either way).
-pub fn glu(gate: &[f32], up: &mut [f32], act: fn(f32) -> f32) {
+pub fn glu(gate: &[f32], up: &mut [f32], act: Gate) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has FMA (checked just above); the function only enables it.
@@ -94,20 +115,25 @@ pub fn glu(gate: &[f32], up: &mut [f32], act: fn(f32) -> f32) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
-fn glu_fma(gate: &[f32], up: &mut [f32], act: fn(f32) -> f32) {
+fn glu_fma(gate: &[f32], up: &mut [f32], act: Gate) {
     glu_portable(gate, up, act);
 }
 
 #[inline(always)]
-fn glu_portable(gate: &[f32], up: &mut [f32], act: fn(f32) -> f32) {
-    for (u, &g) in up.iter_mut().zip(gate) {
-        *u *= act(g);
+fn glu_portable(gate: &[f32], up: &mut [f32], act: Gate) {
+    match act {
+        Gate::Silu => up.iter_mut().zip(gate).for_each(|(u, &g)| *u *= silu(g)),
+        Gate::GeluTanh => up
+            .iter_mut()
+            .zip(gate)
+            .for_each(|(u, &g)| *u *= gelu_tanh(g)),
     }
 }
 
 /// GELU, tanh approximation, as ggml-cpu evaluates it: through its f16 lookup table
 /// (`ggml_table_gelu_f16`, built from `ggml_gelu_f32` of every f16), saturating outside
 /// ±10.
+#[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     const COEF_A: f32 = 0.044_715;
@@ -149,14 +175,16 @@ pub struct LayerCache {
 /// four 16-lane accumulators over 64-element steps, folded as ggml's `GGML_F32x16_REDUCE`
 /// ((0+2) + (1+3)), then GCC's `_mm512_reduce_add_ps` tree. The
 /// f16 × f16 products are exact in f32, so only the additions round, in this order.
+#[inline(always)]
 pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
+    let t = f16_table();
     let mut acc = [[0f32; 16]; 4];
     let steps = x.len() / 64;
     for i in 0..steps {
         for (j, a) in acc.iter_mut().enumerate() {
             for (l, lane) in a.iter_mut().enumerate() {
                 let at = i * 64 + j * 16 + l;
-                *lane += x[at].to_f32() * y[at].to_f32();
+                *lane += f32_of(t, x[at]) * f32_of(t, y[at]);
             }
         }
     }
@@ -168,7 +196,7 @@ pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
     let t6: [f32; 4] = std::array::from_fn(|i| t3[4 + i] + t3[i]);
     let mut sum = f64::from((t6[0] + t6[2]) + (t6[1] + t6[3]));
     for at in steps * 64..x.len() {
-        sum += f64::from(x[at].to_f32() * y[at].to_f32());
+        sum += f64::from(f32_of(t, x[at]) * f32_of(t, y[at]));
     }
     sum as f32
 }
@@ -196,6 +224,59 @@ pub fn attend_row(
     scratch: &mut Vec<f16>,
     out: &mut [f32],
 ) {
+    let args = (q, cache, p, n_head, n_head_kv, head_dim, scale, window);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA (checked just above); the function only enables it.
+        unsafe { attend_row_fma(args, scratch, out) };
+        return;
+    }
+    attend_row_portable(args, scratch, out);
+}
+
+type AttendArgs<'a> = (
+    &'a [f32],
+    &'a LayerCache,
+    usize,
+    usize,
+    usize,
+    usize,
+    f32,
+    usize,
+);
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn attend_row_fma(args: AttendArgs<'_>, scratch: &mut Vec<f16>, out: &mut [f32]) {
+    attend_row_portable(args, scratch, out);
+}
+
+#[inline(always)]
+fn attend_row_portable(args: AttendArgs<'_>, scratch: &mut Vec<f16>, out: &mut [f32]) {
+    let (q, cache, p, n_head, n_head_kv, head_dim, scale, window) = args;
+    attend_row_body(
+        q, cache, p, n_head, n_head_kv, head_dim, scale, window, scratch, out,
+    );
+}
+
+#[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the shape of attention is this many numbers"
+)]
+fn attend_row_body(
+    q: &[f32],
+    cache: &LayerCache,
+    p: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    scale: f32,
+    window: usize,
+    scratch: &mut Vec<f16>,
+    out: &mut [f32],
+) {
+    let tab = f16_table();
     let group = n_head / n_head_kv;
     let kv_width = n_head_kv * head_dim;
     let start = if window > 0 {
@@ -220,13 +301,13 @@ pub fn attend_row(
                 ms = (max - s).exp();
                 max = s;
                 for a in acc.iter_mut() {
-                    *a = f16::from_f32(a.to_f32() * ms);
+                    *a = f16::from_f32(f32_of(tab, *a) * ms);
                 }
             } else {
                 vs = (s - max).exp();
             }
             for (a, v) in acc.iter_mut().zip(&cache.v[row..row + head_dim]) {
-                *a = f16::from_f32(v.to_f32().mul_add(vs, a.to_f32()));
+                *a = f16::from_f32(f32_of(tab, *v).mul_add(vs, f32_of(tab, *a)));
             }
             sum = sum.mul_add(ms, vs);
         }
@@ -235,7 +316,7 @@ pub fn attend_row(
             .iter_mut()
             .zip(acc.iter())
         {
-            *o = a.to_f32() * inv;
+            *o = f32_of(tab, *a) * inv;
         }
     }
 }

@@ -2,6 +2,8 @@
 //! tenant), weights as validated ranges of them, f32 activation tensors and f16 KV caches,
 //! and the ops. Every handle, shape and offset from the guest is checked here again.
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx2;
 pub mod kernels;
 pub mod quant;
 pub mod residency;
@@ -646,13 +648,10 @@ impl tensors::Host for ComputeState {
                         )));
                     }
                     let f = match act {
-                        Activation::Silu => kernels::silu,
-                        Activation::GeluTanh => kernels::gelu_tanh,
+                        Activation::Silu => kernels::Gate::Silu,
+                        Activation::GeluTanh => kernels::Gate::GeluTanh,
                     };
-                    u.data
-                        .iter_mut()
-                        .zip(&g.data)
-                        .for_each(|(u, &g)| *u *= f(g));
+                    kernels::glu(&g.data, &mut u.data, f);
                     Ok(())
                 })();
                 st.put(&up, u)?;

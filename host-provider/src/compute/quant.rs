@@ -119,10 +119,16 @@ fn quantize_row_q8_k(x: &[f32], out: &mut Vec<u8>) {
 /// the rounding, not just the math, is what keeps greedy outputs token-exact with llama.cpp.
 pub fn dot_rows(ty: GgmlType, w: &[u8], wrow: usize, x: &[u8], j0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has FMA (checked just above); the function only enables it.
-        unsafe { dot_rows_fma(ty, w, wrow, x, j0, out) };
-        return;
+    {
+        // SAFETY: `available()` checked the CPU features the kernels enable.
+        if super::avx2::available() && unsafe { super::avx2::dot_rows(ty, w, wrow, x, j0, out) } {
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has FMA (checked just above); the function only enables it.
+            unsafe { dot_rows_fma(ty, w, wrow, x, j0, out) };
+            return;
+        }
     }
     dot_rows_portable(ty, w, wrow, x, j0, out);
 }

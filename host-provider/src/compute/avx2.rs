@@ -1,0 +1,236 @@
+//! AVX2 + FMA + F16C versions of the integer dot products in `quant.rs`: the same
+//! instructions ggml's x86 `ggml_vec_dot_*` uses, in the same order, so results are
+//! identical to the portable code (and to llama.cpp) bit for bit — only faster. Selected
+//! at run time; `quant::dot` stays the reference they are tested against.
+
+use std::arch::x86_64::*;
+
+use realm_gguf::GgmlType;
+
+use super::quant::{Q8_0_BYTES, Q8_1_BYTES};
+
+/// Whether this CPU can run these kernels.
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// Rows `j0..j0 + out.len()` of `w` dotted with `x`; `false` if `ty` has no AVX2 kernel.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_rows(
+    ty: GgmlType,
+    w: &[u8],
+    wrow: usize,
+    x: &[u8],
+    j0: usize,
+    out: &mut [f32],
+) -> bool {
+    let row = |i: usize| &w[(j0 + i) * wrow..(j0 + i + 1) * wrow];
+    match ty {
+        GgmlType::Q4_0 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = dot_q4_0(row(i), x)),
+        GgmlType::Q4_1 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = dot_q4_1(row(i), x)),
+        GgmlType::Q5_0 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = dot_q5_0(row(i), x)),
+        GgmlType::Q8_0 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = dot_q8_0(row(i), x)),
+        _ => return false,
+    }
+    true
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn h(b: &[u8], at: usize) -> f32 {
+    let bits = i32::from(u16::from_le_bytes([b[at], b[at + 1]]));
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+/// ggml's `hsum_float_8`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum8(v: __m256) -> f32 {
+    let r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    _mm_cvtss_f32(r)
+}
+
+/// 16 bytes of nibbles → 32 bytes: low nibbles first, then high (ggml's `bytes_from_nibbles_32`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn nibbles(qs: &[u8]) -> __m256i {
+    assert!(qs.len() >= 16);
+    // SAFETY: 16 bytes are there (checked); unaligned load.
+    let tmp = unsafe { _mm_loadu_si128(qs.as_ptr().cast()) };
+    let bytes = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
+    _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F))
+}
+
+/// Eight lanes, each the sum of four consecutive u8 × i8 products, as floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn mul_sum_us8(ax: __m256i, sy: __m256i) -> __m256 {
+    let dot = _mm256_maddubs_epi16(ax, sy);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
+}
+
+/// The same for i8 × i8 (ggml's sign trick).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn mul_sum_i8(x: __m256i, y: __m256i) -> __m256 {
+    mul_sum_us8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load32(b: &[u8]) -> __m256i {
+    assert!(b.len() >= 32);
+    // SAFETY: 32 bytes are there (checked); unaligned load.
+    unsafe { _mm256_loadu_si256(b.as_ptr().cast()) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (wb, xb) in w.chunks_exact(18).zip(x.chunks_exact(Q8_0_BYTES)) {
+        {
+            let d = _mm256_set1_ps(h(wb, 0) * h(xb, 0));
+            let qx = _mm256_sub_epi8(nibbles(&wb[2..18]), _mm256_set1_epi8(8));
+            let q = mul_sum_i8(qx, load32(&xb[2..34]));
+            acc = _mm256_fmadd_ps(d, q, acc);
+        }
+    }
+    hsum8(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_1(w: &[u8], x: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (wb, xb) in w.chunks_exact(20).zip(x.chunks_exact(Q8_1_BYTES)) {
+        {
+            summs = h(wb, 2).mul_add(h(xb, 2), summs);
+            let d0d1 = _mm256_mul_ps(_mm256_set1_ps(h(wb, 0)), _mm256_set1_ps(h(xb, 0)));
+            let xy = mul_sum_us8(nibbles(&wb[4..20]), load32(&xb[4..36]));
+            acc = _mm256_fmadd_ps(d0d1, xy, acc);
+        }
+    }
+    hsum8(acc) + summs
+}
+
+/// Each of the 32 fifth bits of a Q5 block spread to a byte of all ones or zeros (ggml's
+/// `bytes_from_bits_32`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn high_bits(qh: &[u8]) -> __m256i {
+    let x32 = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let mut bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x32 as i32), shuf);
+    let bit_mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+    bytes = _mm256_or_si256(bytes, bit_mask);
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q5_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (wb, xb) in w.chunks_exact(22).zip(x.chunks_exact(Q8_0_BYTES)) {
+        {
+            let d = _mm256_set1_ps(h(wb, 0) * h(xb, 0));
+            let mut bx = nibbles(&wb[6..22]);
+            // Values 0..15 with the fifth bit clear become -16..-1 (ggml: andnot with 0xF0).
+            let bxhi = _mm256_andnot_si256(high_bits(&wb[2..6]), _mm256_set1_epi8(0xF0u8 as i8));
+            bx = _mm256_or_si256(bx, bxhi);
+            let q = mul_sum_i8(bx, load32(&xb[2..34]));
+            acc = _mm256_fmadd_ps(d, q, acc);
+        }
+    }
+    hsum8(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q8_0(w: &[u8], x: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (wb, xb) in w.chunks_exact(34).zip(x.chunks_exact(Q8_0_BYTES)) {
+        {
+            let d = _mm256_set1_ps(h(wb, 0) * h(xb, 0));
+            let q = mul_sum_i8(load32(&wb[2..34]), load32(&xb[2..34]));
+            acc = _mm256_fmadd_ps(d, q, acc);
+        }
+    }
+    hsum8(acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::quant::{self, VecDot};
+
+    /// Bit-identical to the portable kernels on random blocks and activations.
+    #[test]
+    fn avx2_kernels_equal_the_portable_ones() {
+        if !available() {
+            eprintln!("this CPU lacks AVX2/FMA/F16C: nothing to compare");
+            return;
+        }
+        let mut s = 12345u64;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+        ] {
+            let (n, ts) = (256usize, ty.type_size() as usize);
+            for _ in 0..50 {
+                let mut w: Vec<u8> = (0..n / 32 * ts).map(|_| next() as u8).collect();
+                for b in 0..n / 32 {
+                    let d = half::f16::from_f32((next() % 1000) as f32 / 40000.0 - 0.0125);
+                    w[b * ts..b * ts + 2].copy_from_slice(&d.to_le_bytes());
+                    if ty == GgmlType::Q4_1 {
+                        w[b * ts + 2..b * ts + 4].copy_from_slice(&d.to_le_bytes());
+                    }
+                }
+                let xs: Vec<f32> = (0..n)
+                    .map(|_| (next() % 2000) as f32 / 100.0 - 10.0)
+                    .collect();
+                let mut xq = Vec::new();
+                quant::quantize_row(VecDot::for_weight(ty).expect("kind"), &xs, &mut xq);
+                let mut got = [0f32; 1];
+                // SAFETY: `available()` checked above.
+                assert!(unsafe { dot_rows(ty, &w, w.len(), &xq, 0, &mut got) });
+                let want = quant::dot(ty, &w, &xq);
+                assert_eq!(
+                    got[0].to_bits(),
+                    want.to_bits(),
+                    "{ty}: {} vs {want}",
+                    got[0]
+                );
+            }
+        }
+    }
+}
