@@ -173,7 +173,9 @@ mod tests {
     use super::*;
 
     fn model() -> Arc<MappedModel> {
-        let path = std::env::temp_dir().join(format!("realm-store-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("realm-store-{}-{n}", std::process::id()));
         std::fs::write(&path, vec![7u8; 1 << 16]).expect("write");
         let m = MappedModel::open("t", &path).expect("map");
         let _ = std::fs::remove_file(&path);
