@@ -7,7 +7,7 @@ MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPT ?= What is the capital of France? Answer in one word.
 WASM_CRATES := -p realm-gguf -p realm-tokenizer -p realm-guest
 
-.PHONY: setup models guest build run test lint fuzz
+.PHONY: setup models guest build run test lint fuzz bench
 
 setup:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -35,6 +35,15 @@ test: models guest
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -j$(JOBS) -- -D warnings
+
+# Realm vs llama.cpp on both models (not part of `make test`; builds llama-cpp-python from
+# source the first time, ~10 minutes on 2 cores), then the memory budget table.
+LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+bench: models build
+	@python3 -c "import llama_cpp" 2>/dev/null || python3 -m pip install --quiet numpy "$(LLAMA_CPP_PYTHON)"
+	python3 bench/compare.py models/SmolLM2-135M-Instruct.Q4_1.gguf --write
+	python3 bench/compare.py models/gemma-3-270m-q4_k_m.gguf --write
+	./bench/memory.sh --write
 
 # Coverage-guided fuzzing of the format core (needs cargo-fuzz; not part of `make test`).
 FUZZ_SECONDS ?= 300

@@ -428,5 +428,6 @@ pub fn default_params() -> Params {
         repeat_last_n: 64,
         seed: 0,
         stop: Vec::new(),
+        ignore_eog: false,
     }
 }

@@ -1,5 +1,7 @@
 //! The `realm` command line.
 
+mod bench;
+
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -92,6 +94,7 @@ impl GenOpts {
             repeat_last_n: 64,
             seed: self.seed,
             stop: self.stop.clone(),
+            ignore_eog: false,
         }
     }
 
@@ -146,6 +149,30 @@ enum Command {
     Chat {
         #[command(flatten)]
         opts: GenOpts,
+    },
+    /// Measure prompt processing and generation speed, with time split by op class.
+    Bench {
+        /// The GGUF model (default: the default model).
+        #[arg(long, short)]
+        model: Option<PathBuf>,
+        /// Thread counts to measure (comma-separated).
+        #[arg(long, short, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Prompt lengths in tokens (comma-separated).
+        #[arg(long, short, value_delimiter = ',', default_value = "64,512")]
+        prompt: Vec<u32>,
+        /// Tokens to generate.
+        #[arg(short = 'n', long = "gen", default_value_t = 128)]
+        n_gen: u32,
+        /// Repetitions of each measurement (median, min and max are reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Cap on resident weight bytes, as for `run`.
+        #[arg(long, value_parser = parse_bytes)]
+        max_resident: Option<u64>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Describe a GGUF file: architecture, hyper-parameters, tokenizer, tensors.
     Inspect {
@@ -310,6 +337,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             prompt,
         } => run_prompt(&opts, raw, json, prompt)?,
         Command::Chat { opts } => chat(&opts)?,
+        Command::Bench {
+            model,
+            threads,
+            prompt,
+            n_gen,
+            runs,
+            max_resident,
+            json,
+        } => {
+            let path = model.unwrap_or_else(realm_host::default_model_path);
+            bench::run(
+                &path,
+                &threads,
+                &prompt,
+                n_gen,
+                runs.max(1),
+                max_resident,
+                json,
+            )?
+        }
         Command::Inspect { model, json } => {
             let path = model.unwrap_or_else(realm_host::default_model_path);
             let (_, file) = open(&path)?;

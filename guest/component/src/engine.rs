@@ -218,6 +218,7 @@ impl SessionHandle {
             generated: Vec::new(),
             margins: Vec::new(),
             max_tokens: params.max_tokens,
+            ignore_eog: params.ignore_eog,
             stop: params.stop.into_iter().filter(|s| !s.is_empty()).collect(),
             utf8: Utf8Stream::new(),
             text: String::new(),
@@ -245,6 +246,7 @@ struct GenerationState {
     generated: Vec<u32>,
     margins: Vec<f32>,
     max_tokens: u32,
+    ignore_eog: bool,
     stop: Vec<String>,
     utf8: Utf8Stream,
     /// All text generated so far, and how much of it has been handed out.
@@ -277,7 +279,7 @@ impl GenerationHandle {
         g.generated.push(tok);
         g.history.push(tok);
         g.usage.generated_tokens += 1;
-        if g.model.tokenizer.vocab().is_eog(tok) {
+        if !g.ignore_eog && g.model.tokenizer.vocab().is_eog(tok) {
             g.finish = Some(FinishReason::Eog);
             return Ok(None);
         }

@@ -1,0 +1,188 @@
+//! `realm bench`: prompt processing and generation speed through the full component path
+//! (guest → WIT → host), as median, min and max of several runs, with the decode time split
+//! into host op classes and the rest (WIT crossings and guest work).
+
+use std::path::Path;
+
+use anyhow::Context;
+use realm_host::{Engine, EngineConfig, Model, Params, Prompt};
+
+/// Peak resident set of this process, from /proc (0 where unavailable).
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn params(max_tokens: u32) -> Params {
+    Params {
+        max_tokens,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 0,
+        seed: 0,
+        stop: Vec::new(),
+        ignore_eog: true,
+    }
+}
+
+/// A raw prompt of about `n` tokens ("the the the …": one token per word in common vocabularies).
+fn prompt_of(n: u32) -> Prompt {
+    let mut s = String::from("the");
+    for _ in 1..n {
+        s.push_str(" the");
+    }
+    Prompt::Text(s)
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Split {
+    matmul: f64,
+    attention: f64,
+    other: f64,
+    rest: f64,
+}
+
+fn stats(v: &mut [f64]) -> serde_json::Value {
+    v.sort_by(f64::total_cmp);
+    let med = v[v.len() / 2];
+    serde_json::json!({ "median": med, "min": v[0], "max": v[v.len() - 1] })
+}
+
+fn prefill(model: &mut Model, n: u32) -> anyhow::Result<(f64, u32)> {
+    let mut session = model.session(0)?;
+    let mut g = session.generate(prompt_of(n), params(1))?;
+    for piece in &mut g {
+        piece?;
+    }
+    let u = g.usage()?;
+    Ok((
+        f64::from(u.prompt_tokens) / (u.prefill_ns as f64 / 1e9),
+        u.prompt_tokens,
+    ))
+}
+
+fn decode(model: &mut Model, n: u32) -> anyhow::Result<(f64, Split)> {
+    let mut session = model.session(0)?;
+    let mut g = session.generate(prompt_of(16), params(n))?;
+    let before = g.model().compute_stats();
+    for piece in &mut g {
+        piece?;
+    }
+    let u = g.usage()?;
+    let after = g.model().compute_stats();
+    let total = u.decode_ns as f64;
+    let share = |a: u64, b: u64| (a - b) as f64 / total;
+    let s = Split {
+        matmul: share(after.matmul_ns, before.matmul_ns),
+        attention: share(after.attention_ns, before.attention_ns),
+        other: share(after.other_ns, before.other_ns),
+        rest: 0.0,
+    };
+    let rest = (1.0 - s.matmul - s.attention - s.other).max(0.0);
+    let tps = f64::from(u.generated_tokens.saturating_sub(1)) / (total / 1e9);
+    Ok((tps, Split { rest, ..s }))
+}
+
+pub fn run(
+    path: &Path,
+    threads: &[usize],
+    prompts: &[u32],
+    n_gen: u32,
+    runs: usize,
+    max_resident: Option<u64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    for &t in threads {
+        anyhow::ensure!(t > 0, "thread counts must be at least 1");
+        let config = EngineConfig {
+            threads: t,
+            max_resident,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::new(config)?;
+        let mut model = engine
+            .load_model(path)
+            .with_context(|| format!("cannot load {}", path.display()))?;
+        let mut entry = serde_json::json!({ "threads": t });
+        for &p in prompts {
+            let mut v = Vec::new();
+            let mut actual = p;
+            for _ in 0..runs {
+                let (tps, n) = prefill(&mut model, p)?;
+                v.push(tps);
+                actual = n;
+            }
+            entry[format!("pp{p}")] =
+                serde_json::json!({ "tokens": actual, "tokens_per_s": stats(&mut v) });
+        }
+        let mut v = Vec::new();
+        let mut split = Split::default();
+        for _ in 0..runs {
+            let (tps, s) = decode(&mut model, n_gen)?;
+            v.push(tps);
+            split = s;
+        }
+        entry[format!("tg{n_gen}")] = serde_json::json!({
+            "tokens_per_s": stats(&mut v),
+            "decode_time_share": {
+                "matmul": split.matmul, "attention": split.attention, "other_ops": split.other,
+                "wit_and_guest": split.rest,
+            },
+        });
+        let store = model.store_stats();
+        entry["weights"] = serde_json::json!({
+            "peak_resident_bytes": store.peak_resident_bytes, "loads": store.loads,
+            "evictions": store.evictions, "prefetch_hits": store.prefetch_hits,
+        });
+        results.push(entry);
+    }
+    let out = serde_json::json!({
+        "model": path.display().to_string(),
+        "runs": runs,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "results": results,
+    });
+    if json {
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "model {} · {runs} runs each · peak RSS {} MiB",
+        path.display(),
+        peak_rss_bytes() >> 20
+    );
+    println!("| threads | test | tokens/s median | min | max |");
+    println!("|---|---|---|---|---|");
+    for r in out["results"].as_array().into_iter().flatten() {
+        let t = &r["threads"];
+        for (k, v) in r.as_object().into_iter().flatten() {
+            if let Some(s) = v.get("tokens_per_s") {
+                println!(
+                    "| {t} | {k} | {:.1} | {:.1} | {:.1} |",
+                    s["median"].as_f64().unwrap_or(0.0),
+                    s["min"].as_f64().unwrap_or(0.0),
+                    s["max"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+        let sh = &r[format!("tg{n_gen}")]["decode_time_share"];
+        println!(
+            "|   | decode time | matmul {:.0} % · attention {:.0} % · other ops {:.0} % · WIT + guest {:.0} % |||",
+            sh["matmul"].as_f64().unwrap_or(0.0) * 100.0,
+            sh["attention"].as_f64().unwrap_or(0.0) * 100.0,
+            sh["other_ops"].as_f64().unwrap_or(0.0) * 100.0,
+            sh["wit_and_guest"].as_f64().unwrap_or(0.0) * 100.0
+        );
+    }
+    Ok(())
+}
