@@ -234,3 +234,70 @@ mod tests {
         }
     }
 }
+
+/// Flash-attention helpers on f16 rows, the same arithmetic as `kernels`' portable code
+/// lane for lane (ggml's F16C + FMA vector path): products of f16 are exact in f32, the
+/// accumulator is rounded to f16 after every fused update.
+pub mod fa {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load8(x: &[f16]) -> __m256 {
+        assert!(x.len() >= 8);
+        // SAFETY: 8 f16 (16 bytes) are there (checked); f16 is a transparent u16.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(x.as_ptr().cast()) })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn store8(x: &mut [f16], v: __m256) {
+        assert!(x.len() >= 8);
+        let h = _mm256_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(v);
+        // SAFETY: room for 8 f16 (checked); unaligned store.
+        unsafe { _mm_storeu_si128(x.as_mut_ptr().cast(), h) };
+    }
+
+    /// `kernels::dot_f16` for lengths that are multiples of 64.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dot(x: &[f16], y: &[f16]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 8]; // 4 accumulators × 16 lanes
+        for i in (0..x.len() / 64).map(|i| i * 64) {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let at = i + 8 * k;
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(load8(&x[at..]), load8(&y[at..])));
+            }
+        }
+        // (0 + 2) + (1 + 3) per lane, lanes 0..8 and 8..16 separately.
+        let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+        let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+        let t3 = _mm256_add_ps(hi, lo);
+        let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+        let mut t = [0f32; 4];
+        // SAFETY: `t` holds four floats.
+        unsafe { _mm_storeu_ps(t.as_mut_ptr(), t6) };
+        (t[0] + t[2]) + (t[1] + t[3])
+    }
+
+    /// acc = f16(v · s + acc), fused, for lengths that are multiples of 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn mad(acc: &mut [f16], v: &[f16], s: f32) {
+        let vs = _mm256_set1_ps(s);
+        for i in (0..acc.len() / 8).map(|i| i * 8) {
+            let r = _mm256_fmadd_ps(load8(&v[i..]), vs, load8(&acc[i..]));
+            store8(&mut acc[i..], r);
+        }
+    }
+
+    /// acc = f16(acc · s), for lengths that are multiples of 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn scale(acc: &mut [f16], s: f32) {
+        let vs = _mm256_set1_ps(s);
+        for i in (0..acc.len() / 8).map(|i| i * 8) {
+            let r = _mm256_mul_ps(load8(&acc[i..]), vs);
+            store8(&mut acc[i..], r);
+        }
+    }
+}

@@ -277,6 +277,10 @@ fn attend_row_body(
     out: &mut [f32],
 ) {
     let tab = f16_table();
+    #[cfg(target_arch = "x86_64")]
+    let fast = head_dim.is_multiple_of(64) && super::avx2::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast = false;
     let group = n_head / n_head_kv;
     let kv_width = n_head_kv * head_dim;
     let start = if window > 0 {
@@ -295,19 +299,33 @@ fn attend_row_body(
         let (mut sum, mut max) = (0f32, f32::NEG_INFINITY);
         for t in start..=p {
             let row = t * kv_width + g * head_dim;
-            let s = dot_f16(&cache.k[row..row + head_dim], q16) * scale;
+            let k = &cache.k[row..row + head_dim];
+            let s = if fast {
+                fa_dot(k, q16)
+            } else {
+                dot_f16(k, q16)
+            } * scale;
             let (mut ms, mut vs) = (1f32, 1f32);
             if s > max {
                 ms = (max - s).exp();
                 max = s;
-                for a in acc.iter_mut() {
-                    *a = f16::from_f32(f32_of(tab, *a) * ms);
+                if fast {
+                    fa_scale(acc, ms);
+                } else {
+                    for a in acc.iter_mut() {
+                        *a = f16::from_f32(f32_of(tab, *a) * ms);
+                    }
                 }
             } else {
                 vs = (s - max).exp();
             }
-            for (a, v) in acc.iter_mut().zip(&cache.v[row..row + head_dim]) {
-                *a = f16::from_f32(f32_of(tab, *v).mul_add(vs, f32_of(tab, *a)));
+            let v = &cache.v[row..row + head_dim];
+            if fast {
+                fa_mad(acc, v, vs);
+            } else {
+                for (a, v) in acc.iter_mut().zip(v) {
+                    *a = f16::from_f32(f32_of(tab, *v).mul_add(vs, f32_of(tab, *a)));
+                }
             }
             sum = sum.mul_add(ms, vs);
         }
@@ -320,6 +338,36 @@ fn attend_row_body(
         }
     }
 }
+
+/// The AVX2 flash-attention helpers, called only when `avx2::available()` said so.
+#[cfg(target_arch = "x86_64")]
+fn fa_dot(k: &[f16], q: &[f16]) -> f32 {
+    // SAFETY: callers pass `fast`, which is true only when the CPU has AVX2, FMA and F16C.
+    unsafe { super::avx2::fa::dot(k, q) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fa_mad(acc: &mut [f16], v: &[f16], s: f32) {
+    // SAFETY: as for `fa_dot`.
+    unsafe { super::avx2::fa::mad(acc, v, s) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fa_scale(acc: &mut [f16], s: f32) {
+    // SAFETY: as for `fa_dot`.
+    unsafe { super::avx2::fa::scale(acc, s) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fa_dot(k: &[f16], q: &[f16]) -> f32 {
+    dot_f16(k, q)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fa_mad(_: &mut [f16], _: &[f16], _: f32) {}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fa_scale(_: &mut [f16], _: f32) {}
 
 #[cfg(test)]
 mod tests {
@@ -365,6 +413,39 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, [3.0, -2.0, 3.0, -2.0]);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_attention_helpers_equal_the_portable_arithmetic() {
+        if !crate::compute::avx2::available() {
+            eprintln!("this CPU lacks AVX2/FMA/F16C: nothing to compare");
+            return;
+        }
+        let mk = |seed: u32, n: usize| -> Vec<f16> {
+            (0..n)
+                .map(|i| {
+                    f16::from_f32((((i as u32 * 2654435761) ^ seed) % 2000) as f32 / 300.0 - 3.3)
+                })
+                .collect()
+        };
+        for seed in 0..20 {
+            let (x, y) = (mk(seed, 256), mk(seed + 99, 256));
+            assert_eq!(fa_dot(&x, &y).to_bits(), dot_f16(&x, &y).to_bits());
+            let mut a = mk(seed + 7, 64);
+            let mut b = a.clone();
+            let v = mk(seed + 3, 64);
+            fa_mad(&mut a, &v, 0.37);
+            for (b, v) in b.iter_mut().zip(&v) {
+                *b = f16::from_f32(v.to_f32().mul_add(0.37, b.to_f32()));
+            }
+            assert_eq!(a, b);
+            fa_scale(&mut a, 0.61);
+            for b in b.iter_mut() {
+                *b = f16::from_f32(b.to_f32() * 0.61);
+            }
+            assert_eq!(a, b);
+        }
     }
 
     #[test]
