@@ -261,6 +261,9 @@ pub mod fa {
     }
 
     /// `kernels::dot_f16` for lengths that are multiples of 64.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C ([`super::available`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn dot(x: &[f16], y: &[f16]) -> f32 {
         let mut acc = [_mm256_setzero_ps(); 8]; // 4 accumulators × 16 lanes
@@ -282,6 +285,9 @@ pub mod fa {
     }
 
     /// acc = f16(v · s + acc), fused, for lengths that are multiples of 8.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C ([`super::available`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn mad(acc: &mut [f16], v: &[f16], s: f32) {
         let vs = _mm256_set1_ps(s);
@@ -292,6 +298,9 @@ pub mod fa {
     }
 
     /// acc = f16(acc · s), for lengths that are multiples of 8.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C ([`super::available`]).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn scale(acc: &mut [f16], s: f32) {
         let vs = _mm256_set1_ps(s);
