@@ -3,35 +3,13 @@
 //!
 //! Needs `make models` and the release guest component (`make test` builds both first).
 
+mod common;
+
 use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `realm`, run from the repository root as a user would (so `models/` is the default).
-fn realm() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_realm"));
-    c.current_dir(root());
-    c
-}
-
-fn run_json(args: &[&str]) -> serde_json::Value {
-    let out = realm()
-        .args(["run", "--json", "--threads", "2"])
-        .args(args)
-        .output()
-        .expect("realm runs");
-    assert!(
-        out.status.success(),
-        "realm run {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).expect("utf-8");
-    serde_json::from_str(stdout.trim().lines().last().expect("a line")).expect("json")
-}
+use common::{realm, root, run_json};
 
 fn ids(v: &serde_json::Value) -> Vec<u64> {
     v.as_array()

@@ -1,30 +1,12 @@
 //! Weights beyond 4 GiB behind the 32-bit guest, and a resident-memory budget that does not
 //! change results.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 
+use common::run_json;
 use realm_gguf::{Array, GgmlType, GgufWriter, Value};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn run_json(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_realm"))
-        .current_dir(root())
-        .args(["run", "--json", "--threads", "2"])
-        .args(args)
-        .output()
-        .expect("realm runs");
-    assert!(
-        out.status.success(),
-        "realm run {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).expect("utf-8");
-    serde_json::from_str(stdout.trim().lines().last().expect("a line")).expect("json")
-}
 
 #[test]
 fn budgets_give_the_same_greedy_ids() {

@@ -6,7 +6,7 @@
 use realm_gguf::Hparams;
 
 use super::{Architecture, Loader, Scratch};
-use crate::compute::{Activation, KvCache, RopeMode, Tensor, Weight, ops};
+use crate::compute::{Activation, KvCache, RopeMode, Weight, ops};
 use crate::realm::inference::types::Error;
 
 /// Every sixth layer attends globally; the others see the last `sliding_window` positions.
@@ -48,12 +48,7 @@ impl Gemma3 {
         );
         let q_dim = u64::from(hp.n_head) * hd;
         let kv_dim = u64::from(hp.n_head_kv) * hd;
-        let n_vocab = l
-            .tensor("token_embd.weight")
-            .and_then(|t| t.dims.get(1).copied())
-            .ok_or_else(|| {
-                Error::InvalidModel("tensor 'token_embd.weight' is missing or 1-D".into())
-            })?;
+        let n_vocab = l.n_vocab()?;
         let sliding_window = l
             .metadata_u32("gemma3.attention.sliding_window")?
             .unwrap_or(0);
@@ -95,23 +90,7 @@ impl Architecture for Gemma3 {
     }
 
     fn scratch(&self) -> Scratch {
-        let hp = &self.hp;
-        let q_dim = hp.n_head * hp.head_dim;
-        let kv_dim = hp.n_head_kv * hp.head_dim;
-        Scratch {
-            x: Tensor::new(hp.n_embd),
-            xb: Tensor::new(hp.n_embd),
-            xb2: Tensor::new(hp.n_embd),
-            q: Tensor::new(q_dim),
-            k: Tensor::new(kv_dim),
-            v: Tensor::new(kv_dim),
-            qn: Tensor::new(q_dim),
-            kn: Tensor::new(kv_dim),
-            att: Tensor::new(q_dim),
-            gate: Tensor::new(hp.n_ff),
-            up: Tensor::new(hp.n_ff),
-            logits: Tensor::new(self.n_vocab as u32),
-        }
+        Scratch::new(&self.hp, self.n_vocab as u32, true)
     }
 
     fn forward(

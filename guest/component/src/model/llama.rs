@@ -5,7 +5,7 @@
 use realm_gguf::Hparams;
 
 use super::{Architecture, Loader, Scratch};
-use crate::compute::{Activation, KvCache, RopeMode, Tensor, Weight, ops};
+use crate::compute::{Activation, KvCache, RopeMode, Weight, ops};
 use crate::realm::inference::types::Error;
 
 struct Layer {
@@ -34,12 +34,7 @@ impl Llama {
         let (e, ff) = (u64::from(hp.n_embd), u64::from(hp.n_ff));
         let q_dim = u64::from(hp.n_head) * u64::from(hp.head_dim);
         let kv_dim = u64::from(hp.n_head_kv) * u64::from(hp.head_dim);
-        let n_vocab = l
-            .tensor("token_embd.weight")
-            .and_then(|t| t.dims.get(1).copied())
-            .ok_or_else(|| {
-                Error::InvalidModel("tensor 'token_embd.weight' is missing or 1-D".into())
-            })?;
+        let n_vocab = l.n_vocab()?;
         let layers = (0..hp.n_layer)
             .map(|i| {
                 let w =
@@ -74,23 +69,7 @@ impl Architecture for Llama {
     }
 
     fn scratch(&self) -> Scratch {
-        let hp = &self.hp;
-        let q_dim = hp.n_head * hp.head_dim;
-        let kv_dim = hp.n_head_kv * hp.head_dim;
-        Scratch {
-            x: Tensor::new(hp.n_embd),
-            xb: Tensor::new(hp.n_embd),
-            xb2: Tensor::new(0),
-            q: Tensor::new(q_dim),
-            k: Tensor::new(kv_dim),
-            v: Tensor::new(kv_dim),
-            qn: Tensor::new(0),
-            kn: Tensor::new(0),
-            att: Tensor::new(q_dim),
-            gate: Tensor::new(hp.n_ff),
-            up: Tensor::new(hp.n_ff),
-            logits: Tensor::new(self.n_vocab as u32),
-        }
+        Scratch::new(&self.hp, self.n_vocab as u32, false)
     }
 
     fn forward(

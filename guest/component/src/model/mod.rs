@@ -61,6 +61,29 @@ pub struct Scratch {
     pub logits: Tensor,
 }
 
+impl Scratch {
+    /// Buffers for `hp`; `post_norms` adds the extra ones Gemma-style blocks need.
+    pub fn new(hp: &Hparams, n_vocab: u32, post_norms: bool) -> Self {
+        let q_dim = hp.n_head * hp.head_dim;
+        let kv_dim = hp.n_head_kv * hp.head_dim;
+        let extra = |n: u32| Tensor::new(if post_norms { n } else { 0 });
+        Scratch {
+            x: Tensor::new(hp.n_embd),
+            xb: Tensor::new(hp.n_embd),
+            xb2: extra(hp.n_embd),
+            q: Tensor::new(q_dim),
+            k: Tensor::new(kv_dim),
+            v: Tensor::new(kv_dim),
+            qn: extra(q_dim),
+            kn: extra(kv_dim),
+            att: Tensor::new(q_dim),
+            gate: Tensor::new(hp.n_ff),
+            up: Tensor::new(hp.n_ff),
+            logits: Tensor::new(n_vocab),
+        }
+    }
+}
+
 pub fn load(file: &ModelFile, gguf: &GgufFile) -> Result<Box<dyn Architecture>, Error> {
     let arch = gguf
         .architecture()
@@ -84,6 +107,15 @@ pub struct Loader<'a> {
 impl Loader<'_> {
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.gguf.tensor(name)
+    }
+
+    /// Vocabulary size: the row count of `token_embd.weight`.
+    pub fn n_vocab(&self) -> Result<u64, Error> {
+        self.tensor("token_embd.weight")
+            .and_then(|t| t.dims.get(1).copied())
+            .ok_or_else(|| {
+                Error::InvalidModel("tensor 'token_embd.weight' is missing or 1-D".into())
+            })
     }
 
     /// The weight `name`, which must have exactly `dims` (ggml order).
