@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 
 use realm_gguf::GgmlType;
 
-use super::quant::{Q8_0_BYTES, Q8_1_BYTES};
+use super::quant::{Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES};
 
 /// Whether this CPU can run these kernels.
 pub fn available() -> bool {
@@ -47,6 +47,14 @@ pub unsafe fn dot_rows(
             .iter_mut()
             .enumerate()
             .for_each(|(i, o)| *o = dot_q8_0(row(i), x)),
+        GgmlType::Q4_K => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = dot_q4_k(row(i), x)),
+        GgmlType::Q6_K => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = dot_q6_k(row(i), x)),
         _ => return false,
     }
     true
@@ -180,6 +188,92 @@ fn dot_q8_0(w: &[u8], x: &[u8]) -> f32 {
     hsum8(acc)
 }
 
+/// Q4_K × Q8_K (ggml's AVX2 `ggml_vec_dot_q4_K_q8_K`): integer sums per lane, scaled by
+/// the sub-block scales in `madd`, fused into `acc`; the mins go to four lanes of their own.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_k(w: &[u8], x: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut acc_m = [0f32; 4];
+    let m4 = _mm256_set1_epi8(0x0F);
+    for (wb, xb) in w.chunks_exact(144).zip(x.chunks_exact(Q8_K_BYTES)) {
+        let dy = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+        let d = dy * h(wb, 0);
+        let dmin = -dy * h(wb, 2);
+        let mut scales = [0u8; 12];
+        scales.copy_from_slice(&wb[4..16]);
+        let mut sc = [0i16; 8];
+        let mut mn = [0i32; 8];
+        for j in 0..8 {
+            let (s, m) = realm_gguf::quant::scale_min_k4(j, &scales);
+            sc[j] = i16::from(s);
+            mn[j] = i32::from(m);
+        }
+        let bsum = |k: usize| i32::from(i16::from_le_bytes([xb[260 + 2 * k], xb[261 + 2 * k]]));
+        for (l, a) in acc_m.iter_mut().enumerate() {
+            let q8s = |k: usize| bsum(2 * k) + bsum(2 * k + 1);
+            let prod = mn[2 * l] * q8s(2 * l) + mn[2 * l + 1] * q8s(2 * l + 1);
+            *a = dmin.mul_add(prod as f32, *a);
+        }
+        let mut sumi = _mm256_setzero_si256();
+        for j in 0..4 {
+            let q4 = load32(&wb[16 + 32 * j..]);
+            let q4l = _mm256_and_si256(q4, m4);
+            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            let q8l = load32(&xb[4 + 64 * j..]);
+            let q8h = load32(&xb[4 + 64 * j + 32..]);
+            let pl =
+                _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j]), _mm256_maddubs_epi16(q4l, q8l));
+            let ph = _mm256_madd_epi16(
+                _mm256_set1_epi16(sc[2 * j + 1]),
+                _mm256_maddubs_epi16(q4h, q8h),
+            );
+            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum8(acc) + ((acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]))
+}
+
+/// Q6_K × Q8_K (ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`), the -32 offset taken in integers.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q6_k(w: &[u8], x: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(3);
+    let m32 = _mm256_set1_epi8(32);
+    for (wb, xb) in w.chunks_exact(210).zip(x.chunks_exact(Q8_K_BYTES)) {
+        let dy = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+        let d = dy * h(wb, 208);
+        let mut sumi = _mm256_setzero_si256();
+        for n in 0..2 {
+            let ql1 = load32(&wb[64 * n..]);
+            let ql2 = load32(&wb[64 * n + 32..]);
+            let qh = load32(&wb[128 + 32 * n..]);
+            let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4);
+            let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4);
+            let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4);
+            let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4);
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(ql1, m4), h0),
+                _mm256_or_si256(_mm256_and_si256(ql2, m4), h1),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), h2),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql2, 4), m4), h3),
+            ];
+            for (k, &qk) in q.iter().enumerate() {
+                let q8 = load32(&xb[4 + 128 * n + 32 * k..]);
+                let p16 =
+                    _mm256_sub_epi16(_mm256_maddubs_epi16(qk, q8), _mm256_maddubs_epi16(m32, q8));
+                let s_lo = i16::from(wb[192 + 8 * n + 2 * k] as i8);
+                let s_hi = i16::from(wb[192 + 8 * n + 2 * k + 1] as i8);
+                let scale = _mm256_set_m128i(_mm_set1_epi16(s_hi), _mm_set1_epi16(s_lo));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p16));
+            }
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum8(acc)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,15 +298,20 @@ mod tests {
             GgmlType::Q4_1,
             GgmlType::Q5_0,
             GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
         ] {
-            let (n, ts) = (256usize, ty.type_size() as usize);
+            let (n, ts, bs) = (512usize, ty.type_size() as usize, ty.block_size() as usize);
             for _ in 0..50 {
-                let mut w: Vec<u8> = (0..n / 32 * ts).map(|_| next() as u8).collect();
-                for b in 0..n / 32 {
+                let mut w: Vec<u8> = (0..n / bs * ts).map(|_| next() as u8).collect();
+                for b in 0..n / bs {
                     let d = half::f16::from_f32((next() % 1000) as f32 / 40000.0 - 0.0125);
                     w[b * ts..b * ts + 2].copy_from_slice(&d.to_le_bytes());
-                    if ty == GgmlType::Q4_1 {
+                    if matches!(ty, GgmlType::Q4_1 | GgmlType::Q4_K) {
                         w[b * ts + 2..b * ts + 4].copy_from_slice(&d.to_le_bytes());
+                    }
+                    if ty == GgmlType::Q6_K {
+                        w[b * ts + 208..b * ts + 210].copy_from_slice(&d.to_le_bytes());
                     }
                 }
                 let xs: Vec<f32> = (0..n)
