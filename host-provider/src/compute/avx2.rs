@@ -35,18 +35,32 @@ pub unsafe fn dot_rows(
             .iter_mut()
             .enumerate()
             .for_each(|(i, o)| *o = dot_q4_0(row(i), x)),
-        GgmlType::Q4_1 => out
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| *o = dot_q4_1(row(i), x)),
+        GgmlType::Q4_1 => {
+            // Four rows per pass share the activation loads and run four independent
+            // FMA chains; each row's arithmetic is unchanged.
+            let full = out.len() / 4 * 4;
+            for i in (0..full).step_by(4) {
+                let r = dot4_q4_1([row(i), row(i + 1), row(i + 2), row(i + 3)], x);
+                out[i..i + 4].copy_from_slice(&r);
+            }
+            for i in full..out.len() {
+                out[i] = dot_q4_1(row(i), x);
+            }
+        }
         GgmlType::Q5_0 => out
             .iter_mut()
             .enumerate()
             .for_each(|(i, o)| *o = dot_q5_0(row(i), x)),
-        GgmlType::Q8_0 => out
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| *o = dot_q8_0(row(i), x)),
+        GgmlType::Q8_0 => {
+            let full = out.len() / 4 * 4;
+            for i in (0..full).step_by(4) {
+                let r = dot4_q8_0([row(i), row(i + 1), row(i + 2), row(i + 3)], x);
+                out[i..i + 4].copy_from_slice(&r);
+            }
+            for i in full..out.len() {
+                out[i] = dot_q8_0(row(i), x);
+            }
+        }
         GgmlType::Q4_K => out
             .iter_mut()
             .enumerate()
@@ -186,6 +200,47 @@ fn dot_q8_0(w: &[u8], x: &[u8]) -> f32 {
         }
     }
     hsum8(acc)
+}
+
+/// [`dot_q4_1`] of four rows at once.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_q4_1(w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [0f32; 4];
+    for (b, xb) in x.chunks_exact(Q8_1_BYTES).enumerate() {
+        let (dy, sy) = (h(xb, 0), h(xb, 2));
+        let y = load32(&xb[4..36]);
+        for r in 0..4 {
+            let wb = &w[r][20 * b..20 * b + 20];
+            summs[r] = h(wb, 2).mul_add(sy, summs[r]);
+            let d0d1 = _mm256_mul_ps(_mm256_set1_ps(h(wb, 0)), _mm256_set1_ps(dy));
+            let xy = mul_sum_us8(nibbles(&wb[4..20]), y);
+            acc[r] = _mm256_fmadd_ps(d0d1, xy, acc[r]);
+        }
+    }
+    [
+        hsum8(acc[0]) + summs[0],
+        hsum8(acc[1]) + summs[1],
+        hsum8(acc[2]) + summs[2],
+        hsum8(acc[3]) + summs[3],
+    ]
+}
+
+/// [`dot_q8_0`] of four rows at once.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_q8_0(w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (b, xb) in x.chunks_exact(Q8_0_BYTES).enumerate() {
+        let dy = h(xb, 0);
+        let y = load32(&xb[2..34]);
+        for r in 0..4 {
+            let wb = &w[r][34 * b..34 * b + 34];
+            let d = _mm256_set1_ps(h(wb, 0) * dy);
+            let q = mul_sum_i8(load32(&wb[2..34]), y);
+            acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
+        }
+    }
+    [hsum8(acc[0]), hsum8(acc[1]), hsum8(acc[2]), hsum8(acc[3])]
 }
 
 /// Q4_K × Q8_K (ggml's AVX2 `ggml_vec_dot_q4_K_q8_K`): integer sums per lane, scaled by
@@ -406,6 +461,52 @@ pub mod fa {
         for i in (0..acc.len() / 8).map(|i| i * 8) {
             let r = _mm256_mul_ps(load8(&acc[i..]), vs);
             store8(&mut acc[i..], r);
+        }
+    }
+}
+
+#[cfg(test)]
+mod four_row_tests {
+    use super::*;
+    use crate::compute::quant::{self, VecDot};
+
+    /// The 4-row passes give each row exactly its single-row result.
+    #[test]
+    fn four_row_passes_equal_single_rows() {
+        if !available() {
+            eprintln!("this CPU lacks AVX2/FMA/F16C: nothing to compare");
+            return;
+        }
+        let mut s = 777u64;
+        let mut next = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+            let (k, ts, rows) = (256usize, ty.type_size() as usize, 7usize);
+            let wrow = k / 32 * ts;
+            let mut w: Vec<u8> = (0..rows * wrow).map(|_| next() as u8).collect();
+            for b in 0..rows * k / 32 {
+                let d = half::f16::from_f32((next() % 1000) as f32 / 40000.0 - 0.0125);
+                w[b * ts..b * ts + 2].copy_from_slice(&d.to_le_bytes());
+                if ty == GgmlType::Q4_1 {
+                    w[b * ts + 2..b * ts + 4].copy_from_slice(&d.to_le_bytes());
+                }
+            }
+            let xs: Vec<f32> = (0..k)
+                .map(|_| (next() % 2000) as f32 / 100.0 - 10.0)
+                .collect();
+            let mut xq = Vec::new();
+            quant::quantize_row(VecDot::for_weight(ty).expect("kind"), &xs, &mut xq);
+            let mut got = vec![0f32; rows];
+            // SAFETY: `available()` checked above.
+            assert!(unsafe { dot_rows(ty, &w, wrow, &xq, 0, &mut got) });
+            for (r, g) in got.iter().enumerate() {
+                let want = quant::dot(ty, &w[r * wrow..(r + 1) * wrow], &xq);
+                assert_eq!(g.to_bits(), want.to_bits(), "{ty} row {r}");
+            }
         }
     }
 }
