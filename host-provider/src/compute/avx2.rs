@@ -43,8 +43,8 @@ pub unsafe fn dot_rows(
                 let r = dot4_q4_1([row(i), row(i + 1), row(i + 2), row(i + 3)], x);
                 out[i..i + 4].copy_from_slice(&r);
             }
-            for i in full..out.len() {
-                out[i] = dot_q4_1(row(i), x);
+            for (i, o) in out.iter_mut().enumerate().skip(full) {
+                *o = dot_q4_1(row(i), x);
             }
         }
         GgmlType::Q5_0 => out
@@ -57,8 +57,8 @@ pub unsafe fn dot_rows(
                 let r = dot4_q8_0([row(i), row(i + 1), row(i + 2), row(i + 3)], x);
                 out[i..i + 4].copy_from_slice(&r);
             }
-            for i in full..out.len() {
-                out[i] = dot_q8_0(row(i), x);
+            for (i, o) in out.iter_mut().enumerate().skip(full) {
+                *o = dot_q8_0(row(i), x);
             }
         }
         GgmlType::Q4_K => out
