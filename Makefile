@@ -23,7 +23,7 @@ build: guest
 	$(CARGO) build --release -j$(JOBS) -p realm-host
 
 run: models build
-	./target/release/realm run --model $(MODEL) "$(PROMPT)"
+	./target/release/realm run --temp 0 --model $(MODEL) "$(PROMPT)"
 
 # Release profile throughout: one build of wasmtime serves tests, `make run` and benches.
 test: models guest
