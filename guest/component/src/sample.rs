@@ -19,20 +19,6 @@ pub struct SamplerParams {
     pub seed: u64,
 }
 
-impl Default for SamplerParams {
-    fn default() -> Self {
-        Self {
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: 0,
-        }
-    }
-}
-
 impl SamplerParams {
     /// A readable complaint about the first setting out of range.
     pub fn validate(&self) -> Result<(), String> {

@@ -201,6 +201,17 @@ pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
     sum as f32
 }
 
+/// The fixed shape of one layer's attention.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    /// Attend to the last `window` positions only (0: all).
+    pub window: usize,
+}
+
 /// Causal attention of one query row at position `p` over `cache[..=p]` (or its last
 /// `window` positions), all heads; GQA maps `n_head / n_head_kv` query heads per KV head.
 ///
@@ -208,74 +219,52 @@ pub fn dot_f16(x: &[f16], y: &[f16]) -> f32 {
 /// rounded to f16, scores are f16 dot products, and the softmax is online, with the
 /// weighted sum of values accumulated *in f16* (`ggml_vec_mad_f16`) and rescaled in f16
 /// whenever the running maximum rises; the sum of weights stays in f32.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the shape of attention is this many numbers"
-)]
 pub fn attend_row(
     q: &[f32],
     cache: &LayerCache,
     p: usize,
-    n_head: usize,
-    n_head_kv: usize,
-    head_dim: usize,
-    scale: f32,
-    window: usize,
+    shape: AttnShape,
     scratch: &mut Vec<f16>,
     out: &mut [f32],
 ) {
-    let args = (q, cache, p, n_head, n_head_kv, head_dim, scale, window);
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has FMA (checked just above); the function only enables it.
-        unsafe { attend_row_fma(args, scratch, out) };
+        unsafe { attend_row_fma(q, cache, p, shape, scratch, out) };
         return;
     }
-    attend_row_portable(args, scratch, out);
+    attend_row_body(q, cache, p, shape, scratch, out);
 }
-
-type AttendArgs<'a> = (
-    &'a [f32],
-    &'a LayerCache,
-    usize,
-    usize,
-    usize,
-    usize,
-    f32,
-    usize,
-);
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
-fn attend_row_fma(args: AttendArgs<'_>, scratch: &mut Vec<f16>, out: &mut [f32]) {
-    attend_row_portable(args, scratch, out);
+fn attend_row_fma(
+    q: &[f32],
+    cache: &LayerCache,
+    p: usize,
+    shape: AttnShape,
+    scratch: &mut Vec<f16>,
+    out: &mut [f32],
+) {
+    attend_row_body(q, cache, p, shape, scratch, out);
 }
 
 #[inline(always)]
-fn attend_row_portable(args: AttendArgs<'_>, scratch: &mut Vec<f16>, out: &mut [f32]) {
-    let (q, cache, p, n_head, n_head_kv, head_dim, scale, window) = args;
-    attend_row_body(
-        q, cache, p, n_head, n_head_kv, head_dim, scale, window, scratch, out,
-    );
-}
-
-#[inline(always)]
-#[allow(
-    clippy::too_many_arguments,
-    reason = "the shape of attention is this many numbers"
-)]
 fn attend_row_body(
     q: &[f32],
     cache: &LayerCache,
     p: usize,
-    n_head: usize,
-    n_head_kv: usize,
-    head_dim: usize,
-    scale: f32,
-    window: usize,
+    shape: AttnShape,
     scratch: &mut Vec<f16>,
     out: &mut [f32],
 ) {
+    let AttnShape {
+        n_head,
+        n_head_kv,
+        head_dim,
+        scale,
+        window,
+    } = shape;
     let tab = f16_table();
     #[cfg(target_arch = "x86_64")]
     let fast = head_dim.is_multiple_of(64) && super::avx2::available();
@@ -400,15 +389,18 @@ mod tests {
             v: [3.0f32, -2.0].iter().map(|&v| f16::from_f32(v)).collect(),
         };
         let mut out = [0.0; 4];
+        let shape = AttnShape {
+            n_head: 2,
+            n_head_kv: 1,
+            head_dim: 2,
+            scale: 1.0,
+            window: 0,
+        };
         attend_row(
             &[0.5, 0.5, -1.0, 2.0],
             &cache,
             0,
-            2,
-            1,
-            2,
-            1.0,
-            0,
+            shape,
             &mut Vec::new(),
             &mut out,
         );

@@ -757,10 +757,8 @@ impl ComputeState {
                 }
                 let qrow = k / kind.block_len() * kind.block_bytes();
                 xq.clear();
-                let mut tmp = Vec::with_capacity(qrow);
                 for xrow in xt.data.chunks_exact(k) {
-                    quant::quantize_row(kind, xrow, &mut tmp);
-                    xq.extend_from_slice(&tmp);
+                    quant::quantize_row(kind, xrow, &mut xq);
                 }
                 let wrow = wt.ty.row_bytes(k as u64).unwrap_or(0) as usize;
                 let (wb, ty) = (wt.bytes(), wt.ty);
@@ -895,6 +893,13 @@ impl ComputeState {
 
             set_rows(o, n)?;
             let lc = &*lc;
+            let shape = kernels::AttnShape {
+                n_head,
+                n_head_kv: n_kv,
+                head_dim: hd,
+                scale,
+                window,
+            };
             let pool = self.pool.clone();
             pool.install(|| {
                 o.data
@@ -902,18 +907,7 @@ impl ComputeState {
                     .zip(qt.data.par_chunks(qt.cols))
                     .enumerate()
                     .for_each_init(Vec::<f16>::new, |scores, (i, (orow, qrow))| {
-                        kernels::attend_row(
-                            qrow,
-                            lc,
-                            pos + i,
-                            n_head,
-                            n_kv,
-                            hd,
-                            scale,
-                            window,
-                            scores,
-                            orow,
-                        );
+                        kernels::attend_row(qrow, lc, pos + i, shape, scores, orow);
                     })
             });
             Ok(())

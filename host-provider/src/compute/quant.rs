@@ -54,10 +54,9 @@ fn h(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// Quantize one row (a multiple of 32 values) into `out`, ggml's AVX2 way: scale from the
+/// Quantize one row (a multiple of 32 values), appending to `out`, ggml's AVX2 way: scale from the
 /// block's absolute maximum, `127 / max` as the inverse, round half to even.
 pub fn quantize_row(kind: VecDot, x: &[f32], out: &mut Vec<u8>) {
-    out.clear();
     if kind == VecDot::Q8K {
         quantize_row_q8_k(x, out);
         return;
@@ -207,12 +206,12 @@ fn dot_q4_k(w: &[u8], x: &[u8]) -> f32 {
         let d = dy * h(wb, 0);
         let dmin = -dy * h(wb, 2);
         let scales: [u8; 12] = wb[4..16].try_into().unwrap_or([0; 12]);
-        let (sc, mn): (Vec<i32>, Vec<i32>) = (0..8)
-            .map(|j| {
-                let (s, m) = realm_gguf::quant::scale_min_k4(j, &scales);
-                (i32::from(s), i32::from(m))
-            })
-            .unzip();
+        let mut sc = [0i32; 8];
+        let mut mn = [0i32; 8];
+        for j in 0..8 {
+            let (s, m) = realm_gguf::quant::scale_min_k4(j, &scales);
+            (sc[j], mn[j]) = (i32::from(s), i32::from(m));
+        }
         let q8 = &xb[4..260];
         let bsum = |k: usize| i32::from(i16::from_le_bytes([xb[260 + 2 * k], xb[261 + 2 * k]]));
         for (l, a) in acc_m.iter_mut().enumerate() {
