@@ -265,6 +265,7 @@ impl Engine {
             guest,
             handle,
             info,
+            pool: self.pool.clone(),
         })
     }
 }
@@ -275,9 +276,18 @@ pub struct Model {
     guest: bindings::Guest,
     handle: ResourceAny,
     pub info: ModelInfo,
+    pool: Arc<rayon::ThreadPool>,
 }
 
 impl Model {
+    /// Run a guest call on a worker of the compute pool, so that the ops it makes run
+    /// their parallel loops from inside the pool: no hand-off to another thread and back
+    /// per op (211 matmuls per token), and with one thread everything runs inline.
+    fn on_pool<R: Send>(&mut self, f: impl FnOnce(&mut Store<HostState>) -> R + Send) -> R {
+        let store = &mut self.store;
+        self.pool.install(move || f(store))
+    }
+
     pub fn tokenize(&mut self, text: &str, add_special: bool) -> anyhow::Result<Vec<u32>> {
         let g = self.guest.realm_inference_runtime();
         g.model()
@@ -338,10 +348,10 @@ pub struct Session<'m> {
 impl Session<'_> {
     pub fn generate(&mut self, prompt: Prompt, params: Params) -> anyhow::Result<Generation<'_>> {
         let m = &mut *self.model;
-        let g = m.guest.realm_inference_runtime();
-        let h = g
-            .session()
-            .call_generate(&mut m.store, self.handle, &prompt, &params)?
+        let g = m.guest.realm_inference_runtime().clone();
+        let handle = self.handle;
+        let h = m
+            .on_pool(|store| g.session().call_generate(store, handle, &prompt, &params))?
             .map_err(guest_error)?;
         Ok(Generation {
             model: m,
@@ -405,8 +415,12 @@ impl Iterator for Generation<'_> {
     type Item = anyhow::Result<Chunk>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let g = self.model.guest.realm_inference_runtime();
-        match g.generation().call_next(&mut self.model.store, self.handle) {
+        let g = self.model.guest.realm_inference_runtime().clone();
+        let handle = self.handle;
+        match self
+            .model
+            .on_pool(|store| g.generation().call_next(store, handle))
+        {
             Ok(Ok(Some(chunk))) => Some(Ok(chunk)),
             Ok(Ok(None)) => None,
             Ok(Err(e)) => Some(Err(guest_error(e))),

@@ -40,6 +40,7 @@ pub unsafe fn dot_rows(
             // FMA chains; each row's arithmetic is unchanged.
             let full = out.len() / 4 * 4;
             for i in (0..full).step_by(4) {
+                prefetch_ahead(w, (j0 + i) * wrow, 4 * wrow);
                 let r = dot4_q4_1([row(i), row(i + 1), row(i + 2), row(i + 3)], x);
                 out[i..i + 4].copy_from_slice(&r);
             }
@@ -54,6 +55,7 @@ pub unsafe fn dot_rows(
         GgmlType::Q8_0 => {
             let full = out.len() / 4 * 4;
             for i in (0..full).step_by(4) {
+                prefetch_ahead(w, (j0 + i) * wrow, 4 * wrow);
                 let r = dot4_q8_0([row(i), row(i + 1), row(i + 2), row(i + 3)], x);
                 out[i..i + 4].copy_from_slice(&r);
             }
@@ -72,6 +74,25 @@ pub unsafe fn dot_rows(
         _ => return false,
     }
     true
+}
+
+/// How far ahead of the rows being computed their weights are requested from memory.
+const PREFETCH_DISTANCE: usize = 4096;
+
+/// Ask for the cache lines of `w[at + D..at + D + len]` (D: [`PREFETCH_DISTANCE`]), so
+/// the next rows stream in while these compute; the hardware prefetcher stops at 4 KiB
+/// page boundaries of the mapped file. Addresses past the end are skipped.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn prefetch_ahead(w: &[u8], at: usize, len: usize) {
+    let start = at + PREFETCH_DISTANCE;
+    let end = (start + len).min(w.len());
+    let mut p = start & !63;
+    while p < end {
+        // SAFETY: `p < w.len()`; a prefetch never faults or changes memory anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(p).cast()) };
+        p += 64;
+    }
 }
 
 #[inline]
