@@ -36,11 +36,13 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -j$(JOBS) -- -D warnings
 
-# Realm vs llama.cpp on both models (not part of `make test`; builds llama-cpp-python from
-# source the first time, ~10 minutes on 2 cores), then the memory budget table.
+# Realm vs llama.cpp and Candle on both models (not part of `make test`; the first time it
+# builds llama-cpp-python from source, ~10 minutes on 2 cores, and Candle's bench, ~4
+# minutes, natively in its own target dir), then the memory budget table.
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
 bench: models build
 	@python3 -c "import llama_cpp" 2>/dev/null || python3 -m pip install --quiet numpy "$(LLAMA_CPP_PYTHON)"
+	RUSTFLAGS="-C target-cpu=native" $(CARGO) build --release -j$(JOBS) --manifest-path bench/candle/Cargo.toml --target-dir target/candle
 	python3 bench/compare.py models/SmolLM2-135M-Instruct.Q4_1.gguf --write
 	python3 bench/compare.py models/gemma-3-270m-q4_k_m.gguf --write
 	./bench/memory.sh --write

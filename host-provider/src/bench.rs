@@ -19,6 +19,44 @@ fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Bytes of weights one decode step reads: every matrix once (the token embedding only
+/// where it doubles as the output matrix; otherwise one row of it, ignored here).
+fn decode_weight_bytes(path: &Path) -> anyhow::Result<u64> {
+    let src = realm_gguf::FileSource::open(path)?;
+    let file = realm_gguf::GgufFile::read(&src)?;
+    let tied = !file.tensors.iter().any(|t| t.name == "output.weight");
+    Ok(file
+        .tensors
+        .iter()
+        .filter(|t| t.dims.len() >= 2 && (tied || t.name != "token_embd.weight"))
+        .map(|t| t.n_bytes)
+        .sum())
+}
+
+/// Read bandwidth of main memory with `threads` threads: the best of five passes summing
+/// a 512 MiB buffer (far larger than any cache here), in bytes per second. A decode step
+/// reads every weight once, so bandwidth / weight bytes bounds decode tokens/s.
+fn read_bandwidth(threads: usize) -> anyhow::Result<f64> {
+    const LEN: usize = 64 << 20; // u64 words: 512 MiB
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let buf: Vec<u64> = (0..LEN as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let sum: u64 = pool.install(|| {
+            use rayon::prelude::*;
+            buf.par_chunks(LEN / threads)
+                .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                .reduce(|| 0, u64::wrapping_add)
+        });
+        std::hint::black_box(sum);
+        best = best.max((LEN * 8) as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
 fn params(max_tokens: u32) -> Params {
     Params {
         max_tokens,
@@ -57,8 +95,11 @@ fn stats(v: &mut [f64]) -> serde_json::Value {
     serde_json::json!({ "median": med, "min": v[0], "max": v[v.len() - 1] })
 }
 
+/// Context of every measured session: the peers are run with the same.
+const BENCH_CTX: u32 = 1024;
+
 fn prefill(model: &mut Model, n: u32) -> anyhow::Result<(f64, u32)> {
-    let mut session = model.session(0)?;
+    let mut session = model.session(BENCH_CTX)?;
     let mut g = session.generate(prompt_of(n), params(1))?;
     for piece in &mut g {
         piece?;
@@ -71,7 +112,7 @@ fn prefill(model: &mut Model, n: u32) -> anyhow::Result<(f64, u32)> {
 }
 
 fn decode(model: &mut Model, n: u32) -> anyhow::Result<(f64, Split)> {
-    let mut session = model.session(0)?;
+    let mut session = model.session(BENCH_CTX)?;
     let mut g = session.generate(prompt_of(16), params(n))?;
     let before = g.model().compute_stats();
     for piece in &mut g {
@@ -101,6 +142,8 @@ pub fn run(
     max_resident: Option<u64>,
     json: bool,
 ) -> anyhow::Result<()> {
+    let weight_bytes =
+        decode_weight_bytes(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut results = Vec::new();
     for &t in threads {
         anyhow::ensure!(t > 0, "thread counts must be at least 1");
@@ -146,10 +189,19 @@ pub fn run(
         });
         results.push(entry);
     }
+    // Taken before the bandwidth probe's buffer raises it.
+    let peak_rss = peak_rss_bytes();
+    for entry in &mut results {
+        let t = entry["threads"].as_u64().unwrap_or(1) as usize;
+        let bw = read_bandwidth(t)?;
+        entry["read_bandwidth_bytes_per_s"] = serde_json::json!(bw);
+        entry["decode_ceiling_tokens_per_s"] = serde_json::json!(bw / weight_bytes as f64);
+    }
     let out = serde_json::json!({
         "model": path.display().to_string(),
         "runs": runs,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
+        "decode_weight_bytes": weight_bytes,
         "results": results,
     });
     if json {
@@ -159,7 +211,7 @@ pub fn run(
     println!(
         "model {} · {runs} runs each · peak RSS {} MiB",
         path.display(),
-        peak_rss_bytes() >> 20
+        peak_rss >> 20
     );
     println!("| threads | test | tokens/s median | min | max |");
     println!("|---|---|---|---|---|");
@@ -182,6 +234,12 @@ pub fn run(
             sh["attention"].as_f64().unwrap_or(0.0) * 100.0,
             sh["other_ops"].as_f64().unwrap_or(0.0) * 100.0,
             sh["wit_and_guest"].as_f64().unwrap_or(0.0) * 100.0
+        );
+        println!(
+            "|   | memory ceiling | {:.1} GB/s read ÷ {:.1} MB of weights per token = {:.0} tok/s |||",
+            r["read_bandwidth_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e9,
+            weight_bytes as f64 / 1e6,
+            r["decode_ceiling_tokens_per_s"].as_f64().unwrap_or(0.0)
         );
     }
     Ok(())

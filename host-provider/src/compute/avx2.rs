@@ -84,7 +84,7 @@ const PREFETCH_DISTANCE: usize = 4096;
 /// page boundaries of the mapped file. Addresses past the end are skipped.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch_ahead(w: &[u8], at: usize, len: usize) {
+pub(super) fn prefetch_ahead(w: &[u8], at: usize, len: usize) {
     let start = at + PREFETCH_DISTANCE;
     let end = (start + len).min(w.len());
     let mut p = start & !63;

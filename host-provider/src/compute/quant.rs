@@ -119,17 +119,59 @@ fn quantize_row_q8_k(x: &[f32], out: &mut Vec<u8>) {
 pub fn dot_rows(ty: GgmlType, w: &[u8], wrow: usize, x: &[u8], j0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: `available()` checked the CPU features the kernels enable.
-        if super::avx2::available() && unsafe { super::avx2::dot_rows(ty, w, wrow, x, j0, out) } {
+        let level = kernel_level();
+        // SAFETY: `kernel_level` checked the CPU features the kernels enable.
+        if level >= KernelLevel::Avx512
+            && unsafe { super::avx512::dot_rows(ty, w, wrow, x, j0, out) }
+        {
             return;
         }
-        if std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has FMA (checked just above); the function only enables it.
+        // SAFETY: as above.
+        if level >= KernelLevel::Avx2 && unsafe { super::avx2::dot_rows(ty, w, wrow, x, j0, out) } {
+            return;
+        }
+        if level >= KernelLevel::Fma {
+            // SAFETY: as above; the function only enables FMA.
             unsafe { dot_rows_fma(ty, w, wrow, x, j0, out) };
             return;
         }
     }
     dot_rows_portable(ty, w, wrow, x, j0, out);
+}
+
+/// The widest kernel family the CPU runs, lowered by `REALM_KERNELS=avx2|fma|portable`
+/// (for comparing them in one benchmark run; every level gives the same bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KernelLevel {
+    Portable,
+    Fma,
+    Avx2,
+    Avx512,
+}
+
+pub fn kernel_level() -> KernelLevel {
+    static LEVEL: std::sync::OnceLock<KernelLevel> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let cpu = if super::avx512::available() {
+            KernelLevel::Avx512
+        } else if super::avx2::available() {
+            KernelLevel::Avx2
+        } else if std::arch::is_x86_feature_detected!("fma") {
+            KernelLevel::Fma
+        } else {
+            KernelLevel::Portable
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let cpu = KernelLevel::Portable;
+        let cap = match std::env::var("REALM_KERNELS").as_deref() {
+            Ok("avx2") => KernelLevel::Avx2,
+            Ok("fma") => KernelLevel::Fma,
+            Ok("portable") => KernelLevel::Portable,
+            _ => KernelLevel::Avx512,
+        };
+        cpu.min(cap)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
