@@ -25,8 +25,16 @@ build: guest
 run: models build
 	./target/release/realm run --temp 0 --model $(MODEL) "$(PROMPT)"
 
+# Python for the server tests: the official `openai` client (and its httpx) in a venv.
+OPENAI_PY ?= openai==3.57.0 httpx==0.28.1
+VENV := .venv
+$(VENV)/.ok:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet $(OPENAI_PY)
+	touch $@
+
 # Release profile throughout: one build of wasmtime serves tests, `make run` and benches.
-test: models guest
+test: models guest $(VENV)/.ok
 	$(CARGO) test --release -j$(JOBS) --workspace --exclude realm-guest
 	# The guest is a cdylib for wasm32; natively only its unit tests build (no .so link).
 	$(CARGO) test --release -j$(JOBS) -p realm-guest --lib

@@ -21,15 +21,19 @@ pub mod inspect;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use wasmtime::component::{Component, HasData, Linker, ResourceAny};
-use wasmtime::{ResourceLimiter, Store};
+use wasmtime::{ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use bindings::inference::Error as GuestError;
-pub use bindings::inference::{Chunk, FinishReason, Message, ModelInfo, Params, Prompt, Usage};
+pub use bindings::inference::{
+    Chunk, Embedding, FinishReason, Message, ModelInfo, Params, Prompt, Usage,
+};
 use compute::{ComputeState, MappedModel};
 
 /// File name of the default model (SmolLM2-135M-Instruct, Q4_1), fetched by `make models`.
@@ -104,6 +108,8 @@ pub struct EngineConfig {
     pub max_guest_memory: usize,
     /// Cap on resident weight bytes (None: the whole model may stay mapped in).
     pub max_resident: Option<u64>,
+    /// Environment variables the guests see (WASI).
+    pub guest_env: Vec<(String, String)>,
 }
 
 impl Default for EngineConfig {
@@ -115,6 +121,7 @@ impl Default for EngineConfig {
             component: default_component_path(),
             max_guest_memory: DEFAULT_GUEST_MEMORY,
             max_resident: None,
+            guest_env: Vec::new(),
         }
     }
 }
@@ -132,6 +139,16 @@ struct GuestLimits {
     peak_memory: usize,
 }
 
+/// Why a tenant was stopped: it passed one of its limits. The tenant's Store is unusable
+/// afterwards (drop it); other tenants are unaffected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("the request ran past its deadline of {0:?}")]
+    Deadline(Duration),
+    #[error("the guest asked for more than its memory limit of {0} bytes")]
+    Memory(usize),
+}
+
 impl ResourceLimiter for GuestLimits {
     fn memory_growing(
         &mut self,
@@ -139,11 +156,13 @@ impl ResourceLimiter for GuestLimits {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = desired <= self.max_memory;
-        if ok {
-            self.peak_memory = self.peak_memory.max(desired);
+        if desired > self.max_memory {
+            // A trap with a typed cause, not a failed `memory.grow` the guest might
+            // misreport: the host must tell "limit hit" from a guest bug.
+            return Err(LimitError::Memory(self.max_memory).into());
         }
-        Ok(ok)
+        self.peak_memory = self.peak_memory.max(desired);
+        Ok(true)
     }
 
     fn table_growing(
@@ -171,13 +190,25 @@ impl HasData for HasCompute {
     type Data<'a> = &'a mut ComputeState;
 }
 
-/// A compiled guest component and the linker that serves its imports; cheap to share.
+/// How often the epoch advances: the granularity of request deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// A compiled, pre-linked guest component, the compute thread pool and the model files
+/// mapped so far. Share it (`Arc<Engine>`): every [`Model`] it loads is a tenant with its
+/// own Store over the same mapped weights and the same threads.
 pub struct Engine {
     engine: wasmtime::Engine,
-    component: Component,
-    linker: Linker<HostState>,
+    pre: bindings::GuestPre<HostState>,
     pool: Arc<rayon::ThreadPool>,
     config: EngineConfig,
+    mapped: Mutex<HashMap<PathBuf, Arc<MappedModel>>>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Turn a guest's typed error into a one-line message.
@@ -200,6 +231,8 @@ impl Engine {
         if let Ok(cache) = wasmtime::Cache::new(wasmtime::CacheConfig::new()) {
             wc.cache(Some(cache));
         }
+        // Deadlines: guest code checks the engine's epoch, advanced by a ticker thread.
+        wc.epoch_interruption(true);
         let engine = wasmtime::Engine::new(&wc)?;
         let path = &config.component;
         let bytes = std::fs::read(path).with_context(|| {
@@ -214,18 +247,52 @@ impl Engine {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         bindings::Guest::add_to_linker::<HostState, HasCompute>(&mut linker, |s| &mut s.compute)?;
+        // Imports resolved once: each tenant's instantiation is then only its own memory.
+        let pre = bindings::GuestPre::new(linker.instantiate_pre(&component)?)?;
         let pool = Arc::new(
             rayon::ThreadPoolBuilder::new()
                 .num_threads(config.threads.max(1))
+                .thread_name(|i| format!("realm-compute-{i}"))
                 .build()?,
         );
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (stop, ticking) = (ticker_stop.clone(), engine.clone());
+        std::thread::Builder::new()
+            .name("realm-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticking.increment_epoch();
+                }
+            })?;
         Ok(Self {
             engine,
-            component,
-            linker,
+            pre,
             pool,
             config,
+            mapped: Mutex::new(HashMap::new()),
+            ticker_stop,
         })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The file at `path` mapped once per engine, whichever tenant asks first.
+    fn mapping(&self, name: &str, path: &Path) -> anyhow::Result<Arc<MappedModel>> {
+        let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let mut mapped = self
+            .mapped
+            .lock()
+            .map_err(|_| anyhow!("the model table is poisoned"))?;
+        if let Some(m) = mapped.get(&key) {
+            return Ok(m.clone());
+        }
+        let m = MappedModel::open(name, path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        mapped.insert(key, m.clone());
+        Ok(m)
     }
 
     /// Map `path` and load it in a fresh guest instance.
@@ -235,13 +302,15 @@ impl Engine {
             .and_then(|s| s.to_str())
             .unwrap_or("model")
             .to_string();
-        let mapped = MappedModel::open(&name, path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+        let mapped = self.mapping(&name, path)?;
         let models = HashMap::from([(name.clone(), mapped)]);
         let mut store = Store::new(
             &self.engine,
             HostState {
-                wasi: wasmtime_wasi::WasiCtx::builder().inherit_stderr().build(),
+                wasi: wasmtime_wasi::WasiCtx::builder()
+                    .inherit_stderr()
+                    .envs(&self.config.guest_env)
+                    .build(),
                 compute: ComputeState::new(models, self.pool.clone(), self.config.max_resident),
                 limits: GuestLimits {
                     max_memory: self.config.max_guest_memory,
@@ -250,42 +319,94 @@ impl Engine {
             },
         );
         store.limiter(|s| &mut s.limits);
-        let guest = bindings::Guest::instantiate(&mut store, &self.component, &self.linker)?;
+        store.set_epoch_deadline(NO_DEADLINE);
+        store.epoch_deadline_trap();
+        let guest = self.pre.instantiate(&mut store)?;
         let handle = guest
             .realm_inference_runtime()
             .model()
-            .call_load(&mut store, &name)?
+            .call_load(&mut store, &name)
+            .map_err(limit_error)?
             .map_err(guest_error)?;
         let info = guest
             .realm_inference_runtime()
             .model()
-            .call_info(&mut store, handle)?;
+            .call_info(&mut store, handle)
+            .map_err(limit_error)?;
         Ok(Model {
             store,
             guest,
             handle,
             info,
             pool: self.pool.clone(),
+            deadline: None,
         })
     }
 }
 
-/// A model loaded in its own guest instance (one wasmtime Store).
+/// Epoch ticks that stand for "no deadline" (about 5 years at [`EPOCH_TICK`]).
+const NO_DEADLINE: u64 = 1 << 34;
+
+/// A trap caused by a tenant limit becomes that [`LimitError`] (downcastable); other
+/// errors pass through.
+fn limit_error(e: wasmtime::Error) -> anyhow::Error {
+    if let Some(l) = e.downcast_ref::<LimitError>() {
+        return anyhow::Error::new(l.clone());
+    }
+    if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return anyhow::Error::new(LimitError::Deadline(Duration::ZERO));
+    }
+    anyhow::Error::from(e).context("the guest trapped")
+}
+
+/// A tenant: a model loaded in its own guest instance (one wasmtime Store: its own linear
+/// memory, KV caches and sampler state) over the engine's shared mapped weights.
 pub struct Model {
     store: Store<HostState>,
     guest: bindings::Guest,
     handle: ResourceAny,
     pub info: ModelInfo,
     pool: Arc<rayon::ThreadPool>,
+    deadline: Option<(Instant, Duration)>,
 }
 
 impl Model {
     /// Run a guest call on a worker of the compute pool, so that the ops it makes run
     /// their parallel loops from inside the pool: no hand-off to another thread and back
     /// per op (211 matmuls per token), and with one thread everything runs inline.
-    fn on_pool<R: Send>(&mut self, f: impl FnOnce(&mut Store<HostState>) -> R + Send) -> R {
+    ///
+    /// The tenant's deadline (if any) is armed first: guest code running past it traps.
+    fn on_pool<R: Send>(
+        &mut self,
+        f: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R> + Send,
+    ) -> anyhow::Result<R> {
+        if let Some((at, budget)) = self.deadline {
+            let left = at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LimitError::Deadline(budget).into());
+            }
+            let ticks = left.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
+            self.store.set_epoch_deadline(ticks);
+        }
         let store = &mut self.store;
-        self.pool.install(move || f(store))
+        self.pool.install(move || f(store)).map_err(|e| {
+            match limit_error(e) {
+                // Report the budget the caller set, not the remaining time.
+                e if matches!(e.downcast_ref(), Some(LimitError::Deadline(_))) => {
+                    LimitError::Deadline(self.deadline.map_or(Duration::ZERO, |d| d.1)).into()
+                }
+                e => e,
+            }
+        })
+    }
+
+    /// Stop this tenant's guest calls `budget` from now (None: no deadline). Guest code
+    /// that runs past it traps with [`LimitError::Deadline`].
+    pub fn set_deadline(&mut self, budget: Option<Duration>) {
+        self.deadline = budget.map(|b| (Instant::now() + b, b));
+        if self.deadline.is_none() {
+            self.store.set_epoch_deadline(NO_DEADLINE);
+        }
     }
 
     pub fn tokenize(&mut self, text: &str, add_special: bool) -> anyhow::Result<Vec<u32>> {
@@ -311,6 +432,15 @@ impl Model {
             .map_err(guest_error)
     }
 
+    /// The embedding of `text`: mean-pooled final hidden states, unit length, and how
+    /// many tokens the text was.
+    pub fn embed(&mut self, text: &str) -> anyhow::Result<Embedding> {
+        let g = self.guest.realm_inference_runtime().clone();
+        let handle = self.handle;
+        self.on_pool(|store| g.model().call_embed(store, handle, text))?
+            .map_err(guest_error)
+    }
+
     /// A new session with `n_ctx` positions of KV cache (0: the default).
     pub fn session(&mut self, n_ctx: u32) -> anyhow::Result<Session<'_>> {
         let g = self.guest.realm_inference_runtime();
@@ -322,6 +452,18 @@ impl Model {
             model: self,
             handle: h,
         })
+    }
+
+    /// Whether this tenant computes on the very same mapping of the weights as `other`
+    /// (tenants of one [`Engine`] do: one copy of a model, however many tenants).
+    pub fn shares_weights_with(&self, other: &Model) -> bool {
+        let theirs = &other.store.data().compute.models;
+        self.store
+            .data()
+            .compute
+            .models
+            .values()
+            .any(|m| theirs.values().any(|o| Arc::ptr_eq(m, o)))
     }
 
     /// The most linear memory the guest has used, in bytes.
@@ -361,6 +503,20 @@ impl Session<'_> {
 
     pub fn model(&mut self) -> &mut Model {
         self.model
+    }
+}
+
+/// Guest resources are freed when their host handles go: a session's KV cache must not
+/// outlive it in the tenant (a `ResourceAny` is not dropped by Rust's `Drop` alone).
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        let _ = self.handle.resource_drop(&mut self.model.store);
+    }
+}
+
+impl Drop for Generation<'_> {
+    fn drop(&mut self) {
+        let _ = self.handle.resource_drop(&mut self.model.store);
     }
 }
 
@@ -424,7 +580,7 @@ impl Iterator for Generation<'_> {
             Ok(Ok(Some(chunk))) => Some(Ok(chunk)),
             Ok(Ok(None)) => None,
             Ok(Err(e)) => Some(Err(guest_error(e))),
-            Err(trap) => Some(Err(anyhow::Error::from(trap).context("the guest trapped"))),
+            Err(e) => Some(Err(e)),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The `realm` command line.
 
 mod bench;
+mod serve;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -131,6 +132,102 @@ impl GenOpts {
     }
 }
 
+#[derive(Args, Debug)]
+struct ServeOpts {
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0: any free port; the address is printed on the first line of stdout).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// A model to serve, as NAME=PATH or PATH (named after the file); repeatable
+    /// (default: the default model).
+    #[arg(long, short)]
+    model: Vec<String>,
+    /// Compute threads shared by all requests (default: all cores).
+    #[arg(long, short)]
+    threads: Option<usize>,
+    /// Require `Authorization: Bearer KEY` on /v1 (default: no auth; also $REALM_API_KEY).
+    #[arg(long, env = "REALM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Most requests generating at once; more get 429.
+    #[arg(long, default_value_t = 64)]
+    max_sessions: usize,
+    /// Seconds a request may run before it is stopped (504).
+    #[arg(long, default_value_t = 300.0)]
+    timeout: f64,
+    /// Cap on max_tokens of any request (also the chat default).
+    #[arg(long, default_value_t = 2048)]
+    max_tokens: u32,
+    /// KV cache positions per request (0: the model's own, up to 4096).
+    #[arg(long = "ctx-size", default_value_t = 0)]
+    ctx_size: u32,
+    /// Linear memory each tenant's guest may use (e.g. 256M, 1G).
+    #[arg(long, value_parser = parse_bytes, default_value = "1G")]
+    max_guest_memory: u64,
+    /// Keep at most this many bytes of weights resident per tenant, as for `run`.
+    #[arg(long, value_parser = parse_bytes)]
+    max_resident: Option<u64>,
+    /// Test hook: let prompts inject guest faults (endless loop, unbounded allocation).
+    #[arg(long, hide = true)]
+    test_faults: bool,
+}
+
+impl ServeOpts {
+    fn config(self) -> anyhow::Result<serve::ServeConfig> {
+        let mut models = std::collections::BTreeMap::new();
+        let specs = if self.model.is_empty() {
+            vec![realm_host::default_model_path().display().to_string()]
+        } else {
+            self.model
+        };
+        for spec in specs {
+            let (name, path) = match spec.split_once('=') {
+                Some((n, p)) if !n.is_empty() => (n.to_string(), PathBuf::from(p)),
+                _ => {
+                    let p = PathBuf::from(&spec);
+                    let n = p
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .unwrap_or("model")
+                        .to_string();
+                    (n, p)
+                }
+            };
+            if !path.exists() {
+                anyhow::bail!("model file {} does not exist", path.display());
+            }
+            if models.insert(name.clone(), path).is_some() {
+                anyhow::bail!("the model name '{name}' is given twice");
+            }
+        }
+        if !(self.timeout > 0.0 && self.timeout.is_finite()) {
+            anyhow::bail!("--timeout must be a positive number of seconds");
+        }
+        let mut engine = EngineConfig::default();
+        if let Some(t) = self.threads {
+            if t == 0 {
+                anyhow::bail!("--threads must be at least 1");
+            }
+            engine.threads = t;
+        }
+        engine.max_resident = self.max_resident;
+        engine.max_guest_memory = usize::try_from(self.max_guest_memory).unwrap_or(usize::MAX);
+        Ok(serve::ServeConfig {
+            host: self.host,
+            port: self.port,
+            models,
+            engine,
+            api_key: self.api_key.filter(|k| !k.is_empty()),
+            max_sessions: self.max_sessions.max(1),
+            request_timeout: std::time::Duration::from_secs_f64(self.timeout),
+            max_tokens: self.max_tokens.max(1),
+            ctx_size: self.ctx_size,
+            test_faults: self.test_faults,
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Answer one prompt, streaming the text to stdout.
@@ -174,6 +271,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`,
+    /// `/v1/models`, `/health`); every request runs as its own isolated tenant.
+    Serve(ServeOpts),
     /// Describe a GGUF file: architecture, hyper-parameters, tokenizer, tensors.
     Inspect {
         /// The GGUF file (default: the default model under models/).
@@ -337,6 +437,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             prompt,
         } => run_prompt(&opts, raw, json, prompt)?,
         Command::Chat { opts } => chat(&opts)?,
+        Command::Serve(opts) => serve::run(opts.config()?)?,
         Command::Bench {
             model,
             threads,

@@ -9,9 +9,9 @@ use realm_gguf::GgufFile;
 use realm_tokenizer::{ChatTemplate, Message as ChatMessage, Tokenizer, Utf8Stream};
 
 use crate::compute::{HostFile, KvCache, ModelFile, open_model};
-use crate::model::{self, Architecture, Scratch};
+use crate::model::{self, Architecture, Output, Scratch};
 use crate::realm::inference::types::{
-    Chunk, Error, FinishReason, Message, ModelInfo, Params, Prompt, Usage,
+    Chunk, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt, Usage,
 };
 use crate::sample::{Sampler, SamplerParams};
 
@@ -109,6 +109,33 @@ impl LoadedModel {
             .map_err(|e| Error::InvalidInput(e.to_string()))
     }
 
+    /// `text` (with the model's BOS, as for generation) through the model in a scratch
+    /// cache of its own: the mean of the final hidden states, unit length.
+    pub fn embed(&self, text: &str) -> Result<Embedding, Error> {
+        let ids = self.tokenize(text, true)?;
+        if ids.is_empty() {
+            return Err(Error::InvalidInput("the input is empty".into()));
+        }
+        let hp = self.0.arch.hparams();
+        let limit = DEFAULT_CTX.min(hp.n_ctx_train);
+        if ids.len() > limit as usize {
+            return Err(Error::ContextOverflow(format!(
+                "the input is {} tokens; at most {limit} can be embedded",
+                ids.len()
+            )));
+        }
+        let cache = KvCache::new(hp.n_layer, ids.len() as u32, hp.n_head_kv, hp.head_dim);
+        let scratch = self.0.arch.scratch();
+        let values = self
+            .0
+            .arch
+            .forward(&scratch, &cache, &ids, 0, Output::MeanPooled)?;
+        Ok(Embedding {
+            values,
+            tokens: ids.len() as u32,
+        })
+    }
+
     pub fn session(&self, n_ctx: u32) -> Result<SessionHandle, Error> {
         let hp = self.0.arch.hparams();
         let n_ctx = if n_ctx == 0 {
@@ -146,10 +173,10 @@ struct SessionState {
 impl SessionState {
     fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>, Error> {
         let pos = self.tokens.len() as u32;
-        let logits = self
-            .model
-            .arch
-            .forward(&self.scratch, &self.cache, ids, pos)?;
+        let logits =
+            self.model
+                .arch
+                .forward(&self.scratch, &self.cache, ids, pos, Output::Logits)?;
         self.tokens.extend_from_slice(ids);
         Ok(logits)
     }
@@ -179,6 +206,7 @@ impl SessionHandle {
             Prompt::Text(t) => t.clone(),
             Prompt::Messages(m) => LoadedModel(model.clone()).apply_template(m, true)?,
         };
+        fault_hook(&text);
         let ids = model
             .tokenizer
             .encode(&text, true, true)
@@ -341,5 +369,28 @@ impl GenerationHandle {
 
     pub fn margins(&self) -> Vec<f32> {
         self.0.borrow().margins.clone()
+    }
+}
+
+/// Test hook for the host's tenant limits, inert unless the host sets `REALM_TEST_FAULTS=1`
+/// in this guest's environment (`realm serve --test-faults`, tests only): a prompt
+/// containing `REALM_FAULT:loop` spins forever (the deadline must stop it), one containing
+/// `REALM_FAULT:alloc` allocates without bound (the memory cap must stop it).
+fn fault_hook(prompt: &str) {
+    if std::env::var("REALM_TEST_FAULTS").as_deref() != Ok("1") {
+        return;
+    }
+    if prompt.contains("REALM_FAULT:loop") {
+        let mut n = 0u64;
+        loop {
+            n = std::hint::black_box(n.wrapping_add(1));
+        }
+    }
+    if prompt.contains("REALM_FAULT:alloc") {
+        let mut hoard: Vec<Vec<u8>> = Vec::new();
+        loop {
+            hoard.push(vec![1u8; 1 << 20]);
+            std::hint::black_box(&hoard);
+        }
     }
 }

@@ -16,7 +16,7 @@ use exports::realm::inference::runtime::{
     Generation, Guest, GuestGeneration, GuestModel, GuestSession, Model, Session,
 };
 use realm::inference::types::{
-    Chunk, Error, FinishReason, Message, ModelInfo, Params, Prompt, Usage,
+    Chunk, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt, Usage,
 };
 
 struct Component;
@@ -50,6 +50,10 @@ impl GuestModel for engine::LoadedModel {
         add_generation_prompt: bool,
     ) -> Result<String, Error> {
         self.apply_template(&messages, add_generation_prompt)
+    }
+
+    fn embed(&self, text: String) -> Result<Embedding, Error> {
+        self.embed(&text)
     }
 
     fn session(&self, n_ctx: u32) -> Result<Session, Error> {

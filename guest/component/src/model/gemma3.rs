@@ -5,7 +5,7 @@
 
 use realm_gguf::Hparams;
 
-use super::{Architecture, Loader, Scratch};
+use super::{Architecture, Loader, Output, Scratch, mean_pooled};
 use crate::compute::{Activation, KvCache, RopeMode, Weight, ops};
 use crate::realm::inference::types::Error;
 
@@ -99,6 +99,7 @@ impl Architecture for Gemma3 {
         cache: &KvCache,
         ids: &[u32],
         pos: u32,
+        out: Output,
     ) -> Result<Vec<f32>, Error> {
         let hp = &self.hp;
         let eps = hp.rms_eps;
@@ -138,6 +139,10 @@ impl Architecture for Gemma3 {
             ops::matmul(&s.up, &l.ffn_down, &s.xb)?;
             ops::rms_norm(&s.xb, &l.post_ffw_norm, eps, &s.xb2)?;
             ops::add(&s.x, &s.xb2)?;
+        }
+        if out == Output::MeanPooled {
+            ops::rms_norm(&s.x, &self.output_norm, eps, &s.xb)?;
+            return mean_pooled(&s.xb, ids.len());
         }
         ops::keep_last_row(&s.x)?;
         ops::rms_norm(&s.x, &self.output_norm, eps, &s.xb)?;

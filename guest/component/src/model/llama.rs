@@ -4,7 +4,7 @@
 
 use realm_gguf::Hparams;
 
-use super::{Architecture, Loader, Scratch};
+use super::{Architecture, Loader, Output, Scratch, mean_pooled};
 use crate::compute::{Activation, KvCache, RopeMode, Weight, ops};
 use crate::realm::inference::types::Error;
 
@@ -78,6 +78,7 @@ impl Architecture for Llama {
         cache: &KvCache,
         ids: &[u32],
         pos: u32,
+        out: Output,
     ) -> Result<Vec<f32>, Error> {
         let hp = &self.hp;
         let scale = 1.0 / (hp.head_dim as f32).sqrt();
@@ -103,6 +104,10 @@ impl Architecture for Llama {
             ops::glu(&s.gate, &s.up, Activation::Silu)?;
             ops::matmul(&s.up, &l.ffn_down, &s.xb)?;
             ops::add(&s.x, &s.xb)?;
+        }
+        if out == Output::MeanPooled {
+            ops::rms_norm(&s.x, &self.output_norm, hp.rms_eps, &s.xb)?;
+            return mean_pooled(&s.xb, ids.len());
         }
         // Only the last position's logits are needed.
         ops::keep_last_row(&s.x)?;

@@ -27,14 +27,43 @@ pub trait Architecture {
     fn hparams(&self) -> &Hparams;
     /// Activation buffers for one session, sized for this model.
     fn scratch(&self) -> Scratch;
-    /// Run `ids` at positions `pos…` (appending to `cache`); logits of the last one.
+    /// Run `ids` at positions `pos…` (appending to `cache`); `out` says what to return:
+    /// the logits of the last position, or the pooled final hidden states.
     fn forward(
         &self,
         s: &Scratch,
         cache: &KvCache,
         ids: &[u32],
         pos: u32,
+        out: Output,
     ) -> Result<Vec<f32>, Error>;
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Logits of the last position (generation).
+    Logits,
+    /// The mean over positions of the final (output-normed) hidden states, scaled to unit
+    /// length (embeddings).
+    MeanPooled,
+}
+
+/// The mean of the `n` rows of `h`, L2-normalized.
+pub fn mean_pooled(h: &Tensor, n: usize) -> Result<Vec<f32>, Error> {
+    let mut sum: Vec<f64> = Vec::new();
+    for i in 0..n {
+        let row = h.read_row(i as u32)?;
+        if sum.is_empty() {
+            sum = vec![0.0; row.len()];
+        }
+        for (s, v) in sum.iter_mut().zip(row) {
+            *s += f64::from(v);
+        }
+    }
+    let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let scale = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+    Ok(sum.iter().map(|v| (v * scale) as f32).collect())
 }
 
 /// A session's activation tensors, reused for every token (nothing allocated per token).

@@ -1,0 +1,940 @@
+//! `realm serve`: an OpenAI-compatible HTTP server. Every request is its own tenant (a
+//! fresh wasmtime Store over the engine's shared, mapped weights), with a deadline, a
+//! memory cap and a token cap; a tenant that passes a limit is dropped and the others go
+//! on. Generation runs on blocking threads whose guest calls share one compute pool; the
+//! HTTP side streams their pieces as server-sent events.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use realm_host::{
+    Engine, EngineConfig, FinishReason, LimitError, Message, Model, Params, Prompt, Usage,
+    finish_name,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Server settings (`realm serve` flags).
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub host: String,
+    pub port: u16,
+    /// Served models: name → GGUF path.
+    pub models: BTreeMap<String, PathBuf>,
+    pub engine: EngineConfig,
+    pub api_key: Option<String>,
+    pub max_sessions: usize,
+    pub request_timeout: Duration,
+    /// Cap on `max_tokens` of any request (and the default where a request gives none).
+    pub max_tokens: u32,
+    /// KV cache positions per request (0: the model's own, up to 4096).
+    pub ctx_size: u32,
+    /// Test hook: pass `REALM_TEST_FAULTS=1` to the guests (fault-injection prompts).
+    pub test_faults: bool,
+}
+
+struct App {
+    engine: Engine,
+    config: ServeConfig,
+    sessions: Arc<Semaphore>,
+    /// Per served model: its context length for clamping (from the first tenant).
+    n_ctx_train: BTreeMap<String, u32>,
+}
+
+/// An OpenAI-shaped error: `{"error": {"message", "type", "code"}}` with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        m: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            message: m.into(),
+        }
+    }
+
+    fn invalid(code: &'static str, m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, m)
+    }
+
+    /// A failure from loading or running a tenant, classified by its cause.
+    fn from_run(e: &anyhow::Error) -> Self {
+        let msg = format!("{e:#}");
+        match e.downcast_ref::<LimitError>() {
+            Some(LimitError::Deadline(_)) => {
+                return Self::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    "deadline_exceeded",
+                    msg,
+                );
+            }
+            Some(LimitError::Memory(_)) => {
+                return Self::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "server_error",
+                    "memory_limit_exceeded",
+                    msg,
+                );
+            }
+            None => {}
+        }
+        if msg.starts_with("context overflow") {
+            Self::invalid("context_length_exceeded", msg)
+        } else if msg.starts_with("invalid input") {
+            Self::invalid("invalid_value", msg)
+        } else {
+            Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+                msg,
+            )
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "code": self.code, "param": null}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn request_id(prefix: &str) -> String {
+    let n = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{prefix}-{n:x}")
+}
+
+/// `stop`: a string or a list of up to 4.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The sampling fields both endpoints share.
+#[derive(Debug, Deserialize)]
+struct Sampling {
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Content>,
+}
+
+/// Message content: a string, or a list of parts of which text parts are used.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: PromptField,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Parse a JSON body into `T`, with OpenAI-shaped 400s for anything wrong.
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    if body.is_empty() {
+        return Err(ApiError::invalid(
+            "invalid_json",
+            "the request body is empty",
+        ));
+    }
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid("invalid_json", format!("the body is not valid JSON: {e}"))
+    })?;
+    if !v.is_object() {
+        return Err(ApiError::invalid(
+            "invalid_json",
+            "the body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(v)
+        .map_err(|e| ApiError::invalid("invalid_request", format!("invalid request: {e}")))
+}
+
+impl App {
+    fn model_path(&self, name: &str) -> ApiResult<PathBuf> {
+        self.config.models.get(name).cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!(
+                    "the model '{name}' does not exist; served: {}",
+                    self.config
+                        .models
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })
+    }
+
+    /// Validated generation parameters (OpenAI defaults: temperature 1, top-p 1).
+    fn params(&self, s: &Sampling, model: &str, default_max: u32) -> ApiResult<Params> {
+        if s.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "only n = 1 is supported",
+            ));
+        }
+        let temperature = s.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "temperature must be between 0 and 2",
+            ));
+        }
+        let top_p = s.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "top_p must be in (0, 1]",
+            ));
+        }
+        let max = s
+            .max_completion_tokens
+            .or(s.max_tokens)
+            .unwrap_or(default_max);
+        if max == 0 {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "max_tokens must be at least 1",
+            ));
+        }
+        let stop = match &s.stop {
+            None => Vec::new(),
+            Some(Stop::One(x)) => vec![x.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        if stop.len() > 4 || stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "stop takes up to 4 non-empty strings",
+            ));
+        }
+        let ctx = self.n_ctx_train.get(model).copied().unwrap_or(u32::MAX);
+        Ok(Params {
+            max_tokens: max.min(self.config.max_tokens).min(ctx),
+            temperature,
+            top_k: 0,
+            top_p,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: s.seed.unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            }),
+            stop,
+            ignore_eog: false,
+        })
+    }
+}
+
+/// What a generation thread reports.
+enum Piece {
+    Text(String),
+    Done {
+        finish: Option<FinishReason>,
+        usage: Usage,
+    },
+    Failed(ApiError),
+}
+
+/// Run one request as a fresh tenant on a blocking thread. The first message on `started`
+/// says whether generation began (so the HTTP status can still be an error); pieces then
+/// flow on `tx` until the end, an error, or the receiver going away (client disconnect),
+/// which stops generation and drops the tenant.
+fn spawn_generation(
+    app: Arc<App>,
+    path: PathBuf,
+    prompt: Prompt,
+    params: Params,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> (oneshot::Receiver<ApiResult<()>>, mpsc::Receiver<Piece>) {
+    let (started_tx, started) = oneshot::channel();
+    let (tx, rx) = mpsc::channel(64);
+    std::thread::spawn(move || {
+        let _permit = permit;
+        let mut tenant: Model = match app.engine.load_model(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = started_tx.send(Err(ApiError::from_run(&e)));
+                return;
+            }
+        };
+        tenant.set_deadline(Some(app.config.request_timeout));
+        let mut session = match tenant.session(app.config.ctx_size) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = started_tx.send(Err(ApiError::from_run(&e)));
+                return;
+            }
+        };
+        let mut generation = match session.generate(prompt, params) {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = started_tx.send(Err(ApiError::from_run(&e)));
+                return;
+            }
+        };
+        if started_tx.send(Ok(())).is_err() {
+            return;
+        }
+        loop {
+            let msg = match generation.next() {
+                Some(Ok(chunk)) => Piece::Text(chunk.text),
+                Some(Err(e)) => {
+                    tracing::warn!(target: "realm::serve", "generation stopped: {e:#}");
+                    let _ = tx.blocking_send(Piece::Failed(ApiError::from_run(&e)));
+                    return;
+                }
+                None => break,
+            };
+            if tx.blocking_send(msg).is_err() {
+                tracing::debug!(target: "realm::serve", "client went away; generation cancelled");
+                return;
+            }
+        }
+        let done = match (generation.finish_reason(), generation.usage()) {
+            (Ok(finish), Ok(usage)) => Piece::Done { finish, usage },
+            (Err(e), _) | (_, Err(e)) => Piece::Failed(ApiError::from_run(&e)),
+        };
+        let _ = tx.blocking_send(done);
+    });
+    (started, rx)
+}
+
+fn finish_str(f: Option<FinishReason>) -> &'static str {
+    match f {
+        Some(FinishReason::Length) => "length",
+        Some(f) if finish_name(f) == "stop" || finish_name(f) == "eog" => "stop",
+        _ => "stop",
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.generated_tokens,
+        "total_tokens": u.prompt_tokens + u.generated_tokens,
+    })
+}
+
+/// Shared by both endpoints: admission, the tenant thread, then a JSON body or an SSE
+/// stream built by `shape` (chat or completion).
+async fn respond(
+    app: Arc<App>,
+    model: String,
+    prompt: Prompt,
+    params: Params,
+    stream: bool,
+    include_usage: bool,
+    shape: Shape,
+) -> ApiResult<Response> {
+    let path = app.model_path(&model)?;
+    let permit = app.sessions.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "too_many_sessions",
+            format!(
+                "all {} sessions are busy; retry later",
+                app.config.max_sessions
+            ),
+        )
+    })?;
+    let (started, mut rx) = spawn_generation(app.clone(), path, prompt, params, permit);
+    started.await.map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            "the generation thread ended before starting",
+        )
+    })??;
+    let id = request_id(shape.id_prefix());
+    let created = now_s();
+    if !stream {
+        let mut text = String::new();
+        while let Some(p) = rx.recv().await {
+            match p {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Done { finish, usage } => {
+                    return Ok(
+                        Json(shape.whole(&id, created, &model, &text, finish, &usage))
+                            .into_response(),
+                    );
+                }
+                Piece::Failed(e) => return Err(e),
+            }
+        }
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            "generation ended without a result",
+        ));
+    }
+    let (etx, erx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let send = |v: Value| Event::default().data(v.to_string());
+        if let Some(first) = shape.first_chunk(&id, created, &model)
+            && etx.send(Ok(send(first))).await.is_err()
+        {
+            return;
+        }
+        while let Some(p) = rx.recv().await {
+            let ev = match p {
+                Piece::Text(t) => send(shape.chunk(&id, created, &model, &t)),
+                Piece::Done { finish, usage } => {
+                    let _ = etx
+                        .send(Ok(send(shape.last_chunk(&id, created, &model, finish))))
+                        .await;
+                    if include_usage {
+                        let _ = etx
+                            .send(Ok(send(shape.usage_chunk(&id, created, &model, &usage))))
+                            .await;
+                    }
+                    break;
+                }
+                Piece::Failed(e) => {
+                    let _ = etx.send(Ok(send(e.body()))).await;
+                    break;
+                }
+            };
+            if etx.send(Ok(ev)).await.is_err() {
+                // Dropping `rx` here stops the generation thread at its next piece.
+                return;
+            }
+        }
+        let _ = etx.send(Ok(Event::default().data("[DONE]"))).await;
+    });
+    Ok(Sse::new(ReceiverStream::new(erx))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// Response shapes of the two endpoints.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    Chat,
+    Completion,
+}
+
+impl Shape {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Shape::Chat => "chatcmpl",
+            Shape::Completion => "cmpl",
+        }
+    }
+
+    fn whole(
+        self,
+        id: &str,
+        created: u64,
+        model: &str,
+        text: &str,
+        finish: Option<FinishReason>,
+        usage: &Usage,
+    ) -> Value {
+        match self {
+            Shape::Chat => json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": null, "finish_reason": finish_str(finish)}],
+                "usage": usage_json(usage),
+            }),
+            Shape::Completion => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": null,
+                             "finish_reason": finish_str(finish)}],
+                "usage": usage_json(usage),
+            }),
+        }
+    }
+
+    fn first_chunk(self, id: &str, created: u64, model: &str) -> Option<Value> {
+        match self {
+            Shape::Chat => Some(json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": null, "finish_reason": null}],
+            })),
+            Shape::Completion => None,
+        }
+    }
+
+    fn chunk(self, id: &str, created: u64, model: &str, text: &str) -> Value {
+        match self {
+            Shape::Chat => json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": {"content": text}, "logprobs": null,
+                             "finish_reason": null}],
+            }),
+            Shape::Completion => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": null}],
+            }),
+        }
+    }
+
+    fn last_chunk(self, id: &str, created: u64, model: &str, f: Option<FinishReason>) -> Value {
+        match self {
+            Shape::Chat => json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": {}, "logprobs": null,
+                             "finish_reason": finish_str(f)}],
+            }),
+            Shape::Completion => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": "", "logprobs": null,
+                             "finish_reason": finish_str(f)}],
+            }),
+        }
+    }
+
+    fn usage_chunk(self, id: &str, created: u64, model: &str, u: &Usage) -> Value {
+        let object = match self {
+            Shape::Chat => "chat.completion.chunk",
+            Shape::Completion => "text_completion",
+        };
+        json!({"id": id, "object": object, "created": created, "model": model,
+               "choices": [], "usage": usage_json(u)})
+    }
+}
+
+async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
+    let req: ChatRequest = parse(&body)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "messages must not be empty",
+        ));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in req.messages {
+        if !matches!(
+            m.role.as_str(),
+            "system" | "developer" | "user" | "assistant" | "tool"
+        ) {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                format!("unknown message role '{}'", m.role),
+            ));
+        }
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut t = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::invalid(
+                            "invalid_value",
+                            format!("content parts of type '{}' are not supported", p.kind),
+                        ));
+                    }
+                    t.push_str(p.text.as_deref().unwrap_or(""));
+                }
+                t
+            }
+        };
+        let role = if m.role == "developer" {
+            "system".into()
+        } else {
+            m.role
+        };
+        messages.push(Message { role, content });
+    }
+    app.model_path(&req.model)?;
+    let params = app.params(&req.sampling, &req.model, app.config.max_tokens)?;
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    respond(
+        app.clone(),
+        req.model,
+        Prompt::Messages(messages),
+        params,
+        req.sampling.stream,
+        include_usage,
+        Shape::Chat,
+    )
+    .await
+}
+
+async fn completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
+    let req: CompletionRequest = parse(&body)?;
+    let prompt = match req.prompt {
+        PromptField::One(p) => p,
+        PromptField::Many(mut v) if v.len() == 1 => v.remove(0),
+        PromptField::Many(_) => {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "prompt must be one string (batches are not supported)",
+            ));
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "prompt must not be empty",
+        ));
+    }
+    app.model_path(&req.model)?;
+    // OpenAI's legacy default for completions is 16 tokens.
+    let params = app.params(&req.sampling, &req.model, 16)?;
+    let include_usage = req
+        .sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    respond(
+        app.clone(),
+        req.model,
+        Prompt::Text(prompt),
+        params,
+        req.sampling.stream,
+        include_usage,
+        Shape::Completion,
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingRequest {
+    model: String,
+    input: PromptField,
+    encoding_format: Option<String>,
+    dimensions: Option<u32>,
+}
+
+/// `/v1/embeddings`: each input through a fresh tenant's model (mean-pooled final hidden
+/// states, unit length), on a blocking thread under the same limits as generation.
+async fn embeddings(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
+    let req: EmbeddingRequest = parse(&body)?;
+    let inputs = match req.input {
+        PromptField::One(s) => vec![s],
+        PromptField::Many(v) => v,
+    };
+    if inputs.is_empty() || inputs.len() > 256 || inputs.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "input must be a non-empty string or a list of 1 to 256 non-empty strings",
+        ));
+    }
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                format!("encoding_format must be \"float\" or \"base64\", not \"{other}\""),
+            ));
+        }
+    };
+    if req.dimensions.is_some() {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "dimensions cannot be changed for this model",
+        ));
+    }
+    let path = app.model_path(&req.model)?;
+    let permit = app.sessions.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "too_many_sessions",
+            format!(
+                "all {} sessions are busy; retry later",
+                app.config.max_sessions
+            ),
+        )
+    })?;
+    let worker = app.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut tenant = worker
+            .engine
+            .load_model(&path)
+            .map_err(|e| ApiError::from_run(&e))?;
+        tenant.set_deadline(Some(worker.config.request_timeout));
+        inputs
+            .iter()
+            .map(|t| tenant.embed(t).map_err(|e| ApiError::from_run(&e)))
+            .collect::<ApiResult<Vec<_>>>()
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            "the embedding task failed",
+        )
+    })??;
+    let tokens: u32 = result.iter().map(|e| e.tokens).sum();
+    let data: Vec<Value> = result
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            // base64: the little-endian f32 bytes, as OpenAI's clients decode them.
+            let embedding = if base64 {
+                let bytes: Vec<u8> = e.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(e.values)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list", "data": data, "model": req.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
+
+async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    let data: Vec<Value> = app
+        .config
+        .models
+        .keys()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "realm"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn health(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "models": app.config.models.keys().collect::<Vec<_>>(),
+        "sessions_in_use": app.config.max_sessions - app.sessions.available_permits(),
+        "max_sessions": app.config.max_sessions,
+    }))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "unknown_url",
+        "no such endpoint",
+    )
+}
+
+/// Bearer-token check on `/v1/*` (when `--api-key` is set).
+async fn auth(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &app.config.api_key {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+                "missing or incorrect API key (Authorization: Bearer …)",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn router(app: Arc<App>) -> Router {
+    let v1 = Router::new()
+        .route("/chat/completions", post(chat_completions))
+        .route("/completions", post(completions))
+        .route("/embeddings", post(embeddings))
+        .route("/models", get(models))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(4 << 20))
+        .with_state(app)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    eprintln!("realm serve: shutting down (finishing in-flight requests)");
+}
+
+/// Load every model once (checking it), bind, and serve until SIGTERM / Ctrl-C.
+pub fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let mut engine_config = config.engine.clone();
+    if config.test_faults {
+        engine_config
+            .guest_env
+            .push(("REALM_TEST_FAULTS".into(), "1".into()));
+    }
+    let engine = Engine::new(engine_config)?;
+    let mut n_ctx_train = BTreeMap::new();
+    for (name, path) in &config.models {
+        // A first tenant checks the file and maps it; later tenants share the mapping.
+        let m = engine
+            .load_model(path)
+            .with_context(|| format!("cannot load model '{name}' from {}", path.display()))?;
+        n_ctx_train.insert(name.clone(), m.info.n_ctx_train);
+    }
+    let app = Arc::new(App {
+        engine,
+        sessions: Arc::new(Semaphore::new(config.max_sessions.max(1))),
+        n_ctx_train,
+        config,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", app.config.host, app.config.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        // The first line on stdout is the address (tests and scripts read it).
+        println!("realm serve: listening on http://{local}");
+        eprintln!(
+            "realm serve: models {}; {} sessions at most; {} s per request{}",
+            app.config
+                .models
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            app.config.max_sessions,
+            app.config.request_timeout.as_secs_f64(),
+            if app.config.api_key.is_some() {
+                "; API key required"
+            } else {
+                ""
+            }
+        );
+        axum::serve(listener, router(app))
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("the server failed")
+    })
+}

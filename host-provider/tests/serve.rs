@@ -1,0 +1,472 @@
+//! `realm serve` on loopback: the official `openai` Python client, a 16-client load test,
+//! malformed bodies, auth, client disconnects and tenant limits.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `realm serve --port 0` child, stopped (SIGTERM) on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Self {
+        let mut child = common::realm()
+            .args(["serve", "--port", "0", "--threads", "2"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("realm serve starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the address line");
+        let addr = line
+            .trim()
+            .rsplit("http://")
+            .next()
+            .expect("an address")
+            .to_string();
+        assert!(addr.contains(':'), "unexpected first line: {line}");
+        Self { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// One HTTP/1.1 request; the status and body.
+    fn request(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> (u16, String) {
+        let mut s = TcpStream::connect(&self.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(120))).ok();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        for h in headers {
+            req.push_str(h);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).expect("send");
+        s.write_all(body).expect("send body");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("read");
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+        (status, body)
+    }
+
+    fn health(&self) -> serde_json::Value {
+        let (status, body) = self.request("GET", "/health", &[], b"");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("health json")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: plain libc call on our own child's pid.
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// The venv Python with `openai` (made by `make test`), or `$REALM_TEST_PYTHON`.
+fn python() -> PathBuf {
+    let p = std::env::var_os("REALM_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| common::root().join(".venv/bin/python"));
+    assert!(
+        p.exists(),
+        "{} is missing: `make test` creates it (python3 -m venv .venv && .venv/bin/pip install openai)",
+        p.display()
+    );
+    p
+}
+
+/// Sessions are released as their threads end, just after the response: wait for it.
+fn wait_idle(server: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.health()["sessions_in_use"] != 0 {
+        assert!(Instant::now() < deadline, "a session was not freed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+fn chat_body(content: &str, stream: bool, max_tokens: u32) -> String {
+    serde_json::json!({
+        "model": MODEL, "messages": [{"role": "user", "content": content}],
+        "temperature": 0, "max_tokens": max_tokens, "stream": stream,
+    })
+    .to_string()
+}
+
+#[test]
+fn the_official_openai_client_works() {
+    let server = Server::start(&[]);
+    let out = Command::new(python())
+        .arg(common::root().join("tests/serve/openai_client.py"))
+        .args([server.url().as_str(), MODEL])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "openai client checks failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sixteen_concurrent_streaming_clients_share_one_copy_of_the_weights() {
+    let server = Server::start(&[]);
+    let weights = std::fs::metadata(common::root().join("models").join(format!("{MODEL}.gguf")))
+        .expect("model")
+        .len();
+    let out = Command::new(python())
+        .arg(common::root().join("tests/serve/load.py"))
+        .args([
+            server.url().as_str(),
+            MODEL,
+            &server.pid().to_string(),
+            &weights.to_string(),
+        ])
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "load test failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("load test: {stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(stdout.trim().lines().last().expect("a line")).expect("json");
+    assert_eq!(v["requests_16"], 64);
+}
+
+/// Fifty bodies that are not valid requests: every one a 4xx with an OpenAI error body;
+/// the server still answers afterwards.
+#[test]
+fn malformed_requests_get_4xx_never_5xx() {
+    let server = Server::start(&[]);
+    let huge = "x".repeat(5 << 20);
+    let mut bodies: Vec<(&str, String)> = vec![
+        ("/v1/chat/completions", String::new()),
+        ("/v1/chat/completions", "{".into()),
+        ("/v1/chat/completions", "null".into()),
+        ("/v1/chat/completions", "[]".into()),
+        ("/v1/chat/completions", "42".into()),
+        ("/v1/chat/completions", "\"text\"".into()),
+        ("/v1/chat/completions", "{}".into()),
+        ("/v1/chat/completions", r#"{"model": 5}"#.into()),
+        ("/v1/chat/completions", format!(r#"{{"model": "{MODEL}"}}"#)),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model": "{MODEL}", "messages": []}}"#),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model": "{MODEL}", "messages": {{}}}}"#),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model": "{MODEL}", "messages": [1]}}"#),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model": "{MODEL}", "messages": [{{}}]}}"#),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model": "{MODEL}", "messages": [{{"role": 1}}]}}"#),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(
+                r#"{{"model": "{MODEL}", "messages": [{{"role": "wizard", "content": "hi"}}]}}"#
+            ),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": 7}}]}}"#),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(
+                r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": [{{"type": "image_url"}}]}}]}}"#
+            ),
+        ),
+        (
+            "/v1/chat/completions",
+            "{\"model\": \"x\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}".into(),
+        ),
+        ("/v1/chat/completions", "\u{0}\u{1}\u{2}".into()),
+        ("/v1/chat/completions", "{\"model\": \"\u{fffd}\"".into()),
+        ("/v1/chat/completions", huge),
+        ("/v1/completions", String::new()),
+        ("/v1/completions", "{}".into()),
+        ("/v1/completions", format!(r#"{{"model": "{MODEL}"}}"#)),
+        (
+            "/v1/completions",
+            format!(r#"{{"model": "{MODEL}", "prompt": ""}}"#),
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"model": "{MODEL}", "prompt": 3}}"#),
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"model": "{MODEL}", "prompt": ["a", "b"]}}"#),
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"model": "{MODEL}", "prompt": null}}"#),
+        ),
+        (
+            "/v1/completions",
+            r#"{"model": "nope", "prompt": "hi"}"#.into(),
+        ),
+        ("/v1/nothing-here", "{}".into()),
+    ];
+    let bad_params = [
+        r#""temperature": -1"#,
+        r#""temperature": 2.5"#,
+        r#""temperature": "hot""#,
+        r#""top_p": 0"#,
+        r#""top_p": 1.5"#,
+        r#""max_tokens": 0"#,
+        r#""max_tokens": -3"#,
+        r#""max_tokens": 1e99"#,
+        r#""n": 2"#,
+        r#""stop": ["a", "b", "c", "d", "e"]"#,
+        r#""stop": [""]"#,
+        r#""stop": 5"#,
+        r#""seed": -1"#,
+        r#""stream": "yes""#,
+        r#""stream_options": 3"#,
+    ];
+    for p in bad_params {
+        bodies.push((
+            "/v1/chat/completions",
+            format!(
+                r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi"}}], {p}}}"#
+            ),
+        ));
+    }
+    for p in &bad_params[..5] {
+        bodies.push((
+            "/v1/completions",
+            format!(r#"{{"model": "{MODEL}", "prompt": "hi", {p}}}"#),
+        ));
+    }
+    assert_eq!(bodies.len(), 50);
+    for (path, body) in &bodies {
+        let (status, text) = server.request(
+            "POST",
+            path,
+            &["Content-Type: application/json"],
+            body.as_bytes(),
+        );
+        assert!(
+            (400..500).contains(&status),
+            "{path} {:?} → {status} {text}",
+            &body[..body.len().min(120)]
+        );
+        if status != 413 {
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{path} {body:?}: non-JSON error body {text:?}: {e}"));
+            assert!(v["error"]["message"].is_string(), "{text}");
+            assert!(v["error"]["type"].is_string(), "{text}");
+        }
+    }
+    assert_eq!(server.health()["status"], "ok");
+}
+
+#[test]
+fn api_key_is_required_when_set() {
+    let server = Server::start(&["--api-key", "s3cret"]);
+    let body = chat_body("Hi", false, 2);
+    let (status, text) = server.request("POST", "/v1/chat/completions", &[], body.as_bytes());
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("invalid_api_key"), "{text}");
+    let (status, _) = server.request("GET", "/v1/models", &["Authorization: Bearer wrong"], b"");
+    assert_eq!(status, 401);
+    let (status, text) =
+        server.request("GET", "/v1/models", &["Authorization: Bearer s3cret"], b"");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains(MODEL), "{text}");
+    let (status, text) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        &["Authorization: Bearer s3cret"],
+        body.as_bytes(),
+    );
+    assert_eq!(status, 200, "{text}");
+    // Health stays open (for load balancers).
+    assert_eq!(server.health()["status"], "ok");
+}
+
+/// A client that goes away mid-stream frees its session; others are served meanwhile.
+#[test]
+fn a_disconnected_client_frees_its_session() {
+    let server = Server::start(&[]);
+    let body = chat_body("Tell me a very long story about a dragon.", true, 2000);
+    let mut s = TcpStream::connect(&server.addr).expect("connect");
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).expect("first bytes");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).contains("200"),
+        "no stream started"
+    );
+    assert_eq!(server.health()["sessions_in_use"], 1);
+    drop(s);
+    wait_idle(&server);
+    let (status, text) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat_body("What is the capital of France?", false, 8).as_bytes(),
+    );
+    assert_eq!(status, 200, "{text}");
+}
+
+/// A request past its deadline is stopped with 504 while the server keeps serving.
+#[test]
+fn the_request_deadline_stops_a_tenant() {
+    let server = Server::start(&["--timeout", "0.5"]);
+    let (status, text) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat_body("Tell me a very long story about a dragon.", false, 2000).as_bytes(),
+    );
+    assert_eq!(status, 504, "{text}");
+    assert!(text.contains("deadline_exceeded"), "{text}");
+    wait_idle(&server);
+    let (status, text) = server.request(
+        "POST",
+        "/v1/completions",
+        &[],
+        format!(r#"{{"model": "{MODEL}", "prompt": "Hi", "max_tokens": 2, "temperature": 0}}"#)
+            .as_bytes(),
+    );
+    assert_eq!(status, 200, "{text}");
+}
+
+/// Test-only faults (`--test-faults`): a guest that loops forever and one that allocates
+/// without bound are stopped by their limits (504, 507) while another client's stream,
+/// running at the same time, completes with the same text as when alone.
+#[test]
+fn runaway_tenants_are_stopped_while_others_complete() {
+    let server = Server::start(&[
+        "--test-faults",
+        "--timeout",
+        "8",
+        "--max-guest-memory",
+        "256M",
+    ]);
+    let ask = chat_body(
+        "What is the capital of France? Answer in one word.",
+        true,
+        24,
+    );
+    let (status, alone) = server.request("POST", "/v1/chat/completions", &[], ask.as_bytes());
+    assert_eq!(status, 200, "{alone}");
+    let text_of = |sse: &str| -> String {
+        sse.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .collect()
+    };
+    let expected = text_of(&alone);
+    assert!(expected.contains("Paris"), "{expected}");
+    std::thread::scope(|s| {
+        let looping = s.spawn(|| {
+            server.request(
+                "POST",
+                "/v1/chat/completions",
+                &[],
+                chat_body("REALM_FAULT:loop", false, 8).as_bytes(),
+            )
+        });
+        let hoarding = s.spawn(|| {
+            server.request(
+                "POST",
+                "/v1/chat/completions",
+                &[],
+                chat_body("REALM_FAULT:alloc", false, 8).as_bytes(),
+            )
+        });
+        // Started after the faulty ones, so it runs beside them.
+        std::thread::sleep(Duration::from_millis(300));
+        let (status, body) = server.request("POST", "/v1/chat/completions", &[], ask.as_bytes());
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(text_of(&body), expected);
+        let (status, body) = looping.join().expect("thread");
+        assert_eq!(status, 504, "{body}");
+        assert!(body.contains("deadline_exceeded"), "{body}");
+        let (status, body) = hoarding.join().expect("thread");
+        assert_eq!(status, 507, "{body}");
+        assert!(body.contains("memory_limit_exceeded"), "{body}");
+    });
+    wait_idle(&server);
+}
+
+/// Without `--test-faults` the hooks are inert: the text is just a prompt.
+#[test]
+fn fault_prompts_are_ordinary_text_without_the_test_flag() {
+    let server = Server::start(&["--timeout", "60"]);
+    let (status, body) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat_body("REALM_FAULT:loop", false, 4).as_bytes(),
+    );
+    assert_eq!(status, 200, "{body}");
+}

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""The official `openai` client against a running `realm serve` (URL in argv[1], model
+name in argv[2]): non-streaming and streaming chat, legacy completions, /v1/models, and
+error cases. Exits non-zero (an AssertionError) on any mismatch."""
+import sys
+
+import openai
+
+url, model = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+ask = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+
+# /v1/models lists the served model.
+ids = [m.id for m in client.models.list().data]
+assert model in ids, ids
+
+# Non-streaming chat, greedy: the answer and its accounting.
+r = client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=16)
+text = r.choices[0].message.content
+assert "Paris" in text, text
+assert r.choices[0].message.role == "assistant"
+assert r.choices[0].finish_reason in ("stop", "length"), r.choices[0].finish_reason
+assert r.usage.prompt_tokens > 5 and 0 < r.usage.completion_tokens <= 16, r.usage
+assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+# Streaming chat gives the same greedy text, piece by piece, then usage.
+pieces, finish, usage = [], None, None
+for chunk in client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=16,
+                                            stream=True, stream_options={"include_usage": True}):
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for c in chunk.choices:
+        if c.delta.content:
+            pieces.append(c.delta.content)
+        if c.finish_reason:
+            finish = c.finish_reason
+assert "".join(pieces) == text, (pieces, text)
+assert len(pieces) > 1, pieces
+assert finish == r.choices[0].finish_reason, finish
+assert usage is not None and usage.completion_tokens == r.usage.completion_tokens, usage
+
+# max_tokens is honoured and reported as "length".
+r2 = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Tell me a long story."}],
+                                    temperature=0, max_tokens=5)
+assert r2.choices[0].finish_reason == "length" and r2.usage.completion_tokens == 5, r2
+
+# The same seed gives the same sampled text.
+a = client.chat.completions.create(model=model, messages=ask, temperature=0.9, seed=7, max_tokens=12)
+b = client.chat.completions.create(model=model, messages=ask, temperature=0.9, seed=7, max_tokens=12)
+assert a.choices[0].message.content == b.choices[0].message.content
+
+# Legacy completions: raw text continuation, stop strings.
+c = client.completions.create(model=model, prompt="The capital of France is", temperature=0, max_tokens=8)
+assert "Paris" in c.choices[0].text, c.choices[0].text
+c2 = client.completions.create(model=model, prompt="1, 2, 3, 4,", temperature=0, max_tokens=20, stop=["7"])
+assert "7" not in c2.choices[0].text and c2.choices[0].finish_reason == "stop", c2.choices[0]
+streamed = "".join(x.choices[0].text for x in client.completions.create(
+    model=model, prompt="The capital of France is", temperature=0, max_tokens=8, stream=True) if x.choices)
+assert streamed == c.choices[0].text, (streamed, c.choices[0].text)
+
+# Embeddings: unit vectors of the model's width, deterministic, closer for related texts.
+texts = ["The cat sat on the mat.", "A cat was sitting on the mat.", "Quarterly tax filing deadlines for corporations."]
+e = client.embeddings.create(model=model, input=texts)
+vecs = [d.embedding for d in sorted(e.data, key=lambda d: d.index)]
+assert len(vecs) == 3 and len(set(map(len, vecs))) == 1 and len(vecs[0]) >= 64, [len(v) for v in vecs]
+dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+for v in vecs:
+    assert abs(dot(v, v) - 1.0) < 1e-3, dot(v, v)
+assert dot(vecs[0], vecs[1]) > dot(vecs[0], vecs[2]), (dot(vecs[0], vecs[1]), dot(vecs[0], vecs[2]))
+assert e.usage.prompt_tokens > 10, e.usage
+single = client.embeddings.create(model=model, input=texts[0]).data[0].embedding
+assert max(abs(a - b) for a, b in zip(single, vecs[0])) < 1e-6
+
+# Errors come back as OpenAI errors with the right status.
+try:
+    client.chat.completions.create(model="no-such-model", messages=ask)
+    raise AssertionError("unknown model accepted")
+except openai.NotFoundError as e:
+    assert e.status_code == 404 and e.code == "model_not_found", e
+try:
+    client.chat.completions.create(model=model, messages=ask, temperature=5)
+    raise AssertionError("temperature 5 accepted")
+except openai.BadRequestError as e:
+    assert e.code == "invalid_value", e
+try:
+    client.chat.completions.create(model=model, messages=[{"role": "user", "content": "word " * 5000}], max_tokens=4)
+    raise AssertionError("over-long prompt accepted")
+except openai.BadRequestError as e:
+    assert e.code == "context_length_exceeded", e
+print("openai client: all checks passed")
