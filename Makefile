@@ -53,6 +53,8 @@ bench: models build
 	RUSTFLAGS="-C target-cpu=native" $(CARGO) build --release -j$(JOBS) --manifest-path bench/candle/Cargo.toml --target-dir target/candle
 	python3 bench/compare.py models/SmolLM2-135M-Instruct.Q4_1.gguf --write
 	python3 bench/compare.py models/gemma-3-270m-q4_k_m.gguf --write
+	$(MAKE) $(VENV)/.ok
+	python3 bench/serve.py --write
 	./bench/memory.sh --write
 
 # Coverage-guided fuzzing of the format core (needs cargo-fuzz; not part of `make test`).

@@ -470,3 +470,48 @@ fn fault_prompts_are_ordinary_text_without_the_test_flag() {
     );
     assert_eq!(status, 200, "{body}");
 }
+
+/// SIGTERM stops accepting but lets an in-flight stream finish: it ends with
+/// `data: [DONE]`, and the server exits cleanly.
+#[test]
+fn sigterm_finishes_in_flight_streams() {
+    let mut server = Server::start(&[]);
+    let body = chat_body("Tell me a story about a dragon.", true, 48);
+    let mut s = TcpStream::connect(&server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).expect("first bytes");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).contains("200"),
+        "no stream started"
+    );
+    // SAFETY: plain libc call on our own child's pid.
+    unsafe { libc_kill(server.pid() as i32, 15) };
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("data: [DONE]"), "the stream was cut: {text}");
+    assert!(
+        text.contains("\"finish_reason\":\"length\"")
+            || text.contains("\"finish_reason\":\"stop\""),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = server.child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+}

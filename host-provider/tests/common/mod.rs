@@ -16,7 +16,10 @@ pub fn realm() -> Command {
 }
 
 /// `realm run --json --threads 2 ARGS…`, which must succeed; its JSON object.
-#[allow(dead_code, reason = "not every test binary that includes this module uses it")]
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
 pub fn run_json(args: &[&str]) -> serde_json::Value {
     let out = realm()
         .args(["run", "--json", "--threads", "2"])

@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Aggregate decode throughput of `realm serve` with 1, 4 and 16 concurrent streaming
+clients (4 greedy chat requests each, 24 new tokens, loopback), and the server's resident
+memory growth per concurrent tenant. Runs tests/serve/load.py (the same load test as
+`make test`) against a server it starts; --write puts the section in BENCHMARKS.md.
+Usage: bench/serve.py [MODEL.gguf] [--write] (needs .venv from `make test`)."""
+import json, os, pathlib, re, subprocess, sys
+
+model = next((a for a in sys.argv[1:] if not a.startswith("--")), "models/SmolLM2-135M-Instruct.Q4_1.gguf")
+name = pathlib.Path(model).stem
+server = subprocess.Popen(["./target/release/realm", "serve", "--port", "0", "--threads", "2", "--model", model],
+                          stdout=subprocess.PIPE, text=True)
+try:
+    url = server.stdout.readline().strip().rsplit(" ", 1)[-1]
+    out = subprocess.run([".venv/bin/python", "tests/serve/load.py", url, name, str(server.pid),
+                          str(os.path.getsize(model))], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit("load test failed:\n" + out.stdout + out.stderr)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+finally:
+    server.terminate()
+    server.wait(timeout=30)
+
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+section = f"""## Server: concurrent clients — {name} (`bench/serve.py`)
+
+`realm serve --threads 2` on loopback, Realm commit {commit}; each client streams 4 greedy
+chat requests of 24 new tokens one after another (every request a fresh tenant: Store,
+guest instance, model load, prefill, decode); every response is checked to equal the lone
+request's text. Aggregate generated tokens/s over the whole run:
+
+| concurrent clients | requests | tokens/s |
+|---|---|---|
+| 1 | {r['requests_1']} | {r['tokens_per_s_1']:.1f} |
+| 4 | {r['requests_4']} | {r['tokens_per_s_4']:.1f} |
+| 16 | {r['requests_16']} | {r['tokens_per_s_16']:.1f} |
+
+Server RSS: {r['rss_before'] >> 20} MiB before the load (weights mapped and touched), peak
+{r['rss_peak'] >> 20} MiB with 16 tenants at once: {r['rss_growth_per_tenant'] / 2**20:.1f} MiB per
+concurrent tenant (guest linear memory, KV cache, instance) against {os.path.getsize(model) >> 20} MiB of
+weights, which all tenants share (one mapping per engine).
+"""
+print(section)
+if "--write" in sys.argv:
+    p = pathlib.Path("BENCHMARKS.md")
+    text = p.read_text() if p.exists() else "# Benchmarks\n"
+    text = re.sub(re.escape(f"## Server: concurrent clients — {name}") + r".*?(?=\n## |\Z)", "", text, flags=re.S)
+    p.write_text(text.rstrip() + "\n\n" + section)
