@@ -39,8 +39,8 @@ pub unsafe fn dot_rows(
     out: &mut [f32],
 ) -> bool {
     let (block, kernel): (usize, FourRows) = match ty {
-        GgmlType::Q4_1 => (Q8_1_BYTES, |g, s, x, sc| dot4_q4_1(g, s, x, sc)),
-        GgmlType::Q8_0 => (Q8_0_BYTES, |g, s, x, sc| dot4_q8_0(g, s, x, sc)),
+        GgmlType::Q4_1 => (Q8_1_BYTES, |g, s, x, sc| tile_q4_1::<1>(g, s, [x], [sc])[0]),
+        GgmlType::Q8_0 => (Q8_0_BYTES, |g, s, x, sc| tile_q8_0::<1>(g, s, [x], [sc])[0]),
         _ => return false,
     };
     // The activation's block scales (and Q8_1 sums) as f32, once for all rows.
@@ -110,8 +110,7 @@ fn row_scales(d: __m256, p: usize) -> __m512 {
 }
 
 /// The 4 bytes at `o` of each of four rows `stride` bytes apart, as f16 pairs → f32:
-/// [a0 a1 b0 b1 c0 c1 d0 d1]. One gather instead of a chain of inserts, which would
-/// compete with the permutes for the shuffle port.
+/// [a0 a1 b0 b1 c0 c1 d0 d1].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn halves4(w: &[u8], stride: usize, o: usize) -> __m256 {
@@ -130,97 +129,275 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
 }
 
-/// Four Q4_1 rows × one Q8_1 activation row. Register `p` holds rows `2p` and `2p + 1`
-/// as 128-bit quarters [a low nibbles, a high, b low, b high] against the activation
-/// twice over: per row, the AVX2 kernel's register.
+/// Four Q4_1 rows × `T` Q8_1 activation rows. Register `p` holds rows `2p` and `2p + 1`
+/// as 128-bit quarters [a low nibbles, a high, b low, b high] against an activation twice
+/// over: per row and token, the AVX2 kernel's register. The unpacked weights and their
+/// scales are shared by the `T` tokens; every (row, token) keeps its own accumulators, so
+/// each result is the single-token result bit for bit.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn dot4_q4_1(g: &[u8], stride: usize, x: &[u8], scales: &[[f32; 2]]) -> [f32; 4] {
-    let nb = x.len() / Q8_1_BYTES;
-    assert!(g.len() >= 4 * stride && stride >= nb * 20 && scales.len() >= nb);
+fn tile_q4_1<const T: usize>(
+    g: &[u8],
+    stride: usize,
+    xs: [&[u8]; T],
+    scales: [&[[f32; 2]]; T],
+) -> [[f32; 4]; T] {
+    let nb = xs[0].len() / Q8_1_BYTES;
+    assert!(g.len() >= 4 * stride && stride >= nb * 20);
+    assert!((0..T).all(|t| xs[t].len() >= nb * Q8_1_BYTES && scales[t].len() >= nb));
     let w = [0, 1, 2, 3].map(|r| &g[r * stride..r * stride + nb * 20]);
     // Per 16-bit lane: 0 in quarters 0 and 2, 4 in quarters 1 and 3.
     let four = 0x0004_0004_0004_0004;
     let shifts = _mm512_set_epi64(four, four, 0, 0, four, four, 0, 0);
     let m4 = _mm512_set1_epi8(0x0F);
-    let mut acc = [_mm512_setzero_ps(); 2];
-    let mut summs = _mm256_setzero_ps();
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    let mut summs = [_mm256_setzero_ps(); T];
     for b in 0..nb {
-        let xb = &x[b * Q8_1_BYTES..(b + 1) * Q8_1_BYTES];
-        let yy = _mm512_broadcast_i64x4(load32(&xb[4..36]));
-        let [dy, sy] = scales[b];
         let o = 20 * b;
         let dm = halves4(g, stride, o);
-        // ggml: m · s summed per row (scalar FMA per block): here the odd lanes.
-        summs = _mm256_fmadd_ps(dm, _mm256_set1_ps(sy), summs);
-        let dd = _mm256_mul_ps(dm, _mm256_set1_ps(dy));
-        for p in 0..2 {
+        // Each row's d over its lanes; times the token's d below (the same product).
+        let rs = [row_scales(dm, 0), row_scales(dm, 1)];
+        let q = [0, 1].map(|p| {
             let a = _mm512_broadcast_i32x4(load16(&w[2 * p][o + 4..]));
             let b = _mm512_broadcast_i32x4(load16(&w[2 * p + 1][o + 4..]));
             let q = _mm512_mask_blend_epi64(0xF0, a, b);
-            let q = _mm512_and_si512(_mm512_srlv_epi16(q, shifts), m4);
-            let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, yy));
-            acc[p] = _mm512_fmadd_ps(row_scales(dd, p), xy, acc[p]);
+            _mm512_and_si512(_mm512_srlv_epi16(q, shifts), m4)
+        });
+        for t in 0..T {
+            let xb = &xs[t][b * Q8_1_BYTES..(b + 1) * Q8_1_BYTES];
+            let yy = _mm512_broadcast_i64x4(load32(&xb[4..36]));
+            let [dy, sy] = scales[t][b];
+            // ggml: m · s summed per row (scalar FMA per block): here the odd lanes.
+            summs[t] = _mm256_fmadd_ps(dm, _mm256_set1_ps(sy), summs[t]);
+            for p in 0..2 {
+                let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[p], yy));
+                let d = _mm512_mul_ps(rs[p], _mm512_set1_ps(dy));
+                acc[t][p] = _mm512_fmadd_ps(d, xy, acc[t][p]);
+            }
         }
     }
-    let mut s = [0f32; 8];
-    // SAFETY: `s` has room for eight floats.
-    unsafe { _mm256_storeu_ps(s.as_mut_ptr(), summs) };
-    let mut r = [0f32; 4];
-    for p in 0..2 {
-        let a = acc[p];
-        r[2 * p] =
-            hsum8_halves(_mm512_extractf32x4_ps(a, 0), _mm512_extractf32x4_ps(a, 1)) + s[4 * p + 1];
-        r[2 * p + 1] =
-            hsum8_halves(_mm512_extractf32x4_ps(a, 2), _mm512_extractf32x4_ps(a, 3)) + s[4 * p + 3];
+    let mut out = [[0f32; 4]; T];
+    for t in 0..T {
+        let mut s = [0f32; 8];
+        // SAFETY: `s` has room for eight floats.
+        unsafe { _mm256_storeu_ps(s.as_mut_ptr(), summs[t]) };
+        for p in 0..2 {
+            let a = acc[t][p];
+            out[t][2 * p] =
+                hsum8_halves(_mm512_extractf32x4_ps(a, 0), _mm512_extractf32x4_ps(a, 1))
+                    + s[4 * p + 1];
+            out[t][2 * p + 1] =
+                hsum8_halves(_mm512_extractf32x4_ps(a, 2), _mm512_extractf32x4_ps(a, 3))
+                    + s[4 * p + 3];
+        }
     }
-    r
+    out
 }
 
-/// Four Q8_0 rows × one Q8_0 activation row; register `p` holds rows `2p` (low half) and
-/// `2p + 1` (high half), each half exactly the AVX2 kernel's register.
+/// Four Q8_0 rows × `T` Q8_0 activation rows; register `p` holds rows `2p` (low half) and
+/// `2p + 1` (high half), each half exactly the AVX2 kernel's register. Weights' absolute
+/// values and signs are taken once for all `T` tokens.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn dot4_q8_0(g: &[u8], stride: usize, x: &[u8], scales: &[[f32; 2]]) -> [f32; 4] {
-    let nb = x.len() / Q8_0_BYTES;
-    assert!(g.len() >= 4 * stride && stride >= nb * 34 && scales.len() >= nb);
+fn tile_q8_0<const T: usize>(
+    g: &[u8],
+    stride: usize,
+    xs: [&[u8]; T],
+    scales: [&[[f32; 2]]; T],
+) -> [[f32; 4]; T] {
+    let nb = xs[0].len() / Q8_0_BYTES;
+    assert!(g.len() >= 4 * stride && stride >= nb * 34);
+    assert!((0..T).all(|t| xs[t].len() >= nb * Q8_0_BYTES && scales[t].len() >= nb));
     let w = [0, 1, 2, 3].map(|r| &g[r * stride..r * stride + nb * 34]);
-    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
     for b in 0..nb {
-        let xb = &x[b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
-        let yy = _mm512_broadcast_i64x4(load32(&xb[2..34]));
-        let dy = scales[b][0];
         let o = 34 * b;
         // [d0 · d1 · d2 · d3 ·]: each row's scale and its first two quants, unused.
-        let dd = _mm256_mul_ps(halves4(g, stride, o), _mm256_set1_ps(dy));
+        let dw = halves4(g, stride, o);
+        let rs = [row_scales(dw, 0), row_scales(dw, 1)];
+        let (mut ax, mut neg) = ([_mm512_setzero_si512(); 2], [0u64; 2]);
         for p in 0..2 {
             let q = _mm512_mask_broadcast_i64x4(
                 _mm512_castsi256_si512(load32(&w[2 * p][o + 2..])),
                 0xF0,
                 load32(&w[2 * p + 1][o + 2..]),
             );
-            // ggml's sign trick (|w| × y·sign(w)) without `vpsignb`, which has no 512-bit form.
-            let neg = _mm512_movepi8_mask(q);
-            let sy = _mm512_mask_sub_epi8(yy, neg, _mm512_setzero_si512(), yy);
-            let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(
-                _mm512_setzero_si512(),
-                _mm512_abs_epi8(q),
-                sy,
-            ));
-            acc[p] = _mm512_fmadd_ps(row_scales(dd, p), xy, acc[p]);
+            // ggml's sign trick (|w| × y·sign(w)) without `vpsignb`, which has no
+            // 512-bit form.
+            neg[p] = _mm512_movepi8_mask(q);
+            ax[p] = _mm512_abs_epi8(q);
+        }
+        for t in 0..T {
+            let xb = &xs[t][b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
+            let yy = _mm512_broadcast_i64x4(load32(&xb[2..34]));
+            let dy = scales[t][b][0];
+            for p in 0..2 {
+                let sy = _mm512_mask_sub_epi8(yy, neg[p], _mm512_setzero_si512(), yy);
+                let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ax[p], sy));
+                let d = _mm512_mul_ps(rs[p], _mm512_set1_ps(dy));
+                acc[t][p] = _mm512_fmadd_ps(d, xy, acc[t][p]);
+            }
         }
     }
-    let mut r = [0f32; 4];
-    for p in 0..2 {
-        let a = acc[p];
-        r[2 * p] = hsum8_halves(_mm512_extractf32x4_ps(a, 0), _mm512_extractf32x4_ps(a, 1));
-        r[2 * p + 1] = hsum8_halves(_mm512_extractf32x4_ps(a, 2), _mm512_extractf32x4_ps(a, 3));
+    let mut out = [[0f32; 4]; T];
+    for t in 0..T {
+        for p in 0..2 {
+            let a = acc[t][p];
+            out[t][2 * p] =
+                hsum8_halves(_mm512_extractf32x4_ps(a, 0), _mm512_extractf32x4_ps(a, 1));
+            out[t][2 * p + 1] =
+                hsum8_halves(_mm512_extractf32x4_ps(a, 2), _mm512_extractf32x4_ps(a, 3));
+        }
     }
-    r
+    out
+}
+
+/// Tokens per tile in [`dot_tile`].
+pub const TILE_TOKENS: usize = 4;
+
+/// Whether [`dot_tile`] has a kernel for `ty`.
+pub fn has_tile(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0)
+}
+
+/// Weight rows `j0..j0 + out.len() / n_tok` of `w` × all `n_tok` activation rows of `xq`
+/// (`qrow` bytes each; `scales`: their per-block scales, `nb` per row), into `out`
+/// transposed: `out[r * n_tok + t]` for weight row `j0 + r` and token `t`. Four weight
+/// rows × four tokens per step; every result equals [`dot_rows`]' bit for bit. `false`
+/// if `ty` has no tile kernel.
+///
+/// # Safety
+/// The CPU must support what [`available`] checks.
+#[allow(clippy::too_many_arguments, reason = "one tile's geometry")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_tile(
+    ty: GgmlType,
+    w: &[u8],
+    wrow: usize,
+    xq: &[u8],
+    qrow: usize,
+    scales: &[[f32; 2]],
+    n_tok: usize,
+    j0: usize,
+    out: &mut [f32],
+) -> bool {
+    if !has_tile(ty) || n_tok == 0 {
+        return false;
+    }
+    let nb = scales.len() / n_tok;
+    let n_rows = out.len() / n_tok;
+    let x = |t: usize| &xq[t * qrow..(t + 1) * qrow];
+    let sc = |t: usize| &scales[t * nb..(t + 1) * nb];
+    let full = n_rows / 4 * 4;
+    for t0 in (0..n_tok).step_by(TILE_TOKENS) {
+        let tn = TILE_TOKENS.min(n_tok - t0);
+        for r in (0..full).step_by(4) {
+            let at = (j0 + r) * wrow;
+            let g = &w[at..at + 4 * wrow];
+            let mut put = |t: usize, v: [f32; 4]| {
+                for (i, val) in v.into_iter().enumerate() {
+                    out[(r + i) * n_tok + t] = val;
+                }
+            };
+            if tn == TILE_TOKENS {
+                let xs = [0, 1, 2, 3].map(|i| x(t0 + i));
+                let ss = [0, 1, 2, 3].map(|i| sc(t0 + i));
+                let res = match ty {
+                    GgmlType::Q4_1 => tile_q4_1::<4>(g, wrow, xs, ss),
+                    _ => tile_q8_0::<4>(g, wrow, xs, ss),
+                };
+                for (i, v) in res.into_iter().enumerate() {
+                    put(t0 + i, v);
+                }
+            } else {
+                for t in t0..t0 + tn {
+                    let res = match ty {
+                        GgmlType::Q4_1 => tile_q4_1::<1>(g, wrow, [x(t)], [sc(t)]),
+                        _ => tile_q8_0::<1>(g, wrow, [x(t)], [sc(t)]),
+                    };
+                    put(t, res[0]);
+                }
+            }
+        }
+    }
+    // Weight rows past the last group of four: one row and token at a time.
+    for r in full..n_rows {
+        for t in 0..n_tok {
+            let mut v = [0f32];
+            // SAFETY: the AVX2 set is part of `available`.
+            unsafe { avx2::dot_rows(ty, w, wrow, x(t), j0 + r, &mut v) };
+            out[r * n_tok + t] = v[0];
+        }
+    }
+    true
+}
+
+/// Per block of each activation row: its f16 scale (and, for Q8_1, its sum) as f32.
+pub fn activation_scales(block: usize, xq: &[u8], out: &mut Vec<[f32; 2]>) {
+    out.clear();
+    out.extend(xq.chunks_exact(block).map(|xb| {
+        let h = |at: usize| f32::from(half::f16::from_le_bytes([xb[at], xb[at + 1]]));
+        [h(0), h(2)]
+    }));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::compute::quant::{self, VecDot};
+
+    /// Tiles of several tokens give each (row, token) exactly the single-row result,
+    /// whatever the token count (remainders included) and weight row count.
+    #[test]
+    fn tiles_equal_the_portable_kernels() {
+        if !available() {
+            eprintln!("this CPU lacks AVX-512 VNNI: nothing to compare");
+            return;
+        }
+        let mut s = 99u64;
+        let mut next = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+            let kind = VecDot::for_weight(ty).expect("kind");
+            for n_tok in [1usize, 3, 4, 6, 9] {
+                let (k, ts, rows) = (256usize, ty.type_size() as usize, 10usize);
+                let wrow = k / 32 * ts;
+                let mut w: Vec<u8> = (0..rows * wrow).map(|_| next() as u8).collect();
+                for b in 0..rows * k / 32 {
+                    let d = half::f16::from_f32((next() % 1000) as f32 / 40000.0 - 0.0125);
+                    w[b * ts..b * ts + 2].copy_from_slice(&d.to_le_bytes());
+                }
+                let mut xq = Vec::new();
+                for _ in 0..n_tok {
+                    let xs: Vec<f32> = (0..k)
+                        .map(|_| (next() % 2000) as f32 / 100.0 - 10.0)
+                        .collect();
+                    quant::quantize_row(kind, &xs, &mut xq);
+                }
+                let qrow = xq.len() / n_tok;
+                let mut scales = Vec::new();
+                activation_scales(kind.block_bytes(), &xq, &mut scales);
+                // Rows 1..10 (a remainder past the groups of four, and an offset start).
+                let mut out = vec![0f32; 9 * n_tok];
+                // SAFETY: `available()` checked above.
+                let ok = unsafe { dot_tile(ty, &w, wrow, &xq, qrow, &scales, n_tok, 1, &mut out) };
+                assert!(ok);
+                for r in 0..9 {
+                    for t in 0..n_tok {
+                        let want = quant::dot(
+                            ty,
+                            &w[(r + 1) * wrow..(r + 2) * wrow],
+                            &xq[t * qrow..(t + 1) * qrow],
+                        );
+                        let got = out[r * n_tok + t];
+                        assert_eq!(got.to_bits(), want.to_bits(), "{ty} row {r} token {t}");
+                    }
+                }
+            }
+        }
+    }
 
     /// Bit-identical to the portable kernel, row by row, on random weights, including
     /// extreme quants (-128) and a row count that leaves a remainder.

@@ -103,6 +103,9 @@ pub struct ComputeState {
     pub models: HashMap<String, Arc<MappedModel>>,
     pub pool: Arc<rayon::ThreadPool>,
     quantized: Vec<u8>,
+    /// Per-block activation scales and a transposed matmul output (prompt processing).
+    scales: Vec<[f32; 2]>,
+    transposed: Vec<f32>,
     rope_cache: Vec<(f32, f32)>,
     pub stats: Stats,
     pub store: residency::WeightStore,
@@ -128,6 +131,8 @@ impl ComputeState {
             models,
             pool,
             quantized: Vec::new(),
+            scales: Vec::new(),
+            transposed: Vec::new(),
             rope_cache: Vec::new(),
             stats: Stats::default(),
             store: residency::WeightStore::new(max_resident),
@@ -765,6 +770,50 @@ impl ComputeState {
                 let wrow = wt.ty.row_bytes(k as u64).unwrap_or(0) as usize;
                 let (wb, ty) = (wt.bytes(), wt.ty);
                 let threads = pool.current_num_threads().max(1);
+                #[cfg(target_arch = "x86_64")]
+                if rows >= 2
+                    && quant::kernel_level() >= quant::KernelLevel::Avx512
+                    && avx512::has_tile(ty)
+                {
+                    // Prompt processing: tiles of four weight rows × four tokens, each task
+                    // a range of weight rows (kept in cache) against every token; written
+                    // transposed, then put back in (token, row) order.
+                    let mut scales = std::mem::take(&mut self.scales);
+                    avx512::activation_scales(kind.block_bytes(), &xq, &mut scales);
+                    let mut tr = std::mem::take(&mut self.transposed);
+                    tr.clear();
+                    tr.resize(rows * n, 0.0);
+                    let chunk = (n.div_ceil(threads * 8).max(16)).next_multiple_of(4);
+                    pool.install(|| {
+                        tr.par_chunks_mut(chunk * rows)
+                            .enumerate()
+                            .for_each(|(c, part)| {
+                                // SAFETY: `kernel_level` checked the CPU features.
+                                unsafe {
+                                    avx512::dot_tile(
+                                        ty,
+                                        wb,
+                                        wrow,
+                                        &xq,
+                                        qrow,
+                                        &scales,
+                                        rows,
+                                        c * chunk,
+                                        part,
+                                    )
+                                };
+                            });
+                    });
+                    for (t, orow) in o.data.chunks_exact_mut(n).enumerate() {
+                        for (j, v) in orow.iter_mut().enumerate() {
+                            *v = tr[j * rows + t];
+                        }
+                    }
+                    self.scales = scales;
+                    self.transposed = tr;
+                    self.quantized = xq;
+                    return Ok(());
+                }
                 pool.install(|| {
                     if rows >= 2 * threads {
                         o.data
