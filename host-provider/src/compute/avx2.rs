@@ -34,7 +34,10 @@ pub unsafe fn dot_rows(
         GgmlType::Q4_0 => out
             .iter_mut()
             .enumerate()
-            .for_each(|(i, o)| *o = dot_q4_0(row(i), x)),
+            .for_each(|(i, o)| {
+                prefetch_ahead(w, (j0 + i) * wrow, wrow);
+                *o = dot_q4_0(row(i), x)
+            }),
         GgmlType::Q4_1 => {
             // Four rows per pass share the activation loads and run four independent
             // FMA chains; each row's arithmetic is unchanged.
@@ -51,7 +54,10 @@ pub unsafe fn dot_rows(
         GgmlType::Q5_0 => out
             .iter_mut()
             .enumerate()
-            .for_each(|(i, o)| *o = dot_q5_0(row(i), x)),
+            .for_each(|(i, o)| {
+                prefetch_ahead(w, (j0 + i) * wrow, wrow);
+                *o = dot_q5_0(row(i), x)
+            }),
         GgmlType::Q8_0 => {
             let full = out.len() / 4 * 4;
             for i in (0..full).step_by(4) {
@@ -66,11 +72,17 @@ pub unsafe fn dot_rows(
         GgmlType::Q4_K => out
             .iter_mut()
             .enumerate()
-            .for_each(|(i, o)| *o = dot_q4_k(row(i), x)),
+            .for_each(|(i, o)| {
+                prefetch_ahead(w, (j0 + i) * wrow, wrow);
+                *o = dot_q4_k(row(i), x)
+            }),
         GgmlType::Q6_K => out
             .iter_mut()
             .enumerate()
-            .for_each(|(i, o)| *o = dot_q6_k(row(i), x)),
+            .for_each(|(i, o)| {
+                prefetch_ahead(w, (j0 + i) * wrow, wrow);
+                *o = dot_q6_k(row(i), x)
+            }),
         _ => return false,
     }
     true
