@@ -31,13 +31,10 @@ pub unsafe fn dot_rows(
 ) -> bool {
     let row = |i: usize| &w[(j0 + i) * wrow..(j0 + i + 1) * wrow];
     match ty {
-        GgmlType::Q4_0 => out
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| {
-                prefetch_ahead(w, (j0 + i) * wrow, wrow);
-                *o = dot_q4_0(row(i), x)
-            }),
+        GgmlType::Q4_0 => out.iter_mut().enumerate().for_each(|(i, o)| {
+            prefetch_ahead(w, (j0 + i) * wrow, wrow);
+            *o = dot_q4_0(row(i), x)
+        }),
         GgmlType::Q4_1 => {
             // Four rows per pass share the activation loads and run four independent
             // FMA chains; each row's arithmetic is unchanged.
@@ -51,13 +48,10 @@ pub unsafe fn dot_rows(
                 *o = dot_q4_1(row(i), x);
             }
         }
-        GgmlType::Q5_0 => out
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| {
-                prefetch_ahead(w, (j0 + i) * wrow, wrow);
-                *o = dot_q5_0(row(i), x)
-            }),
+        GgmlType::Q5_0 => out.iter_mut().enumerate().for_each(|(i, o)| {
+            prefetch_ahead(w, (j0 + i) * wrow, wrow);
+            *o = dot_q5_0(row(i), x)
+        }),
         GgmlType::Q8_0 => {
             let full = out.len() / 4 * 4;
             for i in (0..full).step_by(4) {
@@ -69,20 +63,14 @@ pub unsafe fn dot_rows(
                 *o = dot_q8_0(row(i), x);
             }
         }
-        GgmlType::Q4_K => out
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| {
-                prefetch_ahead(w, (j0 + i) * wrow, wrow);
-                *o = dot_q4_k(row(i), x)
-            }),
-        GgmlType::Q6_K => out
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| {
-                prefetch_ahead(w, (j0 + i) * wrow, wrow);
-                *o = dot_q6_k(row(i), x)
-            }),
+        GgmlType::Q4_K => out.iter_mut().enumerate().for_each(|(i, o)| {
+            prefetch_ahead(w, (j0 + i) * wrow, wrow);
+            *o = dot_q4_k(row(i), x)
+        }),
+        GgmlType::Q6_K => out.iter_mut().enumerate().for_each(|(i, o)| {
+            prefetch_ahead(w, (j0 + i) * wrow, wrow);
+            *o = dot_q6_k(row(i), x)
+        }),
         _ => return false,
     }
     true

@@ -41,6 +41,7 @@ pub unsafe fn dot_rows(
     let (block, kernel): (usize, FourRows) = match ty {
         GgmlType::Q4_1 => (Q8_1_BYTES, |g, s, x, sc| tile_q4_1::<1>(g, s, [x], [sc])[0]),
         GgmlType::Q8_0 => (Q8_0_BYTES, |g, s, x, sc| tile_q8_0::<1>(g, s, [x], [sc])[0]),
+        GgmlType::Q5_0 => (Q8_0_BYTES, |g, s, x, sc| tile_q5_0::<1>(g, s, [x], [sc])[0]),
         _ => return false,
     };
     // The activation's block scales (and Q8_1 sums) as f32, once for all rows.
@@ -203,23 +204,63 @@ fn tile_q8_0<const T: usize>(
     xs: [&[u8]; T],
     scales: [&[[f32; 2]]; T],
 ) -> [[f32; 4]; T] {
+    tile_signed::<T, 34>(g, stride, xs, scales, |a, b| {
+        _mm512_mask_broadcast_i64x4(
+            _mm512_castsi256_si512(load32(&a[2..])),
+            0xF0,
+            load32(&b[2..]),
+        )
+    })
+}
+
+/// Four Q5_0 rows × `T` Q8_0 activation rows, as ggml's AVX2 kernel per row: nibbles
+/// [low, high] with the fifth bits making values -16..15 (`or` 0xF0 where a bit is clear).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn tile_q5_0<const T: usize>(
+    g: &[u8],
+    stride: usize,
+    xs: [&[u8]; T],
+    scales: [&[[f32; 2]]; T],
+) -> [[f32; 4]; T] {
+    let four = 0x0004_0004_0004_0004;
+    let shifts = _mm512_set_epi64(four, four, 0, 0, four, four, 0, 0);
+    tile_signed::<T, 22>(g, stride, xs, scales, move |a, b| {
+        let qa = _mm512_broadcast_i32x4(load16(&a[6..]));
+        let qb = _mm512_broadcast_i32x4(load16(&b[6..]));
+        let q = _mm512_mask_blend_epi64(0xF0, qa, qb);
+        let nib = _mm512_and_si512(_mm512_srlv_epi16(q, shifts), _mm512_set1_epi8(0x0F));
+        // Fifth bits: row a's 32 to bytes 0–31, row b's to 32–63.
+        let bits = u64::from(u32::from_le_bytes([a[2], a[3], a[4], a[5]]))
+            | u64::from(u32::from_le_bytes([b[2], b[3], b[4], b[5]])) << 32;
+        let low = _mm512_or_si512(nib, _mm512_set1_epi8(0xF0u8 as i8));
+        _mm512_mask_mov_epi8(nib, !bits, low)
+    })
+}
+
+/// The shared body of the signed-weight tiles (Q8_0, Q5_0 × Q8_0): `unpack(a, b)` turns
+/// the `BLOCK`-byte blocks of two rows into one register of signed bytes, [a | b].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn tile_signed<const T: usize, const BLOCK: usize>(
+    g: &[u8],
+    stride: usize,
+    xs: [&[u8]; T],
+    scales: [&[[f32; 2]]; T],
+    unpack: impl Fn(&[u8], &[u8]) -> __m512i,
+) -> [[f32; 4]; T] {
     let nb = xs[0].len() / Q8_0_BYTES;
-    assert!(g.len() >= 4 * stride && stride >= nb * 34);
+    assert!(g.len() >= 4 * stride && stride >= nb * BLOCK);
     assert!((0..T).all(|t| xs[t].len() >= nb * Q8_0_BYTES && scales[t].len() >= nb));
-    let w = [0, 1, 2, 3].map(|r| &g[r * stride..r * stride + nb * 34]);
+    let w = [0, 1, 2, 3].map(|r| &g[r * stride..r * stride + nb * BLOCK]);
     let mut acc = [[_mm512_setzero_ps(); 2]; T];
     for b in 0..nb {
-        let o = 34 * b;
-        // [d0 · d1 · d2 · d3 ·]: each row's scale and its first two quants, unused.
+        let o = BLOCK * b;
+        // [d0 · d1 · d2 · d3 ·]: each row's scale and the next two bytes, unused.
         let dw = halves4(g, stride, o);
         let rs = [row_scales(dw, 0), row_scales(dw, 1)];
         let (mut ax, mut neg) = ([_mm512_setzero_si512(); 2], [0u64; 2]);
         for p in 0..2 {
-            let q = _mm512_mask_broadcast_i64x4(
-                _mm512_castsi256_si512(load32(&w[2 * p][o + 2..])),
-                0xF0,
-                load32(&w[2 * p + 1][o + 2..]),
-            );
+            let q = unpack(&w[2 * p][o..o + BLOCK], &w[2 * p + 1][o..o + BLOCK]);
             // ggml's sign trick (|w| × y·sign(w)) without `vpsignb`, which has no
             // 512-bit form.
             neg[p] = _mm512_movepi8_mask(q);
@@ -255,7 +296,7 @@ pub const TILE_TOKENS: usize = 4;
 
 /// Whether [`dot_tile`] has a kernel for `ty`.
 pub fn has_tile(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0)
+    matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0)
 }
 
 /// Weight rows `j0..j0 + out.len() / n_tok` of `w` × all `n_tok` activation rows of `xq`
@@ -302,6 +343,7 @@ pub unsafe fn dot_tile(
                 let ss = [0, 1, 2, 3].map(|i| sc(t0 + i));
                 let res = match ty {
                     GgmlType::Q4_1 => tile_q4_1::<4>(g, wrow, xs, ss),
+                    GgmlType::Q5_0 => tile_q5_0::<4>(g, wrow, xs, ss),
                     _ => tile_q8_0::<4>(g, wrow, xs, ss),
                 };
                 for (i, v) in res.into_iter().enumerate() {
@@ -311,6 +353,7 @@ pub unsafe fn dot_tile(
                 for t in t0..t0 + tn {
                     let res = match ty {
                         GgmlType::Q4_1 => tile_q4_1::<1>(g, wrow, [x(t)], [sc(t)]),
+                        GgmlType::Q5_0 => tile_q5_0::<1>(g, wrow, [x(t)], [sc(t)]),
                         _ => tile_q8_0::<1>(g, wrow, [x(t)], [sc(t)]),
                     };
                     put(t, res[0]);
@@ -359,7 +402,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (s >> 33) as u32
         };
-        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
             let kind = VecDot::for_weight(ty).expect("kind");
             for n_tok in [1usize, 3, 4, 6, 9] {
                 let (k, ts, rows) = (256usize, ty.type_size() as usize, 10usize);
@@ -414,7 +457,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (s >> 33) as u32
         };
-        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+        for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
             for _ in 0..20 {
                 let (k, ts, rows) = (576usize, ty.type_size() as usize, 11usize);
                 let wrow = k / 32 * ts;
