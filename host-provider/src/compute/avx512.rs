@@ -157,12 +157,14 @@ fn tile_q4_1<const T: usize>(
         let dm = halves4(g, stride, o);
         // Each row's d over its lanes; times the token's d below (the same product).
         let rs = [row_scales(dm, 0), row_scales(dm, 1)];
-        let q = [0, 1].map(|p| {
+        // (Plain loops, not closures: those were not inlined into the kernel.)
+        let mut q = [_mm512_setzero_si512(); 2];
+        for p in 0..2 {
             let a = _mm512_broadcast_i32x4(load16(&w[2 * p][o + 4..]));
             let b = _mm512_broadcast_i32x4(load16(&w[2 * p + 1][o + 4..]));
-            let q = _mm512_mask_blend_epi64(0xF0, a, b);
-            _mm512_and_si512(_mm512_srlv_epi16(q, shifts), m4)
-        });
+            let ab = _mm512_mask_blend_epi64(0xF0, a, b);
+            q[p] = _mm512_and_si512(_mm512_srlv_epi16(ab, shifts), m4);
+        }
         for t in 0..T {
             let xb = &xs[t][b * Q8_1_BYTES..(b + 1) * Q8_1_BYTES];
             let yy = _mm512_broadcast_i64x4(load32(&xb[4..36]));
@@ -204,17 +206,10 @@ fn tile_q8_0<const T: usize>(
     xs: [&[u8]; T],
     scales: [&[[f32; 2]]; T],
 ) -> [[f32; 4]; T] {
-    tile_signed::<T, 34>(g, stride, xs, scales, |a, b| {
-        _mm512_mask_broadcast_i64x4(
-            _mm512_castsi256_si512(load32(&a[2..])),
-            0xF0,
-            load32(&b[2..]),
-        )
-    })
+    tile_signed::<T, 34, false>(g, stride, xs, scales)
 }
 
-/// Four Q5_0 rows × `T` Q8_0 activation rows, as ggml's AVX2 kernel per row: nibbles
-/// [low, high] with the fifth bits making values -16..15 (`or` 0xF0 where a bit is clear).
+/// Four Q5_0 rows × `T` Q8_0 activation rows, as ggml's AVX2 kernel per row.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn tile_q5_0<const T: usize>(
     g: &[u8],
@@ -222,31 +217,47 @@ fn tile_q5_0<const T: usize>(
     xs: [&[u8]; T],
     scales: [&[[f32; 2]]; T],
 ) -> [[f32; 4]; T] {
-    let four = 0x0004_0004_0004_0004;
-    let shifts = _mm512_set_epi64(four, four, 0, 0, four, four, 0, 0);
-    tile_signed::<T, 22>(g, stride, xs, scales, move |a, b| {
-        let qa = _mm512_broadcast_i32x4(load16(&a[6..]));
-        let qb = _mm512_broadcast_i32x4(load16(&b[6..]));
-        let q = _mm512_mask_blend_epi64(0xF0, qa, qb);
-        let nib = _mm512_and_si512(_mm512_srlv_epi16(q, shifts), _mm512_set1_epi8(0x0F));
-        // Fifth bits: row a's 32 to bytes 0–31, row b's to 32–63.
-        let bits = u64::from(u32::from_le_bytes([a[2], a[3], a[4], a[5]]))
-            | u64::from(u32::from_le_bytes([b[2], b[3], b[4], b[5]])) << 32;
-        let low = _mm512_or_si512(nib, _mm512_set1_epi8(0xF0u8 as i8));
-        _mm512_mask_mov_epi8(nib, !bits, low)
-    })
+    tile_signed::<T, 22, true>(g, stride, xs, scales)
 }
 
-/// The shared body of the signed-weight tiles (Q8_0, Q5_0 × Q8_0): `unpack(a, b)` turns
-/// the `BLOCK`-byte blocks of two rows into one register of signed bytes, [a | b].
+/// Two Q8_0 blocks → one register of signed bytes [a | b].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn tile_signed<const T: usize, const BLOCK: usize>(
+fn unpack_q8_0(a: &[u8], b: &[u8]) -> __m512i {
+    _mm512_mask_broadcast_i64x4(
+        _mm512_castsi256_si512(load32(&a[2..])),
+        0xF0,
+        load32(&b[2..]),
+    )
+}
+
+/// Two Q5_0 blocks → [a low nibbles, a high, b low, b high] with the fifth bits making
+/// values -16..15 (ggml: `or` 0xF0 where a bit is clear).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn unpack_q5_0(a: &[u8], b: &[u8]) -> __m512i {
+    let four = 0x0004_0004_0004_0004;
+    let shifts = _mm512_set_epi64(four, four, 0, 0, four, four, 0, 0);
+    let qa = _mm512_broadcast_i32x4(load16(&a[6..]));
+    let qb = _mm512_broadcast_i32x4(load16(&b[6..]));
+    let q = _mm512_mask_blend_epi64(0xF0, qa, qb);
+    let nib = _mm512_and_si512(_mm512_srlv_epi16(q, shifts), _mm512_set1_epi8(0x0F));
+    // Fifth bits: row a's 32 to bytes 0–31, row b's to 32–63.
+    let bits = u64::from(u32::from_le_bytes([a[2], a[3], a[4], a[5]]))
+        | u64::from(u32::from_le_bytes([b[2], b[3], b[4], b[5]])) << 32;
+    let low = _mm512_or_si512(nib, _mm512_set1_epi8(0xF0u8 as i8));
+    _mm512_mask_mov_epi8(nib, !bits, low)
+}
+
+/// The shared body of the signed-weight tiles (Q8_0, Q5_0 × Q8_0): the `BLOCK`-byte
+/// blocks of two rows become one register of signed bytes, [a | b].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn tile_signed<const T: usize, const BLOCK: usize, const Q5: bool>(
     g: &[u8],
     stride: usize,
     xs: [&[u8]; T],
     scales: [&[[f32; 2]]; T],
-    unpack: impl Fn(&[u8], &[u8]) -> __m512i,
 ) -> [[f32; 4]; T] {
     let nb = xs[0].len() / Q8_0_BYTES;
     assert!(g.len() >= 4 * stride && stride >= nb * BLOCK);
@@ -260,7 +271,12 @@ fn tile_signed<const T: usize, const BLOCK: usize>(
         let rs = [row_scales(dw, 0), row_scales(dw, 1)];
         let (mut ax, mut neg) = ([_mm512_setzero_si512(); 2], [0u64; 2]);
         for p in 0..2 {
-            let q = unpack(&w[2 * p][o..o + BLOCK], &w[2 * p + 1][o..o + BLOCK]);
+            let (a, b) = (&w[2 * p][o..o + BLOCK], &w[2 * p + 1][o..o + BLOCK]);
+            let q = if Q5 {
+                unpack_q5_0(a, b)
+            } else {
+                unpack_q8_0(a, b)
+            };
             // ggml's sign trick (|w| × y·sign(w)) without `vpsignb`, which has no
             // 512-bit form.
             neg[p] = _mm512_movepi8_mask(q);
