@@ -200,6 +200,7 @@ pub struct Engine {
     engine: wasmtime::Engine,
     pre: bindings::GuestPre<HostState>,
     pool: Arc<rayon::ThreadPool>,
+    spin: Arc<compute::spin::SpinPool>,
     config: EngineConfig,
     mapped: Mutex<HashMap<PathBuf, Arc<MappedModel>>>,
     ticker_stop: Arc<AtomicBool>,
@@ -255,6 +256,7 @@ impl Engine {
                 .thread_name(|i| format!("realm-compute-{i}"))
                 .build()?,
         );
+        let spin = Arc::new(compute::spin::SpinPool::new(config.threads.max(1))?);
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (stop, ticking) = (ticker_stop.clone(), engine.clone());
         std::thread::Builder::new()
@@ -269,6 +271,7 @@ impl Engine {
             engine,
             pre,
             pool,
+            spin,
             config,
             mapped: Mutex::new(HashMap::new()),
             ticker_stop,
@@ -311,7 +314,12 @@ impl Engine {
                     .inherit_stderr()
                     .envs(&self.config.guest_env)
                     .build(),
-                compute: ComputeState::new(models, self.pool.clone(), self.config.max_resident),
+                compute: ComputeState::new(
+                    models,
+                    self.pool.clone(),
+                    self.spin.clone(),
+                    self.config.max_resident,
+                ),
                 limits: GuestLimits {
                     max_memory: self.config.max_guest_memory,
                     peak_memory: 0,

@@ -14,7 +14,8 @@ fn tenant() -> ComputeState {
         .num_threads(1)
         .build()
         .expect("pool");
-    ComputeState::new(HashMap::new(), Arc::new(pool), None)
+    let spin = realm_host::compute::spin::SpinPool::new(1).expect("spin pool");
+    ComputeState::new(HashMap::new(), Arc::new(pool), Arc::new(spin), None)
 }
 
 fn borrow_t(r: &Resource<TensorRes>) -> Resource<TensorRes> {

@@ -9,6 +9,7 @@ pub mod avx512;
 pub mod kernels;
 pub mod quant;
 pub mod residency;
+pub mod spin;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -102,6 +103,8 @@ pub struct ComputeState {
     pub table: ResourceTable,
     pub models: HashMap<String, Arc<MappedModel>>,
     pub pool: Arc<rayon::ThreadPool>,
+    /// Spinning workers for the per-token matmuls (see `spin`).
+    pub spin: Arc<spin::SpinPool>,
     quantized: Vec<u8>,
     /// Per-block activation scales and a transposed matmul output (prompt processing).
     scales: Vec<[f32; 2]>,
@@ -124,12 +127,14 @@ impl ComputeState {
     pub fn new(
         models: HashMap<String, Arc<MappedModel>>,
         pool: Arc<rayon::ThreadPool>,
+        spin: Arc<spin::SpinPool>,
         max_resident: Option<u64>,
     ) -> Self {
         Self {
             table: ResourceTable::new(),
             models,
             pool,
+            spin,
             quantized: Vec::new(),
             scales: Vec::new(),
             transposed: Vec::new(),
@@ -717,6 +722,28 @@ impl tensors::Host for ComputeState {
     }
 }
 
+/// An output buffer the shares of a [`spin::SpinPool`] job write disjoint parts of.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32, usize);
+
+// SAFETY: used only to hand disjoint sub-slices to the shares of one job, which the
+// job's owner waits for before touching the buffer again.
+unsafe impl Sync for SharedOut {}
+unsafe impl Send for SharedOut {}
+
+impl SharedOut {
+    /// `len` values from `start`.
+    ///
+    /// # Safety
+    /// No other live slice may overlap this one.
+    #[allow(clippy::mut_from_ref, reason = "disjointness is the caller's contract")]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.1, "slice past the buffer");
+        // SAFETY: in bounds (checked); disjointness is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
 impl ComputeState {
     fn matmul_into(
         &mut self,
@@ -783,26 +810,17 @@ impl ComputeState {
                     let mut tr = std::mem::take(&mut self.transposed);
                     tr.clear();
                     tr.resize(rows * n, 0.0);
-                    let chunk = (n.div_ceil(threads * 8).max(16)).next_multiple_of(4);
-                    pool.install(|| {
-                        tr.par_chunks_mut(chunk * rows)
-                            .enumerate()
-                            .for_each(|(c, part)| {
-                                // SAFETY: `kernel_level` checked the CPU features.
-                                unsafe {
-                                    avx512::dot_tile(
-                                        ty,
-                                        wb,
-                                        wrow,
-                                        &xq,
-                                        qrow,
-                                        &scales,
-                                        rows,
-                                        c * chunk,
-                                        part,
-                                    )
-                                };
-                            });
+                    let spin = self.spin.clone();
+                    let shares = spin.size();
+                    let out = SharedOut(tr.as_mut_ptr(), tr.len());
+                    spin.run(&|share| {
+                        let r = spin::part(n, shares, share, 4);
+                        // SAFETY: shares own disjoint row ranges of `tr`.
+                        let part = unsafe { out.slice(r.start * rows, r.len() * rows) };
+                        // SAFETY: `kernel_level` checked the CPU features.
+                        unsafe {
+                            avx512::dot_tile(ty, wb, wrow, &xq, qrow, &scales, rows, r.start, part)
+                        };
                     });
                     for (t, orow) in o.data.chunks_exact_mut(n).enumerate() {
                         for (j, v) in orow.iter_mut().enumerate() {
@@ -822,17 +840,22 @@ impl ComputeState {
                             .for_each(|(orow, xr)| {
                                 quant::dot_rows(ty, wb, wrow, xr, 0, orow);
                             });
-                    } else {
-                        let chunk = n.div_ceil(threads * 4).max(16);
-                        for (orow, xr) in o.data.chunks_exact_mut(n).zip(xq.chunks_exact(qrow)) {
-                            orow.par_chunks_mut(chunk)
-                                .enumerate()
-                                .for_each(|(c, part)| {
-                                    quant::dot_rows(ty, wb, wrow, xr, c * chunk, part);
-                                });
-                        }
                     }
                 });
+                if rows < 2 * threads {
+                    // Decoding: each row's outputs split across the spinning pool.
+                    let spin = self.spin.clone();
+                    let shares = spin.size();
+                    let out = SharedOut(o.data.as_mut_ptr(), o.data.len());
+                    spin.run(&|share| {
+                        let r = spin::part(n, shares, share, 4);
+                        for (t, xr) in xq.chunks_exact(qrow).enumerate() {
+                            // SAFETY: shares own disjoint column ranges of every row.
+                            let part = unsafe { out.slice(t * n + r.start, r.len()) };
+                            quant::dot_rows(ty, wb, wrow, xr, r.start, part);
+                        }
+                    });
+                }
             }
             (None, None) => {
                 // Types without an integer kernel yet (Q2_K, Q3_K, Q5_K, …): each weight row

@@ -1,0 +1,237 @@
+//! A fork-join pool for the hot, tiny parallel regions of decoding (a matmul of one token
+//! is tens of microseconds; there are hundreds per token). Its helpers spin between jobs
+//! for a while before parking, as ggml's thread pool does, so a job starts without a
+//! futex wake-up; the caller runs share 0 itself. One job at a time: tenants calling at
+//! once take turns, so the machine never runs more compute threads than configured.
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an idle helper busy-waits, then yields its core between checks, before
+/// parking. Yielding keeps a spinning helper from starving other runnable threads (other
+/// tenants' or processes') when the machine is oversubscribed.
+const SPIN_FOR: Duration = Duration::from_micros(150);
+const YIELD_FOR: Duration = Duration::from_micros(500);
+
+type Job = dyn Fn(usize) + Sync;
+
+struct Shared {
+    /// Bumped once per job; helpers wait for it to change.
+    generation: AtomicU64,
+    /// The current job (a `*const &Job`), valid until `remaining` drops to 0.
+    job: AtomicPtr<&'static Job>,
+    /// Helpers that have not finished the current job.
+    remaining: AtomicUsize,
+    stop: AtomicBool,
+    /// A helper's share panicked during the current job.
+    panicked: AtomicBool,
+    /// Per helper: parked (or about to park) and needing an unpark.
+    sleeping: Vec<AtomicBool>,
+}
+
+pub struct SpinPool {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    turn: Mutex<()>,
+}
+
+impl SpinPool {
+    /// A pool of `n` shares: the caller and `n - 1` helper threads.
+    pub fn new(n: usize) -> std::io::Result<Self> {
+        let helpers = n.max(1) - 1;
+        let shared = Arc::new(Shared {
+            generation: AtomicU64::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            remaining: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
+            sleeping: (0..helpers).map(|_| AtomicBool::new(false)).collect(),
+        });
+        let mut threads = Vec::with_capacity(helpers);
+        for h in 0..helpers {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("realm-spin-{}", h + 1))
+                    .spawn(move || helper(&s, h))?,
+            );
+        }
+        Ok(Self {
+            shared,
+            threads,
+            turn: Mutex::new(()),
+        })
+    }
+
+    /// Shares: the caller plus the helpers.
+    pub fn size(&self) -> usize {
+        self.threads.len() + 1
+    }
+
+    /// Run `f(share)` for every share `0..size()` at once (share 0 on the calling thread)
+    /// and return when all are done.
+    pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
+        if self.threads.is_empty() {
+            f(0);
+            return;
+        }
+        // A poisoned turn only means another caller panicked; the pool state is intact
+        // (every job is waited for before `run` returns or unwinds).
+        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &self.shared;
+        // SAFETY: the pointer is only dereferenced by helpers between the generation bump
+        // below and their decrement of `remaining`; this function does not return (nor
+        // unwind: see `Wait`) before `remaining` is 0, so `f` outlives every use.
+        let job: &'static Job =
+            unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Job>(f) };
+        let slot: *const &'static Job = &job;
+        s.job.store(slot.cast_mut(), Ordering::Release);
+        s.remaining.store(self.threads.len(), Ordering::Release);
+        s.generation.fetch_add(1, Ordering::AcqRel);
+        for (h, t) in self.threads.iter().enumerate() {
+            if s.sleeping[h].load(Ordering::Acquire) {
+                t.thread().unpark();
+            }
+        }
+        let wait = Wait(s);
+        f(0);
+        drop(wait);
+        if s.panicked.swap(false, Ordering::AcqRel) {
+            panic!("a compute share panicked");
+        }
+    }
+}
+
+/// Waits for the helpers on drop, so a panic in share 0 still leaves no helper running
+/// a job whose closure is gone.
+struct Wait<'a>(&'a Shared);
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        // Busy-wait briefly (shares end within microseconds of each other), then yield:
+        // a helper descheduled on a busy machine must get the core back.
+        let mut spins = 0u32;
+        while self.0.remaining.load(Ordering::Acquire) != 0 {
+            spins = spins.saturating_add(1);
+            if spins < 8192 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+fn helper(s: &Shared, h: usize) {
+    let share = h + 1;
+    let mut seen = 0u64;
+    loop {
+        let started = Instant::now();
+        let mut spins = 0u32;
+        let generation = loop {
+            let g = s.generation.load(Ordering::Acquire);
+            if g != seen {
+                break g;
+            }
+            if s.stop.load(Ordering::Acquire) {
+                return;
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 256 != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let idle = started.elapsed();
+            if idle < SPIN_FOR {
+                continue;
+            }
+            if idle < YIELD_FOR {
+                std::thread::yield_now();
+                continue;
+            }
+            s.sleeping[h].store(true, Ordering::Release);
+            // Re-check after announcing sleep: a job published meanwhile is not missed
+            // (and an unpark before `park` makes it return at once).
+            if s.generation.load(Ordering::Acquire) == seen && !s.stop.load(Ordering::Acquire) {
+                std::thread::park_timeout(Duration::from_millis(50));
+            }
+            s.sleeping[h].store(false, Ordering::Release);
+        };
+        seen = generation;
+        let slot = s.job.load(Ordering::Acquire);
+        // SAFETY: `run` published a valid job before bumping the generation and keeps it
+        // alive until `remaining` reaches 0, which needs this helper's decrement below.
+        let job: &Job = unsafe { *slot };
+        // A panicking share must still count as done, or `run` would wait forever.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(share))).is_err() {
+            s.panicked.store(true, Ordering::Release);
+        }
+        s.remaining.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for SpinPool {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for t in &self.threads {
+            t.thread().unpark();
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The `share`-th of `shares` near-equal parts of `0..n`, in units of `align`.
+pub fn part(n: usize, shares: usize, share: usize, align: usize) -> std::ops::Range<usize> {
+    let units = n.div_ceil(align);
+    let per = units / shares;
+    let extra = units % shares;
+    let start = share * per + share.min(extra);
+    let len = per + usize::from(share < extra);
+    (start * align).min(n)..((start + len) * align).min(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    #[test]
+    fn every_share_runs_once_per_job() {
+        let pool = SpinPool::new(3).expect("pool");
+        let hits: Vec<AtomicU32> = (0..3).map(|_| AtomicU32::new(0)).collect();
+        for _ in 0..2000 {
+            pool.run(&|s| {
+                hits[s].fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        for h in &hits {
+            assert_eq!(h.load(Ordering::Relaxed), 2000);
+        }
+        // After parking (idle longer than the spin), jobs still run.
+        std::thread::sleep(Duration::from_millis(5));
+        pool.run(&|s| {
+            hits[s].fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 2001));
+    }
+
+    #[test]
+    fn parts_cover_the_range_in_aligned_pieces() {
+        for n in [0usize, 1, 7, 64, 576, 1001] {
+            for shares in 1..5 {
+                let mut next = 0;
+                for s in 0..shares {
+                    let r = part(n, shares, s, 4);
+                    assert_eq!(r.start, next.min(n));
+                    assert!(r.start % 4 == 0 || r.start == n);
+                    next = r.end;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
+}
