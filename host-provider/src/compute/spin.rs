@@ -139,7 +139,7 @@ fn helper(s: &Shared, h: usize) {
                 return;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 != 0 {
+            if !spins.is_multiple_of(256) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -227,7 +227,7 @@ mod tests {
                 for s in 0..shares {
                     let r = part(n, shares, s, 4);
                     assert_eq!(r.start, next.min(n));
-                    assert!(r.start % 4 == 0 || r.start == n);
+                    assert!(r.start.is_multiple_of(4) || r.start == n);
                     next = r.end;
                 }
                 assert_eq!(next, n);
