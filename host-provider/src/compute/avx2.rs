@@ -268,13 +268,20 @@ fn dot4_q8_0(w: [&[u8]; 4], x: &[u8]) -> [f32; 4] {
 /// the sub-block scales in `madd`, fused into `acc`; the mins go to four lanes of their own.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q4_k(w: &[u8], x: &[u8]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_m = [0f32; 4];
+    tile_q4_k::<1>(w, [x])[0]
+}
+
+/// [`dot_q4_k`] of one weight row against `T` activation rows: the scales and nibbles of
+/// each weight block are unpacked once for all; each token's arithmetic is unchanged.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_q4_k<const T: usize>(w: &[u8], xs: [&[u8]; T]) -> [f32; T] {
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut acc_m = [[0f32; 4]; T];
     let m4 = _mm256_set1_epi8(0x0F);
-    for (wb, xb) in w.chunks_exact(144).zip(x.chunks_exact(Q8_K_BYTES)) {
-        let dy = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
-        let d = dy * h(wb, 0);
-        let dmin = -dy * h(wb, 2);
+    let nb = w.len() / 144;
+    assert!(xs.iter().all(|x| x.len() >= nb * Q8_K_BYTES));
+    for (b, wb) in w.chunks_exact(144).enumerate() {
+        let (dw, dminw) = (h(wb, 0), h(wb, 2));
         let mut scales = [0u8; 12];
         scales.copy_from_slice(&wb[4..16]);
         let mut sc = [0i16; 8];
@@ -284,43 +291,69 @@ fn dot_q4_k(w: &[u8], x: &[u8]) -> f32 {
             sc[j] = i16::from(s);
             mn[j] = i32::from(m);
         }
-        let bsum = |k: usize| i32::from(i16::from_le_bytes([xb[260 + 2 * k], xb[261 + 2 * k]]));
-        for (l, a) in acc_m.iter_mut().enumerate() {
-            let q8s = |k: usize| bsum(2 * k) + bsum(2 * k + 1);
-            let prod = mn[2 * l] * q8s(2 * l) + mn[2 * l + 1] * q8s(2 * l + 1);
-            *a = dmin.mul_add(prod as f32, *a);
-        }
-        let mut sumi = _mm256_setzero_si256();
+        let mut q4l = [_mm256_setzero_si256(); 4];
+        let mut q4h = [_mm256_setzero_si256(); 4];
         for j in 0..4 {
             let q4 = load32(&wb[16 + 32 * j..]);
-            let q4l = _mm256_and_si256(q4, m4);
-            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-            let q8l = load32(&xb[4 + 64 * j..]);
-            let q8h = load32(&xb[4 + 64 * j + 32..]);
-            let pl =
-                _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * j]), _mm256_maddubs_epi16(q4l, q8l));
-            let ph = _mm256_madd_epi16(
-                _mm256_set1_epi16(sc[2 * j + 1]),
-                _mm256_maddubs_epi16(q4h, q8h),
-            );
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            q4l[j] = _mm256_and_si256(q4, m4);
+            q4h[j] = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        for t in 0..T {
+            let xb = &xs[t][b * Q8_K_BYTES..(b + 1) * Q8_K_BYTES];
+            let dy = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+            let d = dy * dw;
+            let dmin = -dy * dminw;
+            let bsum = |k: usize| i32::from(i16::from_le_bytes([xb[260 + 2 * k], xb[261 + 2 * k]]));
+            for (l, a) in acc_m[t].iter_mut().enumerate() {
+                let q8s = |k: usize| bsum(2 * k) + bsum(2 * k + 1);
+                let prod = mn[2 * l] * q8s(2 * l) + mn[2 * l + 1] * q8s(2 * l + 1);
+                *a = dmin.mul_add(prod as f32, *a);
+            }
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                let q8l = load32(&xb[4 + 64 * j..]);
+                let q8h = load32(&xb[4 + 64 * j + 32..]);
+                let pl = _mm256_madd_epi16(
+                    _mm256_set1_epi16(sc[2 * j]),
+                    _mm256_maddubs_epi16(q4l[j], q8l),
+                );
+                let ph = _mm256_madd_epi16(
+                    _mm256_set1_epi16(sc[2 * j + 1]),
+                    _mm256_maddubs_epi16(q4h[j], q8h),
+                );
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            }
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[t]);
+        }
     }
-    hsum8(acc) + ((acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]))
+    let mut out = [0f32; T];
+    for t in 0..T {
+        let m = acc_m[t];
+        out[t] = hsum8(acc[t]) + ((m[0] + m[2]) + (m[1] + m[3]));
+    }
+    out
 }
 
 /// Q6_K × Q8_K (ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`), the -32 offset taken in integers.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q6_k(w: &[u8], x: &[u8]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
+    tile_q6_k::<1>(w, [x])[0]
+}
+
+/// [`dot_q6_k`] of one weight row against `T` activation rows, each weight block's six-bit
+/// values and scales unpacked once for all.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_q6_k<const T: usize>(w: &[u8], xs: [&[u8]; T]) -> [f32; T] {
+    let mut acc = [_mm256_setzero_ps(); T];
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(3);
     let m32 = _mm256_set1_epi8(32);
-    for (wb, xb) in w.chunks_exact(210).zip(x.chunks_exact(Q8_K_BYTES)) {
-        let dy = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
-        let d = dy * h(wb, 208);
-        let mut sumi = _mm256_setzero_si256();
+    let nb = w.len() / 210;
+    assert!(xs.iter().all(|x| x.len() >= nb * Q8_K_BYTES));
+    for (b, wb) in w.chunks_exact(210).enumerate() {
+        let dw = h(wb, 208);
+        let mut q = [_mm256_setzero_si256(); 8];
+        let mut scale = [_mm256_setzero_si256(); 8];
         for n in 0..2 {
             let ql1 = load32(&wb[64 * n..]);
             let ql2 = load32(&wb[64 * n + 32..]);
@@ -329,31 +362,153 @@ fn dot_q6_k(w: &[u8], x: &[u8]) -> f32 {
             let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4);
             let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4);
             let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4);
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(ql1, m4), h0),
-                _mm256_or_si256(_mm256_and_si256(ql2, m4), h1),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), h2),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql2, 4), m4), h3),
-            ];
-            for (k, &qk) in q.iter().enumerate() {
-                let q8 = load32(&xb[4 + 128 * n + 32 * k..]);
-                let p16 =
-                    _mm256_sub_epi16(_mm256_maddubs_epi16(qk, q8), _mm256_maddubs_epi16(m32, q8));
+            q[4 * n] = _mm256_or_si256(_mm256_and_si256(ql1, m4), h0);
+            q[4 * n + 1] = _mm256_or_si256(_mm256_and_si256(ql2, m4), h1);
+            q[4 * n + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), h2);
+            q[4 * n + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql2, 4), m4), h3);
+            for k in 0..4 {
                 let s_lo = i16::from(wb[192 + 8 * n + 2 * k] as i8);
                 let s_hi = i16::from(wb[192 + 8 * n + 2 * k + 1] as i8);
-                let scale = _mm256_set_m128i(_mm_set1_epi16(s_hi), _mm_set1_epi16(s_lo));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale, p16));
+                scale[4 * n + k] = _mm256_set_m128i(_mm_set1_epi16(s_hi), _mm_set1_epi16(s_lo));
             }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        for t in 0..T {
+            let xb = &xs[t][b * Q8_K_BYTES..(b + 1) * Q8_K_BYTES];
+            let dy = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+            let d = dy * dw;
+            let mut sumi = _mm256_setzero_si256();
+            for n in 0..2 {
+                for k in 0..4 {
+                    let q8 = load32(&xb[4 + 128 * n + 32 * k..]);
+                    let p16 = _mm256_sub_epi16(
+                        _mm256_maddubs_epi16(q[4 * n + k], q8),
+                        _mm256_maddubs_epi16(m32, q8),
+                    );
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale[4 * n + k], p16));
+                }
+            }
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[t]);
+        }
     }
-    hsum8(acc)
+    let mut out = [0f32; T];
+    for t in 0..T {
+        out[t] = hsum8(acc[t]);
+    }
+    out
+}
+
+/// Whether [`dot_tile`] has a kernel for `ty`.
+pub fn has_tile(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
+}
+
+/// Weight rows `j0..j0 + out.len() / n_tok` × all `n_tok` activation rows of `xq` (`qrow`
+/// bytes each), into `out` transposed (`out[r * n_tok + t]`): one weight row against four
+/// tokens per step, each result bit-identical to [`dot_rows`]'. `false` if `ty` has no tile.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_tile(
+    ty: GgmlType,
+    w: &[u8],
+    wrow: usize,
+    xq: &[u8],
+    qrow: usize,
+    n_tok: usize,
+    j0: usize,
+    out: &mut [f32],
+) -> bool {
+    if !has_tile(ty) || n_tok == 0 {
+        return false;
+    }
+    let x = |t: usize| &xq[t * qrow..(t + 1) * qrow];
+    for r in 0..out.len() / n_tok {
+        let row = &w[(j0 + r) * wrow..(j0 + r + 1) * wrow];
+        let res = &mut out[r * n_tok..(r + 1) * n_tok];
+        let mut t = 0;
+        while t < n_tok {
+            if n_tok - t >= 4 {
+                let xs = [x(t), x(t + 1), x(t + 2), x(t + 3)];
+                let v = match ty {
+                    GgmlType::Q4_K => tile_q4_k::<4>(row, xs),
+                    _ => tile_q6_k::<4>(row, xs),
+                };
+                res[t..t + 4].copy_from_slice(&v);
+                t += 4;
+            } else {
+                res[t] = match ty {
+                    GgmlType::Q4_K => dot_q4_k(row, x(t)),
+                    _ => dot_q6_k(row, x(t)),
+                };
+                t += 1;
+            }
+        }
+    }
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::compute::quant::{self, VecDot};
+
+    /// Token tiles of the K-quants give each (row, token) the portable result exactly.
+    #[test]
+    fn k_quant_tiles_equal_the_portable_kernels() {
+        if !available() {
+            eprintln!("this CPU lacks AVX2/FMA/F16C: nothing to compare");
+            return;
+        }
+        let mut s = 4321u64;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+            let (k, ts, rows) = (512usize, ty.type_size() as usize, 3usize);
+            let wrow = k / 256 * ts;
+            let mut w: Vec<u8> = (0..rows * wrow).map(|_| next() as u8).collect();
+            for b in 0..rows * k / 256 {
+                let d = half::f16::from_f32((next() % 1000) as f32 / 40000.0 - 0.0125);
+                let at = if ty == GgmlType::Q6_K {
+                    b * ts + 208
+                } else {
+                    b * ts
+                };
+                w[at..at + 2].copy_from_slice(&d.to_le_bytes());
+                if ty == GgmlType::Q4_K {
+                    w[at + 2..at + 4].copy_from_slice(&d.to_le_bytes());
+                }
+            }
+            for n_tok in [1usize, 4, 7] {
+                let mut xq = Vec::new();
+                for _ in 0..n_tok {
+                    let xs: Vec<f32> = (0..k)
+                        .map(|_| (next() % 2000) as f32 / 100.0 - 10.0)
+                        .collect();
+                    quant::quantize_row(VecDot::Q8K, &xs, &mut xq);
+                }
+                let qrow = xq.len() / n_tok;
+                let mut out = vec![0f32; 2 * n_tok];
+                // SAFETY: `available()` checked above.
+                assert!(unsafe { dot_tile(ty, &w, wrow, &xq, qrow, n_tok, 1, &mut out) });
+                for r in 0..2 {
+                    for t in 0..n_tok {
+                        let want = quant::dot(
+                            ty,
+                            &w[(r + 1) * wrow..(r + 2) * wrow],
+                            &xq[t * qrow..(t + 1) * qrow],
+                        );
+                        let got = out[r * n_tok + t];
+                        assert_eq!(got.to_bits(), want.to_bits(), "{ty} row {r} token {t}");
+                    }
+                }
+            }
+        }
+    }
 
     /// Bit-identical to the portable kernels on random blocks and activations.
     #[test]

@@ -798,9 +798,13 @@ impl ComputeState {
                 let (wb, ty) = (wt.bytes(), wt.ty);
                 let threads = pool.current_num_threads().max(1);
                 #[cfg(target_arch = "x86_64")]
+                let wide =
+                    quant::kernel_level() >= quant::KernelLevel::Avx512 && avx512::has_tile(ty);
+                #[cfg(target_arch = "x86_64")]
                 if rows >= 2
-                    && quant::kernel_level() >= quant::KernelLevel::Avx512
-                    && avx512::has_tile(ty)
+                    && (wide
+                        || (quant::kernel_level() >= quant::KernelLevel::Avx2
+                            && avx2::has_tile(ty)))
                 {
                     // Prompt processing: tiles of four weight rows × four tokens, each task
                     // a range of weight rows (kept in cache) against every token; written
@@ -819,7 +823,13 @@ impl ComputeState {
                         let part = unsafe { out.slice(r.start * rows, r.len() * rows) };
                         // SAFETY: `kernel_level` checked the CPU features.
                         unsafe {
-                            avx512::dot_tile(ty, wb, wrow, &xq, qrow, &scales, rows, r.start, part)
+                            if wide {
+                                avx512::dot_tile(
+                                    ty, wb, wrow, &xq, qrow, &scales, rows, r.start, part,
+                                )
+                            } else {
+                                avx2::dot_tile(ty, wb, wrow, &xq, qrow, rows, r.start, part)
+                            }
                         };
                     });
                     for (t, orow) in o.data.chunks_exact_mut(n).enumerate() {
