@@ -408,6 +408,7 @@ pub fn has_tile(ty: GgmlType) -> bool {
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[allow(clippy::too_many_arguments, reason = "one tile's geometry")]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_tile(
     ty: GgmlType,
