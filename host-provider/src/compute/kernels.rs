@@ -135,15 +135,27 @@ fn glu_portable(gate: &[f32], up: &mut [f32], act: Gate) {
 /// ±10.
 #[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    const COEF_A: f32 = 0.044_715;
     if x <= -10.0 {
         return 0.0;
     }
     if x >= 10.0 {
         return x;
     }
-    let x = f16::from_f32(x).to_f32();
+    gelu_table()[f16::from_f32(x).to_bits() as usize]
+}
+
+/// [`gelu_of_f16`] of every f16, computed once (the result depends on the input's f16
+/// value only, so the lookup is exact).
+fn gelu_table() -> &'static [f32] {
+    static TABLE: OnceLock<Vec<f32>> = OnceLock::new();
+    TABLE.get_or_init(|| (0..=u16::MAX).map(gelu_of_f16).collect())
+}
+
+/// ggml's `ggml_gelu_f32` of one f16 value, rounded to f16.
+fn gelu_of_f16(bits: u16) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    let x = f16::from_bits(bits).to_f32();
     // GCC contracts `1.0f + GELU_COEF_A*x*x` into one fused multiply-add.
     let inner = (COEF_A * x).mul_add(x, 1.0);
     let g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh());
