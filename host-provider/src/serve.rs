@@ -713,12 +713,6 @@ async fn embeddings(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         PromptField::One(s) => vec![s],
         PromptField::Many(v) => v,
     };
-    if inputs.is_empty() || inputs.len() > 256 || inputs.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(
-            "invalid_value",
-            "input must be a non-empty string or a list of 1 to 256 non-empty strings",
-        ));
-    }
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -735,18 +729,180 @@ async fn embeddings(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
             "dimensions cannot be changed for this model",
         ));
     }
+    let (tokens, result) = embed_all(&app, &req.model, inputs).await?;
+    let data: Vec<Value> = result
+        .into_iter()
+        .enumerate()
+        .map(|(i, values)| {
+            // base64: the little-endian f32 bytes, as OpenAI's clients decode them.
+            let embedding = if base64 {
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(values)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list", "data": data, "model": req.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
+
+/// Spin's remote LLM protocol (`[llm_compute] type = "remote_http"`): `/infer`.
+#[derive(Debug, Deserialize)]
+struct SpinInfer {
+    model: String,
+    prompt: String,
+    options: Option<SpinOptions>,
+}
+
+/// Spin's `inferencing-params`, camelCase; missing fields take Spin's defaults.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SpinOptions {
+    max_tokens: Option<u32>,
+    repeat_penalty: Option<f32>,
+    repeat_penalty_last_n_token_count: Option<u32>,
+    temperature: Option<f32>,
+    top_k: Option<u32>,
+    top_p: Option<f32>,
+}
+
+async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
+    let req: SpinInfer = parse(&body)?;
+    if req.prompt.is_empty() {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "prompt must not be empty",
+        ));
+    }
     let path = app.model_path(&req.model)?;
-    let permit = app.sessions.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "too_many_sessions",
-            format!(
-                "all {} sessions are busy; retry later",
-                app.config.max_sessions
-            ),
-        )
-    })?;
+    let o = req.options.unwrap_or(SpinOptions {
+        max_tokens: None,
+        repeat_penalty: None,
+        repeat_penalty_last_n_token_count: None,
+        temperature: None,
+        top_k: None,
+        top_p: None,
+    });
+    let temperature = o.temperature.unwrap_or(0.8);
+    let top_p = o.top_p.unwrap_or(0.9);
+    let repeat_penalty = o.repeat_penalty.unwrap_or(1.1);
+    if !(0.0..=2.0).contains(&temperature)
+        || !(top_p > 0.0 && top_p <= 1.0)
+        || repeat_penalty <= 0.0
+    {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "temperature must be in [0, 2], topP in (0, 1] and repeatPenalty positive",
+        ));
+    }
+    let ctx = app.n_ctx_train.get(&req.model).copied().unwrap_or(u32::MAX);
+    let params = Params {
+        max_tokens: o
+            .max_tokens
+            .unwrap_or(100)
+            .clamp(1, app.config.max_tokens)
+            .min(ctx),
+        temperature,
+        top_k: o.top_k.unwrap_or(40),
+        top_p,
+        min_p: 0.0,
+        repeat_penalty,
+        repeat_last_n: o.repeat_penalty_last_n_token_count.unwrap_or(64),
+        seed: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+        stop: Vec::new(),
+        ignore_eog: false,
+    };
+    let permit = app
+        .sessions
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| busy(&app))?;
+    let (started, mut rx) =
+        spawn_generation(app.clone(), path, Prompt::Text(req.prompt), params, permit);
+    started.await.map_err(|_| thread_gone())??;
+    let mut text = String::new();
+    while let Some(p) = rx.recv().await {
+        match p {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::Done { usage, .. } => {
+                return Ok(Json(json!({
+                    "text": text,
+                    "usage": {
+                        "promptTokenCount": usage.prompt_tokens,
+                        "generatedTokenCount": usage.generated_tokens,
+                    },
+                }))
+                .into_response());
+            }
+            Piece::Failed(e) => return Err(e),
+        }
+    }
+    Err(thread_gone())
+}
+
+/// Spin's remote protocol: `/embed` with `{model, input: [text]}`.
+#[derive(Debug, Deserialize)]
+struct SpinEmbed {
+    model: String,
+    input: Vec<String>,
+}
+
+async fn spin_embed(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
+    let req: SpinEmbed = parse(&body)?;
+    let (tokens, vectors) = embed_all(&app, &req.model, req.input).await?;
+    Ok(Json(json!({
+        "embeddings": vectors,
+        "usage": {"promptTokenCount": tokens},
+    }))
+    .into_response())
+}
+
+fn busy(app: &App) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        "too_many_sessions",
+        format!(
+            "all {} sessions are busy; retry later",
+            app.config.max_sessions
+        ),
+    )
+}
+
+fn thread_gone() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "internal_error",
+        "the generation thread ended without a result",
+    )
+}
+
+/// Embeddings of `inputs` in one fresh tenant: (tokens, vectors).
+async fn embed_all(
+    app: &Arc<App>,
+    model: &str,
+    inputs: Vec<String>,
+) -> ApiResult<(u32, Vec<Vec<f32>>)> {
+    if inputs.is_empty() || inputs.len() > 256 || inputs.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "input must be a non-empty string or a list of 1 to 256 non-empty strings",
+        ));
+    }
+    let path = app.model_path(model)?;
+    let permit = app
+        .sessions
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| busy(app))?;
     let worker = app.clone();
     let result = tokio::task::spawn_blocking(move || {
         let _permit = permit;
@@ -761,34 +917,9 @@ async fn embeddings(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
             .collect::<ApiResult<Vec<_>>>()
     })
     .await
-    .map_err(|_| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "internal_error",
-            "the embedding task failed",
-        )
-    })??;
-    let tokens: u32 = result.iter().map(|e| e.tokens).sum();
-    let data: Vec<Value> = result
-        .into_iter()
-        .enumerate()
-        .map(|(i, e)| {
-            // base64: the little-endian f32 bytes, as OpenAI's clients decode them.
-            let embedding = if base64 {
-                let bytes: Vec<u8> = e.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(e.values)
-            };
-            json!({"object": "embedding", "index": i, "embedding": embedding})
-        })
-        .collect();
-    Ok(Json(json!({
-        "object": "list", "data": data, "model": req.model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }))
-    .into_response())
+    .map_err(|_| thread_gone())??;
+    let tokens = result.iter().map(|e| e.tokens).sum();
+    Ok((tokens, result.into_iter().map(|e| e.values).collect()))
 }
 
 async fn models(State(app): State<Arc<App>>) -> Json<Value> {
@@ -830,7 +961,10 @@ async fn auth(
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            // Spin sends `bearer TOKEN`; the scheme is case-insensitive (RFC 9110).
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         if given != Some(key.as_str()) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -845,6 +979,10 @@ async fn auth(
 }
 
 fn router(app: Arc<App>) -> Router {
+    let spin = Router::new()
+        .route("/infer", post(spin_infer))
+        .route("/embed", post(spin_embed))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     let v1 = Router::new()
         .route("/chat/completions", post(chat_completions))
         .route("/completions", post(completions))
@@ -853,6 +991,7 @@ fn router(app: Arc<App>) -> Router {
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
         .nest("/v1", v1)
+        .merge(spin)
         .route("/health", get(health))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(4 << 20))

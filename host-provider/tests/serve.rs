@@ -515,3 +515,63 @@ fn sigterm_finishes_in_flight_streams() {
     };
     assert!(status.success(), "exit status {status}");
 }
+
+/// Spin's remote LLM protocol (`[llm_compute] type = "remote_http"`), exact JSON shapes:
+/// `POST /infer` and `POST /embed` with `authorization: bearer TOKEN`, as Spin sends them.
+#[test]
+fn spin_remote_llm_protocol() {
+    let server = Server::start(&["--api-key", "spin-token"]);
+    let auth = "authorization: bearer spin-token";
+    let infer = serde_json::json!({
+        "model": MODEL,
+        "prompt": "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n",
+        "options": {"maxTokens": 12, "repeatPenalty": 1.0, "repeatPenaltyLastNTokenCount": 64,
+                    "temperature": 0.0, "topK": 40, "topP": 0.9},
+    })
+    .to_string();
+    let (status, _) = server.request("POST", "/infer", &[], infer.as_bytes());
+    assert_eq!(status, 401, "no token must be refused");
+    let (status, body) = server.request("POST", "/infer", &[auth], infer.as_bytes());
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
+    assert_eq!(keys, ["text", "usage"], "{body}");
+    assert!(
+        v["text"].as_str().expect("text").contains("Paris"),
+        "{body}"
+    );
+    let usage = v["usage"].as_object().expect("usage");
+    assert_eq!(
+        usage.keys().collect::<Vec<_>>(),
+        ["generatedTokenCount", "promptTokenCount"]
+    );
+    assert!(usage["promptTokenCount"].as_u64().expect("count") > 10);
+    let generated = usage["generatedTokenCount"].as_u64().expect("count");
+    assert!((1..=12).contains(&generated), "{body}");
+
+    let embed =
+        serde_json::json!({"model": MODEL, "input": ["hello world", "goodbye"]}).to_string();
+    let (status, body) = server.request("POST", "/embed", &[auth], embed.as_bytes());
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let e = v["embeddings"].as_array().expect("embeddings");
+    assert_eq!(e.len(), 2);
+    assert_eq!(
+        e[0].as_array().expect("vector").len(),
+        576,
+        "SmolLM2's width"
+    );
+    assert!(
+        v["usage"]["promptTokenCount"].as_u64().expect("count") >= 3,
+        "{body}"
+    );
+
+    // Unknown model and bad options: 4xx with a message.
+    let bad = serde_json::json!({"model": "nope", "prompt": "hi"}).to_string();
+    let (status, _) = server.request("POST", "/infer", &[auth], bad.as_bytes());
+    assert_eq!(status, 404);
+    let bad =
+        serde_json::json!({"model": MODEL, "prompt": "hi", "options": {"topP": 7.0}}).to_string();
+    let (status, _) = server.request("POST", "/infer", &[auth], bad.as_bytes());
+    assert_eq!(status, 400);
+}
