@@ -791,10 +791,9 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
     let temperature = o.temperature.unwrap_or(0.8);
     let top_p = o.top_p.unwrap_or(0.9);
     let repeat_penalty = o.repeat_penalty.unwrap_or(1.1);
-    if !(0.0..=2.0).contains(&temperature)
-        || !(top_p > 0.0 && top_p <= 1.0)
-        || repeat_penalty <= 0.0
-    {
+    let valid =
+        (0.0..=2.0).contains(&temperature) && top_p > 0.0 && top_p <= 1.0 && repeat_penalty > 0.0;
+    if !valid {
         return Err(ApiError::invalid(
             "invalid_value",
             "temperature must be in [0, 2], topP in (0, 1] and repeatPenalty positive",
