@@ -231,21 +231,24 @@ pub struct AttnShape {
 /// rounded to f16, scores are f16 dot products, and the softmax is online, with the
 /// weighted sum of values accumulated *in f16* (`ggml_vec_mad_f16`) and rescaled in f16
 /// whenever the running maximum rises; the sum of weights stays in f32.
+///
+/// Only the query heads in `heads` are computed; `out` holds their outputs in order.
 pub fn attend_row(
     q: &[f32],
     cache: &LayerCache,
     p: usize,
     shape: AttnShape,
+    heads: std::ops::Range<usize>,
     scratch: &mut Vec<f16>,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has FMA (checked just above); the function only enables it.
-        unsafe { attend_row_fma(q, cache, p, shape, scratch, out) };
+        unsafe { attend_row_fma(q, cache, p, shape, heads, scratch, out) };
         return;
     }
-    attend_row_body(q, cache, p, shape, scratch, out);
+    attend_row_body(q, cache, p, shape, heads, scratch, out);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -255,10 +258,11 @@ fn attend_row_fma(
     cache: &LayerCache,
     p: usize,
     shape: AttnShape,
+    heads: std::ops::Range<usize>,
     scratch: &mut Vec<f16>,
     out: &mut [f32],
 ) {
-    attend_row_body(q, cache, p, shape, scratch, out);
+    attend_row_body(q, cache, p, shape, heads, scratch, out);
 }
 
 #[inline(always)]
@@ -267,6 +271,7 @@ fn attend_row_body(
     cache: &LayerCache,
     p: usize,
     shape: AttnShape,
+    heads: std::ops::Range<usize>,
     scratch: &mut Vec<f16>,
     out: &mut [f32],
 ) {
@@ -291,7 +296,8 @@ fn attend_row_body(
     };
     scratch.resize(2 * head_dim, f16::ZERO);
     let (q16, acc) = scratch.split_at_mut(head_dim);
-    for h in 0..n_head {
+    let first = heads.start;
+    for h in heads.start..heads.end.min(n_head) {
         let g = h / group;
         for (d, &v) in q16.iter_mut().zip(&q[h * head_dim..(h + 1) * head_dim]) {
             *d = f16::from_f32(v);
@@ -331,10 +337,8 @@ fn attend_row_body(
             sum = sum.mul_add(ms, vs);
         }
         let inv = 1.0 / sum;
-        for (o, a) in out[h * head_dim..(h + 1) * head_dim]
-            .iter_mut()
-            .zip(acc.iter())
-        {
+        let at = (h - first) * head_dim;
+        for (o, a) in out[at..at + head_dim].iter_mut().zip(acc.iter()) {
             *o = f32_of(tab, *a) * inv;
         }
     }
@@ -413,10 +417,23 @@ mod tests {
             &cache,
             0,
             shape,
+            0..2,
             &mut Vec::new(),
             &mut out,
         );
         assert_eq!(out, [3.0, -2.0, 3.0, -2.0]);
+        // One head alone writes only its own outputs.
+        let mut one = [0.0; 2];
+        attend_row(
+            &[0.5, 0.5, -1.0, 2.0],
+            &cache,
+            0,
+            shape,
+            1..2,
+            &mut Vec::new(),
+            &mut one,
+        );
+        assert_eq!(one, [3.0, -2.0]);
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -109,6 +109,8 @@ pub struct ComputeState {
     /// Per-block activation scales and a transposed matmul output (prompt processing).
     scales: Vec<[f32; 2]>,
     transposed: Vec<f32>,
+    /// Per spin-pool share: attention scratch (q in f16 and the f16 accumulator).
+    attn_scratch: Vec<std::sync::Mutex<Vec<f16>>>,
     rope_cache: Vec<(f32, f32)>,
     pub stats: Stats,
     pub store: residency::WeightStore,
@@ -130,6 +132,7 @@ impl ComputeState {
         spin: Arc<spin::SpinPool>,
         max_resident: Option<u64>,
     ) -> Self {
+        let shares = spin.size();
         Self {
             table: ResourceTable::new(),
             models,
@@ -138,6 +141,9 @@ impl ComputeState {
             quantized: Vec::new(),
             scales: Vec::new(),
             transposed: Vec::new(),
+            attn_scratch: (0..shares)
+                .map(|_| std::sync::Mutex::new(Vec::new()))
+                .collect(),
             rope_cache: Vec::new(),
             stats: Stats::default(),
             store: residency::WeightStore::new(max_resident),
@@ -984,15 +990,39 @@ impl ComputeState {
                 scale,
                 window,
             };
-            let pool = self.pool.clone();
-            pool.install(|| {
-                o.data
-                    .par_chunks_mut(qt.cols)
-                    .zip(qt.data.par_chunks(qt.cols))
-                    .enumerate()
-                    .for_each_init(Vec::<f16>::new, |scores, (i, (orow, qrow))| {
-                        kernels::attend_row(qrow, lc, pos + i, shape, scores, orow);
-                    })
+            // (row, head) items split evenly across the spinning pool: one token's heads
+            // in parallel when decoding, whole rows when processing a prompt.
+            let spin = self.spin.clone();
+            let shares = spin.size();
+            let scratch = &self.attn_scratch;
+            let out = SharedOut(o.data.as_mut_ptr(), o.data.len());
+            let cols = qt.cols;
+            spin.run(&|share| {
+                let mut buf = scratch[share % scratch.len()]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if n >= shares {
+                    // Later rows attend to more positions: deal rows out in turn so every
+                    // share gets a similar mix.
+                    for i in (share..n).step_by(shares) {
+                        // SAFETY: shares own disjoint rows of the output.
+                        let orow = unsafe { out.slice(i * cols, cols) };
+                        let qrow = &qt.data[i * cols..(i + 1) * cols];
+                        kernels::attend_row(qrow, lc, pos + i, shape, 0..n_head, &mut buf, orow);
+                    }
+                    return;
+                }
+                let items = spin::part(n * n_head, shares, share, 1);
+                let mut item = items.start;
+                while item < items.end {
+                    let (i, h0) = (item / n_head, item % n_head);
+                    let h1 = n_head.min(h0 + items.end - item);
+                    // SAFETY: shares own disjoint (row, head) ranges of the output.
+                    let orow = unsafe { out.slice(i * cols + h0 * hd, (h1 - h0) * hd) };
+                    let qrow = &qt.data[i * cols..(i + 1) * cols];
+                    kernels::attend_row(qrow, lc, pos + i, shape, h0..h1, &mut buf, orow);
+                    item += h1 - h0;
+                }
             });
             Ok(())
         })();
