@@ -1,8 +1,8 @@
 //! A fork-join pool for the hot, tiny parallel regions of decoding (a matmul of one token
 //! is tens of microseconds; there are hundreds per token). Its helpers spin between jobs
 //! for a while before parking, as ggml's thread pool does, so a job starts without a
-//! futex wake-up; the caller runs share 0 itself. One job at a time: tenants calling at
-//! once take turns, so the machine never runs more compute threads than configured.
+//! futex wake-up; the caller runs share 0 itself. One job at a time: a tenant that finds
+//! the pool busy runs its job's shares on its own thread instead of waiting.
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 /// tenants' or processes') when the machine is oversubscribed.
 const SPIN_FOR: Duration = Duration::from_micros(150);
 const YIELD_FOR: Duration = Duration::from_micros(500);
+/// How long after a caller found the pool busy helpers stop spinning.
+const CONTENDED_FOR: Duration = Duration::from_millis(20);
 
 type Job = dyn Fn(usize) + Sync;
 
@@ -27,6 +29,10 @@ struct Shared {
     stop: AtomicBool,
     /// A helper's share panicked during the current job.
     panicked: AtomicBool,
+    /// When (µs since `epoch`) a caller last found the pool busy: while tenants contend,
+    /// helpers park at once instead of spinning on cores the other tenants need.
+    contended_at: AtomicU64,
+    epoch: Instant,
     /// Per helper: parked (or about to park) and needing an unpark.
     sleeping: Vec<AtomicBool>,
 }
@@ -47,6 +53,8 @@ impl SpinPool {
             remaining: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
+            contended_at: AtomicU64::new(0),
+            epoch: Instant::now(),
             sleeping: (0..helpers).map(|_| AtomicBool::new(false)).collect(),
         });
         let mut threads = Vec::with_capacity(helpers);
@@ -77,9 +85,23 @@ impl SpinPool {
             f(0);
             return;
         }
-        // A poisoned turn only means another caller panicked; the pool state is intact
-        // (every job is waited for before `run` returns or unwinds).
-        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        // Busy with another tenant's job: run every share here, one after another, rather
+        // than wait — tenants then compute side by side on their own threads, and the
+        // helpers serve whoever holds the turn. (A poisoned turn only means another caller
+        // panicked; every job is waited for before `run` returns or unwinds.)
+        let _turn = match self.turn.try_lock() {
+            Ok(t) => t,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let s = &self.shared;
+                s.contended_at
+                    .store(s.epoch.elapsed().as_micros() as u64 + 1, Ordering::Relaxed);
+                for share in 0..self.size() {
+                    f(share);
+                }
+                return;
+            }
+        };
         let s = &self.shared;
         // SAFETY: the pointer is only dereferenced by helpers between the generation bump
         // below and their decrement of `remaining`; this function does not return (nor
@@ -144,10 +166,13 @@ fn helper(s: &Shared, h: usize) {
                 continue;
             }
             let idle = started.elapsed();
-            if idle < SPIN_FOR {
+            let since = s.epoch.elapsed().as_micros() as u64;
+            let contended = since.saturating_sub(s.contended_at.load(Ordering::Relaxed))
+                < CONTENDED_FOR.as_micros() as u64;
+            if !contended && idle < SPIN_FOR {
                 continue;
             }
-            if idle < YIELD_FOR {
+            if !contended && idle < YIELD_FOR {
                 std::thread::yield_now();
                 continue;
             }
