@@ -737,6 +737,25 @@ struct SharedOut(*mut f32, usize);
 unsafe impl Sync for SharedOut {}
 unsafe impl Send for SharedOut {}
 
+/// [`SharedOut`] for bytes.
+#[derive(Clone, Copy)]
+struct SharedBytes(*mut u8, usize);
+
+// SAFETY: as for `SharedOut`.
+unsafe impl Sync for SharedBytes {}
+unsafe impl Send for SharedBytes {}
+
+impl SharedBytes {
+    /// # Safety
+    /// No other live slice may overlap this one.
+    #[allow(clippy::mut_from_ref, reason = "disjointness is the caller's contract")]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [u8] {
+        assert!(start + len <= self.1, "slice past the buffer");
+        // SAFETY: in bounds (checked); disjointness is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
 impl SharedOut {
     /// `len` values from `start`.
     ///
@@ -797,8 +816,30 @@ impl ComputeState {
                 }
                 let qrow = k / kind.block_len() * kind.block_bytes();
                 xq.clear();
-                for xrow in xt.data.chunks_exact(k) {
-                    quant::quantize_row(kind, xrow, &mut xq);
+                if rows < 8 {
+                    for xrow in xt.data.chunks_exact(k) {
+                        quant::quantize_row(kind, xrow, &mut xq);
+                    }
+                } else {
+                    // A prompt's rows quantized by all shares (each into its own rows).
+                    xq.resize(rows * qrow, 0);
+                    let spin = self.spin.clone();
+                    let shares = spin.size();
+                    let dst = SharedBytes(xq.as_mut_ptr(), xq.len());
+                    spin.run(&|share| {
+                        thread_local! {
+                            static ROW: std::cell::RefCell<Vec<u8>> =
+                                const { std::cell::RefCell::new(Vec::new()) };
+                        }
+                        ROW.with_borrow_mut(|buf| {
+                            for t in spin::part(rows, shares, share, 1) {
+                                buf.clear();
+                                quant::quantize_row(kind, &xt.data[t * k..(t + 1) * k], buf);
+                                // SAFETY: shares own disjoint rows of `xq`.
+                                unsafe { dst.slice(t * qrow, qrow) }.copy_from_slice(buf);
+                            }
+                        });
+                    });
                 }
                 let wrow = wt.ty.row_bytes(k as u64).unwrap_or(0) as usize;
                 let (wb, ty) = (wt.bytes(), wt.ty);
@@ -838,11 +879,16 @@ impl ComputeState {
                             }
                         };
                     });
-                    for (t, orow) in o.data.chunks_exact_mut(n).enumerate() {
-                        for (j, v) in orow.iter_mut().enumerate() {
-                            *v = tr[j * rows + t];
+                    let dst = SharedOut(o.data.as_mut_ptr(), o.data.len());
+                    spin.run(&|share| {
+                        for t in spin::part(rows, shares, share, 1) {
+                            // SAFETY: shares own disjoint rows of the output.
+                            let orow = unsafe { dst.slice(t * n, n) };
+                            for (j, v) in orow.iter_mut().enumerate() {
+                                *v = tr[j * rows + t];
+                            }
                         }
-                    }
+                    });
                     self.scales = scales;
                     self.transposed = tr;
                     self.quantized = xq;
