@@ -419,32 +419,26 @@ async fn respond(
     app: Arc<App>,
     model: String,
     prompt: Prompt,
-    params: Params,
-    stream: bool,
-    include_usage: bool,
+    sampling: &Sampling,
+    default_max: u32,
     shape: Shape,
 ) -> ApiResult<Response> {
     let path = app.model_path(&model)?;
-    let permit = app.sessions.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "too_many_sessions",
-            format!(
-                "all {} sessions are busy; retry later",
-                app.config.max_sessions
-            ),
-        )
-    })?;
+    let params = app.params(sampling, &model, default_max)?;
+    let (stream, include_usage) = (
+        sampling.stream,
+        sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+    );
+    let permit = app
+        .sessions
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| busy(&app))?;
     let (started, mut rx) = spawn_generation(app.clone(), path, prompt, params, permit);
-    started.await.map_err(|_| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "internal_error",
-            "the generation thread ended before starting",
-        )
-    })??;
+    started.await.map_err(|_| thread_gone())??;
     let id = request_id(shape.id_prefix());
     let created = now_s();
     if !stream {
@@ -461,12 +455,7 @@ async fn respond(
                 Piece::Failed(e) => return Err(e),
             }
         }
-        return Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "internal_error",
-            "generation ended without a result",
-        ));
+        return Err(thread_gone());
     }
     let (etx, erx) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
@@ -640,20 +629,13 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult
         };
         messages.push(Message { role, content });
     }
-    app.model_path(&req.model)?;
-    let params = app.params(&req.sampling, &req.model, app.config.max_tokens)?;
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
+    let max = app.config.max_tokens;
     respond(
-        app.clone(),
+        app,
         req.model,
         Prompt::Messages(messages),
-        params,
-        req.sampling.stream,
-        include_usage,
+        &req.sampling,
+        max,
         Shape::Chat,
     )
     .await
@@ -677,21 +659,13 @@ async fn completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Resp
             "prompt must not be empty",
         ));
     }
-    app.model_path(&req.model)?;
     // OpenAI's legacy default for completions is 16 tokens.
-    let params = app.params(&req.sampling, &req.model, 16)?;
-    let include_usage = req
-        .sampling
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
     respond(
-        app.clone(),
+        app,
         req.model,
         Prompt::Text(prompt),
-        params,
-        req.sampling.stream,
-        include_usage,
+        &req.sampling,
+        16,
         Shape::Completion,
     )
     .await
