@@ -452,7 +452,7 @@ pub unsafe fn dot_tile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compute::quant::{self, VecDot};
+    use crate::compute::testdata::{self, Lcg};
 
     /// Token tiles of the K-quants give each (row, token) the portable result exactly.
     #[test]
@@ -461,70 +461,28 @@ mod tests {
             eprintln!("this CPU lacks AVX2/FMA/F16C: nothing to compare");
             return;
         }
-        let mut s = 4321u64;
-        let mut next = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 33) as u32
-        };
+        let mut rng = Lcg(4321);
         for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
-            let (k, ts, rows) = (512usize, ty.type_size() as usize, 3usize);
-            let wrow = k / 256 * ts;
-            let mut w: Vec<u8> = (0..rows * wrow).map(|_| next() as u8).collect();
-            for b in 0..rows * k / 256 {
-                let d = half::f16::from_f32((next() % 1000) as f32 / 40000.0 - 0.0125);
-                let at = if ty == GgmlType::Q6_K {
-                    b * ts + 208
-                } else {
-                    b * ts
-                };
-                w[at..at + 2].copy_from_slice(&d.to_le_bytes());
-                if ty == GgmlType::Q4_K {
-                    w[at + 2..at + 4].copy_from_slice(&d.to_le_bytes());
-                }
-            }
             for n_tok in [1usize, 4, 7] {
-                let mut xq = Vec::new();
-                for _ in 0..n_tok {
-                    let xs: Vec<f32> = (0..k)
-                        .map(|_| (next() % 2000) as f32 / 100.0 - 10.0)
-                        .collect();
-                    quant::quantize_row(VecDot::Q8K, &xs, &mut xq);
-                }
-                let qrow = xq.len() / n_tok;
+                let (w, wrow) = testdata::weights(&mut rng, ty, 3, 512);
+                let (xq, qrow) = testdata::activations(&mut rng, ty, n_tok, 512);
                 let mut out = vec![0f32; 2 * n_tok];
                 // SAFETY: `available()` checked above.
                 assert!(unsafe { dot_tile(ty, &w, wrow, &xq, qrow, n_tok, 1, &mut out) });
-                for r in 0..2 {
-                    for t in 0..n_tok {
-                        let want = quant::dot(
-                            ty,
-                            &w[(r + 1) * wrow..(r + 2) * wrow],
-                            &xq[t * qrow..(t + 1) * qrow],
-                        );
-                        let got = out[r * n_tok + t];
-                        assert_eq!(got.to_bits(), want.to_bits(), "{ty} row {r} token {t}");
-                    }
-                }
+                testdata::assert_transposed(ty, (&w, wrow), (&xq, qrow), 1, &out);
             }
         }
     }
 
-    /// Bit-identical to the portable kernels on random blocks and activations.
+    /// Bit-identical to the portable kernels on random blocks and activations; seven rows
+    /// exercise the four-row passes and their remainder.
     #[test]
     fn avx2_kernels_equal_the_portable_ones() {
         if !available() {
             eprintln!("this CPU lacks AVX2/FMA/F16C: nothing to compare");
             return;
         }
-        let mut s = 12345u64;
-        let mut next = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 33) as u32
-        };
+        let mut rng = Lcg(12345);
         for ty in [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
@@ -533,34 +491,13 @@ mod tests {
             GgmlType::Q4_K,
             GgmlType::Q6_K,
         ] {
-            let (n, ts, bs) = (512usize, ty.type_size() as usize, ty.block_size() as usize);
-            for _ in 0..50 {
-                let mut w: Vec<u8> = (0..n / bs * ts).map(|_| next() as u8).collect();
-                for b in 0..n / bs {
-                    let d = half::f16::from_f32((next() % 1000) as f32 / 40000.0 - 0.0125);
-                    w[b * ts..b * ts + 2].copy_from_slice(&d.to_le_bytes());
-                    if matches!(ty, GgmlType::Q4_1 | GgmlType::Q4_K) {
-                        w[b * ts + 2..b * ts + 4].copy_from_slice(&d.to_le_bytes());
-                    }
-                    if ty == GgmlType::Q6_K {
-                        w[b * ts + 208..b * ts + 210].copy_from_slice(&d.to_le_bytes());
-                    }
-                }
-                let xs: Vec<f32> = (0..n)
-                    .map(|_| (next() % 2000) as f32 / 100.0 - 10.0)
-                    .collect();
-                let mut xq = Vec::new();
-                quant::quantize_row(VecDot::for_weight(ty).expect("kind"), &xs, &mut xq);
-                let mut got = [0f32; 1];
+            for _ in 0..20 {
+                let (w, wrow) = testdata::weights(&mut rng, ty, 7, 512);
+                let (xq, qrow) = testdata::activations(&mut rng, ty, 1, 512);
+                let mut got = vec![0f32; 7];
                 // SAFETY: `available()` checked above.
-                assert!(unsafe { dot_rows(ty, &w, w.len(), &xq, 0, &mut got) });
-                let want = quant::dot(ty, &w, &xq);
-                assert_eq!(
-                    got[0].to_bits(),
-                    want.to_bits(),
-                    "{ty}: {} vs {want}",
-                    got[0]
-                );
+                assert!(unsafe { dot_rows(ty, &w, wrow, &xq, 0, &mut got) });
+                testdata::assert_transposed(ty, (&w, wrow), (&xq, qrow), 0, &got);
             }
         }
     }
@@ -638,52 +575,6 @@ pub mod fa {
         for i in (0..acc.len() / 8).map(|i| i * 8) {
             let r = _mm256_mul_ps(load8(&acc[i..]), vs);
             store8(&mut acc[i..], r);
-        }
-    }
-}
-
-#[cfg(test)]
-mod four_row_tests {
-    use super::*;
-    use crate::compute::quant::{self, VecDot};
-
-    /// The 4-row passes give each row exactly its single-row result.
-    #[test]
-    fn four_row_passes_equal_single_rows() {
-        if !available() {
-            eprintln!("this CPU lacks AVX2/FMA/F16C: nothing to compare");
-            return;
-        }
-        let mut s = 777u64;
-        let mut next = move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 33) as u32
-        };
-        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
-            let (k, ts, rows) = (256usize, ty.type_size() as usize, 7usize);
-            let wrow = k / 32 * ts;
-            let mut w: Vec<u8> = (0..rows * wrow).map(|_| next() as u8).collect();
-            for b in 0..rows * k / 32 {
-                let d = half::f16::from_f32((next() % 1000) as f32 / 40000.0 - 0.0125);
-                w[b * ts..b * ts + 2].copy_from_slice(&d.to_le_bytes());
-                if ty == GgmlType::Q4_1 {
-                    w[b * ts + 2..b * ts + 4].copy_from_slice(&d.to_le_bytes());
-                }
-            }
-            let xs: Vec<f32> = (0..k)
-                .map(|_| (next() % 2000) as f32 / 100.0 - 10.0)
-                .collect();
-            let mut xq = Vec::new();
-            quant::quantize_row(VecDot::for_weight(ty).expect("kind"), &xs, &mut xq);
-            let mut got = vec![0f32; rows];
-            // SAFETY: `available()` checked above.
-            assert!(unsafe { dot_rows(ty, &w, wrow, &xq, 0, &mut got) });
-            for (r, g) in got.iter().enumerate() {
-                let want = quant::dot(ty, &w[r * wrow..(r + 1) * wrow], &xq);
-                assert_eq!(g.to_bits(), want.to_bits(), "{ty} row {r}");
-            }
         }
     }
 }

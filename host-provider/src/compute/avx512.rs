@@ -401,7 +401,8 @@ pub fn activation_scales(block: usize, xq: &[u8], out: &mut Vec<[f32; 2]>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compute::quant::{self, VecDot};
+    use crate::compute::quant::VecDot;
+    use crate::compute::testdata::{self, Lcg};
 
     /// Tiles of several tokens give each (row, token) exactly the single-row result,
     /// whatever the token count (remainders included) and weight row count.
@@ -411,31 +412,12 @@ mod tests {
             eprintln!("this CPU lacks AVX-512 VNNI: nothing to compare");
             return;
         }
-        let mut s = 99u64;
-        let mut next = move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 33) as u32
-        };
+        let mut rng = Lcg(99);
         for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
             let kind = VecDot::for_weight(ty).expect("kind");
             for n_tok in [1usize, 3, 4, 6, 9] {
-                let (k, ts, rows) = (256usize, ty.type_size() as usize, 10usize);
-                let wrow = k / 32 * ts;
-                let mut w: Vec<u8> = (0..rows * wrow).map(|_| next() as u8).collect();
-                for b in 0..rows * k / 32 {
-                    let d = half::f16::from_f32((next() % 1000) as f32 / 40000.0 - 0.0125);
-                    w[b * ts..b * ts + 2].copy_from_slice(&d.to_le_bytes());
-                }
-                let mut xq = Vec::new();
-                for _ in 0..n_tok {
-                    let xs: Vec<f32> = (0..k)
-                        .map(|_| (next() % 2000) as f32 / 100.0 - 10.0)
-                        .collect();
-                    quant::quantize_row(kind, &xs, &mut xq);
-                }
-                let qrow = xq.len() / n_tok;
+                let (w, wrow) = testdata::weights(&mut rng, ty, 10, 256);
+                let (xq, qrow) = testdata::activations(&mut rng, ty, n_tok, 256);
                 let mut scales = Vec::new();
                 activation_scales(kind.block_bytes(), &xq, &mut scales);
                 // Rows 1..10 (a remainder past the groups of four, and an offset start).
@@ -443,61 +425,28 @@ mod tests {
                 // SAFETY: `available()` checked above.
                 let ok = unsafe { dot_tile(ty, &w, wrow, &xq, qrow, &scales, n_tok, 1, &mut out) };
                 assert!(ok);
-                for r in 0..9 {
-                    for t in 0..n_tok {
-                        let want = quant::dot(
-                            ty,
-                            &w[(r + 1) * wrow..(r + 2) * wrow],
-                            &xq[t * qrow..(t + 1) * qrow],
-                        );
-                        let got = out[r * n_tok + t];
-                        assert_eq!(got.to_bits(), want.to_bits(), "{ty} row {r} token {t}");
-                    }
-                }
+                testdata::assert_transposed(ty, (&w, wrow), (&xq, qrow), 1, &out);
             }
         }
     }
 
-    /// Bit-identical to the portable kernel, row by row, on random weights, including
-    /// extreme quants (-128) and a row count that leaves a remainder.
+    /// Bit-identical to the portable kernel, row by row, on random weights, with a row
+    /// count that leaves a remainder.
     #[test]
     fn avx512_kernels_equal_the_portable_ones() {
         if !available() {
             eprintln!("this CPU lacks AVX-512 VNNI: nothing to compare");
             return;
         }
-        let mut s = 4242u64;
-        let mut next = move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 33) as u32
-        };
+        let mut rng = Lcg(4242);
         for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
             for _ in 0..20 {
-                let (k, ts, rows) = (576usize, ty.type_size() as usize, 11usize);
-                let wrow = k / 32 * ts;
-                let mut w: Vec<u8> = (0..rows * wrow).map(|_| next() as u8).collect();
-                for b in 0..rows * k / 32 {
-                    let d = half::f16::from_f32((next() % 1000) as f32 / 40000.0 - 0.0125);
-                    w[b * ts..b * ts + 2].copy_from_slice(&d.to_le_bytes());
-                    if ty == GgmlType::Q4_1 {
-                        let m = half::f16::from_f32((next() % 1000) as f32 / 9000.0 - 0.05);
-                        w[b * ts + 2..b * ts + 4].copy_from_slice(&m.to_le_bytes());
-                    }
-                }
-                let xs: Vec<f32> = (0..k)
-                    .map(|_| (next() % 2000) as f32 / 100.0 - 10.0)
-                    .collect();
-                let mut xq = Vec::new();
-                quant::quantize_row(VecDot::for_weight(ty).expect("kind"), &xs, &mut xq);
-                let mut got = vec![0f32; rows];
+                let (w, wrow) = testdata::weights(&mut rng, ty, 11, 576);
+                let (xq, qrow) = testdata::activations(&mut rng, ty, 1, 576);
+                let mut got = vec![0f32; 11];
                 // SAFETY: `available()` checked above.
                 assert!(unsafe { dot_rows(ty, &w, wrow, &xq, 0, &mut got) });
-                for (r, g) in got.iter().enumerate() {
-                    let want = quant::dot(ty, &w[r * wrow..(r + 1) * wrow], &xq);
-                    assert_eq!(g.to_bits(), want.to_bits(), "{ty} row {r}: {g} vs {want}");
-                }
+                testdata::assert_transposed(ty, (&w, wrow), (&xq, qrow), 0, &got);
             }
         }
     }

@@ -10,6 +10,8 @@ pub mod kernels;
 pub mod quant;
 pub mod residency;
 pub mod spin;
+#[cfg(test)]
+mod testdata;
 
 use std::collections::HashMap;
 use std::sync::Arc;
