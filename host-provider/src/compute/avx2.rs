@@ -7,7 +7,7 @@ use std::arch::x86_64::*;
 
 use realm_gguf::GgmlType;
 
-use super::quant::{Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES};
+use super::quant::{Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, TileOut};
 
 /// Whether this CPU can run these kernels.
 pub fn available() -> bool {
@@ -402,31 +402,31 @@ pub fn has_tile(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
 }
 
-/// Weight rows `j0..j0 + out.len() / n_tok` × all `n_tok` activation rows of `xq` (`qrow`
-/// bytes each), into `out` transposed (`out[r * n_tok + t]`): one weight row against four
-/// tokens per step, each result bit-identical to [`dot_rows`]'. `false` if `ty` has no tile.
+/// Weight rows `rows` of `w` × all `n_tok` activation rows of `xq` (`qrow` bytes each),
+/// into `out` at (token, row): one weight row against four tokens per step, each result
+/// bit-identical to [`dot_rows`]'. `false` if `ty` has no tile.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C ([`available`]).
-#[allow(clippy::too_many_arguments, reason = "one tile's geometry")]
+/// The CPU must support AVX2, FMA and F16C ([`available`]), and no other thread may write
+/// the elements of `out` in `rows` meanwhile.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_tile(
     ty: GgmlType,
     w: &[u8],
     wrow: usize,
-    xq: &[u8],
-    qrow: usize,
-    n_tok: usize,
-    j0: usize,
-    out: &mut [f32],
+    (xq, qrow): (&[u8], usize),
+    rows: std::ops::Range<usize>,
+    out: TileOut,
 ) -> bool {
+    let n_tok = xq.len() / qrow.max(1);
     if !has_tile(ty) || n_tok == 0 {
         return false;
     }
     let x = |t: usize| &xq[t * qrow..(t + 1) * qrow];
-    for r in 0..out.len() / n_tok {
-        let row = &w[(j0 + r) * wrow..(j0 + r + 1) * wrow];
-        let res = &mut out[r * n_tok..(r + 1) * n_tok];
+    for j in rows {
+        let row = &w[j * wrow..(j + 1) * wrow];
+        // SAFETY: this call owns row `j` (the caller's contract).
+        let put = |t: usize, v: f32| unsafe { out.put(t, j, &[v]) };
         let mut t = 0;
         while t < n_tok {
             if n_tok - t >= 4 {
@@ -435,13 +435,16 @@ pub unsafe fn dot_tile(
                     GgmlType::Q4_K => tile_q4_k::<4>(row, xs),
                     _ => tile_q6_k::<4>(row, xs),
                 };
-                res[t..t + 4].copy_from_slice(&v);
+                v.into_iter().enumerate().for_each(|(i, v)| put(t + i, v));
                 t += 4;
             } else {
-                res[t] = match ty {
-                    GgmlType::Q4_K => dot_q4_k(row, x(t)),
-                    _ => dot_q6_k(row, x(t)),
-                };
+                put(
+                    t,
+                    match ty {
+                        GgmlType::Q4_K => dot_q4_k(row, x(t)),
+                        _ => dot_q6_k(row, x(t)),
+                    },
+                );
                 t += 1;
             }
         }
@@ -466,10 +469,11 @@ mod tests {
             for n_tok in [1usize, 4, 7] {
                 let (w, wrow) = testdata::weights(&mut rng, ty, 3, 512);
                 let (xq, qrow) = testdata::activations(&mut rng, ty, n_tok, 512);
-                let mut out = vec![0f32; 2 * n_tok];
-                // SAFETY: `available()` checked above.
-                assert!(unsafe { dot_tile(ty, &w, wrow, &xq, qrow, n_tok, 1, &mut out) });
-                testdata::assert_transposed(ty, (&w, wrow), (&xq, qrow), 1, &out);
+                let mut out = vec![0f32; 3 * n_tok];
+                let to = TileOut::new(&mut out, 3);
+                // SAFETY: `available()` checked above; one thread.
+                assert!(unsafe { dot_tile(ty, &w, wrow, (&xq, qrow), 1..3, to) });
+                testdata::assert_tiles(ty, (&w, wrow), (&xq, qrow), 1..3, &out);
             }
         }
     }
@@ -497,7 +501,7 @@ mod tests {
                 let mut got = vec![0f32; 7];
                 // SAFETY: `available()` checked above.
                 assert!(unsafe { dot_rows(ty, &w, wrow, &xq, 0, &mut got) });
-                testdata::assert_transposed(ty, (&w, wrow), (&xq, qrow), 0, &got);
+                testdata::assert_tiles(ty, (&w, wrow), (&xq, qrow), 0..got.len(), &got);
             }
         }
     }

@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2;
-use super::quant::{Q8_0_BYTES, Q8_1_BYTES};
+use super::quant::{Q8_0_BYTES, Q8_1_BYTES, TileOut};
 use realm_gguf::GgmlType;
 
 /// Whether this CPU can run these kernels (the AVX2 set as well, for the remainder rows).
@@ -22,8 +22,29 @@ pub fn available() -> bool {
 }
 
 /// Four rows (`stride` bytes apart from the start of the slice) × one activation row, given
-/// the activation's per-block scales.
-type FourRows = fn(&[u8], usize, &[u8], &[[f32; 2]]) -> [f32; 4];
+/// the activation's per-block scales and lane corrections.
+type FourRows = fn(&[u8], usize, &[u8], &[[f32; 2]], &[[i32; 8]]) -> [f32; 4];
+
+/// What the signed weight types add to each quant to make it unsigned for `vpdpbusd`
+/// (u8 × s8): Q5_0's raw five bits are `w + 16`, and `w ^ 0x80` is `w + 128` for Q8_0.
+fn weight_offset(ty: GgmlType) -> Option<i32> {
+    match ty {
+        GgmlType::Q5_0 => Some(16),
+        GgmlType::Q8_0 => Some(128),
+        _ => None,
+    }
+}
+
+/// `-offset ×` the sum of each lane's four activation bytes in one Q8_0 block: the start
+/// value of `vpdpbusd` on `w + offset`, so that every lane ends at `Σ w·y` exactly, the
+/// integer that ggml's sign trick gives that lane.
+fn lane_correction(xb: &[u8], off: i32) -> [i32; 8] {
+    let mut c = [0i32; 8];
+    for (l, four) in c.iter_mut().zip(xb[2..34].chunks_exact(4)) {
+        *l = -off * four.iter().map(|&b| i32::from(b as i8)).sum::<i32>();
+    }
+    c
+}
 
 /// Rows `j0..j0 + out.len()` of `w` dotted with `x`; `false` if `ty` has no kernel here.
 ///
@@ -39,28 +60,41 @@ pub unsafe fn dot_rows(
     out: &mut [f32],
 ) -> bool {
     let (block, kernel): (usize, FourRows) = match ty {
-        GgmlType::Q4_1 => (Q8_1_BYTES, |g, s, x, sc| tile_q4_1::<1>(g, s, [x], [sc])[0]),
-        GgmlType::Q8_0 => (Q8_0_BYTES, |g, s, x, sc| tile_q8_0::<1>(g, s, [x], [sc])[0]),
-        GgmlType::Q5_0 => (Q8_0_BYTES, |g, s, x, sc| tile_q5_0::<1>(g, s, [x], [sc])[0]),
+        GgmlType::Q4_1 => (Q8_1_BYTES, |g, s, x, sc, _| {
+            tile_q4_1::<1>(g, s, [x], [sc])[0]
+        }),
+        GgmlType::Q8_0 => (Q8_0_BYTES, |g, s, x, sc, su| {
+            tile_signed::<1, 34, false>(g, s, [x], [sc], [su])[0]
+        }),
+        GgmlType::Q5_0 => (Q8_0_BYTES, |g, s, x, sc, su| {
+            tile_signed::<1, 22, true>(g, s, [x], [sc], [su])[0]
+        }),
         _ => return false,
     };
-    // The activation's block scales (and Q8_1 sums) as f32, once for all rows.
+    // The activation's block scales (and Q8_1 sums, or the signed types' lane
+    // corrections), once for all rows.
     let nb = x.len() / block;
-    let mut stack = [[0f32; 2]; 512];
-    let mut heap = Vec::new();
-    let scales = if nb <= stack.len() {
-        &mut stack[..nb]
+    let mut stack = ([[0f32; 2]; 256], [[0i32; 8]; 256]);
+    let mut heap = (Vec::new(), Vec::new());
+    let (scales, sums) = if nb <= stack.0.len() {
+        (&mut stack.0[..nb], &mut stack.1[..nb])
     } else {
-        heap.resize(nb, [0f32; 2]);
-        &mut heap[..]
+        heap.0.resize(nb, [0f32; 2]);
+        heap.1.resize(nb, [0i32; 8]);
+        (&mut heap.0[..], &mut heap.1[..])
     };
     for (s, xb) in scales.iter_mut().zip(x.chunks_exact(block)) {
         *s = [f16_at(xb, 0), f16_at(xb, 2)];
     }
+    if let Some(off) = weight_offset(ty) {
+        for (c, xb) in sums.iter_mut().zip(x.chunks_exact(block)) {
+            *c = lane_correction(xb, off);
+        }
+    }
     for i in (0..out.len() / 4 * 4).step_by(4) {
         let at = (j0 + i) * wrow;
         avx2::prefetch_ahead(w, at, 4 * wrow);
-        let r = kernel(&w[at..at + 4 * wrow], wrow, x, scales);
+        let r = kernel(&w[at..at + 4 * wrow], wrow, x, scales, sums);
         out[i..i + 4].copy_from_slice(&r);
     }
     if !out.len().is_multiple_of(4) {
@@ -196,43 +230,20 @@ fn tile_q4_1<const T: usize>(
     out
 }
 
-/// Four Q8_0 rows × `T` Q8_0 activation rows; register `p` holds rows `2p` (low half) and
-/// `2p + 1` (high half), each half exactly the AVX2 kernel's register. Weights' absolute
-/// values and signs are taken once for all `T` tokens.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn tile_q8_0<const T: usize>(
-    g: &[u8],
-    stride: usize,
-    xs: [&[u8]; T],
-    scales: [&[[f32; 2]]; T],
-) -> [[f32; 4]; T] {
-    tile_signed::<T, 34, false>(g, stride, xs, scales)
-}
-
-/// Four Q5_0 rows × `T` Q8_0 activation rows, as ggml's AVX2 kernel per row.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn tile_q5_0<const T: usize>(
-    g: &[u8],
-    stride: usize,
-    xs: [&[u8]; T],
-    scales: [&[[f32; 2]]; T],
-) -> [[f32; 4]; T] {
-    tile_signed::<T, 22, true>(g, stride, xs, scales)
-}
-
-/// Two Q8_0 blocks → one register of signed bytes [a | b].
+/// Two Q8_0 blocks → one register of `w + 128` as unsigned bytes, [a | b].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn unpack_q8_0(a: &[u8], b: &[u8]) -> __m512i {
-    _mm512_mask_broadcast_i64x4(
+    let q = _mm512_mask_broadcast_i64x4(
         _mm512_castsi256_si512(load32(&a[2..])),
         0xF0,
         load32(&b[2..]),
-    )
+    );
+    _mm512_xor_si512(q, _mm512_set1_epi8(0x80u8 as i8))
 }
 
-/// Two Q5_0 blocks → [a low nibbles, a high, b low, b high] with the fifth bits making
-/// values -16..15 (ggml: `or` 0xF0 where a bit is clear).
+/// Two Q5_0 blocks → [a low nibbles, a high, b low, b high] with the fifth bits: the raw
+/// values 0..31, that is `w + 16`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn unpack_q5_0(a: &[u8], b: &[u8]) -> __m512i {
@@ -245,12 +256,16 @@ fn unpack_q5_0(a: &[u8], b: &[u8]) -> __m512i {
     // Fifth bits: row a's 32 to bytes 0–31, row b's to 32–63.
     let bits = u64::from(u32::from_le_bytes([a[2], a[3], a[4], a[5]]))
         | u64::from(u32::from_le_bytes([b[2], b[3], b[4], b[5]])) << 32;
-    let low = _mm512_or_si512(nib, _mm512_set1_epi8(0xF0u8 as i8));
-    _mm512_mask_mov_epi8(nib, !bits, low)
+    let high = _mm512_or_si512(nib, _mm512_set1_epi8(0x10));
+    _mm512_mask_mov_epi8(nib, bits, high)
 }
 
-/// The shared body of the signed-weight tiles (Q8_0, Q5_0 × Q8_0): the `BLOCK`-byte
-/// blocks of two rows become one register of signed bytes, [a | b].
+/// Four rows of a signed-weight type (Q8_0 or Q5_0, `BLOCK`-byte blocks) × `T` Q8_0
+/// activation rows. Register `p` holds rows `2p` (low half) and `2p + 1` (high half), each
+/// half exactly the AVX2 kernel's register. The weights are made unsigned (`w + offset`,
+/// see [`weight_offset`]) once for all `T` tokens, and each token's lane corrections
+/// (`sums`, from [`lane_correction`]) start the integer sums, so every lane holds ggml's
+/// integer and every (row, token) result is the single-token one bit for bit.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn tile_signed<const T: usize, const BLOCK: usize, const Q5: bool>(
@@ -258,10 +273,13 @@ fn tile_signed<const T: usize, const BLOCK: usize, const Q5: bool>(
     stride: usize,
     xs: [&[u8]; T],
     scales: [&[[f32; 2]]; T],
+    sums: [&[[i32; 8]]; T],
 ) -> [[f32; 4]; T] {
     let nb = xs[0].len() / Q8_0_BYTES;
     assert!(g.len() >= 4 * stride && stride >= nb * BLOCK);
-    assert!((0..T).all(|t| xs[t].len() >= nb * Q8_0_BYTES && scales[t].len() >= nb));
+    assert!((0..T).all(|t| {
+        xs[t].len() >= nb * Q8_0_BYTES && scales[t].len() >= nb && sums[t].len() >= nb
+    }));
     let w = [0, 1, 2, 3].map(|r| &g[r * stride..r * stride + nb * BLOCK]);
     let mut acc = [[_mm512_setzero_ps(); 2]; T];
     for b in 0..nb {
@@ -269,26 +287,24 @@ fn tile_signed<const T: usize, const BLOCK: usize, const Q5: bool>(
         // [d0 · d1 · d2 · d3 ·]: each row's scale and the next two bytes, unused.
         let dw = halves4(g, stride, o);
         let rs = [row_scales(dw, 0), row_scales(dw, 1)];
-        let (mut ax, mut neg) = ([_mm512_setzero_si512(); 2], [0u64; 2]);
-        for p in 0..2 {
+        let mut q = [_mm512_setzero_si512(); 2];
+        for (p, q) in q.iter_mut().enumerate() {
             let (a, b) = (&w[2 * p][o..o + BLOCK], &w[2 * p + 1][o..o + BLOCK]);
-            let q = if Q5 {
+            *q = if Q5 {
                 unpack_q5_0(a, b)
             } else {
                 unpack_q8_0(a, b)
             };
-            // ggml's sign trick (|w| × y·sign(w)) without `vpsignb`, which has no
-            // 512-bit form.
-            neg[p] = _mm512_movepi8_mask(q);
-            ax[p] = _mm512_abs_epi8(q);
         }
         for t in 0..T {
             let xb = &xs[t][b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
             let yy = _mm512_broadcast_i64x4(load32(&xb[2..34]));
+            // SAFETY: eight i32 are 32 bytes; unaligned load.
+            let c = unsafe { _mm256_loadu_si256(sums[t][b].as_ptr().cast()) };
+            let c = _mm512_broadcast_i64x4(c);
             let dy = scales[t][b][0];
             for p in 0..2 {
-                let sy = _mm512_mask_sub_epi8(yy, neg[p], _mm512_setzero_si512(), yy);
-                let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ax[p], sy));
+                let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, q[p], yy));
                 let d = _mm512_mul_ps(rs[p], _mm512_set1_ps(dy));
                 acc[t][p] = _mm512_fmadd_ps(d, xy, acc[t][p]);
             }
@@ -308,100 +324,232 @@ fn tile_signed<const T: usize, const BLOCK: usize, const Q5: bool>(
 }
 
 /// Tokens per tile in [`dot_tile`].
-pub const TILE_TOKENS: usize = 4;
+pub const TILE_TOKENS: usize = 8;
 
 /// Whether [`dot_tile`] has a kernel for `ty`.
 pub fn has_tile(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0)
 }
 
-/// Weight rows `j0..j0 + out.len() / n_tok` of `w` × all `n_tok` activation rows of `xq`
-/// (`qrow` bytes each; `scales`: their per-block scales, `nb` per row), into `out`
-/// transposed: `out[r * n_tok + t]` for weight row `j0 + r` and token `t`. Four weight
-/// rows × four tokens per step; every result equals [`dot_rows`]' bit for bit. `false`
-/// if `ty` has no tile kernel.
+/// One block of eight tokens' activations, side by side: what a tile reads per weight block.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Rec {
+    /// The 32 quants of each token's block.
+    y: [[u8; 32]; TILE_TOKENS],
+    /// The signed weight types' lane corrections ([`lane_correction`]).
+    corr: [[i32; 8]; TILE_TOKENS],
+    /// Each block's scale, and for Q8_1 its sum, as f32.
+    d: [f32; TILE_TOKENS],
+    s: [f32; TILE_TOKENS],
+}
+
+const EMPTY: Rec = Rec {
+    y: [[0; 32]; TILE_TOKENS],
+    corr: [[0; 8]; TILE_TOKENS],
+    d: [0.0; TILE_TOKENS],
+    s: [0.0; TILE_TOKENS],
+};
+
+/// A prompt's quantized activation rows, repacked for the tiles: per group of eight tokens
+/// (the last one padded with zeros) and per block, one [`Rec`]. Repacking costs one pass
+/// over the activations and lets a tile walk a single pointer.
+#[derive(Default)]
+pub struct Packed {
+    recs: Vec<Rec>,
+    nb: usize,
+    n_tok: usize,
+}
+
+impl Packed {
+    /// Repacks `n_tok` rows of `xq` (quantized for weights of type `ty`).
+    pub fn pack(&mut self, ty: GgmlType, xq: &[u8], n_tok: usize) {
+        let (block, q_at) = if ty == GgmlType::Q4_1 {
+            (Q8_1_BYTES, 4)
+        } else {
+            (Q8_0_BYTES, 2)
+        };
+        let off = weight_offset(ty);
+        self.n_tok = n_tok;
+        self.nb = xq.len() / block / n_tok.max(1);
+        self.recs.clear();
+        self.recs
+            .resize(n_tok.div_ceil(TILE_TOKENS) * self.nb, EMPTY);
+        for (i, xb) in xq.chunks_exact(block).enumerate() {
+            let (t, b) = (i / self.nb.max(1), i % self.nb.max(1));
+            let rec = &mut self.recs[t / TILE_TOKENS * self.nb + b];
+            let l = t % TILE_TOKENS;
+            rec.y[l].copy_from_slice(&xb[q_at..q_at + 32]);
+            let h = |at: usize| f32::from(half::f16::from_le_bytes([xb[at], xb[at + 1]]));
+            rec.d[l] = h(0);
+            if ty == GgmlType::Q4_1 {
+                rec.s[l] = h(2);
+            }
+            if let Some(off) = off {
+                rec.corr[l] = lane_correction(xb, off);
+            }
+        }
+    }
+
+    /// The records of token group `g`.
+    fn group(&self, g: usize) -> &[Rec] {
+        &self.recs[g * self.nb..(g + 1) * self.nb]
+    }
+}
+
+/// Four Q4_1 rows × the eight tokens of `recs`; per (row, token) the single-token
+/// kernel's arithmetic (see [`tile_q4_1`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn tile8_q4_1(g: &[u8], stride: usize, recs: &[Rec]) -> [[f32; 4]; TILE_TOKENS] {
+    let nb = recs.len();
+    assert!(g.len() >= 4 * stride && stride >= nb * 20);
+    let four = 0x0004_0004_0004_0004;
+    let shifts = _mm512_set_epi64(four, four, 0, 0, four, four, 0, 0);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut acc = [[_mm512_setzero_ps(); 2]; TILE_TOKENS];
+    let mut summs = [_mm256_setzero_ps(); TILE_TOKENS];
+    for (b, rec) in recs.iter().enumerate() {
+        let o = 20 * b;
+        let dm = halves4(g, stride, o);
+        let rs = [row_scales(dm, 0), row_scales(dm, 1)];
+        let mut q = [_mm512_setzero_si512(); 2];
+        for (p, q) in q.iter_mut().enumerate() {
+            let a = _mm512_broadcast_i32x4(load16(&g[2 * p * stride + o + 4..]));
+            let b = _mm512_broadcast_i32x4(load16(&g[(2 * p + 1) * stride + o + 4..]));
+            let ab = _mm512_mask_blend_epi64(0xF0, a, b);
+            *q = _mm512_and_si512(_mm512_srlv_epi16(ab, shifts), m4);
+        }
+        for t in 0..TILE_TOKENS {
+            let yy = _mm512_broadcast_i64x4(load32(&rec.y[t]));
+            summs[t] = _mm256_fmadd_ps(dm, _mm256_set1_ps(rec.s[t]), summs[t]);
+            let dy = _mm512_set1_ps(rec.d[t]);
+            for p in 0..2 {
+                let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[p], yy));
+                acc[t][p] = _mm512_fmadd_ps(_mm512_mul_ps(rs[p], dy), xy, acc[t][p]);
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; TILE_TOKENS];
+    for t in 0..TILE_TOKENS {
+        let mut s = [0f32; 8];
+        // SAFETY: `s` has room for eight floats.
+        unsafe { _mm256_storeu_ps(s.as_mut_ptr(), summs[t]) };
+        for p in 0..2 {
+            let a = acc[t][p];
+            out[t][2 * p] =
+                hsum8_halves(_mm512_extractf32x4_ps(a, 0), _mm512_extractf32x4_ps(a, 1))
+                    + s[4 * p + 1];
+            out[t][2 * p + 1] =
+                hsum8_halves(_mm512_extractf32x4_ps(a, 2), _mm512_extractf32x4_ps(a, 3))
+                    + s[4 * p + 3];
+        }
+    }
+    out
+}
+
+/// Four rows of a signed-weight type × the eight tokens of `recs`; per (row, token) the
+/// single-token kernel's arithmetic (see [`tile_signed`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn tile8_signed<const BLOCK: usize, const Q5: bool>(
+    g: &[u8],
+    stride: usize,
+    recs: &[Rec],
+) -> [[f32; 4]; TILE_TOKENS] {
+    let nb = recs.len();
+    assert!(g.len() >= 4 * stride && stride >= nb * BLOCK);
+    let mut acc = [[_mm512_setzero_ps(); 2]; TILE_TOKENS];
+    for (b, rec) in recs.iter().enumerate() {
+        let o = BLOCK * b;
+        let dw = halves4(g, stride, o);
+        let rs = [row_scales(dw, 0), row_scales(dw, 1)];
+        let mut q = [_mm512_setzero_si512(); 2];
+        for (p, q) in q.iter_mut().enumerate() {
+            let a = &g[2 * p * stride + o..2 * p * stride + o + BLOCK];
+            let b = &g[(2 * p + 1) * stride + o..(2 * p + 1) * stride + o + BLOCK];
+            *q = if Q5 {
+                unpack_q5_0(a, b)
+            } else {
+                unpack_q8_0(a, b)
+            };
+        }
+        for t in 0..TILE_TOKENS {
+            let yy = _mm512_broadcast_i64x4(load32(&rec.y[t]));
+            // SAFETY: eight i32 are 32 bytes; unaligned load.
+            let c = unsafe { _mm256_loadu_si256(rec.corr[t].as_ptr().cast()) };
+            let c = _mm512_broadcast_i64x4(c);
+            let dy = _mm512_set1_ps(rec.d[t]);
+            for p in 0..2 {
+                let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, q[p], yy));
+                acc[t][p] = _mm512_fmadd_ps(_mm512_mul_ps(rs[p], dy), xy, acc[t][p]);
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; TILE_TOKENS];
+    for t in 0..TILE_TOKENS {
+        for p in 0..2 {
+            let a = acc[t][p];
+            out[t][2 * p] =
+                hsum8_halves(_mm512_extractf32x4_ps(a, 0), _mm512_extractf32x4_ps(a, 1));
+            out[t][2 * p + 1] =
+                hsum8_halves(_mm512_extractf32x4_ps(a, 2), _mm512_extractf32x4_ps(a, 3));
+        }
+    }
+    out
+}
+
+/// Weight rows `rows` of `w` × every token of `prompt`, into `out` at (token, row): four
+/// weight rows × eight tokens per step, the weights unpacked once per step. Every result
+/// equals [`dot_rows`]' bit for bit. `false` if `ty` has no tile kernel.
 ///
 /// # Safety
-/// The CPU must support what [`available`] checks.
-#[allow(clippy::too_many_arguments, reason = "one tile's geometry")]
+/// The CPU must support what [`available`] checks, and no other thread may write the
+/// elements of `out` in `rows` meanwhile.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_tile(
     ty: GgmlType,
-    w: &[u8],
-    wrow: usize,
-    xq: &[u8],
-    qrow: usize,
-    scales: &[[f32; 2]],
-    n_tok: usize,
-    j0: usize,
-    out: &mut [f32],
+    (w, wrow): (&[u8], usize),
+    (xq, prompt): (&[u8], &Packed),
+    rows: std::ops::Range<usize>,
+    out: TileOut,
 ) -> bool {
+    let n_tok = prompt.n_tok;
     if !has_tile(ty) || n_tok == 0 {
         return false;
     }
-    let nb = scales.len() / n_tok;
-    let n_rows = out.len() / n_tok;
-    let x = |t: usize| &xq[t * qrow..(t + 1) * qrow];
-    let sc = |t: usize| &scales[t * nb..(t + 1) * nb];
-    let full = n_rows / 4 * 4;
-    for t0 in (0..n_tok).step_by(TILE_TOKENS) {
-        let tn = TILE_TOKENS.min(n_tok - t0);
-        for r in (0..full).step_by(4) {
-            let at = (j0 + r) * wrow;
-            let g = &w[at..at + 4 * wrow];
-            let mut put = |t: usize, v: [f32; 4]| {
-                for (i, val) in v.into_iter().enumerate() {
-                    out[(r + i) * n_tok + t] = val;
-                }
+    let full = rows.start + rows.len() / 4 * 4;
+    for j in (rows.start..full).step_by(4) {
+        let g = &w[j * wrow..(j + 4) * wrow];
+        for group in 0..n_tok.div_ceil(TILE_TOKENS) {
+            let recs = prompt.group(group);
+            let res = match ty {
+                GgmlType::Q4_1 => tile8_q4_1(g, wrow, recs),
+                GgmlType::Q5_0 => tile8_signed::<22, true>(g, wrow, recs),
+                _ => tile8_signed::<34, false>(g, wrow, recs),
             };
-            if tn == TILE_TOKENS {
-                let xs = [0, 1, 2, 3].map(|i| x(t0 + i));
-                let ss = [0, 1, 2, 3].map(|i| sc(t0 + i));
-                let res = match ty {
-                    GgmlType::Q4_1 => tile_q4_1::<4>(g, wrow, xs, ss),
-                    GgmlType::Q5_0 => tile_q5_0::<4>(g, wrow, xs, ss),
-                    _ => tile_q8_0::<4>(g, wrow, xs, ss),
-                };
-                for (i, v) in res.into_iter().enumerate() {
-                    put(t0 + i, v);
-                }
-            } else {
-                for t in t0..t0 + tn {
-                    let res = match ty {
-                        GgmlType::Q4_1 => tile_q4_1::<1>(g, wrow, [x(t)], [sc(t)]),
-                        GgmlType::Q5_0 => tile_q5_0::<1>(g, wrow, [x(t)], [sc(t)]),
-                        _ => tile_q8_0::<1>(g, wrow, [x(t)], [sc(t)]),
-                    };
-                    put(t, res[0]);
-                }
+            let t0 = group * TILE_TOKENS;
+            for (t, v) in (t0..n_tok).zip(res) {
+                // SAFETY: this call owns rows `j..j + 4` (the caller's contract).
+                unsafe { out.put(t, j, &v) };
             }
         }
     }
     // Weight rows past the last group of four: one row and token at a time.
-    for r in full..n_rows {
+    let qrow = xq.len() / n_tok;
+    for j in full..rows.end {
         for t in 0..n_tok {
             let mut v = [0f32];
             // SAFETY: the AVX2 set is part of `available`.
-            unsafe { avx2::dot_rows(ty, w, wrow, x(t), j0 + r, &mut v) };
-            out[r * n_tok + t] = v[0];
+            unsafe { avx2::dot_rows(ty, w, wrow, &xq[t * qrow..(t + 1) * qrow], j, &mut v) };
+            // SAFETY: as above.
+            unsafe { out.put(t, j, &v) };
         }
     }
     true
 }
 
-/// Per block of each activation row: its f16 scale (and, for Q8_1, its sum) as f32.
-pub fn activation_scales(block: usize, xq: &[u8], out: &mut Vec<[f32; 2]>) {
-    out.clear();
-    out.extend(xq.chunks_exact(block).map(|xb| {
-        let h = |at: usize| f32::from(half::f16::from_le_bytes([xb[at], xb[at + 1]]));
-        [h(0), h(2)]
-    }));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compute::quant::VecDot;
     use crate::compute::testdata::{self, Lcg};
 
     /// Tiles of several tokens give each (row, token) exactly the single-row result,
@@ -414,18 +562,17 @@ mod tests {
         }
         let mut rng = Lcg(99);
         for ty in [GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
-            let kind = VecDot::for_weight(ty).expect("kind");
-            for n_tok in [1usize, 3, 4, 6, 9] {
+            for n_tok in [1usize, 3, 4, 6, 9, 13, 21] {
                 let (w, wrow) = testdata::weights(&mut rng, ty, 10, 256);
                 let (xq, qrow) = testdata::activations(&mut rng, ty, n_tok, 256);
-                let mut scales = Vec::new();
-                activation_scales(kind.block_bytes(), &xq, &mut scales);
+                let mut packed = Packed::default();
+                packed.pack(ty, &xq, n_tok);
                 // Rows 1..10 (a remainder past the groups of four, and an offset start).
-                let mut out = vec![0f32; 9 * n_tok];
-                // SAFETY: `available()` checked above.
-                let ok = unsafe { dot_tile(ty, &w, wrow, &xq, qrow, &scales, n_tok, 1, &mut out) };
-                assert!(ok);
-                testdata::assert_transposed(ty, (&w, wrow), (&xq, qrow), 1, &out);
+                let mut out = vec![0f32; 10 * n_tok];
+                let to = TileOut::new(&mut out, 10);
+                // SAFETY: `available()` checked above; one thread.
+                assert!(unsafe { dot_tile(ty, (&w, wrow), (&xq, &packed), 1..10, to) });
+                testdata::assert_tiles(ty, (&w, wrow), (&xq, qrow), 1..10, &out);
             }
         }
     }
@@ -446,7 +593,7 @@ mod tests {
                 let mut got = vec![0f32; 11];
                 // SAFETY: `available()` checked above.
                 assert!(unsafe { dot_rows(ty, &w, wrow, &xq, 0, &mut got) });
-                testdata::assert_transposed(ty, (&w, wrow), (&xq, qrow), 0, &got);
+                testdata::assert_tiles(ty, (&w, wrow), (&xq, qrow), 0..got.len(), &got);
             }
         }
     }

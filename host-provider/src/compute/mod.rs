@@ -108,9 +108,9 @@ pub struct ComputeState {
     /// Spinning workers for the per-token matmuls (see `spin`).
     pub spin: Arc<spin::SpinPool>,
     quantized: Vec<u8>,
-    /// Per-block activation scales and a transposed matmul output (prompt processing).
-    scales: Vec<[f32; 2]>,
-    transposed: Vec<f32>,
+    /// A prompt's activations repacked for the AVX-512 tiles.
+    #[cfg(target_arch = "x86_64")]
+    packed: avx512::Packed,
     /// Per spin-pool share: attention scratch (q in f16 and the f16 accumulator).
     attn_scratch: Vec<std::sync::Mutex<Vec<f16>>>,
     rope_cache: Vec<(f32, f32)>,
@@ -141,8 +141,8 @@ impl ComputeState {
             pool,
             spin,
             quantized: Vec::new(),
-            scales: Vec::new(),
-            transposed: Vec::new(),
+            #[cfg(target_arch = "x86_64")]
+            packed: avx512::Packed::default(),
             attn_scratch: (0..shares)
                 .map(|_| std::sync::Mutex::new(Vec::new()))
                 .collect(),
@@ -855,44 +855,29 @@ impl ComputeState {
                         || (quant::kernel_level() >= quant::KernelLevel::Avx2
                             && avx2::has_tile(ty)))
                 {
-                    // Prompt processing: tiles of four weight rows × four tokens, each task
-                    // a range of weight rows (kept in cache) against every token; written
-                    // transposed, then put back in (token, row) order.
-                    let mut scales = std::mem::take(&mut self.scales);
-                    avx512::activation_scales(kind.block_bytes(), &xq, &mut scales);
-                    let mut tr = std::mem::take(&mut self.transposed);
-                    tr.clear();
-                    tr.resize(rows * n, 0.0);
+                    // Prompt processing: tiles of four weight rows × several tokens, each
+                    // share a range of weight rows (kept in cache) against every token,
+                    // written straight into the output.
+                    let mut packed = std::mem::take(&mut self.packed);
+                    if wide {
+                        packed.pack(ty, &xq, rows);
+                    }
                     let spin = self.spin.clone();
                     let shares = spin.size();
-                    let out = SharedOut(tr.as_mut_ptr(), tr.len());
+                    let out = quant::TileOut::new(&mut o.data, n);
                     spin.run(&|share| {
                         let r = spin::part(n, shares, share, 4);
-                        // SAFETY: shares own disjoint row ranges of `tr`.
-                        let part = unsafe { out.slice(r.start * rows, r.len() * rows) };
-                        // SAFETY: `kernel_level` checked the CPU features.
+                        // SAFETY: `kernel_level` checked the CPU features; shares own
+                        // disjoint weight rows of the output.
                         unsafe {
                             if wide {
-                                avx512::dot_tile(
-                                    ty, wb, wrow, &xq, qrow, &scales, rows, r.start, part,
-                                )
+                                avx512::dot_tile(ty, (wb, wrow), (&xq, &packed), r, out)
                             } else {
-                                avx2::dot_tile(ty, wb, wrow, &xq, qrow, rows, r.start, part)
+                                avx2::dot_tile(ty, wb, wrow, (&xq, qrow), r, out)
                             }
                         };
                     });
-                    let dst = SharedOut(o.data.as_mut_ptr(), o.data.len());
-                    spin.run(&|share| {
-                        for t in spin::part(rows, shares, share, 1) {
-                            // SAFETY: shares own disjoint rows of the output.
-                            let orow = unsafe { dst.slice(t * n, n) };
-                            for (j, v) in orow.iter_mut().enumerate() {
-                                *v = tr[j * rows + t];
-                            }
-                        }
-                    });
-                    self.scales = scales;
-                    self.transposed = tr;
+                    self.packed = packed;
                     self.quantized = xq;
                     return Ok(());
                 }

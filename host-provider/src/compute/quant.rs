@@ -54,6 +54,46 @@ fn h(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
+/// Where the prompt tile kernels write: element (token `t`, weight row `j`) of a row-major
+/// output `ld` values wide. The shares of one job write disjoint weight rows of it.
+#[derive(Clone, Copy)]
+pub struct TileOut {
+    ptr: *mut f32,
+    len: usize,
+    ld: usize,
+}
+
+// SAFETY: writes go only to elements the caller owns (see `put`); the job's owner waits for
+// every share before it reads the buffer again.
+unsafe impl Send for TileOut {}
+unsafe impl Sync for TileOut {}
+
+impl TileOut {
+    /// `out`, read as rows of `ld` values; it must outlive every `put`.
+    pub fn new(out: &mut [f32], ld: usize) -> Self {
+        TileOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            ld,
+        }
+    }
+
+    /// Writes `v` at token `t`, rows `j..j + v.len()`.
+    ///
+    /// # Safety
+    /// No other thread reads or writes those elements meanwhile, and the buffer given to
+    /// [`TileOut::new`] is still alive.
+    pub unsafe fn put(&self, t: usize, j: usize, v: &[f32]) {
+        let at = t * self.ld + j;
+        assert!(
+            j + v.len() <= self.ld && at + v.len() <= self.len,
+            "tile write out of bounds"
+        );
+        // SAFETY: in bounds (checked); exclusivity is the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(at), v.len()) };
+    }
+}
+
 /// Quantize one row (a multiple of 32 values), appending to `out`, ggml's AVX2 way: scale from the
 /// block's absolute maximum, `127 / max` as the inverse, round half to even.
 pub fn quantize_row(kind: VecDot, x: &[f32], out: &mut Vec<u8>) {

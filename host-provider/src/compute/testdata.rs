@@ -54,27 +54,30 @@ pub fn activations(rng: &mut Lcg, ty: GgmlType, n_tok: usize, k: usize) -> (Vec<
     (xq, qrow)
 }
 
-/// `out[r * n_tok + t]` (weight row `row0 + r`, token `t`) must equal the portable
-/// kernel's result bit for bit.
-pub fn assert_transposed(
+/// `out[t * ld + j]` (token `t`, weight row `j` in `rows`; `ld = out.len() / n_tok`) must
+/// equal the portable kernel's result bit for bit.
+pub fn assert_tiles(
     ty: GgmlType,
     (w, wrow): (&[u8], usize),
     (xq, qrow): (&[u8], usize),
-    row0: usize,
+    rows: std::ops::Range<usize>,
     out: &[f32],
 ) {
     let n_tok = xq.len() / qrow;
-    for (i, got) in out.iter().enumerate() {
-        let (r, t) = (row0 + i / n_tok, i % n_tok);
-        let want = quant::dot(
-            ty,
-            &w[r * wrow..(r + 1) * wrow],
-            &xq[t * qrow..(t + 1) * qrow],
-        );
-        assert_eq!(
-            got.to_bits(),
-            want.to_bits(),
-            "{ty} row {r} token {t}: {got} vs {want}"
-        );
+    let ld = out.len() / n_tok;
+    for t in 0..n_tok {
+        for j in rows.clone() {
+            let got = out[t * ld + j];
+            let want = quant::dot(
+                ty,
+                &w[j * wrow..(j + 1) * wrow],
+                &xq[t * qrow..(t + 1) * qrow],
+            );
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{ty} row {j} token {t}: {got} vs {want}"
+            );
+        }
     }
 }
