@@ -472,7 +472,7 @@ fn tile8_signed<const BLOCK: usize, const Q5: bool>(
                 unpack_q8_0(a, b)
             };
         }
-        for t in 0..TILE_TOKENS {
+        for (t, acc) in acc.iter_mut().enumerate() {
             let yy = _mm512_broadcast_i64x4(load32(&rec.y[t]));
             // SAFETY: eight i32 are 32 bytes; unaligned load.
             let c = unsafe { _mm256_loadu_si256(rec.corr[t].as_ptr().cast()) };
@@ -480,7 +480,7 @@ fn tile8_signed<const BLOCK: usize, const Q5: bool>(
             let dy = _mm512_set1_ps(rec.d[t]);
             for p in 0..2 {
                 let xy = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, q[p], yy));
-                acc[t][p] = _mm512_fmadd_ps(_mm512_mul_ps(rs[p], dy), xy, acc[t][p]);
+                acc[p] = _mm512_fmadd_ps(_mm512_mul_ps(rs[p], dy), xy, acc[p]);
             }
         }
     }
