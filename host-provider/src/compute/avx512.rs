@@ -497,6 +497,242 @@ fn tile8_signed<const BLOCK: usize, const Q5: bool>(
     out
 }
 
+/// Bytes of a Q8_K activation block: f32 scale, 256 quants, 16 i16 sums of sixteen.
+const Q8K: usize = super::quant::Q8_K_BYTES;
+
+/// The f32 scale of the Q8_K block at `at`.
+#[inline]
+fn q8k_d(x: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([x[at], x[at + 1], x[at + 2], x[at + 3]])
+}
+
+/// 256 bits → both halves of a 512-bit register.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn twice(b: &[u8]) -> __m512i {
+    _mm512_broadcast_i64x4(load32(b))
+}
+
+/// [low half from `a`, high half from `b`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn pair(a: __m256i, b: __m256i) -> __m512i {
+    _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)
+}
+
+/// Row `r` of a pair: ggml's `hsum_float_8` of its 256-bit half.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn hsum_half(a: __m512, r: usize) -> f32 {
+    if r == 0 {
+        hsum8_halves(_mm512_extractf32x4_ps(a, 0), _mm512_extractf32x4_ps(a, 1))
+    } else {
+        hsum8_halves(_mm512_extractf32x4_ps(a, 2), _mm512_extractf32x4_ps(a, 3))
+    }
+}
+
+/// Two Q4_K rows (`stride` bytes apart) × eight Q8_K activation rows (`qrow` bytes apart).
+/// Each 512-bit register holds the two rows' 256-bit AVX2 registers side by side, so every
+/// lane computes the integer and the fused multiply-adds of the AVX2 kernel: the results
+/// are the single-token ones bit for bit.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn tile8_q4_k(g: &[u8], stride: usize, x: &[u8], qrow: usize) -> [[f32; 2]; TILE_TOKENS] {
+    let nb = stride / 144;
+    assert!(g.len() >= 2 * stride && x.len() >= TILE_TOKENS * qrow && qrow >= nb * Q8K);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); TILE_TOKENS];
+    let mut acc_m = [_mm256_setzero_ps(); TILE_TOKENS];
+    let mut sc = [_mm512_setzero_si512(); 8];
+    for b in 0..nb {
+        let o = 144 * b;
+        let (wa, wb) = (&g[o..o + 144], &g[stride + o..stride + o + 144]);
+        let (mut mins, mut dw, mut dminw) = ([0i16; 16], [0f32; 16], [0f32; 8]);
+        for (r, w) in [wa, wb].into_iter().enumerate() {
+            let mut scales = [0u8; 12];
+            scales.copy_from_slice(&w[4..16]);
+            let (d, dmin) = (avx2_h(w, 0), avx2_h(w, 2));
+            dw[8 * r..8 * r + 8].fill(d);
+            dminw[4 * r..4 * r + 4].fill(dmin);
+            for j in 0..8 {
+                let (s, m) = realm_gguf::quant::scale_min_k4(j, &scales);
+                mins[8 * r + j] = i16::from(m);
+                // Sub-block j's scale over row r's half of register j.
+                let v = _mm256_set1_epi16(i16::from(s));
+                sc[j] = if r == 0 {
+                    _mm512_castsi256_si512(v)
+                } else {
+                    _mm512_inserti64x4(sc[j], v, 1)
+                };
+            }
+        }
+        // SAFETY: sixteen i16, sixteen f32 and eight f32: unaligned loads.
+        let (mins, dw, dminw) = unsafe {
+            (
+                _mm256_loadu_si256(mins.as_ptr().cast()),
+                _mm512_loadu_ps(dw.as_ptr()),
+                _mm256_loadu_ps(dminw.as_ptr()),
+            )
+        };
+        let mut q = [_mm512_setzero_si512(); 8];
+        for j in 0..4 {
+            let q4 = pair(load32(&wa[16 + 32 * j..]), load32(&wb[16 + 32 * j..]));
+            q[2 * j] = _mm512_and_si512(q4, m4);
+            q[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(q4, 4), m4);
+        }
+        for (t, (acc, acc_m)) in acc.iter_mut().zip(&mut acc_m).enumerate() {
+            let xb = &x[t * qrow + b * Q8K..t * qrow + (b + 1) * Q8K];
+            let dy = q8k_d(xb, 0);
+            // ggml: the sums of each 32 (pairs of the sixteens), against the mins.
+            let bs = load32(&xb[260..]);
+            let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+            let prod = _mm256_madd_epi16(mins, _mm256_broadcastsi128_si256(q8s));
+            let dmin = _mm256_mul_ps(_mm256_set1_ps(-dy), dminw);
+            *acc_m = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(prod), *acc_m);
+            let mut sumi = _mm512_setzero_si512();
+            for (k, (q, sc)) in q.iter().zip(&sc).enumerate() {
+                let p = _mm512_madd_epi16(*sc, _mm512_maddubs_epi16(*q, twice(&xb[4 + 32 * k..])));
+                sumi = _mm512_add_epi32(sumi, p);
+            }
+            let d = _mm512_mul_ps(_mm512_set1_ps(dy), dw);
+            *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), *acc);
+        }
+    }
+    let mut out = [[0f32; 2]; TILE_TOKENS];
+    for (o, (acc, acc_m)) in out.iter_mut().zip(acc.iter().zip(&acc_m)) {
+        let mut m = [0f32; 8];
+        // SAFETY: room for eight floats.
+        unsafe { _mm256_storeu_ps(m.as_mut_ptr(), *acc_m) };
+        for (r, o) in o.iter_mut().enumerate() {
+            let m = &m[4 * r..4 * r + 4];
+            *o = hsum_half(*acc, r) + ((m[0] + m[2]) + (m[1] + m[3]));
+        }
+    }
+    out
+}
+
+/// Two Q6_K rows × eight Q8_K activation rows, laid out as [`tile8_q4_k`]'s: the AVX2
+/// kernel's arithmetic per lane, the -32 offset taken in integers.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn tile8_q6_k(g: &[u8], stride: usize, x: &[u8], qrow: usize) -> [[f32; 2]; TILE_TOKENS] {
+    let nb = stride / 210;
+    assert!(g.len() >= 2 * stride && x.len() >= TILE_TOKENS * qrow && qrow >= nb * Q8K);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let m2 = _mm512_set1_epi8(3);
+    let m32 = _mm512_set1_epi8(32);
+    let mut acc = [_mm512_setzero_ps(); TILE_TOKENS];
+    for b in 0..nb {
+        let o = 210 * b;
+        let (wa, wb) = (&g[o..o + 210], &g[stride + o..stride + o + 210]);
+        let mut dw = [0f32; 16];
+        dw[..8].fill(avx2_h(wa, 208));
+        dw[8..].fill(avx2_h(wb, 208));
+        // SAFETY: sixteen f32; unaligned load.
+        let dw = unsafe { _mm512_loadu_ps(dw.as_ptr()) };
+        let mut q = [_mm512_setzero_si512(); 8];
+        let mut scale = [_mm512_setzero_si512(); 8];
+        for n in 0..2 {
+            let two = |at: usize| pair(load32(&wa[at..]), load32(&wb[at..]));
+            let (ql1, ql2, qh) = (two(64 * n), two(64 * n + 32), two(128 + 32 * n));
+            let hb = |s: u32| {
+                let v = _mm512_srlv_epi16(qh, _mm512_set1_epi16(s as i16));
+                _mm512_slli_epi16(_mm512_and_si512(v, m2), 4)
+            };
+            q[4 * n] = _mm512_or_si512(_mm512_and_si512(ql1, m4), hb(0));
+            q[4 * n + 1] = _mm512_or_si512(_mm512_and_si512(ql2, m4), hb(2));
+            q[4 * n + 2] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql1, 4), m4), hb(4));
+            q[4 * n + 3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql2, 4), m4), hb(6));
+            for k in 0..4 {
+                let s = |w: &[u8], i: usize| {
+                    _mm_set1_epi16(i16::from(w[192 + 8 * n + 2 * k + i] as i8))
+                };
+                let a = _mm256_set_m128i(s(wa, 1), s(wa, 0));
+                let b = _mm256_set_m128i(s(wb, 1), s(wb, 0));
+                scale[4 * n + k] = pair(a, b);
+            }
+        }
+        for (t, acc) in acc.iter_mut().enumerate() {
+            let xb = &x[t * qrow + b * Q8K..t * qrow + (b + 1) * Q8K];
+            let dy = q8k_d(xb, 0);
+            let mut sumi = _mm512_setzero_si512();
+            for (k, (q, scale)) in q.iter().zip(&scale).enumerate() {
+                let q8 = twice(&xb[4 + 32 * k..]);
+                let p16 =
+                    _mm512_sub_epi16(_mm512_maddubs_epi16(*q, q8), _mm512_maddubs_epi16(m32, q8));
+                sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(*scale, p16));
+            }
+            let d = _mm512_mul_ps(_mm512_set1_ps(dy), dw);
+            *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), *acc);
+        }
+    }
+    let mut out = [[0f32; 2]; TILE_TOKENS];
+    for (o, acc) in out.iter_mut().zip(&acc) {
+        *o = [hsum_half(*acc, 0), hsum_half(*acc, 1)];
+    }
+    out
+}
+
+/// An f16 at `at` as f32 (F16C).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn avx2_h(b: &[u8], at: usize) -> f32 {
+    f16_at(b, at)
+}
+
+/// The K-quant tiles (Q4_K, Q6_K weights × Q8_K activations): weight rows `rows` × every
+/// token of `xq` (`qrow` bytes each), into `out` at (token, row). Two weight rows × eight
+/// tokens per step; remainders go to the AVX2 tiles. Every result equals the single-token
+/// kernel's bit for bit. `false` if `ty` is not a K-quant with a tile.
+///
+/// # Safety
+/// As for [`dot_tile`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_tile_k(
+    ty: GgmlType,
+    (w, wrow): (&[u8], usize),
+    (xq, qrow): (&[u8], usize),
+    rows: std::ops::Range<usize>,
+    out: TileOut,
+) -> bool {
+    if !matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) || qrow == 0 {
+        return false;
+    }
+    let n_tok = xq.len() / qrow;
+    let groups = n_tok / TILE_TOKENS;
+    let pairs = rows.start + rows.len() / 2 * 2;
+    for j in (rows.start..pairs).step_by(2) {
+        let g = &w[j * wrow..(j + 2) * wrow];
+        for group in 0..groups {
+            let t0 = group * TILE_TOKENS;
+            let x = &xq[t0 * qrow..(t0 + TILE_TOKENS) * qrow];
+            let res = if ty == GgmlType::Q4_K {
+                tile8_q4_k(g, wrow, x, qrow)
+            } else {
+                tile8_q6_k(g, wrow, x, qrow)
+            };
+            for (t, v) in res.into_iter().enumerate() {
+                // SAFETY: this call owns rows `j..j + 2` (the caller's contract).
+                unsafe { out.put(t0 + t, j, &v) };
+            }
+        }
+    }
+    let t0 = groups * TILE_TOKENS;
+    // SAFETY: the AVX2 set is part of `available`; the same rows.
+    unsafe {
+        if t0 < n_tok {
+            avx2::dot_tile(
+                ty,
+                w,
+                wrow,
+                (&xq[t0 * qrow..], qrow),
+                rows.start..pairs,
+                out.skip(t0),
+            );
+        }
+        avx2::dot_tile(ty, w, wrow, (xq, qrow), pairs..rows.end, out);
+    }
+    true
+}
+
 /// Weight rows `rows` of `w` × every token of `prompt`, into `out` at (token, row): four
 /// weight rows × eight tokens per step, the weights unpacked once per step. Every result
 /// equals [`dot_rows`]' bit for bit. `false` if `ty` has no tile kernel.
@@ -554,6 +790,27 @@ mod tests {
 
     /// Tiles of several tokens give each (row, token) exactly the single-row result,
     /// whatever the token count (remainders included) and weight row count.
+    #[test]
+    fn k_quant_tiles_equal_the_portable_kernels() {
+        if !available() {
+            eprintln!("this CPU lacks AVX-512 VNNI: nothing to compare");
+            return;
+        }
+        let mut rng = Lcg(77);
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+            for n_tok in [1usize, 8, 11, 16, 19] {
+                let (w, wrow) = testdata::weights(&mut rng, ty, 8, 512);
+                let (xq, qrow) = testdata::activations(&mut rng, ty, n_tok, 512);
+                // Rows 1..8: an odd start and a remainder past the pairs.
+                let mut out = vec![0f32; 8 * n_tok];
+                let to = TileOut::new(&mut out, 8);
+                // SAFETY: `available()` checked above; one thread.
+                assert!(unsafe { dot_tile_k(ty, (&w, wrow), (&xq, qrow), 1..8, to) });
+                testdata::assert_tiles(ty, (&w, wrow), (&xq, qrow), 1..8, &out);
+            }
+        }
+    }
+
     #[test]
     fn tiles_equal_the_portable_kernels() {
         if !available() {

@@ -847,8 +847,12 @@ impl ComputeState {
                 let (wb, ty) = (wt.bytes(), wt.ty);
                 let threads = pool.current_num_threads().max(1);
                 #[cfg(target_arch = "x86_64")]
-                let wide =
-                    quant::kernel_level() >= quant::KernelLevel::Avx512 && avx512::has_tile(ty);
+                let avx512 = quant::kernel_level() >= quant::KernelLevel::Avx512;
+                #[cfg(target_arch = "x86_64")]
+                let (wide, wide_k) = (
+                    avx512 && avx512::has_tile(ty),
+                    avx512 && matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K),
+                );
                 #[cfg(target_arch = "x86_64")]
                 if rows >= 2
                     && (wide
@@ -872,6 +876,8 @@ impl ComputeState {
                         unsafe {
                             if wide {
                                 avx512::dot_tile(ty, (wb, wrow), (&xq, &packed), r, out)
+                            } else if wide_k {
+                                avx512::dot_tile_k(ty, (wb, wrow), (&xq, qrow), r, out)
                             } else {
                                 avx2::dot_tile(ty, wb, wrow, (&xq, qrow), r, out)
                             }

@@ -78,6 +78,17 @@ impl TileOut {
         }
     }
 
+    /// The same output from token `t0` on.
+    pub fn skip(self, t0: usize) -> Self {
+        let at = (t0 * self.ld).min(self.len);
+        TileOut {
+            // SAFETY: at most one past the end of the same buffer.
+            ptr: unsafe { self.ptr.add(at) },
+            len: self.len - at,
+            ld: self.ld,
+        }
+    }
+
     /// Writes `v` at token `t`, rows `j..j + v.len()`.
     ///
     /// # Safety
