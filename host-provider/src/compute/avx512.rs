@@ -783,6 +783,96 @@ pub unsafe fn dot_tile(
     true
 }
 
+/// Flash-attention helpers for several query heads that share one KV head.
+pub mod fa {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn load16(x: &[f16]) -> __m512 {
+        assert!(x.len() >= 16);
+        // SAFETY: 16 f16 (32 bytes) are there (checked); f16 is a transparent u16.
+        _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(x.as_ptr().cast()) })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn loadf(x: &[f32]) -> __m512 {
+        assert!(x.len() >= 16);
+        // SAFETY: 16 f32 are there (checked); unaligned load.
+        unsafe { _mm512_loadu_ps(x.as_ptr()) }
+    }
+
+    /// `avx2::fa::dot(k, q_h)` for each head `h` (`q`: the heads' f16 queries as f32, one
+    /// after the other), bit for bit: per head four 16-lane accumulators over 64-element
+    /// steps and the same reduction; the key row is converted once for all heads.
+    ///
+    /// # Safety
+    /// The CPU must support what [`super::available`] checks.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub fn dots(k: &[f16], q: &[f32], s: &mut [f32]) {
+        match s.len() {
+            1 => dots_n::<1>(k, q, s),
+            2 => dots_n::<2>(k, q, s),
+            3 => dots_n::<3>(k, q, s),
+            _ => dots_n::<4>(k, q, s),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn dots_n<const H: usize>(k: &[f16], q: &[f32], s: &mut [f32]) {
+        let n = k.len();
+        assert!(n.is_multiple_of(64) && q.len() >= H * n && s.len() >= H);
+        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        for i in (0..n).step_by(64) {
+            for a in 0..4 {
+                let kv = load16(&k[i + 16 * a..]);
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    let p = _mm512_mul_ps(kv, loadf(&q[h * n + i + 16 * a..]));
+                    acc[a] = _mm512_add_ps(acc[a], p);
+                }
+            }
+        }
+        for (s, a) in s.iter_mut().zip(&acc) {
+            // (0 + 2) + (1 + 3) lane-wise, then the halves, then the quarters.
+            let v = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+            let t3 = _mm256_add_ps(
+                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
+                _mm512_castps512_ps256(v),
+            );
+            let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+            let mut t = [0f32; 4];
+            // SAFETY: `t` holds four floats.
+            unsafe { _mm_storeu_ps(t.as_mut_ptr(), t6) };
+            *s = (t[0] + t[2]) + (t[1] + t[3]);
+        }
+    }
+
+    /// `avx2::fa::mad(acc_h, v, vs[h])` for each head `h` (`acc`: the heads' f16
+    /// accumulators one after the other), the value row converted once for all.
+    ///
+    /// # Safety
+    /// As for [`dots`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub fn mads(acc: &mut [f16], v: &[f16], vs: &[f32]) {
+        let n = v.len();
+        assert!(n.is_multiple_of(16) && acc.len() >= vs.len() * n);
+        for i in (0..n).step_by(16) {
+            let vv = load16(&v[i..]);
+            for (h, &s) in vs.iter().enumerate() {
+                let a = &mut acc[h * n + i..h * n + i + 16];
+                let r = _mm512_fmadd_ps(vv, _mm512_set1_ps(s), load16(a));
+                let r = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT }>(r);
+                // SAFETY: room for 16 f16 (the slice above); unaligned store.
+                unsafe { _mm256_storeu_si256(a.as_mut_ptr().cast(), r) };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -808,6 +898,44 @@ mod tests {
                 assert!(unsafe { dot_tile_k(ty, (&w, wrow), (&xq, qrow), 1..8, to) });
                 testdata::assert_tiles(ty, (&w, wrow), (&xq, qrow), 1..8, &out);
             }
+        }
+    }
+
+    /// The multi-head attention helpers equal the AVX2 ones (themselves checked against
+    /// the portable arithmetic) head by head, bit for bit.
+    #[test]
+    fn attention_helpers_equal_the_avx2_ones() {
+        if !available() {
+            eprintln!("this CPU lacks AVX-512 VNNI: nothing to compare");
+            return;
+        }
+        let mut rng = Lcg(5);
+        let mut mk = |n: usize| -> Vec<half::f16> {
+            (0..n)
+                .map(|_| half::f16::from_f32((rng.next() % 2000) as f32 / 300.0 - 3.3))
+                .collect()
+        };
+        for heads in 1..=4 {
+            let (k, q) = (mk(256), mk(256 * heads));
+            let q32: Vec<f32> = q.iter().map(|v| v.to_f32()).collect();
+            let mut s = vec![0f32; heads];
+            // SAFETY: `available()` checked above.
+            unsafe { fa::dots(&k, &q32, &mut s) };
+            for (h, s) in s.iter().enumerate() {
+                // SAFETY: AVX2 is part of `available`.
+                let want = unsafe { avx2::fa::dot(&k, &q[h * 256..(h + 1) * 256]) };
+                assert_eq!(s.to_bits(), want.to_bits(), "{heads} heads, head {h}");
+            }
+            let (v, mut acc) = (mk(256), mk(256 * heads));
+            let mut want = acc.clone();
+            let vs: Vec<f32> = (0..heads).map(|h| 0.3 + h as f32 * 0.17).collect();
+            // SAFETY: as above.
+            unsafe { fa::mads(&mut acc, &v, &vs) };
+            for (h, w) in want.chunks_exact_mut(256).enumerate() {
+                // SAFETY: as above.
+                unsafe { avx2::fa::mad(w, &v, vs[h]) };
+            }
+            assert_eq!(acc, want, "{heads} heads");
         }
     }
 

@@ -265,6 +265,19 @@ fn attend_row_fma(
     attend_row_body(q, cache, p, shape, heads, scratch, out);
 }
 
+/// Query heads that share a KV head, attended together.
+const MAX_HEADS: usize = 4;
+
+/// Which flash-attention helpers this CPU runs (all give the same bits).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fa {
+    Portable,
+    Avx2,
+    /// The query heads that share a KV head (up to four) go through each key and value
+    /// row together: the row is converted from f16 once for all of them.
+    Avx512,
+}
+
 #[inline(always)]
 fn attend_row_body(
     q: &[f32],
@@ -276,73 +289,170 @@ fn attend_row_body(
     out: &mut [f32],
 ) {
     let AttnShape {
-        n_head,
-        n_head_kv,
-        head_dim,
-        scale,
-        window,
+        head_dim, window, ..
     } = shape;
-    let tab = f16_table();
     #[cfg(target_arch = "x86_64")]
-    let fast = head_dim.is_multiple_of(64) && super::avx2::available();
+    let fa = if !head_dim.is_multiple_of(64) || !super::avx2::available() {
+        Fa::Portable
+    } else if super::quant::kernel_level() >= super::quant::KernelLevel::Avx512 {
+        Fa::Avx512
+    } else {
+        Fa::Avx2
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let fast = false;
-    let group = n_head / n_head_kv;
-    let kv_width = n_head_kv * head_dim;
+    let fa = Fa::Portable;
     let start = if window > 0 {
         (p + 1).saturating_sub(window)
     } else {
         0
     };
-    scratch.resize(2 * head_dim, f16::ZERO);
-    let (q16, acc) = scratch.split_at_mut(head_dim);
+    // Up to four heads at once: their queries (as f16, and as f32 for the AVX-512 dots),
+    // their f16 accumulators, running sums and maxima.
+    scratch.resize(2 * MAX_HEADS * head_dim, f16::ZERO);
+    let (q16, acc) = scratch.split_at_mut(MAX_HEADS * head_dim);
+    thread_local! {
+        static Q32: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    Q32.with_borrow_mut(|q32| {
+        q32.resize(
+            if fa == Fa::Avx512 {
+                MAX_HEADS * head_dim
+            } else {
+                0
+            },
+            0.0,
+        );
+        attend_heads(q, cache, (p, start), shape, fa, heads, (q16, acc, q32), out);
+    });
+}
+
+/// [`attend_row_body`]'s loop over its heads, in runs that share a KV head.
+#[inline(always)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the row's geometry and its scratch"
+)]
+fn attend_heads(
+    q: &[f32],
+    cache: &LayerCache,
+    (p, start): (usize, usize),
+    shape: AttnShape,
+    fa: Fa,
+    heads: std::ops::Range<usize>,
+    (q16, acc, q32): (&mut [f16], &mut [f16], &mut [f32]),
+    out: &mut [f32],
+) {
+    let AttnShape {
+        n_head,
+        n_head_kv,
+        head_dim,
+        scale,
+        ..
+    } = shape;
+    let tab = f16_table();
+    let group = n_head / n_head_kv;
+    let kv_width = n_head_kv * head_dim;
     let first = heads.start;
-    for h in heads.start..heads.end.min(n_head) {
-        let g = h / group;
-        for (d, &v) in q16.iter_mut().zip(&q[h * head_dim..(h + 1) * head_dim]) {
+    let mut h0 = heads.start;
+    let end = heads.end.min(n_head);
+    while h0 < end {
+        let g = h0 / group;
+        // The heads from h0 that share KV head g, at most four.
+        let h1 = end.min((g + 1) * group).min(h0 + MAX_HEADS);
+        let n = h1 - h0;
+        let (q16, acc) = (&mut q16[..n * head_dim], &mut acc[..n * head_dim]);
+        for (d, &v) in q16.iter_mut().zip(&q[h0 * head_dim..h1 * head_dim]) {
             *d = f16::from_f32(v);
         }
+        for (d, v) in q32.iter_mut().zip(q16.iter()) {
+            *d = f32_of(tab, *v);
+        }
         acc.fill(f16::ZERO);
-        let (mut sum, mut max) = (0f32, f32::NEG_INFINITY);
+        let (mut sum, mut max) = ([0f32; MAX_HEADS], [f32::NEG_INFINITY; MAX_HEADS]);
+        let (mut s, mut vs) = ([0f32; MAX_HEADS], [0f32; MAX_HEADS]);
         for t in start..=p {
             let row = t * kv_width + g * head_dim;
             let k = &cache.k[row..row + head_dim];
-            let s = if fast {
-                fa_dot(k, q16)
-            } else {
-                dot_f16(k, q16)
-            } * scale;
-            let (mut ms, mut vs) = (1f32, 1f32);
-            if s > max {
-                ms = (max - s).exp();
-                max = s;
-                if fast {
-                    fa_scale(acc, ms);
-                } else {
-                    for a in acc.iter_mut() {
-                        *a = f16::from_f32(f32_of(tab, *a) * ms);
+            match fa {
+                Fa::Avx512 => fa_dots(k, &q32[..n * head_dim], &mut s[..n]),
+                Fa::Avx2 => {
+                    for (s, q) in s.iter_mut().zip(q16.chunks_exact(head_dim)) {
+                        *s = fa_dot(k, q);
                     }
                 }
-            } else {
-                vs = (s - max).exp();
-            }
-            let v = &cache.v[row..row + head_dim];
-            if fast {
-                fa_mad(acc, v, vs);
-            } else {
-                for (a, v) in acc.iter_mut().zip(v) {
-                    *a = f16::from_f32(f32_of(tab, *v).mul_add(vs, f32_of(tab, *a)));
+                Fa::Portable => {
+                    for (s, q) in s.iter_mut().zip(q16.chunks_exact(head_dim)) {
+                        *s = dot_f16(k, q);
+                    }
                 }
             }
-            sum = sum.mul_add(ms, vs);
+            for i in 0..n {
+                let s = s[i] * scale;
+                let acc = &mut acc[i * head_dim..(i + 1) * head_dim];
+                let mut ms = 1f32;
+                vs[i] = 1.0;
+                if s > max[i] {
+                    ms = (max[i] - s).exp();
+                    max[i] = s;
+                    if fa == Fa::Portable {
+                        for a in acc.iter_mut() {
+                            *a = f16::from_f32(f32_of(tab, *a) * ms);
+                        }
+                    } else {
+                        fa_scale(acc, ms);
+                    }
+                } else {
+                    vs[i] = (s - max[i]).exp();
+                }
+                sum[i] = sum[i].mul_add(ms, vs[i]);
+            }
+            let v = &cache.v[row..row + head_dim];
+            match fa {
+                Fa::Avx512 => fa_mads(acc, v, &vs[..n]),
+                Fa::Avx2 => {
+                    for (acc, &vs) in acc.chunks_exact_mut(head_dim).zip(&vs) {
+                        fa_mad(acc, v, vs);
+                    }
+                }
+                Fa::Portable => {
+                    for (acc, &vs) in acc.chunks_exact_mut(head_dim).zip(&vs) {
+                        for (a, v) in acc.iter_mut().zip(v) {
+                            *a = f16::from_f32(f32_of(tab, *v).mul_add(vs, f32_of(tab, *a)));
+                        }
+                    }
+                }
+            }
         }
-        let inv = 1.0 / sum;
-        let at = (h - first) * head_dim;
-        for (o, a) in out[at..at + head_dim].iter_mut().zip(acc.iter()) {
-            *o = f32_of(tab, *a) * inv;
+        for i in 0..n {
+            let inv = 1.0 / sum[i];
+            let at = (h0 + i - first) * head_dim;
+            let acc = &acc[i * head_dim..(i + 1) * head_dim];
+            for (o, a) in out[at..at + head_dim].iter_mut().zip(acc) {
+                *o = f32_of(tab, *a) * inv;
+            }
         }
+        h0 = h1;
     }
 }
+
+/// The AVX-512 helpers, called only when the kernel level said so.
+#[cfg(target_arch = "x86_64")]
+fn fa_dots(k: &[f16], q: &[f32], s: &mut [f32]) {
+    // SAFETY: callers pass `Fa::Avx512`, chosen only when the CPU has AVX-512 VNNI.
+    unsafe { super::avx512::fa::dots(k, q, s) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fa_mads(acc: &mut [f16], v: &[f16], vs: &[f32]) {
+    // SAFETY: as for `fa_dots`.
+    unsafe { super::avx512::fa::mads(acc, v, vs) }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fa_dots(_: &[f16], _: &[f32], _: &mut [f32]) {}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fa_mads(_: &mut [f16], _: &[f16], _: &[f32]) {}
 
 /// The AVX2 flash-attention helpers, called only when `avx2::available()` said so.
 #[cfg(target_arch = "x86_64")]
