@@ -783,6 +783,94 @@ pub unsafe fn dot_tile(
     true
 }
 
+/// `quant::quantize_row` for Q8_0 and Q8_1 (`with_sum`), byte for byte: the scale from the
+/// block's absolute maximum, `127 / max` as the inverse, products rounded half to even
+/// (the default rounding mode of `vcvtps2dq`), and for Q8_1 `d ×` the exact integer sum.
+///
+/// # Safety
+/// The CPU must support what [`available`] checks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub fn quantize_q8_0(x: &[f32], with_sum: bool, out: &mut Vec<u8>) {
+    for block in x.chunks_exact(32) {
+        // SAFETY: 32 floats are there (`chunks_exact`); unaligned loads.
+        let (a, b) = unsafe {
+            (
+                _mm512_loadu_ps(block.as_ptr()),
+                _mm512_loadu_ps(block[16..].as_ptr()),
+            )
+        };
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let m = _mm512_set1_ps(id);
+        let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, m));
+        let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, m));
+        out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        if with_sum {
+            let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+            out.extend_from_slice(&half::f16::from_f32(d * sum as f32).to_le_bytes());
+        }
+        let mut qs = [0u8; 32];
+        // SAFETY: 16 + 16 bytes into `qs`; values are within -127..=127, so the truncating
+        // narrowing is exact.
+        unsafe {
+            _mm_storeu_si128(qs.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(qa));
+            _mm_storeu_si128(qs[16..].as_mut_ptr().cast(), _mm512_cvtepi32_epi8(qb));
+        }
+        out.extend_from_slice(&qs);
+    }
+}
+
+/// `quant::quantize_row` for Q8_K, byte for byte: the scale from the value of largest
+/// magnitude (the first such, with its sign), `-127 / max`, round half to even, clamp at
+/// 127, and the sums of each sixteen.
+///
+/// # Safety
+/// As for [`quantize_q8_0`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub fn quantize_q8_k(x: &[f32], out: &mut Vec<u8>) {
+    for block in x.chunks_exact(256) {
+        let mut v = [_mm512_setzero_ps(); 16];
+        let mut am = _mm512_setzero_ps();
+        for (i, v) in v.iter_mut().enumerate() {
+            // SAFETY: 16 floats at 16·i < 256; unaligned load.
+            *v = unsafe { _mm512_loadu_ps(block[16 * i..].as_ptr()) };
+            am = _mm512_max_ps(am, _mm512_abs_ps(*v));
+        }
+        let amax = _mm512_reduce_max_ps(am);
+        if amax == 0.0 {
+            out.extend_from_slice(&[0u8; super::quant::Q8_K_BYTES]);
+            continue;
+        }
+        // The first value whose magnitude is the maximum, sign included.
+        let at = v
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| {
+                let hit = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(*v), _mm512_set1_ps(amax));
+                (hit != 0).then(|| 16 * i + hit.trailing_zeros() as usize)
+            })
+            .unwrap_or(0);
+        let iscale = -127.0 / block[at];
+        let m = _mm512_set1_ps(iscale);
+        let mut qs = [0u8; 256];
+        let mut sums = [0u8; 32];
+        for (i, v) in v.iter().enumerate() {
+            let q = _mm512_min_epi32(
+                _mm512_cvtps_epi32(_mm512_mul_ps(*v, m)),
+                _mm512_set1_epi32(127),
+            );
+            let sum = _mm512_reduce_add_epi32(q) as i16;
+            sums[2 * i..2 * i + 2].copy_from_slice(&sum.to_le_bytes());
+            // SAFETY: 16 bytes at 16·i < 256; values are within -128..=127.
+            unsafe { _mm_storeu_si128(qs[16 * i..].as_mut_ptr().cast(), _mm512_cvtepi32_epi8(q)) };
+        }
+        out.extend_from_slice(&(1.0 / iscale).to_le_bytes());
+        out.extend_from_slice(&qs);
+        out.extend_from_slice(&sums);
+    }
+}
+
 /// Flash-attention helpers for several query heads that share one KV head.
 pub mod fa {
     use std::arch::x86_64::*;
@@ -876,6 +964,7 @@ pub mod fa {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compute::quant::VecDot;
     use crate::compute::testdata::{self, Lcg};
 
     /// Tiles of several tokens give each (row, token) exactly the single-row result,
@@ -936,6 +1025,46 @@ mod tests {
                 unsafe { avx2::fa::mad(w, &v, vs[h]) };
             }
             assert_eq!(acc, want, "{heads} heads");
+        }
+    }
+
+    /// The AVX-512 quantizers write the portable code's bytes, ties and zero blocks included.
+    #[test]
+    fn quantizers_equal_the_portable_ones() {
+        if !available() {
+            eprintln!("this CPU lacks AVX-512 VNNI: nothing to compare");
+            return;
+        }
+        let mut rng = Lcg(11);
+        for case in 0..40 {
+            let mut x: Vec<f32> = (0..1024)
+                .map(|_| (rng.next() % 20001) as f32 / 1000.0 - 10.0)
+                .collect();
+            if case % 4 == 1 {
+                x[..256].fill(0.0);
+            }
+            if case % 4 == 2 {
+                // Equal magnitudes of both signs: the first one decides Q8_K's sign.
+                x[7] = -12.0;
+                x[300] = 12.0;
+                x[40] = 12.0;
+            }
+            if case % 4 == 3 {
+                // Halves, to exercise round-half-to-even.
+                x.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0);
+            }
+            for kind in [VecDot::Q8_0, VecDot::Q8_1, VecDot::Q8K] {
+                let (mut got, mut want) = (Vec::new(), Vec::new());
+                // SAFETY: `available()` checked above.
+                unsafe {
+                    match kind {
+                        VecDot::Q8K => quantize_q8_k(&x, &mut got),
+                        _ => quantize_q8_0(&x, kind == VecDot::Q8_1, &mut got),
+                    }
+                }
+                crate::compute::quant::quantize_row_portable(kind, &x, &mut want);
+                assert_eq!(got, want, "{kind:?}, case {case}");
+            }
         }
     }
 

@@ -109,6 +109,17 @@ impl TileOut {
 /// block's absolute maximum, `127 / max` as the inverse, round half to even.
 pub fn quantize_row(kind: VecDot, x: &[f32], out: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
+    if kernel_level() >= KernelLevel::Avx512 {
+        // SAFETY: `kernel_level` checked the CPU features.
+        unsafe {
+            match kind {
+                VecDot::Q8K => super::avx512::quantize_q8_k(x, out),
+                _ => super::avx512::quantize_q8_0(x, kind == VecDot::Q8_1, out),
+            }
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("sse4.1") && std::arch::is_x86_feature_detected!("avx2")
     {
         // SAFETY: the CPU has the features the function enables (checked just above).
@@ -123,6 +134,12 @@ pub fn quantize_row(kind: VecDot, x: &[f32], out: &mut Vec<u8>) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.1,avx2")]
 fn quantize_row_simd(kind: VecDot, x: &[f32], out: &mut Vec<u8>) {
+    quantize_row_body(kind, x, out);
+}
+
+/// The portable quantizer, whatever the CPU (for tests of the SIMD ones).
+#[cfg(test)]
+pub fn quantize_row_portable(kind: VecDot, x: &[f32], out: &mut Vec<u8>) {
     quantize_row_body(kind, x, out);
 }
 
