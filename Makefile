@@ -6,8 +6,11 @@ JOBS ?= 2
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPT ?= What is the capital of France? Answer in one word.
 WASM_CRATES := -p realm-gguf -p realm-tokenizer -p realm-guest
+# Components for the adapter tests: the Spin adapter and two apps (wasi-nn, Spin).
+WASM_APPS := -p realm-spin-llm -p realm-nn-app -p realm-spin-app
+NATIVE_SKIP := --exclude realm-guest --exclude realm-spin-llm --exclude realm-nn-app --exclude realm-spin-app
 
-.PHONY: setup models guest build run test lint fuzz bench
+.PHONY: setup models guest adapters build run test lint fuzz bench
 
 setup:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -18,6 +21,10 @@ models:
 # The guest component, found by the host in target/wasm32-wasip2/release/.
 guest: setup
 	$(CARGO) build --release -j$(JOBS) --target wasm32-wasip2 -p realm-guest
+
+# The adapter components and the apps their tests run.
+adapters: setup
+	$(CARGO) build --release -j$(JOBS) --target wasm32-wasip2 $(WASM_APPS)
 
 build: guest
 	$(CARGO) build --release -j$(JOBS) -p realm-host
@@ -34,8 +41,8 @@ $(VENV)/.ok:
 	touch $@
 
 # Release profile throughout: one build of wasmtime serves tests, `make run` and benches.
-test: models guest $(VENV)/.ok
-	$(CARGO) test --release -j$(JOBS) --workspace --exclude realm-guest
+test: models guest adapters $(VENV)/.ok
+	$(CARGO) test --release -j$(JOBS) --workspace $(NATIVE_SKIP)
 	# The guest is a cdylib for wasm32; natively only its unit tests build (no .so link).
 	$(CARGO) test --release -j$(JOBS) -p realm-guest --lib
 	$(CARGO) build --release -j$(JOBS) --target wasm32-wasip2 $(WASM_CRATES)

@@ -16,8 +16,10 @@
 //! ```
 
 pub mod bindings;
+pub mod compose;
 pub mod compute;
 pub mod inspect;
+pub mod nn;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -296,6 +298,36 @@ impl Engine {
             .with_context(|| format!("cannot open {}", path.display()))?;
         mapped.insert(key, m.clone());
         Ok(m)
+    }
+
+    /// A compute provider (`realm:compute`) serving the model files `models` (name, path)
+    /// on this engine's threads and mappings, for a component other than Realm's own guest
+    /// to import (one that embeds the Realm component, composed with adapters).
+    pub fn compute_state(&self, models: &[(String, PathBuf)]) -> anyhow::Result<ComputeState> {
+        let mut mapped = HashMap::new();
+        for (name, path) in models {
+            mapped.insert(name.clone(), self.mapping(name, path)?);
+        }
+        Ok(ComputeState::new(
+            mapped,
+            self.pool.clone(),
+            self.spin.clone(),
+            self.config.max_resident,
+        ))
+    }
+
+    /// Adds the `realm:compute` imports to `linker`, served by the state `get` returns.
+    pub fn add_compute_to_linker<T: 'static>(
+        linker: &mut Linker<T>,
+        get: fn(&mut T) -> &mut ComputeState,
+    ) -> anyhow::Result<()> {
+        bindings::Guest::add_to_linker::<T, HasCompute>(linker, get)?;
+        Ok(())
+    }
+
+    /// The compute threads (guest calls that run ops should run inside this pool).
+    pub fn pool(&self) -> &Arc<rayon::ThreadPool> {
+        &self.pool
     }
 
     /// Map `path` and load it in a fresh guest instance.

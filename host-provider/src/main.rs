@@ -66,6 +66,20 @@ struct GenOpts {
     max_resident: Option<u64>,
 }
 
+/// `NAME=PATH`, the file checked to exist.
+fn parse_named_model(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((n, p)) if !n.is_empty() && !p.is_empty() => {
+            let path = PathBuf::from(p);
+            if !path.is_file() {
+                return Err(format!("model file {p} does not exist"));
+            }
+            Ok((n.to_string(), path))
+        }
+        _ => Err(format!("'{s}' is not NAME=PATH")),
+    }
+}
+
 /// `1234`, `64K`, `100M`, `2G` (powers of 1024).
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -274,6 +288,43 @@ enum Command {
     /// Serve the OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`,
     /// `/v1/models`, `/health`); every request runs as its own isolated tenant.
     Serve(ServeOpts),
+    /// Run a WASI command component (an app) whose `wasi:nn` imports Realm serves, as
+    /// `wasmedge --nn-preload` runs LlamaEdge apps: input tensor 0 is the prompt, tensor 1
+    /// optional JSON options, output tensor 0 the text.
+    #[command(name = "run-wasm")]
+    RunWasm {
+        /// A model for `load-by-name`: NAME:GGML:AUTO:PATH (repeatable).
+        #[arg(long = "nn-preload", value_name = "NAME:GGML:AUTO:PATH")]
+        preload: Vec<realm_wasi_nn::Preload>,
+        /// A model served to `realm:compute`, for apps that embed the Realm component:
+        /// NAME=PATH (repeatable).
+        #[arg(long, value_parser = parse_named_model)]
+        model: Vec<(String, PathBuf)>,
+        /// A host directory the app may read, at the same path (repeatable).
+        #[arg(long)]
+        dir: Vec<PathBuf>,
+        /// Compute threads (default: all cores).
+        #[arg(long, short)]
+        threads: Option<usize>,
+        /// The app component (wasm32-wasip2).
+        app: PathBuf,
+        /// Arguments for the app.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Compose components: plug the exports of each PLUG into the matching imports of
+    /// SOCKET (as `wac plug` does), writing one component. Chains take one call per link,
+    /// e.g. the Spin adapter plugged with Realm, then an app plugged with that.
+    Plug {
+        /// The component whose imports are filled.
+        socket: PathBuf,
+        /// A component whose exports fill them (repeatable).
+        #[arg(long, required = true)]
+        plug: Vec<PathBuf>,
+        /// Where to write the composed component.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
     /// Describe a GGUF file: architecture, hyper-parameters, tokenizer, tensors.
     Inspect {
         /// The GGUF file (default: the default model under models/).
@@ -458,6 +509,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
             )?
         }
+        Command::RunWasm {
+            preload,
+            model,
+            dir,
+            threads,
+            app,
+            args,
+        } => {
+            let mut config = EngineConfig::default();
+            if let Some(t) = threads {
+                anyhow::ensure!(t > 0, "--threads must be at least 1");
+                config.threads = t;
+            }
+            let engine = std::sync::Arc::new(Engine::new(config)?);
+            let run = realm_host::nn::RunWasm {
+                app,
+                args,
+                preloads: preload,
+                models: model,
+                dirs: dir,
+            };
+            if !realm_host::nn::run_wasm(engine, run)? {
+                return Err(ExitStatus.into());
+            }
+        }
+        Command::Plug {
+            socket,
+            plug,
+            output,
+        } => {
+            let bytes = realm_host::compose::plug(&socket, &plug)?;
+            std::fs::write(&output, bytes)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+        }
         Command::Inspect { model, json } => {
             let path = model.unwrap_or_else(realm_host::default_model_path);
             let (_, file) = open(&path)?;
@@ -487,6 +572,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A `run-wasm` app that exited with a failure status.
+#[derive(Debug, thiserror::Error)]
+#[error("the app exited with a failure status")]
+struct ExitStatus;
+
 fn main() -> ExitCode {
     // `RUST_LOG=realm=debug` shows weight loads and evictions as they happen.
     tracing_subscriber::fmt()
@@ -495,6 +585,8 @@ fn main() -> ExitCode {
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        // The app already said why it failed.
+        Err(e) if e.is::<ExitStatus>() => ExitCode::FAILURE,
         Err(e) => {
             // One line, causes joined: no backtrace for errors the user can fix.
             eprintln!("realm: error: {e:#}");

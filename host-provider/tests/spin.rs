@@ -1,0 +1,146 @@
+//! The Spin adapter (`adapters/spin`, exporting `fermyon:spin/llm@2.0.0` over
+//! `realm:inference`): composed with the Realm component and a small app that imports
+//! only Spin's `llm` (tests/spin-app), with `realm plug`, then run with `realm run-wasm`.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn built(file: &str) -> String {
+    let p = root().join("target/wasm32-wasip2/release").join(file);
+    assert!(
+        p.exists(),
+        "{} is missing: `make test` builds it (cargo build --release --target wasm32-wasip2)",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+fn model() -> String {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run `make models`", p.display());
+    p.display().to_string()
+}
+
+fn realm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_realm"))
+        .args(args)
+        .output()
+        .expect("realm runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// app ← (adapter ← Realm): a component that imports only WASI and `realm:compute`.
+fn composed() -> String {
+    let dir = root().join("target/tmp");
+    std::fs::create_dir_all(&dir).expect("target/tmp");
+    let llm = dir.join("spin-llm-realm.wasm").display().to_string();
+    let app = dir.join("spin-app-composed.wasm").display().to_string();
+    let (adapter, guest, spin_app) = (
+        built("realm_spin_llm.wasm"),
+        built("realm_guest.wasm"),
+        built("realm-spin-app.wasm"),
+    );
+    ok(realm(&["plug", &adapter, "--plug", &guest, "-o", &llm]));
+    ok(realm(&["plug", &spin_app, "--plug", &llm, "-o", &app]));
+    app
+}
+
+const PROMPT: &str = "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n";
+
+#[test]
+fn spin_app_infers_and_embeds_through_the_adapter() {
+    let app = composed();
+    let serve = format!("smol={}", model());
+    let run = |args: &[&str]| {
+        let mut all = vec!["run-wasm", "--model", &serve, &app];
+        all.extend_from_slice(args);
+        realm(&all)
+    };
+
+    // infer, greedy: the native path's text, and Spin's usage counts.
+    let out = ok(run(&["infer", "smol", PROMPT, "8"]));
+    let (answer, usage) = out.trim_end().rsplit_once('\n').expect("text, then usage");
+    assert!(answer.contains("Paris"), "{out}");
+    let native = ok(realm(&[
+        "run",
+        "--raw",
+        "--temp",
+        "0",
+        "-n",
+        "8",
+        "--model",
+        &model(),
+        PROMPT,
+    ]));
+    assert_eq!(answer, native.trim_end());
+    let ids = ok(realm(&["tokenize", "--model", &model(), PROMPT]));
+    let n_prompt = serde_json::from_str::<Vec<u32>>(&ids).expect("ids").len();
+    let counts: Vec<usize> = usage
+        .strip_prefix("usage: ")
+        .expect("usage line")
+        .split(' ')
+        .map(|n| n.parse().expect("count"))
+        .collect();
+    assert_eq!(counts[0], n_prompt, "{usage}");
+    assert!((1..=8).contains(&counts[1]), "{usage}");
+
+    // Spin's default parameters (`none`): sampled, but still an answer.
+    let out = ok(run(&["infer", "smol", PROMPT]));
+    assert!(out.contains("usage: "), "{out}");
+
+    // generate-embeddings: one unit vector per text, related texts close.
+    let out = ok(run(&[
+        "embed",
+        "smol",
+        "The cat sat on the mat.",
+        "A cat was sitting on the mat.",
+    ]));
+    assert!(out.contains("embeddings: 2 x 576"), "{out}");
+    assert_eq!(out.matches("norm: 1.0000").count(), 2, "{out}");
+    let cos: f32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("cosine: "))
+        .expect("cosine")
+        .parse()
+        .expect("number");
+    assert!(cos > 0.5, "{out}");
+}
+
+#[test]
+fn spin_errors_map_to_spin_variants() {
+    let app = composed();
+    let serve = format!("smol={}", model());
+    for (args, want) in [
+        (&["infer", "nope", "hi", "4"][..], "ModelNotSupported"),
+        (&["infer", "smol", "", "4"], "InvalidInput"),
+        (&["embed", "nope", "x"], "ModelNotSupported"),
+    ] {
+        let mut all = vec!["run-wasm", "--model", &serve, &app];
+        all.extend_from_slice(args);
+        let out = realm(&all);
+        let so = text(&out.stdout);
+        assert!(!out.status.success(), "{args:?}: {so}");
+        assert!(
+            so.contains("llm error: ") && so.contains(want),
+            "{args:?}: {so}"
+        );
+        assert!(!text(&out.stderr).contains("trapped"), "{args:?}");
+    }
+}
