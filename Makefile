@@ -10,7 +10,7 @@ WASM_CRATES := -p realm-gguf -p realm-tokenizer -p realm-guest
 WASM_APPS := -p realm-spin-llm -p realm-nn-app -p realm-spin-app
 NATIVE_SKIP := --exclude realm-guest --exclude realm-spin-llm --exclude realm-nn-app --exclude realm-spin-app
 
-.PHONY: setup models guest adapters build run test lint fuzz bench
+.PHONY: setup models guest adapters build run test examples lint fuzz bench
 
 setup:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -46,6 +46,14 @@ test: models guest adapters $(VENV)/.ok
 	# The guest is a cdylib for wasm32; natively only its unit tests build (no .so link).
 	$(CARGO) test --release -j$(JOBS) -p realm-guest --lib
 	$(CARGO) build --release -j$(JOBS) --target wasm32-wasip2 $(WASM_CRATES)
+	$(MAKE) examples
+
+# Every example, as its README says to run it.
+examples: models build adapters
+	$(CARGO) run --release -q -j$(JOBS) -p realm-host --example local-chat
+	$(CARGO) run --release -q -j$(JOBS) -p realm-host --example streaming
+	examples/wasi-nn-app/run.sh
+	examples/spin-app/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
