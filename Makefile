@@ -8,9 +8,10 @@ PROMPT ?= What is the capital of France? Answer in one word.
 WASM_CRATES := -p realm-gguf -p realm-tokenizer -p realm-guest
 # Components for the adapter tests: the Spin adapter and two apps (wasi-nn, Spin).
 WASM_APPS := -p realm-spin-llm -p realm-nn-app -p realm-spin-app
-NATIVE_SKIP := --exclude realm-guest --exclude realm-spin-llm --exclude realm-nn-app --exclude realm-spin-app
+NATIVE_SKIP := --exclude realm-guest --exclude realm-spin-llm --exclude realm-nn-app \
+    --exclude realm-spin-app --exclude realm-compute-wasm --exclude realm-standalone-cli
 
-.PHONY: setup models guest adapters build run test examples lint fuzz bench
+.PHONY: setup models guest adapters standalone wasmtime-cli build run test examples lint fuzz bench
 
 setup:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -26,22 +27,41 @@ guest: setup
 adapters: setup
 	$(CARGO) build --release -j$(JOBS) --target wasm32-wasip2 $(WASM_APPS)
 
+# realm-standalone.wasm: the guest with `realm:compute` in WebAssembly and a command,
+# composed by adapters/compute-wasm/realm-standalone.wac. It imports only WASI.
+STANDALONE := target/wasm32-wasip2/release/realm-standalone.wasm
+standalone: guest build
+	$(CARGO) build --release -j$(JOBS) --target wasm32-wasip2 -p realm-compute-wasm -p realm-standalone-cli
+	./target/release/realm compose adapters/compute-wasm/realm-standalone.wac \
+	    --dep realm:compute-wasm=target/wasm32-wasip2/release/realm_compute_wasm.wasm \
+	    --dep realm:guest=target/wasm32-wasip2/release/realm_guest.wasm \
+	    --dep realm:cli=target/wasm32-wasip2/release/realm-standalone-cli.wasm \
+	    -o $(STANDALONE)
+
 build: guest
 	$(CARGO) build --release -j$(JOBS) -p realm-host
 
 run: models build
 	./target/release/realm run --temp 0 --model $(MODEL) "$(PROMPT)"
 
-# Python for the server tests: the official `openai` client (and its httpx) in a venv.
-OPENAI_PY ?= openai==3.57.0 httpx==0.28.1
+# Python for the tests (tests/requirements.txt: the official `openai` client for the
+# server, the `wasmtime` package for the Python host) in a venv.
 VENV := .venv
-$(VENV)/.ok:
+$(VENV)/.ok: tests/requirements.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet $(OPENAI_PY)
+	$(VENV)/bin/pip install --quiet -r tests/requirements.txt
 	touch $@
 
 # Release profile throughout: one build of wasmtime serves tests, `make run` and benches.
-test: models guest adapters $(VENV)/.ok
+# The stock wasmtime CLI for the host tests: installed once into cargo's bin dir (about
+# 17 minutes on 2 cores the first time), then reused.
+WASMTIME_VERSION := 48.0.8
+WASMTIME_BIN := $(or $(CARGO_HOME),$(HOME)/.cargo)/bin/wasmtime
+wasmtime-cli:
+	@$(WASMTIME_BIN) --version 2>/dev/null | grep -q '$(WASMTIME_VERSION)' || \
+	    $(CARGO) install wasmtime-cli@$(WASMTIME_VERSION) --locked -j$(JOBS)
+
+test: models guest adapters standalone wasmtime-cli $(VENV)/.ok
 	$(CARGO) test --release -j$(JOBS) --workspace $(NATIVE_SKIP)
 	# The guest is a cdylib for wasm32; natively only its unit tests build (no .so link).
 	$(CARGO) test --release -j$(JOBS) -p realm-guest --lib

@@ -66,6 +66,16 @@ struct GenOpts {
     max_resident: Option<u64>,
 }
 
+/// A `.wac` package: `NAME=PATH` (the name may hold colons, the path may not start one).
+fn parse_dep(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((n, p)) if !n.is_empty() && !p.is_empty() => Ok((n.to_string(), PathBuf::from(p))),
+        _ => Err(format!(
+            "'{s}' is not NAME=PATH (e.g. realm:guest=realm_guest.wasm)"
+        )),
+    }
+}
+
 /// `NAME=PATH`, the file checked to exist.
 fn parse_named_model(s: &str) -> Result<(String, PathBuf), String> {
     match s.split_once('=') {
@@ -306,11 +316,15 @@ enum Command {
         /// Compute threads (default: all cores).
         #[arg(long, short)]
         threads: Option<usize>,
-        /// The app component (wasm32-wasip2).
-        app: PathBuf,
-        /// Arguments for the app.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// The app component (wasm32-wasip2), then its arguments (options after the app
+        /// are the app's).
+        #[arg(
+            value_name = "APP.wasm [ARGS]",
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true
+        )]
+        command: Vec<String>,
     },
     /// Compose components: plug the exports of each PLUG into the matching imports of
     /// SOCKET (as `wac plug` does), writing one component. Chains take one call per link,
@@ -321,6 +335,18 @@ enum Command {
         /// A component whose exports fill them (repeatable).
         #[arg(long, required = true)]
         plug: Vec<PathBuf>,
+        /// Where to write the composed component.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// Build the component a `.wac` composition document describes (as `wac compose`
+    /// does), e.g. `adapters/compute-wasm/realm-standalone.wac`.
+    Compose {
+        /// The `.wac` document.
+        document: PathBuf,
+        /// A package it names: NAME=PATH, e.g. realm:guest=realm_guest.wasm (repeatable).
+        #[arg(long = "dep", value_parser = parse_dep)]
+        deps: Vec<(String, PathBuf)>,
         /// Where to write the composed component.
         #[arg(long, short)]
         output: PathBuf,
@@ -514,9 +540,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             dir,
             threads,
-            app,
-            args,
+            command,
         } => {
+            let (app, args) = command
+                .split_first()
+                .map(|(a, rest)| (PathBuf::from(a), rest.to_vec()))
+                .ok_or_else(|| anyhow::anyhow!("give the app component to run"))?;
             let mut config = EngineConfig::default();
             if let Some(t) = threads {
                 anyhow::ensure!(t > 0, "--threads must be at least 1");
@@ -540,6 +569,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => {
             let bytes = realm_host::compose::plug(&socket, &plug)?;
+            std::fs::write(&output, bytes)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+        }
+        Command::Compose {
+            document,
+            deps,
+            output,
+        } => {
+            let bytes = realm_host::compose::compose(&document, &deps)?;
             std::fs::write(&output, bytes)
                 .with_context(|| format!("cannot write {}", output.display()))?;
         }

@@ -2,16 +2,12 @@
 //! tenant), weights as validated ranges of them, f32 activation tensors and f16 KV caches,
 //! and the ops. Every handle, shape and offset from the guest is checked here again.
 
-#[cfg(target_arch = "x86_64")]
-pub mod avx2;
-#[cfg(target_arch = "x86_64")]
-pub mod avx512;
-pub mod kernels;
-pub mod quant;
 pub mod residency;
 pub mod spin;
-#[cfg(test)]
-mod testdata;
+
+#[cfg(target_arch = "x86_64")]
+use realm_kernels::{avx2, avx512};
+pub use realm_kernels::{kernels, quant};
 
 use std::collections::HashMap;
 use std::sync::Arc;

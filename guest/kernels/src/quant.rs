@@ -1,8 +1,8 @@
 //! Quantized matmul with ggml's numerics: each activation row is quantized to the weight
 //! type's dot-product partner (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1) exactly as
 //! ggml's x86 `quantize_row_q8_*` does, then multiplied block by block in integers
-//! (ggml-cpu `ggml_vec_dot_*`). Scalar for now; SIMD kernels come with the performance
-//! work, each checked against these.
+//! (ggml-cpu `ggml_vec_dot_*`). This is the portable code; the SIMD kernels (`avx2`,
+//! `avx512`) are picked at run time and checked against it bit for bit.
 
 use half::f16;
 use realm_gguf::GgmlType;

@@ -270,6 +270,10 @@ const MAX_HEADS: usize = 4;
 
 /// Which flash-attention helpers this CPU runs (all give the same bits).
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    not(target_arch = "x86_64"),
+    allow(dead_code, reason = "the SIMD variants exist on x86-64 only")
+)]
 enum Fa {
     Portable,
     Avx2,
@@ -549,7 +553,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_attention_helpers_equal_the_portable_arithmetic() {
-        if !crate::compute::avx2::available() {
+        if !crate::avx2::available() {
             eprintln!("this CPU lacks AVX2/FMA/F16C: nothing to compare");
             return;
         }

@@ -455,7 +455,7 @@ pub unsafe fn dot_tile(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compute::testdata::{self, Lcg};
+    use crate::testdata::{self, Lcg};
 
     /// Token tiles of the K-quants give each (row, token) the portable result exactly.
     #[test]

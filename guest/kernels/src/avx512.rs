@@ -964,8 +964,8 @@ pub mod fa {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compute::quant::VecDot;
-    use crate::compute::testdata::{self, Lcg};
+    use crate::quant::VecDot;
+    use crate::testdata::{self, Lcg};
 
     /// Tiles of several tokens give each (row, token) exactly the single-row result,
     /// whatever the token count (remainders included) and weight row count.
@@ -1062,7 +1062,7 @@ mod tests {
                         _ => quantize_q8_0(&x, kind == VecDot::Q8_1, &mut got),
                     }
                 }
-                crate::compute::quant::quantize_row_portable(kind, &x, &mut want);
+                crate::quant::quantize_row_portable(kind, &x, &mut want);
                 assert_eq!(got, want, "{kind:?}, case {case}");
             }
         }

@@ -1,0 +1,648 @@
+//! `realm:compute` in WebAssembly.
+//!
+//! The native host provider keeps weights in a memory map outside the guest and runs SIMD
+//! kernels on many threads. This component implements the same interface inside
+//! WebAssembly, so that the Realm component plugged with it needs nothing but WASI: a stock
+//! `wasmtime run`, Python's `wasmtime` or Node through `jco` can run it.
+//!
+//! - `open-model(name)` reads the file `name` through WASI (a path under a preopened
+//!   directory) into this component's linear memory. A 32-bit component has 4 GiB at
+//!   most, so larger files are refused with an error that says so.
+//! - Every op has the native provider's semantics and checks, and the same kernels
+//!   (`realm-kernels`, its portable code): quantized matmuls with ggml's numerics, ggml's
+//!   flash attention, RMS norm, RoPE, GLU. Results are the native host's bit for bit where
+//!   the C library's math functions agree (they are the same routines in glibc and
+//!   wasi-libc); the greedy test checks the text.
+//! - One thread; no weight budget (the weights are already in memory).
+
+wit_bindgen::generate!({
+    path: "wit",
+    world: "provider",
+    generate_all,
+});
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use exports::realm::compute::store::{self, GuestModelFile, GuestWeight, WeightBorrow};
+use exports::realm::compute::tensors::{self, GuestKvCache, GuestTensor, TensorBorrow};
+use exports::realm::compute::types::{Activation, Dtype, Error, RopeMode};
+use half::f16;
+use realm_gguf::GgmlType;
+use realm_kernels::kernels::{self, AttnShape, LayerCache};
+use realm_kernels::quant::{self, VecDot};
+
+/// Largest model file this component loads: what a 32-bit linear memory can hold with
+/// room left for the activations, the KV cache and the guest's own state.
+pub const MAX_MODEL_BYTES: u64 = 3 << 30;
+/// Largest tensor an op may allocate (elements), as in the native host.
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 28;
+/// Largest KV cache (f16 values, keys and values together) in this memory.
+pub const MAX_KV_ELEMENTS: u64 = 1 << 28;
+
+type Res<T> = Result<T, Error>;
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}
+
+fn ggml_type(d: Dtype) -> GgmlType {
+    match d {
+        Dtype::F32 => GgmlType::F32,
+        Dtype::F16 => GgmlType::F16,
+        Dtype::Bf16 => GgmlType::BF16,
+        Dtype::Q40 => GgmlType::Q4_0,
+        Dtype::Q41 => GgmlType::Q4_1,
+        Dtype::Q50 => GgmlType::Q5_0,
+        Dtype::Q51 => GgmlType::Q5_1,
+        Dtype::Q80 => GgmlType::Q8_0,
+        Dtype::Q81 => GgmlType::Q8_1,
+        Dtype::Q2k => GgmlType::Q2_K,
+        Dtype::Q3k => GgmlType::Q3_K,
+        Dtype::Q4k => GgmlType::Q4_K,
+        Dtype::Q5k => GgmlType::Q5_K,
+        Dtype::Q6k => GgmlType::Q6_K,
+        Dtype::Q8k => GgmlType::Q8_K,
+    }
+}
+
+/// A model file's bytes, read once, shared by its weights.
+pub struct ModelFile(Rc<Vec<u8>>);
+
+/// A checked byte range of a model file; f32/f16/bf16 weights decoded once.
+pub struct Weight {
+    file: Rc<Vec<u8>>,
+    offset: usize,
+    len: usize,
+    ty: GgmlType,
+    dims: Vec<u64>,
+    decoded: Option<Vec<f32>>,
+}
+
+impl Weight {
+    fn bytes(&self) -> &[u8] {
+        &self.file[self.offset..self.offset + self.len]
+    }
+
+    fn row_len(&self) -> usize {
+        self.dims[0] as usize
+    }
+
+    fn n_rows(&self) -> usize {
+        self.dims[1..].iter().product::<u64>() as usize
+    }
+}
+
+#[derive(Default)]
+struct TensorData {
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+pub struct Tensor(RefCell<TensorData>);
+
+struct KvData {
+    n_ctx: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    layers: Vec<LayerCache>,
+}
+
+pub struct KvCache(RefCell<KvData>);
+
+/// Scratch buffers reused across calls.
+#[derive(Default)]
+struct Scratch {
+    quantized: Vec<u8>,
+    attn: Vec<f16>,
+    rope: Vec<(f32, f32)>,
+    row: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+struct Provider;
+
+impl store::Guest for Provider {
+    type ModelFile = ModelFile;
+    type Weight = Weight;
+
+    fn open_model(name: String) -> Res<store::ModelFile> {
+        let size = std::fs::metadata(&name)
+            .map_err(|e| Error::NotFound(format!("cannot open model file '{name}': {e}")))?
+            .len();
+        if size > MAX_MODEL_BYTES {
+            return Err(Error::ResourceExhausted(format!(
+                "'{name}' is {:.1} GiB: the self-contained component keeps the weights in its \
+                 own 32-bit memory, which holds models up to {} GiB; run larger models with \
+                 the native host (`realm run`)",
+                size as f64 / f64::from(1u32 << 30),
+                MAX_MODEL_BYTES >> 30
+            )));
+        }
+        let bytes =
+            std::fs::read(&name).map_err(|e| Error::Io(format!("cannot read '{name}': {e}")))?;
+        Ok(store::ModelFile::new(ModelFile(Rc::new(bytes))))
+    }
+
+    /// The weights are in this component's memory already: nothing to budget.
+    fn set_max_resident(_bytes: u64) {}
+
+    fn prefetch(_w: WeightBorrow<'_>) {}
+}
+
+impl GuestModelFile for ModelFile {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    fn read(&self, offset: u64, len: u32) -> Res<Vec<u8>> {
+        let size = self.0.len() as u64;
+        let end = offset
+            .checked_add(u64::from(len))
+            .filter(|&e| e <= size)
+            .ok_or_else(|| {
+                Error::OutOfBounds(format!(
+                    "read of {len} bytes at {offset} passes the end of the file ({size} bytes)"
+                ))
+            })?;
+        Ok(self.0[offset as usize..end as usize].to_vec())
+    }
+
+    fn weight(&self, offset: u64, dtype: Dtype, dims: Vec<u64>) -> Res<store::Weight> {
+        let ty = ggml_type(dtype);
+        if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
+            return Err(invalid(format!(
+                "weight shape {dims:?} must have 1 to 4 non-zero dimensions"
+            )));
+        }
+        let n = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| invalid(format!("weight shape {dims:?} overflows")))?;
+        if !dims[0].is_multiple_of(ty.block_size()) {
+            return Err(invalid(format!(
+                "weight rows of {} are not whole {ty} blocks",
+                dims[0]
+            )));
+        }
+        let len = ty
+            .bytes_for(n)
+            .ok_or_else(|| invalid(format!("weight shape {dims:?} overflows")))?;
+        let size = self.0.len() as u64;
+        let end = offset.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
+            Error::OutOfBounds(format!(
+                "weight of {len} bytes at offset {offset} passes the end of the file ({size} bytes)"
+            ))
+        })?;
+        let decoded = match ty {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                let mut v = vec![0f32; n as usize];
+                realm_gguf::quant::dequantize(ty, &self.0[offset as usize..end as usize], &mut v)
+                    .map_err(|e| invalid(e.to_string()))?;
+                Some(v)
+            }
+            _ if ty.is_supported() => None,
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "no kernels for {ty} weights yet"
+                )));
+            }
+        };
+        Ok(store::Weight::new(Weight {
+            file: self.0.clone(),
+            offset: offset as usize,
+            len: len as usize,
+            ty,
+            dims,
+            decoded,
+        }))
+    }
+}
+
+impl GuestWeight for Weight {
+    fn dims(&self) -> Vec<u64> {
+        self.dims.clone()
+    }
+}
+
+impl GuestTensor for Tensor {
+    fn new(cols: u32) -> Self {
+        Tensor(RefCell::new(TensorData {
+            rows: 0,
+            cols: cols as usize,
+            data: Vec::new(),
+        }))
+    }
+
+    fn rows(&self) -> u32 {
+        self.0.borrow().rows as u32
+    }
+
+    fn cols(&self) -> u32 {
+        self.0.borrow().cols as u32
+    }
+
+    fn read_row(&self, row: u32) -> Res<Vec<f32>> {
+        let t = self.0.borrow();
+        let row = row as usize;
+        if row >= t.rows {
+            return Err(Error::OutOfBounds(format!(
+                "row {row} of a tensor with {} rows",
+                t.rows
+            )));
+        }
+        Ok(t.data[row * t.cols..(row + 1) * t.cols].to_vec())
+    }
+
+    fn write(&self, rows: u32, data: Vec<f32>) -> Res<()> {
+        let mut t = self.0.borrow_mut();
+        if data.len() != rows as usize * t.cols {
+            return Err(invalid(format!(
+                "{} values for {rows} rows of {}",
+                data.len(),
+                t.cols
+            )));
+        }
+        t.rows = rows as usize;
+        t.data = data;
+        Ok(())
+    }
+}
+
+impl GuestKvCache for KvCache {
+    fn new(n_layer: u32, n_ctx: u32, n_head_kv: u32, head_dim: u32) -> Self {
+        // Sizes are checked when the cache is first written, as in the native host.
+        KvCache(RefCell::new(KvData {
+            n_ctx: n_ctx as usize,
+            n_head_kv: n_head_kv as usize,
+            head_dim: head_dim as usize,
+            layers: (0..n_layer.min(4096))
+                .map(|_| LayerCache::default())
+                .collect(),
+        }))
+    }
+
+    fn capacity(&self) -> u32 {
+        self.0.borrow().n_ctx as u32
+    }
+}
+
+/// An op's output must be another tensor than its inputs (as the native host requires;
+/// here it also keeps the `RefCell` borrows apart).
+fn distinct(a: &Tensor, b: &Tensor) -> Res<()> {
+    if std::ptr::eq(a, b) {
+        Err(invalid(
+            "an op's output must be a different tensor from its inputs",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn set_rows(t: &mut TensorData, rows: usize) -> Res<()> {
+    let n = rows
+        .checked_mul(t.cols)
+        .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
+        .ok_or_else(|| {
+            Error::ResourceExhausted(format!(
+                "{rows} × {} tensor is larger than {MAX_TENSOR_ELEMENTS} elements",
+                t.cols
+            ))
+        })?;
+    t.rows = rows;
+    t.data.resize(n, 0.0);
+    Ok(())
+}
+
+fn matmul_into(x: &TensorData, w: &Weight, o: &mut TensorData, s: &mut Scratch) -> Res<()> {
+    let (k, n) = (w.row_len(), w.n_rows());
+    if x.cols != k || o.cols != n {
+        return Err(invalid(format!(
+            "matmul of a {}-wide input by a {k}→{n} weight into width {}",
+            x.cols, o.cols
+        )));
+    }
+    set_rows(o, x.rows)?;
+    let wrow = w.ty.row_bytes(k as u64).unwrap_or(0) as usize;
+    match (&w.decoded, VecDot::for_weight(w.ty)) {
+        (Some(wf), _) => {
+            for (orow, xrow) in o.data.chunks_exact_mut(n).zip(x.data.chunks_exact(k)) {
+                for (j, ov) in orow.iter_mut().enumerate() {
+                    *ov = wf[j * k..(j + 1) * k]
+                        .iter()
+                        .zip(xrow)
+                        .map(|(a, b)| a * b)
+                        .sum();
+                }
+            }
+        }
+        (None, Some(kind)) => {
+            if !k.is_multiple_of(kind.block_len()) {
+                return Err(invalid(format!(
+                    "rows of {k} are not whole {}-element activation blocks",
+                    kind.block_len()
+                )));
+            }
+            let wb = w.bytes();
+            for (orow, xrow) in o.data.chunks_exact_mut(n).zip(x.data.chunks_exact(k)) {
+                s.quantized.clear();
+                quant::quantize_row(kind, xrow, &mut s.quantized);
+                quant::dot_rows(w.ty, wb, wrow, &s.quantized, 0, orow);
+            }
+        }
+        (None, None) => {
+            // Types without an integer kernel: each weight row dequantized, then f32.
+            let wb = w.bytes();
+            s.row.resize(k, 0.0);
+            for (orow, xrow) in o.data.chunks_exact_mut(n).zip(x.data.chunks_exact(k)) {
+                for (j, ov) in orow.iter_mut().enumerate() {
+                    let row = &wb[j * wrow..(j + 1) * wrow];
+                    let _ = realm_gguf::quant::dequantize(w.ty, row, &mut s.row);
+                    *ov = s.row.iter().zip(xrow).map(|(a, b)| a * b).sum();
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments, reason = "mirrors the WIT signature")]
+fn attention_into(
+    (q, k, v): (&TensorData, &TensorData, &TensorData),
+    c: &mut KvData,
+    layer: usize,
+    pos: usize,
+    n_head: usize,
+    scale: f32,
+    window: usize,
+    o: &mut TensorData,
+    s: &mut Scratch,
+) -> Res<()> {
+    let (hd, n_kv) = (c.head_dim, c.n_head_kv);
+    let kv_width = n_kv * hd;
+    if hd == 0 || n_kv == 0 || n_head == 0 || !n_head.is_multiple_of(n_kv) {
+        return Err(invalid(format!(
+            "attention with {n_head} heads over {n_kv} KV heads of {hd}"
+        )));
+    }
+    if q.cols != n_head * hd || k.cols != kv_width || v.cols != kv_width || o.cols != q.cols {
+        return Err(invalid(
+            "attention tensor widths disagree with the cache's heads",
+        ));
+    }
+    if k.rows != q.rows || v.rows != q.rows {
+        return Err(invalid("q, k and v must have the same number of rows"));
+    }
+    let n = q.rows;
+    if pos.checked_add(n).is_none_or(|end| end > c.n_ctx) {
+        return Err(Error::ResourceExhausted(format!(
+            "positions {pos}..{} pass the context of {}",
+            pos + n,
+            c.n_ctx
+        )));
+    }
+    if (c.n_ctx as u64) * (kv_width as u64) * (c.layers.len() as u64) * 2 > MAX_KV_ELEMENTS {
+        return Err(Error::ResourceExhausted(
+            "KV cache larger than this component's memory allows".into(),
+        ));
+    }
+    let n_layers = c.layers.len();
+    let lc = c
+        .layers
+        .get_mut(layer)
+        .ok_or_else(|| invalid(format!("layer {layer} of a {n_layers}-layer cache")))?;
+    lc.k.truncate(pos * kv_width);
+    lc.v.truncate(pos * kv_width);
+    if lc.k.len() != pos * kv_width {
+        return Err(invalid(format!(
+            "position {pos} skips past the {} cached positions",
+            lc.k.len() / kv_width
+        )));
+    }
+    lc.k.extend(k.data.iter().map(|&x| f16::from_f32(x)));
+    lc.v.extend(v.data.iter().map(|&x| f16::from_f32(x)));
+    set_rows(o, n)?;
+    let shape = AttnShape {
+        n_head,
+        n_head_kv: n_kv,
+        head_dim: hd,
+        scale,
+        window,
+    };
+    let cols = q.cols;
+    for (i, (orow, qrow)) in o
+        .data
+        .chunks_exact_mut(cols)
+        .zip(q.data.chunks_exact(cols))
+        .enumerate()
+    {
+        kernels::attend_row(qrow, lc, pos + i, shape, 0..n_head, &mut s.attn, orow);
+    }
+    Ok(())
+}
+
+impl tensors::Guest for Provider {
+    type Tensor = Tensor;
+    type KvCache = KvCache;
+
+    fn embed(table: WeightBorrow<'_>, ids: Vec<u32>, scale: f32, out: TensorBorrow<'_>) -> Res<()> {
+        let w = table.get::<Weight>();
+        let mut o = out.get::<Tensor>().0.borrow_mut();
+        let (row_len, n_rows) = (w.row_len(), w.n_rows());
+        if o.cols != row_len {
+            return Err(invalid(format!(
+                "embedding rows are {row_len} wide, the output {}",
+                o.cols
+            )));
+        }
+        set_rows(&mut o, ids.len())?;
+        let row_bytes = w.ty.row_bytes(row_len as u64).unwrap_or(0) as usize;
+        for (i, &id) in ids.iter().enumerate() {
+            if id as usize >= n_rows {
+                return Err(Error::OutOfBounds(format!(
+                    "token id {id} is past the {n_rows}-row embedding"
+                )));
+            }
+            let dst = &mut o.data[i * row_len..(i + 1) * row_len];
+            match &w.decoded {
+                Some(d) => dst.copy_from_slice(&d[id as usize * row_len..][..row_len]),
+                None => {
+                    let src = &w.bytes()[id as usize * row_bytes..][..row_bytes];
+                    realm_gguf::quant::dequantize(w.ty, src, dst)
+                        .map_err(|e| invalid(e.to_string()))?;
+                }
+            }
+            if scale != 1.0 {
+                dst.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        Ok(())
+    }
+
+    fn matmul(x: TensorBorrow<'_>, w: WeightBorrow<'_>, out: TensorBorrow<'_>) -> Res<()> {
+        let (x, out) = (x.get::<Tensor>(), out.get::<Tensor>());
+        distinct(x, out)?;
+        SCRATCH.with_borrow_mut(|s| {
+            matmul_into(&x.0.borrow(), w.get::<Weight>(), &mut out.0.borrow_mut(), s)
+        })
+    }
+
+    fn rms_norm(
+        x: TensorBorrow<'_>,
+        w: WeightBorrow<'_>,
+        eps: f32,
+        out: TensorBorrow<'_>,
+    ) -> Res<()> {
+        let (x, out) = (x.get::<Tensor>(), out.get::<Tensor>());
+        distinct(x, out)?;
+        let (xt, mut o) = (x.0.borrow(), out.0.borrow_mut());
+        let wv = w
+            .get::<Weight>()
+            .decoded
+            .as_deref()
+            .ok_or_else(|| invalid("rms-norm weights must be f32, f16 or bf16"))?;
+        if wv.is_empty() || o.cols != xt.cols || !xt.cols.is_multiple_of(wv.len()) {
+            return Err(invalid(format!(
+                "rms-norm of width {} with a {}-wide weight into width {}",
+                xt.cols,
+                wv.len(),
+                o.cols
+            )));
+        }
+        set_rows(&mut o, xt.rows)?;
+        kernels::rms_norm(&xt.data, wv, eps, &mut o.data);
+        Ok(())
+    }
+
+    fn rope(
+        x: TensorBorrow<'_>,
+        head_dim: u32,
+        pos: u32,
+        freq_base: f32,
+        mode: RopeMode,
+    ) -> Res<()> {
+        let mut t = x.get::<Tensor>().0.borrow_mut();
+        let hd = head_dim as usize;
+        let base_ok = freq_base.is_finite() && freq_base > 0.0;
+        if hd == 0 || !hd.is_multiple_of(2) || !t.cols.is_multiple_of(hd) || !base_ok {
+            return Err(invalid(format!(
+                "rope with head_dim {hd} on width {} (base {freq_base})",
+                t.cols
+            )));
+        }
+        let cols = t.cols;
+        SCRATCH.with_borrow_mut(|s| {
+            for (i, row) in t.data.chunks_exact_mut(cols).enumerate() {
+                let p = pos.saturating_add(i as u32);
+                kernels::rope(row, hd, p, freq_base, mode == RopeMode::Neox, &mut s.rope);
+            }
+        });
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "mirrors the WIT signature")]
+    fn attention(
+        q: TensorBorrow<'_>,
+        k: TensorBorrow<'_>,
+        v: TensorBorrow<'_>,
+        cache: tensors::KvCacheBorrow<'_>,
+        layer: u32,
+        pos: u32,
+        n_head: u32,
+        scale: f32,
+        window: u32,
+        out: TensorBorrow<'_>,
+    ) -> Res<()> {
+        let (q, k, v, out) = (
+            q.get::<Tensor>(),
+            k.get::<Tensor>(),
+            v.get::<Tensor>(),
+            out.get::<Tensor>(),
+        );
+        distinct(q, out)?;
+        distinct(k, out)?;
+        distinct(v, out)?;
+        let mut c = cache.get::<KvCache>().0.borrow_mut();
+        SCRATCH.with_borrow_mut(|s| {
+            attention_into(
+                (&q.0.borrow(), &k.0.borrow(), &v.0.borrow()),
+                &mut c,
+                layer as usize,
+                pos as usize,
+                n_head as usize,
+                scale,
+                window as usize,
+                &mut out.0.borrow_mut(),
+                s,
+            )
+        })
+    }
+
+    fn glu(gate: TensorBorrow<'_>, up: TensorBorrow<'_>, act: Activation) -> Res<()> {
+        let (gate, up) = (gate.get::<Tensor>(), up.get::<Tensor>());
+        distinct(gate, up)?;
+        let (g, mut u) = (gate.0.borrow(), up.0.borrow_mut());
+        if g.data.len() != u.data.len() || g.cols != u.cols {
+            return Err(invalid(format!(
+                "glu of {}×{} and {}×{}",
+                g.rows, g.cols, u.rows, u.cols
+            )));
+        }
+        let f = match act {
+            Activation::Silu => kernels::Gate::Silu,
+            Activation::GeluTanh => kernels::Gate::GeluTanh,
+        };
+        kernels::glu(&g.data, &mut u.data, f);
+        Ok(())
+    }
+
+    fn add(acc: TensorBorrow<'_>, x: TensorBorrow<'_>) -> Res<()> {
+        let (acc, x) = (acc.get::<Tensor>(), x.get::<Tensor>());
+        distinct(acc, x)?;
+        let (mut a, xt) = (acc.0.borrow_mut(), x.0.borrow());
+        if xt.data.len() != a.data.len() {
+            return Err(invalid(format!(
+                "add of {}×{} and {}×{}",
+                a.rows, a.cols, xt.rows, xt.cols
+            )));
+        }
+        a.data.iter_mut().zip(&xt.data).for_each(|(a, &b)| *a += b);
+        Ok(())
+    }
+
+    fn scale(x: TensorBorrow<'_>, s: f32) -> Res<()> {
+        x.get::<Tensor>()
+            .0
+            .borrow_mut()
+            .data
+            .iter_mut()
+            .for_each(|v| *v *= s);
+        Ok(())
+    }
+
+    fn softmax(x: TensorBorrow<'_>) -> Res<()> {
+        let mut t = x.get::<Tensor>().0.borrow_mut();
+        if t.cols == 0 {
+            return Err(invalid("softmax of a zero-width tensor"));
+        }
+        let cols = t.cols;
+        t.data.chunks_exact_mut(cols).for_each(kernels::softmax);
+        Ok(())
+    }
+
+    fn keep_last_row(x: TensorBorrow<'_>) -> Res<()> {
+        let mut t = x.get::<Tensor>().0.borrow_mut();
+        if t.rows > 1 {
+            let start = (t.rows - 1) * t.cols;
+            t.data.drain(..start);
+            t.rows = 1;
+        }
+        Ok(())
+    }
+}
+
+export!(Provider);

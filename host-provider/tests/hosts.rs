@@ -1,0 +1,188 @@
+//! The self-contained component (`realm-standalone.wasm`: the Realm component with
+//! `realm:compute` in WebAssembly and a command, composed by
+//! `adapters/compute-wasm/realm-standalone.wac`) on other hosts: the stock `wasmtime` CLI,
+//! Python's `wasmtime` package, Node through `jco`, and `realm run-wasm`. Each must give
+//! the native path's greedy ids (or text, where the host prints text).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn standalone() -> String {
+    let p = root().join("target/wasm32-wasip2/release/realm-standalone.wasm");
+    assert!(
+        p.exists(),
+        "{} is missing: `make test` builds it (`make standalone`)",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const QUESTION: &str = "What is the capital of France? Answer in one word.";
+
+fn run_in_root(program: &str, args: &[&str]) -> Output {
+    assert!(
+        root().join(MODEL).exists(),
+        "{MODEL} is missing: run `make models`"
+    );
+    Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// The native path: `realm run --json`, greedy, 8 tokens.
+fn native() -> (Vec<u64>, String) {
+    let realm = env!("CARGO_BIN_EXE_realm");
+    let out = ok(run_in_root(
+        realm,
+        &[
+            "run", "--json", "--temp", "0", "-n", "8", "--model", MODEL, QUESTION,
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let ids = v["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(|i| i.as_u64())
+        .collect();
+    (ids, v["text"].as_str().expect("text").to_string())
+}
+
+#[test]
+fn python_wasmtime_host_gives_the_native_greedy_ids() {
+    let python = root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "`make test` creates .venv with the `wasmtime` package"
+    );
+    let out = ok(run_in_root(
+        python.to_str().expect("utf-8"),
+        &[
+            "tests/hosts/python_host.py",
+            &standalone(),
+            "models",
+            MODEL,
+            QUESTION,
+            "8",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    let ids: Vec<u64> = v["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .filter_map(|i| i.as_u64())
+        .collect();
+    let (want_ids, want_text) = native();
+    assert_eq!(ids, want_ids);
+    assert_eq!(v["text"], want_text.as_str());
+    assert!(want_text.contains("Paris"), "{want_text}");
+}
+
+#[test]
+fn realm_run_wasm_runs_the_standalone_command() {
+    let out = ok(run_in_root(
+        env!("CARGO_BIN_EXE_realm"),
+        &[
+            "run-wasm",
+            "--dir",
+            "models",
+            &standalone(),
+            "--model",
+            MODEL,
+            "-n",
+            "8",
+            QUESTION,
+        ],
+    ));
+    assert_eq!(out.trim_end(), native().1);
+}
+
+/// The stock CLI, `cargo install wasmtime-cli@48.0.8 --locked` (which `make test` does once).
+fn wasmtime_cli() -> String {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .expect("CARGO_HOME or HOME");
+    let p = cargo_home.join("bin/wasmtime");
+    assert!(
+        p.exists(),
+        "{} is missing: `make test` installs wasmtime-cli 48.0.8 there",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+#[test]
+fn stock_wasmtime_cli_runs_the_standalone_component() {
+    let wasmtime = wasmtime_cli();
+    let version = ok(run_in_root(&wasmtime, &["--version"]));
+    assert!(version.contains("48.0.8"), "{version}");
+    let out = ok(run_in_root(
+        &wasmtime,
+        &[
+            "run",
+            "--dir",
+            "models",
+            &standalone(),
+            "--model",
+            MODEL,
+            "-n",
+            "8",
+            QUESTION,
+        ],
+    ));
+    assert_eq!(out.trim_end(), native().1);
+}
+
+#[test]
+fn models_past_the_32_bit_memory_get_a_clear_error() {
+    // A sparse 3.5 GiB file: refused from its size, before any read.
+    let dir = root().join("target/tmp/big");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let big = dir.join("big.gguf");
+    let f = std::fs::File::create(&big).expect("create");
+    f.set_len(7 << 29).expect("sparse file");
+    drop(f);
+    let out = run_in_root(
+        env!("CARGO_BIN_EXE_realm"),
+        &[
+            "run-wasm",
+            "--dir",
+            "target/tmp/big",
+            &standalone(),
+            "--model",
+            "target/tmp/big/big.gguf",
+            "hi",
+        ],
+    );
+    let _ = std::fs::remove_file(&big);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("3.5 GiB") && err.contains("up to 3 GiB") && err.contains("realm run"),
+        "{err}"
+    );
+    assert!(!err.contains("trapped"), "{err}");
+}
