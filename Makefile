@@ -11,7 +11,7 @@ WASM_APPS := -p realm-spin-llm -p realm-nn-app -p realm-spin-app
 NATIVE_SKIP := --exclude realm-guest --exclude realm-spin-llm --exclude realm-nn-app \
     --exclude realm-spin-app --exclude realm-compute-wasm --exclude realm-standalone-cli
 
-.PHONY: setup models guest adapters standalone wasmtime-cli build run test examples lint fuzz bench
+.PHONY: setup models guest adapters standalone node-host wasmtime-cli build run test examples lint fuzz bench
 
 setup:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -61,7 +61,16 @@ wasmtime-cli:
 	@$(WASMTIME_BIN) --version 2>/dev/null | grep -q '$(WASMTIME_VERSION)' || \
 	    $(CARGO) install wasmtime-cli@$(WASMTIME_VERSION) --locked -j$(JOBS)
 
-test: models guest adapters standalone wasmtime-cli $(VENV)/.ok
+# The Node.js host: jco and the WASI shim (pinned in package.json and its lock file), and
+# realm-standalone.wasm transpiled to JavaScript.
+NODE_HOST := tests/hosts/node
+$(NODE_HOST)/node_modules/.ok: $(NODE_HOST)/package.json $(NODE_HOST)/package-lock.json
+	cd $(NODE_HOST) && npm ci --no-audit --no-fund --silent
+	touch $@
+node-host: standalone $(NODE_HOST)/node_modules/.ok
+	cd $(NODE_HOST) && npx jco transpile ../../../$(STANDALONE) -o out --name realm-standalone -q
+
+test: models guest adapters standalone node-host wasmtime-cli $(VENV)/.ok
 	$(CARGO) test --release -j$(JOBS) --workspace $(NATIVE_SKIP)
 	# The guest is a cdylib for wasm32; natively only its unit tests build (no .so link).
 	$(CARGO) test --release -j$(JOBS) -p realm-guest --lib

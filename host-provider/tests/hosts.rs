@@ -87,6 +87,11 @@ fn python_wasmtime_host_gives_the_native_greedy_ids() {
             "8",
         ],
     ));
+    assert_native(&out);
+}
+
+/// `{"ids": [...], "text": ...}` from a host script: the ids and text must be native's.
+fn assert_native(out: &str) {
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
     let ids: Vec<u64> = v["ids"]
         .as_array()
@@ -98,6 +103,28 @@ fn python_wasmtime_host_gives_the_native_greedy_ids() {
     assert_eq!(ids, want_ids);
     assert_eq!(v["text"], want_text.as_str());
     assert!(want_text.contains("Paris"), "{want_text}");
+}
+
+#[test]
+fn node_jco_host_gives_the_native_greedy_ids() {
+    let script = root().join("tests/hosts/node/node_host.mjs");
+    assert!(
+        root()
+            .join("tests/hosts/node/out/realm-standalone.js")
+            .exists(),
+        "`make test` transpiles the component with jco (`make node-host`)"
+    );
+    let out = ok(run_in_root(
+        "node",
+        &[
+            script.to_str().expect("utf-8"),
+            "models",
+            MODEL,
+            QUESTION,
+            "8",
+        ],
+    ));
+    assert_native(&out);
 }
 
 #[test]
