@@ -78,11 +78,13 @@ test: models guest adapters standalone node-host wasmtime-cli $(VENV)/.ok
 	$(MAKE) examples
 
 # Every example, as its README says to run it.
-examples: models build adapters
+examples: models build adapters standalone node-host $(VENV)/.ok
 	$(CARGO) run --release -q -j$(JOBS) -p realm-host --example local-chat
 	$(CARGO) run --release -q -j$(JOBS) -p realm-host --example streaming
 	examples/wasi-nn-app/run.sh
 	examples/spin-app/run.sh
+	examples/python-host/run.sh
+	examples/node-host/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

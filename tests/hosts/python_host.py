@@ -3,7 +3,7 @@
 `realm:inference` exports called directly (load, session, generate, streaming `next()`).
 
 Usage: python_host.py COMPONENT MODEL_DIR MODEL_PATH PROMPT MAX_TOKENS
-Prints one JSON object: {"ids": [...], "text": "...", "pieces": N, "tokens_per_s": X}.
+Prints one JSON object: the generated ids and text, and the guest's usage and timings.
 """
 import json
 import sys
@@ -62,10 +62,17 @@ def main():
         pieces += 1
     seconds = time.perf_counter() - started
     ids = func("[method]generation.tokens")(store, generation)
+    usage = func("[method]generation.usage")(store, generation)
     for r in (generation, session, m):
         r.drop(store)
-    print(json.dumps({"ids": ids, "text": text, "pieces": pieces,
-                      "tokens_per_s": len(ids) / seconds if seconds > 0 else 0.0}))
+    print(json.dumps({
+        "ids": ids, "text": text, "pieces": pieces, "seconds": seconds,
+        # The guest's own clock (WASI), the same numbers every host reports.
+        "prompt_tokens": getattr(usage, "prompt-tokens"),
+        "generated_tokens": getattr(usage, "generated-tokens"),
+        "prefill_ns": getattr(usage, "prefill-ns"),
+        "decode_ns": getattr(usage, "decode-ns"),
+    }))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 // (load, session, generate, streaming `next()`).
 //
 // Usage: node node_host.mjs MODEL_DIR MODEL_PATH PROMPT MAX_TOKENS
-// Prints one JSON object: {"ids": [...], "text": "...", "pieces": N, "tokens_per_s": X}.
+// Prints one JSON object: the generated ids and text, and the guest's usage and timings.
 import { _setPreopens } from "@bytecodealliance/preview2-shim/filesystem";
 import path from "node:path";
 
@@ -40,4 +40,12 @@ for (let chunk = generation.next(); chunk !== undefined; chunk = generation.next
 }
 const seconds = (performance.now() - started) / 1000;
 const ids = Array.from(generation.tokens());
-console.log(JSON.stringify({ ids, text, pieces, tokens_per_s: ids.length / seconds }));
+const usage = generation.usage();
+console.log(JSON.stringify({
+  ids, text, pieces, seconds,
+  // The guest's own clock (WASI), the same numbers every host reports.
+  prompt_tokens: usage.promptTokens,
+  generated_tokens: usage.generatedTokens,
+  prefill_ns: Number(usage.prefillNs),
+  decode_ns: Number(usage.decodeNs),
+}));

@@ -1,7 +1,8 @@
 //! The command of `realm-standalone.wasm`: answers one prompt through `realm:inference`,
 //! streaming the text to stdout.
 //!
-//! `realm-standalone.wasm --model PATH [--temp T] [-n MAX] [--seed N] [--raw] PROMPT`
+//! `realm-standalone.wasm --model PATH [--temp T] [-n MAX] [--seed N] [--raw] [--timings]
+//! PROMPT` (`--timings`: the guest's usage and timings on stderr)
 //!
 //! PATH is read through WASI, so the runtime must grant its directory (`wasmtime run
 //! --dir models …`). The chat template is applied unless `--raw`; the default temperature
@@ -22,11 +23,12 @@ struct Args {
     model: String,
     prompt: String,
     raw: bool,
+    timings: bool,
     params: Params,
 }
 
-const USAGE: &str =
-    "usage: realm-standalone.wasm --model PATH [--temp T] [-n MAX] [--seed N] [--raw] PROMPT";
+const USAGE: &str = "usage: realm-standalone.wasm --model PATH [--temp T] [-n MAX] [--seed N] \
+                     [--raw] [--timings] PROMPT";
 
 fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut params = Params {
@@ -41,7 +43,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         stop: Vec::new(),
         ignore_eog: false,
     };
-    let (mut model, mut prompt, mut raw) = (None, None, false);
+    let (mut model, mut prompt, mut raw, mut timings) = (None, None, false, false);
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
         match a.as_str() {
@@ -62,6 +64,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     .map_err(|_| "--seed takes a whole number".to_string())?
             }
             "--raw" => raw = true,
+            "--timings" => timings = true,
             "-h" | "--help" => return Err(USAGE.into()),
             s if s.starts_with('-') && s.len() > 1 => return Err(format!("unknown option {s}")),
             _ if prompt.is_none() => prompt = Some(a),
@@ -72,6 +75,7 @@ fn parse(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         model: model.ok_or("--model PATH is required")?,
         prompt: prompt.ok_or("a prompt is required")?,
         raw,
+        timings,
         params,
     })
 }
@@ -96,6 +100,13 @@ fn run(args: Args) -> Result<(), String> {
         let _ = out.flush();
     }
     let _ = writeln!(out);
+    if args.timings {
+        let u = generation.usage();
+        eprintln!(
+            "timings: prompt_tokens={} prefill_ns={} generated_tokens={} decode_ns={}",
+            u.prompt_tokens, u.prefill_ns, u.generated_tokens, u.decode_ns
+        );
+    }
     Ok(())
 }
 
