@@ -75,6 +75,10 @@ test: models guest adapters standalone node-host wasmtime-cli $(VENV)/.ok
 	# The guest is a cdylib for wasm32; natively only its unit tests build (no .so link).
 	$(CARGO) test --release -j$(JOBS) -p realm-guest --lib
 	$(CARGO) build --release -j$(JOBS) --target wasm32-wasip2 $(WASM_CRATES)
+	# The kernels' tests again as WebAssembly (the code the wasm compute provider runs),
+	# with `realm run-wasm` as the test runner.
+	CARGO_TARGET_WASM32_WASIP2_RUNNER="$(CURDIR)/target/release/realm run-wasm" \
+	    $(CARGO) test --release -j$(JOBS) --target wasm32-wasip2 -p realm-kernels
 	$(MAKE) examples
 
 # Every example, as its README says to run it.
@@ -89,6 +93,8 @@ examples: models build adapters standalone node-host $(VENV)/.ok
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -j$(JOBS) -- -D warnings
+	$(CARGO) clippy --release -j$(JOBS) --target wasm32-wasip2 $(WASM_CRATES) $(WASM_APPS) \
+	    -p realm-kernels -p realm-compute-wasm -p realm-standalone-cli -- -D warnings
 
 # Realm vs llama.cpp and Candle on both models (not part of `make test`; the first time it
 # builds llama-cpp-python from source, ~10 minutes on 2 cores, and Candle's bench, ~4

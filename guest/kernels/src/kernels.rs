@@ -19,6 +19,12 @@ fn f32_of(t: &[f32], h: f16) -> f32 {
     t[h.to_bits() as usize]
 }
 
+/// An f16 as f32 through the table (for targets without a conversion instruction).
+#[inline(always)]
+pub fn f16_to_f32(h: f16) -> f32 {
+    f32_of(f16_table(), h)
+}
+
 /// y = x / sqrt(mean(x²) + eps) · w, over groups of `w.len()` values (a row or a head).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let n = w.len();
@@ -408,7 +414,7 @@ fn attend_heads(
                 } else {
                     vs[i] = (s - max[i]).exp();
                 }
-                sum[i] = sum[i].mul_add(ms, vs[i]);
+                sum[i] = crate::fma(sum[i], ms, vs[i]);
             }
             let v = &cache.v[row..row + head_dim];
             match fa {
@@ -421,7 +427,7 @@ fn attend_heads(
                 Fa::Portable => {
                     for (acc, &vs) in acc.chunks_exact_mut(head_dim).zip(&vs) {
                         for (a, v) in acc.iter_mut().zip(v) {
-                            *a = f16::from_f32(f32_of(tab, *v).mul_add(vs, f32_of(tab, *a)));
+                            *a = f16::from_f32(crate::fma(f32_of(tab, *v), vs, f32_of(tab, *a)));
                         }
                     }
                 }

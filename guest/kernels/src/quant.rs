@@ -51,7 +51,12 @@ impl VecDot {
 }
 
 fn h(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+    let bits = f16::from_le_bytes([b[at], b[at + 1]]);
+    // WebAssembly has no f16 conversion instruction: a table of every f16 (the same values).
+    #[cfg(target_arch = "wasm32")]
+    return crate::kernels::f16_to_f32(bits);
+    #[cfg(not(target_arch = "wasm32"))]
+    bits.to_f32()
 }
 
 /// Where the prompt tile kernels write: element (token `t`, weight row `j`) of a row-major
@@ -283,15 +288,15 @@ pub fn dot(ty: GgmlType, w: &[u8], x: &[u8]) -> f32 {
     match ty {
         GgmlType::Q4_0 => blocks(w, x, 18, Q8_0_BYTES, 2, |b, q| {
             for j in 0..16 {
-                q[j] = i32::from(b[2 + j] & 0x0F) - 8;
-                q[j + 16] = i32::from(b[2 + j] >> 4) - 8;
+                q[j] = (b[2 + j] & 0x0F) as i8 - 8;
+                q[j + 16] = (b[2 + j] >> 4) as i8 - 8;
             }
             (h(b, 0), None)
         }),
         GgmlType::Q4_1 => blocks(w, x, 20, Q8_1_BYTES, 4, |b, q| {
             for j in 0..16 {
-                q[j] = i32::from(b[4 + j] & 0x0F);
-                q[j + 16] = i32::from(b[4 + j] >> 4);
+                q[j] = (b[4 + j] & 0x0F) as i8;
+                q[j + 16] = (b[4 + j] >> 4) as i8;
             }
             (h(b, 0), Some(h(b, 2)))
         }),
@@ -299,8 +304,8 @@ pub fn dot(ty: GgmlType, w: &[u8], x: &[u8]) -> f32 {
             let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
             for j in 0..16 {
                 let (h0, h1) = q5_high(qh, j);
-                q[j] = (i32::from(b[6 + j] & 0x0F) | h0) - 16;
-                q[j + 16] = (i32::from(b[6 + j] >> 4) | h1) - 16;
+                q[j] = ((b[6 + j] & 0x0F) | h0) as i8 - 16;
+                q[j + 16] = ((b[6 + j] >> 4) | h1) as i8 - 16;
             }
             (h(b, 0), None)
         }),
@@ -308,14 +313,14 @@ pub fn dot(ty: GgmlType, w: &[u8], x: &[u8]) -> f32 {
             let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
             for j in 0..16 {
                 let (h0, h1) = q5_high(qh, j);
-                q[j] = i32::from(b[8 + j] & 0x0F) | h0;
-                q[j + 16] = i32::from(b[8 + j] >> 4) | h1;
+                q[j] = ((b[8 + j] & 0x0F) | h0) as i8;
+                q[j + 16] = ((b[8 + j] >> 4) | h1) as i8;
             }
             (h(b, 0), Some(h(b, 2)))
         }),
         GgmlType::Q8_0 => blocks(w, x, 34, Q8_0_BYTES, 2, |b, q| {
             for (q, &v) in q.iter_mut().zip(&b[2..34]) {
-                *q = i32::from(v as i8);
+                *q = v as i8;
             }
             (h(b, 0), None)
         }),
@@ -348,7 +353,7 @@ fn dot_q4_k(w: &[u8], x: &[u8]) -> f32 {
         for (l, a) in acc_m.iter_mut().enumerate() {
             let q8s = |k: usize| bsum(2 * k) + bsum(2 * k + 1);
             let prod = mn[2 * l] * q8s(2 * l) + mn[2 * l + 1] * q8s(2 * l + 1);
-            *a = dmin.mul_add(prod as f32, *a);
+            *a = crate::fma(dmin, prod as f32, *a);
         }
         let mut sumi = [0i32; 8];
         for j in 0..4 {
@@ -360,7 +365,7 @@ fn dot_q4_k(w: &[u8], x: &[u8]) -> f32 {
             }
         }
         for (a, &s) in acc.iter_mut().zip(&sumi) {
-            *a = d.mul_add(s as f32, *a);
+            *a = crate::fma(d, s as f32, *a);
         }
     }
     let m = (acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]);
@@ -393,7 +398,7 @@ fn dot_q6_k(w: &[u8], x: &[u8]) -> f32 {
             }
         }
         for (a, &s) in acc.iter_mut().zip(&sumi) {
-            *a = d.mul_add(s as f32, *a);
+            *a = crate::fma(d, s as f32, *a);
         }
     }
     hsum8(acc)
@@ -408,27 +413,41 @@ fn blocks(
     w_bytes: usize,
     x_bytes: usize,
     x_quants_at: usize,
-    unpack: impl Fn(&[u8], &mut [i32; 32]) -> (f32, Option<f32>),
+    unpack: impl Fn(&[u8], &mut [i8; 32]) -> (f32, Option<f32>),
 ) -> f32 {
     let mut acc = [0f32; 8];
     let mut summs = 0f32;
-    let mut q = [0i32; 32];
+    let mut q = [0i8; 32];
     for (wb, xb) in w.chunks_exact(w_bytes).zip(x.chunks_exact(x_bytes)) {
         let (dw, m) = unpack(wb, &mut q);
         if let Some(m) = m {
-            summs = m.mul_add(h(xb, 2), summs);
+            summs = crate::fma(m, h(xb, 2), summs);
         }
         let d = dw * h(xb, 0);
         let ys = &xb[x_quants_at..x_quants_at + 32];
-        for (lane, a) in acc.iter_mut().enumerate() {
-            let mut sum = 0i32;
-            for k in 4 * lane..4 * lane + 4 {
-                sum += q[k] * i32::from(ys[k] as i8);
-            }
-            *a = d.mul_add(sum as f32, *a);
+        for (a, sum) in acc.iter_mut().zip(lane_sums(&q, ys)) {
+            *a = crate::fma(d, sum as f32, *a);
         }
     }
     hsum8(acc) + summs
+}
+
+/// The eight lane sums of ggml's AVX2 kernels: lane `l` is `Σ q[k]·y[k]` over the four
+/// `k` in `4l..4l + 4` (integers, so any order gives the same).
+#[inline(always)]
+fn lane_sums(q: &[i8; 32], y: &[u8]) -> [i32; 8] {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return crate::simd128::lane_sums(q, y);
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    {
+        let mut s = [0i32; 8];
+        for (l, s) in s.iter_mut().enumerate() {
+            for k in 4 * l..4 * l + 4 {
+                *s += i32::from(q[k]) * i32::from(y[k] as i8);
+            }
+        }
+        s
+    }
 }
 
 /// ggml's `hsum_float_8`: upper half onto lower, then pairs, then the last two.
@@ -438,10 +457,10 @@ fn hsum8(a: [f32; 8]) -> f32 {
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
-fn q5_high(qh: u32, j: usize) -> (i32, i32) {
+fn q5_high(qh: u32, j: usize) -> (u8, u8) {
     (
-        (((qh >> j) << 4) & 0x10) as i32,
-        ((qh >> (j + 12)) & 0x10) as i32,
+        (((qh >> j) << 4) & 0x10) as u8,
+        ((qh >> (j + 12)) & 0x10) as u8,
     )
 }
 
