@@ -127,23 +127,40 @@ fn node_jco_host_gives_the_native_greedy_ids() {
     assert_native(&out);
 }
 
+/// A run of the standalone command (`--timings` adds the ids on stderr): its text and ids
+/// must be the native path's.
+fn assert_native_command(out: Output) {
+    let stderr = text(&out.stderr);
+    let stdout = ok(out);
+    let ids: Vec<u64> = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("ids: "))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no ids in: {stderr}"));
+    let (want_ids, want_text) = native();
+    assert_eq!(ids, want_ids);
+    assert_eq!(stdout.trim_end(), want_text);
+}
+
+/// The command's arguments: greedy, 8 tokens, ids and timings on stderr.
+fn command_args(first: &[&'static str]) -> Vec<String> {
+    let mut v: Vec<String> = first.iter().map(|s| s.to_string()).collect();
+    v.extend([
+        standalone(),
+        "--model".into(),
+        MODEL.into(),
+        "-n".into(),
+        "8".into(),
+    ]);
+    v.extend(["--timings".into(), QUESTION.into()]);
+    v
+}
+
 #[test]
 fn realm_run_wasm_runs_the_standalone_command() {
-    let out = ok(run_in_root(
-        env!("CARGO_BIN_EXE_realm"),
-        &[
-            "run-wasm",
-            "--dir",
-            "models",
-            &standalone(),
-            "--model",
-            MODEL,
-            "-n",
-            "8",
-            QUESTION,
-        ],
-    ));
-    assert_eq!(out.trim_end(), native().1);
+    let args = command_args(&["run-wasm", "--dir", "models"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_native_command(run_in_root(env!("CARGO_BIN_EXE_realm"), &args));
 }
 
 /// The stock CLI, `cargo install wasmtime-cli@48.0.8 --locked` (which `make test` does once).
@@ -166,21 +183,9 @@ fn stock_wasmtime_cli_runs_the_standalone_component() {
     let wasmtime = wasmtime_cli();
     let version = ok(run_in_root(&wasmtime, &["--version"]));
     assert!(version.contains("48.0.8"), "{version}");
-    let out = ok(run_in_root(
-        &wasmtime,
-        &[
-            "run",
-            "--dir",
-            "models",
-            &standalone(),
-            "--model",
-            MODEL,
-            "-n",
-            "8",
-            QUESTION,
-        ],
-    ));
-    assert_eq!(out.trim_end(), native().1);
+    let args = command_args(&["run", "--dir", "models"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_native_command(run_in_root(&wasmtime, &args));
 }
 
 #[test]

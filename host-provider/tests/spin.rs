@@ -47,8 +47,14 @@ fn ok(out: Output) -> String {
 }
 
 /// app ← (adapter ← Realm): a component that imports only WASI and `realm:compute`.
+/// Composed once per test process (the tests run in parallel).
 fn composed() -> String {
-    let dir = root().join("target/tmp");
+    static COMPOSED: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    COMPOSED.get_or_init(compose).clone()
+}
+
+fn compose() -> String {
+    let dir = root().join("target/tmp/spin-test");
     std::fs::create_dir_all(&dir).expect("target/tmp");
     let llm = dir.join("spin-llm-realm.wasm").display().to_string();
     let app = dir.join("spin-app-composed.wasm").display().to_string();

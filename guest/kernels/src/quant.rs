@@ -355,13 +355,21 @@ fn dot_q4_k(w: &[u8], x: &[u8]) -> f32 {
             let prod = mn[2 * l] * q8s(2 * l) + mn[2 * l + 1] * q8s(2 * l + 1);
             *a = crate::fma(dmin, prod as f32, *a);
         }
+        // Per 64 values: the low nibbles against the first 32 activations, the high
+        // against the next, each lane's integer sum times its sub-block scale.
         let mut sumi = [0i32; 8];
+        let (mut lo, mut hi) = ([0i8; 32], [0i8; 32]);
         for j in 0..4 {
             let qs = &wb[16 + 32 * j..16 + 32 * j + 32];
-            for (e, &b) in qs.iter().enumerate() {
-                let lo = i32::from(b & 0x0F) * i32::from(q8[64 * j + e] as i8);
-                let hi = i32::from(b >> 4) * i32::from(q8[64 * j + 32 + e] as i8);
-                sumi[e / 4] += sc[2 * j] * lo + sc[2 * j + 1] * hi;
+            for ((l, h), &b) in lo.iter_mut().zip(hi.iter_mut()).zip(qs) {
+                (*l, *h) = ((b & 0x0F) as i8, (b >> 4) as i8);
+            }
+            let (sl, sh) = (
+                lane_sums(&lo, &q8[64 * j..]),
+                lane_sums(&hi, &q8[64 * j + 32..]),
+            );
+            for ((s, a), b) in sumi.iter_mut().zip(sl).zip(sh) {
+                *s += sc[2 * j] * a + sc[2 * j + 1] * b;
             }
         }
         for (a, &s) in acc.iter_mut().zip(&sumi) {
@@ -381,19 +389,22 @@ fn dot_q6_k(w: &[u8], x: &[u8]) -> f32 {
         let d = dy * h(wb, 208);
         let (ql, qh, sc) = (&wb[0..128], &wb[128..192], &wb[192..208]);
         let q8 = &xb[4..260];
+        // Per 128 values, four runs of 32 six-bit values (-32..31) against their 32
+        // activations; lanes 0-3 take the run's first scale, lanes 4-7 its second.
         let mut sumi = [0i32; 8];
+        let mut q = [[0i8; 32]; 4];
         for n in 0..2 {
             let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
             for l in 0..32 {
-                let q = [
-                    i32::from((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32,
-                    i32::from((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32,
-                    i32::from((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32,
-                    i32::from((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32,
-                ];
-                for (k, &qv) in q.iter().enumerate() {
-                    let s = i32::from(sc[l / 16 + 2 * k] as i8);
-                    sumi[l / 4] += s * qv * i32::from(q8[128 * n + 32 * k + l] as i8);
+                q[0][l] = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i8 - 32;
+                q[1][l] = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                q[2][l] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                q[3][l] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+            }
+            for (k, q) in q.iter().enumerate() {
+                let sums = lane_sums(q, &q8[128 * n + 32 * k..]);
+                for (lane, (s, v)) in sumi.iter_mut().zip(sums).enumerate() {
+                    *s += i32::from(sc[lane / 4 + 2 * k] as i8) * v;
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! streaming the text to stdout.
 //!
 //! `realm-standalone.wasm --model PATH [--temp T] [-n MAX] [--seed N] [--raw] [--timings]
-//! PROMPT` (`--timings`: the guest's usage and timings on stderr)
+//! PROMPT` (`--timings`: the guest's usage and timings, and the generated ids, on stderr)
 //!
 //! PATH is read through WASI, so the runtime must grant its directory (`wasmtime run
 //! --dir models …`). The chat template is applied unless `--raw`; the default temperature
@@ -106,6 +106,8 @@ fn run(args: Args) -> Result<(), String> {
             "timings: prompt_tokens={} prefill_ns={} generated_tokens={} decode_ns={}",
             u.prompt_tokens, u.prefill_ns, u.generated_tokens, u.decode_ns
         );
+        let ids: Vec<String> = generation.tokens().iter().map(u32::to_string).collect();
+        eprintln!("ids: [{}]", ids.join(","));
     }
     Ok(())
 }
