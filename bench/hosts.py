@@ -78,9 +78,10 @@ def main():
 chat-templated prompt "{QUESTION}" (about 40 tokens), {N} greedy tokens; median of {RUNS} runs.
 Tokens/s from the guest's own timings (`usage.prefill-ns`, `decode-ns`), the same clock on
 every host. Every host gives the same greedy ids (`host-provider/tests/hosts.rs`). The
-self-contained component runs `realm:compute` inside WebAssembly: portable scalar kernels on
-one thread, software `fmaf` (wasm has no scalar fused multiply-add), weights copied into its
-memory; the native provider runs AVX-512 kernels on mapped weights.
+self-contained component runs `realm:compute` inside WebAssembly on one thread, with the
+portable kernels (SIMD128 integer sums, an inlined exact FMA since wasm has no scalar one)
+over weights copied into its memory, and no prompt tiles; the native provider runs
+AVX-512 tiles on mapped weights. Making the wasm kernels fast is the next step there.
 
 | host | prompt tokens/s | decode tokens/s | prompt vs native | decode vs native |
 |---|---|---|---|---|
