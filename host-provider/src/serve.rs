@@ -347,7 +347,7 @@ fn spawn_generation(
     let (started_tx, started) = oneshot::channel();
     let (tx, rx) = mpsc::channel(64);
     std::thread::spawn(move || {
-        let _permit = permit;
+        let permit = permit;
         let mut tenant: Model = match app.engine.load_model(&path) {
             Ok(m) => m,
             Err(e) => {
@@ -392,6 +392,12 @@ fn spawn_generation(
             (Ok(finish), Ok(usage)) => Piece::Done { finish, usage },
             (Err(e), _) | (_, Err(e)) => Piece::Failed(ApiError::from_run(&e)),
         };
+        // The tenant and its session slot are freed before the client hears the end, so
+        // a client that saw `[DONE]` finds the slot free (`/health`, the next request).
+        drop(generation);
+        drop(session);
+        drop(tenant);
+        drop(permit);
         let _ = tx.blocking_send(done);
     });
     (started, rx)
