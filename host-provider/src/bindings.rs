@@ -13,5 +13,5 @@ wasmtime::component::bindgen!({
 });
 
 pub use exports::realm::inference::runtime;
+pub use exports::realm::inference::types as inference;
 pub use realm::compute::types::{Activation, Dtype, Error as ComputeError, RopeMode};
-pub use realm::inference::types as inference;

@@ -1,10 +1,10 @@
 //! The imported compute provider seen from Rust: the model file as a GGUF `Source`, type
 //! and error conversions.
 
+use crate::exports::realm::inference::types::Error;
 pub use crate::realm::compute::store::{ModelFile, Weight, open_model};
 pub use crate::realm::compute::tensors::{self as ops, KvCache, Tensor};
 pub use crate::realm::compute::types::{Activation, Dtype, Error as ComputeError, RopeMode};
-use crate::realm::inference::types::Error;
 use realm_gguf::{GgmlType, GgufError, Source};
 
 /// Reads through the host handle; the GGUF cursor batches them into 64 KiB windows.

@@ -9,10 +9,10 @@ use realm_gguf::GgufFile;
 use realm_tokenizer::{ChatTemplate, Message as ChatMessage, Tokenizer, Utf8Stream};
 
 use crate::compute::{HostFile, KvCache, ModelFile, open_model};
-use crate::model::{self, Architecture, Output, Scratch};
-use crate::realm::inference::types::{
+use crate::exports::realm::inference::types::{
     Chunk, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt, Usage,
 };
+use crate::model::{self, Architecture, Output, Scratch};
 use crate::sample::{Sampler, SamplerParams};
 
 /// Context positions of a session when the caller asks for the default (0).

@@ -15,7 +15,7 @@ pub mod sample;
 use exports::realm::inference::runtime::{
     Generation, Guest, GuestGeneration, GuestModel, GuestSession, Model, Session,
 };
-use realm::inference::types::{
+use exports::realm::inference::types::{
     Chunk, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt, Usage,
 };
 

@@ -181,8 +181,6 @@ fn ggml_type(d: Dtype) -> GgmlType {
 
 impl types::Host for ComputeState {}
 
-impl crate::bindings::realm::inference::types::Host for ComputeState {}
-
 impl store::Host for ComputeState {
     fn set_max_resident(&mut self, bytes: u64) {
         self.store.set_budget((bytes > 0).then_some(bytes));

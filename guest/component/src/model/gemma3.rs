@@ -7,7 +7,7 @@ use realm_gguf::Hparams;
 
 use super::{Architecture, Loader, Output, Scratch, mean_pooled};
 use crate::compute::{Activation, KvCache, RopeMode, Weight, ops};
-use crate::realm::inference::types::Error;
+use crate::exports::realm::inference::types::Error;
 
 /// Every sixth layer attends globally; the others see the last `sliding_window` positions.
 const GLOBAL_EVERY: usize = 6;

@@ -6,7 +6,7 @@ use realm_gguf::Hparams;
 
 use super::{Architecture, Loader, Output, Scratch, mean_pooled};
 use crate::compute::{Activation, KvCache, RopeMode, Weight, ops};
-use crate::realm::inference::types::Error;
+use crate::exports::realm::inference::types::Error;
 
 struct Layer {
     attn_norm: Weight,   // (n_embd)

@@ -7,7 +7,7 @@ mod llama;
 use realm_gguf::{GgufFile, Hparams, TensorInfo};
 
 use crate::compute::{self, KvCache, ModelFile, Tensor, Weight};
-use crate::realm::inference::types::Error;
+use crate::exports::realm::inference::types::Error;
 
 type LoadFn = fn(Loader<'_>, Hparams) -> Result<Box<dyn Architecture>, Error>;
 
