@@ -4,21 +4,15 @@
 //! Python's `wasmtime` package, Node through `jco`, and `realm run-wasm`. Each must give
 //! the native path's greedy ids (or text, where the host prints text).
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use common::{built, ok, root, text};
 
 fn standalone() -> String {
-    let p = root().join("target/wasm32-wasip2/release/realm-standalone.wasm");
-    assert!(
-        p.exists(),
-        "{} is missing: `make test` builds it (`make standalone`)",
-        p.display()
-    );
-    p.display().to_string()
+    built("realm-standalone.wasm")
 }
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -34,20 +28,6 @@ fn run_in_root(program: &str, args: &[&str]) -> Output {
         .current_dir(root())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
 }
 
 /// The native path: `realm run --json`, greedy, 8 tokens.

@@ -2,49 +2,9 @@
 //! `realm:inference`): composed with the Realm component and a small app that imports
 //! only Spin's `llm` (tests/spin-app), with `realm plug`, then run with `realm run-wasm`.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn built(file: &str) -> String {
-    let p = root().join("target/wasm32-wasip2/release").join(file);
-    assert!(
-        p.exists(),
-        "{} is missing: `make test` builds it (cargo build --release --target wasm32-wasip2)",
-        p.display()
-    );
-    p.display().to_string()
-}
-
-fn model() -> String {
-    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run `make models`", p.display());
-    p.display().to_string()
-}
-
-fn realm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_realm"))
-        .args(args)
-        .output()
-        .expect("realm runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
+use common::{built, ok, realm_output as realm, root, smollm2 as model, text};
 
 /// app ← (adapter ← Realm): a component that imports only WASI and `realm:compute`.
 /// Composed once per test process (the tests run in parallel).

@@ -1,38 +1,12 @@
 //! `realm run-wasm`: a wasi-nn app (tests/wasi-nn-app, written against the wasi-nn WIT
 //! only) runs with Realm as its wasi-nn backend, LlamaEdge-style.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model() -> String {
-    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run `make models`", p.display());
-    p.display().to_string()
-}
+use common::{built, realm_output as realm, root, smollm2 as model, text};
 
 fn app() -> String {
-    let p = root().join("target/wasm32-wasip2/release/realm-nn-app.wasm");
-    assert!(
-        p.exists(),
-        "{} is missing: `make test` builds it (cargo build --release --target wasm32-wasip2 -p realm-nn-app)",
-        p.display()
-    );
-    p.display().to_string()
-}
-
-fn realm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_realm"))
-        .args(args)
-        .output()
-        .expect("realm runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    built("realm-nn-app.wasm")
 }
 
 /// SmolLM2's chat template, written out by the app as LlamaEdge apps do.

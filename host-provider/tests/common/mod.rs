@@ -34,3 +34,62 @@ pub fn run_json(args: &[&str]) -> serde_json::Value {
     let stdout = String::from_utf8(out.stdout).expect("utf-8");
     serde_json::from_str(stdout.trim().lines().last().expect("a line")).expect("json")
 }
+
+/// Bytes as text (lossy), for messages and checks.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A command's stdout, which must have succeeded (else both streams are shown).
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// `realm ARGS…` from the repository root, its output.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn realm_output(args: &[&str]) -> std::process::Output {
+    realm().args(args).output().expect("realm runs")
+}
+
+/// The default model's path, which `make models` fetches.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn smollm2() -> String {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run `make models`", p.display());
+    p.display().to_string()
+}
+
+/// A wasm32-wasip2 build output (a component), which `make test` builds.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn built(file: &str) -> String {
+    let p = root().join("target/wasm32-wasip2/release").join(file);
+    assert!(
+        p.exists(),
+        "{} is missing: `make test` builds it (cargo build --release --target wasm32-wasip2)",
+        p.display()
+    );
+    p.display().to_string()
+}
