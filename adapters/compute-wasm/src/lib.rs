@@ -30,6 +30,7 @@ use exports::realm::compute::types::{Activation, Dtype, Error, RopeMode};
 use half::f16;
 use realm_gguf::GgmlType;
 use realm_kernels::kernels::{self, AttnShape, LayerCache};
+use realm_kernels::ops::{self, OpError};
 use realm_kernels::quant::{self, VecDot};
 
 /// Largest model file this component loads: what a 32-bit linear memory can hold with
@@ -44,6 +45,14 @@ type Res<T> = Result<T, Error>;
 
 fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
+}
+
+fn op_error(e: OpError) -> Error {
+    match e {
+        OpError::InvalidArgument(m) => Error::InvalidArgument(m),
+        OpError::OutOfBounds(m) => Error::OutOfBounds(m),
+        OpError::Unsupported(m) => Error::Unsupported(m),
+    }
 }
 
 fn ggml_type(d: Dtype) -> GgmlType {
@@ -174,51 +183,14 @@ impl GuestModelFile for ModelFile {
 
     fn weight(&self, offset: u64, dtype: Dtype, dims: Vec<u64>) -> Res<store::Weight> {
         let ty = ggml_type(dtype);
-        if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
-            return Err(invalid(format!(
-                "weight shape {dims:?} must have 1 to 4 non-zero dimensions"
-            )));
-        }
-        let n = dims
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| invalid(format!("weight shape {dims:?} overflows")))?;
-        if !dims[0].is_multiple_of(ty.block_size()) {
-            return Err(invalid(format!(
-                "weight rows of {} are not whole {ty} blocks",
-                dims[0]
-            )));
-        }
-        let len = ty
-            .bytes_for(n)
-            .ok_or_else(|| invalid(format!("weight shape {dims:?} overflows")))?;
-        let size = self.0.len() as u64;
-        let end = offset.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
-            Error::OutOfBounds(format!(
-                "weight of {len} bytes at offset {offset} passes the end of the file ({size} bytes)"
-            ))
-        })?;
-        let decoded = match ty {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
-                let mut v = vec![0f32; n as usize];
-                realm_gguf::quant::dequantize(ty, &self.0[offset as usize..end as usize], &mut v)
-                    .map_err(|e| invalid(e.to_string()))?;
-                Some(v)
-            }
-            _ if ty.is_supported() => None,
-            _ => {
-                return Err(Error::Unsupported(format!(
-                    "no kernels for {ty} weights yet"
-                )));
-            }
-        };
+        let w = ops::check_weight(&self.0, offset, ty, &dims).map_err(op_error)?;
         Ok(store::Weight::new(Weight {
             file: self.0.clone(),
-            offset: offset as usize,
-            len: len as usize,
+            offset: w.offset,
+            len: w.len,
             ty,
             dims,
-            decoded,
+            decoded: w.decoded,
         }))
     }
 }

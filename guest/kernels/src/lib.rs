@@ -11,6 +11,7 @@ pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 pub mod kernels;
+pub mod ops;
 pub mod quant;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128;

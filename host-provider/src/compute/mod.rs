@@ -159,6 +159,15 @@ fn handle<E: std::fmt::Display>(e: E) -> ComputeError {
     invalid(format!("bad handle: {e}"))
 }
 
+fn op_error(e: realm_kernels::ops::OpError) -> ComputeError {
+    use realm_kernels::ops::OpError;
+    match e {
+        OpError::InvalidArgument(m) => ComputeError::InvalidArgument(m),
+        OpError::OutOfBounds(m) => ComputeError::OutOfBounds(m),
+        OpError::Unsupported(m) => ComputeError::Unsupported(m),
+    }
+}
+
 fn ggml_type(d: Dtype) -> GgmlType {
     match d {
         Dtype::F32 => GgmlType::F32,
@@ -238,54 +247,18 @@ impl store::HostModelFile for ComputeState {
     ) -> Res<Resource<WeightRes>> {
         let model = self.table.get(&f).map_err(handle)?.model.clone();
         let ty = ggml_type(dtype);
-        if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
-            return Err(invalid(format!(
-                "weight shape {dims:?} must have 1 to 4 non-zero dimensions"
-            )));
-        }
-        let n = dims
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| invalid(format!("weight shape {dims:?} overflows")))?;
-        if !dims[0].is_multiple_of(ty.block_size()) {
-            return Err(invalid(format!(
-                "weight rows of {} are not whole {ty} blocks",
-                dims[0]
-            )));
-        }
-        let len = ty
-            .bytes_for(n)
-            .ok_or_else(|| invalid(format!("weight shape {dims:?} overflows")))?;
-        let size = model.map.len() as u64;
-        let end = offset.checked_add(len).filter(|&e| e <= size).ok_or_else(|| {
-            ComputeError::OutOfBounds(format!("weight of {len} bytes at offset {offset} passes the end of the file ({size} bytes)"))
-        })?;
-        let decoded = match ty {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
-                let mut v = vec![0f32; n as usize];
-                realm_gguf::quant::dequantize(
-                    ty,
-                    &model.map[offset as usize..end as usize],
-                    &mut v,
-                )
-                .map_err(|e| invalid(e.to_string()))?;
-                Some(v)
-            }
-            _ if ty.is_supported() => None,
-            _ => {
-                return Err(ComputeError::Unsupported(format!(
-                    "no kernels for {ty} weights yet"
-                )));
-            }
-        };
-        let unit = decoded.is_none().then(|| {
-            self.store
-                .register(model.clone(), offset as usize, len as usize)
-        });
+        let realm_kernels::ops::CheckedWeight {
+            offset,
+            len,
+            decoded,
+        } = realm_kernels::ops::check_weight(&model.map, offset, ty, &dims).map_err(op_error)?;
+        let unit = decoded
+            .is_none()
+            .then(|| self.store.register(model.clone(), offset, len));
         let w = WeightRes {
             model,
-            offset: offset as usize,
-            len: len as usize,
+            offset,
+            len,
             ty,
             dims,
             decoded,
