@@ -30,14 +30,12 @@ use exports::realm::compute::types::{Activation, Dtype, Error, RopeMode};
 use half::f16;
 use realm_gguf::GgmlType;
 use realm_kernels::kernels::{self, AttnShape, LayerCache};
-use realm_kernels::ops::{self, OpError};
+use realm_kernels::ops::{self, OpError, Tensor as TensorData, WeightView};
 use realm_kernels::quant::{self, VecDot};
 
 /// Largest model file this component loads: what a 32-bit linear memory can hold with
 /// room left for the activations, the KV cache and the guest's own state.
 pub const MAX_MODEL_BYTES: u64 = 3 << 30;
-/// Largest tensor an op may allocate (elements), as in the native host.
-pub const MAX_TENSOR_ELEMENTS: usize = 1 << 28;
 /// Largest KV cache (f16 values, keys and values together) in this memory.
 pub const MAX_KV_ELEMENTS: u64 = 1 << 28;
 
@@ -52,6 +50,7 @@ fn op_error(e: OpError) -> Error {
         OpError::InvalidArgument(m) => Error::InvalidArgument(m),
         OpError::OutOfBounds(m) => Error::OutOfBounds(m),
         OpError::Unsupported(m) => Error::Unsupported(m),
+        OpError::ResourceExhausted(m) => Error::ResourceExhausted(m),
     }
 }
 
@@ -89,6 +88,15 @@ pub struct Weight {
 }
 
 impl Weight {
+    fn view(&self) -> WeightView<'_> {
+        WeightView {
+            ty: self.ty,
+            dims: &self.dims,
+            bytes: self.bytes(),
+            decoded: self.decoded.as_deref(),
+        }
+    }
+
     fn bytes(&self) -> &[u8] {
         &self.file[self.offset..self.offset + self.len]
     }
@@ -100,13 +108,6 @@ impl Weight {
     fn n_rows(&self) -> usize {
         self.dims[1..].iter().product::<u64>() as usize
     }
-}
-
-#[derive(Default)]
-struct TensorData {
-    rows: usize,
-    cols: usize,
-    data: Vec<f32>,
 }
 
 pub struct Tensor(RefCell<TensorData>);
@@ -203,11 +204,7 @@ impl GuestWeight for Weight {
 
 impl GuestTensor for Tensor {
     fn new(cols: u32) -> Self {
-        Tensor(RefCell::new(TensorData {
-            rows: 0,
-            cols: cols as usize,
-            data: Vec::new(),
-        }))
+        Tensor(RefCell::new(TensorData::new(cols as usize)))
     }
 
     fn rows(&self) -> u32 {
@@ -219,29 +216,19 @@ impl GuestTensor for Tensor {
     }
 
     fn read_row(&self, row: u32) -> Res<Vec<f32>> {
-        let t = self.0.borrow();
-        let row = row as usize;
-        if row >= t.rows {
-            return Err(Error::OutOfBounds(format!(
-                "row {row} of a tensor with {} rows",
-                t.rows
-            )));
-        }
-        Ok(t.data[row * t.cols..(row + 1) * t.cols].to_vec())
+        Ok(self
+            .0
+            .borrow()
+            .row(row as usize)
+            .map_err(op_error)?
+            .to_vec())
     }
 
     fn write(&self, rows: u32, data: Vec<f32>) -> Res<()> {
-        let mut t = self.0.borrow_mut();
-        if data.len() != rows as usize * t.cols {
-            return Err(invalid(format!(
-                "{} values for {rows} rows of {}",
-                data.len(),
-                t.cols
-            )));
-        }
-        t.rows = rows as usize;
-        t.data = data;
-        Ok(())
+        self.0
+            .borrow_mut()
+            .write(rows as usize, data)
+            .map_err(op_error)
     }
 }
 
@@ -275,21 +262,6 @@ fn distinct(a: &Tensor, b: &Tensor) -> Res<()> {
     }
 }
 
-fn set_rows(t: &mut TensorData, rows: usize) -> Res<()> {
-    let n = rows
-        .checked_mul(t.cols)
-        .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
-        .ok_or_else(|| {
-            Error::ResourceExhausted(format!(
-                "{rows} × {} tensor is larger than {MAX_TENSOR_ELEMENTS} elements",
-                t.cols
-            ))
-        })?;
-    t.rows = rows;
-    t.data.resize(n, 0.0);
-    Ok(())
-}
-
 fn matmul_into(x: &TensorData, w: &Weight, o: &mut TensorData, s: &mut Scratch) -> Res<()> {
     let (k, n) = (w.row_len(), w.n_rows());
     if x.cols != k || o.cols != n {
@@ -298,7 +270,7 @@ fn matmul_into(x: &TensorData, w: &Weight, o: &mut TensorData, s: &mut Scratch) 
             x.cols, o.cols
         )));
     }
-    set_rows(o, x.rows)?;
+    o.set_rows(x.rows).map_err(op_error)?;
     let wrow = w.ty.row_bytes(k as u64).unwrap_or(0) as usize;
     match (&w.decoded, VecDot::for_weight(w.ty)) {
         (Some(wf), _) => {
@@ -397,7 +369,7 @@ fn attention_into(
     }
     lc.k.extend(k.data.iter().map(|&x| f16::from_f32(x)));
     lc.v.extend(v.data.iter().map(|&x| f16::from_f32(x)));
-    set_rows(o, n)?;
+    o.set_rows(n).map_err(op_error)?;
     let shape = AttnShape {
         n_head,
         n_head_kv: n_kv,
@@ -422,37 +394,8 @@ impl tensors::Guest for Provider {
     type KvCache = KvCache;
 
     fn embed(table: WeightBorrow<'_>, ids: Vec<u32>, scale: f32, out: TensorBorrow<'_>) -> Res<()> {
-        let w = table.get::<Weight>();
         let mut o = out.get::<Tensor>().0.borrow_mut();
-        let (row_len, n_rows) = (w.row_len(), w.n_rows());
-        if o.cols != row_len {
-            return Err(invalid(format!(
-                "embedding rows are {row_len} wide, the output {}",
-                o.cols
-            )));
-        }
-        set_rows(&mut o, ids.len())?;
-        let row_bytes = w.ty.row_bytes(row_len as u64).unwrap_or(0) as usize;
-        for (i, &id) in ids.iter().enumerate() {
-            if id as usize >= n_rows {
-                return Err(Error::OutOfBounds(format!(
-                    "token id {id} is past the {n_rows}-row embedding"
-                )));
-            }
-            let dst = &mut o.data[i * row_len..(i + 1) * row_len];
-            match &w.decoded {
-                Some(d) => dst.copy_from_slice(&d[id as usize * row_len..][..row_len]),
-                None => {
-                    let src = &w.bytes()[id as usize * row_bytes..][..row_bytes];
-                    realm_gguf::quant::dequantize(w.ty, src, dst)
-                        .map_err(|e| invalid(e.to_string()))?;
-                }
-            }
-            if scale != 1.0 {
-                dst.iter_mut().for_each(|v| *v *= scale);
-            }
-        }
-        Ok(())
+        ops::embed(&table.get::<Weight>().view(), &ids, scale, &mut o).map_err(op_error)
     }
 
     fn matmul(x: TensorBorrow<'_>, w: WeightBorrow<'_>, out: TensorBorrow<'_>) -> Res<()> {
@@ -471,23 +414,8 @@ impl tensors::Guest for Provider {
     ) -> Res<()> {
         let (x, out) = (x.get::<Tensor>(), out.get::<Tensor>());
         distinct(x, out)?;
-        let (xt, mut o) = (x.0.borrow(), out.0.borrow_mut());
-        let wv = w
-            .get::<Weight>()
-            .decoded
-            .as_deref()
-            .ok_or_else(|| invalid("rms-norm weights must be f32, f16 or bf16"))?;
-        if wv.is_empty() || o.cols != xt.cols || !xt.cols.is_multiple_of(wv.len()) {
-            return Err(invalid(format!(
-                "rms-norm of width {} with a {}-wide weight into width {}",
-                xt.cols,
-                wv.len(),
-                o.cols
-            )));
-        }
-        set_rows(&mut o, xt.rows)?;
-        kernels::rms_norm(&xt.data, wv, eps, &mut o.data);
-        Ok(())
+        let decoded = w.get::<Weight>().decoded.as_deref();
+        ops::rms_norm(&x.0.borrow(), decoded, eps, &mut out.0.borrow_mut()).map_err(op_error)
     }
 
     fn rope(
@@ -498,22 +426,12 @@ impl tensors::Guest for Provider {
         mode: RopeMode,
     ) -> Res<()> {
         let mut t = x.get::<Tensor>().0.borrow_mut();
-        let hd = head_dim as usize;
-        let base_ok = freq_base.is_finite() && freq_base > 0.0;
-        if hd == 0 || !hd.is_multiple_of(2) || !t.cols.is_multiple_of(hd) || !base_ok {
-            return Err(invalid(format!(
-                "rope with head_dim {hd} on width {} (base {freq_base})",
-                t.cols
-            )));
-        }
-        let cols = t.cols;
-        SCRATCH.with_borrow_mut(|s| {
-            for (i, row) in t.data.chunks_exact_mut(cols).enumerate() {
-                let p = pos.saturating_add(i as u32);
-                kernels::rope(row, hd, p, freq_base, mode == RopeMode::Neox, &mut s.rope);
-            }
-        });
-        Ok(())
+        let neox = mode == RopeMode::Neox;
+        SCRATCH
+            .with_borrow_mut(|s| {
+                ops::rope(&mut t, head_dim as usize, pos, freq_base, neox, &mut s.rope)
+            })
+            .map_err(op_error)
     }
 
     #[allow(clippy::too_many_arguments, reason = "mirrors the WIT signature")]
@@ -557,33 +475,17 @@ impl tensors::Guest for Provider {
     fn glu(gate: TensorBorrow<'_>, up: TensorBorrow<'_>, act: Activation) -> Res<()> {
         let (gate, up) = (gate.get::<Tensor>(), up.get::<Tensor>());
         distinct(gate, up)?;
-        let (g, mut u) = (gate.0.borrow(), up.0.borrow_mut());
-        if g.data.len() != u.data.len() || g.cols != u.cols {
-            return Err(invalid(format!(
-                "glu of {}×{} and {}×{}",
-                g.rows, g.cols, u.rows, u.cols
-            )));
-        }
         let f = match act {
             Activation::Silu => kernels::Gate::Silu,
             Activation::GeluTanh => kernels::Gate::GeluTanh,
         };
-        kernels::glu(&g.data, &mut u.data, f);
-        Ok(())
+        ops::glu(&gate.0.borrow(), &mut up.0.borrow_mut(), f).map_err(op_error)
     }
 
     fn add(acc: TensorBorrow<'_>, x: TensorBorrow<'_>) -> Res<()> {
         let (acc, x) = (acc.get::<Tensor>(), x.get::<Tensor>());
         distinct(acc, x)?;
-        let (mut a, xt) = (acc.0.borrow_mut(), x.0.borrow());
-        if xt.data.len() != a.data.len() {
-            return Err(invalid(format!(
-                "add of {}×{} and {}×{}",
-                a.rows, a.cols, xt.rows, xt.cols
-            )));
-        }
-        a.data.iter_mut().zip(&xt.data).for_each(|(a, &b)| *a += b);
-        Ok(())
+        ops::add(&mut acc.0.borrow_mut(), &x.0.borrow()).map_err(op_error)
     }
 
     fn scale(x: TensorBorrow<'_>, s: f32) -> Res<()> {
@@ -597,22 +499,11 @@ impl tensors::Guest for Provider {
     }
 
     fn softmax(x: TensorBorrow<'_>) -> Res<()> {
-        let mut t = x.get::<Tensor>().0.borrow_mut();
-        if t.cols == 0 {
-            return Err(invalid("softmax of a zero-width tensor"));
-        }
-        let cols = t.cols;
-        t.data.chunks_exact_mut(cols).for_each(kernels::softmax);
-        Ok(())
+        ops::softmax(&mut x.get::<Tensor>().0.borrow_mut()).map_err(op_error)
     }
 
     fn keep_last_row(x: TensorBorrow<'_>) -> Res<()> {
-        let mut t = x.get::<Tensor>().0.borrow_mut();
-        if t.rows > 1 {
-            let start = (t.rows - 1) * t.cols;
-            t.data.drain(..start);
-            t.rows = 1;
-        }
+        ops::keep_last_row(&mut x.get::<Tensor>().0.borrow_mut());
         Ok(())
     }
 }

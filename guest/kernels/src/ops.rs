@@ -9,6 +9,204 @@ pub enum OpError {
     InvalidArgument(String),
     OutOfBounds(String),
     Unsupported(String),
+    ResourceExhausted(String),
+}
+
+fn invalid(m: impl Into<String>) -> OpError {
+    OpError::InvalidArgument(m.into())
+}
+
+/// Largest tensor an op may allocate (elements).
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 28;
+
+/// An f32 activation tensor, row-major: the providers' `tensor` resource.
+#[derive(Debug, Default)]
+pub struct Tensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    /// An empty tensor `cols` wide.
+    pub fn new(cols: usize) -> Self {
+        Tensor {
+            rows: 0,
+            cols,
+            data: Vec::new(),
+        }
+    }
+
+    /// Row `row`, or an error past the end.
+    pub fn row(&self, row: usize) -> Result<&[f32], OpError> {
+        if row >= self.rows {
+            return Err(OpError::OutOfBounds(format!(
+                "row {row} of a tensor with {} rows",
+                self.rows
+            )));
+        }
+        Ok(&self.data[row * self.cols..(row + 1) * self.cols])
+    }
+
+    /// Replaces the contents with `rows` rows of `data`.
+    pub fn write(&mut self, rows: usize, data: Vec<f32>) -> Result<(), OpError> {
+        if data.len() != rows * self.cols {
+            return Err(invalid(format!(
+                "{} values for {rows} rows of {}",
+                data.len(),
+                self.cols
+            )));
+        }
+        self.rows = rows;
+        self.data = data;
+        Ok(())
+    }
+
+    /// `rows` rows (contents unspecified), within [`MAX_TENSOR_ELEMENTS`].
+    pub fn set_rows(&mut self, rows: usize) -> Result<(), OpError> {
+        let n = rows
+            .checked_mul(self.cols)
+            .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
+            .ok_or_else(|| {
+                OpError::ResourceExhausted(format!(
+                    "{rows} × {} tensor is larger than {MAX_TENSOR_ELEMENTS} elements",
+                    self.cols
+                ))
+            })?;
+        self.rows = rows;
+        self.data.resize(n, 0.0);
+        Ok(())
+    }
+}
+
+/// A weight as the ops read it.
+pub struct WeightView<'a> {
+    pub ty: GgmlType,
+    pub dims: &'a [u64],
+    /// Its bytes in the file.
+    pub bytes: &'a [u8],
+    /// Its values, for the types decoded at load.
+    pub decoded: Option<&'a [f32]>,
+}
+
+/// Rows `ids` of the table `w`, times `scale`, into `o`.
+pub fn embed(w: &WeightView, ids: &[u32], scale: f32, o: &mut Tensor) -> Result<(), OpError> {
+    let row_len = w.dims[0] as usize;
+    let n_rows = w.dims[1..].iter().product::<u64>() as usize;
+    if o.cols != row_len {
+        return Err(invalid(format!(
+            "embedding rows are {row_len} wide, the output {}",
+            o.cols
+        )));
+    }
+    o.set_rows(ids.len())?;
+    let row_bytes = w.ty.row_bytes(row_len as u64).unwrap_or(0) as usize;
+    for (i, &id) in ids.iter().enumerate() {
+        if id as usize >= n_rows {
+            return Err(OpError::OutOfBounds(format!(
+                "token id {id} is past the {n_rows}-row embedding"
+            )));
+        }
+        let dst = &mut o.data[i * row_len..(i + 1) * row_len];
+        match w.decoded {
+            Some(d) => dst.copy_from_slice(&d[id as usize * row_len..][..row_len]),
+            None => {
+                let src = &w.bytes[id as usize * row_bytes..][..row_bytes];
+                realm_gguf::quant::dequantize(w.ty, src, dst)
+                    .map_err(|e| invalid(e.to_string()))?;
+            }
+        }
+        if scale != 1.0 {
+            dst.iter_mut().for_each(|v| *v *= scale);
+        }
+    }
+    Ok(())
+}
+
+/// RMS norm of `x` by the decoded weight `w` into `o`.
+pub fn rms_norm(x: &Tensor, w: Option<&[f32]>, eps: f32, o: &mut Tensor) -> Result<(), OpError> {
+    let wv = w.ok_or_else(|| invalid("rms-norm weights must be f32, f16 or bf16"))?;
+    if wv.is_empty() || o.cols != x.cols || !x.cols.is_multiple_of(wv.len()) {
+        return Err(invalid(format!(
+            "rms-norm of width {} with a {}-wide weight into width {}",
+            x.cols,
+            wv.len(),
+            o.cols
+        )));
+    }
+    o.set_rows(x.rows)?;
+    crate::kernels::rms_norm(&x.data, wv, eps, &mut o.data);
+    Ok(())
+}
+
+/// RoPE in place on every row of `t` (row `i` at position `pos + i`).
+pub fn rope(
+    t: &mut Tensor,
+    head_dim: usize,
+    pos: u32,
+    freq_base: f32,
+    neox: bool,
+    cache: &mut Vec<(f32, f32)>,
+) -> Result<(), OpError> {
+    let base_ok = freq_base.is_finite() && freq_base > 0.0;
+    if head_dim == 0 || !head_dim.is_multiple_of(2) || !t.cols.is_multiple_of(head_dim) || !base_ok
+    {
+        return Err(invalid(format!(
+            "rope with head_dim {head_dim} on width {} (base {freq_base})",
+            t.cols
+        )));
+    }
+    let cols = t.cols;
+    for (i, row) in t.data.chunks_exact_mut(cols).enumerate() {
+        let p = pos.saturating_add(i as u32);
+        crate::kernels::rope(row, head_dim, p, freq_base, neox, cache);
+    }
+    Ok(())
+}
+
+/// `up = act(gate) · up`.
+pub fn glu(gate: &Tensor, up: &mut Tensor, act: crate::kernels::Gate) -> Result<(), OpError> {
+    if gate.data.len() != up.data.len() || gate.cols != up.cols {
+        return Err(invalid(format!(
+            "glu of {}×{} and {}×{}",
+            gate.rows, gate.cols, up.rows, up.cols
+        )));
+    }
+    crate::kernels::glu(&gate.data, &mut up.data, act);
+    Ok(())
+}
+
+/// `acc += x`.
+pub fn add(acc: &mut Tensor, x: &Tensor) -> Result<(), OpError> {
+    if x.data.len() != acc.data.len() {
+        return Err(invalid(format!(
+            "add of {}×{} and {}×{}",
+            acc.rows, acc.cols, x.rows, x.cols
+        )));
+    }
+    acc.data.iter_mut().zip(&x.data).for_each(|(a, &b)| *a += b);
+    Ok(())
+}
+
+/// Softmax of each row.
+pub fn softmax(t: &mut Tensor) -> Result<(), OpError> {
+    if t.cols == 0 {
+        return Err(invalid("softmax of a zero-width tensor"));
+    }
+    let cols = t.cols;
+    t.data
+        .chunks_exact_mut(cols)
+        .for_each(crate::kernels::softmax);
+    Ok(())
+}
+
+/// Keeps only the last row.
+pub fn keep_last_row(t: &mut Tensor) {
+    if t.rows > 1 {
+        let start = (t.rows - 1) * t.cols;
+        t.data.drain(..start);
+        t.rows = 1;
+    }
 }
 
 /// A weight that passed [`check_weight`]: its bytes (`offset..offset + len` of the file)
@@ -28,7 +226,6 @@ pub fn check_weight(
     ty: GgmlType,
     dims: &[u64],
 ) -> Result<CheckedWeight, OpError> {
-    let invalid = |m: String| OpError::InvalidArgument(m);
     if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
         return Err(invalid(format!(
             "weight shape {dims:?} must have 1 to 4 non-zero dimensions"

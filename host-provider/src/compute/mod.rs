@@ -7,7 +7,7 @@ pub mod spin;
 
 #[cfg(target_arch = "x86_64")]
 use realm_kernels::{avx2, avx512};
-pub use realm_kernels::{kernels, quant};
+pub use realm_kernels::{kernels, ops, quant};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -63,6 +63,15 @@ pub struct WeightRes {
 }
 
 impl WeightRes {
+    fn view(&self) -> ops::WeightView<'_> {
+        ops::WeightView {
+            ty: self.ty,
+            dims: &self.dims,
+            bytes: self.bytes(),
+            decoded: self.decoded.as_deref(),
+        }
+    }
+
     fn bytes(&self) -> &[u8] {
         &self.model.map[self.offset..self.offset + self.len]
     }
@@ -76,12 +85,8 @@ impl WeightRes {
     }
 }
 
-#[derive(Debug, Default)]
-pub struct TensorRes {
-    rows: usize,
-    cols: usize,
-    data: Vec<f32>,
-}
+/// An f32 activation tensor (shared with the WebAssembly provider).
+pub type TensorRes = realm_kernels::ops::Tensor;
 
 pub struct KvCacheRes {
     n_ctx: usize,
@@ -91,7 +96,7 @@ pub struct KvCacheRes {
 }
 
 /// Largest tensor a guest may make the host allocate (elements).
-pub const MAX_TENSOR_ELEMENTS: usize = 1 << 28;
+pub use realm_kernels::ops::MAX_TENSOR_ELEMENTS;
 /// Largest KV cache (f16 values, keys and values together).
 pub const MAX_KV_ELEMENTS: u64 = 1 << 32;
 
@@ -159,12 +164,13 @@ fn handle<E: std::fmt::Display>(e: E) -> ComputeError {
     invalid(format!("bad handle: {e}"))
 }
 
-fn op_error(e: realm_kernels::ops::OpError) -> ComputeError {
-    use realm_kernels::ops::OpError;
+fn op_error(e: ops::OpError) -> ComputeError {
+    use ops::OpError;
     match e {
         OpError::InvalidArgument(m) => ComputeError::InvalidArgument(m),
         OpError::OutOfBounds(m) => ComputeError::OutOfBounds(m),
         OpError::Unsupported(m) => ComputeError::Unsupported(m),
+        OpError::ResourceExhausted(m) => ComputeError::ResourceExhausted(m),
     }
 }
 
@@ -247,11 +253,11 @@ impl store::HostModelFile for ComputeState {
     ) -> Res<Resource<WeightRes>> {
         let model = self.table.get(&f).map_err(handle)?.model.clone();
         let ty = ggml_type(dtype);
-        let realm_kernels::ops::CheckedWeight {
+        let ops::CheckedWeight {
             offset,
             len,
             decoded,
-        } = realm_kernels::ops::check_weight(&model.map, offset, ty, &dims).map_err(op_error)?;
+        } = ops::check_weight(&model.map, offset, ty, &dims).map_err(op_error)?;
         let unit = decoded
             .is_none()
             .then(|| self.store.register(model.clone(), offset, len));
@@ -293,11 +299,7 @@ impl tensors::HostTensor for ComputeState {
     fn new(&mut self, cols: u32) -> Resource<TensorRes> {
         // A zero-width tensor is allowed to exist; every op rejects it.
         self.table
-            .push(TensorRes {
-                rows: 0,
-                cols: cols as usize,
-                data: Vec::new(),
-            })
+            .push(TensorRes::new(cols as usize))
             .unwrap_or_else(|_| Resource::new_own(u32::MAX))
     }
 
@@ -311,28 +313,12 @@ impl tensors::HostTensor for ComputeState {
 
     fn read_row(&mut self, t: Resource<TensorRes>, row: u32) -> Res<Vec<f32>> {
         let t = self.table.get(&t).map_err(handle)?;
-        let row = row as usize;
-        if row >= t.rows {
-            return Err(ComputeError::OutOfBounds(format!(
-                "row {row} of a tensor with {} rows",
-                t.rows
-            )));
-        }
-        Ok(t.data[row * t.cols..(row + 1) * t.cols].to_vec())
+        Ok(t.row(row as usize).map_err(op_error)?.to_vec())
     }
 
     fn write(&mut self, t: Resource<TensorRes>, rows: u32, data: Vec<f32>) -> Res<()> {
         let t = self.table.get_mut(&t).map_err(handle)?;
-        if data.len() != rows as usize * t.cols {
-            return Err(invalid(format!(
-                "{} values for {rows} rows of {}",
-                data.len(),
-                t.cols
-            )));
-        }
-        t.rows = rows as usize;
-        t.data = data;
-        Ok(())
+        t.write(rows as usize, data).map_err(op_error)
     }
 
     fn drop(&mut self, t: Resource<TensorRes>) -> wasmtime::Result<()> {
@@ -387,14 +373,7 @@ impl ComputeState {
     /// Take a tensor's buffer out of the table (to write it while reading others).
     fn take(&mut self, t: &Resource<TensorRes>) -> Res<TensorRes> {
         let t = self.table.get_mut(t).map_err(handle)?;
-        Ok(std::mem::replace(
-            t,
-            TensorRes {
-                rows: 0,
-                cols: t.cols,
-                data: Vec::new(),
-            },
-        ))
+        Ok(std::mem::replace(t, TensorRes::new(t.cols)))
     }
 
     fn put(&mut self, t: &Resource<TensorRes>, value: TensorRes) -> Res<()> {
@@ -415,21 +394,6 @@ impl ComputeState {
     }
 }
 
-fn set_rows(t: &mut TensorRes, rows: usize) -> Res<()> {
-    let n = rows
-        .checked_mul(t.cols)
-        .filter(|&n| n <= MAX_TENSOR_ELEMENTS)
-        .ok_or_else(|| {
-            ComputeError::ResourceExhausted(format!(
-                "{rows} × {} tensor is larger than {MAX_TENSOR_ELEMENTS} elements",
-                t.cols
-            ))
-        })?;
-    t.rows = rows;
-    t.data.resize(n, 0.0);
-    Ok(())
-}
-
 impl tensors::Host for ComputeState {
     fn embed(
         &mut self,
@@ -445,38 +409,11 @@ impl tensors::Host for ComputeState {
             |s| &mut s.other_ns,
             |st| {
                 let mut o = st.take(&out)?;
-                let r = (|| {
-                    let w = st.table.get(&table).map_err(handle)?;
-                    let (row_len, n_rows) = (w.row_len(), w.n_rows());
-                    if o.cols != row_len {
-                        return Err(invalid(format!(
-                            "embedding rows are {row_len} wide, the output {}",
-                            o.cols
-                        )));
-                    }
-                    set_rows(&mut o, ids.len())?;
-                    let row_bytes = w.ty.row_bytes(row_len as u64).unwrap_or(0) as usize;
-                    for (i, &id) in ids.iter().enumerate() {
-                        if id as usize >= n_rows {
-                            return Err(ComputeError::OutOfBounds(format!(
-                                "token id {id} is past the {n_rows}-row embedding"
-                            )));
-                        }
-                        let dst = &mut o.data[i * row_len..(i + 1) * row_len];
-                        match &w.decoded {
-                            Some(d) => dst.copy_from_slice(&d[id as usize * row_len..][..row_len]),
-                            None => {
-                                let src = &w.bytes()[id as usize * row_bytes..][..row_bytes];
-                                realm_gguf::quant::dequantize(w.ty, src, dst)
-                                    .map_err(|e| invalid(e.to_string()))?;
-                            }
-                        }
-                        if scale != 1.0 {
-                            dst.iter_mut().for_each(|v| *v *= scale);
-                        }
-                    }
-                    Ok(())
-                })();
+                let r = st
+                    .table
+                    .get(&table)
+                    .map_err(handle)
+                    .and_then(|w| ops::embed(&w.view(), &ids, scale, &mut o).map_err(op_error));
                 st.put(&out, o)?;
                 r
             },
@@ -516,21 +453,7 @@ impl tensors::Host for ComputeState {
                 let r = (|| {
                     let xt = st.table.get(&x).map_err(handle)?;
                     let wt = st.table.get(&w).map_err(handle)?;
-                    let wv = wt
-                        .decoded
-                        .as_deref()
-                        .ok_or_else(|| invalid("rms-norm weights must be f32, f16 or bf16"))?;
-                    if wv.is_empty() || o.cols != xt.cols || !xt.cols.is_multiple_of(wv.len()) {
-                        return Err(invalid(format!(
-                            "rms-norm of width {} with a {}-wide weight into width {}",
-                            xt.cols,
-                            wv.len(),
-                            o.cols
-                        )));
-                    }
-                    set_rows(&mut o, xt.rows)?;
-                    kernels::rms_norm(&xt.data, wv, eps, &mut o.data);
-                    Ok(())
+                    ops::rms_norm(xt, wt.decoded.as_deref(), eps, &mut o).map_err(op_error)
                 })();
                 st.put(&out, o)?;
                 r
@@ -551,27 +474,10 @@ impl tensors::Host for ComputeState {
             |st| {
                 let mut cache = std::mem::take(&mut st.rope_cache);
                 let t = st.table.get_mut(&x).map_err(handle)?;
-                let hd = head_dim as usize;
-                let base_ok = freq_base.is_finite() && freq_base > 0.0;
-                if hd == 0 || !hd.is_multiple_of(2) || !t.cols.is_multiple_of(hd) || !base_ok {
-                    return Err(invalid(format!(
-                        "rope with head_dim {hd} on width {} (base {freq_base})",
-                        t.cols
-                    )));
-                }
-                let cols = t.cols;
-                for (i, row) in t.data.chunks_exact_mut(cols).enumerate() {
-                    kernels::rope(
-                        row,
-                        hd,
-                        pos.saturating_add(i as u32),
-                        freq_base,
-                        mode == RopeMode::Neox,
-                        &mut cache,
-                    );
-                }
+                let neox = mode == RopeMode::Neox;
+                let r = ops::rope(t, head_dim as usize, pos, freq_base, neox, &mut cache);
                 st.rope_cache = cache;
-                Ok(())
+                r.map_err(op_error)
             },
         )
     }
@@ -628,18 +534,11 @@ impl tensors::Host for ComputeState {
                 let mut u = st.take(&up)?;
                 let r = (|| {
                     let g = st.table.get(&gate).map_err(handle)?;
-                    if g.data.len() != u.data.len() || g.cols != u.cols {
-                        return Err(invalid(format!(
-                            "glu of {}×{} and {}×{}",
-                            g.rows, g.cols, u.rows, u.cols
-                        )));
-                    }
                     let f = match act {
                         Activation::Silu => kernels::Gate::Silu,
                         Activation::GeluTanh => kernels::Gate::GeluTanh,
                     };
-                    kernels::glu(&g.data, &mut u.data, f);
-                    Ok(())
+                    ops::glu(g, &mut u, f).map_err(op_error)
                 })();
                 st.put(&up, u)?;
                 r
@@ -655,14 +554,7 @@ impl tensors::Host for ComputeState {
                 let mut a = st.take(&acc)?;
                 let r = (|| {
                     let xt = st.table.get(&x).map_err(handle)?;
-                    if xt.data.len() != a.data.len() {
-                        return Err(invalid(format!(
-                            "add of {}×{} and {}×{}",
-                            a.rows, a.cols, xt.rows, xt.cols
-                        )));
-                    }
-                    a.data.iter_mut().zip(&xt.data).for_each(|(a, &b)| *a += b);
-                    Ok(())
+                    ops::add(&mut a, xt).map_err(op_error)
                 })();
                 st.put(&acc, a)?;
                 r
@@ -678,21 +570,12 @@ impl tensors::Host for ComputeState {
 
     fn softmax(&mut self, x: Resource<TensorRes>) -> Res<()> {
         let t = self.table.get_mut(&x).map_err(handle)?;
-        if t.cols == 0 {
-            return Err(invalid("softmax of a zero-width tensor"));
-        }
-        let cols = t.cols;
-        t.data.chunks_exact_mut(cols).for_each(kernels::softmax);
-        Ok(())
+        ops::softmax(t).map_err(op_error)
     }
 
     fn keep_last_row(&mut self, x: Resource<TensorRes>) -> Res<()> {
         let t = self.table.get_mut(&x).map_err(handle)?;
-        if t.rows > 1 {
-            let start = (t.rows - 1) * t.cols;
-            t.data.drain(..start);
-            t.rows = 1;
-        }
+        ops::keep_last_row(t);
         Ok(())
     }
 }
@@ -758,7 +641,7 @@ impl ComputeState {
                 xt.cols, o.cols
             )));
         }
-        set_rows(o, xt.rows)?;
+        o.set_rows(xt.rows).map_err(op_error)?;
         let rows = xt.rows;
         let pool = self.pool.clone();
         match (&wt.decoded, VecDot::for_weight(wt.ty)) {
@@ -987,7 +870,7 @@ impl ComputeState {
             lc.k.extend(kt.data.iter().map(|&x| f16::from_f32(x)));
             lc.v.extend(vt.data.iter().map(|&x| f16::from_f32(x)));
 
-            set_rows(o, n)?;
+            o.set_rows(n).map_err(op_error)?;
             let lc = &*lc;
             let shape = kernels::AttnShape {
                 n_head,
