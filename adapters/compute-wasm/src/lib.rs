@@ -29,8 +29,8 @@ use exports::realm::compute::tensors::{self, GuestKvCache, GuestTensor, TensorBo
 use exports::realm::compute::types::{Activation, Dtype, Error, RopeMode};
 use half::f16;
 use realm_gguf::GgmlType;
-use realm_kernels::kernels::{self, AttnShape, LayerCache};
-use realm_kernels::ops::{self, OpError, Tensor as TensorData, WeightView};
+use realm_kernels::kernels;
+use realm_kernels::ops::{self, KvCache as KvData, OpError, Tensor as TensorData, WeightView};
 use realm_kernels::quant::{self, VecDot};
 
 /// Largest model file this component loads: what a 32-bit linear memory can hold with
@@ -111,13 +111,6 @@ impl Weight {
 }
 
 pub struct Tensor(RefCell<TensorData>);
-
-struct KvData {
-    n_ctx: usize,
-    n_head_kv: usize,
-    head_dim: usize,
-    layers: Vec<LayerCache>,
-}
 
 pub struct KvCache(RefCell<KvData>);
 
@@ -234,15 +227,9 @@ impl GuestTensor for Tensor {
 
 impl GuestKvCache for KvCache {
     fn new(n_layer: u32, n_ctx: u32, n_head_kv: u32, head_dim: u32) -> Self {
-        // Sizes are checked when the cache is first written, as in the native host.
-        KvCache(RefCell::new(KvData {
-            n_ctx: n_ctx as usize,
-            n_head_kv: n_head_kv as usize,
-            head_dim: head_dim as usize,
-            layers: (0..n_layer.min(4096))
-                .map(|_| LayerCache::default())
-                .collect(),
-        }))
+        KvCache(RefCell::new(KvData::new(
+            n_layer, n_ctx, n_head_kv, head_dim,
+        )))
     }
 
     fn capacity(&self) -> u32 {
@@ -326,57 +313,18 @@ fn attention_into(
     o: &mut TensorData,
     s: &mut Scratch,
 ) -> Res<()> {
-    let (hd, n_kv) = (c.head_dim, c.n_head_kv);
-    let kv_width = n_kv * hd;
-    if hd == 0 || n_kv == 0 || n_head == 0 || !n_head.is_multiple_of(n_kv) {
-        return Err(invalid(format!(
-            "attention with {n_head} heads over {n_kv} KV heads of {hd}"
-        )));
-    }
-    if q.cols != n_head * hd || k.cols != kv_width || v.cols != kv_width || o.cols != q.cols {
-        return Err(invalid(
-            "attention tensor widths disagree with the cache's heads",
-        ));
-    }
-    if k.rows != q.rows || v.rows != q.rows {
-        return Err(invalid("q, k and v must have the same number of rows"));
-    }
-    let n = q.rows;
-    if pos.checked_add(n).is_none_or(|end| end > c.n_ctx) {
-        return Err(Error::ResourceExhausted(format!(
-            "positions {pos}..{} pass the context of {}",
-            pos + n,
-            c.n_ctx
-        )));
-    }
-    if (c.n_ctx as u64) * (kv_width as u64) * (c.layers.len() as u64) * 2 > MAX_KV_ELEMENTS {
-        return Err(Error::ResourceExhausted(
-            "KV cache larger than this component's memory allows".into(),
-        ));
-    }
-    let n_layers = c.layers.len();
-    let lc = c
-        .layers
-        .get_mut(layer)
-        .ok_or_else(|| invalid(format!("layer {layer} of a {n_layers}-layer cache")))?;
-    lc.k.truncate(pos * kv_width);
-    lc.v.truncate(pos * kv_width);
-    if lc.k.len() != pos * kv_width {
-        return Err(invalid(format!(
-            "position {pos} skips past the {} cached positions",
-            lc.k.len() / kv_width
-        )));
-    }
-    lc.k.extend(k.data.iter().map(|&x| f16::from_f32(x)));
-    lc.v.extend(v.data.iter().map(|&x| f16::from_f32(x)));
-    o.set_rows(n).map_err(op_error)?;
-    let shape = AttnShape {
+    let shape = ops::append_kv(
+        c,
+        (q, k, v),
+        layer,
+        pos,
         n_head,
-        n_head_kv: n_kv,
-        head_dim: hd,
-        scale,
-        window,
-    };
+        (scale, window),
+        MAX_KV_ELEMENTS,
+        o,
+    )
+    .map_err(op_error)?;
+    let lc = &c.layers[layer];
     let cols = q.cols;
     for (i, (orow, qrow)) in o
         .data

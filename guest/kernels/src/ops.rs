@@ -1,7 +1,10 @@
 //! Checks shared by the compute providers (the native host and the WebAssembly one), so
 //! both refuse the same requests with the same messages.
 
+use half::f16;
 use realm_gguf::GgmlType;
+
+use crate::kernels::{AttnShape, LayerCache};
 
 /// Why a request was refused; each provider maps it to its own WIT error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,4 +311,105 @@ mod tests {
             assert!(msg.contains(why), "{msg}");
         }
     }
+}
+
+/// A KV cache: per layer, the f16 keys and values of every position so far.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    pub n_ctx: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    /// Sizes are checked when the cache is first written (construction cannot fail in WIT).
+    pub fn new(n_layer: u32, n_ctx: u32, n_head_kv: u32, head_dim: u32) -> Self {
+        KvCache {
+            n_ctx: n_ctx as usize,
+            n_head_kv: n_head_kv as usize,
+            head_dim: head_dim as usize,
+            layers: (0..n_layer.min(4096))
+                .map(|_| LayerCache::default())
+                .collect(),
+        }
+    }
+
+    /// The same geometry, no layers (while the layers are borrowed elsewhere).
+    pub fn shell(&self) -> Self {
+        KvCache {
+            n_ctx: self.n_ctx,
+            n_head_kv: self.n_head_kv,
+            head_dim: self.head_dim,
+            layers: Vec::new(),
+        }
+    }
+}
+
+/// The checks and the cache update of the attention op: `q`, `k`, `v` against the cache's
+/// heads and context (at most `max_kv` cached values in all), then `k` and `v` (as f16)
+/// stored at positions `pos..` of `layer` (a later position overwrites the tail), and `o`
+/// sized to `q`'s rows. Returns the shape for [`crate::kernels::attend_row`].
+#[allow(clippy::too_many_arguments, reason = "the attention op's arguments")]
+pub fn append_kv(
+    c: &mut KvCache,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    layer: usize,
+    pos: usize,
+    n_head: usize,
+    (scale, window): (f32, usize),
+    max_kv: u64,
+    o: &mut Tensor,
+) -> Result<AttnShape, OpError> {
+    let (hd, n_kv) = (c.head_dim, c.n_head_kv);
+    let kv_width = n_kv * hd;
+    if hd == 0 || n_kv == 0 || n_head == 0 || !n_head.is_multiple_of(n_kv) {
+        return Err(invalid(format!(
+            "attention with {n_head} heads over {n_kv} KV heads of {hd}"
+        )));
+    }
+    if q.cols != n_head * hd || k.cols != kv_width || v.cols != kv_width || o.cols != q.cols {
+        return Err(invalid(
+            "attention tensor widths disagree with the cache's heads",
+        ));
+    }
+    if k.rows != q.rows || v.rows != q.rows {
+        return Err(invalid("q, k and v must have the same number of rows"));
+    }
+    let n = q.rows;
+    if pos.checked_add(n).is_none_or(|end| end > c.n_ctx) {
+        return Err(OpError::ResourceExhausted(format!(
+            "positions {pos}..{} pass the context of {}",
+            pos + n,
+            c.n_ctx
+        )));
+    }
+    if (c.n_ctx as u64) * (kv_width as u64) * (c.layers.len() as u64) * 2 > max_kv {
+        return Err(OpError::ResourceExhausted(format!(
+            "a KV cache of more than {max_kv} values is larger than this provider allows"
+        )));
+    }
+    let n_layers = c.layers.len();
+    let lc = c
+        .layers
+        .get_mut(layer)
+        .ok_or_else(|| invalid(format!("layer {layer} of a {n_layers}-layer cache")))?;
+    lc.k.truncate(pos * kv_width);
+    lc.v.truncate(pos * kv_width);
+    if lc.k.len() != pos * kv_width {
+        return Err(invalid(format!(
+            "position {pos} skips past the {} cached positions",
+            lc.k.len() / kv_width
+        )));
+    }
+    lc.k.extend(k.data.iter().map(|&x| f16::from_f32(x)));
+    lc.v.extend(v.data.iter().map(|&x| f16::from_f32(x)));
+    o.set_rows(n)?;
+    Ok(AttnShape {
+        n_head,
+        n_head_kv: n_kv,
+        head_dim: hd,
+        scale,
+        window,
+    })
 }

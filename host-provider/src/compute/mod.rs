@@ -20,7 +20,6 @@ use wasmtime::component::{Resource, ResourceTable};
 
 use crate::bindings::realm::compute::{store, tensors, types};
 use crate::bindings::{Activation, ComputeError, Dtype, RopeMode};
-use kernels::LayerCache;
 use quant::VecDot;
 
 /// A model file mapped into the host's memory, shared read-only.
@@ -88,12 +87,8 @@ impl WeightRes {
 /// An f32 activation tensor (shared with the WebAssembly provider).
 pub type TensorRes = realm_kernels::ops::Tensor;
 
-pub struct KvCacheRes {
-    n_ctx: usize,
-    n_head_kv: usize,
-    head_dim: usize,
-    layers: Vec<LayerCache>,
-}
+/// A KV cache (shared with the WebAssembly provider).
+pub type KvCacheRes = realm_kernels::ops::KvCache;
 
 /// Largest tensor a guest may make the host allocate (elements).
 pub use realm_kernels::ops::MAX_TENSOR_ELEMENTS;
@@ -335,15 +330,7 @@ impl tensors::HostKvCache for ComputeState {
         n_head_kv: u32,
         head_dim: u32,
     ) -> Resource<KvCacheRes> {
-        // Sizes are checked when the cache is first written: construction cannot fail in WIT.
-        let c = KvCacheRes {
-            n_ctx: n_ctx as usize,
-            n_head_kv: n_head_kv as usize,
-            head_dim: head_dim as usize,
-            layers: (0..n_layer.min(4096))
-                .map(|_| LayerCache::default())
-                .collect(),
-        };
+        let c = KvCacheRes::new(n_layer, n_ctx, n_head_kv, head_dim);
         self.table
             .push(c)
             .unwrap_or_else(|_| Resource::new_own(u32::MAX))
@@ -805,15 +792,8 @@ impl ComputeState {
         // Append k and v to the cache (taken out of the table while we read the others).
         let mut c = {
             let c = self.table.get_mut(cache).map_err(handle)?;
-            std::mem::replace(
-                c,
-                KvCacheRes {
-                    n_ctx: c.n_ctx,
-                    n_head_kv: c.n_head_kv,
-                    head_dim: c.head_dim,
-                    layers: Vec::new(),
-                },
-            )
+            let shell = c.shell();
+            std::mem::replace(c, shell)
         };
         let r = (|| {
             let (qt, kt, vt) = (
@@ -821,64 +801,19 @@ impl ComputeState {
                 self.table.get(k).map_err(handle)?,
                 self.table.get(v).map_err(handle)?,
             );
-            let (hd, n_kv) = (c.head_dim, c.n_head_kv);
-            let kv_width = n_kv * hd;
-            if hd == 0 || n_kv == 0 || n_head == 0 || !n_head.is_multiple_of(n_kv) {
-                return Err(invalid(format!(
-                    "attention with {n_head} heads over {n_kv} KV heads of {hd}"
-                )));
-            }
-            if qt.cols != n_head * hd
-                || kt.cols != kv_width
-                || vt.cols != kv_width
-                || o.cols != qt.cols
-            {
-                return Err(invalid(
-                    "attention tensor widths disagree with the cache's heads",
-                ));
-            }
-            if kt.rows != qt.rows || vt.rows != qt.rows {
-                return Err(invalid("q, k and v must have the same number of rows"));
-            }
-            let n = qt.rows;
-            if pos.checked_add(n).is_none_or(|end| end > c.n_ctx) {
-                return Err(ComputeError::ResourceExhausted(format!(
-                    "positions {pos}..{} pass the context of {}",
-                    pos + n,
-                    c.n_ctx
-                )));
-            }
-            if (c.n_ctx as u64) * (kv_width as u64) * (c.layers.len() as u64) * 2 > MAX_KV_ELEMENTS
-            {
-                return Err(ComputeError::ResourceExhausted(
-                    "KV cache larger than the host allows".into(),
-                ));
-            }
-            let n_layers = c.layers.len();
-            let lc = c
-                .layers
-                .get_mut(layer)
-                .ok_or_else(|| invalid(format!("layer {layer} of a {n_layers}-layer cache")))?;
-            lc.k.truncate(pos * kv_width);
-            lc.v.truncate(pos * kv_width);
-            if lc.k.len() != pos * kv_width {
-                return Err(invalid(format!(
-                    "position {pos} skips past the {} cached positions",
-                    lc.k.len() / kv_width
-                )));
-            }
-            lc.k.extend(kt.data.iter().map(|&x| f16::from_f32(x)));
-            lc.v.extend(vt.data.iter().map(|&x| f16::from_f32(x)));
-
-            o.set_rows(n).map_err(op_error)?;
-            let lc = &*lc;
-            let shape = kernels::AttnShape {
+            let shape = ops::append_kv(
+                &mut c,
+                (qt, kt, vt),
+                layer,
+                pos,
                 n_head,
-                n_head_kv: n_kv,
-                head_dim: hd,
-                scale,
-                window,
-            };
+                (scale, window),
+                MAX_KV_ELEMENTS,
+                o,
+            )
+            .map_err(op_error)?;
+            let (n, hd) = (qt.rows, shape.head_dim);
+            let lc = &c.layers[layer];
             // (row, head) items split evenly across the spinning pool: one token's heads
             // in parallel when decoding, whole rows when processing a prompt.
             let spin = self.spin.clone();
