@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{built, ok, realm_output as realm, root, smollm2 as model, text};
+use common::{built, native_raw_text, ok, realm_output as realm, root, smollm2 as model, text};
 
 /// app ← (adapter ← Realm): a component that imports only WASI and `realm:compute`.
 /// Composed once per test process (the tests run in parallel).
@@ -44,18 +44,7 @@ fn spin_app_infers_and_embeds_through_the_adapter() {
     let out = ok(run(&["infer", "smol", PROMPT, "8"]));
     let (answer, usage) = out.trim_end().rsplit_once('\n').expect("text, then usage");
     assert!(answer.contains("Paris"), "{out}");
-    let native = ok(realm(&[
-        "run",
-        "--raw",
-        "--temp",
-        "0",
-        "-n",
-        "8",
-        "--model",
-        &model(),
-        PROMPT,
-    ]));
-    assert_eq!(answer, native.trim_end());
+    assert_eq!(answer, native_raw_text(PROMPT, &[]));
     let ids = ok(realm(&["tokenize", "--model", &model(), PROMPT]));
     let n_prompt = serde_json::from_str::<Vec<u32>>(&ids).expect("ids").len();
     let counts: Vec<usize> = usage

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{built, realm_output as realm, root, smollm2 as model, text};
+use common::{built, native_raw_text, realm_output as realm, root, smollm2 as model, text};
 
 fn app() -> String {
     built("realm-nn-app.wasm")
@@ -34,21 +34,10 @@ fn wasi_nn_app_answers_paris_as_the_native_path_does() {
     let got = text(&out.stdout);
     assert!(got.contains("Paris"), "{got}");
     // The same text as `realm run` on the same raw prompt and options.
-    let native = realm(&[
-        "run",
-        "--raw",
-        "--temp",
-        "0",
-        "-n",
-        "8",
-        "--ctx-size",
-        "512",
-        "--model",
-        &model(),
-        PROMPT,
-    ]);
-    assert!(native.status.success(), "{}", text(&native.stderr));
-    assert_eq!(got.trim_end(), text(&native.stdout).trim_end());
+    assert_eq!(
+        got.trim_end(),
+        native_raw_text(PROMPT, &["--ctx-size", "512"])
+    );
 }
 
 #[test]

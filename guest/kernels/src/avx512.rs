@@ -21,6 +21,9 @@ pub fn available() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
+/// An activation row's per-block scales and lane corrections.
+type BlockScratch = (Vec<[f32; 2]>, Vec<[i32; 8]>);
+
 /// Four rows (`stride` bytes apart from the start of the slice) × one activation row, given
 /// the activation's per-block scales and lane corrections.
 type FourRows = fn(&[u8], usize, &[u8], &[[f32; 2]], &[[i32; 8]]) -> [f32; 4];
@@ -74,29 +77,29 @@ pub unsafe fn dot_rows(
     // The activation's block scales (and Q8_1 sums, or the signed types' lane
     // corrections), once for all rows.
     let nb = x.len() / block;
-    let mut stack = ([[0f32; 2]; 256], [[0i32; 8]; 256]);
-    let mut heap = (Vec::new(), Vec::new());
-    let (scales, sums) = if nb <= stack.0.len() {
-        (&mut stack.0[..nb], &mut stack.1[..nb])
-    } else {
-        heap.0.resize(nb, [0f32; 2]);
-        heap.1.resize(nb, [0i32; 8]);
-        (&mut heap.0[..], &mut heap.1[..])
-    };
-    for (s, xb) in scales.iter_mut().zip(x.chunks_exact(block)) {
-        *s = [f16_at(xb, 0), f16_at(xb, 2)];
+    // Per-thread buffers, reused: this runs for every matmul of every token.
+    thread_local! {
+        static BLOCKS: std::cell::RefCell<BlockScratch> =
+            const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     }
-    if let Some(off) = weight_offset(ty) {
-        for (c, xb) in sums.iter_mut().zip(x.chunks_exact(block)) {
-            *c = lane_correction(xb, off);
+    BLOCKS.with_borrow_mut(|(scales, sums)| {
+        scales.clear();
+        scales.extend(
+            x.chunks_exact(block)
+                .map(|xb| [f16_at(xb, 0), f16_at(xb, 2)]),
+        );
+        sums.clear();
+        match weight_offset(ty) {
+            Some(off) => sums.extend(x.chunks_exact(block).map(|xb| lane_correction(xb, off))),
+            None => sums.resize(nb, [0; 8]),
         }
-    }
-    for i in (0..out.len() / 4 * 4).step_by(4) {
-        let at = (j0 + i) * wrow;
-        avx2::prefetch_ahead(w, at, 4 * wrow);
-        let r = kernel(&w[at..at + 4 * wrow], wrow, x, scales, sums);
-        out[i..i + 4].copy_from_slice(&r);
-    }
+        for i in (0..out.len() / 4 * 4).step_by(4) {
+            let at = (j0 + i) * wrow;
+            avx2::prefetch_ahead(w, at, 4 * wrow);
+            let r = kernel(&w[at..at + 4 * wrow], wrow, x, scales, sums);
+            out[i..i + 4].copy_from_slice(&r);
+        }
+    });
     if !out.len().is_multiple_of(4) {
         let full = out.len() / 4 * 4;
         // SAFETY: the AVX2 set is part of `available`.

@@ -93,3 +93,17 @@ pub fn built(file: &str) -> String {
     );
     p.display().to_string()
 }
+
+/// The native path's greedy text for a raw `prompt` (8 tokens, on the default model), with
+/// `extra` options for `realm run`: what every adapter test compares against.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn native_raw_text(prompt: &str, extra: &[&str]) -> String {
+    let model = smollm2();
+    let mut args = vec!["run", "--raw", "--temp", "0", "-n", "8", "--model", &model];
+    args.extend_from_slice(extra);
+    args.push(prompt);
+    ok(realm_output(&args)).trim_end().to_string()
+}
