@@ -11,13 +11,21 @@ WASM_APPS := -p realm-spin-llm -p realm-nn-app -p realm-spin-app
 NATIVE_SKIP := --exclude realm-guest --exclude realm-spin-llm --exclude realm-nn-app \
     --exclude realm-spin-app --exclude realm-compute-wasm --exclude realm-standalone-cli
 
-.PHONY: setup models guest adapters standalone node-host wasmtime-cli build run test examples lint fuzz bench
+.PHONY: setup models test-models guest adapters standalone node-host wasmtime-cli build run test examples lint fuzz bench
 
 setup:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
 models:
 	@./scripts/fetch-models.sh
+
+# Small random-weight models for the architecture and RoPE tests (tests/models/make.py):
+# gguf-py and `llama-quantize` from the llama.cpp tree the references come from, built once
+# into target/llama.cpp (scripts/llama-cpp.sh; ~3-7 minutes the first time), pinned by
+# tests/models/sha256sums. tests/models/references.sh re-makes llama.cpp's references.
+test-models:
+	./scripts/llama-cpp.sh llama-quantize
+	target/llama.cpp/venv/bin/python tests/models/make.py target/llama.cpp target/test-models
 
 # The guest component, found by the host in target/wasm32-wasip2/release/.
 guest: setup
@@ -73,7 +81,7 @@ $(NODE_HOST)/node_modules/.ok: $(NODE_HOST)/package.json $(NODE_HOST)/package-lo
 node-host: standalone $(NODE_HOST)/node_modules/.ok
 	cd $(NODE_HOST) && npx jco transpile ../../../$(STANDALONE) -o out --name realm-standalone -q
 
-test: models guest adapters standalone node-host wasmtime-cli $(VENV)/.ok
+test: models test-models guest adapters standalone node-host wasmtime-cli $(VENV)/.ok
 	$(CARGO) test --release -j$(JOBS) --workspace $(NATIVE_SKIP)
 	# The guest is a cdylib for wasm32; natively only its unit tests build (no .so link).
 	$(CARGO) test --release -j$(JOBS) -p realm-guest --lib

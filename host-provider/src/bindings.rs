@@ -14,4 +14,4 @@ wasmtime::component::bindgen!({
 
 pub use exports::realm::inference::runtime;
 pub use exports::realm::inference::types as inference;
-pub use realm::compute::types::{Activation, Dtype, Error as ComputeError, RopeMode};
+pub use realm::compute::types::{Activation, Dtype, Error as ComputeError, RopeMode, RopeParams};

@@ -9,15 +9,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use common::{realm, root, run_json};
-
-fn ids(v: &serde_json::Value) -> Vec<u64> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id"))
-        .collect()
-}
+use common::{floats, greedy_parity, ids, realm, root, run_json};
 
 #[test]
 fn paris_in_one_word() {
@@ -124,33 +116,17 @@ fn check_greedy_parity(dir: &str, model: Option<&str>) {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = run_json(&args);
         let (want, got) = (ids(&case["output_ids"]), ids(&out["ids"]));
-        let gaps: Vec<f64> = case["top2_gaps"]
-            .as_array()
-            .expect("gaps")
-            .iter()
-            .map(|g| g.as_f64().expect("gap"))
-            .collect();
-        let margins: Vec<f64> = out["margins"]
-            .as_array()
-            .expect("margins")
-            .iter()
-            .map(|g| g.as_f64().expect("margin"))
-            .collect();
-        let near_tie = gaps.iter().position(|&g| g < 0.02);
-        let divergence = want
-            .iter()
-            .zip(&got)
-            .position(|(a, b)| a != b)
-            .or((want.len() != got.len()).then(|| want.len().min(got.len())));
-        let checked = near_tie.unwrap_or(want.len()).min(want.len());
-        let max_gap_diff = gaps
-            .iter()
-            .zip(&margins)
-            .take(divergence.unwrap_or(usize::MAX))
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
-        report.push(format!("{name}: first divergence {divergence:?}, first near-tie {near_tie:?}, largest top-2 gap difference before divergence {max_gap_diff:.3}"));
-        if want[..checked] != got[..checked.min(got.len())] {
+        let p = greedy_parity(
+            &want,
+            &floats(&case["top2_gaps"]),
+            &got,
+            &floats(&out["margins"]),
+        );
+        report.push(format!(
+            "{name}: first divergence {:?}, first near-tie {:?}, largest top-2 gap difference before divergence {:.3}",
+            p.divergence, p.near_tie, p.max_gap_diff
+        ));
+        if !p.ok {
             failures.push(format!("{name}: llama.cpp {want:?}\n  realm     {got:?}"));
         }
     }

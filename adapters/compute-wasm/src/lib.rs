@@ -26,7 +26,7 @@ use std::rc::Rc;
 
 use exports::realm::compute::store::{self, GuestModelFile, GuestWeight, WeightBorrow};
 use exports::realm::compute::tensors::{self, GuestKvCache, GuestTensor, TensorBorrow};
-use exports::realm::compute::types::{Activation, Dtype, Error, RopeMode};
+use exports::realm::compute::types::{Activation, Dtype, Error, RopeMode, RopeParams};
 use half::f16;
 use realm_gguf::GgmlType;
 use realm_kernels::kernels;
@@ -368,17 +368,28 @@ impl tensors::Guest for Provider {
 
     fn rope(
         x: TensorBorrow<'_>,
-        head_dim: u32,
         pos: u32,
-        freq_base: f32,
-        mode: RopeMode,
+        params: RopeParams,
+        factors: Option<WeightBorrow<'_>>,
     ) -> Res<()> {
         let mut t = x.get::<Tensor>().0.borrow_mut();
-        let neox = mode == RopeMode::Neox;
+        let p = kernels::RopeParams {
+            head_dim: params.head_dim as usize,
+            n_rot: params.n_rot as usize,
+            neox: params.mode == RopeMode::Neox,
+            freq_base: params.freq_base,
+            freq_scale: params.freq_scale,
+            ext_factor: params.ext_factor,
+            attn_factor: params.attn_factor,
+            beta_fast: params.beta_fast,
+            beta_slow: params.beta_slow,
+            n_ctx_orig: params.n_ctx_orig,
+        };
+        let f = factors
+            .as_ref()
+            .map(|w| w.get::<Weight>().decoded.as_deref());
         SCRATCH
-            .with_borrow_mut(|s| {
-                ops::rope(&mut t, head_dim as usize, pos, freq_base, neox, &mut s.rope)
-            })
+            .with_borrow_mut(|s| ops::rope(&mut t, pos, &p, f, &mut s.rope))
             .map_err(op_error)
     }
 

@@ -4,7 +4,9 @@
 use crate::exports::realm::inference::types::Error;
 pub use crate::realm::compute::store::{ModelFile, Weight, open_model};
 pub use crate::realm::compute::tensors::{self as ops, KvCache, Tensor};
-pub use crate::realm::compute::types::{Activation, Dtype, Error as ComputeError, RopeMode};
+pub use crate::realm::compute::types::{
+    Activation, Dtype, Error as ComputeError, RopeMode, RopeParams,
+};
 use realm_gguf::{GgmlType, GgufError, Source};
 
 /// Reads through the host handle; the GGUF cursor batches them into 64 KiB windows.

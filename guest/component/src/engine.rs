@@ -170,14 +170,22 @@ struct SessionState {
     tokens: Vec<u32>,
 }
 
+/// Prompt tokens per forward pass: llama.cpp's default micro-batch (`n_ubatch`). Besides
+/// bounding the activation buffers, it keeps the attention numerics llama.cpp's, which
+/// depend on how many query rows a batch has (see `AttnShape::tiled` in the kernels).
+const UBATCH: usize = 512;
+
 impl SessionState {
     fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>, Error> {
-        let pos = self.tokens.len() as u32;
-        let logits =
-            self.model
-                .arch
-                .forward(&self.scratch, &self.cache, ids, pos, Output::Logits)?;
-        self.tokens.extend_from_slice(ids);
+        let mut logits = Vec::new();
+        for chunk in ids.chunks(UBATCH) {
+            let pos = self.tokens.len() as u32;
+            logits =
+                self.model
+                    .arch
+                    .forward(&self.scratch, &self.cache, chunk, pos, Output::Logits)?;
+            self.tokens.extend_from_slice(chunk);
+        }
         Ok(logits)
     }
 }

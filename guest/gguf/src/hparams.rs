@@ -23,7 +23,138 @@ pub struct Hparams {
     pub head_dim: u32,
     pub n_ctx_train: u32,
     pub rope_freq_base: f32,
+    /// Leading values of each head that RoPE rotates (`rope.dimension_count`, else head_dim).
+    pub n_rot: u32,
+    pub rope_scaling: RopeScaling,
     pub rms_eps: f32,
+}
+
+/// `rope.scaling.type`, as llama.cpp names the kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeScalingType {
+    None,
+    Linear,
+    Yarn,
+    /// Phi-3's long/short factor tensors.
+    LongRope,
+}
+
+impl RopeScalingType {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Linear => "linear",
+            Self::Yarn => "yarn",
+            Self::LongRope => "longrope",
+        }
+    }
+}
+
+/// RoPE scaling as llama.cpp applies it to a file (its `llama_context` defaults, with no
+/// user overrides): the parameters of ggml's `rope_ext` besides the base and the optional
+/// per-pair frequency factors (a tensor, which the architecture loads).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeScaling {
+    pub kind: RopeScalingType,
+    /// 1 / `rope.scaling.factor` (1 when the file gives none, or for `none`).
+    pub freq_scale: f32,
+    /// 1 for YaRN, else 0.
+    pub ext_factor: f32,
+    /// cos/sin magnitude: `rope.scaling.attn_factor`, times YaRN's correction.
+    pub attn_factor: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+    /// `rope.scaling.original_context_length`, else the training context.
+    pub n_ctx_orig: u32,
+}
+
+impl RopeScaling {
+    /// No scaling at all.
+    pub fn none(n_ctx_orig: u32) -> Self {
+        Self {
+            kind: RopeScalingType::None,
+            freq_scale: 1.0,
+            ext_factor: 0.0,
+            attn_factor: 1.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            n_ctx_orig,
+        }
+    }
+
+    /// Read `{arch}.rope.scaling.*` (and the older `rope.scale_linear`) with llama.cpp's
+    /// defaults: type `linear`, factor 1, attention factor 1, β 32 / 1.
+    fn from_metadata(md: &crate::Metadata, arch: &str, n_ctx_train: u32) -> Result<Self> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let bad = |k: &str, reason: String| GgufError::BadHparam {
+            key: key(k),
+            reason,
+        };
+        let kind = match md.opt_str(&key("rope.scaling.type"))?.unwrap_or("linear") {
+            "none" => RopeScalingType::None,
+            "linear" => RopeScalingType::Linear,
+            "yarn" => RopeScalingType::Yarn,
+            "longrope" => RopeScalingType::LongRope,
+            other => {
+                return Err(bad(
+                    "rope.scaling.type",
+                    format!(
+                        "'{other}' is not a RoPE scaling llama.cpp knows (none, linear, yarn, longrope)"
+                    ),
+                ));
+            }
+        };
+        let factor_key = if md.get(&key("rope.scaling.factor")).is_some() {
+            "rope.scaling.factor"
+        } else {
+            "rope.scale_linear"
+        };
+        let factor = md.opt_f32(&key(factor_key))?.unwrap_or(0.0);
+        if !(factor.is_finite() && factor >= 0.0) {
+            return Err(bad(
+                factor_key,
+                format!("{factor} is not a non-negative number"),
+            ));
+        }
+        let attn = md.opt_f32(&key("rope.scaling.attn_factor"))?.unwrap_or(1.0);
+        if !(attn.is_finite() && attn > 0.0) {
+            return Err(bad(
+                "rope.scaling.attn_factor",
+                format!("{attn} is not a positive number"),
+            ));
+        }
+        let n_ctx_orig = match md.opt_u32(&key("rope.scaling.original_context_length"))? {
+            Some(0) | None => n_ctx_train,
+            Some(v) if v > MAX_CONTEXT => {
+                return Err(bad(
+                    "rope.scaling.original_context_length",
+                    format!("{v} is outside 1..={MAX_CONTEXT}"),
+                ));
+            }
+            Some(v) => v,
+        };
+        let mut s = Self::none(n_ctx_orig);
+        s.kind = kind;
+        if kind != RopeScalingType::None && factor != 0.0 {
+            s.freq_scale = 1.0 / factor;
+        }
+        if kind == RopeScalingType::Yarn {
+            // llama_context: YaRN's magnitude correction, cancelled against the one ggml's
+            // rope applies again (llama.cpp PR 17945), computed with its float FMAs.
+            s.ext_factor = 1.0;
+            let factor = 1.0 / s.freq_scale;
+            let mscale = |scale: f32| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    (0.1f32 * 1.0).mul_add(scale.ln(), 1.0)
+                }
+            };
+            s.attn_factor = mscale(factor) * (1.0 / 0.1f32.mul_add(factor.ln(), 1.0));
+        }
+        s.attn_factor *= attn;
+        Ok(s)
+    }
 }
 
 impl Hparams {
@@ -82,6 +213,17 @@ impl Hparams {
                 format!("{rope_freq_base} is not a positive number"),
             ));
         }
+        let n_rot = match md.opt_u32(&key("rope.dimension_count"))? {
+            None => head_dim,
+            Some(v) if v == 0 || v % 2 != 0 || v > head_dim => {
+                return Err(bad(
+                    "rope.dimension_count",
+                    format!("{v} is not an even number in 2..={head_dim} (the head width)"),
+                ));
+            }
+            Some(v) => v,
+        };
+        let rope_scaling = RopeScaling::from_metadata(md, &arch, n_ctx_train)?;
         let rms_eps = md
             .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5);
@@ -121,6 +263,8 @@ impl Hparams {
             head_dim,
             n_ctx_train,
             rope_freq_base,
+            n_rot,
+            rope_scaling,
             rms_eps,
         })
     }

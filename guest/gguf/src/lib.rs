@@ -12,7 +12,7 @@ mod writer;
 
 pub use error::{GgufError, Result};
 pub use ggml_type::GgmlType;
-pub use hparams::Hparams;
+pub use hparams::{Hparams, RopeScaling, RopeScalingType};
 pub use reader::{
     DEFAULT_ALIGNMENT, GgufFile, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_ENTRIES,
     MAX_KEY_LEN, MAX_STRING_LEN, MAX_TENSOR_NAME, TensorInfo,

@@ -156,6 +156,80 @@ fn hparams_are_validated() {
     assert!(Hparams::from_gguf(&base(4, 1_000_000)).is_err());
 }
 
+/// RoPE scaling keys read as llama.cpp reads them, and bad values named.
+#[test]
+fn rope_scaling_follows_llama_cpp() {
+    let with = |extra: &[(&str, Value)]| {
+        let mut w = GgufWriter::new();
+        w.kv("general.architecture", Value::String("llama".into()))
+            .kv("llama.block_count", Value::U32(1))
+            .kv("llama.embedding_length", Value::U32(64))
+            .kv("llama.feed_forward_length", Value::U32(128))
+            .kv("llama.attention.head_count", Value::U32(2))
+            .kv("llama.context_length", Value::U32(4096))
+            .tensor("blk.0.attn_norm.weight", GgmlType::F32, &[64], vec![0; 256]);
+        for (k, v) in extra {
+            w.kv(k, v.clone());
+        }
+        Hparams::from_gguf(&GgufFile::read(w.to_bytes().as_slice()).expect("valid file"))
+    };
+    // No keys: linear with factor 1 is no scaling; n_rot is the head width.
+    let h = with(&[]).expect("valid");
+    assert_eq!(h.rope_scaling.kind, RopeScalingType::Linear);
+    assert_eq!(
+        (
+            h.rope_scaling.freq_scale,
+            h.rope_scaling.ext_factor,
+            h.n_rot
+        ),
+        (1.0, 0.0, 32)
+    );
+    assert_eq!(h.rope_scaling.n_ctx_orig, 4096);
+    // Linear: angles × 1/factor (the old `rope.scale_linear` key too).
+    let h = with(&[("llama.rope.scaling.factor", Value::F32(4.0))]).expect("valid");
+    assert_eq!(h.rope_scaling.freq_scale, 0.25);
+    let h = with(&[("llama.rope.scale_linear", Value::F32(2.0))]).expect("valid");
+    assert_eq!(h.rope_scaling.freq_scale, 0.5);
+    // `none` never scales, whatever the factor.
+    let h = with(&[
+        ("llama.rope.scaling.type", Value::String("none".into())),
+        ("llama.rope.scaling.factor", Value::F32(4.0)),
+    ])
+    .expect("valid");
+    assert_eq!(h.rope_scaling.freq_scale, 1.0);
+    // YaRN: extrapolation mix on, its original context, and a magnitude factor whose two
+    // corrections (llama_context's and ggml's) cancel to about 1 + 0.1·ln(factor).
+    let h = with(&[
+        ("llama.rope.scaling.type", Value::String("yarn".into())),
+        ("llama.rope.scaling.factor", Value::F32(4.0)),
+        (
+            "llama.rope.scaling.original_context_length",
+            Value::U32(1024),
+        ),
+    ])
+    .expect("valid");
+    let s = h.rope_scaling;
+    assert_eq!(
+        (s.kind, s.ext_factor, s.n_ctx_orig),
+        (RopeScalingType::Yarn, 1.0, 1024)
+    );
+    assert!((s.attn_factor - 1.0).abs() < 1e-6, "{}", s.attn_factor);
+    // Bad values are refused with the key.
+    for (k, v) in [
+        (
+            "llama.rope.scaling.type",
+            Value::String("ntk-by-parts".into()),
+        ),
+        ("llama.rope.scaling.factor", Value::F32(-2.0)),
+        ("llama.rope.scaling.attn_factor", Value::F32(f32::NAN)),
+        ("llama.rope.dimension_count", Value::U32(33)),
+        ("llama.rope.dimension_count", Value::U32(64)),
+    ] {
+        let e = with(&[(k, v)]).expect_err(k).to_string();
+        assert!(e.contains(k), "{e}");
+    }
+}
+
 /// A source that claims to be 1 TiB: the header bytes, then zeros.
 struct Sparse(Vec<u8>);
 

@@ -39,27 +39,98 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     }
 }
 
-/// Rotate each `head_dim`-wide head of `row` for position `pos` (ggml `rope` with no
-/// scaling: `theta_i = pos · base^(-2i/d)`, computed as ggml does by repeated products).
+/// How RoPE turns positions into angles: ggml's `rope_ext` parameters, which llama.cpp
+/// derives from a file's `rope.*` keys. [`RopeParams::plain`] is RoPE without scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeParams {
+    /// Width of each head; its first `n_rot` values are rotated, the rest kept.
+    pub head_dim: usize,
+    pub n_rot: usize,
+    /// Pairs (i, i + n_rot/2) instead of (2i, 2i + 1).
+    pub neox: bool,
+    pub freq_base: f32,
+    /// Linear interpolation: every angle times `freq_scale` (1 / the scaling factor).
+    pub freq_scale: f32,
+    /// YaRN: the share of the unscaled angle mixed back in on the high-frequency pairs
+    /// (0 turns YaRN off).
+    pub ext_factor: f32,
+    /// Magnitude of cos and sin (YaRN's attention temperature; 1 otherwise).
+    pub attn_factor: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+    /// The context the model was trained with (YaRN's correction range).
+    pub n_ctx_orig: u32,
+}
+
+impl RopeParams {
+    /// Unscaled RoPE over whole heads.
+    pub fn plain(head_dim: usize, freq_base: f32, neox: bool) -> Self {
+        Self {
+            head_dim,
+            n_rot: head_dim,
+            neox,
+            freq_base,
+            freq_scale: 1.0,
+            ext_factor: 0.0,
+            attn_factor: 1.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            n_ctx_orig: 0,
+        }
+    }
+}
+
+/// ggml's `ggml_rope_yarn_corr_dims`: the first and last pair index of YaRN's ramp.
+fn yarn_corr_dims(p: &RopeParams) -> [f32; 2] {
+    let n_dims = p.n_rot as f32;
+    let corr_dim = |beta: f32| {
+        let pi = std::f32::consts::PI;
+        n_dims * (p.n_ctx_orig as f32 / (beta * 2.0 * pi)).ln() / (2.0 * p.freq_base.ln())
+    };
+    let start = corr_dim(p.beta_fast).floor();
+    let end = corr_dim(p.beta_slow).ceil();
+    [start.max(0.0), end.min(n_dims - 1.0)]
+}
+
+/// ggml's `rope_yarn`: cos and sin of one pair's angle, with interpolation, YaRN's ramp and
+/// magnitude scale applied as ggml-cpu computes them (GCC contracts `a·b + c` into FMAs).
+fn rope_yarn(theta_extrap: f32, p: &RopeParams, corr: [f32; 2], i0: usize) -> (f32, f32) {
+    let theta_interp = p.freq_scale * theta_extrap;
+    let mut theta = theta_interp;
+    let mut mscale = p.attn_factor;
+    if p.ext_factor != 0.0 {
+        let y = ((i0 / 2) as f32 - corr[0]) / (corr[1] - corr[0]).max(0.001);
+        let ramp_mix = (1.0 - y.clamp(0.0, 1.0)) * p.ext_factor;
+        theta = theta_interp.mul_add(1.0 - ramp_mix, theta_extrap * ramp_mix);
+        mscale *= 0.1f32.mul_add((1.0 / p.freq_scale).ln(), 1.0);
+    }
+    (theta.cos() * mscale, theta.sin() * mscale)
+}
+
+/// Rotate each head of `row` for position `pos` as ggml's `rope_ext` does: angles
+/// `pos · base^(-2i/n_rot)` by repeated products, divided by the per-pair frequency
+/// `factors` when given (Llama 3's `rope_freqs`), then scaled (linear or YaRN).
 pub fn rope(
     row: &mut [f32],
-    head_dim: usize,
+    p: &RopeParams,
+    factors: Option<&[f32]>,
     pos: u32,
-    freq_base: f32,
-    neox: bool,
     cache: &mut Vec<(f32, f32)>,
 ) {
-    let theta_scale = freq_base.powf(-2.0 / head_dim as f32);
+    let theta_scale = p.freq_base.powf(-2.0 / p.n_rot as f32);
+    let corr = yarn_corr_dims(p);
     cache.clear();
     let mut theta = pos as f32;
-    for _ in 0..head_dim / 2 {
-        cache.push((theta.cos(), theta.sin()));
+    for i in 0..p.n_rot / 2 {
+        let ff = factors.map_or(1.0, |f| f[i]);
+        cache.push(rope_yarn(theta / ff, p, corr, 2 * i));
         theta *= theta_scale;
     }
-    for head in row.chunks_exact_mut(head_dim) {
+    let half = p.n_rot / 2;
+    for head in row.chunks_exact_mut(p.head_dim) {
         for (i, &(c, s)) in cache.iter().enumerate() {
-            let (a, b) = if neox {
-                (i, i + head_dim / 2)
+            let (a, b) = if p.neox {
+                (i, i + half)
             } else {
                 (2 * i, 2 * i + 1)
             };
@@ -228,7 +299,14 @@ pub struct AttnShape {
     pub scale: f32,
     /// Attend to the last `window` positions only (0: all).
     pub window: usize,
+    /// ggml's tiled flash attention (f32 queries and weights, 64-position tiles), which
+    /// ggml-cpu runs when a batch has [`FA_TILE`] query rows or more; else the row path.
+    pub tiled: bool,
 }
+
+/// Query rows from which ggml-cpu switches to tiled flash attention (`GGML_FA_TILE_Q`),
+/// and the key/value positions in each of its tiles (`GGML_FA_TILE_KV`).
+pub const FA_TILE: usize = 64;
 
 /// Causal attention of one query row at position `p` over `cache[..=p]` (or its last
 /// `window` positions), all heads; GQA maps `n_head / n_head_kv` query heads per KV head.
@@ -251,10 +329,145 @@ pub fn attend_row(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has FMA (checked just above); the function only enables it.
-        unsafe { attend_row_fma(q, cache, p, shape, heads, scratch, out) };
+        unsafe {
+            if shape.tiled {
+                attend_row_tiled_fma(q, cache, p, shape, heads, out);
+            } else {
+                attend_row_fma(q, cache, p, shape, heads, scratch, out);
+            }
+        }
         return;
     }
-    attend_row_body(q, cache, p, shape, heads, scratch, out);
+    if shape.tiled {
+        attend_row_tiled(q, cache, p, shape, heads, out);
+    } else {
+        attend_row_body(q, cache, p, shape, heads, scratch, out);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn attend_row_tiled_fma(
+    q: &[f32],
+    cache: &LayerCache,
+    p: usize,
+    shape: AttnShape,
+    heads: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    attend_row_tiled(q, cache, p, shape, heads, out);
+}
+
+/// GCC's `_mm512_reduce_add_ps` of 16 lanes: halves, quarters, then pairs.
+#[inline(always)]
+fn reduce16(v: &[f32; 16]) -> f32 {
+    let t3: [f32; 8] = std::array::from_fn(|i| v[8 + i] + v[i]);
+    let t6: [f32; 4] = std::array::from_fn(|i| t3[4 + i] + t3[i]);
+    (t6[0] + t6[2]) + (t6[1] + t6[3])
+}
+
+/// One query row through ggml-cpu's tiled flash attention (`flash_attn_ext_tiled`), which
+/// llama.cpp runs for batches of 64 query rows or more: q stays f32, each key's score is a
+/// sequential FMA chain over the head (`simd_gemm`), times `scale`; the online softmax goes
+/// tile by tile (64 positions), its weights `ggml_v_expf(s − max)` summed per 16 lanes
+/// (`ggml_vec_soft_max_f32`, AVX-512 form) into f64, rescaled by `expf` when the maximum
+/// rises; values accumulate in f32 by FMA, then divide by the sum.
+#[inline(always)]
+fn attend_row_tiled(
+    q: &[f32],
+    cache: &LayerCache,
+    p: usize,
+    shape: AttnShape,
+    heads: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let AttnShape {
+        n_head,
+        n_head_kv,
+        head_dim: hd,
+        scale,
+        window,
+        ..
+    } = shape;
+    let tab = f16_table();
+    let start = if window > 0 {
+        (p + 1).saturating_sub(window)
+    } else {
+        0
+    };
+    let kv_width = n_head_kv * hd;
+    let group = n_head / n_head_kv;
+    let first = heads.start;
+    let mut acc = vec![0f32; hd];
+    // The tile's keys transposed to f32 (position fastest), as ggml packs them, so each
+    // score's FMA chain runs alongside the others' in SIMD lanes.
+    let mut kt = vec![0f32; hd * FA_TILE];
+    for h in heads.start..heads.end.min(n_head) {
+        let qh = &q[h * hd..(h + 1) * hd];
+        let g = h / group;
+        acc.fill(0.0);
+        let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+        for tile in (start / FA_TILE * FA_TILE..=p).step_by(FA_TILE) {
+            let valid = |t: usize| t >= start && t <= p;
+            for tk in 0..FA_TILE {
+                let t = tile + tk;
+                if valid(t) {
+                    let k = &cache.k[t * kv_width + g * hd..][..hd];
+                    for (d, &y) in k.iter().enumerate() {
+                        kt[d * FA_TILE + tk] = f32_of(tab, y);
+                    }
+                }
+            }
+            let mut dots = [0f32; FA_TILE];
+            for (d, &x) in qh.iter().enumerate() {
+                let col = &kt[d * FA_TILE..(d + 1) * FA_TILE];
+                for (a, &y) in dots.iter_mut().zip(col) {
+                    *a = x.mul_add(y, *a);
+                }
+            }
+            // Scores, with positions outside [start, p] masked (-inf).
+            let mut kq = [f32::NEG_INFINITY; FA_TILE];
+            for (tk, s) in kq.iter_mut().enumerate() {
+                if valid(tile + tk) {
+                    *s = dots[tk] * scale + 0.0;
+                }
+            }
+            let tile_max = kq.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if tile_max == f32::NEG_INFINITY {
+                continue;
+            }
+            let m_new = m.max(tile_max);
+            if m_new > m {
+                let ms = (m - m_new).exp();
+                acc.iter_mut().for_each(|a| *a *= ms);
+                sum *= ms;
+            }
+            m = m_new;
+            let mut tile_sum = 0f64;
+            for lanes in kq.as_chunks_mut::<16>().0 {
+                for s in lanes.iter_mut() {
+                    *s = ggml_v_expf(*s - m_new);
+                }
+                tile_sum += f64::from(reduce16(lanes));
+            }
+            sum = (f64::from(sum) + tile_sum) as f32;
+            for (tk, &w) in kq.iter().enumerate() {
+                let t = tile + tk;
+                if !valid(t) {
+                    continue;
+                }
+                let v = &cache.v[t * kv_width + g * hd..][..hd];
+                for (a, &y) in acc.iter_mut().zip(v) {
+                    *a = w.mul_add(f32_of(tab, y), *a);
+                }
+            }
+        }
+        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        let o = &mut out[(h - first) * hd..(h - first + 1) * hd];
+        for (o, &a) in o.iter_mut().zip(&acc) {
+            *o = a * inv;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -511,11 +724,56 @@ mod tests {
         let mut cache = Vec::new();
         let orig: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let mut r = orig.clone();
-        rope(&mut r, 4, 0, 10000.0, false, &mut cache);
+        rope(
+            &mut r,
+            &RopeParams::plain(4, 10000.0, false),
+            None,
+            0,
+            &mut cache,
+        );
         assert_eq!(r, orig);
-        rope(&mut r, 4, 7, 10000.0, true, &mut cache);
+        rope(
+            &mut r,
+            &RopeParams::plain(4, 10000.0, true),
+            None,
+            7,
+            &mut cache,
+        );
         let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
         assert!((norm(&r) - norm(&orig)).abs() < 1e-3);
+    }
+
+    /// Frequency factors divide each pair's angle, and linear scaling multiplies every
+    /// angle: doubling the position and halving the scale is the same rotation, bit for
+    /// bit (both are exact powers of two).
+    #[test]
+    fn rope_factors_and_linear_scaling() {
+        let mut cache = Vec::new();
+        let orig: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
+        let plain = RopeParams::plain(8, 500_000.0, false);
+        let mut a = orig.clone();
+        rope(&mut a, &plain, None, 5, &mut cache);
+        let mut b = orig.clone();
+        rope(&mut b, &plain, Some(&[1.0; 4]), 5, &mut cache);
+        assert_eq!(a, b, "factors of 1 change nothing");
+        let mut c = orig.clone();
+        rope(&mut c, &plain, Some(&[1.0, 1.0, 8.0, 8.0]), 5, &mut cache);
+        assert_eq!(a[..4], c[..4], "pairs with factor 1 are unchanged");
+        assert_ne!(a[4..8], c[4..8], "pairs with factor 8 turn less");
+        let half = RopeParams {
+            freq_scale: 0.5,
+            ..plain
+        };
+        let mut d = orig.clone();
+        rope(&mut d, &half, None, 10, &mut cache);
+        assert_eq!(a, d);
+        // n_rot < head_dim: the tail of each head is kept.
+        let partial = RopeParams { n_rot: 4, ..plain };
+        let mut e = orig.clone();
+        rope(&mut e, &partial, None, 5, &mut cache);
+        assert_eq!(e[4..8], orig[4..8]);
+        assert_eq!(e[12..16], orig[12..16]);
+        assert_ne!(e[..4], orig[..4]);
     }
 
     #[test]
@@ -526,6 +784,7 @@ mod tests {
         };
         let mut out = [0.0; 4];
         let shape = AttnShape {
+            tiled: false,
             n_head: 2,
             n_head_kv: 1,
             head_dim: 2,

@@ -142,27 +142,56 @@ pub fn rms_norm(x: &Tensor, w: Option<&[f32]>, eps: f32, o: &mut Tensor) -> Resu
     Ok(())
 }
 
-/// RoPE in place on every row of `t` (row `i` at position `pos + i`).
+/// RoPE in place on every row of `t` (row `i` at position `pos + i`), with optional per-pair
+/// frequency factors (`n_rot / 2` of them or more, f32-decoded).
 pub fn rope(
     t: &mut Tensor,
-    head_dim: usize,
     pos: u32,
-    freq_base: f32,
-    neox: bool,
+    p: &crate::kernels::RopeParams,
+    factors: Option<Option<&[f32]>>,
     cache: &mut Vec<(f32, f32)>,
 ) -> Result<(), OpError> {
-    let base_ok = freq_base.is_finite() && freq_base > 0.0;
-    if head_dim == 0 || !head_dim.is_multiple_of(2) || !t.cols.is_multiple_of(head_dim) || !base_ok
-    {
+    let finite_pos = |v: f32| v.is_finite() && v > 0.0;
+    let shape_ok = p.head_dim > 0
+        && p.n_rot > 0
+        && p.n_rot.is_multiple_of(2)
+        && p.n_rot <= p.head_dim
+        && t.cols.is_multiple_of(p.head_dim);
+    let scaling_ok = finite_pos(p.freq_base)
+        && finite_pos(p.freq_scale)
+        && p.attn_factor.is_finite()
+        && p.ext_factor.is_finite()
+        && (p.ext_factor == 0.0
+            || (p.n_ctx_orig > 0 && finite_pos(p.beta_fast) && finite_pos(p.beta_slow)));
+    if !shape_ok || !scaling_ok {
         return Err(invalid(format!(
-            "rope with head_dim {head_dim} on width {} (base {freq_base})",
-            t.cols
+            "rope with head_dim {} (n_rot {}) on width {}, {p:?}",
+            p.head_dim, p.n_rot, t.cols
         )));
     }
+    let factors = match factors {
+        None => None,
+        Some(None) => return Err(invalid("rope frequency factors must be f32, f16 or bf16")),
+        Some(Some(f)) if f.len() < p.n_rot / 2 => {
+            return Err(invalid(format!(
+                "rope needs {} frequency factors, the weight has {}",
+                p.n_rot / 2,
+                f.len()
+            )));
+        }
+        Some(Some(f)) => {
+            if let Some(bad) = f.iter().find(|v| !finite_pos(**v)) {
+                return Err(invalid(format!(
+                    "rope frequency factor {bad} is not positive"
+                )));
+            }
+            Some(f)
+        }
+    };
     let cols = t.cols;
     for (i, row) in t.data.chunks_exact_mut(cols).enumerate() {
-        let p = pos.saturating_add(i as u32);
-        crate::kernels::rope(row, head_dim, p, freq_base, neox, cache);
+        let at = pos.saturating_add(i as u32);
+        crate::kernels::rope(row, p, factors, at, cache);
     }
     Ok(())
 }
@@ -411,5 +440,6 @@ pub fn append_kv(
         head_dim: hd,
         scale,
         window,
+        tiled: n >= crate::kernels::FA_TILE,
     })
 }

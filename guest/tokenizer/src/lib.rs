@@ -12,7 +12,7 @@ mod vocab;
 pub use chat::{ChatTemplate, Message};
 pub use error::{Result, TokenizerError};
 pub use stream::Utf8Stream;
-pub use vocab::{TokenType, Vocab};
+pub use vocab::{Defaults, TokenType, Vocab};
 
 use realm_gguf::Metadata;
 
@@ -46,7 +46,8 @@ impl Tokenizer {
             "llama" => true,
             other => return Err(TokenizerError::UnknownModel(other.into())),
         };
-        let vocab = Vocab::from_metadata(md, spm)?;
+        let pre = md.opt_str("tokenizer.ggml.pre")?;
+        let vocab = Vocab::from_metadata(md, Defaults::for_model(model, pre))?;
         let kind = if spm {
             Kind::Spm
         } else {

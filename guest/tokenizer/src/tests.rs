@@ -87,3 +87,20 @@ fn malformed_vocabularies_are_errors() {
         Err(TokenizerError::UnknownModel(_))
     ));
 }
+
+/// When a file leaves them out, special ids and BOS/EOS flags are llama.cpp's defaults for
+/// its tokenizer model and pre-tokenizer.
+#[test]
+fn defaults_follow_llama_cpp() {
+    let spm = Defaults::for_model("llama", None);
+    assert_eq!((spm.bos, spm.eos, spm.unk), (Some(1), Some(2), Some(0)));
+    assert!(spm.add_bos && spm.add_space_prefix && !spm.add_eos);
+    for pre in ["llama-bpe", "llama3", "tekken", "chameleon"] {
+        assert!(Defaults::for_model("gpt2", Some(pre)).add_bos, "{pre}");
+    }
+    for pre in [Some("smollm"), Some("qwen2"), Some("gpt-2"), None] {
+        let d = Defaults::for_model("gpt2", pre);
+        assert!(!d.add_bos && !d.add_space_prefix, "{pre:?}");
+        assert_eq!((d.bos, d.eos), (Some(11), Some(11)));
+    }
+}

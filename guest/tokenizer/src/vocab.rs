@@ -71,6 +71,59 @@ pub struct Vocab {
     eog: HashSet<u32>,
 }
 
+/// What llama.cpp assumes when a file leaves out `tokenizer.ggml.{bos,eos,unknown}_token_id`
+/// or `add_{bos,eos}_token` / `add_space_prefix` (llama-vocab.cpp, `llama_vocab::impl::load`):
+/// by tokenizer model, and for byte-level BPE by pre-tokenizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Defaults {
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub unk: Option<u32>,
+    pub add_bos: bool,
+    pub add_eos: bool,
+    pub add_space_prefix: bool,
+}
+
+impl Defaults {
+    /// For `tokenizer.ggml.model` = `model` and `tokenizer.ggml.pre` = `pre`.
+    pub fn for_model(model: &str, pre: Option<&str>) -> Self {
+        match model {
+            // SentencePiece: <unk> 0, <s> 1, </s> 2, BOS added, a space prefix.
+            "llama" => Self {
+                bos: Some(1),
+                eos: Some(2),
+                unk: Some(0),
+                add_bos: true,
+                add_eos: false,
+                add_space_prefix: true,
+            },
+            // Byte-level BPE: id 11 for both (GPT-2's '<|endoftext|>' in llama.cpp's
+            // original vocabularies); BOS only for the pre-tokenizers llama.cpp flags.
+            _ => Self {
+                bos: Some(11),
+                eos: Some(11),
+                unk: None,
+                add_bos: matches!(
+                    pre.unwrap_or("default"),
+                    "llama3"
+                        | "llama-v3"
+                        | "llama-bpe"
+                        | "falcon3"
+                        | "falcon-h1"
+                        | "pixtral"
+                        | "midm-2.0"
+                        | "lfm2"
+                        | "jina-v5-nano"
+                        | "tekken"
+                        | "chameleon"
+                ),
+                add_eos: false,
+                add_space_prefix: false,
+            },
+        }
+    }
+}
+
 fn wrong(key: &'static str, expected: &'static str, a: &Array) -> TokenizerError {
     TokenizerError::WrongArrayType {
         key,
@@ -80,8 +133,8 @@ fn wrong(key: &'static str, expected: &'static str, a: &Array) -> TokenizerError
 }
 
 impl Vocab {
-    /// Read `tokenizer.ggml.*`; `spm` selects SentencePiece defaults (BOS added, space prefix).
-    pub fn from_metadata(md: &Metadata, spm: bool) -> Result<Self> {
+    /// Read `tokenizer.ggml.*`; what the file leaves out comes from `defaults`.
+    pub fn from_metadata(md: &Metadata, defaults: Defaults) -> Result<Self> {
         const TOKENS: &str = "tokenizer.ggml.tokens";
         let tokens = match md.array(TOKENS)? {
             Array::String(v) => v.clone(),
@@ -150,11 +203,15 @@ impl Vocab {
                 }
             }
         };
+        // A default id past the vocabulary is dropped, as llama.cpp does.
+        let or_default = |id: Option<u32>, default: Option<u32>| {
+            id.or(default.filter(|&d| (d as usize) < n_vocab))
+        };
         let (bos, eos, eot, unk, pad) = (
-            special("bos")?,
-            special("eos")?,
+            or_default(special("bos")?, defaults.bos),
+            or_default(special("eos")?, defaults.eos),
             special("eot")?,
-            special("unknown")?,
+            or_default(special("unknown")?, defaults.unk),
             special("padding")?,
         );
         let eom = special("eom")?;
@@ -195,13 +252,15 @@ impl Vocab {
             eot,
             unk,
             pad,
-            add_bos: md.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(spm),
+            add_bos: md
+                .opt_bool("tokenizer.ggml.add_bos_token")?
+                .unwrap_or(defaults.add_bos),
             add_eos: md
                 .opt_bool("tokenizer.ggml.add_eos_token")?
-                .unwrap_or(false),
+                .unwrap_or(defaults.add_eos),
             add_space_prefix: md
                 .opt_bool("tokenizer.ggml.add_space_prefix")?
-                .unwrap_or(spm),
+                .unwrap_or(defaults.add_space_prefix),
             byte_tokens,
             eog,
         })

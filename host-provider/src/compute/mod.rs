@@ -19,7 +19,7 @@ use realm_gguf::GgmlType;
 use wasmtime::component::{Resource, ResourceTable};
 
 use crate::bindings::realm::compute::{store, tensors, types};
-use crate::bindings::{Activation, ComputeError, Dtype, RopeMode};
+use crate::bindings::{Activation, ComputeError, Dtype, RopeMode, RopeParams};
 use quant::VecDot;
 
 /// A model file mapped into the host's memory, shared read-only.
@@ -451,20 +451,25 @@ impl tensors::Host for ComputeState {
     fn rope(
         &mut self,
         x: Resource<TensorRes>,
-        head_dim: u32,
         pos: u32,
-        freq_base: f32,
-        mode: RopeMode,
+        params: RopeParams,
+        factors: Option<Resource<WeightRes>>,
     ) -> Res<()> {
         self.timed(
             |s| &mut s.other_ns,
             |st| {
                 let mut cache = std::mem::take(&mut st.rope_cache);
-                let t = st.table.get_mut(&x).map_err(handle)?;
-                let neox = mode == RopeMode::Neox;
-                let r = ops::rope(t, head_dim as usize, pos, freq_base, neox, &mut cache);
+                let mut t = st.take(&x)?;
+                let r = (|| {
+                    let f = match &factors {
+                        Some(w) => Some(st.table.get(w).map_err(handle)?.decoded.as_deref()),
+                        None => None,
+                    };
+                    ops::rope(&mut t, pos, &rope_params(&params), f, &mut cache).map_err(op_error)
+                })();
+                st.put(&x, t)?;
                 st.rope_cache = cache;
-                r.map_err(op_error)
+                r
             },
         )
     }
@@ -852,5 +857,21 @@ impl ComputeState {
         })();
         *self.table.get_mut(cache).map_err(handle)? = c;
         r
+    }
+}
+
+/// The WIT `rope-params` as the kernels take them.
+fn rope_params(p: &RopeParams) -> realm_kernels::kernels::RopeParams {
+    realm_kernels::kernels::RopeParams {
+        head_dim: p.head_dim as usize,
+        n_rot: p.n_rot as usize,
+        neox: p.mode == RopeMode::Neox,
+        freq_base: p.freq_base,
+        freq_scale: p.freq_scale,
+        ext_factor: p.ext_factor,
+        attn_factor: p.attn_factor,
+        beta_fast: p.beta_fast,
+        beta_slow: p.beta_slow,
+        n_ctx_orig: p.n_ctx_orig,
     }
 }

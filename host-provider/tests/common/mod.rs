@@ -107,3 +107,73 @@ pub fn native_raw_text(prompt: &str, extra: &[&str]) -> String {
     args.push(prompt);
     ok(realm_output(&args)).trim_end().to_string()
 }
+
+/// A JSON array of numbers as f64.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+/// A JSON array of token ids.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id"))
+        .collect()
+}
+
+/// Where Realm's greedy run stands against llama.cpp's on one prompt.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub struct Parity {
+    /// The first step where the ids differ (or one output stopped early).
+    pub divergence: Option<usize>,
+    /// The first step where llama.cpp's top-2 logit gap is below 0.02.
+    pub near_tie: Option<usize>,
+    /// The ids agree on every step before the first near-tie (the correctness bar).
+    pub ok: bool,
+    /// Largest |llama.cpp's top-2 gap − Realm's| over the steps before any divergence.
+    pub max_gap_diff: f64,
+}
+
+/// Compares greedy ids up to the first near-tie (a top-2 gap below 0.02 in llama.cpp's run,
+/// where tiny float differences may rightly pick the other token).
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn greedy_parity(want: &[u64], gaps: &[f64], got: &[u64], margins: &[f64]) -> Parity {
+    let near_tie = gaps.iter().position(|&g| g < 0.02);
+    let divergence = want
+        .iter()
+        .zip(got)
+        .position(|(a, b)| a != b)
+        .or((want.len() != got.len()).then(|| want.len().min(got.len())));
+    let checked = near_tie.unwrap_or(want.len()).min(want.len());
+    let max_gap_diff = gaps
+        .iter()
+        .zip(margins)
+        .take(divergence.unwrap_or(usize::MAX))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    Parity {
+        divergence,
+        near_tie,
+        ok: want[..checked] == got[..checked.min(got.len())],
+        max_gap_diff,
+    }
+}

@@ -5,13 +5,13 @@
 
 use realm_gguf::Hparams;
 
-use super::{Architecture, Loader, Output, Scratch, mean_pooled};
-use crate::compute::{Activation, KvCache, RopeMode, Weight, ops};
+use super::{Architecture, Loader, Output, Scratch, mean_pooled, rope_params};
+use crate::compute::{Activation, KvCache, RopeMode, RopeParams, Weight, ops};
 use crate::exports::realm::inference::types::Error;
 
 /// Every sixth layer attends globally; the others see the last `sliding_window` positions.
 const GLOBAL_EVERY: usize = 6;
-/// RoPE base of the sliding-window layers (llama.cpp hard-codes it for Gemma 3).
+/// RoPE base of the sliding-window layers when the file has no `rope.freq_base_swa`.
 const SWA_FREQ_BASE: f32 = 10_000.0;
 
 struct Layer {
@@ -37,10 +37,14 @@ pub struct Gemma3 {
     layers: Vec<Layer>,
     n_vocab: u64,
     sliding_window: u32,
+    /// RoPE of the global layers (the file's base and scaling) and of the sliding-window
+    /// ones (their own base, never interpolated), as llama.cpp's Gemma 3 graph.
+    rope_global: RopeParams,
+    rope_local: RopeParams,
 }
 
 impl Gemma3 {
-    pub fn load(l: Loader<'_>, hp: Hparams) -> Result<Self, Error> {
+    pub fn load(l: &Loader<'_>, hp: Hparams) -> Result<Self, Error> {
         let (e, ff, hd) = (
             u64::from(hp.n_embd),
             u64::from(hp.n_ff),
@@ -73,10 +77,22 @@ impl Gemma3 {
                 })
             })
             .collect::<Result<_, Error>>()?;
+        let swa_base = l
+            .metadata_f32("gemma3.rope.freq_base_swa")?
+            .unwrap_or(SWA_FREQ_BASE);
+        if !(swa_base.is_finite() && swa_base > 0.0) {
+            return Err(Error::InvalidModel(format!(
+                "gemma3.rope.freq_base_swa is {swa_base}, not a positive number"
+            )));
+        }
+        let mut local_scaling = hp.rope_scaling;
+        local_scaling.freq_scale = 1.0;
         Ok(Self {
             token_embd: l.weight("token_embd.weight", &[e, n_vocab])?,
             output_norm: l.weight("output_norm.weight", &[e])?,
             layers,
+            rope_global: rope_params(&hp, RopeMode::Neox, hp.rope_freq_base, &hp.rope_scaling),
+            rope_local: rope_params(&hp, RopeMode::Neox, swa_base, &local_scaling),
             hp,
             n_vocab,
             sliding_window,
@@ -106,11 +122,12 @@ impl Architecture for Gemma3 {
         let q_scale = 1.0 / (hp.head_dim as f32).sqrt();
         ops::embed(&self.token_embd, ids, (hp.n_embd as f32).sqrt(), &s.x)?;
         for (il, l) in self.layers.iter().enumerate() {
-            let global = (il + 1) % GLOBAL_EVERY == 0;
-            let (base, window) = if global {
-                (hp.rope_freq_base, 0)
+            // Without a window every layer is global (llama.cpp's LLAMA_SWA_TYPE_NONE).
+            let global = self.sliding_window == 0 || (il + 1) % GLOBAL_EVERY == 0;
+            let (rope, window) = if global {
+                (self.rope_global, 0)
             } else {
-                (SWA_FREQ_BASE, self.sliding_window)
+                (self.rope_local, self.sliding_window)
             };
 
             // Attention: pre-norm, projections, per-head q/k norms, RoPE, scaled q.
@@ -120,8 +137,8 @@ impl Architecture for Gemma3 {
             ops::matmul(&s.xb, &l.attn_v, &s.v)?;
             ops::rms_norm(&s.q, &l.attn_q_norm, eps, &s.qn)?;
             ops::rms_norm(&s.k, &l.attn_k_norm, eps, &s.kn)?;
-            ops::rope(&s.qn, hp.head_dim, pos, base, RopeMode::Neox)?;
-            ops::rope(&s.kn, hp.head_dim, pos, base, RopeMode::Neox)?;
+            ops::rope(&s.qn, pos, rope, None)?;
+            ops::rope(&s.kn, pos, rope, None)?;
             ops::scale(&s.qn, q_scale)?;
             ops::attention(
                 &s.qn, &s.kn, &s.v, cache, il as u32, pos, hp.n_head, 1.0, window, &s.att,

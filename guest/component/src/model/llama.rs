@@ -1,11 +1,12 @@
 //! The llama architecture (Llama 2/3, SmolLM, Mistral-style): RMSNorm, GQA attention with
-//! RoPE (adjacent pairs), SwiGLU feed-forward, optionally tied output embeddings.
+//! RoPE (adjacent pairs; Llama 3's per-pair frequency factors, linear or YaRN scaling),
+//! SwiGLU feed-forward, optionally tied output embeddings.
 //! Follows llama.cpp's `llm_build_llama` (src/models/llama.cpp).
 
-use realm_gguf::Hparams;
+use realm_gguf::{Hparams, RopeScalingType};
 
-use super::{Architecture, Loader, Output, Scratch, mean_pooled};
-use crate::compute::{Activation, KvCache, RopeMode, Weight, ops};
+use super::{Architecture, Loader, Output, Scratch, mean_pooled, rope_params};
+use crate::compute::{Activation, KvCache, RopeMode, RopeParams, Weight, ops};
 use crate::exports::realm::inference::types::Error;
 
 struct Layer {
@@ -25,12 +26,30 @@ pub struct Llama {
     token_embd: Weight,     // (n_embd, n_vocab)
     output_norm: Weight,    // (n_embd)
     output: Option<Weight>, // (n_embd → n_vocab); absent when tied to token_embd
+    /// (n_rot / 2) Llama 3's RoPE frequency divisors (`rope_freqs`), shared by all layers.
+    rope_freqs: Option<Weight>,
+    rope: RopeParams,
     layers: Vec<Layer>,
     n_vocab: u64,
 }
 
 impl Llama {
-    pub fn load(l: Loader<'_>, hp: Hparams) -> Result<Self, Error> {
+    pub fn load(l: &Loader<'_>, hp: Hparams) -> Result<Self, Error> {
+        // llama.cpp requires the full head to rotate for llama files, and reads Phi-3's
+        // long/short factor tensors for `longrope`, which Realm does not implement.
+        if hp.n_rot != hp.head_dim {
+            return Err(Error::InvalidModel(format!(
+                "llama.rope.dimension_count is {}, but llama rotates whole heads of {}",
+                hp.n_rot, hp.head_dim
+            )));
+        }
+        if hp.rope_scaling.kind == RopeScalingType::LongRope {
+            return Err(Error::Unsupported(
+                "RoPE scaling 'longrope' (long/short factor tensors) is not supported yet; \
+                 supported: none, linear, yarn, and Llama 3's rope_freqs"
+                    .into(),
+            ));
+        }
         let (e, ff) = (u64::from(hp.n_embd), u64::from(hp.n_ff));
         let q_dim = u64::from(hp.n_head) * u64::from(hp.head_dim);
         let kv_dim = u64::from(hp.n_head_kv) * u64::from(hp.head_dim);
@@ -56,6 +75,8 @@ impl Llama {
             token_embd: l.weight("token_embd.weight", &[e, n_vocab])?,
             output_norm: l.weight("output_norm.weight", &[e])?,
             output: l.optional("output.weight", &[e, n_vocab])?,
+            rope_freqs: l.optional("rope_freqs.weight", &[u64::from(hp.n_rot / 2)])?,
+            rope: rope_params(&hp, RopeMode::Normal, hp.rope_freq_base, &hp.rope_scaling),
             layers,
             hp,
             n_vocab,
@@ -89,8 +110,8 @@ impl Architecture for Llama {
             ops::matmul(&s.xb, &l.attn_q, &s.q)?;
             ops::matmul(&s.xb, &l.attn_k, &s.k)?;
             ops::matmul(&s.xb, &l.attn_v, &s.v)?;
-            ops::rope(&s.q, hp.head_dim, pos, hp.rope_freq_base, RopeMode::Normal)?;
-            ops::rope(&s.k, hp.head_dim, pos, hp.rope_freq_base, RopeMode::Normal)?;
+            ops::rope(&s.q, pos, self.rope, self.rope_freqs.as_ref())?;
+            ops::rope(&s.k, pos, self.rope, self.rope_freqs.as_ref())?;
             ops::attention(
                 &s.q, &s.k, &s.v, cache, il as u32, pos, hp.n_head, scale, 0, &s.att,
             )?;

@@ -4,12 +4,15 @@
 mod gemma3;
 mod llama;
 
-use realm_gguf::{GgufFile, Hparams, TensorInfo};
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 
-use crate::compute::{self, KvCache, ModelFile, Tensor, Weight};
+use realm_gguf::{GgufFile, Hparams, RopeScaling, TensorInfo};
+
+use crate::compute::{self, KvCache, ModelFile, RopeMode, RopeParams, Tensor, Weight};
 use crate::exports::realm::inference::types::Error;
 
-type LoadFn = fn(Loader<'_>, Hparams) -> Result<Box<dyn Architecture>, Error>;
+type LoadFn = fn(&Loader<'_>, Hparams) -> Result<Box<dyn Architecture>, Error>;
 
 /// The registry: `general.architecture` → loader. One line per architecture.
 const ARCHITECTURES: &[(&str, LoadFn)] = &[
@@ -124,13 +127,45 @@ pub fn load(file: &ModelFile, gguf: &GgufFile) -> Result<Box<dyn Architecture>, 
         )));
     };
     let hp = Hparams::from_gguf(gguf).map_err(|e| Error::InvalidModel(e.to_string()))?;
-    load(Loader { file, gguf }, hp)
+    let loader = Loader {
+        file,
+        gguf,
+        used: RefCell::default(),
+    };
+    let model = load(&loader, hp)?;
+    loader.check_all_used(arch)?;
+    Ok(model)
 }
 
-/// Creates host weights from the file's tensors, checking their shapes.
+/// The RoPE parameters of `hp` at base `freq_base` with `scaling` (architectures with
+/// per-layer bases or scalings pass their own).
+pub fn rope_params(
+    hp: &Hparams,
+    mode: RopeMode,
+    freq_base: f32,
+    scaling: &RopeScaling,
+) -> RopeParams {
+    RopeParams {
+        head_dim: hp.head_dim,
+        n_rot: hp.n_rot,
+        mode,
+        freq_base,
+        freq_scale: scaling.freq_scale,
+        ext_factor: scaling.ext_factor,
+        attn_factor: scaling.attn_factor,
+        beta_fast: scaling.beta_fast,
+        beta_slow: scaling.beta_slow,
+        n_ctx_orig: scaling.n_ctx_orig,
+    }
+}
+
+/// Creates host weights from the file's tensors, checking their shapes, and remembers
+/// which it used: a tensor the architecture does not use (a bias, RoPE factors, experts)
+/// would change llama.cpp's results, so such a file is refused instead of run wrong.
 pub struct Loader<'a> {
     file: &'a ModelFile,
     gguf: &'a GgufFile,
+    used: RefCell<BTreeSet<String>>,
 }
 
 impl Loader<'_> {
@@ -147,11 +182,39 @@ impl Loader<'_> {
             })
     }
 
+    /// Errors unless every tensor of the file was loaded.
+    fn check_all_used(&self, arch: &str) -> Result<(), Error> {
+        let used = self.used.borrow();
+        let unused: Vec<&str> = self
+            .gguf
+            .tensors
+            .iter()
+            .map(|t| t.name.as_str())
+            .filter(|n| !used.contains(*n))
+            .collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = unused.iter().take(5).copied().collect();
+        Err(Error::Unsupported(format!(
+            "the file has {} tensor(s) Realm's '{arch}' architecture does not use ({}{}); \
+             running without them would give wrong results",
+            unused.len(),
+            shown.join(", "),
+            if unused.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            }
+        )))
+    }
+
     /// The weight `name`, which must have exactly `dims` (ggml order).
     pub fn weight(&self, name: &str, dims: &[u64]) -> Result<Weight, Error> {
         let t = self
             .tensor(name)
             .ok_or_else(|| Error::InvalidModel(format!("tensor '{name}' is missing")))?;
+        self.used.borrow_mut().insert(name.to_string());
         if t.dims != dims {
             return Err(Error::InvalidModel(format!(
                 "tensor '{name}' has shape {:?}, expected {dims:?}",
@@ -174,6 +237,14 @@ impl Loader<'_> {
         self.gguf
             .metadata
             .opt_u32(key)
+            .map_err(|e| Error::InvalidModel(e.to_string()))
+    }
+
+    /// An optional float hyper-parameter.
+    pub fn metadata_f32(&self, key: &str) -> Result<Option<f32>, Error> {
+        self.gguf
+            .metadata
+            .opt_f32(key)
             .map_err(|e| Error::InvalidModel(e.to_string()))
     }
 

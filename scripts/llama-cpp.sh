@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's own tools from the tree Realm's references come from: the
+# `vendor/llama.cpp` of the llama-cpp-python 0.3.36 sdist (llama.cpp 0c1e57098), with CMake
+# and Ninja from PyPI, native CPU flags, no curl. Everything lands in target/llama.cpp/:
+#   src/      the llama.cpp tree (its gguf-py, vocabularies and templates too)
+#   venv/     Python with cmake, ninja, numpy and that tree's gguf-py
+#   build/    tests/llama-ref (realm-llama-ref) over llama.cpp; tools in build/bin/
+# Usage: scripts/llama-cpp.sh [TARGET…]   (default: llama-quantize realm-llama-ref)
+# Reruns are cheap: the download, venv and configure are kept, Ninja rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=${LLAMA_CPP_DIR:-target/llama.cpp}
+URL=https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/llama_cpp_python-0.3.36.tar.gz
+SHA=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+JOBS=${JOBS:-2}
+mkdir -p "$DIR"
+
+if [ ! -f "$DIR/src/CMakeLists.txt" ]; then
+  echo "fetching llama-cpp-python 0.3.36 (its vendored llama.cpp)…" >&2
+  curl -fsSL --retry 3 "$URL" -o "$DIR/sdist.tar.gz.part"
+  echo "$SHA  $DIR/sdist.tar.gz.part" | sha256sum -c --status ||
+    { echo "sha256 mismatch for the llama-cpp-python sdist" >&2; exit 1; }
+  rm -rf "$DIR/src.part" && mkdir -p "$DIR/src.part"
+  tar xzf "$DIR/sdist.tar.gz.part" -C "$DIR/src.part" --strip-components=3 \
+    llama_cpp_python-0.3.36/vendor/llama.cpp
+  rm -rf "$DIR/src" && mv "$DIR/src.part" "$DIR/src" && rm -f "$DIR/sdist.tar.gz.part"
+fi
+
+if [ ! -f "$DIR/venv/.ok" ]; then
+  python3 -m venv "$DIR/venv"
+  "$DIR/venv/bin/pip" install --quiet cmake==4.1.2 ninja==1.13.0 numpy==2.3.4 "$DIR/src/gguf-py"
+  touch "$DIR/venv/.ok"
+fi
+export PATH="$PWD/$DIR/venv/bin:$PATH"
+
+if [ ! -f "$DIR/build/build.ninja" ]; then
+  cmake -S tests/llama-ref -B "$DIR/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DLLAMA_DIR="$PWD/$DIR/src" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_OPENSSL=OFF >/dev/null
+fi
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(llama-quantize realm-llama-ref)
+echo "building ${targets[*]} (llama.cpp, -j$JOBS)…" >&2
+cmake --build "$DIR/build" -j "$JOBS" --target "${targets[@]}"

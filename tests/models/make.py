@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Small random-weight GGUFs for architecture and RoPE-scaling tests (no real weights needed).
+
+Each model is a real architecture's tensor names, shapes and metadata over a real vocabulary
+from llama.cpp's own tokenizer suite, with weights drawn from numpy's legacy RandomState
+(its stream is frozen across numpy versions), written with the llama.cpp tree's own gguf-py.
+F32 files are written here; quantized ones are made from them with llama.cpp's
+`llama-quantize`. `tests/models/sha256sums` pins every file, so the references made from
+them by llama.cpp (tests/reference/tiny-models/) stay valid: a mismatch is an error.
+
+Usage: make.py LLAMA_CPP_DIR OUT_DIR          (scripts/test-models.sh runs it)
+"""
+
+import hashlib
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import gguf
+
+# The Llama 3 tokenizer (tokenizer.ggml.pre = llama-bpe, no add_bos_token key: llama.cpp
+# adds BOS by default for this pre-tokenizer).
+LLAMA3_VOCAB = "models/ggml-vocab-llama-bpe.gguf"
+
+# Shape of the tiny llama: 2 blocks, 64 wide, 2 query heads of 32 sharing 1 KV head.
+N_LAYER, N_EMBD, N_FF, N_HEAD, N_HEAD_KV = 2, 64, 128, 2, 1
+HEAD_DIM = N_EMBD // N_HEAD
+N_CTX_TRAIN = 2048
+# The context Llama 3's factors and the linear scaling were "trained" for.
+N_CTX_ORIG = 256
+ROPE_BASE = 500000.0
+
+
+def llama3_rope_factors(base, dim, factor, low, high, orig_ctx):
+    """Llama 3's per-pair frequency divisors (the `rope_freqs` tensor), as Meta defines them:
+    high-frequency pairs unchanged, low-frequency ones divided by `factor`, a smooth ramp
+    between the two wavelengths."""
+    out = []
+    for i in range(0, dim, 2):
+        freq = 1.0 / (base ** (i / dim))
+        wavelen = 2 * math.pi / freq
+        if wavelen < orig_ctx / high:
+            out.append(1.0)
+        elif wavelen > orig_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (orig_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def copy_vocab(w, vocab):
+    """Every tokenizer.* key of a suite vocabulary, as the file has it."""
+    for name, field in vocab.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        vt = field.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            sub = field.types[-1]
+            values = field.contents()
+            w.add_array(name, values) if sub == gguf.GGUFValueType.STRING else \
+                w.add_key_value(name, values, vt, sub_type=sub)
+        else:
+            w.add_key_value(name, field.contents(), vt)
+
+
+def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False):
+    rng = np.random.RandomState(seed)
+    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(path.stem)
+    w.add_block_count(N_LAYER)
+    w.add_context_length(N_CTX_TRAIN)
+    w.add_embedding_length(N_EMBD)
+    w.add_feed_forward_length(N_FF)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_HEAD_KV)
+    w.add_rope_freq_base(ROPE_BASE)
+    w.add_rope_dimension_count(HEAD_DIM)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if scaling is not None:
+        kind, factor, orig_ctx = scaling
+        w.add_rope_scaling_type(gguf.RopeScalingType(kind))
+        w.add_rope_scaling_factor(factor)
+        w.add_rope_scaling_orig_ctx_len(orig_ctx)
+    copy_vocab(w, vocab)
+
+    # numpy shapes are ggml's dims reversed: (rows, row length).
+    w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.5))
+    w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
+    kv = N_HEAD_KV * HEAD_DIM
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+        w.add_tensor(p + "attn_q.weight", normal((N_EMBD, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
+        w.add_tensor(p + "attn_k.weight", normal((kv, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
+        w.add_tensor(p + "attn_v.weight", normal((kv, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        if bias:
+            w.add_tensor(p + "attn_q.bias", normal((N_EMBD,), 0.1))
+        w.add_tensor(p + "attn_output.weight", normal((N_EMBD, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        w.add_tensor(p + "ffn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+        w.add_tensor(p + "ffn_gate.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        w.add_tensor(p + "ffn_up.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        w.add_tensor(p + "ffn_down.weight", normal((N_EMBD, N_FF), 1.0 / math.sqrt(N_FF)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def main():
+    llama_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = gguf.GGUFReader(str(llama_dir / "src" / LLAMA3_VOCAB))
+    freqs = llama3_rope_factors(ROPE_BASE, HEAD_DIM, factor=8.0, low=1.0, high=4.0, orig_ctx=N_CTX_ORIG)
+
+    # The same weights (seed 1) with and without Llama 3's frequency factors.
+    write_llama(out / "llama3-tiny.f32.gguf", vocab, seed=1, rope_freqs=freqs)
+    write_llama(out / "llama3-tiny-no-rope-freqs.f32.gguf", vocab, seed=1)
+    # The RoPE scalings llama.cpp reads from metadata for llama-family files.
+    write_llama(out / "llama-tiny-linear.f32.gguf", vocab, seed=1, scaling=("linear", 4.0, N_CTX_ORIG))
+    write_llama(out / "llama-tiny-yarn.f32.gguf", vocab, seed=1, scaling=("yarn", 4.0, 64))
+    # What Realm must refuse rather than run wrong: q biases (llama.cpp adds them) and
+    # Phi-3's long/short factors, which Realm does not implement for llama files.
+    write_llama(out / "llama-tiny-q-bias.f32.gguf", vocab, seed=1, bias=True)
+    write_llama(out / "llama-tiny-longrope.f32.gguf", vocab, seed=1, scaling=("longrope", 4.0, 64))
+
+    quantize = llama_dir / "build" / "bin" / "llama-quantize"
+    for src, dst, ty in [("llama3-tiny.f32.gguf", "llama3-tiny.q8_0.gguf", "Q8_0")]:
+        subprocess.run([str(quantize), str(out / src), str(out / dst), ty],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    sums = Path(__file__).with_name("sha256sums")
+    want = dict(reversed(line.split()) for line in sums.read_text().splitlines() if line.strip()) \
+        if sums.exists() else {}
+    bad = []
+    for f in sorted(out.glob("*.gguf")):
+        got = hashlib.sha256(f.read_bytes()).hexdigest()
+        print(f"{got}  {f.name}")
+        if want and want.get(f.name) != got:
+            bad.append(f.name)
+    if bad:
+        sys.exit(f"generated files differ from tests/models/sha256sums: {', '.join(bad)} "
+                 "(the references in tests/reference/tiny-models were made from the pinned files)")
+
+
+if __name__ == "__main__":
+    main()
