@@ -107,12 +107,13 @@ lint:
 	$(CARGO) clippy --release -j$(JOBS) --target wasm32-wasip2 $(WASM_CRATES) $(WASM_APPS) \
 	    -p realm-kernels -p realm-compute-wasm -p realm-standalone-cli -- -D warnings
 
-# Realm vs llama.cpp and Candle on both models (not part of `make test`; the first time it
-# builds llama-cpp-python from source, ~10 minutes on 2 cores, and Candle's bench, ~4
-# minutes, natively in its own target dir), then the memory budget table.
-LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+# Realm vs llama.cpp's own llama-bench and Candle on both models (not part of `make test`;
+# the first time it builds llama-bench natively and AVX2-only from the reference tree,
+# scripts/llama-cpp.sh, and Candle's bench, ~4 minutes, in its own target dir), then the
+# server and memory-budget tables.
 bench: models build
-	@python3 -c "import llama_cpp" 2>/dev/null || python3 -m pip install --quiet numpy "$(LLAMA_CPP_PYTHON)"
+	./scripts/llama-cpp.sh llama-bench
+	LLAMA_CPP_VARIANT=avx2 ./scripts/llama-cpp.sh llama-bench
 	RUSTFLAGS="-C target-cpu=native" $(CARGO) build --release -j$(JOBS) --manifest-path bench/candle/Cargo.toml --target-dir target/candle
 	python3 bench/compare.py models/SmolLM2-135M-Instruct.Q4_1.gguf --write
 	python3 bench/compare.py models/gemma-3-270m-q4_k_m.gguf --write

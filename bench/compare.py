@@ -1,68 +1,99 @@
 #!/usr/bin/env python3
-"""Realm against llama.cpp on the same GGUF, threads and token counts, in one run.
+"""Realm against llama.cpp's own `llama-bench` on the same GGUF, in one run.
 
-Realm runs through the full component path (`realm bench --json`); llama.cpp runs as the
-Python package llama-cpp-python (pinned in the Makefile, built from source by pip with its
-CPU defaults), with flash attention on as in the parity references. Both: prompt
-processing of 64 and 512 tokens and generation of 128, median/min/max of RUNS runs,
-peak RSS of the measuring process. Prints a Markdown section; --write puts it in
-BENCHMARKS.md. Candle (bench/candle) is measured the same way. Usage:
-bench/compare.py MODEL.gguf [--write]
+The peer is llama.cpp's `llama-bench`, built natively by scripts/llama-cpp.sh from the
+tree Realm's references come from (llama-cpp-python 0.3.36's vendor/llama.cpp, CMake +
+Ninja from PyPI, -DGGML_NATIVE=ON -DLLAMA_CURL=OFF), flash attention on (`-fa 1`). No Python
+binding is in the timed loop. Realm runs through the full component path
+(`realm bench --json`). Both: prompt processing of 64 and 512 tokens and generation of 128,
+at 1 and 2 threads and 4, 8, 16 where the machine has the cores; median/min/max of RUNS.
+Candle (bench/candle) is a second column (NO_CANDLE=1 skips it).
+
+A second table pairs `REALM_KERNELS=avx2` with a llama.cpp build limited to AVX2 + FMA +
+F16C (LLAMA_CPP_VARIANT=avx2), so the AVX2 comparison can be made on any x86 machine.
+Every table names the CPU, its flags (AVX2 / AVX-512 / VNNI / AMX) and its last-level cache.
+
+Usage: bench/compare.py MODEL.gguf [--write]   (--write: the sections in BENCHMARKS.md)
 """
-import json, os, platform, re, resource, statistics, subprocess, sys, time, pathlib
+import json, os, platform, re, resource, statistics, subprocess, sys, pathlib
 
 RUNS = int(os.environ.get("RUNS", "5"))
-THREADS = [int(t) for t in os.environ.get("THREADS", "1,2").split(",")]
+CORES = os.cpu_count() or 1
+THREADS = [int(t) for t in os.environ.get(
+    "THREADS", ",".join(str(t) for t in (1, 2, 4, 8, 16) if t <= max(CORES, 2))).split(",")]
 PP = [64, 512]
 TG = 128
+TESTS = [f"pp{p}" for p in PP] + [f"tg{TG}"]
+LLAMA_BENCH = {"native": "target/llama.cpp/build/bin/llama-bench",
+               "avx2": "target/llama.cpp/build-avx2/bin/llama-bench"}
+CANDLE = "target/candle/release/candle-bench"
 
 
 def summary(v):
     return {"median": statistics.median(v), "min": min(v), "max": max(v)}
 
 
-def llama_cpp(model):
-    """Measured in a child process so its peak RSS is its own."""
-    code = f"""
-import json, time, resource, numpy as np, llama_cpp
-from llama_cpp import Llama
-out = {{}}
-for t in {THREADS}:
-    llm = Llama({model!r}, n_threads=t, n_threads_batch=t, n_ctx=1024, n_batch=512, flash_attn=True, verbose=False)
-    nv = llm.n_vocab(); r = {{}}
-    for p in {PP}:
-        toks = llm.tokenize(("the" + " the" * (p - 1)).encode(), add_bos=False)[:p]
-        v = []
-        for _ in range({RUNS}):
-            llm.reset(); s = time.perf_counter(); llm.eval(toks); v.append(len(toks) / (time.perf_counter() - s))
-        r[f"pp{{p}}"] = v
-    v = []
-    for _ in range({RUNS}):
-        llm.reset(); llm.eval(llm.tokenize(("the" + " the" * 15).encode(), add_bos=False)[:16])
-        s = time.perf_counter()
-        for _ in range({TG}):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(nv,))
-            llm.eval([int(np.argmax(logits))])
-        v.append({TG} / (time.perf_counter() - s))
-    r[f"tg{TG}"] = v
-    out[t] = r
-    del llm
-out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps(out))
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+def cpu():
+    """Model name, the SIMD flags that pick kernels, and the last-level cache."""
+    info = open("/proc/cpuinfo").read()
+    name = re.search(r"model name\s*:\s*(.*)", info)
+    m = re.search(r"flags\s*:\s*(.*)", info)
+    flags = set(m.group(1).split()) if m else set()
+    shown = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
+                         "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16") if f in flags]
+    llc = None
+    base = pathlib.Path("/sys/devices/system/cpu/cpu0/cache")
+    for d in sorted(base.glob("index*")) if base.exists() else []:
+        try:
+            level, size = int((d / "level").read_text()), (d / "size").read_text().strip()
+        except OSError:
+            continue
+        if llc is None or level >= llc[0]:
+            llc = (level, size)
+    return {"name": name.group(1).strip() if name else platform.processor(),
+            "flags": shown, "llc": f"L{llc[0]} {llc[1]}" if llc else "unknown"}
 
 
-def realm(model):
+def measured_rss(cmd, env=None):
+    """Runs `cmd` in a child of a small Python process; returns (stdout, the child's peak
+    RSS in bytes)."""
+    code = ("import resource, subprocess, sys\n"
+            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+            "sys.stderr.write(r.stderr)\n"
+            "print(r.stdout)\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+            "sys.exit(r.returncode)\n")
+    res = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        sys.exit(f"{cmd[0]} failed: {res.stderr.strip()[-800:]}")
+    lines = res.stdout.rstrip().splitlines()
+    return "\n".join(lines[:-1]), int(lines[-1])
+
+
+def llama_bench(variant, model):
+    binary = LLAMA_BENCH[variant]
+    if not os.path.exists(binary):
+        env = dict(os.environ, LLAMA_CPP_VARIANT=variant)
+        subprocess.run(["scripts/llama-cpp.sh", "llama-bench"], check=True, env=env)
+    out, rss = measured_rss([binary, "-m", model, "-t", ",".join(map(str, THREADS)),
+                             "-p", ",".join(map(str, PP)), "-n", str(TG), "-fa", "1",
+                             "-r", str(RUNS), "-o", "json"])
+    res = {"rss": rss}
+    for t in json.loads(out):
+        test = f"pp{t['n_prompt']}" if t["n_gen"] == 0 else f"tg{t['n_gen']}"
+        res.setdefault(str(t["n_threads"]), {})[test] = summary(t["samples_ts"])
+    return res
+
+
+def realm(model, kernels=None):
+    env = dict(os.environ)
+    if kernels:
+        env["REALM_KERNELS"] = kernels
     res = subprocess.run(
         ["./target/release/realm", "bench", "--json", "--model", model, "--threads", ",".join(map(str, THREADS)),
          "--prompt", ",".join(map(str, PP)), "--gen", str(TG), "--runs", str(RUNS)],
-        capture_output=True, text=True, check=True)
+        capture_output=True, text=True, check=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-CANDLE = "target/candle/release/candle-bench"
 
 
 def candle(model):
@@ -77,7 +108,7 @@ def candle(model):
             sys.exit(f"candle-bench failed on {model}: {res.stderr.strip()[-500:]}")
         r = json.loads(res.stdout.strip().splitlines()[-1])
         rss = max(rss, r.pop("rss"))
-        out[str(t)] = r
+        out[str(t)] = {k: summary(v) for k, v in r.items()}
     out["rss"] = rss
     return out
 
@@ -86,53 +117,72 @@ def cell(s):
     return f"{s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f})"
 
 
-def main():
-    model = sys.argv[1]
-    r = realm(model)
-    l = llama_cpp(model)
-    # NO_CANDLE=1 skips the (slow) Candle peer for quick iterations; `make bench` runs it.
-    c = candle(model) if os.environ.get("NO_CANDLE") != "1" else None
-    rows = []
+def rows(r, peer, c):
+    out = []
     for entry in r["results"]:
         t = entry["threads"]
-        for test in [f"pp{p}" for p in PP] + [f"tg{TG}"]:
-            rs = entry[test]["tokens_per_s"]
-            ls = summary(l[str(t)][test])
-            cs = summary(c[str(t)][test]) if c else None
-            rows.append(f"| {t} | {test} | {cell(rs)} | {cell(ls)} | {cell(cs) if cs else '–'} | "
-                        f"{rs['median'] / ls['median']:.2f}× | {(rs['median'] / cs['median']) if cs else 0:.2f}× |")
+        for test in TESTS:
+            rs, ls = entry[test]["tokens_per_s"], peer[str(t)][test]
+            cs = c[str(t)][test] if c else None
+            vs_c = f"{rs['median'] / cs['median']:.2f}×" if cs else "–"
+            out.append(f"| {t} | {test} | {cell(rs)} | {cell(ls)} | {cell(cs) if cs else '–'} | "
+                       f"**{rs['median'] / ls['median']:.2f}×** | {vs_c} |")
         sh = entry[f"tg{TG}"]["decode_time_share"]
-        rows.append(f"| {t} | decode time split (Realm) | matmul {sh['matmul']*100:.0f} % · attention {sh['attention']*100:.0f} % · "
-                    f"other ops {sh['other_ops']*100:.0f} % · WIT + guest {sh['wit_and_guest']*100:.0f} % | | | | |")
-        bw, ceil = entry["read_bandwidth_bytes_per_s"], entry["decode_ceiling_tokens_per_s"]
-        tg = f"tg{TG}"
-        rows.append(f"| {t} | memory ceiling: {bw / 1e9:.1f} GB/s ÷ {r['decode_weight_bytes'] / 1e6:.1f} MB = {ceil:.0f} tok/s | "
-                    f"{entry[tg]['tokens_per_s']['median'] / ceil * 100:.0f} % of it | "
-                    f"{summary(l[str(t)][tg])['median'] / ceil * 100:.0f} % | {(summary(c[str(t)][tg])['median'] / ceil * 100) if c else 0:.0f} % | | |")
-    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "?")
+        out.append(f"| {t} | decode time split (Realm) | matmul {sh['matmul']*100:.0f} % · attention "
+                   f"{sh['attention']*100:.0f} % · other ops {sh['other_ops']*100:.0f} % · WIT + guest "
+                   f"{sh['wit_and_guest']*100:.0f} % | | | | |")
+    return out
+
+
+def ceiling(r):
+    mb = r["decode_weight_bytes"] / 1e6
+    if r.get("weights_fit_in_llc"):
+        return (f"The {mb:.1f} MB a decode step reads fit in the last-level cache: decode is "
+                f"compute-bound here, there is no memory ceiling.")
+    parts = [f"{e['threads']} threads {e['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s → "
+             f"{e['decode_ceiling_tokens_per_s']:.0f} tok/s" for e in r["results"]]
+    return (f"Memory ceiling (read bandwidth over a buffer 4× the last-level cache ÷ {mb:.1f} MB "
+            f"per decode step): " + "; ".join(parts) + ".")
+
+
+def main():
+    model = sys.argv[1]
+    c_info = cpu()
+    r = realm(model)
+    l = llama_bench("native", model)
+    c = candle(model) if os.environ.get("NO_CANDLE") != "1" else None
+    r2 = realm(model, "avx2")
+    l2 = llama_bench("avx2", model)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     name = pathlib.Path(model).name
-    section = f"""## Speed: Realm vs llama.cpp and Candle — {name} (`bench/compare.py`)
+    head = "| threads | test | Realm | llama-bench | Candle | vs llama.cpp | vs Candle |\n|---|---|---|---|---|---|---|\n"
+    section = f"""## Speed: Realm vs llama-bench — {name} — {c_info['name']} (`bench/compare.py`)
 
-{cpu}, {os.cpu_count()} cores, {platform.system()}; Realm commit {commit} (`realm bench`, the
-full component path); llama.cpp = llama-cpp-python 0.3.36 built from source by pip (native
-CPU features, flash attention on); Candle = candle-transformers 0.10.2 quantized
-llama / Gemma 3 (`bench/candle`, `-C target-cpu=native`, as Candle advises). Tokens/s,
-median (min–max) of {RUNS} runs; ratios = Realm / peer. Peak RSS of each measuring process
-(all thread counts): Realm {r['peak_rss_bytes'] >> 20} MiB, llama.cpp {l['rss'] >> 20} MiB (a
-Python process), Candle {(c['rss'] >> 20) if c else '–'} MiB. Memory ceiling: main-memory read bandwidth
-(`realm bench`, 512 MiB buffer) ÷ the weight bytes a decode step reads.
+{c_info['name']}, {CORES} cores, flags {' '.join(c_info['flags']) or 'none of AVX2/AVX-512/AMX'},
+{c_info['llc']} last-level cache, {platform.system()}; Realm commit {commit} (`realm bench`,
+the full component path); llama.cpp = `llama-bench -fa 1` from the llama-cpp-python 0.3.36
+sdist's vendor/llama.cpp, built natively (`scripts/llama-cpp.sh`: `-DGGML_NATIVE=ON`, which
+includes its AMX and repacked-weight paths where the CPU has them); Candle =
+candle-transformers 0.10.2 quantized llama / Gemma 3 (`bench/candle`, `-C target-cpu=native`).
+Tokens/s, median (min–max) of {RUNS} runs; ratios = Realm / peer. Peak RSS: Realm
+{r['peak_rss_bytes'] >> 20} MiB, llama-bench {l['rss'] >> 20} MiB, Candle
+{(c['rss'] >> 20) if c else '–'} MiB. {ceiling(r)}
 
-| threads | test | Realm | llama.cpp | Candle | vs llama.cpp | vs Candle |
-|---|---|---|---|---|---|---|
-""" + "\n".join(rows) + "\n"
+{head}""" + "\n".join(rows(r, l, c)) + f"""
+
+AVX2 pair, same run: Realm with `REALM_KERNELS=avx2` against llama.cpp built with
+`-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON` (no AVX-512, no AMX).
+
+{head}""" + "\n".join(rows(r2, l2, None)) + "\n"
     print(section)
     if "--write" in sys.argv:
         p = pathlib.Path("BENCHMARKS.md")
         text = p.read_text() if p.exists() else "# Benchmarks\n"
-        for old in (f"## Speed: Realm vs llama.cpp — {name}", f"## Speed: Realm vs llama.cpp and Candle — {name}"):
-            pat = re.escape(old) + r".*?(?=\n## |\Z)"
-            text = re.sub(pat, "", text, flags=re.S)
+        # This machine's section for the model, and the old llama-cpp-python sections
+        # (a Python binding in the timed loop: not a fair peer).
+        for old in (f"## Speed: Realm vs llama-bench — {name} — {c_info['name']}",
+                    f"## Speed: Realm vs llama.cpp and Candle — {name}"):
+            text = re.sub(re.escape(old) + r".*?(?=\n## |\Z)", "", text, flags=re.S)
         p.write_text(text.rstrip() + "\n\n" + section)
 
 

@@ -33,26 +33,66 @@ fn decode_weight_bytes(path: &Path) -> anyhow::Result<u64> {
         .sum())
 }
 
+/// The last-level cache's size in bytes (Linux sysfs: the highest cache level of CPU 0),
+/// or None where the system does not say.
+pub fn llc_bytes() -> Option<u64> {
+    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    let mut best: Option<(u32, u64)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let read = |f: &str| std::fs::read_to_string(entry.path().join(f)).ok();
+        let (Some(level), Some(size)) = (read("level"), read("size")) else {
+            continue;
+        };
+        let Ok(level) = level.trim().parse::<u32>() else {
+            continue;
+        };
+        let size = size.trim();
+        let (num, unit) = size.split_at(
+            size.find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(size.len()),
+        );
+        let Ok(num) = num.parse::<u64>() else {
+            continue;
+        };
+        let bytes = num
+            * match unit {
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                _ => 1,
+            };
+        if best.is_none_or(|(l, _)| level > l) {
+            best = Some((level, bytes));
+        }
+    }
+    best.map(|(_, b)| b)
+}
+
 /// Read bandwidth of main memory with `threads` threads: the best of five passes summing
-/// a 512 MiB buffer (far larger than any cache here), in bytes per second. A decode step
-/// reads every weight once, so bandwidth / weight bytes bounds decode tokens/s.
+/// a buffer four times the last-level cache (512 MiB at least, 4 GiB at most), in bytes
+/// per second. A decode step reads every weight once, so where the weights do not fit in
+/// the cache, bandwidth / weight bytes bounds decode tokens/s.
 fn read_bandwidth(threads: usize) -> anyhow::Result<f64> {
-    const LEN: usize = 64 << 20; // u64 words: 512 MiB
+    let bytes = llc_bytes()
+        .unwrap_or(0)
+        .saturating_mul(4)
+        .clamp(512 << 20, 4 << 30);
+    let len = (bytes / 8) as usize; // u64 words
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
-    let buf: Vec<u64> = (0..LEN as u64).collect();
+    let buf: Vec<u64> = (0..len as u64).collect();
     let mut best = 0f64;
     for _ in 0..5 {
         let t = std::time::Instant::now();
         let sum: u64 = pool.install(|| {
             use rayon::prelude::*;
-            buf.par_chunks(LEN / threads)
+            buf.par_chunks(len.div_ceil(threads))
                 .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
                 .reduce(|| 0, u64::wrapping_add)
         });
         std::hint::black_box(sum);
-        best = best.max((LEN * 8) as f64 / t.elapsed().as_secs_f64());
+        best = best.max((len * 8) as f64 / t.elapsed().as_secs_f64());
     }
     Ok(best)
 }
@@ -197,11 +237,17 @@ pub fn run(
         entry["read_bandwidth_bytes_per_s"] = serde_json::json!(bw);
         entry["decode_ceiling_tokens_per_s"] = serde_json::json!(bw / weight_bytes as f64);
     }
+    let llc = llc_bytes();
+    // Where the weights fit in the last-level cache, decode is bound by compute: there is
+    // no memory ceiling to compare with.
+    let fits = llc.is_some_and(|c| weight_bytes <= c);
     let out = serde_json::json!({
         "model": path.display().to_string(),
         "runs": runs,
         "peak_rss_bytes": peak_rss,
         "decode_weight_bytes": weight_bytes,
+        "llc_bytes": llc,
+        "weights_fit_in_llc": fits,
         "results": results,
     });
     if json {
@@ -235,12 +281,20 @@ pub fn run(
             sh["other_ops"].as_f64().unwrap_or(0.0) * 100.0,
             sh["wit_and_guest"].as_f64().unwrap_or(0.0) * 100.0
         );
-        println!(
-            "|   | memory ceiling | {:.1} GB/s read ÷ {:.1} MB of weights per token = {:.0} tok/s |||",
-            r["read_bandwidth_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e9,
-            weight_bytes as f64 / 1e6,
-            r["decode_ceiling_tokens_per_s"].as_f64().unwrap_or(0.0)
-        );
+        if fits {
+            println!(
+                "|   | memory ceiling | none: {:.1} MB of weights fit in the {} MiB last-level cache, decode is compute-bound |||",
+                weight_bytes as f64 / 1e6,
+                llc.unwrap_or(0) >> 20
+            );
+        } else {
+            println!(
+                "|   | memory ceiling | {:.1} GB/s read ÷ {:.1} MB of weights per token = {:.0} tok/s |||",
+                r["read_bandwidth_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e9,
+                weight_bytes as f64 / 1e6,
+                r["decode_ceiling_tokens_per_s"].as_f64().unwrap_or(0.0)
+            );
+        }
     }
     Ok(())
 }

@@ -121,6 +121,7 @@ struct Scratch {
     attn: Vec<f16>,
     rope: Vec<(f32, f32)>,
     row: Vec<f32>,
+    tiled_kv: kernels::TiledKv,
 }
 
 thread_local! {
@@ -326,13 +327,20 @@ fn attention_into(
     .map_err(op_error)?;
     let lc = &c.layers[layer];
     let cols = q.cols;
+    if shape.tiled {
+        s.tiled_kv.build(lc, shape, pos + q.rows);
+    }
     for (i, (orow, qrow)) in o
         .data
         .chunks_exact_mut(cols)
         .zip(q.data.chunks_exact(cols))
         .enumerate()
     {
-        kernels::attend_row(qrow, lc, pos + i, shape, 0..n_head, &mut s.attn, orow);
+        if shape.tiled {
+            kernels::attend_row_tiled(qrow, &s.tiled_kv, pos + i, shape, 0..n_head, orow);
+        } else {
+            kernels::attend_row(qrow, lc, pos + i, shape, 0..n_head, &mut s.attn, orow);
+        }
     }
     Ok(())
 }

@@ -109,6 +109,8 @@ pub struct ComputeState {
     packed: avx512::Packed,
     /// Per spin-pool share: attention scratch (q in f16 and the f16 accumulator).
     attn_scratch: Vec<std::sync::Mutex<Vec<f16>>>,
+    /// The cache in f32 for tiled attention (batches of 64 rows or more).
+    tiled_kv: kernels::TiledKv,
     rope_cache: Vec<(f32, f32)>,
     pub stats: Stats,
     pub store: residency::WeightStore,
@@ -139,6 +141,7 @@ impl ComputeState {
             quantized: Vec::new(),
             #[cfg(target_arch = "x86_64")]
             packed: avx512::Packed::default(),
+            tiled_kv: kernels::TiledKv::default(),
             attn_scratch: (0..shares)
                 .map(|_| std::sync::Mutex::new(Vec::new()))
                 .collect(),
@@ -819,6 +822,13 @@ impl ComputeState {
             .map_err(op_error)?;
             let (n, hd) = (qt.rows, shape.head_dim);
             let lc = &c.layers[layer];
+            // Batches of 64 rows or more: ggml's tiled numerics over f32 copies of the
+            // cache, made once for all rows.
+            let mut tiled = std::mem::take(&mut self.tiled_kv);
+            if shape.tiled {
+                tiled.build(lc, shape, pos + n);
+            }
+            let tiled_ref = &tiled;
             // (row, head) items split evenly across the spinning pool: one token's heads
             // in parallel when decoding, whole rows when processing a prompt.
             let spin = self.spin.clone();
@@ -837,7 +847,26 @@ impl ComputeState {
                         // SAFETY: shares own disjoint rows of the output.
                         let orow = unsafe { out.slice(i * cols, cols) };
                         let qrow = &qt.data[i * cols..(i + 1) * cols];
-                        kernels::attend_row(qrow, lc, pos + i, shape, 0..n_head, &mut buf, orow);
+                        if shape.tiled {
+                            kernels::attend_row_tiled(
+                                qrow,
+                                tiled_ref,
+                                pos + i,
+                                shape,
+                                0..n_head,
+                                orow,
+                            );
+                        } else {
+                            kernels::attend_row(
+                                qrow,
+                                lc,
+                                pos + i,
+                                shape,
+                                0..n_head,
+                                &mut buf,
+                                orow,
+                            );
+                        }
                     }
                     return;
                 }
@@ -849,10 +878,15 @@ impl ComputeState {
                     // SAFETY: shares own disjoint (row, head) ranges of the output.
                     let orow = unsafe { out.slice(i * cols + h0 * hd, (h1 - h0) * hd) };
                     let qrow = &qt.data[i * cols..(i + 1) * cols];
-                    kernels::attend_row(qrow, lc, pos + i, shape, h0..h1, &mut buf, orow);
+                    if shape.tiled {
+                        kernels::attend_row_tiled(qrow, tiled_ref, pos + i, shape, h0..h1, orow);
+                    } else {
+                        kernels::attend_row(qrow, lc, pos + i, shape, h0..h1, &mut buf, orow);
+                    }
                     item += h1 - h0;
                 }
             });
+            self.tiled_kv = tiled;
             Ok(())
         })();
         *self.table.get_mut(cache).map_err(handle)? = c;

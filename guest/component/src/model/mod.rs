@@ -159,6 +159,15 @@ pub fn rope_params(
     }
 }
 
+/// Whether a tensor name is one llama.cpp's graphs use (blocks, embeddings, output, RoPE
+/// factors): such a tensor left unused changes the results. Other names (padding, extra
+/// data a converter kept) are ignored.
+fn in_the_graph(name: &str) -> bool {
+    ["blk.", "token_", "output", "rope_", "pos_embd", "cls"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
 /// Creates host weights from the file's tensors, checking their shapes, and remembers
 /// which it used: a tensor the architecture does not use (a bias, RoPE factors, experts)
 /// would change llama.cpp's results, so such a file is refused instead of run wrong.
@@ -190,7 +199,7 @@ impl Loader<'_> {
             .tensors
             .iter()
             .map(|t| t.name.as_str())
-            .filter(|n| !used.contains(*n))
+            .filter(|n| !used.contains(*n) && in_the_graph(n))
             .collect();
         if unused.is_empty() {
             return Ok(());

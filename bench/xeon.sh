@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine's Xeon (see bench/xeon-pack.sh): `setup` unpacks Realm and the
+# llama.cpp tree and builds llama-bench (native, and AVX2-only) with every core; `part DIR`
+# keeps the first half of the model; `run DIR` joins the halves, checks the sha256, and
+# runs bench/compare.py (no Candle: its bench is a Rust build) at 1, 2, 4, 8 and 16
+# threads, leaving the table in $OUT/compare.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KEEP=/tmp/realm-xeon
+case "$1" in
+  setup)
+    rm -rf "$KEEP" && mkdir -p "$KEEP/llama.cpp/src"
+    cp .xeon/p1/realm .xeon/p1/realm_guest.wasm "$KEEP/"
+    tar -C "$KEEP/llama.cpp/src" -xJf .xeon/p1/llama.cpp.tar.xz
+    for v in native avx2; do
+      LLAMA_CPP_OFFLINE=1 LLAMA_CPP_DIR="$KEEP/llama.cpp" LLAMA_CPP_VARIANT=$v JOBS=$(nproc) \
+        scripts/llama-cpp.sh llama-bench > "$KEEP/build-$v.log" 2>&1 || { tail -30 "$KEEP/build-$v.log"; exit 1; }
+    done
+    ls -la "$KEEP/llama.cpp/build/bin/llama-bench" "$KEEP/llama.cpp/build-avx2/bin/llama-bench"
+    ;;
+  part) cp "$2/model.0" "$KEEP/" ;;
+  run)
+    mkdir -p target/release target/wasm32-wasip2/release target/llama.cpp models
+    cp "$KEEP/realm" target/release/ && cp "$KEEP/realm_guest.wasm" target/wasm32-wasip2/release/
+    for v in build build-avx2; do
+      mkdir -p "target/llama.cpp/$v" && cp -r "$KEEP/llama.cpp/$v/bin" "target/llama.cpp/$v/"
+    done
+    model="models/$(cat "$2/name")"
+    cat "$KEEP/model.0" "$2/model.1" > "$model"
+    echo "$(cat "$2/sha256")  $model" | sha256sum -c
+    lscpu | grep -E "Model name|^CPU\(s\)|L3" || true
+    NO_CANDLE=1 THREADS=${THREADS:-1,2,4,8,16} RUNS=${RUNS:-5} python3 bench/compare.py "$model" \
+      | tee "${OUT:-/tmp}/compare.md"
+    ;;
+  *) echo "usage: bench/xeon.sh setup | part DIR | run DIR" >&2; exit 2 ;;
+esac
