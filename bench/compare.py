@@ -54,9 +54,9 @@ def cpu():
             "flags": shown, "llc": f"L{llc[0]} {llc[1]}" if llc else "unknown"}
 
 
-def measured_rss(cmd, env=None):
+def measured_rss(cmd, env=None, check=True):
     """Runs `cmd` in a child of a small Python process; returns (stdout, the child's peak
-    RSS in bytes)."""
+    RSS in bytes), or None when it fails and `check` is off."""
     code = ("import resource, subprocess, sys\n"
             "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
             "sys.stderr.write(r.stderr)\n"
@@ -65,7 +65,9 @@ def measured_rss(cmd, env=None):
             "sys.exit(r.returncode)\n")
     res = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True, env=env)
     if res.returncode != 0:
-        sys.exit(f"{cmd[0]} failed: {res.stderr.strip()[-800:]}")
+        if not check:
+            return None
+        sys.exit(f"{cmd[0]} failed (exit {res.returncode}): {res.stderr.strip()[-800:]}")
     lines = res.stdout.rstrip().splitlines()
     return "\n".join(lines[:-1]), int(lines[-1])
 
@@ -75,10 +77,17 @@ def llama_bench(variant, model):
     if not os.path.exists(binary):
         env = dict(os.environ, LLAMA_CPP_VARIANT=variant)
         subprocess.run(["scripts/llama-cpp.sh", "llama-bench"], check=True, env=env)
-    out, rss = measured_rss([binary, "-m", model, "-t", ",".join(map(str, THREADS)),
-                             "-p", ",".join(map(str, PP)), "-n", str(TG), "-fa", "1",
-                             "-r", str(RUNS), "-o", "json"])
-    res = {"rss": rss}
+    cmd = [binary, "-m", model, "-t", ",".join(map(str, THREADS)), "-p", ",".join(map(str, PP)),
+           "-n", str(TG), "-fa", "1", "-r", str(RUNS), "-o", "json"]
+    note = ""
+    got = measured_rss(cmd, check=False)
+    if got is None:
+        # ggml's AMX path dies where the kernel or hypervisor refuses AMX tile state (seen
+        # on a 2-core Xeon VM); its plain CPU kernels are the peer there.
+        got = measured_rss(cmd + ["--repack", "0"])
+        note = "`--repack 0`: the AMX / repacked-weight path crashed on this machine"
+    out, rss = got
+    res = {"rss": rss, "note": note}
     for t in json.loads(out):
         test = f"pp{t['n_prompt']}" if t["n_gen"] == 0 else f"tg{t['n_gen']}"
         res.setdefault(str(t["n_threads"]), {})[test] = summary(t["samples_ts"])
@@ -153,10 +162,12 @@ def main():
     c = candle(model) if os.environ.get("NO_CANDLE") != "1" else None
     r2 = realm(model, "avx2")
     l2 = llama_bench("avx2", model)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # REALM_COMMIT: set where the binary was built elsewhere (bench/xeon.sh).
+    commit = os.environ.get("REALM_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     name = pathlib.Path(model).name
     head = "| threads | test | Realm | llama-bench | Candle | vs llama.cpp | vs Candle |\n|---|---|---|---|---|---|---|\n"
-    section = f"""## Speed: Realm vs llama-bench — {name} — {c_info['name']} (`bench/compare.py`)
+    section = f"""## Speed: Realm vs llama-bench — {name} — {c_info['name']}, {CORES} cores (`bench/compare.py`)
 
 {c_info['name']}, {CORES} cores, flags {' '.join(c_info['flags']) or 'none of AVX2/AVX-512/AMX'},
 {c_info['llc']} last-level cache, {platform.system()}; Realm commit {commit} (`realm bench`,
@@ -164,14 +175,14 @@ the full component path); llama.cpp = `llama-bench -fa 1` from the llama-cpp-pyt
 sdist's vendor/llama.cpp, built natively (`scripts/llama-cpp.sh`: `-DGGML_NATIVE=ON`, which
 includes its AMX and repacked-weight paths where the CPU has them); Candle =
 candle-transformers 0.10.2 quantized llama / Gemma 3 (`bench/candle`, `-C target-cpu=native`).
-Tokens/s, median (min–max) of {RUNS} runs; ratios = Realm / peer. Peak RSS: Realm
+{'' if c else 'Candle not measured in this run (`NO_CANDLE=1`). '}Tokens/s, median (min–max) of {RUNS} runs; ratios = Realm / peer. Peak RSS: Realm
 {r['peak_rss_bytes'] >> 20} MiB, llama-bench {l['rss'] >> 20} MiB, Candle
-{(c['rss'] >> 20) if c else '–'} MiB. {ceiling(r)}
+{(c['rss'] >> 20) if c else '–'} MiB. {ceiling(r)}{(' llama-bench ran with ' + l['note'] + '.') if l['note'] else ''}
 
 {head}""" + "\n".join(rows(r, l, c)) + f"""
 
 AVX2 pair, same run: Realm with `REALM_KERNELS=avx2` against llama.cpp built with
-`-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON` (no AVX-512, no AMX).
+`-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON` (no AVX-512, no AMX){(', ' + l2['note']) if l2['note'] else ''}.
 
 {head}""" + "\n".join(rows(r2, l2, None)) + "\n"
     print(section)
@@ -180,7 +191,7 @@ AVX2 pair, same run: Realm with `REALM_KERNELS=avx2` against llama.cpp built wit
         text = p.read_text() if p.exists() else "# Benchmarks\n"
         # This machine's section for the model, and the old llama-cpp-python sections
         # (a Python binding in the timed loop: not a fair peer).
-        for old in (f"## Speed: Realm vs llama-bench — {name} — {c_info['name']}",
+        for old in (f"## Speed: Realm vs llama-bench — {name} — {c_info['name']}, {CORES} cores",
                     f"## Speed: Realm vs llama.cpp and Candle — {name}"):
             text = re.sub(re.escape(old) + r".*?(?=\n## |\Z)", "", text, flags=re.S)
         p.write_text(text.rstrip() + "\n\n" + section)

@@ -23,4 +23,5 @@ head -c "$half" "$MODEL" > .xeon/p2/model.0
 tail -c +"$((half + 1))" "$MODEL" > .xeon/p3/model.1
 basename "$MODEL" > .xeon/p3/name
 sha256sum "$MODEL" | cut -d' ' -f1 > .xeon/p3/sha256
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo +changes)" > .xeon/p3/commit
 du -sh .xeon/p1 .xeon/p2 .xeon/p3

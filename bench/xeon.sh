@@ -29,7 +29,7 @@ case "$1" in
     cat "$KEEP/model.0" "$2/model.1" > "$model"
     echo "$(cat "$2/sha256")  $model" | sha256sum -c
     lscpu | grep -E "Model name|^CPU\(s\)|L3" || true
-    NO_CANDLE=1 THREADS=${THREADS:-1,2,4,8,16} RUNS=${RUNS:-5} python3 bench/compare.py "$model" \
+    REALM_COMMIT=$(cat "$2/commit") NO_CANDLE=1 THREADS=${THREADS:-1,2,4,8,16} RUNS=${RUNS:-5} python3 bench/compare.py "$model" \
       | tee "${OUT:-/tmp}/compare.md"
     ;;
   *) echo "usage: bench/xeon.sh setup | part DIR | run DIR" >&2; exit 2 ;;
