@@ -399,7 +399,44 @@ fn tile_q6_k<const T: usize>(w: &[u8], xs: [&[u8]; T]) -> [f32; T] {
 
 /// Whether [`dot_tile`] has a kernel for `ty`.
 pub fn has_tile(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q4_K | GgmlType::Q6_K
+    )
+}
+
+/// The 32 signed weights of a Q4_0 or Q5_0 block (`wb`), as the dot product takes them.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn signed_weights(ty: GgmlType, wb: &[u8]) -> __m256i {
+    if ty == GgmlType::Q5_0 {
+        let bxhi = _mm256_andnot_si256(high_bits(&wb[2..6]), _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles(&wb[6..22]), bxhi)
+    } else {
+        _mm256_sub_epi8(nibbles(&wb[2..18]), _mm256_set1_epi8(8))
+    }
+}
+
+/// [`dot_q4_0`] or [`dot_q5_0`] of one row against four tokens: each weight block
+/// unpacked, made unsigned (ggml's sign trick) and its scale converted once for the four;
+/// every (row, token) result is the single dot's, bit for bit. (Q4_1 and Q8_0 stay with
+/// the four-row passes of [`dot_rows`], which measured faster for them.)
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile4_q_0(ty: GgmlType, w: &[u8], x: [&[u8]; 4]) -> [f32; 4] {
+    let bytes = ty.type_size() as usize;
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (b, wb) in w.chunks_exact(bytes).enumerate() {
+        let dw = h(wb, 0);
+        let qx = signed_weights(ty, wb);
+        let ax = _mm256_sign_epi8(qx, qx);
+        for (a, xt) in acc.iter_mut().zip(x) {
+            let xb = &xt[Q8_0_BYTES * b..Q8_0_BYTES * (b + 1)];
+            let d = _mm256_set1_ps(dw * h(xb, 0));
+            let q = mul_sum_us8(ax, _mm256_sign_epi8(load32(&xb[2..34]), qx));
+            *a = _mm256_fmadd_ps(d, q, *a);
+        }
+    }
+    [hsum8(acc[0]), hsum8(acc[1]), hsum8(acc[2]), hsum8(acc[3])]
 }
 
 /// Weight rows `rows` of `w` × all `n_tok` activation rows of `xq` (`qrow` bytes each),
@@ -433,7 +470,8 @@ pub unsafe fn dot_tile(
                 let xs = [x(t), x(t + 1), x(t + 2), x(t + 3)];
                 let v = match ty {
                     GgmlType::Q4_K => tile_q4_k::<4>(row, xs),
-                    _ => tile_q6_k::<4>(row, xs),
+                    GgmlType::Q6_K => tile_q6_k::<4>(row, xs),
+                    _ => tile4_q_0(ty, row, xs),
                 };
                 v.into_iter().enumerate().for_each(|(i, v)| put(t + i, v));
                 t += 4;
@@ -442,7 +480,9 @@ pub unsafe fn dot_tile(
                     t,
                     match ty {
                         GgmlType::Q4_K => dot_q4_k(row, x(t)),
-                        _ => dot_q6_k(row, x(t)),
+                        GgmlType::Q6_K => dot_q6_k(row, x(t)),
+                        GgmlType::Q5_0 => dot_q5_0(row, x(t)),
+                        _ => dot_q4_0(row, x(t)),
                     },
                 );
                 t += 1;
@@ -457,15 +497,21 @@ mod tests {
     use super::*;
     use crate::testdata::{self, Lcg};
 
-    /// Token tiles of the K-quants give each (row, token) the portable result exactly.
+    /// Token tiles give each (row, token) the portable result exactly.
     #[test]
-    fn k_quant_tiles_equal_the_portable_kernels() {
+    fn tiles_equal_the_portable_kernels() {
         if !available() {
             eprintln!("this CPU lacks AVX2/FMA/F16C: nothing to compare");
             return;
         }
         let mut rng = Lcg(4321);
-        for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q5_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ] {
+            assert!(has_tile(ty));
             for n_tok in [1usize, 4, 7] {
                 let (w, wrow) = testdata::weights(&mut rng, ty, 3, 512);
                 let (xq, qrow) = testdata::activations(&mut rng, ty, n_tok, 512);
