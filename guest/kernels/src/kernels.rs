@@ -158,14 +158,17 @@ pub fn ggml_v_expf(x: f32) -> f32 {
         .mul_add(b, c(0x3d2b_9f17))
         .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
         .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
+    // scalef: exact in f64, then one rounding (subnormal results included). 2^n is built
+    // from its bits (|n| ≤ 192 is a normal f64), and out-of-range n selected away after,
+    // with no branch, so loops over this function vectorize.
+    let two_n = f64::from_bits(((n as i64).wrapping_add(1023) as u64) << 52);
+    let scaled = (f64::from(j) * two_n) as f32;
+    let out_of_range = if n <= 0.0 { 0.0 } else { f32::INFINITY };
     if n.abs() > 192.0 {
-        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+        out_of_range
+    } else {
+        scaled
     }
-    // scalef: exact in f64, then one rounding (subnormal results included).
-    // 2^n built from its bits (|n| ≤ 192 is a normal f64): the same value `powi` gives,
-    // without its call and loop.
-    let two_n = f64::from_bits(((n as i64 + 1023) as u64) << 52);
-    (f64::from(j) * two_n) as f32
 }
 
 /// ggml's `silu` as its AVX-512 `ggml_v_silu` computes it: x / (1 + v_expf(-x)).
@@ -859,10 +862,40 @@ mod tests {
             let bits = f64::from_bits(((i64::from(n) + 1023) as u64) << 52);
             assert_eq!(bits, 2f64.powi(n), "2^{n}");
         }
-        for i in -2000..2000 {
-            let x = i as f32 * 0.05;
-            assert!(ggml_v_expf(x).is_finite() || x > 88.0, "{x}");
+        // The branch-free form gives the branchy one's bits, out-of-range inputs included.
+        let reference = |x: f32| {
+            let c = |bits: u32| f32::from_bits(bits);
+            let shift = c(0x4b40_0000);
+            let n = x.mul_add(c(0x3fb8_aa3b), shift) - shift;
+            if n.abs() > 192.0 {
+                return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+            }
+            let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
+            let u = b * b;
+            let j = c(0x3c07_2010)
+                .mul_add(b, c(0x3d2b_9f17))
+                .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
+                .mul_add(u, c(0x3f7f_fff6).mul_add(b, 1.0));
+            (f64::from(j) * 2f64.powi(n as i32)) as f32
+        };
+        let mut rng = crate::testdata::Lcg(77);
+        let specials = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            88.7,
+            -103.9,
+            -150.0,
+            200.0,
+        ];
+        for x in specials
+            .into_iter()
+            .chain((0..200_000).map(|_| (rng.next() as f32 / u32::MAX as f32 - 0.5) * 400.0))
+        {
+            assert_eq!(ggml_v_expf(x).to_bits(), reference(x).to_bits(), "{x}");
         }
+        assert!(ggml_v_expf(f32::NAN).is_nan());
     }
 
     #[test]
