@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
-grep -qx '/.xeon/' .git/info/exclude 2>/dev/null || echo '/.xeon/' >> .git/info/exclude
+# .xeon/ is in .gitignore: it must never be committed (~150 MB).
 rm -rf .xeon && mkdir -p .xeon/p1 .xeon/p2 .xeon/p3
 strip -o .xeon/p1/realm target/release/realm
 cp target/wasm32-wasip2/release/realm_guest.wasm .xeon/p1/
