@@ -492,6 +492,52 @@ pub unsafe fn dot_tile(
     true
 }
 
+/// `quant::quantize_row` for Q8_0 and Q8_1 (`with_sum`), byte for byte, as ggml's AVX2
+/// `quantize_row_q8_0/1`: the block's absolute maximum by lanes, `127 / max` as the
+/// inverse, products rounded half to even by `vcvtps2dq`, packed to bytes; for Q8_1 the
+/// scale times the exact integer sum.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_q8_0(x: &[f32], with_sum: bool, out: &mut Vec<u8>) {
+    let sign = _mm256_set1_ps(-0.0);
+    for block in x.chunks_exact(32) {
+        // SAFETY: 32 floats are there (`chunks_exact`); unaligned loads.
+        let v: [__m256; 4] =
+            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(block[8 * i..].as_ptr()) });
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for &vi in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, vi));
+        }
+        let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id)));
+        out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        if with_sum {
+            let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let s4 = _mm_add_epi32(_mm256_extracti128_si256(s, 1), _mm256_castsi256_si128(s));
+            let s4 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 1)));
+            out.extend_from_slice(&half::f16::from_f32(d * sum as f32).to_le_bytes());
+        }
+        // Values are within -127..=127: the saturating packs are exact; the permute undoes
+        // their lane interleaving.
+        let p = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let mut qs = [0u8; 32];
+        // SAFETY: 32 bytes into `qs`.
+        unsafe { _mm256_storeu_si256(qs.as_mut_ptr().cast(), p) };
+        out.extend_from_slice(&qs);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,6 +566,40 @@ mod tests {
                 // SAFETY: `available()` checked above; one thread.
                 assert!(unsafe { dot_tile(ty, &w, wrow, (&xq, qrow), 1..3, to) });
                 testdata::assert_tiles(ty, (&w, wrow), (&xq, qrow), 1..3, &out);
+            }
+        }
+    }
+
+    /// The AVX2 Q8_0/Q8_1 quantizer writes the portable code's bytes, ties and zero blocks
+    /// included.
+    #[test]
+    fn quantizer_equals_the_portable_one() {
+        if !available() {
+            eprintln!("this CPU lacks AVX2/FMA/F16C: nothing to compare");
+            return;
+        }
+        let mut rng = Lcg(17);
+        for case in 0..40 {
+            let mut x: Vec<f32> = (0..1024)
+                .map(|_| (rng.next() % 20001) as f32 / 1000.0 - 10.0)
+                .collect();
+            if case % 3 == 1 {
+                x[..256].fill(0.0);
+            }
+            if case % 3 == 2 {
+                x.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0);
+            }
+            for with_sum in [false, true] {
+                let (mut got, mut want) = (Vec::new(), Vec::new());
+                // SAFETY: `available()` checked above.
+                unsafe { quantize_q8_0(&x, with_sum, &mut got) };
+                let kind = if with_sum {
+                    crate::quant::VecDot::Q8_1
+                } else {
+                    crate::quant::VecDot::Q8_0
+                };
+                crate::quant::quantize_row_portable(kind, &x, &mut want);
+                assert_eq!(got, want, "sum {with_sum}, case {case}");
             }
         }
     }

@@ -125,6 +125,12 @@ pub fn quantize_row(kind: VecDot, x: &[f32], out: &mut Vec<u8>) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
+    if kind != VecDot::Q8K && kernel_level() >= KernelLevel::Avx2 {
+        // SAFETY: `kernel_level` checked the CPU features.
+        unsafe { super::avx2::quantize_q8_0(x, kind == VecDot::Q8_1, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("sse4.1") && std::arch::is_x86_feature_detected!("avx2")
     {
         // SAFETY: the CPU has the features the function enables (checked just above).
