@@ -34,24 +34,14 @@ def summary(v):
 
 
 def cpu():
-    """Model name, the SIMD flags that pick kernels, and the last-level cache."""
+    """Model name and the SIMD flags that pick kernels (`realm bench` reports the cache)."""
     info = open("/proc/cpuinfo").read()
     name = re.search(r"model name\s*:\s*(.*)", info)
     m = re.search(r"flags\s*:\s*(.*)", info)
     flags = set(m.group(1).split()) if m else set()
     shown = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
                          "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16") if f in flags]
-    llc = None
-    base = pathlib.Path("/sys/devices/system/cpu/cpu0/cache")
-    for d in sorted(base.glob("index*")) if base.exists() else []:
-        try:
-            level, size = int((d / "level").read_text()), (d / "size").read_text().strip()
-        except OSError:
-            continue
-        if llc is None or level >= llc[0]:
-            llc = (level, size)
-    return {"name": name.group(1).strip() if name else platform.processor(),
-            "flags": shown, "llc": f"L{llc[0]} {llc[1]}" if llc else "unknown"}
+    return {"name": name.group(1).strip() if name else platform.processor(), "flags": shown}
 
 
 def measured_rss(cmd, env=None, check=True):
@@ -170,7 +160,7 @@ def main():
     section = f"""## Speed: Realm vs llama-bench — {name} — {c_info['name']}, {CORES} cores (`bench/compare.py`)
 
 {c_info['name']}, {CORES} cores, flags {' '.join(c_info['flags']) or 'none of AVX2/AVX-512/AMX'},
-{c_info['llc']} last-level cache, {platform.system()}; Realm commit {commit} (`realm bench`,
+{f"{r['llc_bytes'] >> 20} MiB" if r.get('llc_bytes') else 'unknown'} last-level cache, {platform.system()}; Realm commit {commit} (`realm bench`,
 the full component path); llama.cpp = `llama-bench -fa 1` from the llama-cpp-python 0.3.36
 sdist's vendor/llama.cpp, built natively (`scripts/llama-cpp.sh`: `-DGGML_NATIVE=ON`, which
 includes its AMX and repacked-weight paths where the CPU has them); Candle =

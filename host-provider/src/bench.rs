@@ -35,7 +35,7 @@ fn decode_weight_bytes(path: &Path) -> anyhow::Result<u64> {
 
 /// The last-level cache's size in bytes (Linux sysfs: the highest cache level of CPU 0),
 /// or None where the system does not say.
-pub fn llc_bytes() -> Option<u64> {
+fn llc_bytes() -> Option<u64> {
     let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
     let mut best: Option<(u32, u64)> = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {

@@ -40,7 +40,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
 }
 
 /// How RoPE turns positions into angles: ggml's `rope_ext` parameters, which llama.cpp
-/// derives from a file's `rope.*` keys. [`RopeParams::plain`] is RoPE without scaling.
+/// derives from a file's `rope.*` keys (`realm_gguf::RopeScaling`, plus the base and head).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RopeParams {
     /// Width of each head; its first `n_rot` values are rotated, the rest kept.
@@ -60,24 +60,6 @@ pub struct RopeParams {
     pub beta_slow: f32,
     /// The context the model was trained with (YaRN's correction range).
     pub n_ctx_orig: u32,
-}
-
-impl RopeParams {
-    /// Unscaled RoPE over whole heads.
-    pub fn plain(head_dim: usize, freq_base: f32, neox: bool) -> Self {
-        Self {
-            head_dim,
-            n_rot: head_dim,
-            neox,
-            freq_base,
-            freq_scale: 1.0,
-            ext_factor: 0.0,
-            attn_factor: 1.0,
-            beta_fast: 32.0,
-            beta_slow: 1.0,
-            n_ctx_orig: 0,
-        }
-    }
 }
 
 /// ggml's `ggml_rope_yarn_corr_dims`: the first and last pair index of YaRN's ramp.
@@ -118,7 +100,12 @@ pub fn rope(
     cache: &mut Vec<(f32, f32)>,
 ) {
     let theta_scale = p.freq_base.powf(-2.0 / p.n_rot as f32);
-    let corr = yarn_corr_dims(p);
+    // YaRN's ramp is only read when it mixes (`ext_factor` ≠ 0).
+    let corr = if p.ext_factor != 0.0 {
+        yarn_corr_dims(p)
+    } else {
+        [0.0; 2]
+    };
     cache.clear();
     let mut theta = pos as f32;
     for i in 0..p.n_rot / 2 {
@@ -751,26 +738,30 @@ mod tests {
         assert_eq!(y, [1.0, 1.0, 1.0, 1.0]);
     }
 
+    /// Unscaled RoPE over whole heads.
+    fn plain(head_dim: usize, freq_base: f32, neox: bool) -> RopeParams {
+        RopeParams {
+            head_dim,
+            n_rot: head_dim,
+            neox,
+            freq_base,
+            freq_scale: 1.0,
+            ext_factor: 0.0,
+            attn_factor: 1.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            n_ctx_orig: 0,
+        }
+    }
+
     #[test]
     fn rope_at_position_zero_is_identity_and_preserves_norm() {
         let mut cache = Vec::new();
         let orig: Vec<f32> = (0..8).map(|i| i as f32).collect();
         let mut r = orig.clone();
-        rope(
-            &mut r,
-            &RopeParams::plain(4, 10000.0, false),
-            None,
-            0,
-            &mut cache,
-        );
+        rope(&mut r, &plain(4, 10000.0, false), None, 0, &mut cache);
         assert_eq!(r, orig);
-        rope(
-            &mut r,
-            &RopeParams::plain(4, 10000.0, true),
-            None,
-            7,
-            &mut cache,
-        );
+        rope(&mut r, &plain(4, 10000.0, true), None, 7, &mut cache);
         let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
         assert!((norm(&r) - norm(&orig)).abs() < 1e-3);
     }
@@ -782,7 +773,7 @@ mod tests {
     fn rope_factors_and_linear_scaling() {
         let mut cache = Vec::new();
         let orig: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
-        let plain = RopeParams::plain(8, 500_000.0, false);
+        let plain = plain(8, 500_000.0, false);
         let mut a = orig.clone();
         rope(&mut a, &plain, None, 5, &mut cache);
         let mut b = orig.clone();
