@@ -72,8 +72,8 @@ def llama_bench(variant, model):
     note = ""
     got = measured_rss(cmd, check=False)
     if got is None:
-        # ggml's AMX path dies where the kernel or hypervisor refuses AMX tile state (seen
-        # on a 2-core Xeon VM); its plain CPU kernels are the peer there.
+        # ggml's AMX path can die at its first `ldtilecfg` (seen on a 2-core Xeon VM that
+        # runs a plain tile program fine); its plain CPU kernels are the peer there.
         got = measured_rss(cmd + ["--repack", "0"])
         note = "`--repack 0`: the AMX / repacked-weight path crashed on this machine"
     out, rss = got
