@@ -152,6 +152,10 @@ def main():
     c = candle(model) if os.environ.get("NO_CANDLE") != "1" else None
     r2 = realm(model, "avx2")
     l2 = llama_bench("avx2", model)
+    # AMX prompt tiles are opt-in (their own numerics): measured where the CPU has them.
+    r3 = realm(model, "amx") if "amx_int8" in c_info["flags"] else None
+    if r3 and r3.get("kernels") != "amx":
+        r3 = None
     # REALM_COMMIT: set where the binary was built elsewhere (bench/xeon.sh).
     commit = os.environ.get("REALM_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -174,7 +178,12 @@ candle-transformers 0.10.2 quantized llama / Gemma 3 (`bench/candle`, `-C target
 AVX2 pair, same run: Realm with `REALM_KERNELS=avx2` against llama.cpp built with
 `-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON` (no AVX-512, no AMX){(', ' + l2['note']) if l2['note'] else ''}.
 
-{head}""" + "\n".join(rows(r2, l2, None)) + "\n"
+{head}""" + "\n".join(rows(r2, l2, None)) + "\n" + (f"""
+AMX prompt tiles, same run: Realm with `REALM_KERNELS=amx` (opt-in: prompts in its own
+block-order numerics, not bit-identical to the default kernels; decode unchanged) against
+the native llama.cpp of the first table.
+
+{head}""" + "\n".join(rows(r3, l, None)) + "\n" if r3 else "")
     print(section)
     if "--write" in sys.argv:
         p = pathlib.Path("BENCHMARKS.md")

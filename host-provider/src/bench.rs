@@ -248,6 +248,7 @@ pub fn run(
         "decode_weight_bytes": weight_bytes,
         "llc_bytes": llc,
         "weights_fit_in_llc": fits,
+        "kernels": format!("{:?}", realm_host::compute::quant::kernel_level()).to_lowercase(),
         "results": results,
     });
     if json {
@@ -255,9 +256,10 @@ pub fn run(
         return Ok(());
     }
     println!(
-        "model {} · {runs} runs each · peak RSS {} MiB",
+        "model {} · {runs} runs each · peak RSS {} MiB · kernels {}",
         path.display(),
-        peak_rss >> 20
+        peak_rss >> 20,
+        out["kernels"].as_str().unwrap_or("?")
     );
     println!("| threads | test | tokens/s median | min | max |");
     println!("|---|---|---|---|---|");

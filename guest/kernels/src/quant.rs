@@ -240,20 +240,32 @@ pub fn dot_rows(ty: GgmlType, w: &[u8], wrow: usize, x: &[u8], j0: usize, out: &
 }
 
 /// The widest kernel family the CPU runs, lowered by `REALM_KERNELS=avx2|fma|portable`
-/// (for comparing them in one benchmark run; every level gives the same bits).
+/// (for comparing them in one benchmark run; every level gives the same bits). `Amx` is
+/// never picked by itself: `REALM_KERNELS=amx` asks for it, and it changes the numbers of
+/// prompts (see `amx.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum KernelLevel {
     Portable,
     Fma,
     Avx2,
     Avx512,
+    Amx,
 }
 
 pub fn kernel_level() -> KernelLevel {
     static LEVEL: std::sync::OnceLock<KernelLevel> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
+        let cap = match std::env::var("REALM_KERNELS").as_deref() {
+            Ok("amx") => KernelLevel::Amx,
+            Ok("avx2") => KernelLevel::Avx2,
+            Ok("fma") => KernelLevel::Fma,
+            Ok("portable") => KernelLevel::Portable,
+            _ => KernelLevel::Avx512,
+        };
         #[cfg(target_arch = "x86_64")]
-        let cpu = if super::avx512::available() {
+        let cpu = if cap == KernelLevel::Amx && super::amx::available() {
+            KernelLevel::Amx
+        } else if super::avx512::available() {
             KernelLevel::Avx512
         } else if super::avx2::available() {
             KernelLevel::Avx2
@@ -264,12 +276,6 @@ pub fn kernel_level() -> KernelLevel {
         };
         #[cfg(not(target_arch = "x86_64"))]
         let cpu = KernelLevel::Portable;
-        let cap = match std::env::var("REALM_KERNELS").as_deref() {
-            Ok("avx2") => KernelLevel::Avx2,
-            Ok("fma") => KernelLevel::Fma,
-            Ok("portable") => KernelLevel::Portable,
-            _ => KernelLevel::Avx512,
-        };
         cpu.min(cap)
     })
 }
@@ -286,6 +292,24 @@ fn dot_rows_portable(ty: GgmlType, w: &[u8], wrow: usize, x: &[u8], j0: usize, o
         let row = &w[(j0 + i) * wrow..(j0 + i + 1) * wrow];
         *o = dot(ty, row, x);
     }
+}
+
+/// One Q4_1 row × one Q8_1 row in block order, the numerics of the AMX prompt tiles
+/// (`amx.rs`): per block the exact integer sum, then `acc = fma(d·dy, sum, acc)` and
+/// `acc = fma(m, s, acc)` — ggml's scalar formula, with its products fused.
+pub fn dot_q4_1_blocks(w: &[u8], x: &[u8]) -> f32 {
+    let mut acc = 0f32;
+    for (wb, xb) in w.chunks_exact(20).zip(x.chunks_exact(Q8_1_BYTES)) {
+        let mut sum = 0i32;
+        for i in 0..16 {
+            let q = wb[4 + i];
+            sum += i32::from(q & 0x0F) * i32::from(xb[4 + i] as i8);
+            sum += i32::from(q >> 4) * i32::from(xb[20 + i] as i8);
+        }
+        acc = crate::fma(h(wb, 0) * h(xb, 0), sum as f32, acc);
+        acc = crate::fma(h(wb, 2), h(xb, 2), acc);
+    }
+    acc
 }
 
 /// One row's dot product, in ggml's AVX2 order (see [`dot_rows`]).

@@ -6,6 +6,8 @@ pub mod residency;
 pub mod spin;
 
 #[cfg(target_arch = "x86_64")]
+#[cfg(target_arch = "x86_64")]
+use realm_kernels::amx;
 use realm_kernels::{avx2, avx512};
 pub use realm_kernels::{kernels, ops, quant};
 
@@ -107,6 +109,9 @@ pub struct ComputeState {
     /// A prompt's activations repacked for the AVX-512 tiles.
     #[cfg(target_arch = "x86_64")]
     packed: avx512::Packed,
+    /// The same for the AMX tiles (`REALM_KERNELS=amx`).
+    #[cfg(target_arch = "x86_64")]
+    packed_amx: amx::Packed,
     /// Per spin-pool share: attention scratch (q in f16 and the f16 accumulator).
     attn_scratch: Vec<std::sync::Mutex<Vec<f16>>>,
     /// The cache in f32 for tiled attention (batches of 64 rows or more).
@@ -141,6 +146,8 @@ impl ComputeState {
             quantized: Vec::new(),
             #[cfg(target_arch = "x86_64")]
             packed: avx512::Packed::default(),
+            #[cfg(target_arch = "x86_64")]
+            packed_amx: amx::Packed::default(),
             tiled_kv: kernels::TiledKv::default(),
             attn_scratch: (0..shares)
                 .map(|_| std::sync::Mutex::new(Vec::new()))
@@ -698,6 +705,28 @@ impl ComputeState {
                     avx512 && avx512::has_tile(ty),
                     avx512 && matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K),
                 );
+                #[cfg(target_arch = "x86_64")]
+                if rows >= 2
+                    && quant::kernel_level() == quant::KernelLevel::Amx
+                    && amx::has_tile(ty)
+                {
+                    // Prompt processing on AMX tiles (opt-in: its own numerics, see
+                    // `amx.rs`): each share 16-row groups of weights against every token.
+                    let mut packed = std::mem::take(&mut self.packed_amx);
+                    packed.pack(&xq, rows);
+                    let spin = self.spin.clone();
+                    let shares = spin.size();
+                    let out = quant::TileOut::new(&mut o.data, n);
+                    spin.run(&|share| {
+                        let r = spin::part(n, shares, share, 16);
+                        // SAFETY: `kernel_level` returned `Amx` only after `amx::available`;
+                        // shares own disjoint weight rows of the output.
+                        unsafe { amx::dot_tile(ty, (wb, wrow), &packed, r, out) };
+                    });
+                    self.packed_amx = packed;
+                    self.quantized = xq;
+                    return Ok(());
+                }
                 #[cfg(target_arch = "x86_64")]
                 if rows >= 2
                     && (wide
