@@ -384,11 +384,33 @@ pub fn attend_row_tiled(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU has both (checked just above); the function only enables them.
+        unsafe { attend_row_tiled_avx512(q, kv, p, shape, heads, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has FMA (checked just above); the function only enables it.
         unsafe { attend_row_tiled_fma(q, kv, p, shape, heads, out) };
         return;
     }
+    attend_row_tiled_body(q, kv, p, shape, heads, out);
+}
+
+/// The same body with 512-bit vectors available to the compiler: every lane still does its
+/// own FMA chain, so the results are the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn attend_row_tiled_avx512(
+    q: &[f32],
+    kv: &TiledKv,
+    p: usize,
+    shape: AttnShape,
+    heads: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     attend_row_tiled_body(q, kv, p, shape, heads, out);
 }
 
@@ -473,20 +495,47 @@ fn attend_row_tiled_body(
                 tile_sum += f64::from(reduce16(lanes));
             }
             sum = (f64::from(sum) + tile_sum) as f32;
-            for (tk, &w) in kq.iter().enumerate() {
-                let t = tile + tk;
-                if !valid(t) {
-                    continue;
-                }
-                let v = &kv.v[t * kv_width + g * hd..][..hd];
-                for (a, &y) in o.iter_mut().zip(v) {
-                    *a = w.mul_add(y, *a);
+            // The valid positions of this tile are one run.
+            let lo = tile.max(start);
+            let hi = (tile + FA_TILE).min(p + 1);
+            let vs = &kv.v[lo * kv_width + g * hd..];
+            let ws = &kq[lo - tile..hi - tile];
+            match hd {
+                64 => add_values::<64>(o, ws, vs, kv_width),
+                128 => add_values::<128>(o, ws, vs, kv_width),
+                256 => add_values::<256>(o, ws, vs, kv_width),
+                _ => {
+                    for (i, &w) in ws.iter().enumerate() {
+                        let v = &vs[i * kv_width..][..hd];
+                        for (a, &y) in o.iter_mut().zip(v) {
+                            *a = w.mul_add(y, *a);
+                        }
+                    }
                 }
             }
         }
         let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
         o.iter_mut().for_each(|a| *a *= inv);
     }
+}
+
+/// `o += w[i] · v[i]` for the value rows `v[i · stride..][..HD]`, one FMA per element in
+/// row order, with the accumulator held in registers for the whole run.
+#[inline(always)]
+fn add_values<const HD: usize>(o: &mut [f32], w: &[f32], v: &[f32], stride: usize) {
+    let Some(o) = o.first_chunk_mut::<HD>() else {
+        return;
+    };
+    let mut acc = *o;
+    for (i, &wi) in w.iter().enumerate() {
+        let Some(row) = v[i * stride..].first_chunk::<HD>() else {
+            break;
+        };
+        for (a, &y) in acc.iter_mut().zip(row) {
+            *a = wi.mul_add(y, *a);
+        }
+    }
+    *o = acc;
 }
 
 #[cfg(target_arch = "x86_64")]
