@@ -384,9 +384,9 @@ pub fn attend_row_tiled(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
-    {
-        // SAFETY: the CPU has both (checked just above); the function only enables them.
+    if super::quant::kernel_level() >= super::quant::KernelLevel::Avx512 {
+        // SAFETY: the AVX-512 level implies both features (checked at run time by
+        // `kernel_level`); the function only enables them.
         unsafe { attend_row_tiled_avx512(q, kv, p, shape, heads, out) };
         return;
     }
