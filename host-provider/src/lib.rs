@@ -440,6 +440,12 @@ impl Model {
         })
     }
 
+    /// Stop this tenant's guest calls at `at` (a request's deadline counted from its
+    /// arrival); `budget` is what errors report.
+    pub fn set_deadline_at(&mut self, at: Instant, budget: Duration) {
+        self.deadline = Some((at, budget));
+    }
+
     /// Stop this tenant's guest calls `budget` from now (None: no deadline). Guest code
     /// that runs past it traps with [`LimitError::Deadline`].
     pub fn set_deadline(&mut self, budget: Option<Duration>) {

@@ -192,9 +192,34 @@ struct ServeOpts {
     /// Keep at most this many bytes of weights resident per tenant, as for `run`.
     #[arg(long, value_parser = parse_bytes)]
     max_resident: Option<u64>,
+    /// Seconds a connection may take to send a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a request may take to send its body (then 408).
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Open connections at most (more are answered 503 and closed).
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Seconds in-flight requests may still run after SIGTERM / Ctrl-C before the server
+    /// exits anyway (a second signal exits at once).
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace: f64,
+    /// Let browser pages from ORIGIN call the API (CORS; `*` for any); repeatable.
+    #[arg(long, value_name = "ORIGIN")]
+    cors: Vec<String>,
     /// Test hook: let prompts inject guest faults (endless loop, unbounded allocation).
     #[arg(long, hide = true)]
     test_faults: bool,
+}
+
+/// A positive, finite number of seconds from a flag.
+fn seconds(flag: &str, v: f64) -> anyhow::Result<std::time::Duration> {
+    if !(v > 0.0 && v.is_finite() && v < 1e9) {
+        anyhow::bail!("--{flag} must be a positive number of seconds");
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
 }
 
 impl ServeOpts {
@@ -225,8 +250,16 @@ impl ServeOpts {
                 anyhow::bail!("the model name '{name}' is given twice");
             }
         }
-        if !(self.timeout > 0.0 && self.timeout.is_finite()) {
-            anyhow::bail!("--timeout must be a positive number of seconds");
+        let request_timeout = seconds("timeout", self.timeout)?;
+        if self.max_connections == 0 {
+            anyhow::bail!("--max-connections must be at least 1");
+        }
+        if let Some(bad) = self
+            .cors
+            .iter()
+            .find(|o| o.as_str() != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
+        {
+            anyhow::bail!("--cors takes an origin such as https://example.com (or *), not '{bad}'");
         }
         let mut engine = EngineConfig::default();
         if let Some(t) = self.threads {
@@ -244,10 +277,15 @@ impl ServeOpts {
             engine,
             api_key: self.api_key.filter(|k| !k.is_empty()),
             max_sessions: self.max_sessions.max(1),
-            request_timeout: std::time::Duration::from_secs_f64(self.timeout),
+            request_timeout,
             max_tokens: self.max_tokens.max(1),
             ctx_size: self.ctx_size,
             test_faults: self.test_faults,
+            header_timeout: seconds("header-timeout", self.header_timeout)?,
+            body_timeout: seconds("body-timeout", self.body_timeout)?,
+            max_connections: self.max_connections,
+            shutdown_grace: seconds("shutdown-grace", self.shutdown_grace)?,
+            cors: self.cors,
         })
     }
 }

@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -46,7 +46,22 @@ pub struct ServeConfig {
     pub ctx_size: u32,
     /// Test hook: pass `REALM_TEST_FAULTS=1` to the guests (fault-injection prompts).
     pub test_faults: bool,
+    /// How long a connection may take to send a request's headers, counted from when the
+    /// server starts waiting for them: it also closes idle keep-alive connections.
+    pub header_timeout: Duration,
+    /// How long a request may take to send its body.
+    pub body_timeout: Duration,
+    /// Open connections at most; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// After SIGTERM / Ctrl-C: how long in-flight requests may still run before the
+    /// process exits anyway (a second signal exits at once).
+    pub shutdown_grace: Duration,
+    /// Origins allowed to call from a browser (CORS; `*` for any). Empty: CORS off.
+    pub cors: Vec<String>,
 }
+
+/// The largest request body accepted (413 above it).
+pub const MAX_BODY: usize = 4 << 20;
 
 struct App {
     engine: Engine,
@@ -63,6 +78,10 @@ pub struct ApiError {
     kind: &'static str,
     code: &'static str,
     message: String,
+    /// Seconds for a `Retry-After` header (429, 503).
+    retry_after: Option<u32>,
+    /// The request parameter at fault, where there is one.
+    param: Option<&'static str>,
 }
 
 impl ApiError {
@@ -77,11 +96,58 @@ impl ApiError {
             kind,
             code,
             message: m.into(),
+            retry_after: None,
+            param: None,
         }
     }
 
     fn invalid(code: &'static str, m: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, m)
+    }
+
+    /// A parameter Realm does not support (yet): a 400 naming it, never a silent 200.
+    fn unsupported(param: &'static str, m: impl Into<String>) -> Self {
+        let mut e = Self::invalid("unsupported_parameter", m);
+        e.param = Some(param);
+        e
+    }
+
+    /// The OpenAI-shaped error for a status that a layer below the handlers produced
+    /// (wrong method, a body too large or badly framed, a timeout).
+    fn for_status(status: StatusCode) -> Self {
+        let (kind, code, msg) = match status.as_u16() {
+            405 => (
+                "invalid_request_error",
+                "method_not_allowed",
+                "this endpoint does not take that method".to_string(),
+            ),
+            408 => (
+                "invalid_request_error",
+                "request_timeout",
+                "the request was not received in time".to_string(),
+            ),
+            413 => (
+                "invalid_request_error",
+                "request_too_large",
+                format!("the request body is larger than {} MiB", MAX_BODY >> 20),
+            ),
+            404 => (
+                "invalid_request_error",
+                "unknown_url",
+                "no such endpoint".to_string(),
+            ),
+            400..=499 => (
+                "invalid_request_error",
+                "bad_request",
+                "the request is malformed".to_string(),
+            ),
+            _ => (
+                "server_error",
+                "internal_error",
+                "the server failed".to_string(),
+            ),
+        };
+        Self::new(status, kind, code, msg)
     }
 
     /// A failure from loading or running a tenant, classified by its cause.
@@ -121,13 +187,17 @@ impl ApiError {
     }
 
     fn body(&self) -> Value {
-        json!({"error": {"message": self.message, "type": self.kind, "code": self.code, "param": null}})
+        json!({"error": {"message": self.message, "type": self.kind, "code": self.code, "param": self.param}})
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut r = (self.status, Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 
@@ -173,6 +243,74 @@ struct Sampling {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    /// OpenAI parameters that change the output and that Realm does not implement yet:
+    /// read only to refuse them by name when set (serde would ignore them silently).
+    #[serde(flatten)]
+    unsupported: Unsupported,
+}
+
+#[derive(Debug, Deserialize)]
+struct Unsupported {
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    functions: Option<Value>,
+    function_call: Option<Value>,
+    response_format: Option<Value>,
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+    echo: Option<Value>,
+    best_of: Option<Value>,
+    suffix: Option<Value>,
+    logit_bias: Option<Value>,
+    presence_penalty: Option<Value>,
+    frequency_penalty: Option<Value>,
+}
+
+impl Unsupported {
+    /// A 400 naming the first parameter set to something Realm would otherwise ignore.
+    fn check(&self) -> ApiResult<()> {
+        let set = |v: &Option<Value>| match v {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+            Some(Value::String(s)) => !s.is_empty(),
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(o)) => !o.is_empty(),
+            Some(Value::Bool(true)) => true,
+        };
+        let checks: [(&'static str, bool); 13] = [
+            ("tools", set(&self.tools)),
+            (
+                "tool_choice",
+                set(&self.tool_choice) && self.tool_choice != Some(json!("none")),
+            ),
+            ("functions", set(&self.functions)),
+            ("function_call", set(&self.function_call)),
+            (
+                "response_format",
+                set(&self.response_format)
+                    && self.response_format.as_ref().and_then(|f| f.get("type"))
+                        != Some(&json!("text")),
+            ),
+            ("logprobs", set(&self.logprobs)),
+            ("top_logprobs", set(&self.top_logprobs)),
+            ("echo", set(&self.echo)),
+            (
+                "best_of",
+                set(&self.best_of) && self.best_of != Some(json!(1)),
+            ),
+            ("suffix", set(&self.suffix)),
+            ("logit_bias", set(&self.logit_bias)),
+            ("presence_penalty", set(&self.presence_penalty)),
+            ("frequency_penalty", set(&self.frequency_penalty)),
+        ];
+        match checks.iter().find(|(_, on)| *on) {
+            Some((name, _)) => Err(ApiError::unsupported(
+                name,
+                format!("'{name}' is not supported by this server yet; leave it unset"),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,6 +400,7 @@ impl App {
 
     /// Validated generation parameters (OpenAI defaults: temperature 1, top-p 1).
     fn params(&self, s: &Sampling, model: &str, default_max: u32) -> ApiResult<Params> {
+        s.unsupported.check()?;
         if s.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid(
                 "invalid_value",
@@ -343,6 +482,7 @@ fn spawn_generation(
     prompt: Prompt,
     params: Params,
     permit: tokio::sync::OwnedSemaphorePermit,
+    deadline: Instant,
 ) -> (oneshot::Receiver<ApiResult<()>>, mpsc::Receiver<Piece>) {
     let (started_tx, started) = oneshot::channel();
     let (tx, rx) = mpsc::channel(64);
@@ -355,7 +495,7 @@ fn spawn_generation(
                 return;
             }
         };
-        tenant.set_deadline(Some(app.config.request_timeout));
+        tenant.set_deadline_at(deadline, app.config.request_timeout);
         let mut session = match tenant.session(app.config.ctx_size) {
             Ok(s) => s,
             Err(e) => {
@@ -429,6 +569,8 @@ async fn respond(
     default_max: u32,
     shape: Shape,
 ) -> ApiResult<Response> {
+    // The request's deadline counts from its arrival, tenant start included.
+    let deadline = Instant::now() + app.config.request_timeout;
     let path = app.model_path(&model)?;
     let params = app.params(sampling, &model, default_max)?;
     let (stream, include_usage) = (
@@ -443,26 +585,37 @@ async fn respond(
         .clone()
         .try_acquire_owned()
         .map_err(|_| busy(&app))?;
-    let (started, mut rx) = spawn_generation(app.clone(), path, prompt, params, permit);
-    started.await.map_err(|_| thread_gone())??;
+    let (started, mut rx) = spawn_generation(app.clone(), path, prompt, params, permit, deadline);
+    let late = || deadline_error(app.config.request_timeout);
+    tokio::time::timeout_at(deadline.into(), started)
+        .await
+        .map_err(|_| late())?
+        .map_err(|_| thread_gone())??;
     let id = request_id(shape.id_prefix());
     let created = now_s();
     if !stream {
-        let mut text = String::new();
-        while let Some(p) = rx.recv().await {
-            match p {
-                Piece::Text(t) => text.push_str(&t),
-                Piece::Done { finish, usage } => {
-                    return Ok(
-                        Json(shape.whole(&id, created, &model, &text, finish, &usage))
-                            .into_response(),
-                    );
+        let whole = async {
+            let mut text = String::new();
+            while let Some(p) = rx.recv().await {
+                match p {
+                    Piece::Text(t) => text.push_str(&t),
+                    Piece::Done { finish, usage } => {
+                        return Ok(
+                            Json(shape.whole(&id, created, &model, &text, finish, &usage))
+                                .into_response(),
+                        );
+                    }
+                    Piece::Failed(e) => return Err(e),
                 }
-                Piece::Failed(e) => return Err(e),
             }
-        }
-        return Err(thread_gone());
+            Err(thread_gone())
+        };
+        // Dropping `rx` at the deadline stops the generation thread at its next piece.
+        return tokio::time::timeout_at(deadline.into(), whole)
+            .await
+            .map_err(|_| late())?;
     }
+    let budget = app.config.request_timeout;
     let (etx, erx) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let send = |v: Value| Event::default().data(v.to_string());
@@ -471,7 +624,12 @@ async fn respond(
         {
             return;
         }
-        while let Some(p) = rx.recv().await {
+        loop {
+            let p = match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(_) => Piece::Failed(deadline_error(budget)),
+            };
             let ev = match p {
                 Piece::Text(t) => send(shape.chunk(&id, created, &model, &t)),
                 Piece::Done { finish, usage } => {
@@ -752,6 +910,7 @@ struct SpinOptions {
 }
 
 async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
+    let deadline = Instant::now() + app.config.request_timeout;
     let req: SpinInfer = parse(&body)?;
     if req.prompt.is_empty() {
         return Err(ApiError::invalid(
@@ -768,6 +927,12 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         top_k: None,
         top_p: None,
     });
+    if o.max_tokens == Some(0) {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "maxTokens must be at least 1",
+        ));
+    }
     let temperature = o.temperature.unwrap_or(0.8);
     let top_p = o.top_p.unwrap_or(0.9);
     let repeat_penalty = o.repeat_penalty.unwrap_or(1.1);
@@ -803,27 +968,38 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         .clone()
         .try_acquire_owned()
         .map_err(|_| busy(&app))?;
-    let (started, mut rx) =
-        spawn_generation(app.clone(), path, Prompt::Text(req.prompt), params, permit);
-    started.await.map_err(|_| thread_gone())??;
-    let mut text = String::new();
-    while let Some(p) = rx.recv().await {
-        match p {
-            Piece::Text(t) => text.push_str(&t),
-            Piece::Done { usage, .. } => {
-                return Ok(Json(json!({
-                    "text": text,
-                    "usage": {
-                        "promptTokenCount": usage.prompt_tokens,
-                        "generatedTokenCount": usage.generated_tokens,
-                    },
-                }))
-                .into_response());
+    let (started, mut rx) = spawn_generation(
+        app.clone(),
+        path,
+        Prompt::Text(req.prompt),
+        params,
+        permit,
+        deadline,
+    );
+    let whole = async {
+        started.await.map_err(|_| thread_gone())??;
+        let mut text = String::new();
+        while let Some(p) = rx.recv().await {
+            match p {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Done { usage, .. } => {
+                    return Ok(Json(json!({
+                        "text": text,
+                        "usage": {
+                            "promptTokenCount": usage.prompt_tokens,
+                            "generatedTokenCount": usage.generated_tokens,
+                        },
+                    }))
+                    .into_response());
+                }
+                Piece::Failed(e) => return Err(e),
             }
-            Piece::Failed(e) => return Err(e),
         }
-    }
-    Err(thread_gone())
+        Err(thread_gone())
+    };
+    tokio::time::timeout_at(deadline.into(), whole)
+        .await
+        .map_err(|_| deadline_error(app.config.request_timeout))?
 }
 
 /// Spin's remote protocol: `/embed` with `{model, input: [text]}`.
@@ -844,7 +1020,7 @@ async fn spin_embed(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
 }
 
 fn busy(app: &App) -> ApiError {
-    ApiError::new(
+    let mut e = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "rate_limit_error",
         "too_many_sessions",
@@ -852,7 +1028,14 @@ fn busy(app: &App) -> ApiError {
             "all {} sessions are busy; retry later",
             app.config.max_sessions
         ),
-    )
+    );
+    e.retry_after = Some(1);
+    e
+}
+
+/// The 504 of a request that reached its deadline (the same as a tenant's own trap).
+fn deadline_error(budget: Duration) -> ApiError {
+    ApiError::from_run(&anyhow::Error::new(LimitError::Deadline(budget)))
 }
 
 fn thread_gone() -> ApiError {
@@ -882,21 +1065,41 @@ async fn embed_all(
         .clone()
         .try_acquire_owned()
         .map_err(|_| busy(app))?;
+    let deadline = Instant::now() + app.config.request_timeout;
     let worker = app.clone();
-    let result = tokio::task::spawn_blocking(move || {
+    // Positions an input may take: --ctx-size where set, else the model's own context.
+    let ctx = match app.config.ctx_size {
+        0 => app.n_ctx_train.get(model).copied().unwrap_or(u32::MAX),
+        n => n,
+    };
+    let job = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut tenant = worker
             .engine
             .load_model(&path)
             .map_err(|e| ApiError::from_run(&e))?;
-        tenant.set_deadline(Some(worker.config.request_timeout));
-        inputs
-            .iter()
-            .map(|t| tenant.embed(t).map_err(|e| ApiError::from_run(&e)))
-            .collect::<ApiResult<Vec<_>>>()
-    })
-    .await
-    .map_err(|_| thread_gone())??;
+        tenant.set_deadline_at(deadline, worker.config.request_timeout);
+        let mut out = Vec::with_capacity(inputs.len());
+        for (i, t) in inputs.iter().enumerate() {
+            let n = tenant
+                .tokenize(t, true)
+                .map_err(|e| ApiError::from_run(&e))?
+                .len();
+            if n > ctx as usize {
+                return Err(ApiError::invalid(
+                    "context_length_exceeded",
+                    format!("input {i} is {n} tokens; this server's context is {ctx}"),
+                ));
+            }
+            out.push(tenant.embed(t).map_err(|e| ApiError::from_run(&e))?);
+        }
+        Ok(out)
+    });
+    // At the deadline the answer is a 504; the tenant's own deadline stops its thread.
+    let result = tokio::time::timeout_at(deadline.into(), job)
+        .await
+        .map_err(|_| deadline_error(app.config.request_timeout))?
+        .map_err(|_| thread_gone())??;
     let tokens = result.iter().map(|e| e.tokens).sum();
     Ok((tokens, result.into_iter().map(|e| e.values).collect()))
 }
@@ -957,6 +1160,117 @@ async fn auth(
     next.run(req).await
 }
 
+impl App {
+    /// The request's `Origin` where CORS allows it.
+    fn cors_origin(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+        let origin = headers.get(header::ORIGIN)?;
+        let o = origin.to_str().ok()?;
+        let allowed = self.config.cors.iter().any(|c| c == "*" || c == o);
+        allowed.then(|| origin.clone())
+    }
+}
+
+/// Whether `e` (from reading a body) is the size cap.
+fn over_limit(e: &axum::Error) -> bool {
+    let mut err: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = err {
+        if x.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        err = x.source();
+    }
+    false
+}
+
+/// The outermost layer of every request: its id (`x-request-id`, the client's when sane),
+/// CORS, the body read under `--body-timeout` and [`MAX_BODY`], and an OpenAI-shaped body
+/// on every error that a layer below the handlers produced (405, 413, a bad chunked body).
+async fn edge(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| request_id("req"), str::to_string);
+    let origin = app.cors_origin(req.headers());
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // Whether the connection must close after this answer (a body left unread).
+    let mut close = true;
+    let mut resp = if origin.is_some() && req.method() == Method::OPTIONS {
+        close = false;
+        // A browser's preflight: answered here, before the API key is asked for.
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, x-request-id"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        r
+    } else if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        ApiError::for_status(StatusCode::PAYLOAD_TOO_LARGE).into_response()
+    } else {
+        let (parts, body) = req.into_parts();
+        let read = axum::body::to_bytes(body, MAX_BODY);
+        match tokio::time::timeout(app.config.body_timeout, read).await {
+            Err(_) => ApiError::for_status(StatusCode::REQUEST_TIMEOUT).into_response(),
+            Ok(Err(e)) if over_limit(&e) => {
+                ApiError::for_status(StatusCode::PAYLOAD_TOO_LARGE).into_response()
+            }
+            Ok(Err(_)) => ApiError::invalid(
+                "bad_request",
+                "the request body could not be read (bad framing or a dropped connection)",
+            )
+            .into_response(),
+            Ok(Ok(bytes)) => {
+                close = false;
+                next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                    .await
+            }
+        }
+    };
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if (status.is_client_error() || status.is_server_error()) && !json {
+        let allow = resp.headers().get(header::ALLOW).cloned();
+        resp = ApiError::for_status(status).into_response();
+        if let Some(a) = allow {
+            resp.headers_mut().insert(header::ALLOW, a);
+        }
+    }
+    let h = resp.headers_mut();
+    if close {
+        // The rest of that body will not be read: the connection cannot be reused.
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        h.insert("x-request-id", v);
+    }
+    if let Some(o) = origin {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("x-request-id, retry-after"),
+        );
+    }
+    resp
+}
+
 fn router(app: Arc<App>) -> Router {
     let spin = Router::new()
         .route("/infer", post(spin_infer))
@@ -973,10 +1287,12 @@ fn router(app: Arc<App>) -> Router {
         .merge(spin)
         .route("/health", get(health))
         .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(4 << 20))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(app.clone(), edge))
         .with_state(app)
 }
 
+/// SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -996,7 +1312,90 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
-    eprintln!("realm serve: shutting down (finishing in-flight requests)");
+}
+
+/// A connection over `--max-connections`: a 503 in OpenAI's shape, then closed.
+async fn refuse(mut stream: tokio::net::TcpStream, cap: usize) {
+    use tokio::io::AsyncWriteExt;
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "too_many_connections",
+        format!("the server has {cap} connections open, its limit; retry later"),
+    );
+    e.retry_after = Some(1);
+    let body = e.body().to_string();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(body.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Accept connections until the first signal, each under the header timeout (which also
+/// ends idle keep-alive connections) and the connection cap; then let in-flight requests
+/// finish for up to `--shutdown-grace` (a second signal exits at once).
+async fn serve_connections(listener: tokio::net::TcpListener, app: Arc<App>) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let conns = Arc::new(Semaphore::new(app.config.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let service = hyper_util::service::TowerToHyperService::new(router(app.clone()));
+    let mut stop = std::pin::pin!(shutdown_signal());
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(target: "realm::serve", "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream, app.config.max_connections));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(app.config.header_timeout);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service.clone()));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let open = app.config.max_connections - conns.available_permits();
+    eprintln!(
+        "realm serve: shutting down: {open} connection(s) open, {} s to finish \
+         (a second signal exits now)",
+        app.config.shutdown_grace.as_secs_f64()
+    );
+    tokio::spawn(async {
+        shutdown_signal().await;
+        eprintln!("realm serve: second signal: exiting now");
+        std::process::exit(130);
+    });
+    if tokio::time::timeout(app.config.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        let open = app.config.max_connections - conns.available_permits();
+        eprintln!("realm serve: grace period over; closing {open} connection(s)");
+        // Half-read requests and unfinished streams end with the process.
+        std::process::exit(0);
+    }
 }
 
 /// Load every model once (checking it), bind, and serve until SIGTERM / Ctrl-C.
@@ -1026,7 +1425,7 @@ pub fn run(config: ServeConfig) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let addr = format!("{}:{}", app.config.host, app.config.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -1050,9 +1449,10 @@ pub fn run(config: ServeConfig) -> anyhow::Result<()> {
                 ""
             }
         );
-        axum::serve(listener, router(app))
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("the server failed")
-    })
+        serve_connections(listener, app).await;
+        anyhow::Ok(())
+    });
+    // Every connection has ended; blocking work still running is not waited for.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    served
 }

@@ -318,12 +318,10 @@ fn malformed_requests_get_4xx_never_5xx() {
             "{path} {:?} → {status} {text}",
             &body[..body.len().min(120)]
         );
-        if status != 413 {
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("{path} {body:?}: non-JSON error body {text:?}: {e}"));
-            assert!(v["error"]["message"].is_string(), "{text}");
-            assert!(v["error"]["type"].is_string(), "{text}");
-        }
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{path} {body:?}: non-JSON error body {text:?}: {e}"));
+        assert!(v["error"]["message"].is_string(), "{text}");
+        assert!(v["error"]["type"].is_string(), "{text}");
     }
     assert_eq!(server.health()["status"], "ok");
 }
@@ -386,6 +384,7 @@ fn a_disconnected_client_frees_its_session() {
 #[test]
 fn the_request_deadline_stops_a_tenant() {
     let server = Server::start(&["--timeout", "0.5"]);
+    let t = Instant::now();
     let (status, text) = server.request(
         "POST",
         "/v1/chat/completions",
@@ -394,6 +393,31 @@ fn the_request_deadline_stops_a_tenant() {
     );
     assert_eq!(status, 504, "{text}");
     assert!(text.contains("deadline_exceeded"), "{text}");
+    // The answer comes at the deadline (counted from the request's arrival), not when the
+    // tenant next notices it; the margin only absorbs a loaded test machine.
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    // A stream ends at its deadline with the error as its last event.
+    let t = Instant::now();
+    let (status, text) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat_body("Tell me a very long story about a dragon.", true, 2000).as_bytes(),
+    );
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("deadline_exceeded") && text.contains("[DONE]"),
+        "{text}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "ended after {:?}",
+        t.elapsed()
+    );
     wait_idle(&server);
     let (status, text) = server.request(
         "POST",
@@ -586,4 +610,416 @@ fn spin_remote_llm_protocol() {
         serde_json::json!({"model": MODEL, "prompt": "hi", "options": {"topP": 7.0}}).to_string();
     let (status, _) = server.request("POST", "/infer", &[auth], bad.as_bytes());
     assert_eq!(status, 400);
+}
+
+/// Sends `bytes` on a fresh connection and reads until the server closes it (or
+/// `wait` passes): the whole response, headers included, and how long it took.
+fn exchange(addr: &str, bytes: &[u8], wait: Duration) -> (String, Duration) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(wait)).ok();
+    let t = Instant::now();
+    s.write_all(bytes).expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
+}
+
+/// The status line's code, a header's value (lower-case name) and the JSON body.
+fn parts(resp: &str) -> (u16, Vec<(String, String)>, serde_json::Value) {
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((resp, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (
+        status,
+        headers,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Waits for the child to exit; its status, or a panic naming `what` after `limit`.
+fn exited(server: &mut Server, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = server.child.try_wait().expect("wait") {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client that never finishes its headers does not hold up shutdown past the grace
+/// period (it used to keep the server running for as long as it stayed connected).
+#[test]
+fn a_half_sent_request_does_not_hold_shutdown() {
+    let mut server = Server::start(&["--shutdown-grace", "1", "--header-timeout", "120"]);
+    let mut s = TcpStream::connect(&server.addr).expect("connect");
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .expect("send");
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: plain libc call on our own child's pid.
+    unsafe { libc_kill(server.pid() as i32, 15) };
+    let st = exited(
+        &mut server,
+        Duration::from_secs(15),
+        "still running 15 s after SIGTERM",
+    );
+    assert!(st.success(), "exit status {st}");
+}
+
+/// A second SIGTERM exits at once, even with a stream in flight and a long grace period.
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut server = Server::start(&["--shutdown-grace", "300"]);
+    let body = chat_body("Tell me a very long story about a dragon.", true, 2000);
+    let mut s = TcpStream::connect(&server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).expect("first bytes");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).contains("200"),
+        "no stream started"
+    );
+    // SAFETY: plain libc calls on our own child's pid.
+    unsafe { libc_kill(server.pid() as i32, 15) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        server.child.try_wait().expect("wait").is_none(),
+        "the first signal must let the stream finish"
+    );
+    unsafe { libc_kill(server.pid() as i32, 15) };
+    let st = exited(
+        &mut server,
+        Duration::from_secs(15),
+        "the second signal did not exit",
+    );
+    assert_eq!(st.code(), Some(130), "exit status {st}");
+}
+
+/// Headers, bodies and idle keep-alive connections each have a time limit, and the
+/// number of open connections a cap; nothing of that needs an API key to reach.
+#[test]
+fn slow_idle_and_surplus_connections_are_closed() {
+    let server = Server::start(&[
+        "--header-timeout",
+        "1",
+        "--body-timeout",
+        "1",
+        "--api-key",
+        "k",
+    ]);
+    let limit = Duration::from_secs(20);
+    // Partial headers, and silence: closed without an answer.
+    for bytes in [&b"GET /health HTTP/1.1\r\nHost: x\r\n"[..], b""] {
+        let (resp, took) = exchange(&server.addr, bytes, limit);
+        assert!(took < Duration::from_secs(10), "open for {took:?}");
+        assert!(resp.is_empty(), "{resp}");
+    }
+    // A body that stops coming: 408 in OpenAI's shape, then closed.
+    let (resp, took) = exchange(
+        &server.addr,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: 100\r\n\r\n{\"model\"",
+        limit,
+    );
+    assert!(took < Duration::from_secs(10), "open for {took:?}");
+    let (status, headers, body) = parts(&resp);
+    assert_eq!(status, 408, "{resp}");
+    assert_eq!(body["error"]["code"], "request_timeout", "{resp}");
+    assert_eq!(header(&headers, "connection"), Some("close"));
+    // A keep-alive connection left idle after an answer is closed too.
+    let mut s = TcpStream::connect(&server.addr).expect("connect");
+    s.set_read_timeout(Some(limit)).ok();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "idle for {:?}",
+        t.elapsed()
+    );
+
+    let capped = Server::start(&["--max-connections", "2"]);
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(&capped.addr).expect("connect");
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                .expect("send");
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (resp, _) = exchange(
+        &capped.addr,
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+        limit,
+    );
+    let (status, headers, body) = parts(&resp);
+    assert_eq!(status, 503, "{resp}");
+    assert_eq!(body["error"]["code"], "too_many_connections", "{resp}");
+    assert_eq!(header(&headers, "retry-after"), Some("1"));
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(capped.health()["status"], "ok");
+}
+
+/// Errors made below the handlers (wrong method, body too large or badly framed, an
+/// unknown path) are OpenAI-shaped JSON too, and every answer carries a request id.
+#[test]
+fn every_error_is_openai_shaped_and_every_answer_has_a_request_id() {
+    let server = Server::start(&[]);
+    let wait = Duration::from_secs(60);
+    let big = vec![b'a'; 5 << 20];
+    let mut chunked =
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    chunked.extend(format!("{:x}\r\n", big.len()).as_bytes());
+    chunked.extend(&big);
+    chunked.extend(b"\r\n0\r\n\r\n");
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n".to_vec(),
+            413,
+            "request_too_large",
+        ),
+        (chunked, 413, "request_too_large"),
+        (
+            b"DELETE /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n"
+                .to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+            404,
+            "unknown_url",
+        ),
+    ];
+    for (bytes, want, code) in cases {
+        let (resp, _) = exchange(&server.addr, &bytes, wait);
+        let (status, headers, body) = parts(&resp);
+        assert_eq!(status, want, "{resp}");
+        assert_eq!(body["error"]["code"], code, "{resp}");
+        assert!(body["error"]["message"].is_string(), "{resp}");
+        assert_eq!(
+            header(&headers, "content-type"),
+            Some("application/json"),
+            "{resp}"
+        );
+        assert!(
+            header(&headers, "x-request-id").is_some_and(|v| !v.is_empty()),
+            "{resp}"
+        );
+    }
+    // A client's own request id is kept.
+    let (resp, _) = exchange(
+        &server.addr,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nx-request-id: trace-42\r\nConnection: close\r\n\r\n",
+        wait,
+    );
+    assert_eq!(
+        header(&parts(&resp).1, "x-request-id"),
+        Some("trace-42"),
+        "{resp}"
+    );
+    assert_eq!(server.health()["status"], "ok");
+}
+
+/// Parameters that would change the answer and that Realm does not implement are refused
+/// by name (they were ignored with a 200); their neutral values are accepted.
+#[test]
+fn unsupported_parameters_are_refused_by_name() {
+    let server = Server::start(&[]);
+    let chat = |extra: &str| {
+        format!(
+            r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 2, "temperature": 0, {extra}}}"#
+        )
+    };
+    for (extra, param) in [
+        (
+            r#""tools": [{"type": "function", "function": {"name": "f"}}]"#,
+            "tools",
+        ),
+        (
+            r#""response_format": {"type": "json_object"}"#,
+            "response_format",
+        ),
+        (r#""logprobs": true"#, "logprobs"),
+        (r#""top_logprobs": 3"#, "top_logprobs"),
+        (r#""logit_bias": {"42": 5}"#, "logit_bias"),
+        (r#""presence_penalty": 0.5"#, "presence_penalty"),
+        (r#""frequency_penalty": 0.5"#, "frequency_penalty"),
+    ] {
+        let (status, text) =
+            server.request("POST", "/v1/chat/completions", &[], chat(extra).as_bytes());
+        assert_eq!(status, 400, "{extra}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["error"]["param"], param, "{text}");
+        assert_eq!(v["error"]["code"], "unsupported_parameter", "{text}");
+    }
+    for extra in [
+        r#""response_format": {"type": "text"}"#,
+        r#""logprobs": false"#,
+        r#""presence_penalty": 0"#,
+        r#""tools": []"#,
+    ] {
+        let (status, text) =
+            server.request("POST", "/v1/chat/completions", &[], chat(extra).as_bytes());
+        assert_eq!(status, 200, "{extra}: {text}");
+    }
+    for (extra, param) in [
+        (r#""echo": true"#, "echo"),
+        (r#""best_of": 2"#, "best_of"),
+        (r#""suffix": "end""#, "suffix"),
+        (r#""logprobs": 2"#, "logprobs"),
+    ] {
+        let body = format!(r#"{{"model": "{MODEL}", "prompt": "Hi", "max_tokens": 2, {extra}}}"#);
+        let (status, text) = server.request("POST", "/v1/completions", &[], body.as_bytes());
+        assert_eq!(status, 400, "{extra}: {text}");
+        assert!(text.contains(&format!("\"param\":\"{param}\"")), "{text}");
+    }
+    // Spin's /infer agrees with /v1 about zero tokens.
+    let body = format!(r#"{{"model": "{MODEL}", "prompt": "Hi", "options": {{"maxTokens": 0}}}}"#);
+    let (status, text) = server.request("POST", "/infer", &[], body.as_bytes());
+    assert_eq!(status, 400, "{text}");
+}
+
+/// 429s say when to retry; CORS is off unless asked for, then answers the browser's
+/// preflight before the API key is checked and marks the allowed origin's answers.
+#[test]
+fn retry_after_and_cors() {
+    let server = Server::start(&[
+        "--max-sessions",
+        "1",
+        "--api-key",
+        "k",
+        "--cors",
+        "https://app.example",
+    ]);
+    let body = chat_body("Tell me a very long story about a dragon.", true, 2000);
+    let mut s = TcpStream::connect(&server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).expect("first bytes");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).contains("200"),
+        "no stream started"
+    );
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        body
+    );
+    let (resp, _) = exchange(&server.addr, req.as_bytes(), Duration::from_secs(60));
+    let (status, headers, _) = parts(&resp);
+    assert_eq!(status, 429, "{resp}");
+    assert_eq!(header(&headers, "retry-after"), Some("1"), "{resp}");
+    drop(s);
+
+    let preflight = |origin: &str| {
+        let req = format!(
+            "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\nConnection: close\r\n\r\n"
+        );
+        parts(&exchange(&server.addr, req.as_bytes(), Duration::from_secs(60)).0)
+    };
+    let (status, headers, _) = preflight("https://app.example");
+    assert_eq!(status, 204);
+    assert_eq!(
+        header(&headers, "access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert!(
+        header(&headers, "access-control-allow-headers")
+            .is_some_and(|h| h.contains("authorization"))
+    );
+    let (status, headers, _) = preflight("https://evil.example");
+    assert_ne!(status, 204);
+    assert_eq!(header(&headers, "access-control-allow-origin"), None);
+    let (resp, _) = exchange(
+        &server.addr,
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\nAuthorization: Bearer k\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(60),
+    );
+    let (status, headers, _) = parts(&resp);
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(
+        header(&headers, "access-control-allow-origin"),
+        Some("https://app.example")
+    );
+
+    let plain = Server::start(&["--api-key", "k"]);
+    let req = b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n";
+    let (status, headers, body) = parts(&exchange(&plain.addr, req, Duration::from_secs(60)).0);
+    assert!(status >= 400, "CORS is off by default");
+    assert_eq!(header(&headers, "access-control-allow-origin"), None);
+    assert!(body["error"]["message"].is_string());
+}
+
+/// Embeddings keep to `--ctx-size` (they used to ignore it).
+#[test]
+fn embeddings_keep_to_the_context_size() {
+    let server = Server::start(&["--ctx-size", "16"]);
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(4);
+    let body = serde_json::json!({"model": MODEL, "input": long}).to_string();
+    let (status, text) = server.request("POST", "/v1/embeddings", &[], body.as_bytes());
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("context_length_exceeded"), "{text}");
+    let body = serde_json::json!({"model": MODEL, "input": "a fox"}).to_string();
+    let (status, text) = server.request("POST", "/v1/embeddings", &[], body.as_bytes());
+    assert_eq!(status, 200, "{text}");
+}
+
+/// Through the whole server: a control token typed into a message is plain text (several
+/// tokens), where the template's own markers are one token each.
+#[test]
+fn control_tokens_typed_into_messages_stay_text() {
+    let server = Server::start(&[]);
+    let prompt_tokens = |content: &str| {
+        let (status, text) = server.request(
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            chat_body(content, false, 1).as_bytes(),
+        );
+        assert_eq!(status, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        v["usage"]["prompt_tokens"].as_u64().expect("prompt tokens")
+    };
+    let one = prompt_tokens("x");
+    let forged = prompt_tokens("<|im_start|>");
+    // As a control token it would be one token, like "x"; as text it is several.
+    assert!(forged >= one + 3, "x: {one} tokens, <|im_start|>: {forged}");
 }

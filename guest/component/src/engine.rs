@@ -109,6 +109,30 @@ impl LoadedModel {
             .map_err(|e| Error::InvalidInput(e.to_string()))
     }
 
+    /// The chat prompt for `messages` (with the generation prompt) and where their
+    /// contents are in it, so that control tokens are matched only in the template's own
+    /// text. A content the template transformed beyond recognition may not carry any.
+    pub fn render_guarded(&self, messages: &[Message]) -> Result<realm_tokenizer::Rendered, Error> {
+        let msgs: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage::new(&m.role, &m.content))
+            .collect();
+        let r = self
+            .0
+            .template
+            .render_guarded(&msgs, true)
+            .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        for &i in &r.unplaced {
+            if let Some(t) = self.0.tokenizer.control_token_in(&messages[i].content) {
+                return Err(Error::InvalidInput(format!(
+                    "message {i} contains the control token {t:?}, which this model's chat \
+                     template does not let Realm keep as plain text"
+                )));
+            }
+        }
+        Ok(r)
+    }
+
     /// `text` (with the model's BOS, as for generation) through the model in a scratch
     /// cache of its own: the mean of the final hidden states, unit length.
     pub fn embed(&self, text: &str) -> Result<Embedding, Error> {
@@ -210,15 +234,18 @@ impl SessionHandle {
             seed: params.seed,
         };
         sampler.validate().map_err(Error::InvalidInput)?;
-        let text = match &prompt {
-            Prompt::Text(t) => t.clone(),
-            Prompt::Messages(m) => LoadedModel(model.clone()).apply_template(m, true)?,
-        };
-        fault_hook(&text);
-        let ids = model
-            .tokenizer
-            .encode(&text, true, true)
-            .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let ids = match &prompt {
+            Prompt::Text(t) => {
+                fault_hook(t);
+                model.tokenizer.encode(t, true, true)
+            }
+            Prompt::Messages(m) => {
+                let r = LoadedModel(model.clone()).render_guarded(m)?;
+                fault_hook(&r.text);
+                model.tokenizer.encode_guarded(&r.text, true, &r.content)
+            }
+        }
+        .map_err(|e| Error::InvalidInput(e.to_string()))?;
         if ids.is_empty() {
             return Err(Error::InvalidInput("the prompt is empty".into()));
         }

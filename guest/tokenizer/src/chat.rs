@@ -42,6 +42,47 @@ impl Message {
     }
 }
 
+/// A rendered chat prompt and where the messages' contents are in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub text: String,
+    /// Byte ranges of `text` that are message content (typed by users, not the template).
+    pub content: Vec<std::ops::Range<usize>>,
+    /// Messages whose content could not be placed in `text` (a template that transforms
+    /// contents beyond trimming): the caller must not let them carry control tokens.
+    pub unplaced: Vec<usize>,
+}
+
+/// What stands in for message `i`'s content while the template renders: a character from
+/// Unicode's last private-use plane around the index (digits survive case changes).
+const MARK: char = '\u{10FFFD}';
+
+/// The text of `marked` with every marker replaced by its message's content (through
+/// `f`), and the byte ranges those contents took; `None` where a marker is malformed.
+fn substitute(
+    marked: &str,
+    messages: &[Message],
+    f: impl Fn(&str) -> &str,
+) -> Option<(String, Vec<std::ops::Range<usize>>, Vec<bool>)> {
+    let mut text = String::with_capacity(marked.len());
+    let mut ranges = Vec::new();
+    let mut seen = vec![false; messages.len()];
+    let mut rest = marked;
+    while let Some(at) = rest.find(MARK) {
+        text.push_str(&rest[..at]);
+        let after = &rest[at + MARK.len_utf8()..];
+        let end = after.find(MARK)?;
+        let i: usize = after[..end].parse().ok()?;
+        let content = f(&messages.get(i)?.content);
+        seen[i] = true;
+        ranges.push(text.len()..text.len() + content.len());
+        text.push_str(content);
+        rest = &after[end + MARK.len_utf8()..];
+    }
+    text.push_str(rest);
+    Some((text, ranges, seen))
+}
+
 /// A compiled chat template.
 #[derive(Debug)]
 pub struct ChatTemplate {
@@ -120,6 +161,64 @@ impl ChatTemplate {
         }
         Ok(out)
     }
+
+    /// Render `messages` as [`ChatTemplate::render`] does, and find where each message's
+    /// content went: the template renders once more with markers for the contents, which
+    /// are then put back (as given, or trimmed for templates that `trim` them). Where that
+    /// does not give the real rendering, the real text is kept and each content is looked
+    /// for in it, in order; those not found are listed in `unplaced`.
+    pub fn render_guarded(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Rendered> {
+        let real = self.render(messages, add_generation_prompt)?;
+        let all = |v: &[bool]| v.iter().all(|&b| b);
+        if !messages.iter().any(|m| m.content.contains(MARK)) {
+            let marked: Vec<Message> = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Message::new(m.role.clone(), format!("{MARK}{i}{MARK}")))
+                .collect();
+            // A template may branch on contents (empty or not): then it fails or differs
+            // with markers, and the search below is used.
+            if let Ok(marked) = self.render(&marked, add_generation_prompt) {
+                for f in [(|c: &str| c) as fn(&str) -> &str, str::trim] {
+                    if let Some((text, content, seen)) = substitute(&marked, messages, f)
+                        && text == real
+                        && all(&seen)
+                    {
+                        return Ok(Rendered {
+                            text,
+                            content,
+                            unplaced: Vec::new(),
+                        });
+                    }
+                }
+            }
+        }
+        let mut content = Vec::new();
+        let mut unplaced = Vec::new();
+        let mut from = 0;
+        for (i, m) in messages.iter().enumerate() {
+            let c = m.content.trim();
+            if c.is_empty() {
+                continue;
+            }
+            match real[from..].find(c) {
+                Some(at) => {
+                    content.push(from + at..from + at + c.len());
+                    from += at + c.len();
+                }
+                None => unplaced.push(i),
+            }
+        }
+        Ok(Rendered {
+            text: real,
+            content,
+            unplaced,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -192,5 +291,28 @@ mod tests {
                 .expect("renders"),
             "x|USER"
         );
+    }
+
+    /// A template that changes contents beyond trimming: the text is the real rendering,
+    /// and the content it could not find is reported, not guessed.
+    #[test]
+    fn contents_a_template_transforms_are_reported_unplaced() {
+        let c = t("{% for m in messages %}[{{ m.role }}]{{ m.content | upper }}{% endfor %}")
+            .expect("compiles");
+        let msgs = [
+            Message::new("system", "ABC"),
+            Message::new("user", "hi <x>"),
+        ];
+        let r = c.render_guarded(&msgs, false).expect("renders");
+        assert_eq!(r.text, "[system]ABC[user]HI <X>");
+        assert_eq!(r.content.as_slice(), std::slice::from_ref(&(8..11)));
+        assert_eq!(r.unplaced, vec![1]);
+        // Trimming templates are followed exactly.
+        let c = t("{% for m in messages %}<{{ m.content | trim }}>{% endfor %}").expect("compiles");
+        let r = c
+            .render_guarded(&[Message::new("user", "  a b ")], false)
+            .expect("renders");
+        assert_eq!(r.text, "<a b>");
+        assert_eq!(r.content.as_slice(), std::slice::from_ref(&(1..4)));
     }
 }

@@ -9,7 +9,7 @@ mod spm;
 mod stream;
 mod vocab;
 
-pub use chat::{ChatTemplate, Message};
+pub use chat::{ChatTemplate, Message, Rendered};
 pub use error::{Result, TokenizerError};
 pub use stream::Utf8Stream;
 pub use vocab::{Defaults, TokenType, Vocab};
@@ -85,12 +85,30 @@ impl Tokenizer {
     /// matches control tokens such as `<|im_start|>` written in the text (user-defined
     /// tokens are always matched, as in llama.cpp).
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+        let whole = 0..text.len();
+        let literal = if parse_special {
+            &[][..]
+        } else {
+            std::slice::from_ref(&whole)
+        };
+        self.encode_guarded(text, add_special, literal)
+    }
+
+    /// Token ids for a chat prompt: control tokens are matched everywhere except in the
+    /// `literal` byte ranges (the messages' contents, see [`Rendered`]), where their text
+    /// is ordinary characters. A user cannot type a turn marker into being.
+    pub fn encode_guarded(
+        &self,
+        text: &str,
+        add_special: bool,
+        literal: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.vocab.add_bos {
             out.extend(self.vocab.bos);
         }
         let mut prev_special = true;
-        for frag in self.partition(text, parse_special) {
+        for frag in self.partition(text, literal) {
             match frag {
                 Fragment::Token(id) => {
                     out.push(id);
@@ -118,15 +136,38 @@ impl Tokenizer {
         Ok(out)
     }
 
-    /// Split `text` at every occurrence of a special token, longest tokens first.
-    fn partition<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
+    /// The text of a control token that `text` contains, if any.
+    pub fn control_token_in(&self, text: &str) -> Option<&str> {
+        self.specials
+            .iter()
+            .filter(|&&id| {
+                matches!(
+                    self.vocab.token_type(id),
+                    TokenType::Control | TokenType::Unknown
+                )
+            })
+            .map(|&id| self.vocab.tokens[id as usize].as_str())
+            .find(|t| !t.is_empty() && text.contains(t))
+    }
+
+    /// Split `text` at every occurrence of a special token, longest tokens first; control
+    /// (and unknown-type) tokens are not matched where they overlap a `literal` range.
+    fn partition<'t>(
+        &self,
+        text: &'t str,
+        literal: &[std::ops::Range<usize>],
+    ) -> Vec<Fragment<'t>> {
         let mut frags = vec![Fragment::Raw(text)];
         if text.is_empty() {
             return Vec::new();
         }
+        let base = text.as_ptr() as usize;
         for &id in &self.specials {
-            let ty = self.vocab.token_type(id);
-            if !parse_special && matches!(ty, TokenType::Control | TokenType::Unknown) {
+            let guarded = matches!(
+                self.vocab.token_type(id),
+                TokenType::Control | TokenType::Unknown
+            );
+            if guarded && literal.iter().any(|r| r.start == 0 && r.end >= text.len()) {
                 continue;
             }
             let needle = self.vocab.tokens[id as usize].as_str();
@@ -139,16 +180,25 @@ impl Tokenizer {
             let mut next = Vec::with_capacity(frags.len() + 2);
             for f in frags {
                 match f {
-                    Fragment::Raw(mut r) => {
-                        while let Some(at) = r.find(needle) {
-                            if at > 0 {
-                                next.push(Fragment::Raw(&r[..at]));
+                    Fragment::Raw(r) => {
+                        // Where `r` starts in `text` (it is a slice of it).
+                        let off = r.as_ptr() as usize - base;
+                        let mut from = 0;
+                        for (at, _) in r.match_indices(needle) {
+                            let (s, e) = (off + at, off + at + needle.len());
+                            if at < from
+                                || guarded && literal.iter().any(|l| s < l.end && e > l.start)
+                            {
+                                continue;
+                            }
+                            if at > from {
+                                next.push(Fragment::Raw(&r[from..at]));
                             }
                             next.push(Fragment::Token(id));
-                            r = &r[at + needle.len()..];
+                            from = at + needle.len();
                         }
-                        if !r.is_empty() {
-                            next.push(Fragment::Raw(r));
+                        if from < r.len() {
+                            next.push(Fragment::Raw(&r[from..]));
                         }
                     }
                     tok => next.push(tok),
