@@ -1,6 +1,7 @@
 //! The `realm` command line.
 
 mod bench;
+mod metrics;
 mod serve;
 
 use std::io::{BufRead, Write};

@@ -67,6 +67,9 @@ struct App {
     engine: Engine,
     config: ServeConfig,
     sessions: Arc<Semaphore>,
+    /// One permit per open connection (`--max-connections`).
+    connections: Arc<Semaphore>,
+    metrics: crate::metrics::Metrics,
     /// Per served model: its context length for clamping (from the first tenant).
     n_ctx_train: BTreeMap<String, u32>,
 }
@@ -570,7 +573,8 @@ async fn respond(
     shape: Shape,
 ) -> ApiResult<Response> {
     // The request's deadline counts from its arrival, tenant start included.
-    let deadline = Instant::now() + app.config.request_timeout;
+    let arrived = Instant::now();
+    let deadline = arrived + app.config.request_timeout;
     let path = app.model_path(&model)?;
     let params = app.params(sampling, &model, default_max)?;
     let (stream, include_usage) = (
@@ -593,10 +597,12 @@ async fn respond(
         .map_err(|_| thread_gone())??;
     let id = request_id(shape.id_prefix());
     let created = now_s();
+    let mut timing = Timing::new(&app, arrived);
     if !stream {
         let whole = async {
             let mut text = String::new();
             while let Some(p) = rx.recv().await {
+                timing.piece(&p);
                 match p {
                     Piece::Text(t) => text.push_str(&t),
                     Piece::Done { finish, usage } => {
@@ -630,6 +636,7 @@ async fn respond(
                 Ok(None) => break,
                 Err(_) => Piece::Failed(deadline_error(budget)),
             };
+            timing.piece(&p);
             let ev = match p {
                 Piece::Text(t) => send(shape.chunk(&id, created, &model, &t)),
                 Piece::Done { finish, usage } => {
@@ -658,6 +665,44 @@ async fn respond(
     Ok(Sse::new(ReceiverStream::new(erx))
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// A generation's latencies and token counts, into the server's metrics.
+struct Timing {
+    app: Arc<App>,
+    arrived: Instant,
+    last: Option<Instant>,
+}
+
+impl Timing {
+    fn new(app: &Arc<App>, arrived: Instant) -> Self {
+        Self {
+            app: app.clone(),
+            arrived,
+            last: None,
+        }
+    }
+
+    fn piece(&mut self, p: &Piece) {
+        let m = &self.app.metrics;
+        match p {
+            Piece::Text(_) => {
+                let now = Instant::now();
+                match self.last {
+                    None => m
+                        .time_to_first_token
+                        .observe((now - self.arrived).as_secs_f64()),
+                    Some(t) => m.inter_token.observe((now - t).as_secs_f64()),
+                }
+                self.last = Some(now);
+            }
+            Piece::Done { usage, .. } => {
+                m.prompt_tokens.inc_by(u64::from(usage.prompt_tokens));
+                m.generated_tokens.inc_by(u64::from(usage.generated_tokens));
+            }
+            Piece::Failed(_) => {}
+        }
+    }
 }
 
 /// Response shapes of the two endpoints.
@@ -976,10 +1021,12 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         permit,
         deadline,
     );
+    let mut timing = Timing::new(&app, deadline - app.config.request_timeout);
     let whole = async {
         started.await.map_err(|_| thread_gone())??;
         let mut text = String::new();
         while let Some(p) = rx.recv().await {
+            timing.piece(&p);
             match p {
                 Piece::Text(t) => text.push_str(&t),
                 Piece::Done { usage, .. } => {
@@ -1101,6 +1148,7 @@ async fn embed_all(
         .map_err(|_| deadline_error(app.config.request_timeout))?
         .map_err(|_| thread_gone())??;
     let tokens = result.iter().map(|e| e.tokens).sum();
+    app.metrics.prompt_tokens.inc_by(u64::from(tokens));
     Ok((tokens, result.into_iter().map(|e| e.values).collect()))
 }
 
@@ -1186,6 +1234,8 @@ fn over_limit(e: &axum::Error) -> bool {
 /// CORS, the body read under `--body-timeout` and [`MAX_BODY`], and an OpenAI-shaped body
 /// on every error that a layer below the handlers produced (405, 413, a bad chunked body).
 async fn edge(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let arrived = Instant::now();
+    let path = req.uri().path().to_string();
     let id = req
         .headers()
         .get("x-request-id")
@@ -1268,13 +1318,42 @@ async fn edge(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
             HeaderValue::from_static("x-request-id, retry-after"),
         );
     }
+    app.metrics.answered(&path, resp.status().as_u16());
+    app.metrics
+        .duration
+        .observe(arrived.elapsed().as_secs_f64());
     resp
+}
+
+/// `GET /metrics`: Prometheus' text format (behind `--api-key` when one is set).
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let m = &app.metrics;
+    let used = |max: usize, free: usize| i64::try_from(max.saturating_sub(free)).unwrap_or(0);
+    m.sessions_in_use.set(used(
+        app.config.max_sessions,
+        app.sessions.available_permits(),
+    ));
+    m.sessions_max
+        .set(i64::try_from(app.config.max_sessions).unwrap_or(0));
+    m.connections_open.set(used(
+        app.config.max_connections,
+        app.connections.available_permits(),
+    ));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+        .into_response()
 }
 
 fn router(app: Arc<App>) -> Router {
     let spin = Router::new()
         .route("/infer", post(spin_infer))
         .route("/embed", post(spin_embed))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     let v1 = Router::new()
         .route("/chat/completions", post(chat_completions))
@@ -1343,7 +1422,7 @@ async fn refuse(mut stream: tokio::net::TcpStream, cap: usize) {
 /// finish for up to `--shutdown-grace` (a second signal exits at once).
 async fn serve_connections(listener: tokio::net::TcpListener, app: Arc<App>) {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    let conns = Arc::new(Semaphore::new(app.config.max_connections));
+    let conns = app.connections.clone();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let service = hyper_util::service::TowerToHyperService::new(router(app.clone()));
     let mut stop = std::pin::pin!(shutdown_signal());
@@ -1418,6 +1497,8 @@ pub fn run(config: ServeConfig) -> anyhow::Result<()> {
     let app = Arc::new(App {
         engine,
         sessions: Arc::new(Semaphore::new(config.max_sessions.max(1))),
+        connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+        metrics: crate::metrics::Metrics::new(),
         n_ctx_train,
         config,
     });

@@ -1023,3 +1023,69 @@ fn control_tokens_typed_into_messages_stay_text() {
     // As a control token it would be one token, like "x"; as text it is several.
     assert!(forged >= one + 3, "x: {one} tokens, <|im_start|>: {forged}");
 }
+
+/// `/metrics` in Prometheus' text format: requests by endpoint and status, tokens, and the
+/// latency histograms, consistent with what the requests returned.
+#[test]
+fn metrics_count_requests_tokens_and_latencies() {
+    let server = Server::start(&["--api-key", "k"]);
+    let auth = ["Authorization: Bearer k"];
+    let (status, text) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        &auth,
+        chat_body("Hi", true, 5).as_bytes(),
+    );
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        &auth,
+        chat_body("Hi", false, 5).as_bytes(),
+    );
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let generated = v["usage"]["completion_tokens"].as_u64().expect("tokens");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().expect("tokens");
+    let (status, _) = server.request("POST", "/v1/chat/completions", &auth, b"{");
+    assert_eq!(status, 400);
+    let (status, _) = server.request("GET", "/metrics", &[], b"");
+    assert_eq!(status, 401, "metrics follow --api-key");
+    wait_idle(&server);
+    let (status, m) = server.request("GET", "/metrics", &auth, b"");
+    assert_eq!(status, 200, "{m}");
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    assert_eq!(
+        value(r#"realm_requests_total{endpoint="/v1/chat/completions",code="200"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"realm_requests_total{endpoint="/v1/chat/completions",code="400"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"realm_requests_total{endpoint="/metrics",code="401"}"#),
+        1.0
+    );
+    // Both requests generated the same greedy text (the streamed one's counts are equal).
+    assert_eq!(
+        value("realm_generated_tokens_total"),
+        2.0 * generated as f64
+    );
+    assert_eq!(value("realm_prompt_tokens_total"), 2.0 * prompt as f64);
+    assert_eq!(value("realm_time_to_first_token_seconds_count"), 2.0);
+    assert!(value("realm_time_to_first_token_seconds_sum") > 0.0);
+    assert_eq!(
+        value("realm_inter_token_seconds_count"),
+        2.0 * (generated as f64 - 1.0)
+    );
+    assert_eq!(value("realm_sessions_in_use"), 0.0);
+    assert_eq!(value("realm_sessions_max"), 64.0);
+    assert!(value("realm_connections_open") >= 1.0);
+}

@@ -1,0 +1,140 @@
+//! `GET /metrics` of `realm serve`, in Prometheus' text format: requests by endpoint and
+//! status, tokens, time to first token, inter-token latency and request durations, and the
+//! sessions and connections in use at the time of the scrape.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route (unknown paths are `other`, so a scanner cannot grow the label set).
+    pub endpoint: String,
+    pub code: u32,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub prompt_tokens: Counter,
+    pub generated_tokens: Counter,
+    pub time_to_first_token: Histogram,
+    pub inter_token: Histogram,
+    pub duration: Histogram,
+    pub sessions_in_use: Gauge,
+    pub sessions_max: Gauge,
+    pub connections_open: Gauge,
+}
+
+/// The routes `realm serve` answers; anything else is counted as `other`.
+const ENDPOINTS: [&str; 9] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/infer",
+    "/embed",
+    "/health",
+    "/metrics",
+    "/",
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "realm_requests",
+            "Requests answered, by endpoint and HTTP status",
+            requests.clone(),
+        );
+        let prompt_tokens = Counter::default();
+        registry.register(
+            "realm_prompt_tokens",
+            "Prompt tokens processed",
+            prompt_tokens.clone(),
+        );
+        let generated_tokens = Counter::default();
+        registry.register(
+            "realm_generated_tokens",
+            "Tokens generated",
+            generated_tokens.clone(),
+        );
+        // 5 ms to about 80 s.
+        let time_to_first_token = Histogram::new(exponential_buckets(0.005, 2.0, 15));
+        registry.register(
+            "realm_time_to_first_token_seconds",
+            "From a generation request's arrival to its first token",
+            time_to_first_token.clone(),
+        );
+        // 1 ms to about 4 s.
+        let inter_token = Histogram::new(exponential_buckets(0.001, 2.0, 13));
+        registry.register(
+            "realm_inter_token_seconds",
+            "Between consecutive streamed pieces of one generation",
+            inter_token.clone(),
+        );
+        let duration = Histogram::new(exponential_buckets(0.005, 2.0, 17));
+        registry.register(
+            "realm_request_duration_seconds",
+            "From a request's arrival to its answer's headers (streams: to the first byte)",
+            duration.clone(),
+        );
+        let sessions_in_use = Gauge::default();
+        registry.register(
+            "realm_sessions_in_use",
+            "Requests generating or embedding now",
+            sessions_in_use.clone(),
+        );
+        let sessions_max = Gauge::default();
+        registry.register(
+            "realm_sessions_max",
+            "--max-sessions: requests beyond it get 429",
+            sessions_max.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "realm_connections_open",
+            "Open HTTP connections",
+            connections_open.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            prompt_tokens,
+            generated_tokens,
+            time_to_first_token,
+            inter_token,
+            duration,
+            sessions_in_use,
+            sessions_max,
+            connections_open,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn answered(&self, path: &str, code: u16) {
+        let endpoint = ENDPOINTS
+            .iter()
+            .find(|e| **e == path)
+            .map_or("other", |e| e)
+            .to_string();
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint,
+                code: u32::from(code),
+            })
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
