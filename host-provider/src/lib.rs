@@ -34,7 +34,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use bindings::inference::Error as GuestError;
 pub use bindings::inference::{
-    Chunk, Embedding, FinishReason, Message, ModelInfo, Params, Prompt, Usage,
+    Chunk, Embedding, FinishReason, Message, ModelInfo, Params, Prompt, StepLogprobs, TokenLogprob,
+    Usage,
 };
 use compute::{ComputeState, MappedModel};
 
@@ -597,6 +598,21 @@ impl Generation<'_> {
         let g = self.model.guest.realm_inference_runtime();
         Ok(g.generation()
             .call_margins(&mut self.model.store, self.handle)?)
+    }
+
+    /// Record, from the next token on, each token's log-probability and the `top` most
+    /// likely tokens at its step (at most 20).
+    pub fn want_logprobs(&mut self, top: u32) -> anyhow::Result<()> {
+        let g = self.model.guest.realm_inference_runtime();
+        Ok(g.generation()
+            .call_want_logprobs(&mut self.model.store, self.handle, top)?)
+    }
+
+    /// The steps recorded since the last call, oldest first.
+    pub fn take_logprobs(&mut self) -> anyhow::Result<Vec<StepLogprobs>> {
+        let g = self.model.guest.realm_inference_runtime();
+        Ok(g.generation()
+            .call_take_logprobs(&mut self.model.store, self.handle)?)
     }
 
     pub fn model(&mut self) -> &mut Model {

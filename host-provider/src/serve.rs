@@ -21,8 +21,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use realm_host::{
-    Engine, EngineConfig, FinishReason, LimitError, Message, Model, Params, Prompt, Usage,
-    finish_name,
+    Engine, EngineConfig, FinishReason, LimitError, Message, Model, Params, Prompt, StepLogprobs,
+    TokenLogprob, Usage, finish_name,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -246,6 +246,10 @@ struct Sampling {
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
+    /// Chat: `true`/`false`; completions: how many alternatives (0–20).
+    logprobs: Option<Value>,
+    /// Chat: alternatives per token (0–20), with `logprobs: true`.
+    top_logprobs: Option<Value>,
     /// OpenAI parameters that change the output and that Realm does not implement yet:
     /// read only to refuse them by name when set (serde would ignore them silently).
     #[serde(flatten)]
@@ -259,8 +263,6 @@ struct Unsupported {
     functions: Option<Value>,
     function_call: Option<Value>,
     response_format: Option<Value>,
-    logprobs: Option<Value>,
-    top_logprobs: Option<Value>,
     echo: Option<Value>,
     best_of: Option<Value>,
     suffix: Option<Value>,
@@ -280,7 +282,7 @@ impl Unsupported {
             Some(Value::Object(o)) => !o.is_empty(),
             Some(Value::Bool(true)) => true,
         };
-        let checks: [(&'static str, bool); 13] = [
+        let checks: [(&'static str, bool); 11] = [
             ("tools", set(&self.tools)),
             (
                 "tool_choice",
@@ -294,8 +296,6 @@ impl Unsupported {
                     && self.response_format.as_ref().and_then(|f| f.get("type"))
                         != Some(&json!("text")),
             ),
-            ("logprobs", set(&self.logprobs)),
-            ("top_logprobs", set(&self.top_logprobs)),
             ("echo", set(&self.echo)),
             (
                 "best_of",
@@ -467,7 +467,8 @@ impl App {
 
 /// What a generation thread reports.
 enum Piece {
-    Text(String),
+    /// Text, and the log-probabilities of the tokens behind it (when asked for).
+    Text(String, Vec<StepLogprobs>),
     Done {
         finish: Option<FinishReason>,
         usage: Usage,
@@ -486,6 +487,7 @@ fn spawn_generation(
     params: Params,
     permit: tokio::sync::OwnedSemaphorePermit,
     deadline: Instant,
+    logprobs: Option<u32>,
 ) -> (oneshot::Receiver<ApiResult<()>>, mpsc::Receiver<Piece>) {
     let (started_tx, started) = oneshot::channel();
     let (tx, rx) = mpsc::channel(64);
@@ -513,12 +515,25 @@ fn spawn_generation(
                 return;
             }
         };
+        if let Some(top) = logprobs
+            && let Err(e) = generation.want_logprobs(top)
+        {
+            let _ = started_tx.send(Err(ApiError::from_run(&e)));
+            return;
+        }
         if started_tx.send(Ok(())).is_err() {
             return;
         }
         loop {
-            let msg = match generation.next() {
-                Some(Ok(chunk)) => Piece::Text(chunk.text),
+            let steps = |g: &mut realm_host::Generation<'_>| match logprobs {
+                Some(_) => g.take_logprobs(),
+                None => Ok(Vec::new()),
+            };
+            let msg = match generation
+                .next()
+                .map(|c| c.and_then(|c| Ok((c, steps(&mut generation)?))))
+            {
+                Some(Ok((chunk, steps))) => Piece::Text(chunk.text, steps),
                 Some(Err(e)) => {
                     tracing::warn!(target: "realm::serve", "generation stopped: {e:#}");
                     let _ = tx.blocking_send(Piece::Failed(ApiError::from_run(&e)));
@@ -584,12 +599,21 @@ async fn respond(
             .as_ref()
             .is_some_and(|o| o.include_usage),
     );
+    let logprobs = shape.logprobs(sampling)?;
     let permit = app
         .sessions
         .clone()
         .try_acquire_owned()
         .map_err(|_| busy(&app))?;
-    let (started, mut rx) = spawn_generation(app.clone(), path, prompt, params, permit, deadline);
+    let (started, mut rx) = spawn_generation(
+        app.clone(),
+        path,
+        prompt,
+        params,
+        permit,
+        deadline,
+        logprobs,
+    );
     let late = || deadline_error(app.config.request_timeout);
     tokio::time::timeout_at(deadline.into(), started)
         .await
@@ -601,15 +625,20 @@ async fn respond(
     if !stream {
         let whole = async {
             let mut text = String::new();
+            let mut steps = Vec::new();
             while let Some(p) = rx.recv().await {
                 timing.piece(&p);
                 match p {
-                    Piece::Text(t) => text.push_str(&t),
+                    Piece::Text(t, s) => {
+                        text.push_str(&t);
+                        steps.extend(s);
+                    }
                     Piece::Done { finish, usage } => {
-                        return Ok(
-                            Json(shape.whole(&id, created, &model, &text, finish, &usage))
-                                .into_response(),
-                        );
+                        let lp = logprobs.map(|_| shape.logprobs_json(&steps, 0));
+                        return Ok(Json(
+                            shape.whole(&id, created, &model, &text, finish, &usage, lp),
+                        )
+                        .into_response());
                     }
                     Piece::Failed(e) => return Err(e),
                 }
@@ -625,6 +654,8 @@ async fn respond(
     let (etx, erx) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let send = |v: Value| Event::default().data(v.to_string());
+        // Bytes of text streamed so far (completions' `text_offset`).
+        let mut offset = 0;
         if let Some(first) = shape.first_chunk(&id, created, &model)
             && etx.send(Ok(send(first))).await.is_err()
         {
@@ -638,7 +669,11 @@ async fn respond(
             };
             timing.piece(&p);
             let ev = match p {
-                Piece::Text(t) => send(shape.chunk(&id, created, &model, &t)),
+                Piece::Text(t, steps) => {
+                    let lp = logprobs.map(|_| shape.logprobs_json(&steps, offset));
+                    offset += t.len();
+                    send(shape.chunk(&id, created, &model, &t, lp))
+                }
                 Piece::Done { finish, usage } => {
                     let _ = etx
                         .send(Ok(send(shape.last_chunk(&id, created, &model, finish))))
@@ -686,7 +721,7 @@ impl Timing {
     fn piece(&mut self, p: &Piece) {
         let m = &self.app.metrics;
         match p {
-            Piece::Text(_) => {
+            Piece::Text(..) => {
                 let now = Instant::now();
                 match self.last {
                     None => m
@@ -720,6 +755,90 @@ impl Shape {
         }
     }
 
+    /// Alternatives per token the request asks for (`None`: no log-probabilities). Chat
+    /// takes `logprobs: true` and `top_logprobs` (0–20); completions `logprobs` (0–20).
+    fn logprobs(self, s: &Sampling) -> ApiResult<Option<u32>> {
+        let count = |v: &Value, name: &'static str| {
+            v.as_u64()
+                .filter(|&n| n <= 20)
+                .map(|n| n as u32)
+                .ok_or_else(|| {
+                    let mut e = ApiError::invalid(
+                        "invalid_value",
+                        format!("{name} must be an integer from 0 to 20"),
+                    );
+                    e.param = Some(name);
+                    e
+                })
+        };
+        let top = match &s.top_logprobs {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(count(v, "top_logprobs")?),
+        };
+        match (self, &s.logprobs) {
+            (Shape::Chat, None | Some(Value::Null) | Some(Value::Bool(false))) => {
+                if top.is_some_and(|t| t > 0) {
+                    let mut e =
+                        ApiError::invalid("invalid_value", "top_logprobs needs logprobs: true");
+                    e.param = Some("top_logprobs");
+                    return Err(e);
+                }
+                Ok(None)
+            }
+            (Shape::Chat, Some(Value::Bool(true))) => Ok(Some(top.unwrap_or(0))),
+            (Shape::Chat, Some(_)) => {
+                let mut e = ApiError::invalid("invalid_value", "logprobs must be true or false");
+                e.param = Some("logprobs");
+                Err(e)
+            }
+            (Shape::Completion, None | Some(Value::Null)) => Ok(None),
+            (Shape::Completion, Some(v)) => Ok(Some(count(v, "logprobs")?)),
+        }
+    }
+
+    /// The `logprobs` object of a choice or chunk for `steps`, whose text starts `offset`
+    /// bytes into the completion.
+    fn logprobs_json(self, steps: &[StepLogprobs], offset: usize) -> Value {
+        let text = |t: &TokenLogprob| String::from_utf8_lossy(&t.bytes).into_owned();
+        match self {
+            Shape::Chat => {
+                let entry = |t: &TokenLogprob| json!({"token": text(t), "logprob": t.logprob, "bytes": t.bytes});
+                let content: Vec<Value> = steps
+                    .iter()
+                    .map(|s| {
+                        let mut v = entry(&s.chosen);
+                        v["top_logprobs"] = s.top.iter().map(entry).collect();
+                        v
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+            Shape::Completion => {
+                let mut at = offset;
+                let mut offsets = Vec::with_capacity(steps.len());
+                for s in steps {
+                    offsets.push(at);
+                    at += s.chosen.bytes.len();
+                }
+                let top: Vec<Value> = steps
+                    .iter()
+                    .map(|s| {
+                        let m: serde_json::Map<String, Value> =
+                            s.top.iter().map(|t| (text(t), json!(t.logprob))).collect();
+                        Value::Object(m)
+                    })
+                    .collect();
+                json!({
+                    "tokens": steps.iter().map(|s| text(&s.chosen)).collect::<Vec<_>>(),
+                    "token_logprobs": steps.iter().map(|s| s.chosen.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": top,
+                    "text_offset": offsets,
+                })
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn whole(
         self,
         id: &str,
@@ -728,17 +847,18 @@ impl Shape {
         text: &str,
         finish: Option<FinishReason>,
         usage: &Usage,
+        logprobs: Option<Value>,
     ) -> Value {
         match self {
             Shape::Chat => json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": null, "finish_reason": finish_str(finish)}],
+                             "logprobs": logprobs, "finish_reason": finish_str(finish)}],
                 "usage": usage_json(usage),
             }),
             Shape::Completion => json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": null,
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs,
                              "finish_reason": finish_str(finish)}],
                 "usage": usage_json(usage),
             }),
@@ -756,16 +876,24 @@ impl Shape {
         }
     }
 
-    fn chunk(self, id: &str, created: u64, model: &str, text: &str) -> Value {
+    fn chunk(
+        self,
+        id: &str,
+        created: u64,
+        model: &str,
+        text: &str,
+        logprobs: Option<Value>,
+    ) -> Value {
         match self {
             Shape::Chat => json!({
                 "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": {"content": text}, "logprobs": null,
+                "choices": [{"index": 0, "delta": {"content": text}, "logprobs": logprobs,
                              "finish_reason": null}],
             }),
             Shape::Completion => json!({
                 "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": null}],
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                             "finish_reason": null}],
             }),
         }
     }
@@ -1020,6 +1148,7 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         params,
         permit,
         deadline,
+        None,
     );
     let mut timing = Timing::new(&app, deadline - app.config.request_timeout);
     let whole = async {
@@ -1028,7 +1157,7 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         while let Some(p) = rx.recv().await {
             timing.piece(&p);
             match p {
-                Piece::Text(t) => text.push_str(&t),
+                Piece::Text(t, _) => text.push_str(&t),
                 Piece::Done { usage, .. } => {
                     return Ok(Json(json!({
                         "text": text,

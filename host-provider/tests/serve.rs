@@ -871,8 +871,6 @@ fn unsupported_parameters_are_refused_by_name() {
             r#""response_format": {"type": "json_object"}"#,
             "response_format",
         ),
-        (r#""logprobs": true"#, "logprobs"),
-        (r#""top_logprobs": 3"#, "top_logprobs"),
         (r#""logit_bias": {"42": 5}"#, "logit_bias"),
         (r#""presence_penalty": 0.5"#, "presence_penalty"),
         (r#""frequency_penalty": 0.5"#, "frequency_penalty"),
@@ -883,6 +881,19 @@ fn unsupported_parameters_are_refused_by_name() {
         let v: serde_json::Value = serde_json::from_str(&text).expect("json");
         assert_eq!(v["error"]["param"], param, "{text}");
         assert_eq!(v["error"]["code"], "unsupported_parameter", "{text}");
+    }
+    // Log-probabilities are supported; malformed requests for them name the parameter.
+    for (extra, param) in [
+        (r#""top_logprobs": 3"#, "top_logprobs"),
+        (r#""logprobs": 3"#, "logprobs"),
+        (r#""logprobs": true, "top_logprobs": 21"#, "top_logprobs"),
+    ] {
+        let (status, text) =
+            server.request("POST", "/v1/chat/completions", &[], chat(extra).as_bytes());
+        assert_eq!(status, 400, "{extra}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["error"]["param"], param, "{text}");
+        assert_eq!(v["error"]["code"], "invalid_value", "{text}");
     }
     for extra in [
         r#""response_format": {"type": "text"}"#,
@@ -898,7 +909,7 @@ fn unsupported_parameters_are_refused_by_name() {
         (r#""echo": true"#, "echo"),
         (r#""best_of": 2"#, "best_of"),
         (r#""suffix": "end""#, "suffix"),
-        (r#""logprobs": 2"#, "logprobs"),
+        (r#""logprobs": 21"#, "logprobs"),
     ] {
         let body = format!(r#"{{"model": "{MODEL}", "prompt": "Hi", "max_tokens": 2, {extra}}}"#);
         let (status, text) = server.request("POST", "/v1/completions", &[], body.as_bytes());

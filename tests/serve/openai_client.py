@@ -87,4 +87,47 @@ try:
     raise AssertionError("over-long prompt accepted")
 except openai.BadRequestError as e:
     assert e.code == "context_length_exceeded", e
+
+# Log-probabilities (chat): per token the chosen one and the top alternatives, best first;
+# greedy picks the most likely; streamed ones are the same.
+import math
+lp = client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=8,
+                                    logprobs=True, top_logprobs=3)
+content = lp.choices[0].logprobs.content
+assert lp.choices[0].message.content == "".join(t.token for t in content), content
+for t in content:
+    assert len(t.top_logprobs) == 3, t
+    assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob, t
+    assert all(a.logprob >= b.logprob for a, b in zip(t.top_logprobs, t.top_logprobs[1:])), t
+    assert sum(math.exp(a.logprob) for a in t.top_logprobs) <= 1.0 + 1e-5, t
+    assert bytes(t.bytes).decode("utf-8", "replace") == t.token, t
+streamed_lp = []
+for chunk in client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=8,
+                                            logprobs=True, top_logprobs=3, stream=True):
+    for c in chunk.choices:
+        if c.logprobs and c.logprobs.content:
+            streamed_lp.extend(c.logprobs.content)
+assert [(t.token, t.logprob) for t in streamed_lp] == [(t.token, t.logprob) for t in content]
+assert client.chat.completions.create(model=model, messages=ask, max_tokens=2).choices[0].logprobs is None
+# Legacy completions: tokens, their log-probabilities, alternatives and text offsets.
+cl = client.completions.create(model=model, prompt="The capital of France is", temperature=0, max_tokens=6, logprobs=2)
+l = cl.choices[0].logprobs
+assert "".join(l.tokens) == cl.choices[0].text, (l.tokens, cl.choices[0].text)
+assert len(l.token_logprobs) == len(l.tokens) == len(l.top_logprobs) == len(l.text_offset)
+assert all(max(top.values()) == lp_ for top, lp_ in zip(l.top_logprobs, l.token_logprobs)), l
+assert l.text_offset == [sum(len(t.encode()) for t in l.tokens[:i]) for i in range(len(l.tokens))]
+
+# Parameters Realm does not implement are refused by name, not ignored.
+try:
+    client.chat.completions.create(model=model, messages=ask, max_tokens=2,
+                                   response_format={"type": "json_object"})
+    raise AssertionError("response_format ignored")
+except openai.BadRequestError as e:
+    assert e.code == "unsupported_parameter" and e.param == "response_format", e
+try:
+    client.chat.completions.create(model=model, messages=ask, max_tokens=2,
+                                   tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    raise AssertionError("tools ignored")
+except openai.BadRequestError as e:
+    assert e.code == "unsupported_parameter" and e.param == "tools", e
 print("openai client: all checks passed")

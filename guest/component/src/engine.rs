@@ -10,7 +10,8 @@ use realm_tokenizer::{ChatTemplate, Message as ChatMessage, Tokenizer, Utf8Strea
 
 use crate::compute::{HostFile, KvCache, ModelFile, open_model};
 use crate::exports::realm::inference::types::{
-    Chunk, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt, Usage,
+    Chunk, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt, StepLogprobs,
+    TokenLogprob, Usage,
 };
 use crate::model::{self, Architecture, Output, Scratch};
 use crate::sample::{Sampler, SamplerParams};
@@ -280,6 +281,8 @@ impl SessionHandle {
             history: ids.clone(),
             generated: Vec::new(),
             margins: Vec::new(),
+            want_logprobs: None,
+            logprobs: Vec::new(),
             max_tokens: params.max_tokens,
             ignore_eog: params.ignore_eog,
             stop: params.stop.into_iter().filter(|s| !s.is_empty()).collect(),
@@ -308,6 +311,9 @@ struct GenerationState {
     history: Vec<u32>,
     generated: Vec<u32>,
     margins: Vec<f32>,
+    /// Alternatives per step to record (`None`: log-probabilities off).
+    want_logprobs: Option<u32>,
+    logprobs: Vec<StepLogprobs>,
     max_tokens: u32,
     ignore_eog: bool,
     stop: Vec<String>,
@@ -338,7 +344,34 @@ impl GenerationHandle {
         };
         let g = &mut *g;
         g.margins.push(crate::sample::top2_gap(&logits));
+        // The model's distribution, before the sampler changes the logits.
+        let dist = g.want_logprobs.map(|k| (LogSoftmax::new(&logits), k));
+        let top = dist
+            .as_ref()
+            .map(|(d, k)| d.top(&logits, *k as usize))
+            .unwrap_or_default();
+        let chosen_logit = dist.as_ref().map(|_| logits.clone());
         let tok = g.sampler.sample(&mut logits, &g.history);
+        if let (Some((d, _)), Some(raw)) = (&dist, &chosen_logit) {
+            let entry = |t: u32, lp: f32| -> Result<TokenLogprob, Error> {
+                let mut bytes = Vec::new();
+                g.model
+                    .tokenizer
+                    .token_bytes(t, false, &mut bytes)
+                    .map_err(|e| Error::Compute(e.to_string()))?;
+                Ok(TokenLogprob {
+                    token: t,
+                    bytes,
+                    logprob: lp,
+                })
+            };
+            let chosen = entry(tok, d.of(raw[tok as usize]))?;
+            let top = top
+                .into_iter()
+                .map(|(t, lp)| entry(t, lp))
+                .collect::<Result<Vec<_>, _>>()?;
+            g.logprobs.push(StepLogprobs { chosen, top });
+        }
         g.generated.push(tok);
         g.history.push(tok);
         g.usage.generated_tokens += 1;
@@ -404,6 +437,56 @@ impl GenerationHandle {
 
     pub fn margins(&self) -> Vec<f32> {
         self.0.borrow().margins.clone()
+    }
+
+    pub fn want_logprobs(&self, top: u32) {
+        self.0.borrow_mut().want_logprobs = Some(top.min(MAX_TOP_LOGPROBS));
+    }
+
+    pub fn take_logprobs(&self) -> Vec<StepLogprobs> {
+        std::mem::take(&mut self.0.borrow_mut().logprobs)
+    }
+}
+
+/// Most alternatives a step reports (OpenAI's limit).
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// `log_softmax` of one step's logits: `logit - max - ln Σ exp(logit - max)`, the sum in
+/// f64.
+struct LogSoftmax {
+    max: f32,
+    log_sum: f64,
+}
+
+impl LogSoftmax {
+    fn new(logits: &[f32]) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+        Self {
+            max,
+            log_sum: sum.ln(),
+        }
+    }
+
+    fn of(&self, logit: f32) -> f32 {
+        (f64::from(logit - self.max) - self.log_sum) as f32
+    }
+
+    /// The `k` most likely ids and their log-probabilities, best first (ties: lower id).
+    fn top(&self, logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+        if k == 0 {
+            return best;
+        }
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() == k && best.last().is_some_and(|&(_, b)| l <= b) {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= l);
+            best.insert(at, (i as u32, l));
+            best.truncate(k);
+        }
+        best.into_iter().map(|(i, l)| (i, self.of(l))).collect()
     }
 }
 

@@ -16,7 +16,7 @@ use exports::realm::inference::runtime::{
     Generation, Guest, GuestGeneration, GuestModel, GuestSession, Model, Session,
 };
 use exports::realm::inference::types::{
-    Chunk, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt, Usage,
+    Chunk, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt, StepLogprobs, Usage,
 };
 
 struct Component;
@@ -90,6 +90,14 @@ impl GuestGeneration for engine::GenerationHandle {
 
     fn margins(&self) -> Vec<f32> {
         self.margins()
+    }
+
+    fn want_logprobs(&self, top: u32) {
+        self.want_logprobs(top)
+    }
+
+    fn take_logprobs(&self) -> Vec<StepLogprobs> {
+        self.take_logprobs()
     }
 }
 
