@@ -34,8 +34,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use bindings::inference::Error as GuestError;
 pub use bindings::inference::{
-    Chunk, Embedding, FinishReason, Message, ModelInfo, Params, Prompt, StepLogprobs, TokenLogprob,
-    Usage,
+    Chunk, Constraint, Embedding, FinishReason, Message, ModelInfo, Params, Prompt, StepLogprobs,
+    TokenLogprob, Usage,
 };
 use compute::{ComputeState, MappedModel};
 
@@ -606,6 +606,15 @@ impl Generation<'_> {
         let g = self.model.guest.realm_inference_runtime();
         Ok(g.generation()
             .call_want_logprobs(&mut self.model.store, self.handle, top)?)
+    }
+
+    /// Constrain the text generated from the next token on to a match of `c` (a GBNF
+    /// grammar, a JSON Schema, or any JSON object).
+    pub fn constrain(&mut self, c: Constraint) -> anyhow::Result<()> {
+        let g = self.model.guest.realm_inference_runtime();
+        g.generation()
+            .call_constrain(&mut self.model.store, self.handle, &c)?
+            .map_err(guest_error)
     }
 
     /// The steps recorded since the last call, oldest first.

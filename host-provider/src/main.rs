@@ -65,6 +65,15 @@ struct GenOpts {
     /// from the file when needed.
     #[arg(long, value_parser = parse_bytes)]
     max_resident: Option<u64>,
+    /// Constrain the output to a GBNF grammar (llama.cpp's format) read from FILE.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["json_schema", "json_mode"])]
+    grammar: Option<PathBuf>,
+    /// Constrain the output to JSON valid against the JSON Schema in FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "json_mode")]
+    json_schema: Option<PathBuf>,
+    /// Constrain the output to a JSON object.
+    #[arg(long)]
+    json_mode: bool,
 }
 
 /// A `.wac` package: `NAME=PATH` (the name may hold colons, the path may not start one).
@@ -122,6 +131,22 @@ impl GenOpts {
             stop: self.stop.clone(),
             ignore_eog: false,
         }
+    }
+
+    /// The output constraint the flags ask for, its file read.
+    fn constraint(&self) -> anyhow::Result<Option<realm_host::Constraint>> {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        Ok(if let Some(g) = &self.grammar {
+            Some(realm_host::Constraint::Gbnf(read(g)?))
+        } else if let Some(s) = &self.json_schema {
+            Some(realm_host::Constraint::JsonSchema(read(s)?))
+        } else if self.json_mode {
+            Some(realm_host::Constraint::JsonObject)
+        } else {
+            None
+        })
     }
 
     fn load(&self) -> anyhow::Result<Model> {
@@ -440,7 +465,11 @@ fn run_prompt(opts: &GenOpts, raw: bool, json: bool, prompt: String) -> anyhow::
     };
     let mut session = model.session(opts.ctx_size)?;
     let started = Instant::now();
+    let constraint = opts.constraint()?;
     let mut generation = session.generate(prompt, opts.params())?;
+    if let Some(c) = constraint {
+        generation.constrain(c)?;
+    }
     let mut text = String::new();
     let mut stdout = std::io::stdout().lock();
     for piece in &mut generation {
@@ -476,6 +505,7 @@ fn run_prompt(opts: &GenOpts, raw: bool, json: bool, prompt: String) -> anyhow::
             "margins": margins,
             "prefill_tokens_per_s": per_s(usage.prompt_tokens, usage.prefill_ns),
             "decode_tokens_per_s": per_s(usage.generated_tokens.saturating_sub(1), usage.decode_ns),
+            "constraint_ms_per_token": usage.constraint_ns as f64 / 1e6 / f64::from(usage.generated_tokens.max(1)),
             "wall_s": wall.as_secs_f64(),
             "guest_memory_peak_bytes": model.guest_memory_peak(),
             "weight_bytes": model.info.weight_bytes,
@@ -529,6 +559,9 @@ fn chat(opts: &GenOpts) -> anyhow::Result<()> {
         });
         let mut reply = String::new();
         let mut generation = session.generate(Prompt::Messages(messages.clone()), opts.params())?;
+        if let Some(c) = opts.constraint()? {
+            generation.constrain(c)?;
+        }
         for piece in &mut generation {
             let piece = piece?;
             stdout.write_all(piece.text.as_bytes())?;

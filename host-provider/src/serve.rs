@@ -21,8 +21,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use realm_host::{
-    Engine, EngineConfig, FinishReason, LimitError, Message, Model, Params, Prompt, StepLogprobs,
-    TokenLogprob, Usage, finish_name,
+    Constraint, Engine, EngineConfig, FinishReason, LimitError, Message, Model, Params, Prompt,
+    StepLogprobs, TokenLogprob, Usage, finish_name,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -250,6 +250,10 @@ struct Sampling {
     logprobs: Option<Value>,
     /// Chat: alternatives per token (0–20), with `logprobs: true`.
     top_logprobs: Option<Value>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": …}}`.
+    response_format: Option<Value>,
+    /// A GBNF grammar the output must match (llama.cpp server's extension).
+    grammar: Option<String>,
     /// OpenAI parameters that change the output and that Realm does not implement yet:
     /// read only to refuse them by name when set (serde would ignore them silently).
     #[serde(flatten)]
@@ -262,13 +266,45 @@ struct Unsupported {
     tool_choice: Option<Value>,
     functions: Option<Value>,
     function_call: Option<Value>,
-    response_format: Option<Value>,
     echo: Option<Value>,
     best_of: Option<Value>,
     suffix: Option<Value>,
     logit_bias: Option<Value>,
     presence_penalty: Option<Value>,
     frequency_penalty: Option<Value>,
+}
+
+/// The output constraint of `response_format` (or `grammar`), if any.
+fn constraint(s: &Sampling) -> ApiResult<Option<Constraint>> {
+    let bad = |m: String| {
+        let mut e = ApiError::invalid("invalid_value", m);
+        e.param = Some("response_format");
+        e
+    };
+    let from_format = match &s.response_format {
+        None | Some(Value::Null) => None,
+        Some(f) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some(Constraint::JsonObject),
+            Some("json_schema") => {
+                let schema = f
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .ok_or_else(|| bad("json_schema needs a `schema`".into()))?;
+                Some(Constraint::JsonSchema(schema.to_string()))
+            }
+            other => {
+                return Err(bad(format!(
+                    "response_format type must be text, json_object or json_schema, not {other:?}"
+                )));
+            }
+        },
+    };
+    match (&s.grammar, from_format) {
+        (Some(_), Some(_)) => Err(bad("give either `grammar` or `response_format`".into())),
+        (Some(g), None) => Ok(Some(Constraint::Gbnf(g.clone()))),
+        (None, f) => Ok(f),
+    }
 }
 
 impl Unsupported {
@@ -282,7 +318,7 @@ impl Unsupported {
             Some(Value::Object(o)) => !o.is_empty(),
             Some(Value::Bool(true)) => true,
         };
-        let checks: [(&'static str, bool); 11] = [
+        let checks: [(&'static str, bool); 10] = [
             ("tools", set(&self.tools)),
             (
                 "tool_choice",
@@ -290,12 +326,6 @@ impl Unsupported {
             ),
             ("functions", set(&self.functions)),
             ("function_call", set(&self.function_call)),
-            (
-                "response_format",
-                set(&self.response_format)
-                    && self.response_format.as_ref().and_then(|f| f.get("type"))
-                        != Some(&json!("text")),
-            ),
             ("echo", set(&self.echo)),
             (
                 "best_of",
@@ -480,15 +510,28 @@ enum Piece {
 /// says whether generation began (so the HTTP status can still be an error); pieces then
 /// flow on `tx` until the end, an error, or the receiver going away (client disconnect),
 /// which stops generation and drops the tenant.
+/// What one generation request asks for.
+struct Job {
+    prompt: Prompt,
+    params: Params,
+    /// Alternatives per token for log-probabilities (`None`: off).
+    logprobs: Option<u32>,
+    constraint: Option<Constraint>,
+}
+
 fn spawn_generation(
     app: Arc<App>,
     path: PathBuf,
-    prompt: Prompt,
-    params: Params,
+    job: Job,
     permit: tokio::sync::OwnedSemaphorePermit,
     deadline: Instant,
-    logprobs: Option<u32>,
 ) -> (oneshot::Receiver<ApiResult<()>>, mpsc::Receiver<Piece>) {
+    let Job {
+        prompt,
+        params,
+        logprobs,
+        constraint,
+    } = job;
     let (started_tx, started) = oneshot::channel();
     let (tx, rx) = mpsc::channel(64);
     std::thread::spawn(move || {
@@ -515,6 +558,12 @@ fn spawn_generation(
                 return;
             }
         };
+        if let Some(c) = constraint
+            && let Err(e) = generation.constrain(c)
+        {
+            let _ = started_tx.send(Err(ApiError::from_run(&e)));
+            return;
+        }
         if let Some(top) = logprobs
             && let Err(e) = generation.want_logprobs(top)
         {
@@ -600,20 +649,19 @@ async fn respond(
             .is_some_and(|o| o.include_usage),
     );
     let logprobs = shape.logprobs(sampling)?;
+    let constraint = constraint(sampling)?;
     let permit = app
         .sessions
         .clone()
         .try_acquire_owned()
         .map_err(|_| busy(&app))?;
-    let (started, mut rx) = spawn_generation(
-        app.clone(),
-        path,
+    let job = Job {
         prompt,
         params,
-        permit,
-        deadline,
         logprobs,
-    );
+        constraint,
+    };
+    let (started, mut rx) = spawn_generation(app.clone(), path, job, permit, deadline);
     let late = || deadline_error(app.config.request_timeout);
     tokio::time::timeout_at(deadline.into(), started)
         .await
@@ -1141,15 +1189,13 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         .clone()
         .try_acquire_owned()
         .map_err(|_| busy(&app))?;
-    let (started, mut rx) = spawn_generation(
-        app.clone(),
-        path,
-        Prompt::Text(req.prompt),
+    let job = Job {
+        prompt: Prompt::Text(req.prompt),
         params,
-        permit,
-        deadline,
-        None,
-    );
+        logprobs: None,
+        constraint: None,
+    };
+    let (started, mut rx) = spawn_generation(app.clone(), path, job, permit, deadline);
     let mut timing = Timing::new(&app, deadline - app.config.request_timeout);
     let whole = async {
         started.await.map_err(|_| thread_gone())??;

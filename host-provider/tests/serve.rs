@@ -867,10 +867,6 @@ fn unsupported_parameters_are_refused_by_name() {
             r#""tools": [{"type": "function", "function": {"name": "f"}}]"#,
             "tools",
         ),
-        (
-            r#""response_format": {"type": "json_object"}"#,
-            "response_format",
-        ),
         (r#""logit_bias": {"42": 5}"#, "logit_bias"),
         (r#""presence_penalty": 0.5"#, "presence_penalty"),
         (r#""frequency_penalty": 0.5"#, "frequency_penalty"),
@@ -882,8 +878,14 @@ fn unsupported_parameters_are_refused_by_name() {
         assert_eq!(v["error"]["param"], param, "{text}");
         assert_eq!(v["error"]["code"], "unsupported_parameter", "{text}");
     }
-    // Log-probabilities are supported; malformed requests for them name the parameter.
+    // Log-probabilities and response formats are supported; malformed requests for them
+    // name the parameter.
     for (extra, param) in [
+        (r#""response_format": {"type": "yaml"}"#, "response_format"),
+        (
+            r#""response_format": {"type": "json_schema"}"#,
+            "response_format",
+        ),
         (r#""top_logprobs": 3"#, "top_logprobs"),
         (r#""logprobs": 3"#, "logprobs"),
         (r#""logprobs": true, "top_logprobs": 21"#, "top_logprobs"),
@@ -1099,4 +1101,27 @@ fn metrics_count_requests_tokens_and_latencies() {
     assert_eq!(value("realm_sessions_in_use"), 0.0);
     assert_eq!(value("realm_sessions_max"), 64.0);
     assert!(value("realm_connections_open") >= 1.0);
+}
+
+/// Constrained output on both models: every output under a JSON Schema parses and
+/// validates (`jsonschema`), JSON mode gives objects, a GBNF grammar is matched, and
+/// schemas or grammars that cannot be kept are 400s (`tests/serve/structured.py`).
+#[test]
+fn structured_output_always_validates_on_both_models() {
+    let gemma = common::root().join("models/gemma-3-270m-q4_k_m.gguf");
+    let smol = format!("smollm2={}", common::smollm2());
+    let gemma = format!("gemma3={}", gemma.display());
+    let server = Server::start(&["--model", &smol, "--model", &gemma]);
+    let out = Command::new(python())
+        .arg(common::root().join("tests/serve/structured.py"))
+        .args([server.url().as_str(), "smollm2", "gemma3"])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "structured output checks failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
 }

@@ -10,8 +10,8 @@ use realm_tokenizer::{ChatTemplate, Message as ChatMessage, Tokenizer, Utf8Strea
 
 use crate::compute::{HostFile, KvCache, ModelFile, open_model};
 use crate::exports::realm::inference::types::{
-    Chunk, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt, StepLogprobs,
-    TokenLogprob, Usage,
+    Chunk, Constraint, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt,
+    StepLogprobs, TokenLogprob, Usage,
 };
 use crate::model::{self, Architecture, Output, Scratch};
 use crate::sample::{Sampler, SamplerParams};
@@ -26,8 +26,34 @@ struct ModelState {
     template: ChatTemplate,
     weight_bytes: u64,
     architecture: String,
+    /// The vocabulary as text for constrained generation, built on first use.
+    grammar_vocab: std::cell::OnceCell<realm_grammar::Vocabulary>,
     // Kept open: the host maps weights through it.
     _file: ModelFile,
+}
+
+impl ModelState {
+    /// Each token's text for the grammar matcher; control, unused and end-of-generation
+    /// tokens (handled apart) have none.
+    fn grammar_vocab(&self) -> &realm_grammar::Vocabulary {
+        self.grammar_vocab.get_or_init(|| {
+            let v = self.tokenizer.vocab();
+            realm_grammar::Vocabulary::new((0..v.len() as u32).map(|id| {
+                let plain = matches!(
+                    v.token_type(id),
+                    realm_tokenizer::TokenType::Normal
+                        | realm_tokenizer::TokenType::UserDefined
+                        | realm_tokenizer::TokenType::Byte
+                );
+                if !plain || v.is_eog(id) {
+                    return None;
+                }
+                let mut bytes = Vec::new();
+                self.tokenizer.token_bytes(id, false, &mut bytes).ok()?;
+                Some(bytes)
+            }))
+        })
+    }
 }
 
 pub struct LoadedModel(Rc<ModelState>);
@@ -59,6 +85,7 @@ impl LoadedModel {
             template,
             weight_bytes,
             architecture,
+            grammar_vocab: std::cell::OnceCell::new(),
             _file: file,
         })))
     }
@@ -281,6 +308,7 @@ impl SessionHandle {
             history: ids.clone(),
             generated: Vec::new(),
             margins: Vec::new(),
+            grammar: None,
             want_logprobs: None,
             logprobs: Vec::new(),
             max_tokens: params.max_tokens,
@@ -295,6 +323,7 @@ impl SessionHandle {
                 generated_tokens: 0,
                 prefill_ns,
                 decode_ns: 0,
+                constraint_ns: 0,
             },
         })))
     }
@@ -311,6 +340,8 @@ struct GenerationState {
     history: Vec<u32>,
     generated: Vec<u32>,
     margins: Vec<f32>,
+    /// What the output must match, and how far it has got (see `constrain`).
+    grammar: Option<realm_grammar::Matcher>,
     /// Alternatives per step to record (`None`: log-probabilities off).
     want_logprobs: Option<u32>,
     logprobs: Vec<StepLogprobs>,
@@ -351,7 +382,15 @@ impl GenerationHandle {
             .map(|(d, k)| d.top(&logits, *k as usize))
             .unwrap_or_default();
         let chosen_logit = dist.as_ref().map(|_| logits.clone());
-        let tok = g.sampler.sample(&mut logits, &g.history);
+        let tok = match g.grammar.is_some() {
+            false => g.sampler.sample(&mut logits, &g.history),
+            true => {
+                let started = Instant::now();
+                let tok = g.constrained_sample(&mut logits)?;
+                g.usage.constraint_ns += started.elapsed().as_nanos() as u64;
+                tok
+            }
+        };
         if let (Some((d, _)), Some(raw)) = (&dist, &chosen_logit) {
             let entry = |t: u32, lp: f32| -> Result<TokenLogprob, Error> {
                 let mut bytes = Vec::new();
@@ -385,6 +424,12 @@ impl GenerationHandle {
             .tokenizer
             .token_bytes(tok, false, &mut bytes)
             .map_err(|e| Error::Compute(e.to_string()))?;
+        if let Some(m) = &mut g.grammar {
+            let text = std::str::from_utf8(&bytes)
+                .map_err(|_| Error::Compute("a constrained token is not UTF-8 text".into()))?;
+            m.accept(text)
+                .map_err(|e| Error::Compute(format!("constrained sampling: {e}")))?;
+        }
         let piece = g.utf8.push(&bytes);
         g.text.push_str(&piece);
 
@@ -408,6 +453,11 @@ impl GenerationHandle {
                 .max()
                 .unwrap_or(0);
             end -= hold;
+        }
+        // A complete match that nothing may extend: the answer is done.
+        if g.finish.is_none() && g.grammar.as_ref().is_some_and(|m| m.is_finished()) {
+            g.finish = Some(FinishReason::Stop);
+            end = g.text.len();
         }
         let n_past = g.session.borrow().tokens.len() as u32;
         let n_ctx = g.session.borrow().n_ctx;
@@ -439,12 +489,91 @@ impl GenerationHandle {
         self.0.borrow().margins.clone()
     }
 
+    pub fn constrain(&self, c: Constraint) -> Result<(), Error> {
+        let c = match c {
+            Constraint::Gbnf(g) => realm_grammar::Constraint::Gbnf(g),
+            Constraint::JsonSchema(s) => realm_grammar::Constraint::JsonSchema(s),
+            Constraint::JsonObject => realm_grammar::Constraint::JsonObject,
+        };
+        let grammar = c
+            .compile()
+            .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let m = realm_grammar::Matcher::new(std::sync::Arc::new(grammar))
+            .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let mut g = self.0.borrow_mut();
+        // Build the vocabulary's text now, so that the first token does not pay for it.
+        let _ = g.model.grammar_vocab();
+        g.grammar = Some(m);
+        Ok(())
+    }
+
     pub fn want_logprobs(&self, top: u32) {
         self.0.borrow_mut().want_logprobs = Some(top.min(MAX_TOP_LOGPROBS));
     }
 
     pub fn take_logprobs(&self) -> Vec<StepLogprobs> {
         std::mem::take(&mut self.0.borrow_mut().logprobs)
+    }
+}
+
+impl GenerationState {
+    /// Whether the grammar allows `tok` next (end-of-generation: when the match is
+    /// complete).
+    fn grammar_allows(&self, tok: u32) -> bool {
+        let Some(m) = &self.grammar else { return true };
+        let tz = &self.model.tokenizer;
+        if tz.vocab().is_eog(tok) {
+            return m.is_accepting();
+        }
+        if m.is_finished() {
+            return false;
+        }
+        let mut bytes = Vec::new();
+        if tz.token_bytes(tok, false, &mut bytes).is_err() {
+            return false;
+        }
+        match std::str::from_utf8(&bytes) {
+            Ok(t) => !t.is_empty() && m.allows(t),
+            Err(_) => false,
+        }
+    }
+
+    /// The sampler's choice if the grammar allows it (the common case, one check); else
+    /// the choice among the allowed tokens only (the whole vocabulary walked once). Both
+    /// draw from the same distribution: the model's, renormalised over what is allowed.
+    fn constrained_sample(&mut self, logits: &mut [f32]) -> Result<u32, Error> {
+        let mut first = logits.to_vec();
+        let tok = self.sampler.sample(&mut first, &self.history);
+        if self.grammar_allows(tok) {
+            return Ok(tok);
+        }
+        let Some(m) = &self.grammar else {
+            return Ok(tok);
+        };
+        let vocab = self.model.grammar_vocab();
+        let mut allowed = vec![false; logits.len()];
+        if !m.is_finished() {
+            m.allowed(vocab, &mut allowed[..vocab.len().min(logits.len())])
+                .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        }
+        if m.is_accepting() {
+            for id in self.model.tokenizer.vocab().eog_ids() {
+                if let Some(a) = allowed.get_mut(id as usize) {
+                    *a = true;
+                }
+            }
+        }
+        if !allowed.iter().any(|&a| a) {
+            return Err(Error::InvalidInput(
+                "the constraint allows no token of this model's vocabulary here".into(),
+            ));
+        }
+        for (l, &a) in logits.iter_mut().zip(&allowed) {
+            if !a {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Ok(self.sampler.sample(logits, &self.history))
     }
 }
 

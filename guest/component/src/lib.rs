@@ -16,7 +16,8 @@ use exports::realm::inference::runtime::{
     Generation, Guest, GuestGeneration, GuestModel, GuestSession, Model, Session,
 };
 use exports::realm::inference::types::{
-    Chunk, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt, StepLogprobs, Usage,
+    Chunk, Constraint, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt,
+    StepLogprobs, Usage,
 };
 
 struct Component;
@@ -98,6 +99,10 @@ impl GuestGeneration for engine::GenerationHandle {
 
     fn take_logprobs(&self) -> Vec<StepLogprobs> {
         self.take_logprobs()
+    }
+
+    fn constrain(&self, c: Constraint) -> Result<(), Error> {
+        self.constrain(c)
     }
 }
 

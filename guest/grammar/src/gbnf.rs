@@ -44,10 +44,13 @@ pub const MAX_RULES: usize = 10_000;
 pub const MAX_GRAMMAR_LEN: usize = 1 << 20;
 /// Largest `{m,n}` bound.
 pub const MAX_REPEAT: u32 = 1000;
+/// Deepest nesting of parentheses.
+pub const MAX_NESTING: usize = 64;
 
 struct Parser<'a> {
     src: &'a str,
     at: usize,
+    depth: usize,
     names: Vec<String>,
     by_name: HashMap<String, usize>,
     rules: Vec<Option<Vec<Vec<Elem>>>>,
@@ -65,6 +68,7 @@ impl Grammar {
         let mut p = Parser {
             src,
             at: 0,
+            depth: 0,
             names: Vec::new(),
             by_name: HashMap::new(),
             rules: Vec::new(),
@@ -366,7 +370,12 @@ impl Parser<'_> {
                 '(' => {
                     self.bump();
                     self.skip_space(true);
+                    self.depth += 1;
+                    if self.depth > MAX_NESTING {
+                        return Err(self.error("parentheses nested more than 64 deep"));
+                    }
                     let alts = self.alternatives(true)?;
+                    self.depth -= 1;
                     self.skip_space(true);
                     if !self.eat(")") {
                         return Err(self.error("expected )"));

@@ -3,7 +3,7 @@
 //! vocabulary walk that finds every token the grammar allows next, sharing the work of
 //! tokens with a common prefix.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::gbnf::{Elem, Grammar};
@@ -23,6 +23,8 @@ type Stack = Vec<Pos>;
 /// Most parse stacks alive at once: an ambiguous grammar fails clearly instead of growing
 /// without bound.
 pub const MAX_STACKS: usize = 4096;
+/// Deepest chain of rules entered without a character in between.
+pub const MAX_DEPTH: usize = 1000;
 
 /// A grammar and the state of matching it against the text generated so far.
 #[derive(Debug, Clone)]
@@ -86,46 +88,155 @@ impl Matcher {
         true
     }
 
-    /// Marks `allowed[id]` for every token of `vocab` that may come next.
+    /// Marks `allowed[id]` for every token of `vocab` that may come next. The sorted
+    /// vocabulary is walked as a trie: at each depth only the characters the stacks can
+    /// take are looked up (binary searches), each (stack set, character) step is computed
+    /// once per walk over interned stack sets, and a refused prefix drops every token that
+    /// starts with it at once.
     pub fn allowed(&self, vocab: &Vocabulary, allowed: &mut [bool]) -> Result<()> {
-        // Per prefix depth, the stacks after that many characters of the current token.
-        let mut at_depth: Vec<Vec<Stack>> = vec![self.stacks.clone()];
-        // The shallowest depth whose stacks are empty (every longer prefix is dead too).
-        let mut dead = usize::MAX;
-        for (k, &id) in vocab.order.iter().enumerate() {
-            let chars = &vocab.chars[id as usize];
-            let lcp = vocab.lcp[k] as usize;
-            at_depth.truncate(lcp + 1);
-            if dead <= lcp {
-                continue;
+        let mut w = Walk {
+            g: &self.grammar,
+            vocab,
+            sets: vec![self.stacks.clone()],
+            ids: HashMap::from([(self.stacks.clone(), 0)]),
+            memo: HashMap::new(),
+            ranges: HashMap::new(),
+            allowed,
+        };
+        w.walk(0, vocab.order.len(), 0, 0)
+    }
+}
+
+struct Walk<'a> {
+    g: &'a Grammar,
+    vocab: &'a Vocabulary,
+    sets: Vec<Vec<Stack>>,
+    ids: HashMap<Vec<Stack>, u32>,
+    memo: HashMap<(u32, char), Option<u32>>,
+    ranges: HashMap<u32, Vec<(char, char)>>,
+    allowed: &'a mut [bool],
+}
+
+impl Walk<'_> {
+    fn char_at(&self, k: usize, depth: usize) -> char {
+        self.vocab.chars[self.vocab.order[k] as usize][depth]
+    }
+
+    /// Tokens `order[lo..hi]` share their first `depth` characters, after which the
+    /// stacks are set `set`.
+    fn walk(&mut self, lo: usize, hi: usize, depth: usize, set: u32) -> Result<()> {
+        let order = &self.vocab.order;
+        let mut i = lo;
+        // The tokens that end here come first (a prefix sorts before its extensions).
+        while i < hi && self.vocab.chars[order[i] as usize].len() == depth {
+            if depth > 0
+                && let Some(a) = self.allowed.get_mut(order[i] as usize)
+            {
+                *a = true;
             }
-            dead = usize::MAX;
-            let mut ok = true;
-            for (d, &c) in chars.iter().enumerate().skip(lcp) {
-                let next = step(&self.grammar, &at_depth[d], c)?;
-                if next.is_empty() {
-                    dead = d + 1;
-                    ok = false;
-                    break;
+            i += 1;
+        }
+        if i == hi {
+            return Ok(());
+        }
+        let ranges = self.next_ranges(set);
+        for (a, b) in ranges {
+            let mut j =
+                i + order[i..hi].partition_point(|&t| self.vocab.chars[t as usize][depth] < a);
+            while j < hi && self.char_at(j, depth) <= b {
+                let c = self.char_at(j, depth);
+                let end =
+                    j + order[j..hi].partition_point(|&t| self.vocab.chars[t as usize][depth] == c);
+                if let Some(next) = self.step(set, c)? {
+                    self.walk(j, end, depth + 1, next)?;
                 }
-                at_depth.push(next);
-            }
-            if ok && !chars.is_empty() {
-                allowed[id as usize] = true;
+                j = end;
             }
         }
         Ok(())
     }
+
+    fn step(&mut self, set: u32, c: char) -> Result<Option<u32>> {
+        if let Some(&n) = self.memo.get(&(set, c)) {
+            return Ok(n);
+        }
+        let out = step(self.g, &self.sets[set as usize], c)?;
+        let n = if out.is_empty() {
+            None
+        } else if let Some(&i) = self.ids.get(&out) {
+            Some(i)
+        } else {
+            let i = self.sets.len() as u32;
+            self.ids.insert(out.clone(), i);
+            self.sets.push(out);
+            Some(i)
+        };
+        self.memo.insert((set, c), n);
+        Ok(n)
+    }
+
+    /// The characters any stack of `set` can take next, as sorted disjoint ranges.
+    fn next_ranges(&mut self, set: u32) -> Vec<(char, char)> {
+        if let Some(r) = self.ranges.get(&set) {
+            return r.clone();
+        }
+        let mut all: Vec<(u32, u32)> = Vec::new();
+        for s in &self.sets[set as usize] {
+            let Some(top) = s.last() else { continue };
+            if let Elem::Chars { ranges, negated } =
+                &self.g.rules[top.rule as usize][top.alt as usize][top.at as usize]
+            {
+                let mut rs: Vec<(u32, u32)> =
+                    ranges.iter().map(|&(a, b)| (a as u32, b as u32)).collect();
+                rs.sort_unstable();
+                if *negated {
+                    let mut next = 0u32;
+                    for (a, b) in rs {
+                        if a > next {
+                            all.push((next, a - 1));
+                        }
+                        next = next.max(b + 1);
+                    }
+                    if next <= char::MAX as u32 {
+                        all.push((next, char::MAX as u32));
+                    }
+                } else {
+                    all.extend(rs);
+                }
+            }
+        }
+        all.sort_unstable();
+        let mut merged: Vec<(char, char)> = Vec::new();
+        let mut cur: Option<(u32, u32)> = None;
+        for (a, b) in all {
+            cur = match cur {
+                Some((x, y)) if a <= y.saturating_add(1) => Some((x, y.max(b))),
+                Some(r) => {
+                    merged.extend(to_chars(r));
+                    Some((a, b))
+                }
+                None => Some((a, b)),
+            };
+        }
+        merged.extend(cur.and_then(to_chars));
+        self.ranges.insert(set, merged.clone());
+        merged
+    }
+}
+
+/// A code-point range as chars (surrogates cannot be chars: clipped around them).
+fn to_chars((a, b): (u32, u32)) -> Option<(char, char)> {
+    let lo = (a..=b).find_map(char::from_u32)?;
+    let hi = (a..=b).rev().find_map(char::from_u32)?;
+    Some((lo, hi))
 }
 
 /// A vocabulary prepared for [`Matcher::allowed`]: each token's characters (tokens that
-/// are not whole UTF-8 text are left out: the grammar never allows them), in sorted order
-/// with the length each shares with the one before.
+/// are not whole UTF-8 text are left out: the grammar never allows them), in sorted order.
 #[derive(Debug, Default)]
 pub struct Vocabulary {
     chars: Vec<Vec<char>>,
     order: Vec<u32>,
-    lcp: Vec<u32>,
 }
 
 impl Vocabulary {
@@ -144,14 +255,7 @@ impl Vocabulary {
             .filter(|&i| !chars[i as usize].is_empty())
             .collect();
         order.sort_by(|&a, &b| chars[a as usize].cmp(&chars[b as usize]));
-        let mut lcp = Vec::with_capacity(order.len());
-        let mut prev: &[char] = &[];
-        for &id in &order {
-            let c = &chars[id as usize];
-            lcp.push(c.iter().zip(prev).take_while(|(a, b)| a == b).count() as u32);
-            prev = c;
-        }
-        Self { chars, order, lcp }
+        Self { chars, order }
     }
 
     pub fn len(&self) -> usize {
@@ -184,10 +288,25 @@ fn step(g: &Grammar, stacks: &[Stack], c: char) -> Result<Vec<Stack>> {
 /// the grammar), pushing every way of doing so onto `out`.
 fn expand(
     g: &Grammar,
-    mut stack: Stack,
+    stack: Stack,
     out: &mut Vec<Stack>,
     seen: &mut HashSet<Stack>,
 ) -> Result<()> {
+    expand_at(g, stack, out, seen, 0)
+}
+
+fn expand_at(
+    g: &Grammar,
+    mut stack: Stack,
+    out: &mut Vec<Stack>,
+    seen: &mut HashSet<Stack>,
+    depth: usize,
+) -> Result<()> {
+    if depth > MAX_DEPTH || stack.len() > 4 * MAX_DEPTH {
+        return Err(Error::Grammar(format!(
+            "rules nest more than {MAX_DEPTH} deep before any character"
+        )));
+    }
     while let Some(&top) = stack.last() {
         let seq = &g.rules[top.rule as usize][top.alt as usize];
         match seq.get(top.at as usize) {
@@ -215,7 +334,7 @@ fn expand(
                         alt: alt as u32,
                         at: 0,
                     });
-                    expand(g, s, out, seen)?;
+                    expand_at(g, s, out, seen, depth + 1)?;
                 }
                 return Ok(());
             }

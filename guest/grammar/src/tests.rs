@@ -219,3 +219,54 @@ fn schema_keywords_a_grammar_cannot_keep_are_refused() {
     let g = schema_to_gbnf(&tree).expect("converts");
     Grammar::parse(&g).expect("parses");
 }
+
+/// Hostile grammars and schemas (random text, deep nesting, long rule chains) are errors
+/// or work; nothing panics or overflows the stack.
+#[test]
+fn hostile_grammars_fail_cleanly() {
+    let alphabet: Vec<char> = "root ::= ab|()[]^-*+?{}0123456789,\"\\.#\n x-y"
+        .chars()
+        .collect();
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut rand = move |k: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % k as u64) as usize
+    };
+    for _ in 0..3000 {
+        let n = 9 + rand(40);
+        let text: String = "root ::= "
+            .chars()
+            .chain((0..n).map(|_| alphabet[rand(alphabet.len())]))
+            .collect();
+        if let Ok(g) = Grammar::parse(&text)
+            && let Ok(mut m) = Matcher::new(Arc::new(g))
+        {
+            for c in ["a", "b", "x", "-"] {
+                let _ = m.accept(c);
+            }
+        }
+    }
+    let deep = format!("root ::= {}\"a\"{}", "(".repeat(10_000), ")".repeat(10_000));
+    assert!(
+        Grammar::parse(&deep)
+            .expect_err("deep")
+            .to_string()
+            .contains("nested")
+    );
+    let mut chain = String::from("root ::= r0\n");
+    for i in 0..5000 {
+        chain.push_str(&format!("r{i} ::= r{}\n", i + 1));
+    }
+    chain.push_str("r5000 ::= \"a\"\n");
+    let g = Grammar::parse(&chain).expect("a long chain parses");
+    assert!(
+        Matcher::new(Arc::new(g))
+            .expect_err("too deep")
+            .to_string()
+            .contains("nest")
+    );
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    assert!(Constraint::JsonSchema(nested).compile().is_err());
+}
