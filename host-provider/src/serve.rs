@@ -262,8 +262,6 @@ struct Sampling {
 
 #[derive(Debug, Deserialize)]
 struct Unsupported {
-    tools: Option<Value>,
-    tool_choice: Option<Value>,
     functions: Option<Value>,
     function_call: Option<Value>,
     echo: Option<Value>,
@@ -318,12 +316,7 @@ impl Unsupported {
             Some(Value::Object(o)) => !o.is_empty(),
             Some(Value::Bool(true)) => true,
         };
-        let checks: [(&'static str, bool); 10] = [
-            ("tools", set(&self.tools)),
-            (
-                "tool_choice",
-                set(&self.tool_choice) && self.tool_choice != Some(json!("none")),
-            ),
+        let checks: [(&'static str, bool); 8] = [
             ("functions", set(&self.functions)),
             ("function_call", set(&self.function_call)),
             ("echo", set(&self.echo)),
@@ -350,6 +343,8 @@ impl Unsupported {
 struct ChatRequest {
     model: String,
     messages: Vec<ChatMessage>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -358,6 +353,10 @@ struct ChatRequest {
 struct ChatMessage {
     role: String,
     content: Option<Content>,
+    /// An assistant's earlier tool calls, and a tool message's answer to one.
+    tool_calls: Option<Vec<Value>>,
+    tool_call_id: Option<String>,
+    name: Option<String>,
 }
 
 /// Message content: a string, or a list of parts of which text parts are used.
@@ -1012,18 +1011,316 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult
         } else {
             m.role
         };
-        messages.push(Message { role, content });
+        let mut v = json!({"role": role, "content": content});
+        if let Some(calls) = m.tool_calls {
+            // Templates read the arguments as an object (OpenAI sends a JSON string).
+            let calls: Vec<Value> = calls
+                .into_iter()
+                .map(|mut c| {
+                    if let Some(a) = c.pointer("/function/arguments").and_then(Value::as_str)
+                        && let Ok(parsed) = serde_json::from_str::<Value>(a)
+                    {
+                        c["function"]["arguments"] = parsed;
+                    }
+                    c
+                })
+                .collect();
+            v["tool_calls"] = json!(calls);
+            if content.is_empty() {
+                v["content"] = Value::Null;
+            }
+        }
+        if let Some(id) = m.tool_call_id {
+            v["tool_call_id"] = json!(id);
+        }
+        if let Some(n) = m.name {
+            v["name"] = json!(n);
+        }
+        messages.push(v);
     }
+    let tools = Tools::from_request(req.tools, req.tool_choice)?;
+    let with_tools = tools.is_some()
+        || messages
+            .iter()
+            .any(|m| m.get("tool_calls").is_some() || m["role"] == "tool");
+    let prompt = if with_tools {
+        let defs = tools.as_ref().map(|t| t.defs.clone());
+        Prompt::ChatJson(json!({"messages": messages, "tools": defs}).to_string())
+    } else {
+        Prompt::Messages(
+            messages
+                .iter()
+                .map(|m| Message {
+                    role: m["role"].as_str().unwrap_or("").to_string(),
+                    content: m["content"].as_str().unwrap_or("").to_string(),
+                })
+                .collect(),
+        )
+    };
     let max = app.config.max_tokens;
-    respond(
-        app,
-        req.model,
-        Prompt::Messages(messages),
-        &req.sampling,
-        max,
-        Shape::Chat,
-    )
-    .await
+    respond_tools(app, req.model, prompt, &req.sampling, max, tools).await
+}
+
+/// A request's tools and what it asks of them.
+struct Tools {
+    /// The `tools` list as given (the template renders it).
+    defs: Value,
+    /// Function names, in order.
+    names: Vec<String>,
+    choice: ToolChoice,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum ToolChoice {
+    /// Never parse calls out of the answer.
+    None,
+    /// The model decides: an answer that is a `<tool_call>` becomes `tool_calls`.
+    Auto,
+    /// A call to one of the tools (or to the named one) is required: the answer is
+    /// constrained to one by a grammar built from the tools' parameter schemas.
+    Required(Option<String>),
+}
+
+impl Tools {
+    fn from_request(tools: Option<Vec<Value>>, choice: Option<Value>) -> ApiResult<Option<Self>> {
+        let bad = |param: &'static str, m: String| {
+            let mut e = ApiError::invalid("invalid_value", m);
+            e.param = Some(param);
+            e
+        };
+        let tools = tools.unwrap_or_default();
+        let mut names = Vec::new();
+        for t in &tools {
+            let name = t
+                .pointer("/function/name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty());
+            match (t.get("type").and_then(Value::as_str), name) {
+                (Some("function"), Some(n)) => names.push(n.to_string()),
+                _ => {
+                    return Err(bad(
+                        "tools",
+                        "each tool must be {\"type\": \"function\", \"function\": {\"name\", …}}"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        let choice = match choice {
+            None | Some(Value::Null) => ToolChoice::Auto,
+            Some(Value::String(c)) => match c.as_str() {
+                "none" => ToolChoice::None,
+                "auto" => ToolChoice::Auto,
+                "required" => ToolChoice::Required(None),
+                other => return Err(bad("tool_choice", format!("unknown tool_choice {other:?}"))),
+            },
+            Some(v) => match v.pointer("/function/name").and_then(Value::as_str) {
+                Some(n) if names.iter().any(|x| x == n) => ToolChoice::Required(Some(n.into())),
+                Some(n) => return Err(bad("tool_choice", format!("no tool is named {n:?}"))),
+                None => {
+                    return Err(bad(
+                        "tool_choice",
+                        "tool_choice must name a function".into(),
+                    ));
+                }
+            },
+        };
+        if tools.is_empty() {
+            return match choice {
+                ToolChoice::Required(_) => {
+                    Err(bad("tool_choice", "tool_choice needs `tools`".into()))
+                }
+                _ => Ok(None),
+            };
+        }
+        Ok(Some(Self {
+            defs: Value::Array(tools),
+            names,
+            choice,
+        }))
+    }
+
+    /// The GBNF grammar of one `<tool_call>{"name": …, "arguments": …}</tool_call>` whose
+    /// arguments are valid against the chosen tools' parameter schemas.
+    fn grammar(&self) -> ApiResult<Option<String>> {
+        let ToolChoice::Required(only) = &self.choice else {
+            return Ok(None);
+        };
+        let mut alts = Vec::new();
+        for t in self.defs.as_array().into_iter().flatten() {
+            let name = t
+                .pointer("/function/name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            if only.as_deref().is_some_and(|o| o != name) {
+                continue;
+            }
+            let params = t
+                .pointer("/function/parameters")
+                .cloned()
+                .unwrap_or(json!({"type": "object"}));
+            alts.push(json!({
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": params},
+                "required": ["name", "arguments"],
+            }));
+        }
+        let schema = json!({"anyOf": alts});
+        let call = realm_grammar::schema_to_gbnf(&schema).map_err(|e| {
+            let mut e = ApiError::invalid("invalid_value", format!("tools: {e}"));
+            e.param = Some("tools");
+            e
+        })?;
+        let call = call.replacen("root ::= ", "call ::= ", 1);
+        Ok(Some(format!(
+            "root ::= \"<tool_call>\" [ \\n]? call \"</tool_call>\"\n{call}"
+        )))
+    }
+
+    /// The calls in `text` (every `<tool_call>…</tool_call>` holding `{"name", "arguments"}`
+    /// for a known tool), as OpenAI's `tool_calls`, and the text around them; `None` when
+    /// the answer holds none.
+    fn parse(&self, text: &str) -> Option<(Vec<Value>, String)> {
+        if self.choice == ToolChoice::None {
+            return None;
+        }
+        let (open, close) = ("<tool_call>", "</tool_call>");
+        let mut calls = Vec::new();
+        let mut rest = String::new();
+        let mut t = text;
+        while let Some(a) = t.find(open) {
+            let after = &t[a + open.len()..];
+            let b = after.find(close)?;
+            let v: Value = serde_json::from_str(after[..b].trim()).ok()?;
+            let name = v.get("name").and_then(Value::as_str)?;
+            if !self.names.iter().any(|n| n == name) {
+                return None;
+            }
+            let args = v.get("arguments").cloned().unwrap_or(json!({}));
+            rest.push_str(&t[..a]);
+            calls.push(json!({
+                "id": format!("call_{}_{}", calls.len(), request_id("t").trim_start_matches("t-")),
+                "type": "function",
+                "function": {"name": name, "arguments": args.to_string()},
+            }));
+            t = &after[b + close.len()..];
+        }
+        rest.push_str(t);
+        (!calls.is_empty()).then(|| (calls, rest.trim().to_string()))
+    }
+}
+
+/// Chat with tools in play: the answer is collected whole (a stream gets it as one delta
+/// at the end), tool calls parsed out of it. Without tools, [`respond`] as usual.
+async fn respond_tools(
+    app: Arc<App>,
+    model: String,
+    prompt: Prompt,
+    sampling: &Sampling,
+    default_max: u32,
+    tools: Option<Tools>,
+) -> ApiResult<Response> {
+    let Some(tools) = tools else {
+        return respond(app, model, prompt, sampling, default_max, Shape::Chat).await;
+    };
+    if sampling.grammar.is_some()
+        || sampling
+            .response_format
+            .as_ref()
+            .is_some_and(|f| f.get("type") != Some(&json!("text")))
+    {
+        let mut e = ApiError::invalid(
+            "invalid_value",
+            "tools cannot be combined with response_format or grammar",
+        );
+        e.param = Some("tools");
+        return Err(e);
+    }
+    let arrived = Instant::now();
+    let deadline = arrived + app.config.request_timeout;
+    let path = app.model_path(&model)?;
+    let params = app.params(sampling, &model, default_max)?;
+    let constraint = tools.grammar()?.map(Constraint::Gbnf);
+    let permit = app
+        .sessions
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| busy(&app))?;
+    let job = Job {
+        prompt,
+        params,
+        logprobs: None,
+        constraint,
+    };
+    let (started, mut rx) = spawn_generation(app.clone(), path, job, permit, deadline);
+    let mut timing = Timing::new(&app, arrived);
+    let whole = async {
+        started.await.map_err(|_| thread_gone())??;
+        let mut text = String::new();
+        while let Some(p) = rx.recv().await {
+            timing.piece(&p);
+            match p {
+                Piece::Text(t, _) => text.push_str(&t),
+                Piece::Done { finish, usage } => return Ok((text, finish, usage)),
+                Piece::Failed(e) => return Err(e),
+            }
+        }
+        Err(thread_gone())
+    };
+    let (text, finish, usage) = tokio::time::timeout_at(deadline.into(), whole)
+        .await
+        .map_err(|_| deadline_error(app.config.request_timeout))??;
+    let id = request_id("chatcmpl");
+    let created = now_s();
+    let (message, finish) = match tools.parse(&text) {
+        Some((calls, rest)) => (
+            json!({"role": "assistant", "content": if rest.is_empty() { Value::Null } else { json!(rest) }, "tool_calls": calls}),
+            "tool_calls",
+        ),
+        None => (
+            json!({"role": "assistant", "content": text}),
+            finish_str(finish),
+        ),
+    };
+    if !sampling.stream {
+        return Ok(Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+            "usage": usage_json(&usage),
+        }))
+        .into_response());
+    }
+    // One stream: the role, the whole answer (content, or the calls with their index),
+    // the finish reason, usage when asked, [DONE].
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+    };
+    let mut delta = message.clone();
+    if let Some(calls) = delta.get_mut("tool_calls").and_then(Value::as_array_mut) {
+        for (i, c) in calls.iter_mut().enumerate() {
+            c["index"] = json!(i);
+        }
+    }
+    let mut events = vec![
+        chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        chunk(delta, Value::Null),
+        chunk(json!({}), json!(finish)),
+    ];
+    if sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage)
+    {
+        events.push(Shape::Chat.usage_chunk(&id, created, &model, &usage));
+    }
+    let stream = tokio_stream::iter(
+        events
+            .into_iter()
+            .map(|v| Ok::<_, Infallible>(Event::default().data(v.to_string())))
+            .chain(std::iter::once(Ok(Event::default().data("[DONE]")))),
+    );
+    Ok(Sse::new(stream).into_response())
 }
 
 async fn completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {

@@ -863,10 +863,7 @@ fn unsupported_parameters_are_refused_by_name() {
         )
     };
     for (extra, param) in [
-        (
-            r#""tools": [{"type": "function", "function": {"name": "f"}}]"#,
-            "tools",
-        ),
+        (r#""functions": [{"name": "f"}]"#, "functions"),
         (r#""logit_bias": {"42": 5}"#, "logit_bias"),
         (r#""presence_penalty": 0.5"#, "presence_penalty"),
         (r#""frequency_penalty": 0.5"#, "frequency_penalty"),

@@ -2,6 +2,7 @@
 """The official `openai` client against a running `realm serve` (URL in argv[1], model
 name in argv[2]): non-streaming and streaming chat, legacy completions, /v1/models, and
 error cases. Exits non-zero (an AssertionError) on any mismatch."""
+import json
 import sys
 
 import openai
@@ -121,16 +122,59 @@ assert l.text_offset == [sum(len(t.encode()) for t in l.tokens[:i]) for i in ran
 j = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Reply with a JSON object."}],
                                    max_tokens=200, temperature=0, response_format={"type": "json_object"})
 if j.choices[0].finish_reason == "stop":
-    import json
     assert isinstance(json.loads(j.choices[0].message.content), dict), j.choices[0].message.content
 else:
     assert j.choices[0].message.content.lstrip().startswith("{"), j.choices[0].message.content
 
+# Tool calls round-trip: a required call is constrained to the tool's parameter schema and
+# comes back as tool_calls; the tool's answer goes back in and the model uses it.
+import jsonschema
+params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                           "unit": {"enum": ["celsius", "fahrenheit"]}},
+          "required": ["city", "unit"]}
+tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                           "parameters": params}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+conv = [{"role": "user", "content": "What is the weather in Paris?"}]
+for seed, choice in ((0, "required"), (1, {"type": "function", "function": {"name": "get_weather"}})):
+    t = client.chat.completions.create(model=model, messages=conv, tools=tools, tool_choice=choice,
+                                       temperature=0.7 if seed else 0, seed=seed, max_tokens=120)
+    assert t.choices[0].finish_reason == "tool_calls", t.choices[0]
+    call = t.choices[0].message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_"), call
+    if choice != "required":
+        assert call.function.name == "get_weather", call
+    if call.function.name == "get_weather":
+        jsonschema.validate(json.loads(call.function.arguments), params)
+call = t.choices[0].message.tool_calls[0]
+conv.append(t.choices[0].message.model_dump(exclude_none=True))
+conv.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18, "sky": "sunny"})})
+follow = client.chat.completions.create(model=model, messages=conv, tools=tools, temperature=0, max_tokens=40)
+assert follow.choices[0].message.content and follow.choices[0].finish_reason in ("stop", "length"), follow
+assert "18" in follow.choices[0].message.content, follow.choices[0].message.content
+# Streamed: the call arrives as a tool_calls delta, then finish_reason "tool_calls".
+deltas, finish = [], None
+for chunk in client.chat.completions.create(model=model, messages=conv[:1], tools=tools, tool_choice="required",
+                                            temperature=0, max_tokens=120, stream=True):
+    for c in chunk.choices:
+        deltas.extend(c.delta.tool_calls or [])
+        finish = c.finish_reason or finish
+assert finish == "tool_calls" and len(deltas) == 1 and deltas[0].index == 0, (finish, deltas)
+json.loads(deltas[0].function.arguments)
+# tool_choice "none": no calls parsed out; unknown names are 400s.
+n = client.chat.completions.create(model=model, messages=conv[:1], tools=tools, tool_choice="none", max_tokens=8)
+assert n.choices[0].message.tool_calls is None, n
+try:
+    client.chat.completions.create(model=model, messages=conv[:1], tools=tools, max_tokens=2,
+                                   tool_choice={"type": "function", "function": {"name": "nope"}})
+    raise AssertionError("an unknown tool was accepted")
+except openai.BadRequestError as e:
+    assert e.param == "tool_choice", e
+
 # Parameters Realm does not implement are refused by name, not ignored.
 try:
-    client.chat.completions.create(model=model, messages=ask, max_tokens=2,
-                                   tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    raise AssertionError("tools ignored")
+    client.chat.completions.create(model=model, messages=ask, max_tokens=2, logit_bias={"42": 5})
+    raise AssertionError("logit_bias ignored")
 except openai.BadRequestError as e:
-    assert e.code == "unsupported_parameter" and e.param == "tools", e
+    assert e.code == "unsupported_parameter" and e.param == "logit_bias", e
 print("openai client: all checks passed")

@@ -161,6 +161,47 @@ impl LoadedModel {
         Ok(r)
     }
 
+    /// An OpenAI-style chat (JSON text: `messages`, optional `tools`) rendered with the
+    /// generation prompt, contents guarded as in [`LoadedModel::render_guarded`].
+    pub fn render_chat_json(&self, json: &str) -> Result<realm_tokenizer::Rendered, Error> {
+        let bad = |m: &str| Error::InvalidInput(format!("chat-json: {m}"));
+        let v: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| bad(&format!("not valid JSON: {e}")))?;
+        let messages = v
+            .get("messages")
+            .and_then(|m| m.as_array())
+            .filter(|m| !m.is_empty())
+            .ok_or_else(|| bad("`messages` must be a non-empty list"))?;
+        for m in messages {
+            if !m.get("role").is_some_and(|r| r.is_string()) {
+                return Err(bad("every message needs a string `role`"));
+            }
+            if m.get("content")
+                .is_some_and(|c| !c.is_string() && !c.is_null())
+            {
+                return Err(bad("a message's `content` must be a string or null"));
+            }
+        }
+        let r = self
+            .0
+            .template
+            .render_chat(messages, v.get("tools"), true)
+            .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        for &i in &r.unplaced {
+            let c = messages[i]
+                .get("content")
+                .and_then(|c| c.as_str())
+                .unwrap_or("");
+            if let Some(t) = self.0.tokenizer.control_token_in(c) {
+                return Err(Error::InvalidInput(format!(
+                    "message {i} contains the control token {t:?}, which this model's chat \
+                     template does not let Realm keep as plain text"
+                )));
+            }
+        }
+        Ok(r)
+    }
+
     /// `text` (with the model's BOS, as for generation) through the model in a scratch
     /// cache of its own: the mean of the final hidden states, unit length.
     pub fn embed(&self, text: &str) -> Result<Embedding, Error> {
@@ -269,6 +310,11 @@ impl SessionHandle {
             }
             Prompt::Messages(m) => {
                 let r = LoadedModel(model.clone()).render_guarded(m)?;
+                fault_hook(&r.text);
+                model.tokenizer.encode_guarded(&r.text, true, &r.content)
+            }
+            Prompt::ChatJson(j) => {
+                let r = LoadedModel(model.clone()).render_chat_json(j)?;
                 fault_hook(&r.text);
                 model.tokenizer.encode_guarded(&r.text, true, &r.content)
             }

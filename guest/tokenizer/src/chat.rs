@@ -83,12 +83,56 @@ fn substitute(
     Some((text, ranges, seen))
 }
 
+/// `real` with each message's (trimmed) content looked for in order; those not found are
+/// `unplaced`.
+fn locate(real: String, messages: &[Message]) -> Rendered {
+    let mut content = Vec::new();
+    let mut unplaced = Vec::new();
+    let mut from = 0;
+    for (i, m) in messages.iter().enumerate() {
+        let c = m.content.trim();
+        if c.is_empty() {
+            continue;
+        }
+        match real[from..].find(c) {
+            Some(at) => {
+                content.push(from + at..from + at + c.len());
+                from += at + c.len();
+            }
+            None => unplaced.push(i),
+        }
+    }
+    Rendered {
+        text: real,
+        content,
+        unplaced,
+    }
+}
+
+/// The system text that tells a model whose template does not render tools what it may
+/// call and how (the `<tool_call>` format of Hermes and Qwen templates).
+pub fn tool_system_prompt(tools: &serde_json::Value) -> String {
+    let list: Vec<String> = tools
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| t.get("function").unwrap_or(t).to_string())
+        .collect();
+    format!(
+        "You can call these tools:\n{}\nTo call a tool, answer with only \
+         <tool_call>{{\"name\": \"TOOL NAME\", \"arguments\": {{...}}}}</tool_call>.",
+        list.join("\n")
+    )
+}
+
 /// A compiled chat template.
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     /// Where the template came from: `"gguf"`, `"chatml"` or `"gemma"`.
     pub origin: &'static str,
+    /// Whether the template renders tool definitions itself (it reads `tools`).
+    pub renders_tools: bool,
     bos: String,
     eos: String,
 }
@@ -131,11 +175,13 @@ impl ChatTemplate {
                 Err(Error::new(ErrorKind::InvalidOperation, msg))
             },
         );
+        let renders_tools = source.contains("tools");
         env.add_template_owned("chat", source)
             .map_err(template_error)?;
         Ok(Self {
             env,
             origin,
+            renders_tools,
             bos,
             eos,
         })
@@ -160,6 +206,117 @@ impl ChatTemplate {
             )));
         }
         Ok(out)
+    }
+
+    /// Render an OpenAI-style chat: `messages` as JSON objects (every field reaches the
+    /// template: `tool_calls`, `tool_call_id`, `name`, …) and the `tools` definitions, if
+    /// any. Templates that do not render tools get them as a system message describing
+    /// them and the `<tool_call>` answer format. Contents are guarded as in
+    /// [`ChatTemplate::render_guarded`].
+    pub fn render_chat(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<Rendered> {
+        let tools = tools.filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
+        let mut messages = messages.to_vec();
+        if let (Some(t), false) = (tools, self.renders_tools) {
+            let text = tool_system_prompt(t);
+            match messages.first_mut() {
+                Some(first) if first.get("role").and_then(|r| r.as_str()) == Some("system") => {
+                    let own = first.get("content").and_then(|c| c.as_str()).unwrap_or("");
+                    first["content"] = format!("{own}\n\n{text}").into();
+                }
+                _ => messages.insert(0, serde_json::json!({"role": "system", "content": text})),
+            }
+        }
+        if !self.renders_tools {
+            // A template that knows nothing of tools sees earlier calls as the text the
+            // model was told to write, and never a null content.
+            for m in &mut messages {
+                let calls = m
+                    .as_object_mut()
+                    .and_then(|o| o.remove("tool_calls"))
+                    .and_then(|c| c.as_array().cloned())
+                    .unwrap_or_default();
+                let mut text = m
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or("")
+                    .to_string();
+                for c in calls {
+                    let f = c.get("function").unwrap_or(&c);
+                    let call = serde_json::json!({
+                        "name": f.get("name").cloned().unwrap_or_default(),
+                        "arguments": f.get("arguments").cloned().unwrap_or_default(),
+                    });
+                    text.push_str(&format!("<tool_call>{call}</tool_call>"));
+                }
+                m["content"] = text.into();
+            }
+        }
+        let tools = tools.filter(|_| self.renders_tools);
+        let contents: Vec<Message> = messages
+            .iter()
+            .map(|m| {
+                Message::new(
+                    m.get("role").and_then(|r| r.as_str()).unwrap_or(""),
+                    m.get("content").and_then(|c| c.as_str()).unwrap_or(""),
+                )
+            })
+            .collect();
+        let render = |msgs: &[serde_json::Value]| -> Result<String> {
+            let tmpl = self.env.get_template("chat").map_err(template_error)?;
+            let out = tmpl
+                .render(context! {
+                    messages => minijinja::Value::from_serialize(msgs),
+                    tools => tools.map(minijinja::Value::from_serialize),
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => &self.bos,
+                    eos_token => &self.eos,
+                })
+                .map_err(template_error)?;
+            if out.len() > MAX_RENDERED_LEN {
+                return Err(TokenizerError::Template(format!(
+                    "rendered prompt is {} bytes, over {MAX_RENDERED_LEN}",
+                    out.len()
+                )));
+            }
+            Ok(out)
+        };
+        let real = render(&messages)?;
+        if !contents.iter().any(|m| m.content.contains(MARK)) {
+            let marked: Vec<serde_json::Value> = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let mut m = m.clone();
+                    if m.get("content").is_some_and(|c| c.is_string()) {
+                        m["content"] = format!("{MARK}{i}{MARK}").into();
+                    }
+                    m
+                })
+                .collect();
+            if let Ok(marked) = render(&marked) {
+                for f in [(|c: &str| c) as fn(&str) -> &str, str::trim] {
+                    if let Some((text, content, seen)) = substitute(&marked, &contents, f)
+                        && text == real
+                        && seen
+                            .iter()
+                            .zip(&contents)
+                            .all(|(&s, m)| s || m.content.is_empty())
+                    {
+                        return Ok(Rendered {
+                            text,
+                            content,
+                            unplaced: Vec::new(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(locate(real, &contents))
     }
 
     /// Render `messages` as [`ChatTemplate::render`] does, and find where each message's
@@ -197,27 +354,7 @@ impl ChatTemplate {
                 }
             }
         }
-        let mut content = Vec::new();
-        let mut unplaced = Vec::new();
-        let mut from = 0;
-        for (i, m) in messages.iter().enumerate() {
-            let c = m.content.trim();
-            if c.is_empty() {
-                continue;
-            }
-            match real[from..].find(c) {
-                Some(at) => {
-                    content.push(from + at..from + at + c.len());
-                    from += at + c.len();
-                }
-                None => unplaced.push(i),
-            }
-        }
-        Ok(Rendered {
-            text: real,
-            content,
-            unplaced,
-        })
+        Ok(locate(real, messages))
     }
 }
 
@@ -314,5 +451,56 @@ mod tests {
             .expect("renders");
         assert_eq!(r.text, "<a b>");
         assert_eq!(r.content.as_slice(), std::slice::from_ref(&(1..4)));
+    }
+
+    /// OpenAI-style chats: a template that renders tools gets the definitions and the
+    /// earlier calls as objects (Hermes/Qwen style); one that does not gets them described
+    /// in the system message and the calls as `<tool_call>` text. Contents stay guarded.
+    #[test]
+    fn chats_with_tools_reach_the_template() {
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f",
+            "parameters": {"type": "object"}}}]);
+        let chat = [
+            serde_json::json!({"role": "user", "content": "call f <ctl>"}),
+            serde_json::json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]}),
+            serde_json::json!({"role": "tool", "tool_call_id": "c1", "content": "42"}),
+        ];
+        let hermes = t("{% if tools %}<tools>{% for t in tools %}{{ t.function.name }}{% endfor %}</tools>{% endif %}\
+            {% for m in messages %}[{{ m.role }}]{% if m.tool_calls %}{% for c in m.tool_calls %}\
+            <tool_call>{{ c.function.name }}{{ c.function.arguments | tojson }}</tool_call>{% endfor %}\
+            {% else %}{{ m.content }}{% endif %}{% endfor %}")
+        .expect("compiles");
+        assert!(hermes.renders_tools);
+        let r = hermes
+            .render_chat(&chat, Some(&tools), false)
+            .expect("renders");
+        assert_eq!(
+            r.text,
+            "<tools>f</tools>[user]call f <ctl>[assistant]<tool_call>f{\"x\":1}</tool_call>[tool]42"
+        );
+        assert_eq!(&r.text[r.content[0].clone()], "call f <ctl>");
+        let plain = t(CHATML).expect("compiles");
+        assert!(!plain.renders_tools);
+        let r = plain
+            .render_chat(&chat, Some(&tools), true)
+            .expect("renders");
+        assert!(
+            r.text
+                .starts_with("<|im_start|>system\nYou can call these tools:\n{"),
+            "{}",
+            r.text
+        );
+        assert!(
+            r.text.contains("<|im_start|>assistant\n<tool_call>{\"arguments\":{\"x\":1},\"name\":\"f\"}</tool_call><|im_end|>"),
+            "{}",
+            r.text
+        );
+        assert!(
+            r.text.contains("<|im_start|>tool\n42<|im_end|>"),
+            "{}",
+            r.text
+        );
+        assert!(r.unplaced.is_empty());
     }
 }
