@@ -548,6 +548,21 @@ impl Session<'_> {
         })
     }
 
+    /// Start generating from an OpenAI-style chat as JSON text (`messages` with every
+    /// field, optional `tools`), rendered by the model's own template.
+    pub fn generate_chat(&mut self, chat: &str, params: Params) -> anyhow::Result<Generation<'_>> {
+        let m = &mut *self.model;
+        let g = m.guest.realm_inference_runtime().clone();
+        let handle = self.handle;
+        let h = m
+            .on_pool(|store| g.session().call_generate_chat(store, handle, chat, &params))?
+            .map_err(guest_error)?;
+        Ok(Generation {
+            model: m,
+            handle: h,
+        })
+    }
+
     pub fn model(&mut self) -> &mut Model {
         self.model
     }

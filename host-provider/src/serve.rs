@@ -509,9 +509,16 @@ enum Piece {
 /// says whether generation began (so the HTTP status can still be an error); pieces then
 /// flow on `tx` until the end, an error, or the receiver going away (client disconnect),
 /// which stops generation and drops the tenant.
+/// What a generation starts from.
+enum Input {
+    Prompt(Prompt),
+    /// An OpenAI-style chat as JSON text (with tools, tool calls and their results).
+    Chat(String),
+}
+
 /// What one generation request asks for.
 struct Job {
-    prompt: Prompt,
+    prompt: Input,
     params: Params,
     /// Alternatives per token for log-probabilities (`None`: off).
     logprobs: Option<u32>,
@@ -550,10 +557,15 @@ fn spawn_generation(
                 return;
             }
         };
-        let mut generation = match session.generate(prompt, params) {
+        let begun = match prompt {
+            Input::Prompt(p) => session.generate(p, params),
+            Input::Chat(c) => session.generate_chat(&c, params),
+        };
+        // (`map_err` consumes it, so that nothing of it outlives `generation`.)
+        let mut generation = match begun.map_err(|e| ApiError::from_run(&e)) {
             Ok(g) => g,
             Err(e) => {
-                let _ = started_tx.send(Err(ApiError::from_run(&e)));
+                let _ = started_tx.send(Err(e));
                 return;
             }
         };
@@ -655,7 +667,7 @@ async fn respond(
         .try_acquire_owned()
         .map_err(|_| busy(&app))?;
     let job = Job {
-        prompt,
+        prompt: Input::Prompt(prompt),
         params,
         logprobs,
         constraint,
@@ -1045,9 +1057,9 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult
             .any(|m| m.get("tool_calls").is_some() || m["role"] == "tool");
     let prompt = if with_tools {
         let defs = tools.as_ref().map(|t| t.defs.clone());
-        Prompt::ChatJson(json!({"messages": messages, "tools": defs}).to_string())
+        Input::Chat(json!({"messages": messages, "tools": defs}).to_string())
     } else {
-        Prompt::Messages(
+        Input::Prompt(Prompt::Messages(
             messages
                 .iter()
                 .map(|m| Message {
@@ -1055,7 +1067,7 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult
                     content: m["content"].as_str().unwrap_or("").to_string(),
                 })
                 .collect(),
-        )
+        ))
     };
     let max = app.config.max_tokens;
     respond_tools(app, req.model, prompt, &req.sampling, max, tools).await
@@ -1215,13 +1227,16 @@ impl Tools {
 async fn respond_tools(
     app: Arc<App>,
     model: String,
-    prompt: Prompt,
+    prompt: Input,
     sampling: &Sampling,
     default_max: u32,
     tools: Option<Tools>,
 ) -> ApiResult<Response> {
-    let Some(tools) = tools else {
-        return respond(app, model, prompt, sampling, default_max, Shape::Chat).await;
+    let (tools, prompt) = match (tools, prompt) {
+        (None, Input::Prompt(p)) => {
+            return respond(app, model, p, sampling, default_max, Shape::Chat).await;
+        }
+        (tools, prompt) => (tools, prompt),
     };
     if sampling.grammar.is_some()
         || sampling
@@ -1240,7 +1255,10 @@ async fn respond_tools(
     let deadline = arrived + app.config.request_timeout;
     let path = app.model_path(&model)?;
     let params = app.params(sampling, &model, default_max)?;
-    let constraint = tools.grammar()?.map(Constraint::Gbnf);
+    let constraint = match &tools {
+        Some(t) => t.grammar()?.map(Constraint::Gbnf),
+        None => None,
+    };
     let permit = app
         .sessions
         .clone()
@@ -1272,7 +1290,7 @@ async fn respond_tools(
         .map_err(|_| deadline_error(app.config.request_timeout))??;
     let id = request_id("chatcmpl");
     let created = now_s();
-    let (message, finish) = match tools.parse(&text) {
+    let (message, finish) = match tools.as_ref().and_then(|t| t.parse(&text)) {
         Some((calls, rest)) => (
             json!({"role": "assistant", "content": if rest.is_empty() { Value::Null } else { json!(rest) }, "tool_calls": calls}),
             "tool_calls",
@@ -1487,7 +1505,7 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         .try_acquire_owned()
         .map_err(|_| busy(&app))?;
     let job = Job {
-        prompt: Prompt::Text(req.prompt),
+        prompt: Input::Prompt(Prompt::Text(req.prompt)),
         params,
         logprobs: None,
         constraint: None,

@@ -291,6 +291,15 @@ impl SessionHandle {
     }
 
     pub fn generate(&self, prompt: Prompt, params: Params) -> Result<GenerationHandle, Error> {
+        self.generate_from(Input::Prompt(prompt), params)
+    }
+
+    /// `generate` from an OpenAI-style chat (JSON text: `messages`, optional `tools`).
+    pub fn generate_chat(&self, chat: String, params: Params) -> Result<GenerationHandle, Error> {
+        self.generate_from(Input::ChatJson(chat), params)
+    }
+
+    fn generate_from(&self, prompt: Input, params: Params) -> Result<GenerationHandle, Error> {
         let mut s = self.0.borrow_mut();
         let model = s.model.clone();
         let sampler = SamplerParams {
@@ -304,16 +313,16 @@ impl SessionHandle {
         };
         sampler.validate().map_err(Error::InvalidInput)?;
         let ids = match &prompt {
-            Prompt::Text(t) => {
+            Input::Prompt(Prompt::Text(t)) => {
                 fault_hook(t);
                 model.tokenizer.encode(t, true, true)
             }
-            Prompt::Messages(m) => {
+            Input::Prompt(Prompt::Messages(m)) => {
                 let r = LoadedModel(model.clone()).render_guarded(m)?;
                 fault_hook(&r.text);
                 model.tokenizer.encode_guarded(&r.text, true, &r.content)
             }
-            Prompt::ChatJson(j) => {
+            Input::ChatJson(j) => {
                 let r = LoadedModel(model.clone()).render_chat_json(j)?;
                 fault_hook(&r.text);
                 model.tokenizer.encode_guarded(&r.text, true, &r.content)
@@ -373,6 +382,13 @@ impl SessionHandle {
             },
         })))
     }
+}
+
+/// What a generation starts from.
+enum Input {
+    Prompt(Prompt),
+    /// An OpenAI-style chat as JSON text.
+    ChatJson(String),
 }
 
 struct GenerationState {

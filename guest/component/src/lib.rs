@@ -67,6 +67,10 @@ impl GuestSession for engine::SessionHandle {
         self.generate(prompt, params).map(Generation::new)
     }
 
+    fn generate_chat(&self, chat: String, params: Params) -> Result<Generation, Error> {
+        self.generate_chat(chat, params).map(Generation::new)
+    }
+
     fn n_past(&self) -> u32 {
         self.n_past()
     }
