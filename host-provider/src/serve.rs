@@ -1252,7 +1252,6 @@ async fn respond_tools(
         return Err(e);
     }
     let arrived = Instant::now();
-    let deadline = arrived + app.config.request_timeout;
     let path = app.model_path(&model)?;
     let params = app.params(sampling, &model, default_max)?;
     let constraint = match &tools {
@@ -1270,24 +1269,7 @@ async fn respond_tools(
         logprobs: None,
         constraint,
     };
-    let (started, mut rx) = spawn_generation(app.clone(), path, job, permit, deadline);
-    let mut timing = Timing::new(&app, arrived);
-    let whole = async {
-        started.await.map_err(|_| thread_gone())??;
-        let mut text = String::new();
-        while let Some(p) = rx.recv().await {
-            timing.piece(&p);
-            match p {
-                Piece::Text(t, _) => text.push_str(&t),
-                Piece::Done { finish, usage } => return Ok((text, finish, usage)),
-                Piece::Failed(e) => return Err(e),
-            }
-        }
-        Err(thread_gone())
-    };
-    let (text, finish, usage) = tokio::time::timeout_at(deadline.into(), whole)
-        .await
-        .map_err(|_| deadline_error(app.config.request_timeout))??;
+    let (text, finish, usage) = whole_text(&app, path, job, permit, arrived).await?;
     let id = request_id("chatcmpl");
     let created = now_s();
     let (message, finish) = match tools.as_ref().and_then(|t| t.parse(&text)) {
@@ -1510,8 +1492,30 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         logprobs: None,
         constraint: None,
     };
+    let arrived = deadline - app.config.request_timeout;
+    let (text, _, usage) = whole_text(&app, path, job, permit, arrived).await?;
+    Ok(Json(json!({
+        "text": text,
+        "usage": {
+            "promptTokenCount": usage.prompt_tokens,
+            "generatedTokenCount": usage.generated_tokens,
+        },
+    }))
+    .into_response())
+}
+
+/// Runs `job` to the end (or the request's deadline, counted from `arrived`): the whole
+/// text, how it finished, and its usage.
+async fn whole_text(
+    app: &Arc<App>,
+    path: PathBuf,
+    job: Job,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    arrived: Instant,
+) -> ApiResult<(String, Option<FinishReason>, Usage)> {
+    let deadline = arrived + app.config.request_timeout;
     let (started, mut rx) = spawn_generation(app.clone(), path, job, permit, deadline);
-    let mut timing = Timing::new(&app, deadline - app.config.request_timeout);
+    let mut timing = Timing::new(app, arrived);
     let whole = async {
         started.await.map_err(|_| thread_gone())??;
         let mut text = String::new();
@@ -1519,16 +1523,7 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
             timing.piece(&p);
             match p {
                 Piece::Text(t, _) => text.push_str(&t),
-                Piece::Done { usage, .. } => {
-                    return Ok(Json(json!({
-                        "text": text,
-                        "usage": {
-                            "promptTokenCount": usage.prompt_tokens,
-                            "generatedTokenCount": usage.generated_tokens,
-                        },
-                    }))
-                    .into_response());
-                }
+                Piece::Done { finish, usage } => return Ok((text, finish, usage)),
                 Piece::Failed(e) => return Err(e),
             }
         }

@@ -138,6 +138,26 @@ fn wait_idle(server: &Server) {
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
+/// Starts a streamed chat completion of `body` (with `headers`) and returns the connection
+/// once the stream's first bytes (a 200) have come.
+fn start_stream(server: &Server, body: &str, headers: &str) -> TcpStream {
+    let mut s = TcpStream::connect(&server.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).expect("first bytes");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).contains("200"),
+        "no stream started"
+    );
+    s
+}
+
 fn chat_body(content: &str, stream: bool, max_tokens: u32) -> String {
     serde_json::json!({
         "model": MODEL, "messages": [{"role": "user", "content": content}],
@@ -355,19 +375,7 @@ fn api_key_is_required_when_set() {
 fn a_disconnected_client_frees_its_session() {
     let server = Server::start(&[]);
     let body = chat_body("Tell me a very long story about a dragon.", true, 2000);
-    let mut s = TcpStream::connect(&server.addr).expect("connect");
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).expect("first bytes");
-    assert!(
-        String::from_utf8_lossy(&buf[..n]).contains("200"),
-        "no stream started"
-    );
+    let s = start_stream(&server, &body, "");
     assert_eq!(server.health()["sessions_in_use"], 1);
     drop(s);
     wait_idle(&server);
@@ -513,20 +521,7 @@ fn fault_prompts_are_ordinary_text_without_the_test_flag() {
 fn sigterm_finishes_in_flight_streams() {
     let mut server = Server::start(&[]);
     let body = chat_body("Tell me a story about a dragon.", true, 48);
-    let mut s = TcpStream::connect(&server.addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut buf = [0u8; 256];
-    let n = s.read(&mut buf).expect("first bytes");
-    assert!(
-        String::from_utf8_lossy(&buf[..n]).contains("200"),
-        "no stream started"
-    );
+    let mut s = start_stream(&server, &body, "");
     // SAFETY: plain libc call on our own child's pid.
     unsafe { libc_kill(server.pid() as i32, 15) };
     let mut rest = Vec::new();
@@ -687,20 +682,7 @@ fn a_half_sent_request_does_not_hold_shutdown() {
 fn a_second_signal_exits_at_once() {
     let mut server = Server::start(&["--shutdown-grace", "300"]);
     let body = chat_body("Tell me a very long story about a dragon.", true, 2000);
-    let mut s = TcpStream::connect(&server.addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut buf = [0u8; 256];
-    let n = s.read(&mut buf).expect("first bytes");
-    assert!(
-        String::from_utf8_lossy(&buf[..n]).contains("200"),
-        "no stream started"
-    );
+    let _stream = start_stream(&server, &body, "");
     // SAFETY: plain libc calls on our own child's pid.
     unsafe { libc_kill(server.pid() as i32, 15) };
     std::thread::sleep(Duration::from_millis(300));
@@ -934,20 +916,7 @@ fn retry_after_and_cors() {
         "https://app.example",
     ]);
     let body = chat_body("Tell me a very long story about a dragon.", true, 2000);
-    let mut s = TcpStream::connect(&server.addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut buf = [0u8; 256];
-    let n = s.read(&mut buf).expect("first bytes");
-    assert!(
-        String::from_utf8_lossy(&buf[..n]).contains("200"),
-        "no stream started"
-    );
+    let s = start_stream(&server, &body, "Authorization: Bearer k\r\n");
     let req = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{}",
         body.len(),

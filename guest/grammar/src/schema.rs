@@ -274,16 +274,10 @@ impl Converter<'_> {
                 rule
             }
         };
-        let bound =
-            |k: &str| -> Result<Option<u64>> {
-                match obj.get(k) {
-                    None => Ok(None),
-                    Some(v) => v.as_u64().filter(|&n| n <= 1000).map(Some).ok_or_else(|| {
-                        Error::Schema(format!("`{k}` must be an integer up to 1000"))
-                    }),
-                }
-            };
-        let (min, max) = (bound("minItems")?.unwrap_or(0), bound("maxItems")?);
+        let (min, max) = (
+            bound(obj, "minItems")?.unwrap_or(0),
+            bound(obj, "maxItems")?,
+        );
         if max.is_some_and(|m| m < min) {
             return Err(Error::Schema("`maxItems` is below `minItems`".into()));
         }
@@ -301,16 +295,7 @@ impl Converter<'_> {
     }
 
     fn string(&mut self, obj: &serde_json::Map<String, Value>) -> Result<String> {
-        let get =
-            |k: &str| -> Result<Option<u64>> {
-                match obj.get(k) {
-                    None => Ok(None),
-                    Some(v) => v.as_u64().filter(|&n| n <= 1000).map(Some).ok_or_else(|| {
-                        Error::Schema(format!("`{k}` must be an integer up to 1000"))
-                    }),
-                }
-            };
-        match (get("minLength")?, get("maxLength")?) {
+        match (bound(obj, "minLength")?, bound(obj, "maxLength")?) {
             (None, None) => Ok("string".into()),
             (min, None) => Ok(format!(r#""\"" char{{{},}} "\"" space"#, min.unwrap_or(0))),
             (min, Some(max)) => {
@@ -348,6 +333,18 @@ impl Converter<'_> {
         let body = self.visit(target, &rule)?;
         self.rules.insert(rule.clone(), body);
         Ok(rule)
+    }
+}
+
+/// A size keyword (`minItems`, `maxLength`, …): an integer up to 1000, if present.
+fn bound(obj: &serde_json::Map<String, Value>, k: &str) -> Result<Option<u64>> {
+    match obj.get(k) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| n <= 1000)
+            .map(Some)
+            .ok_or_else(|| Error::Schema(format!("`{k}` must be an integer up to 1000"))),
     }
 }
 

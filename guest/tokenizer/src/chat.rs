@@ -190,10 +190,25 @@ impl ChatTemplate {
     /// Render `messages`; with `add_generation_prompt` the text ends where the assistant's
     /// reply begins.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let values: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
+        self.render_values(&values, None, add_generation_prompt)
+    }
+
+    /// The template over messages (and tools) as JSON values.
+    fn render_values(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self.env.get_template("chat").map_err(template_error)?;
         let out = tmpl
             .render(context! {
-                messages => messages,
+                messages => minijinja::Value::from_serialize(messages),
+                tools => tools.map(minijinja::Value::from_serialize),
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos,
                 eos_token => &self.eos,
@@ -266,25 +281,8 @@ impl ChatTemplate {
                 )
             })
             .collect();
-        let render = |msgs: &[serde_json::Value]| -> Result<String> {
-            let tmpl = self.env.get_template("chat").map_err(template_error)?;
-            let out = tmpl
-                .render(context! {
-                    messages => minijinja::Value::from_serialize(msgs),
-                    tools => tools.map(minijinja::Value::from_serialize),
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => &self.bos,
-                    eos_token => &self.eos,
-                })
-                .map_err(template_error)?;
-            if out.len() > MAX_RENDERED_LEN {
-                return Err(TokenizerError::Template(format!(
-                    "rendered prompt is {} bytes, over {MAX_RENDERED_LEN}",
-                    out.len()
-                )));
-            }
-            Ok(out)
-        };
+        let render =
+            |msgs: &[serde_json::Value]| self.render_values(msgs, tools, add_generation_prompt);
         let real = render(&messages)?;
         if !contents.iter().any(|m| m.content.contains(MARK)) {
             let marked: Vec<serde_json::Value> = messages
@@ -329,32 +327,11 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<Rendered> {
-        let real = self.render(messages, add_generation_prompt)?;
-        let all = |v: &[bool]| v.iter().all(|&b| b);
-        if !messages.iter().any(|m| m.content.contains(MARK)) {
-            let marked: Vec<Message> = messages
-                .iter()
-                .enumerate()
-                .map(|(i, m)| Message::new(m.role.clone(), format!("{MARK}{i}{MARK}")))
-                .collect();
-            // A template may branch on contents (empty or not): then it fails or differs
-            // with markers, and the search below is used.
-            if let Ok(marked) = self.render(&marked, add_generation_prompt) {
-                for f in [(|c: &str| c) as fn(&str) -> &str, str::trim] {
-                    if let Some((text, content, seen)) = substitute(&marked, messages, f)
-                        && text == real
-                        && all(&seen)
-                    {
-                        return Ok(Rendered {
-                            text,
-                            content,
-                            unplaced: Vec::new(),
-                        });
-                    }
-                }
-            }
-        }
-        Ok(locate(real, messages))
+        let values: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+            .collect();
+        self.render_chat(&values, None, add_generation_prompt)
     }
 }
 
