@@ -121,8 +121,11 @@ bench: models build
 	python3 bench/serve.py --write
 	./bench/memory.sh --write
 
-# Coverage-guided fuzzing of the format core (needs cargo-fuzz; not part of `make test`).
+# Coverage-guided fuzzing of the format core and the grammar parsers (needs cargo-fuzz; not
+# part of `make test`).
 FUZZ_SECONDS ?= 300
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run gguf_reader corpus/gguf_reader ../guest/gguf/tests/data/malformed -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=512
+	mkdir -p fuzz/corpus/grammar
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run grammar corpus/grammar -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=512
