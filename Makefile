@@ -126,6 +126,6 @@ bench: models build
 FUZZ_SECONDS ?= 300
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run gguf_reader corpus/gguf_reader ../guest/gguf/tests/data/malformed -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=512
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run gguf_reader corpus/gguf_reader ../crates/gguf/tests/data/malformed -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=512
 	mkdir -p fuzz/corpus/grammar
 	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run grammar corpus/grammar -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -malloc_limit_mb=512

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Make the dequantization reference vectors in guest/gguf/tests/data/quant/.
+"""Make the dequantization reference vectors in crates/gguf/tests/data/quant/.
 
 For every type Realm dequantizes: a few blocks of a real tensor where one of the two test
 models has that type, and seeded random blocks for every type. The expected f32 values come
@@ -14,7 +14,7 @@ import gguf
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-OUT = pathlib.Path("guest/gguf/tests/data/quant")
+OUT = pathlib.Path("crates/gguf/tests/data/quant")
 rng = np.random.default_rng(20261127)
 
 # (block elements, block bytes, byte offsets of f16 scale fields) per ggml's ggml-common.h.

@@ -2,7 +2,7 @@
 //! hostile input of the team's BAD-INPUTS list, plus `valid-tiny.gguf`, a small well-formed
 //! llama model that the corpus test also truncates at every byte.
 //!
-//! `cargo run -p realm-gguf --example make_corpus -- guest/gguf/tests/data/malformed`
+//! `cargo run -p realm-gguf --example make_corpus -- crates/gguf/tests/data/malformed`
 
 use std::path::PathBuf;
 
@@ -154,7 +154,7 @@ fn main() -> std::io::Result<()> {
     let dir = PathBuf::from(
         std::env::args()
             .nth(1)
-            .unwrap_or_else(|| "guest/gguf/tests/data/malformed".into()),
+            .unwrap_or_else(|| "crates/gguf/tests/data/malformed".into()),
     );
     std::fs::create_dir_all(&dir)?;
     let valid = model(|_| {});

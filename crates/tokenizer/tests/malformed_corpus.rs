@@ -1,4 +1,4 @@
-//! The committed corpus of hostile GGUF files (`guest/gguf/tests/data/malformed/`, made by
+//! The committed corpus of hostile GGUF files (`crates/gguf/tests/data/malformed/`, made by
 //! `cargo run -p realm-gguf --example make_corpus`): each must be rejected with an error by
 //! some stage of loading a model's format (header, dequantization, hyper-parameters,
 //! tokenizer, chat template), none may panic, and none may allocate much more than its own
