@@ -101,14 +101,9 @@ fn params(max_tokens: u32) -> Params {
     Params {
         max_tokens,
         temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-        repeat_penalty: 1.0,
         repeat_last_n: 0,
-        seed: 0,
-        stop: Vec::new(),
         ignore_eog: true,
+        ..realm_host::neutral_params()
     }
 }
 

@@ -217,13 +217,37 @@ impl Drop for Engine {
 
 /// Turn a guest's typed error into a one-line message.
 pub fn guest_error(e: GuestError) -> anyhow::Error {
-    match e {
-        GuestError::NotFound(m) => anyhow!("not found: {m}"),
-        GuestError::InvalidModel(m) => anyhow!("invalid model: {m}"),
-        GuestError::Unsupported(m) => anyhow!("unsupported: {m}"),
-        GuestError::InvalidInput(m) => anyhow!("invalid input: {m}"),
-        GuestError::ContextOverflow(m) => anyhow!("context overflow: {m}"),
-        GuestError::Compute(m) => anyhow!("compute error: {m}"),
+    anyhow::Error::new(InferenceError::from(e))
+}
+
+/// A guest's `realm:inference` error, typed: it stays downcastable through `anyhow` and its
+/// context, so that callers (the server's status codes) match on the kind, not the text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InferenceError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("context overflow: {0}")]
+    ContextOverflow(String),
+    #[error("compute error: {0}")]
+    Compute(String),
+}
+
+impl From<GuestError> for InferenceError {
+    fn from(e: GuestError) -> Self {
+        match e {
+            GuestError::NotFound(m) => Self::NotFound(m),
+            GuestError::InvalidModel(m) => Self::InvalidModel(m),
+            GuestError::Unsupported(m) => Self::Unsupported(m),
+            GuestError::InvalidInput(m) => Self::InvalidInput(m),
+            GuestError::ContextOverflow(m) => Self::ContextOverflow(m),
+            GuestError::Compute(m) => Self::Compute(m),
+        }
     }
 }
 
@@ -671,19 +695,32 @@ impl Iterator for Generation<'_> {
     }
 }
 
-/// Sampling defaults for the CLI and API: llama.cpp's (temperature 0.8, top-k 40, top-p
-/// 0.95, min-p 0.05), 256 new tokens.
-pub fn default_params() -> Params {
+/// Sampling with no filters and no penalty (temperature 1, top-k off, top-p 1, min-p 0,
+/// repeat penalty 1), 256 new tokens: the base that OpenAI-style and benchmark parameters
+/// are built on (`Params { temperature, .., ..neutral_params() }`).
+pub fn neutral_params() -> Params {
     Params {
         max_tokens: 256,
-        temperature: 0.8,
-        top_k: 40,
-        top_p: 0.95,
-        min_p: 0.05,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
         repeat_penalty: 1.0,
         repeat_last_n: 64,
         seed: 0,
         stop: Vec::new(),
         ignore_eog: false,
+    }
+}
+
+/// Sampling defaults for the CLI and API: llama.cpp's (temperature 0.8, top-k 40, top-p
+/// 0.95, min-p 0.05), 256 new tokens.
+pub fn default_params() -> Params {
+    Params {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.05,
+        ..neutral_params()
     }
 }

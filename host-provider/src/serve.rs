@@ -21,8 +21,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use realm_host::{
-    Constraint, Engine, EngineConfig, FinishReason, LimitError, Message, Model, Params, Prompt,
-    StepLogprobs, TokenLogprob, Usage, finish_name,
+    Constraint, Engine, EngineConfig, FinishReason, InferenceError, LimitError, Message, Model,
+    Params, Prompt, StepLogprobs, TokenLogprob, Usage, finish_name,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -175,17 +175,17 @@ impl ApiError {
             }
             None => {}
         }
-        if msg.starts_with("context overflow") {
-            Self::invalid("context_length_exceeded", msg)
-        } else if msg.starts_with("invalid input") {
-            Self::invalid("invalid_value", msg)
-        } else {
-            Self::new(
+        match e.downcast_ref::<InferenceError>() {
+            Some(InferenceError::ContextOverflow(_)) => {
+                Self::invalid("context_length_exceeded", msg)
+            }
+            Some(InferenceError::InvalidInput(_)) => Self::invalid("invalid_value", msg),
+            _ => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 "internal_error",
                 msg,
-            )
+            ),
         }
     }
 
@@ -210,6 +210,13 @@ fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// A seed from the clock, for requests that give none.
+fn time_seed() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn request_id(prefix: &str) -> String {
@@ -478,18 +485,10 @@ impl App {
         Ok(Params {
             max_tokens: max.min(self.config.max_tokens).min(ctx),
             temperature,
-            top_k: 0,
             top_p,
-            min_p: 0.0,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: s.seed.unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64)
-            }),
+            seed: s.seed.unwrap_or_else(time_seed),
             stop,
-            ignore_eog: false,
+            ..realm_host::neutral_params()
         })
     }
 }
@@ -1472,14 +1471,10 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         temperature,
         top_k: o.top_k.unwrap_or(40),
         top_p,
-        min_p: 0.0,
         repeat_penalty,
         repeat_last_n: o.repeat_penalty_last_n_token_count.unwrap_or(64),
-        seed: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64),
-        stop: Vec::new(),
-        ignore_eog: false,
+        seed: time_seed(),
+        ..realm_host::neutral_params()
     };
     let permit = app
         .sessions
