@@ -660,11 +660,7 @@ async fn respond(
     );
     let logprobs = shape.logprobs(sampling)?;
     let constraint = constraint(sampling)?;
-    let permit = app
-        .sessions
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| busy(&app))?;
+    let permit = app.admit()?;
     let job = Job {
         prompt: Input::Prompt(prompt),
         params,
@@ -1210,7 +1206,7 @@ impl Tools {
             let args = v.get("arguments").cloned().unwrap_or(json!({}));
             rest.push_str(&t[..a]);
             calls.push(json!({
-                "id": format!("call_{}_{}", calls.len(), request_id("t").trim_start_matches("t-")),
+                "id": format!("call_{:x}_{}", time_seed(), calls.len()),
                 "type": "function",
                 "function": {"name": name, "arguments": args.to_string()},
             }));
@@ -1250,6 +1246,14 @@ async fn respond_tools(
         e.param = Some("tools");
         return Err(e);
     }
+    if Shape::Chat.logprobs(sampling)?.is_some() {
+        let mut e = ApiError::invalid(
+            "invalid_value",
+            "logprobs cannot be combined with tools yet",
+        );
+        e.param = Some("logprobs");
+        return Err(e);
+    }
     let arrived = Instant::now();
     let path = app.model_path(&model)?;
     let params = app.params(sampling, &model, default_max)?;
@@ -1257,11 +1261,7 @@ async fn respond_tools(
         Some(t) => t.grammar()?.map(Constraint::Gbnf),
         None => None,
     };
-    let permit = app
-        .sessions
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| busy(&app))?;
+    let permit = app.admit()?;
     let job = Job {
         prompt,
         params,
@@ -1476,11 +1476,7 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         seed: time_seed(),
         ..realm_host::neutral_params()
     };
-    let permit = app
-        .sessions
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| busy(&app))?;
+    let permit = app.admit()?;
     let job = Job {
         prompt: Input::Prompt(Prompt::Text(req.prompt)),
         params,
@@ -1587,11 +1583,7 @@ async fn embed_all(
         ));
     }
     let path = app.model_path(model)?;
-    let permit = app
-        .sessions
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| busy(app))?;
+    let permit = app.admit()?;
     let deadline = Instant::now() + app.config.request_timeout;
     let worker = app.clone();
     // Positions an input may take: --ctx-size where set, else the model's own context.
@@ -1652,12 +1644,7 @@ async fn health(State(app): State<Arc<App>>) -> Json<Value> {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        "unknown_url",
-        "no such endpoint",
-    )
+    ApiError::for_status(StatusCode::NOT_FOUND)
 }
 
 /// Bearer-token check on `/v1/*` (when `--api-key` is set).
@@ -1689,6 +1676,14 @@ async fn auth(
 }
 
 impl App {
+    /// A session slot for one request, or the 429 that says all are busy.
+    fn admit(&self) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+        self.sessions
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy(self))
+    }
+
     /// The request's `Origin` where CORS allows it.
     fn cors_origin(&self, headers: &HeaderMap) -> Option<HeaderValue> {
         let origin = headers.get(header::ORIGIN)?;

@@ -868,6 +868,10 @@ fn unsupported_parameters_are_refused_by_name() {
         (r#""top_logprobs": 3"#, "top_logprobs"),
         (r#""logprobs": 3"#, "logprobs"),
         (r#""logprobs": true, "top_logprobs": 21"#, "top_logprobs"),
+        (
+            r#""logprobs": true, "tools": [{"type": "function", "function": {"name": "f"}}]"#,
+            "logprobs",
+        ),
     ] {
         let (status, text) =
             server.request("POST", "/v1/chat/completions", &[], chat(extra).as_bytes());

@@ -150,15 +150,26 @@ impl LoadedModel {
             .template
             .render_guarded(&msgs, true)
             .map_err(|e| Error::InvalidInput(e.to_string()))?;
+        self.refuse_unplaced_control(&r, |i| &messages[i].content)?;
+        Ok(r)
+    }
+
+    /// A content the template transformed beyond recognition (not placed in the text)
+    /// may not carry control tokens: they could not be kept as plain text.
+    fn refuse_unplaced_control<'a>(
+        &self,
+        r: &realm_tokenizer::Rendered,
+        content: impl Fn(usize) -> &'a str,
+    ) -> Result<(), Error> {
         for &i in &r.unplaced {
-            if let Some(t) = self.0.tokenizer.control_token_in(&messages[i].content) {
+            if let Some(t) = self.0.tokenizer.control_token_in(content(i)) {
                 return Err(Error::InvalidInput(format!(
                     "message {i} contains the control token {t:?}, which this model's chat \
                      template does not let Realm keep as plain text"
                 )));
             }
         }
-        Ok(r)
+        Ok(())
     }
 
     /// An OpenAI-style chat (JSON text: `messages`, optional `tools`) rendered with the
@@ -187,18 +198,12 @@ impl LoadedModel {
             .template
             .render_chat(messages, v.get("tools"), true)
             .map_err(|e| Error::InvalidInput(e.to_string()))?;
-        for &i in &r.unplaced {
-            let c = messages[i]
+        self.refuse_unplaced_control(&r, |i| {
+            messages[i]
                 .get("content")
                 .and_then(|c| c.as_str())
-                .unwrap_or("");
-            if let Some(t) = self.0.tokenizer.control_token_in(c) {
-                return Err(Error::InvalidInput(format!(
-                    "message {i} contains the control token {t:?}, which this model's chat \
-                     template does not let Realm keep as plain text"
-                )));
-            }
-        }
+                .unwrap_or("")
+        })?;
         Ok(r)
     }
 
