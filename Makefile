@@ -5,7 +5,7 @@ CARGO ?= cargo
 JOBS ?= 2
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPT ?= What is the capital of France? Answer in one word.
-WASM_CRATES := -p realm-gguf -p realm-tokenizer -p realm-grammar -p realm-guest
+WASM_CRATES := -p realm-gguf -p realm-tokenizer -p realm-grammar -p realm-compute -p realm-model -p realm-guest
 # Components for the adapter tests: the Spin adapter and two apps (wasi-nn, Spin).
 WASM_APPS := -p realm-spin-llm -p realm-nn-app -p realm-spin-app
 NATIVE_SKIP := --exclude realm-guest --exclude realm-spin-llm --exclude realm-nn-app \

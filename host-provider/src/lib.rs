@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
-use wasmtime::component::{Component, HasData, Linker, ResourceAny};
+use wasmtime::component::{Component, Linker, ResourceAny};
 use wasmtime::{ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -187,11 +187,7 @@ impl WasiView for HostState {
     }
 }
 
-struct HasCompute;
-
-impl HasData for HasCompute {
-    type Data<'a> = &'a mut ComputeState;
-}
+type HasCompute = compute::HasCompute<compute::CpuBackend>;
 
 /// How often the epoch advances: the granularity of request deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -333,9 +329,8 @@ impl Engine {
         for (name, path) in models {
             mapped.insert(name.clone(), self.mapping(name, path)?);
         }
-        Ok(ComputeState::new(
+        Ok(ComputeState::cpu(
             mapped,
-            self.pool.clone(),
             self.spin.clone(),
             self.config.max_resident,
         ))
@@ -371,12 +366,7 @@ impl Engine {
                     .inherit_stderr()
                     .envs(&self.config.guest_env)
                     .build(),
-                compute: ComputeState::new(
-                    models,
-                    self.pool.clone(),
-                    self.spin.clone(),
-                    self.config.max_resident,
-                ),
+                compute: ComputeState::cpu(models, self.spin.clone(), self.config.max_resident),
                 limits: GuestLimits {
                     max_memory: self.config.max_guest_memory,
                     peak_memory: 0,
@@ -695,32 +685,29 @@ impl Iterator for Generation<'_> {
     }
 }
 
-/// Sampling with no filters and no penalty (temperature 1, top-k off, top-p 1, min-p 0,
-/// repeat penalty 1), 256 new tokens: the base that OpenAI-style and benchmark parameters
-/// are built on (`Params { temperature, .., ..neutral_params() }`).
+/// [`realm_model::Params::neutral`] as the WIT record: the base that OpenAI-style and
+/// benchmark parameters are built on (`Params { temperature, .., ..neutral_params() }`).
 pub fn neutral_params() -> Params {
-    Params {
-        max_tokens: 256,
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-        repeat_penalty: 1.0,
-        repeat_last_n: 64,
-        seed: 0,
-        stop: Vec::new(),
-        ignore_eog: false,
-    }
+    wit_params(realm_model::Params::neutral())
 }
 
-/// Sampling defaults for the CLI and API: llama.cpp's (temperature 0.8, top-k 40, top-p
-/// 0.95, min-p 0.05), 256 new tokens.
+/// The CLI's and the API's sampling defaults ([`realm_model::Params::default`]: llama.cpp's).
 pub fn default_params() -> Params {
+    wit_params(realm_model::Params::default())
+}
+
+/// `realm-model`'s parameters (where their defaults live) as the WIT record.
+pub fn wit_params(p: realm_model::Params) -> Params {
     Params {
-        temperature: 0.8,
-        top_k: 40,
-        top_p: 0.95,
-        min_p: 0.05,
-        ..neutral_params()
+        max_tokens: p.max_tokens,
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        repeat_penalty: p.repeat_penalty,
+        repeat_last_n: p.repeat_last_n,
+        seed: p.seed,
+        stop: p.stop,
+        ignore_eog: p.ignore_eog,
     }
 }

@@ -10,12 +10,8 @@ use realm_host::compute::{KvCacheRes, TensorRes};
 use wasmtime::component::Resource;
 
 fn tenant() -> ComputeState {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .expect("pool");
     let spin = realm_host::compute::spin::SpinPool::new(1).expect("spin pool");
-    ComputeState::new(HashMap::new(), Arc::new(pool), Arc::new(spin), None)
+    ComputeState::cpu(HashMap::new(), Arc::new(spin), None)
 }
 
 fn borrow_t(r: &Resource<TensorRes>) -> Resource<TensorRes> {

@@ -8,11 +8,12 @@
 //! - `open-model(name)` reads the file `name` through WASI (a path under a preopened
 //!   directory) into this component's linear memory. A 32-bit component has 4 GiB at
 //!   most, so larger files are refused with an error that says so.
-//! - Every op has the native provider's semantics and checks, and the same kernels
-//!   (`realm-kernels`, its portable code): quantized matmuls with ggml's numerics, ggml's
-//!   flash attention, RMS norm, RoPE, GLU. Results are the native host's bit for bit where
-//!   the C library's math functions agree (they are the same routines in glibc and
-//!   wasi-libc); the greedy test checks the text.
+//! - Every op is the native provider's: the same checks (`realm-compute`) and the same
+//!   backend (`realm-kernels`' CPU backend, its portable and SIMD128 code): quantized
+//!   matmuls with ggml's numerics, ggml's flash attention, RMS norm, RoPE, GLU. Results are
+//!   the native host's bit for bit where the C library's math functions agree (they are
+//!   the same routines in glibc and wasi-libc); the greedy test checks the text. This file
+//!   is only the WIT glue.
 //! - One thread; no weight budget (the weights are already in memory).
 
 wit_bindgen::generate!({
@@ -21,17 +22,14 @@ wit_bindgen::generate!({
     generate_all,
 });
 
-use std::cell::RefCell;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use exports::realm::compute::store::{self, GuestModelFile, GuestWeight, WeightBorrow};
 use exports::realm::compute::tensors::{self, GuestKvCache, GuestTensor, TensorBorrow};
 use exports::realm::compute::types::{Activation, Dtype, Error, RopeMode, RopeParams};
-use half::f16;
-use realm_gguf::GgmlType;
-use realm_kernels::kernels;
-use realm_kernels::ops::{self, KvCache as KvData, OpError, Tensor as TensorData, WeightView};
-use realm_kernels::quant::{self, VecDot};
+use realm_compute::{Backend, Compute, GgmlType, ModelBytes, checked};
+use realm_kernels::cpu::{CpuBackend, CpuCache, CpuTensor, CpuWeight};
+use realm_kernels::spin::SpinPool;
 
 /// Largest model file this component loads: what a 32-bit linear memory can hold with
 /// room left for the activations, the KV cache and the guest's own state.
@@ -41,17 +39,23 @@ pub const MAX_KV_ELEMENTS: u64 = 1 << 28;
 
 type Res<T> = Result<T, Error>;
 
-fn invalid(msg: impl Into<String>) -> Error {
-    Error::InvalidArgument(msg.into())
+thread_local! {
+    static CPU: CpuBackend = CpuBackend::new(Arc::new(SpinPool::single()), MAX_KV_ELEMENTS);
 }
 
-fn op_error(e: OpError) -> Error {
-    match e {
-        OpError::InvalidArgument(m) => Error::InvalidArgument(m),
-        OpError::OutOfBounds(m) => Error::OutOfBounds(m),
-        OpError::Unsupported(m) => Error::Unsupported(m),
-        OpError::ResourceExhausted(m) => Error::ResourceExhausted(m),
-    }
+/// Runs `f` on this component's backend, with its error as the WIT one.
+fn cpu<T>(f: impl FnOnce(&CpuBackend) -> realm_compute::Result<T>) -> Res<T> {
+    CPU.with(f).map_err(|e| {
+        use realm_compute::Error as E;
+        match e {
+            E::InvalidArgument(m) => Error::InvalidArgument(m),
+            E::NotFound(m) => Error::NotFound(m),
+            E::OutOfBounds(m) => Error::OutOfBounds(m),
+            E::Unsupported(m) => Error::Unsupported(m),
+            E::ResourceExhausted(m) => Error::ResourceExhausted(m),
+            E::Io(m) => Error::Io(m),
+        }
+    })
 }
 
 fn ggml_type(d: Dtype) -> GgmlType {
@@ -75,58 +79,13 @@ fn ggml_type(d: Dtype) -> GgmlType {
 }
 
 /// A model file's bytes, read once, shared by its weights.
-pub struct ModelFile(Rc<Vec<u8>>);
+pub struct ModelFile(ModelBytes);
 
-/// A checked byte range of a model file; f32/f16/bf16 weights decoded once.
-pub struct Weight {
-    file: Rc<Vec<u8>>,
-    offset: usize,
-    len: usize,
-    ty: GgmlType,
-    dims: Vec<u64>,
-    decoded: Option<Vec<f32>>,
-}
+pub struct Weight(CpuWeight);
 
-impl Weight {
-    fn view(&self) -> WeightView<'_> {
-        WeightView {
-            ty: self.ty,
-            dims: &self.dims,
-            bytes: self.bytes(),
-            decoded: self.decoded.as_deref(),
-        }
-    }
+pub struct Tensor(CpuTensor);
 
-    fn bytes(&self) -> &[u8] {
-        &self.file[self.offset..self.offset + self.len]
-    }
-
-    fn row_len(&self) -> usize {
-        self.dims[0] as usize
-    }
-
-    fn n_rows(&self) -> usize {
-        self.dims[1..].iter().product::<u64>() as usize
-    }
-}
-
-pub struct Tensor(RefCell<TensorData>);
-
-pub struct KvCache(RefCell<KvData>);
-
-/// Scratch buffers reused across calls.
-#[derive(Default)]
-struct Scratch {
-    quantized: Vec<u8>,
-    attn: Vec<f16>,
-    rope: Vec<(f32, f32)>,
-    row: Vec<f32>,
-    tiled_kv: kernels::TiledKv,
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-}
+pub struct KvCache(CpuCache);
 
 struct Provider;
 
@@ -149,7 +108,9 @@ impl store::Guest for Provider {
         }
         let bytes =
             std::fs::read(&name).map_err(|e| Error::Io(format!("cannot read '{name}': {e}")))?;
-        Ok(store::ModelFile::new(ModelFile(Rc::new(bytes))))
+        Ok(store::ModelFile::new(ModelFile(ModelBytes::new(Arc::new(
+            bytes,
+        )))))
     }
 
     /// The weights are in this component's memory already: nothing to budget.
@@ -160,11 +121,11 @@ impl store::Guest for Provider {
 
 impl GuestModelFile for ModelFile {
     fn size(&self) -> u64 {
-        self.0.len() as u64
+        self.0.bytes().len() as u64
     }
 
     fn read(&self, offset: u64, len: u32) -> Res<Vec<u8>> {
-        let size = self.0.len() as u64;
+        let size = self.0.bytes().len() as u64;
         let end = offset
             .checked_add(u64::from(len))
             .filter(|&e| e <= size)
@@ -173,176 +134,59 @@ impl GuestModelFile for ModelFile {
                     "read of {len} bytes at {offset} passes the end of the file ({size} bytes)"
                 ))
             })?;
-        Ok(self.0[offset as usize..end as usize].to_vec())
+        Ok(self.0.bytes()[offset as usize..end as usize].to_vec())
     }
 
     fn weight(&self, offset: u64, dtype: Dtype, dims: Vec<u64>) -> Res<store::Weight> {
-        let ty = ggml_type(dtype);
-        let w = ops::check_weight(&self.0, offset, ty, &dims).map_err(op_error)?;
-        Ok(store::Weight::new(Weight {
-            file: self.0.clone(),
-            offset: w.offset,
-            len: w.len,
-            ty,
-            dims,
-            decoded: w.decoded,
-        }))
+        let w = cpu(|b| Compute::weight(b, &self.0, offset, ggml_type(dtype), &dims))?;
+        Ok(store::Weight::new(Weight(w)))
     }
 }
 
 impl GuestWeight for Weight {
     fn dims(&self) -> Vec<u64> {
-        self.dims.clone()
+        CPU.with(|b| b.weight_meta(&self.0).dims.clone())
     }
 }
 
 impl GuestTensor for Tensor {
     fn new(cols: u32) -> Self {
-        Tensor(RefCell::new(TensorData::new(cols as usize)))
+        Tensor(CPU.with(|b| Backend::tensor(b, cols as usize)))
     }
 
     fn rows(&self) -> u32 {
-        self.0.borrow().rows as u32
+        CPU.with(|b| b.shape(&self.0).rows as u32)
     }
 
     fn cols(&self) -> u32 {
-        self.0.borrow().cols as u32
+        CPU.with(|b| b.shape(&self.0).cols as u32)
     }
 
     fn read_row(&self, row: u32) -> Res<Vec<f32>> {
-        Ok(self
-            .0
-            .borrow()
-            .row(row as usize)
-            .map_err(op_error)?
-            .to_vec())
+        cpu(|b| Compute::read_row(b, &self.0, row))
     }
 
     fn write(&self, rows: u32, data: Vec<f32>) -> Res<()> {
-        self.0
-            .borrow_mut()
-            .write(rows as usize, data)
-            .map_err(op_error)
+        cpu(|b| checked::write_tensor(b, &self.0, rows as usize, data))
     }
 }
 
 impl GuestKvCache for KvCache {
     fn new(n_layer: u32, n_ctx: u32, n_head_kv: u32, head_dim: u32) -> Self {
-        KvCache(RefCell::new(KvData::new(
-            n_layer, n_ctx, n_head_kv, head_dim,
-        )))
+        KvCache(CPU.with(|b| Compute::cache(b, n_layer, n_ctx, n_head_kv, head_dim)))
     }
 
     fn capacity(&self) -> u32 {
-        self.0.borrow().n_ctx as u32
+        CPU.with(|b| b.cache_shape(&self.0).n_ctx as u32)
     }
 }
 
-/// An op's output must be another tensor than its inputs (as the native host requires;
-/// here it also keeps the `RefCell` borrows apart).
-fn distinct(a: &Tensor, b: &Tensor) -> Res<()> {
-    if std::ptr::eq(a, b) {
-        Err(invalid(
-            "an op's output must be a different tensor from its inputs",
-        ))
-    } else {
-        Ok(())
-    }
+fn t<'a>(t: &'a TensorBorrow<'_>) -> &'a CpuTensor {
+    &t.get::<Tensor>().0
 }
 
-fn matmul_into(x: &TensorData, w: &Weight, o: &mut TensorData, s: &mut Scratch) -> Res<()> {
-    let (k, n) = (w.row_len(), w.n_rows());
-    if x.cols != k || o.cols != n {
-        return Err(invalid(format!(
-            "matmul of a {}-wide input by a {k}→{n} weight into width {}",
-            x.cols, o.cols
-        )));
-    }
-    o.set_rows(x.rows).map_err(op_error)?;
-    let wrow = w.ty.row_bytes(k as u64).unwrap_or(0) as usize;
-    match (&w.decoded, VecDot::for_weight(w.ty)) {
-        (Some(wf), _) => {
-            for (orow, xrow) in o.data.chunks_exact_mut(n).zip(x.data.chunks_exact(k)) {
-                for (j, ov) in orow.iter_mut().enumerate() {
-                    *ov = wf[j * k..(j + 1) * k]
-                        .iter()
-                        .zip(xrow)
-                        .map(|(a, b)| a * b)
-                        .sum();
-                }
-            }
-        }
-        (None, Some(kind)) => {
-            if !k.is_multiple_of(kind.block_len()) {
-                return Err(invalid(format!(
-                    "rows of {k} are not whole {}-element activation blocks",
-                    kind.block_len()
-                )));
-            }
-            let wb = w.bytes();
-            for (orow, xrow) in o.data.chunks_exact_mut(n).zip(x.data.chunks_exact(k)) {
-                s.quantized.clear();
-                quant::quantize_row(kind, xrow, &mut s.quantized);
-                quant::dot_rows(w.ty, wb, wrow, &s.quantized, 0, orow);
-            }
-        }
-        (None, None) => {
-            // Types without an integer kernel: each weight row dequantized, then f32.
-            let wb = w.bytes();
-            s.row.resize(k, 0.0);
-            for (orow, xrow) in o.data.chunks_exact_mut(n).zip(x.data.chunks_exact(k)) {
-                for (j, ov) in orow.iter_mut().enumerate() {
-                    let row = &wb[j * wrow..(j + 1) * wrow];
-                    let _ = realm_gguf::quant::dequantize(w.ty, row, &mut s.row);
-                    *ov = s.row.iter().zip(xrow).map(|(a, b)| a * b).sum();
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments, reason = "mirrors the WIT signature")]
-fn attention_into(
-    (q, k, v): (&TensorData, &TensorData, &TensorData),
-    c: &mut KvData,
-    layer: usize,
-    pos: usize,
-    n_head: usize,
-    scale: f32,
-    window: usize,
-    o: &mut TensorData,
-    s: &mut Scratch,
-) -> Res<()> {
-    let shape = ops::append_kv(
-        c,
-        (q, k, v),
-        layer,
-        pos,
-        n_head,
-        (scale, window),
-        MAX_KV_ELEMENTS,
-        o,
-    )
-    .map_err(op_error)?;
-    let lc = &c.layers[layer];
-    let cols = q.cols;
-    if shape.tiled {
-        s.tiled_kv.build(lc, shape, pos + q.rows);
-    }
-    for (i, (orow, qrow)) in o
-        .data
-        .chunks_exact_mut(cols)
-        .zip(q.data.chunks_exact(cols))
-        .enumerate()
-    {
-        if shape.tiled {
-            kernels::attend_row_tiled(qrow, &s.tiled_kv, pos + i, shape, 0..n_head, orow);
-        } else {
-            kernels::attend_row(qrow, lc, pos + i, shape, 0..n_head, &mut s.attn, orow);
-        }
-    }
-    Ok(())
+fn w<'a>(w: &'a WeightBorrow<'_>) -> &'a CpuWeight {
+    &w.get::<Weight>().0
 }
 
 impl tensors::Guest for Provider {
@@ -350,55 +194,44 @@ impl tensors::Guest for Provider {
     type KvCache = KvCache;
 
     fn embed(table: WeightBorrow<'_>, ids: Vec<u32>, scale: f32, out: TensorBorrow<'_>) -> Res<()> {
-        let mut o = out.get::<Tensor>().0.borrow_mut();
-        ops::embed(&table.get::<Weight>().view(), &ids, scale, &mut o).map_err(op_error)
+        cpu(|b| Compute::embed(b, w(&table), &ids, scale, t(&out)))
     }
 
-    fn matmul(x: TensorBorrow<'_>, w: WeightBorrow<'_>, out: TensorBorrow<'_>) -> Res<()> {
-        let (x, out) = (x.get::<Tensor>(), out.get::<Tensor>());
-        distinct(x, out)?;
-        SCRATCH.with_borrow_mut(|s| {
-            matmul_into(&x.0.borrow(), w.get::<Weight>(), &mut out.0.borrow_mut(), s)
-        })
+    fn matmul(x: TensorBorrow<'_>, wt: WeightBorrow<'_>, out: TensorBorrow<'_>) -> Res<()> {
+        cpu(|b| Compute::matmul(b, t(&x), w(&wt), t(&out)))
     }
 
     fn rms_norm(
         x: TensorBorrow<'_>,
-        w: WeightBorrow<'_>,
+        wt: WeightBorrow<'_>,
         eps: f32,
         out: TensorBorrow<'_>,
     ) -> Res<()> {
-        let (x, out) = (x.get::<Tensor>(), out.get::<Tensor>());
-        distinct(x, out)?;
-        let decoded = w.get::<Weight>().decoded.as_deref();
-        ops::rms_norm(&x.0.borrow(), decoded, eps, &mut out.0.borrow_mut()).map_err(op_error)
+        cpu(|b| Compute::rms_norm(b, t(&x), w(&wt), eps, t(&out)))
     }
 
     fn rope(
         x: TensorBorrow<'_>,
         pos: u32,
-        params: RopeParams,
+        p: RopeParams,
         factors: Option<WeightBorrow<'_>>,
     ) -> Res<()> {
-        let mut t = x.get::<Tensor>().0.borrow_mut();
-        let p = kernels::RopeParams {
-            head_dim: params.head_dim as usize,
-            n_rot: params.n_rot as usize,
-            neox: params.mode == RopeMode::Neox,
-            freq_base: params.freq_base,
-            freq_scale: params.freq_scale,
-            ext_factor: params.ext_factor,
-            attn_factor: params.attn_factor,
-            beta_fast: params.beta_fast,
-            beta_slow: params.beta_slow,
-            n_ctx_orig: params.n_ctx_orig,
+        let p = realm_compute::RopeParams {
+            head_dim: p.head_dim,
+            n_rot: p.n_rot,
+            mode: match p.mode {
+                RopeMode::Normal => realm_compute::RopeMode::Normal,
+                RopeMode::Neox => realm_compute::RopeMode::Neox,
+            },
+            freq_base: p.freq_base,
+            freq_scale: p.freq_scale,
+            ext_factor: p.ext_factor,
+            attn_factor: p.attn_factor,
+            beta_fast: p.beta_fast,
+            beta_slow: p.beta_slow,
+            n_ctx_orig: p.n_ctx_orig,
         };
-        let f = factors
-            .as_ref()
-            .map(|w| w.get::<Weight>().decoded.as_deref());
-        SCRATCH
-            .with_borrow_mut(|s| ops::rope(&mut t, pos, &p, f, &mut s.rope))
-            .map_err(op_error)
+        cpu(|b| Compute::rope(b, t(&x), pos, &p, factors.as_ref().map(w)))
     }
 
     #[allow(clippy::too_many_arguments, reason = "mirrors the WIT signature")]
@@ -414,64 +247,46 @@ impl tensors::Guest for Provider {
         window: u32,
         out: TensorBorrow<'_>,
     ) -> Res<()> {
-        let (q, k, v, out) = (
-            q.get::<Tensor>(),
-            k.get::<Tensor>(),
-            v.get::<Tensor>(),
-            out.get::<Tensor>(),
-        );
-        distinct(q, out)?;
-        distinct(k, out)?;
-        distinct(v, out)?;
-        let mut c = cache.get::<KvCache>().0.borrow_mut();
-        SCRATCH.with_borrow_mut(|s| {
-            attention_into(
-                (&q.0.borrow(), &k.0.borrow(), &v.0.borrow()),
-                &mut c,
-                layer as usize,
-                pos as usize,
-                n_head as usize,
+        let c = &cache.get::<KvCache>().0;
+        cpu(|b| {
+            Compute::attention(
+                b,
+                t(&q),
+                t(&k),
+                t(&v),
+                c,
+                layer,
+                pos,
+                n_head,
                 scale,
-                window as usize,
-                &mut out.0.borrow_mut(),
-                s,
+                window,
+                t(&out),
             )
         })
     }
 
     fn glu(gate: TensorBorrow<'_>, up: TensorBorrow<'_>, act: Activation) -> Res<()> {
-        let (gate, up) = (gate.get::<Tensor>(), up.get::<Tensor>());
-        distinct(gate, up)?;
-        let f = match act {
-            Activation::Silu => kernels::Gate::Silu,
-            Activation::GeluTanh => kernels::Gate::GeluTanh,
+        let act = match act {
+            Activation::Silu => realm_compute::Activation::Silu,
+            Activation::GeluTanh => realm_compute::Activation::GeluTanh,
         };
-        ops::glu(&gate.0.borrow(), &mut up.0.borrow_mut(), f).map_err(op_error)
+        cpu(|b| Compute::glu(b, t(&gate), t(&up), act))
     }
 
     fn add(acc: TensorBorrow<'_>, x: TensorBorrow<'_>) -> Res<()> {
-        let (acc, x) = (acc.get::<Tensor>(), x.get::<Tensor>());
-        distinct(acc, x)?;
-        ops::add(&mut acc.0.borrow_mut(), &x.0.borrow()).map_err(op_error)
+        cpu(|b| Compute::add(b, t(&acc), t(&x)))
     }
 
     fn scale(x: TensorBorrow<'_>, s: f32) -> Res<()> {
-        x.get::<Tensor>()
-            .0
-            .borrow_mut()
-            .data
-            .iter_mut()
-            .for_each(|v| *v *= s);
-        Ok(())
+        cpu(|b| Compute::scale(b, t(&x), s))
     }
 
     fn softmax(x: TensorBorrow<'_>) -> Res<()> {
-        ops::softmax(&mut x.get::<Tensor>().0.borrow_mut()).map_err(op_error)
+        cpu(|b| checked::softmax_rows(b, t(&x)))
     }
 
     fn keep_last_row(x: TensorBorrow<'_>) -> Res<()> {
-        ops::keep_last_row(&mut x.get::<Tensor>().0.borrow_mut());
-        Ok(())
+        cpu(|b| Compute::keep_last_row(b, t(&x)))
     }
 }
 

@@ -1,10 +1,11 @@
 //! Realm's compute kernels, in ggml's numerics (see each module).
 //!
-//! Pure code over slices: the native host provider runs them on its threads over mapped
-//! weights, and the WebAssembly compute provider (`adapters/compute-wasm`) over weights in
-//! its own memory. On x86-64 the SIMD families are picked at run time; everywhere else,
-//! and below AVX2, the portable code runs. Every SIMD kernel is tested bit for bit
-//! against the portable one.
+//! Pure code over slices, and [`cpu::CpuBackend`], the `realm-compute` backend that runs
+//! them: the native host provider on its threads over mapped weights, the WebAssembly
+//! compute provider (`adapters/compute-wasm`) on one over weights in its own memory. On
+//! x86-64 the SIMD families are picked at run time (`cpu.rs`); everywhere else, and below
+//! AVX2, the portable code runs. Every SIMD kernel is tested bit for bit against the
+//! portable one.
 
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
@@ -12,11 +13,12 @@ pub mod amx;
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+pub mod cpu;
 pub mod kernels;
-pub mod ops;
 pub mod quant;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128;
+pub mod spin;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod testdata;
 

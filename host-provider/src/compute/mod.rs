@@ -1,28 +1,25 @@
-//! The host side of `realm:compute`: model files (memory-mapped once, shared by every
-//! tenant), weights as validated ranges of them, f32 activation tensors and f16 KV caches,
-//! and the ops. Every handle, shape and offset from the guest is checked here again.
+//! The host side of `realm:compute`, generic over a [`Backend`]: model files (memory-mapped
+//! once, shared by every tenant), the WIT handles, the checks ([`realm_compute::checked`],
+//! through [`Compute`]), weight residency and statistics are written here once; a backend
+//! brings only its tensors and kernels. [`CpuBackend`] is the one this host runs.
 
 pub mod residency;
-pub mod spin;
 
-#[cfg(target_arch = "x86_64")]
-#[cfg(target_arch = "x86_64")]
-use realm_kernels::amx;
-use realm_kernels::{avx2, avx512};
-pub use realm_kernels::{kernels, ops, quant};
+pub use realm_kernels::cpu::CpuBackend;
+pub use realm_kernels::spin;
+pub use realm_kernels::{kernels, quant};
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::Instant;
 
-use half::f16;
 use memmap2::Mmap;
-use rayon::prelude::*;
-use realm_gguf::GgmlType;
-use wasmtime::component::{Resource, ResourceTable};
+use realm_compute::{Backend, Compute, GgmlType, ModelBytes, checked};
+use wasmtime::component::{HasData, Resource, ResourceTable};
 
 use crate::bindings::realm::compute::{store, tensors, types};
 use crate::bindings::{Activation, ComputeError, Dtype, RopeMode, RopeParams};
-use quant::VecDot;
 
 /// A model file mapped into the host's memory, shared read-only.
 #[derive(Debug)]
@@ -46,77 +43,40 @@ impl MappedModel {
     }
 }
 
-pub struct ModelFileRes {
-    model: Arc<MappedModel>,
+impl AsRef<[u8]> for MappedModel {
+    fn as_ref(&self) -> &[u8] {
+        &self.map
+    }
 }
 
-/// A weight: a checked byte range of a mapped file. Small f32/f16 weights (norms) are
-/// decoded once; quantized ones are used in place.
-pub struct WeightRes {
+/// The WIT `model-file`.
+pub struct ModelFileRes {
     model: Arc<MappedModel>,
-    offset: usize,
-    len: usize,
-    ty: GgmlType,
-    dims: Vec<u64>,
-    decoded: Option<Vec<f32>>,
-    /// The weight store's unit for weights used in place (None once decoded).
+    bytes: ModelBytes,
+}
+
+/// The WIT `weight`, `tensor` and `kv-cache` handles. The table holds the backend's own
+/// values ([`HostWeight`], `B::Tensor`, `B::Cache`) under these handles' numbers; a handle
+/// of the wrong kind is refused by the table's type check.
+pub enum WeightRes {}
+pub enum TensorRes {}
+pub enum KvCacheRes {}
+
+/// A backend weight and its unit in the residency store (None for decoded weights).
+pub struct HostWeight<W> {
+    w: W,
     unit: Option<usize>,
 }
 
-impl WeightRes {
-    fn view(&self) -> ops::WeightView<'_> {
-        ops::WeightView {
-            ty: self.ty,
-            dims: &self.dims,
-            bytes: self.bytes(),
-            decoded: self.decoded.as_deref(),
-        }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.model.map[self.offset..self.offset + self.len]
-    }
-
-    fn row_len(&self) -> usize {
-        self.dims[0] as usize
-    }
-
-    fn n_rows(&self) -> usize {
-        self.dims[1..].iter().product::<u64>() as usize
-    }
-}
-
-/// An f32 activation tensor (shared with the WebAssembly provider).
-pub type TensorRes = realm_kernels::ops::Tensor;
-
-/// A KV cache (shared with the WebAssembly provider).
-pub type KvCacheRes = realm_kernels::ops::KvCache;
-
-/// Largest tensor a guest may make the host allocate (elements).
-pub use realm_kernels::ops::MAX_TENSOR_ELEMENTS;
-/// Largest KV cache (f16 values, keys and values together).
+/// Largest KV cache (f16 values, keys and values together) the native host allows.
 pub const MAX_KV_ELEMENTS: u64 = 1 << 32;
 
 /// Per-Store compute state: the resource table, the models this guest may open, the
-/// thread pool, and scratch buffers reused across calls (nothing allocated per token).
-pub struct ComputeState {
+/// backend (its scratch is this tenant's), statistics and the weight residency.
+pub struct ComputeState<B: Backend = CpuBackend> {
     pub table: ResourceTable,
     pub models: HashMap<String, Arc<MappedModel>>,
-    pub pool: Arc<rayon::ThreadPool>,
-    /// Spinning workers for the per-token matmuls (see `spin`).
-    pub spin: Arc<spin::SpinPool>,
-    quantized: Vec<u8>,
-    /// A prompt's activations repacked for the AVX-512 tiles.
-    #[cfg(target_arch = "x86_64")]
-    packed: avx512::Packed,
-    /// The same for the AMX tiles (`REALM_KERNELS=amx`).
-    #[cfg(target_arch = "x86_64")]
-    packed_amx: amx::Packed,
-    /// Per spin-pool share: attention scratch (q in f16 and the f16 accumulator).
-    attn_scratch: Vec<std::sync::Mutex<Vec<f16>>>,
-    /// The cache in f32 for tiled attention (batches of 64 rows or more).
-    tiled_kv: kernels::TiledKv,
-    rope_cache: Vec<(f32, f32)>,
+    pub backend: B,
     pub stats: Stats,
     pub store: residency::WeightStore,
 }
@@ -130,56 +90,123 @@ pub struct Stats {
     pub other_ns: u64,
 }
 
-impl ComputeState {
-    pub fn new(
+/// Which counter an op's time goes to.
+#[derive(Clone, Copy)]
+enum Bucket {
+    Matmul,
+    Attention,
+    Other,
+}
+
+impl Stats {
+    fn record(&mut self, bucket: Bucket, since: Instant) {
+        let ns = since.elapsed().as_nanos() as u64;
+        self.calls += 1;
+        *match bucket {
+            Bucket::Matmul => &mut self.matmul_ns,
+            Bucket::Attention => &mut self.attention_ns,
+            Bucket::Other => &mut self.other_ns,
+        } += ns;
+    }
+}
+
+impl ComputeState<CpuBackend> {
+    /// The CPU provider on `spin`'s shares.
+    pub fn cpu(
         models: HashMap<String, Arc<MappedModel>>,
-        pool: Arc<rayon::ThreadPool>,
         spin: Arc<spin::SpinPool>,
         max_resident: Option<u64>,
     ) -> Self {
-        let shares = spin.size();
+        Self::new(models, CpuBackend::new(spin, MAX_KV_ELEMENTS), max_resident)
+    }
+}
+
+impl<B: Backend> ComputeState<B> {
+    pub fn new(
+        models: HashMap<String, Arc<MappedModel>>,
+        backend: B,
+        max_resident: Option<u64>,
+    ) -> Self {
         Self {
             table: ResourceTable::new(),
             models,
-            pool,
-            spin,
-            quantized: Vec::new(),
-            #[cfg(target_arch = "x86_64")]
-            packed: avx512::Packed::default(),
-            #[cfg(target_arch = "x86_64")]
-            packed_amx: amx::Packed::default(),
-            tiled_kv: kernels::TiledKv::default(),
-            attn_scratch: (0..shares)
-                .map(|_| std::sync::Mutex::new(Vec::new()))
-                .collect(),
-            rope_cache: Vec::new(),
+            backend,
             stats: Stats::default(),
             store: residency::WeightStore::new(max_resident),
         }
+    }
+
+    fn tensor(&self, t: &Resource<TensorRes>) -> Res<&B::Tensor> {
+        self.table.get(&retype(t)).map_err(handle)
+    }
+
+    fn weight(&self, w: &Resource<WeightRes>) -> Res<&HostWeight<B::Weight>> {
+        self.table.get(&retype(w)).map_err(handle)
+    }
+
+    fn cache(&self, c: &Resource<KvCacheRes>) -> Res<&B::Cache> {
+        self.table.get(&retype(c)).map_err(handle)
+    }
+
+    /// A weight about to be read: keep it resident (and count it as recently used).
+    fn touch(&mut self, w: &Resource<WeightRes>) -> Res<()> {
+        if let Some(unit) = self.weight(w)?.unit {
+            self.store.touch(unit);
+        }
+        Ok(())
+    }
+
+    /// Runs `op` on the backend and counts its time in `bucket`.
+    fn timed(&mut self, bucket: Bucket, op: impl FnOnce(&Self) -> Res<()>) -> Res<()> {
+        let start = Instant::now();
+        let r = op(self);
+        self.stats.record(bucket, start);
+        r
+    }
+
+    fn push<T: Send + 'static, M>(&mut self, value: T) -> Res<Resource<M>> {
+        let r = self
+            .table
+            .push(value)
+            .map_err(|e| ComputeError::ResourceExhausted(e.to_string()))?;
+        Ok(Resource::new_own(r.rep()))
+    }
+
+    fn delete<T: 'static, M: 'static>(&mut self, r: Resource<M>) -> wasmtime::Result<()> {
+        self.table.delete(Resource::<T>::new_own(r.rep()))?;
+        Ok(())
+    }
+}
+
+/// The same handle number, as a handle to the value type the table holds.
+fn retype<T: 'static, M>(r: &Resource<M>) -> Resource<T> {
+    if r.owned() {
+        Resource::new_own(r.rep())
+    } else {
+        Resource::new_borrow(r.rep())
     }
 }
 
 type Res<T> = Result<T, ComputeError>;
 
-fn invalid(msg: impl Into<String>) -> ComputeError {
-    ComputeError::InvalidArgument(msg.into())
-}
-
 fn handle<E: std::fmt::Display>(e: E) -> ComputeError {
-    invalid(format!("bad handle: {e}"))
+    ComputeError::InvalidArgument(format!("bad handle: {e}"))
 }
 
-fn op_error(e: ops::OpError) -> ComputeError {
-    use ops::OpError;
+fn wit_error(e: realm_compute::Error) -> ComputeError {
+    use realm_compute::Error as E;
     match e {
-        OpError::InvalidArgument(m) => ComputeError::InvalidArgument(m),
-        OpError::OutOfBounds(m) => ComputeError::OutOfBounds(m),
-        OpError::Unsupported(m) => ComputeError::Unsupported(m),
-        OpError::ResourceExhausted(m) => ComputeError::ResourceExhausted(m),
+        E::InvalidArgument(m) => ComputeError::InvalidArgument(m),
+        E::NotFound(m) => ComputeError::NotFound(m),
+        E::OutOfBounds(m) => ComputeError::OutOfBounds(m),
+        E::Unsupported(m) => ComputeError::Unsupported(m),
+        E::ResourceExhausted(m) => ComputeError::ResourceExhausted(m),
+        E::Io(m) => ComputeError::Io(m),
     }
 }
 
-fn ggml_type(d: Dtype) -> GgmlType {
+/// The GGUF type of a WIT dtype.
+pub fn ggml_type(d: Dtype) -> GgmlType {
     match d {
         Dtype::F32 => GgmlType::F32,
         Dtype::F16 => GgmlType::F16,
@@ -199,15 +226,41 @@ fn ggml_type(d: Dtype) -> GgmlType {
     }
 }
 
-impl types::Host for ComputeState {}
+/// The WIT `rope-params` as the compute interface's.
+fn rope_params(p: &RopeParams) -> realm_compute::RopeParams {
+    realm_compute::RopeParams {
+        head_dim: p.head_dim,
+        n_rot: p.n_rot,
+        mode: match p.mode {
+            RopeMode::Normal => realm_compute::RopeMode::Normal,
+            RopeMode::Neox => realm_compute::RopeMode::Neox,
+        },
+        freq_base: p.freq_base,
+        freq_scale: p.freq_scale,
+        ext_factor: p.ext_factor,
+        attn_factor: p.attn_factor,
+        beta_fast: p.beta_fast,
+        beta_slow: p.beta_slow,
+        n_ctx_orig: p.n_ctx_orig,
+    }
+}
 
-impl store::Host for ComputeState {
+/// [`HasData`] for a [`ComputeState`] over `B`, to add the imports to a linker.
+pub struct HasCompute<B>(PhantomData<B>);
+
+impl<B: Backend> HasData for HasCompute<B> {
+    type Data<'a> = &'a mut ComputeState<B>;
+}
+
+impl<B: Backend> types::Host for ComputeState<B> {}
+
+impl<B: Backend> store::Host for ComputeState<B> {
     fn set_max_resident(&mut self, bytes: u64) {
         self.store.set_budget((bytes > 0).then_some(bytes));
     }
 
     fn prefetch(&mut self, w: Resource<WeightRes>) {
-        if let Some(unit) = self.table.get(&w).ok().and_then(|w| w.unit) {
+        if let Some(unit) = self.weight(&w).ok().and_then(|w| w.unit) {
             self.store.prefetch(unit);
         }
     }
@@ -221,13 +274,14 @@ impl store::Host for ComputeState {
                 known.join(", ")
             ))
         })?;
+        let bytes = ModelBytes::new(model.clone());
         self.table
-            .push(ModelFileRes { model })
+            .push(ModelFileRes { model, bytes })
             .map_err(|e| ComputeError::ResourceExhausted(e.to_string()))
     }
 }
 
-impl store::HostModelFile for ComputeState {
+impl<B: Backend> store::HostModelFile for ComputeState<B> {
     fn size(&mut self, f: Resource<ModelFileRes>) -> u64 {
         self.table
             .get(&f)
@@ -256,28 +310,16 @@ impl store::HostModelFile for ComputeState {
         dtype: Dtype,
         dims: Vec<u64>,
     ) -> Res<Resource<WeightRes>> {
-        let model = self.table.get(&f).map_err(handle)?.model.clone();
-        let ty = ggml_type(dtype);
-        let ops::CheckedWeight {
-            offset,
-            len,
-            decoded,
-        } = ops::check_weight(&model.map, offset, ty, &dims).map_err(op_error)?;
-        let unit = decoded
+        let f = self.table.get(&f).map_err(handle)?;
+        let model = f.model.clone();
+        let data = checked::weight(&f.bytes, offset, ggml_type(dtype), &dims).map_err(wit_error)?;
+        let unit = data
+            .meta
+            .values
             .is_none()
-            .then(|| self.store.register(model.clone(), offset, len));
-        let w = WeightRes {
-            model,
-            offset,
-            len,
-            ty,
-            dims,
-            decoded,
-            unit,
-        };
-        self.table
-            .push(w)
-            .map_err(|e| ComputeError::ResourceExhausted(e.to_string()))
+            .then(|| self.store.register(model, data.offset, data.len));
+        let w = self.backend.weight(data).map_err(wit_error)?;
+        self.push(HostWeight { w, unit })
     }
 
     fn drop(&mut self, f: Resource<ModelFileRes>) -> wasmtime::Result<()> {
@@ -286,53 +328,52 @@ impl store::HostModelFile for ComputeState {
     }
 }
 
-impl store::HostWeight for ComputeState {
+impl<B: Backend> store::HostWeight for ComputeState<B> {
     fn dims(&mut self, w: Resource<WeightRes>) -> Vec<u64> {
-        self.table
-            .get(&w)
-            .map(|w| w.dims.clone())
+        self.weight(&w)
+            .map(|w| self.backend.weight_meta(&w.w).dims.clone())
             .unwrap_or_default()
     }
 
     fn drop(&mut self, w: Resource<WeightRes>) -> wasmtime::Result<()> {
-        self.table.delete(w)?;
-        Ok(())
+        self.delete::<HostWeight<B::Weight>, _>(w)
     }
 }
 
-impl tensors::HostTensor for ComputeState {
+impl<B: Backend> tensors::HostTensor for ComputeState<B> {
     fn new(&mut self, cols: u32) -> Resource<TensorRes> {
         // A zero-width tensor is allowed to exist; every op rejects it.
-        self.table
-            .push(TensorRes::new(cols as usize))
-            .unwrap_or_else(|_| Resource::new_own(u32::MAX))
+        let t = Backend::tensor(&self.backend, cols as usize);
+        self.push(t).unwrap_or_else(|_| Resource::new_own(u32::MAX))
     }
 
     fn rows(&mut self, t: Resource<TensorRes>) -> u32 {
-        self.table.get(&t).map(|t| t.rows as u32).unwrap_or(0)
+        self.tensor(&t)
+            .map(|t| self.backend.shape(t).rows as u32)
+            .unwrap_or(0)
     }
 
     fn cols(&mut self, t: Resource<TensorRes>) -> u32 {
-        self.table.get(&t).map(|t| t.cols as u32).unwrap_or(0)
+        self.tensor(&t)
+            .map(|t| self.backend.shape(t).cols as u32)
+            .unwrap_or(0)
     }
 
     fn read_row(&mut self, t: Resource<TensorRes>, row: u32) -> Res<Vec<f32>> {
-        let t = self.table.get(&t).map_err(handle)?;
-        Ok(t.row(row as usize).map_err(op_error)?.to_vec())
+        Compute::read_row(&self.backend, self.tensor(&t)?, row).map_err(wit_error)
     }
 
     fn write(&mut self, t: Resource<TensorRes>, rows: u32, data: Vec<f32>) -> Res<()> {
-        let t = self.table.get_mut(&t).map_err(handle)?;
-        t.write(rows as usize, data).map_err(op_error)
+        checked::write_tensor(&self.backend, self.tensor(&t)?, rows as usize, data)
+            .map_err(wit_error)
     }
 
     fn drop(&mut self, t: Resource<TensorRes>) -> wasmtime::Result<()> {
-        self.table.delete(t)?;
-        Ok(())
+        self.delete::<B::Tensor, _>(t)
     }
 }
 
-impl tensors::HostKvCache for ComputeState {
+impl<B: Backend> tensors::HostKvCache for ComputeState<B> {
     fn new(
         &mut self,
         n_layer: u32,
@@ -340,58 +381,23 @@ impl tensors::HostKvCache for ComputeState {
         n_head_kv: u32,
         head_dim: u32,
     ) -> Resource<KvCacheRes> {
-        let c = KvCacheRes::new(n_layer, n_ctx, n_head_kv, head_dim);
-        self.table
-            .push(c)
-            .unwrap_or_else(|_| Resource::new_own(u32::MAX))
+        // Sizes are checked when the cache is first written (construction cannot fail).
+        let c = Compute::cache(&self.backend, n_layer, n_ctx, n_head_kv, head_dim);
+        self.push(c).unwrap_or_else(|_| Resource::new_own(u32::MAX))
     }
 
     fn capacity(&mut self, c: Resource<KvCacheRes>) -> u32 {
-        self.table.get(&c).map(|c| c.n_ctx as u32).unwrap_or(0)
+        self.cache(&c)
+            .map(|c| self.backend.cache_shape(c).n_ctx as u32)
+            .unwrap_or(0)
     }
 
     fn drop(&mut self, c: Resource<KvCacheRes>) -> wasmtime::Result<()> {
-        self.table.delete(c)?;
-        Ok(())
+        self.delete::<B::Cache, _>(c)
     }
 }
 
-fn distinct<A, B>(a: &Resource<A>, b: &Resource<B>) -> Res<()> {
-    if a.rep() == b.rep() {
-        Err(invalid(
-            "an op's output must be a different tensor from its inputs",
-        ))
-    } else {
-        Ok(())
-    }
-}
-
-impl ComputeState {
-    /// Take a tensor's buffer out of the table (to write it while reading others).
-    fn take(&mut self, t: &Resource<TensorRes>) -> Res<TensorRes> {
-        let t = self.table.get_mut(t).map_err(handle)?;
-        Ok(std::mem::replace(t, TensorRes::new(t.cols)))
-    }
-
-    fn put(&mut self, t: &Resource<TensorRes>, value: TensorRes) -> Res<()> {
-        *self.table.get_mut(t).map_err(handle)? = value;
-        Ok(())
-    }
-
-    fn timed<T>(
-        &mut self,
-        bucket: fn(&mut Stats) -> &mut u64,
-        f: impl FnOnce(&mut Self) -> T,
-    ) -> T {
-        let start = std::time::Instant::now();
-        let r = f(self);
-        self.stats.calls += 1;
-        *bucket(&mut self.stats) += start.elapsed().as_nanos() as u64;
-        r
-    }
-}
-
-impl tensors::Host for ComputeState {
+impl<B: Backend> tensors::Host for ComputeState<B> {
     fn embed(
         &mut self,
         table: Resource<WeightRes>,
@@ -399,22 +405,11 @@ impl tensors::Host for ComputeState {
         scale: f32,
         out: Resource<TensorRes>,
     ) -> Res<()> {
-        if let Some(unit) = self.table.get(&table).map_err(handle)?.unit {
-            self.store.touch(unit);
-        }
-        self.timed(
-            |s| &mut s.other_ns,
-            |st| {
-                let mut o = st.take(&out)?;
-                let r = st
-                    .table
-                    .get(&table)
-                    .map_err(handle)
-                    .and_then(|w| ops::embed(&w.view(), &ids, scale, &mut o).map_err(op_error));
-                st.put(&out, o)?;
-                r
-            },
-        )
+        self.touch(&table)?;
+        self.timed(Bucket::Other, |s| {
+            let (w, o) = (s.weight(&table)?, s.tensor(&out)?);
+            Compute::embed(&s.backend, &w.w, &ids, scale, o).map_err(wit_error)
+        })
     }
 
     fn matmul(
@@ -423,16 +418,11 @@ impl tensors::Host for ComputeState {
         w: Resource<WeightRes>,
         out: Resource<TensorRes>,
     ) -> Res<()> {
-        distinct(&x, &out)?;
-        self.timed(
-            |s| &mut s.matmul_ns,
-            |st| {
-                let mut o = st.take(&out)?;
-                let r = st.matmul_into(&x, &w, &mut o);
-                st.put(&out, o)?;
-                r
-            },
-        )
+        self.touch(&w)?;
+        self.timed(Bucket::Matmul, |s| {
+            let (x, w, o) = (s.tensor(&x)?, s.weight(&w)?, s.tensor(&out)?);
+            Compute::matmul(&s.backend, x, &w.w, o).map_err(wit_error)
+        })
     }
 
     fn rms_norm(
@@ -442,20 +432,10 @@ impl tensors::Host for ComputeState {
         eps: f32,
         out: Resource<TensorRes>,
     ) -> Res<()> {
-        distinct(&x, &out)?;
-        self.timed(
-            |s| &mut s.other_ns,
-            |st| {
-                let mut o = st.take(&out)?;
-                let r = (|| {
-                    let xt = st.table.get(&x).map_err(handle)?;
-                    let wt = st.table.get(&w).map_err(handle)?;
-                    ops::rms_norm(xt, wt.decoded.as_deref(), eps, &mut o).map_err(op_error)
-                })();
-                st.put(&out, o)?;
-                r
-            },
-        )
+        self.timed(Bucket::Other, |s| {
+            let (x, w, o) = (s.tensor(&x)?, s.weight(&w)?, s.tensor(&out)?);
+            Compute::rms_norm(&s.backend, x, &w.w, eps, o).map_err(wit_error)
+        })
     }
 
     fn rope(
@@ -465,23 +445,14 @@ impl tensors::Host for ComputeState {
         params: RopeParams,
         factors: Option<Resource<WeightRes>>,
     ) -> Res<()> {
-        self.timed(
-            |s| &mut s.other_ns,
-            |st| {
-                let mut cache = std::mem::take(&mut st.rope_cache);
-                let mut t = st.take(&x)?;
-                let r = (|| {
-                    let f = match &factors {
-                        Some(w) => Some(st.table.get(w).map_err(handle)?.decoded.as_deref()),
-                        None => None,
-                    };
-                    ops::rope(&mut t, pos, &rope_params(&params), f, &mut cache).map_err(op_error)
-                })();
-                st.put(&x, t)?;
-                st.rope_cache = cache;
-                r
-            },
-        )
+        self.timed(Bucket::Other, |s| {
+            let f = match &factors {
+                Some(f) => Some(&s.weight(f)?.w),
+                None => None,
+            };
+            let x = s.tensor(&x)?;
+            Compute::rope(&s.backend, x, pos, &rope_params(&params), f).map_err(wit_error)
+        })
     }
 
     #[allow(clippy::too_many_arguments, reason = "mirrors the WIT signature")]
@@ -498,29 +469,12 @@ impl tensors::Host for ComputeState {
         window: u32,
         out: Resource<TensorRes>,
     ) -> Res<()> {
-        distinct(&q, &out)?;
-        distinct(&k, &out)?;
-        distinct(&v, &out)?;
-        self.timed(
-            |s| &mut s.attention_ns,
-            |st| {
-                let mut o = st.take(&out)?;
-                let r = st.attention_into(
-                    &q,
-                    &k,
-                    &v,
-                    &cache,
-                    layer as usize,
-                    pos as usize,
-                    n_head as usize,
-                    scale,
-                    window as usize,
-                    &mut o,
-                );
-                st.put(&out, o)?;
-                r
-            },
-        )
+        self.timed(Bucket::Attention, |s| {
+            let (q, k, v) = (s.tensor(&q)?, s.tensor(&k)?, s.tensor(&v)?);
+            let (c, o) = (s.cache(&cache)?, s.tensor(&out)?);
+            Compute::attention(&s.backend, q, k, v, c, layer, pos, n_head, scale, window, o)
+                .map_err(wit_error)
+        })
     }
 
     fn glu(
@@ -529,412 +483,32 @@ impl tensors::Host for ComputeState {
         up: Resource<TensorRes>,
         act: Activation,
     ) -> Res<()> {
-        distinct(&gate, &up)?;
-        self.timed(
-            |s| &mut s.other_ns,
-            |st| {
-                let mut u = st.take(&up)?;
-                let r = (|| {
-                    let g = st.table.get(&gate).map_err(handle)?;
-                    let f = match act {
-                        Activation::Silu => kernels::Gate::Silu,
-                        Activation::GeluTanh => kernels::Gate::GeluTanh,
-                    };
-                    ops::glu(g, &mut u, f).map_err(op_error)
-                })();
-                st.put(&up, u)?;
-                r
-            },
-        )
+        let act = match act {
+            Activation::Silu => realm_compute::Activation::Silu,
+            Activation::GeluTanh => realm_compute::Activation::GeluTanh,
+        };
+        self.timed(Bucket::Other, |s| {
+            let (g, u) = (s.tensor(&gate)?, s.tensor(&up)?);
+            Compute::glu(&s.backend, g, u, act).map_err(wit_error)
+        })
     }
 
     fn add(&mut self, acc: Resource<TensorRes>, x: Resource<TensorRes>) -> Res<()> {
-        distinct(&acc, &x)?;
-        self.timed(
-            |s| &mut s.other_ns,
-            |st| {
-                let mut a = st.take(&acc)?;
-                let r = (|| {
-                    let xt = st.table.get(&x).map_err(handle)?;
-                    ops::add(&mut a, xt).map_err(op_error)
-                })();
-                st.put(&acc, a)?;
-                r
-            },
-        )
+        self.timed(Bucket::Other, |s| {
+            let (a, x) = (s.tensor(&acc)?, s.tensor(&x)?);
+            Compute::add(&s.backend, a, x).map_err(wit_error)
+        })
     }
 
-    fn scale(&mut self, x: Resource<TensorRes>, s: f32) -> Res<()> {
-        let t = self.table.get_mut(&x).map_err(handle)?;
-        t.data.iter_mut().for_each(|v| *v *= s);
-        Ok(())
+    fn scale(&mut self, x: Resource<TensorRes>, v: f32) -> Res<()> {
+        Compute::scale(&self.backend, self.tensor(&x)?, v).map_err(wit_error)
     }
 
     fn softmax(&mut self, x: Resource<TensorRes>) -> Res<()> {
-        let t = self.table.get_mut(&x).map_err(handle)?;
-        ops::softmax(t).map_err(op_error)
+        checked::softmax_rows(&self.backend, self.tensor(&x)?).map_err(wit_error)
     }
 
     fn keep_last_row(&mut self, x: Resource<TensorRes>) -> Res<()> {
-        let t = self.table.get_mut(&x).map_err(handle)?;
-        ops::keep_last_row(t);
-        Ok(())
-    }
-}
-
-/// An output buffer the shares of a [`spin::SpinPool`] job write disjoint parts of.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32, usize);
-
-// SAFETY: used only to hand disjoint sub-slices to the shares of one job, which the
-// job's owner waits for before touching the buffer again.
-unsafe impl Sync for SharedOut {}
-unsafe impl Send for SharedOut {}
-
-/// [`SharedOut`] for bytes.
-#[derive(Clone, Copy)]
-struct SharedBytes(*mut u8, usize);
-
-// SAFETY: as for `SharedOut`.
-unsafe impl Sync for SharedBytes {}
-unsafe impl Send for SharedBytes {}
-
-impl SharedBytes {
-    /// # Safety
-    /// No other live slice may overlap this one.
-    #[allow(clippy::mut_from_ref, reason = "disjointness is the caller's contract")]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [u8] {
-        assert!(start + len <= self.1, "slice past the buffer");
-        // SAFETY: in bounds (checked); disjointness is the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
-    }
-}
-
-impl SharedOut {
-    /// `len` values from `start`.
-    ///
-    /// # Safety
-    /// No other live slice may overlap this one.
-    #[allow(clippy::mut_from_ref, reason = "disjointness is the caller's contract")]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(start + len <= self.1, "slice past the buffer");
-        // SAFETY: in bounds (checked); disjointness is the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
-    }
-}
-
-impl ComputeState {
-    fn matmul_into(
-        &mut self,
-        x: &Resource<TensorRes>,
-        w: &Resource<WeightRes>,
-        o: &mut TensorRes,
-    ) -> Res<()> {
-        if let Some(unit) = self.table.get(w).map_err(handle)?.unit {
-            self.store.touch(unit);
-        }
-        let mut xq = std::mem::take(&mut self.quantized);
-        let xt = self.table.get(x).map_err(handle)?;
-        let wt = self.table.get(w).map_err(handle)?;
-        let (k, n) = (wt.row_len(), wt.n_rows());
-        if xt.cols != k || o.cols != n {
-            return Err(invalid(format!(
-                "matmul of a {}-wide input by a {k}→{n} weight into width {}",
-                xt.cols, o.cols
-            )));
-        }
-        o.set_rows(xt.rows).map_err(op_error)?;
-        let rows = xt.rows;
-        let pool = self.pool.clone();
-        match (&wt.decoded, VecDot::for_weight(wt.ty)) {
-            (Some(wf), _) => pool.install(|| {
-                o.data
-                    .par_chunks_mut(n)
-                    .zip(xt.data.par_chunks(k))
-                    .for_each(|(orow, xrow)| {
-                        for (j, ov) in orow.iter_mut().enumerate() {
-                            *ov = wf[j * k..(j + 1) * k]
-                                .iter()
-                                .zip(xrow)
-                                .map(|(a, b)| a * b)
-                                .sum();
-                        }
-                    })
-            }),
-            (None, Some(kind)) => {
-                if !k.is_multiple_of(kind.block_len()) {
-                    return Err(invalid(format!(
-                        "rows of {k} are not whole {}-element activation blocks",
-                        kind.block_len()
-                    )));
-                }
-                let qrow = k / kind.block_len() * kind.block_bytes();
-                xq.clear();
-                if rows < 8 {
-                    for xrow in xt.data.chunks_exact(k) {
-                        quant::quantize_row(kind, xrow, &mut xq);
-                    }
-                } else {
-                    // A prompt's rows quantized by all shares (each into its own rows).
-                    xq.resize(rows * qrow, 0);
-                    let spin = self.spin.clone();
-                    let shares = spin.size();
-                    let dst = SharedBytes(xq.as_mut_ptr(), xq.len());
-                    spin.run(&|share| {
-                        thread_local! {
-                            static ROW: std::cell::RefCell<Vec<u8>> =
-                                const { std::cell::RefCell::new(Vec::new()) };
-                        }
-                        ROW.with_borrow_mut(|buf| {
-                            for t in spin::part(rows, shares, share, 1) {
-                                buf.clear();
-                                quant::quantize_row(kind, &xt.data[t * k..(t + 1) * k], buf);
-                                // SAFETY: shares own disjoint rows of `xq`.
-                                unsafe { dst.slice(t * qrow, qrow) }.copy_from_slice(buf);
-                            }
-                        });
-                    });
-                }
-                let wrow = wt.ty.row_bytes(k as u64).unwrap_or(0) as usize;
-                let (wb, ty) = (wt.bytes(), wt.ty);
-                let threads = pool.current_num_threads().max(1);
-                #[cfg(target_arch = "x86_64")]
-                let avx512 = quant::kernel_level() >= quant::KernelLevel::Avx512;
-                #[cfg(target_arch = "x86_64")]
-                let (wide, wide_k) = (
-                    avx512 && avx512::has_tile(ty),
-                    avx512 && matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K),
-                );
-                #[cfg(target_arch = "x86_64")]
-                if rows >= 2
-                    && quant::kernel_level() == quant::KernelLevel::Amx
-                    && amx::has_tile(ty)
-                {
-                    // Prompt processing on AMX tiles (opt-in: its own numerics, see
-                    // `amx.rs`): each share 16-row groups of weights against every token.
-                    let mut packed = std::mem::take(&mut self.packed_amx);
-                    packed.pack(&xq, rows);
-                    let spin = self.spin.clone();
-                    let shares = spin.size();
-                    let out = quant::TileOut::new(&mut o.data, n);
-                    spin.run(&|share| {
-                        let r = spin::part(n, shares, share, 16);
-                        // SAFETY: `kernel_level` returned `Amx` only after `amx::available`;
-                        // shares own disjoint weight rows of the output.
-                        unsafe { amx::dot_tile(ty, (wb, wrow), &packed, r, out) };
-                    });
-                    self.packed_amx = packed;
-                    self.quantized = xq;
-                    return Ok(());
-                }
-                #[cfg(target_arch = "x86_64")]
-                if rows >= 2
-                    && (wide
-                        || (quant::kernel_level() >= quant::KernelLevel::Avx2
-                            && avx2::has_tile(ty)))
-                {
-                    // Prompt processing: tiles of four weight rows × several tokens, each
-                    // share a range of weight rows (kept in cache) against every token,
-                    // written straight into the output.
-                    let mut packed = std::mem::take(&mut self.packed);
-                    if wide {
-                        packed.pack(ty, &xq, rows);
-                    }
-                    let spin = self.spin.clone();
-                    let shares = spin.size();
-                    let out = quant::TileOut::new(&mut o.data, n);
-                    spin.run(&|share| {
-                        let r = spin::part(n, shares, share, 4);
-                        // SAFETY: `kernel_level` checked the CPU features; shares own
-                        // disjoint weight rows of the output.
-                        unsafe {
-                            if wide {
-                                avx512::dot_tile(ty, (wb, wrow), (&xq, &packed), r, out)
-                            } else if wide_k {
-                                avx512::dot_tile_k(ty, (wb, wrow), (&xq, qrow), r, out)
-                            } else {
-                                avx2::dot_tile(ty, wb, wrow, (&xq, qrow), r, out)
-                            }
-                        };
-                    });
-                    self.packed = packed;
-                    self.quantized = xq;
-                    return Ok(());
-                }
-                pool.install(|| {
-                    if rows >= 2 * threads {
-                        o.data
-                            .par_chunks_mut(n)
-                            .zip(xq.par_chunks(qrow))
-                            .for_each(|(orow, xr)| {
-                                quant::dot_rows(ty, wb, wrow, xr, 0, orow);
-                            });
-                    }
-                });
-                if rows < 2 * threads {
-                    // Decoding: each row's outputs split across the spinning pool.
-                    let spin = self.spin.clone();
-                    let shares = spin.size();
-                    let out = SharedOut(o.data.as_mut_ptr(), o.data.len());
-                    spin.run(&|share| {
-                        let r = spin::part(n, shares, share, 4);
-                        for (t, xr) in xq.chunks_exact(qrow).enumerate() {
-                            // SAFETY: shares own disjoint column ranges of every row.
-                            let part = unsafe { out.slice(t * n + r.start, r.len()) };
-                            quant::dot_rows(ty, wb, wrow, xr, r.start, part);
-                        }
-                    });
-                }
-            }
-            (None, None) => {
-                // Types without an integer kernel yet (Q2_K, Q3_K, Q5_K, …): each weight row
-                // is dequantized by the reference code and multiplied in f32.
-                let wrow = wt.ty.row_bytes(k as u64).unwrap_or(0) as usize;
-                let (wb, ty) = (wt.bytes(), wt.ty);
-                pool.install(|| {
-                    for (orow, xrow) in o.data.chunks_exact_mut(n).zip(xt.data.chunks_exact(k)) {
-                        orow.par_chunks_mut(64).enumerate().for_each_init(
-                            || vec![0f32; k],
-                            |wf, (c, part)| {
-                                for (i, ov) in part.iter_mut().enumerate() {
-                                    let j = c * 64 + i;
-                                    let row = &wb[j * wrow..(j + 1) * wrow];
-                                    let _ = realm_gguf::quant::dequantize(ty, row, wf);
-                                    *ov = wf.iter().zip(xrow).map(|(a, b)| a * b).sum();
-                                }
-                            },
-                        );
-                    }
-                });
-            }
-        }
-        self.quantized = xq;
-        Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments, reason = "mirrors the WIT signature")]
-    fn attention_into(
-        &mut self,
-        q: &Resource<TensorRes>,
-        k: &Resource<TensorRes>,
-        v: &Resource<TensorRes>,
-        cache: &Resource<KvCacheRes>,
-        layer: usize,
-        pos: usize,
-        n_head: usize,
-        scale: f32,
-        window: usize,
-        o: &mut TensorRes,
-    ) -> Res<()> {
-        // Append k and v to the cache (taken out of the table while we read the others).
-        let mut c = {
-            let c = self.table.get_mut(cache).map_err(handle)?;
-            let shell = c.shell();
-            std::mem::replace(c, shell)
-        };
-        let r = (|| {
-            let (qt, kt, vt) = (
-                self.table.get(q).map_err(handle)?,
-                self.table.get(k).map_err(handle)?,
-                self.table.get(v).map_err(handle)?,
-            );
-            let shape = ops::append_kv(
-                &mut c,
-                (qt, kt, vt),
-                layer,
-                pos,
-                n_head,
-                (scale, window),
-                MAX_KV_ELEMENTS,
-                o,
-            )
-            .map_err(op_error)?;
-            let (n, hd) = (qt.rows, shape.head_dim);
-            let lc = &c.layers[layer];
-            // Batches of 64 rows or more: ggml's tiled numerics over f32 copies of the
-            // cache, made once for all rows.
-            let mut tiled = std::mem::take(&mut self.tiled_kv);
-            if shape.tiled {
-                tiled.build(lc, shape, pos + n);
-            }
-            let tiled_ref = &tiled;
-            // (row, head) items split evenly across the spinning pool: one token's heads
-            // in parallel when decoding, whole rows when processing a prompt.
-            let spin = self.spin.clone();
-            let shares = spin.size();
-            let scratch = &self.attn_scratch;
-            let out = SharedOut(o.data.as_mut_ptr(), o.data.len());
-            let cols = qt.cols;
-            spin.run(&|share| {
-                let mut buf = scratch[share % scratch.len()]
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if n >= shares {
-                    // Later rows attend to more positions: deal rows out in turn so every
-                    // share gets a similar mix.
-                    for i in (share..n).step_by(shares) {
-                        // SAFETY: shares own disjoint rows of the output.
-                        let orow = unsafe { out.slice(i * cols, cols) };
-                        let qrow = &qt.data[i * cols..(i + 1) * cols];
-                        if shape.tiled {
-                            kernels::attend_row_tiled(
-                                qrow,
-                                tiled_ref,
-                                pos + i,
-                                shape,
-                                0..n_head,
-                                orow,
-                            );
-                        } else {
-                            kernels::attend_row(
-                                qrow,
-                                lc,
-                                pos + i,
-                                shape,
-                                0..n_head,
-                                &mut buf,
-                                orow,
-                            );
-                        }
-                    }
-                    return;
-                }
-                let items = spin::part(n * n_head, shares, share, 1);
-                let mut item = items.start;
-                while item < items.end {
-                    let (i, h0) = (item / n_head, item % n_head);
-                    let h1 = n_head.min(h0 + items.end - item);
-                    // SAFETY: shares own disjoint (row, head) ranges of the output.
-                    let orow = unsafe { out.slice(i * cols + h0 * hd, (h1 - h0) * hd) };
-                    let qrow = &qt.data[i * cols..(i + 1) * cols];
-                    if shape.tiled {
-                        kernels::attend_row_tiled(qrow, tiled_ref, pos + i, shape, h0..h1, orow);
-                    } else {
-                        kernels::attend_row(qrow, lc, pos + i, shape, h0..h1, &mut buf, orow);
-                    }
-                    item += h1 - h0;
-                }
-            });
-            self.tiled_kv = tiled;
-            Ok(())
-        })();
-        *self.table.get_mut(cache).map_err(handle)? = c;
-        r
-    }
-}
-
-/// The WIT `rope-params` as the kernels take them.
-fn rope_params(p: &RopeParams) -> realm_kernels::kernels::RopeParams {
-    realm_kernels::kernels::RopeParams {
-        head_dim: p.head_dim as usize,
-        n_rot: p.n_rot as usize,
-        neox: p.mode == RopeMode::Neox,
-        freq_base: p.freq_base,
-        freq_scale: p.freq_scale,
-        ext_factor: p.ext_factor,
-        attn_factor: p.attn_factor,
-        beta_fast: p.beta_fast,
-        beta_slow: p.beta_slow,
-        n_ctx_orig: p.n_ctx_orig,
+        Compute::keep_last_row(&self.backend, self.tensor(&x)?).map_err(wit_error)
     }
 }

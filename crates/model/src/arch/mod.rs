@@ -1,45 +1,58 @@
-//! The architectures Realm runs, behind one trait: adding one is a new module here and a
-//! line in [`load`]; nothing outside the guest changes.
+//! The architectures Realm runs. Adding one is a module here (its weights and what its
+//! blocks do differently, on top of [`block`]) and a line in the registry below.
 
+pub mod block;
 mod gemma3;
 mod llama;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 
+use realm_compute::{Compute, GgmlType, RopeMode, RopeParams};
 use realm_gguf::{GgufFile, Hparams, RopeScaling, TensorInfo};
 
-use crate::compute::{self, KvCache, ModelFile, RopeMode, RopeParams, Tensor, Weight};
-use crate::exports::realm::inference::types::Error;
+use crate::{Error, Result};
 
-type LoadFn = fn(&Loader<'_>, Hparams) -> Result<Box<dyn Architecture>, Error>;
+/// The registry: `general.architecture` → the module whose `load` builds it.
+macro_rules! registry {
+    ($($name:literal => $module:ident),* $(,)?) => {
+        /// Names of the architectures Realm runs.
+        pub const KNOWN: &[&str] = &[$($name),*];
 
-/// The registry: `general.architecture` → loader. One line per architecture.
-const ARCHITECTURES: &[(&str, LoadFn)] = &[
-    ("llama", |l, hp| Ok(Box::new(llama::Llama::load(l, hp)?))),
-    ("gemma3", |l, hp| Ok(Box::new(gemma3::Gemma3::load(l, hp)?))),
-];
+        fn load_by_name<C: Compute>(
+            arch: &str,
+            l: &Loader<'_, C>,
+            hp: Hparams,
+        ) -> Option<Result<Box<dyn Architecture<C>>>> {
+            match arch {
+                $($name => Some($module::load(l, hp)),)*
+                _ => None,
+            }
+        }
+    };
+}
 
-/// Names of the architectures Realm runs.
-pub fn known() -> Vec<&'static str> {
-    ARCHITECTURES.iter().map(|(name, _)| *name).collect()
+registry! {
+    "llama" => llama,
+    "gemma3" => gemma3,
 }
 
 /// A loaded model's forward pass.
-pub trait Architecture {
+pub trait Architecture<C: Compute> {
     fn hparams(&self) -> &Hparams;
     /// Activation buffers for one session, sized for this model.
-    fn scratch(&self) -> Scratch;
+    fn scratch(&self, c: &C) -> Scratch<C>;
     /// Run `ids` at positions `pos…` (appending to `cache`); `out` says what to return:
     /// the logits of the last position, or the pooled final hidden states.
     fn forward(
         &self,
-        s: &Scratch,
-        cache: &KvCache,
+        c: &C,
+        s: &Scratch<C>,
+        cache: &C::Cache,
         ids: &[u32],
         pos: u32,
         out: Output,
-    ) -> Result<Vec<f32>, Error>;
+    ) -> Result<Vec<f32>>;
 }
 
 /// What a forward pass returns.
@@ -52,87 +65,74 @@ pub enum Output {
     MeanPooled,
 }
 
-/// The mean of the `n` rows of `h`, L2-normalized.
-pub fn mean_pooled(h: &Tensor, n: usize) -> Result<Vec<f32>, Error> {
-    let mut sum: Vec<f64> = Vec::new();
-    for i in 0..n {
-        let row = h.read_row(i as u32)?;
-        if sum.is_empty() {
-            sum = vec![0.0; row.len()];
-        }
-        for (s, v) in sum.iter_mut().zip(row) {
-            *s += f64::from(v);
-        }
-    }
-    let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let scale = if norm > 0.0 { 1.0 / norm } else { 0.0 };
-    Ok(sum.iter().map(|v| (v * scale) as f32).collect())
-}
-
 /// A session's activation tensors, reused for every token (nothing allocated per token).
-pub struct Scratch {
+pub struct Scratch<C: Compute> {
     /// (n, n_embd) the residual stream.
-    pub x: Tensor,
+    pub x: C::Tensor,
     /// (n, n_embd) normalized input to the next matmul, and matmul outputs.
-    pub xb: Tensor,
-    /// (n, n_embd) a second buffer for post-norms (Gemma).
-    pub xb2: Tensor,
+    pub xb: C::Tensor,
     /// (n, n_head · head_dim), (n, n_head_kv · head_dim) ×2.
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
-    /// q and k after per-head norms (Gemma), same shapes as q and k.
-    pub qn: Tensor,
-    pub kn: Tensor,
+    pub q: C::Tensor,
+    pub k: C::Tensor,
+    pub v: C::Tensor,
     /// (n, n_head · head_dim) attention output.
-    pub att: Tensor,
+    pub att: C::Tensor,
     /// (n, n_ff) ×2 feed-forward gate and up projections.
-    pub gate: Tensor,
-    pub up: Tensor,
+    pub gate: C::Tensor,
+    pub up: C::Tensor,
     /// (1, n_vocab).
-    pub logits: Tensor,
+    pub logits: C::Tensor,
+    /// q and k after per-head norms, for blocks that have them.
+    pub qk_norm: Option<(C::Tensor, C::Tensor)>,
+    /// (n, n_embd) a block output's post-norm, for blocks that have them.
+    pub post_norm: Option<C::Tensor>,
 }
 
-impl Scratch {
-    /// Buffers for `hp`; `post_norms` adds the extra ones Gemma-style blocks need.
-    pub fn new(hp: &Hparams, n_vocab: u32, post_norms: bool) -> Self {
+impl<C: Compute> Scratch<C> {
+    /// Buffers for `hp` and blocks shaped as `spec`.
+    pub fn new(c: &C, hp: &Hparams, n_vocab: u32, spec: block::Spec) -> Self {
         let q_dim = hp.n_head * hp.head_dim;
         let kv_dim = hp.n_head_kv * hp.head_dim;
-        let extra = |n: u32| Tensor::new(if post_norms { n } else { 0 });
         Scratch {
-            x: Tensor::new(hp.n_embd),
-            xb: Tensor::new(hp.n_embd),
-            xb2: extra(hp.n_embd),
-            q: Tensor::new(q_dim),
-            k: Tensor::new(kv_dim),
-            v: Tensor::new(kv_dim),
-            qn: extra(q_dim),
-            kn: extra(kv_dim),
-            att: Tensor::new(q_dim),
-            gate: Tensor::new(hp.n_ff),
-            up: Tensor::new(hp.n_ff),
-            logits: Tensor::new(n_vocab),
+            x: c.tensor(hp.n_embd),
+            xb: c.tensor(hp.n_embd),
+            q: c.tensor(q_dim),
+            k: c.tensor(kv_dim),
+            v: c.tensor(kv_dim),
+            att: c.tensor(q_dim),
+            gate: c.tensor(hp.n_ff),
+            up: c.tensor(hp.n_ff),
+            logits: c.tensor(n_vocab),
+            qk_norm: spec.qk_norm.then(|| (c.tensor(q_dim), c.tensor(kv_dim))),
+            post_norm: spec.post_norms.then(|| c.tensor(hp.n_embd)),
         }
     }
 }
 
-pub fn load(file: &ModelFile, gguf: &GgufFile) -> Result<Box<dyn Architecture>, Error> {
+/// Loads the model in `file` (whose header is `gguf`) with the architecture it names.
+pub fn load<C: Compute>(
+    c: &C,
+    file: &C::File,
+    gguf: &GgufFile,
+) -> Result<Box<dyn Architecture<C>>> {
     let arch = gguf
         .architecture()
         .map_err(|e| Error::InvalidModel(e.to_string()))?;
-    let Some((_, load)) = ARCHITECTURES.iter().find(|(name, _)| *name == arch) else {
+    if !KNOWN.contains(&arch) {
         return Err(Error::Unsupported(format!(
             "architecture '{arch}' is not supported (known: {})",
-            known().join(", ")
+            KNOWN.join(", ")
         )));
-    };
+    }
     let hp = Hparams::from_gguf(gguf).map_err(|e| Error::InvalidModel(e.to_string()))?;
     let loader = Loader {
+        c,
         file,
         gguf,
         used: RefCell::default(),
     };
-    let model = load(&loader, hp)?;
+    let model = load_by_name(arch, &loader, hp)
+        .ok_or_else(|| Error::Unsupported(format!("architecture '{arch}' has no loader")))??;
     loader.check_all_used(arch)?;
     Ok(model)
 }
@@ -168,22 +168,23 @@ fn in_the_graph(name: &str) -> bool {
         .any(|p| name.starts_with(p))
 }
 
-/// Creates host weights from the file's tensors, checking their shapes, and remembers
-/// which it used: a tensor the architecture does not use (a bias, RoPE factors, experts)
-/// would change llama.cpp's results, so such a file is refused instead of run wrong.
-pub struct Loader<'a> {
-    file: &'a ModelFile,
+/// Creates weights from the file's tensors, checking their shapes, and remembers which it
+/// used: a tensor the architecture does not use (a bias, RoPE factors, experts) would
+/// change llama.cpp's results, so such a file is refused instead of run wrong.
+pub struct Loader<'a, C: Compute> {
+    c: &'a C,
+    file: &'a C::File,
     gguf: &'a GgufFile,
     used: RefCell<BTreeSet<String>>,
 }
 
-impl Loader<'_> {
+impl<C: Compute> Loader<'_, C> {
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.gguf.tensor(name)
     }
 
     /// Vocabulary size: the row count of `token_embd.weight`.
-    pub fn n_vocab(&self) -> Result<u64, Error> {
+    pub fn n_vocab(&self) -> Result<u64> {
         self.tensor("token_embd.weight")
             .and_then(|t| t.dims.get(1).copied())
             .ok_or_else(|| {
@@ -192,7 +193,7 @@ impl Loader<'_> {
     }
 
     /// Errors unless every tensor of the file was loaded.
-    fn check_all_used(&self, arch: &str) -> Result<(), Error> {
+    fn check_all_used(&self, arch: &str) -> Result<()> {
         let used = self.used.borrow();
         let unused: Vec<&str> = self
             .gguf
@@ -219,7 +220,7 @@ impl Loader<'_> {
     }
 
     /// The weight `name`, which must have exactly `dims` (ggml order).
-    pub fn weight(&self, name: &str, dims: &[u64]) -> Result<Weight, Error> {
+    pub fn weight(&self, name: &str, dims: &[u64]) -> Result<C::Weight> {
         let t = self
             .tensor(name)
             .ok_or_else(|| Error::InvalidModel(format!("tensor '{name}' is missing")))?;
@@ -232,17 +233,17 @@ impl Loader<'_> {
         }
         t.check_supported()
             .map_err(|e| Error::Unsupported(e.to_string()))?;
-        let dtype = compute::dtype(t.ty).ok_or_else(|| {
-            Error::Unsupported(format!(
+        if !computable(t.ty) {
+            return Err(Error::Unsupported(format!(
                 "tensor '{name}' has type {}, which Realm does not support yet",
                 t.ty
-            ))
-        })?;
-        Ok(self.file.weight(t.offset, dtype, &t.dims)?)
+            )));
+        }
+        Ok(self.c.weight(self.file, t.offset, t.ty, &t.dims)?)
     }
 
     /// An optional integer hyper-parameter.
-    pub fn metadata_u32(&self, key: &str) -> Result<Option<u32>, Error> {
+    pub fn metadata_u32(&self, key: &str) -> Result<Option<u32>> {
         self.gguf
             .metadata
             .opt_u32(key)
@@ -250,18 +251,40 @@ impl Loader<'_> {
     }
 
     /// An optional float hyper-parameter.
-    pub fn metadata_f32(&self, key: &str) -> Result<Option<f32>, Error> {
+    pub fn metadata_f32(&self, key: &str) -> Result<Option<f32>> {
         self.gguf
             .metadata
             .opt_f32(key)
             .map_err(|e| Error::InvalidModel(e.to_string()))
     }
 
-    pub fn optional(&self, name: &str, dims: &[u64]) -> Result<Option<Weight>, Error> {
+    pub fn optional(&self, name: &str, dims: &[u64]) -> Result<Option<C::Weight>> {
         if self.tensor(name).is_some() {
             self.weight(name, dims).map(Some)
         } else {
             Ok(None)
         }
     }
+}
+
+/// The tensor types `realm:compute` has a dtype for.
+pub fn computable(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::F32
+            | GgmlType::F16
+            | GgmlType::BF16
+            | GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q8_1
+            | GgmlType::Q2_K
+            | GgmlType::Q3_K
+            | GgmlType::Q4_K
+            | GgmlType::Q5_K
+            | GgmlType::Q6_K
+            | GgmlType::Q8_K
+    )
 }

@@ -8,31 +8,33 @@ use std::time::Instant;
 use realm_gguf::GgufFile;
 use realm_tokenizer::{ChatTemplate, Message as ChatMessage, Tokenizer, Utf8Stream};
 
-use crate::compute::{HostFile, KvCache, ModelFile, open_model};
-use crate::exports::realm::inference::types::{
-    Chunk, Constraint, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt,
-    StepLogprobs, TokenLogprob, Usage,
-};
-use crate::model::{self, Architecture, Output, Scratch};
+use realm_compute::Compute;
+
+use crate::arch::{self, Architecture, Output, Scratch};
 use crate::sample::{Sampler, SamplerParams};
+use crate::{
+    Chunk, Embedding, Error, FinishReason, Message, ModelInfo, Params, Prompt, StepLogprobs,
+    TokenLogprob, Usage,
+};
 
 /// Context positions of a session when the caller asks for the default (0).
 pub const DEFAULT_CTX: u32 = 4096;
 
-struct ModelState {
+struct ModelState<C: Compute> {
     name: String,
-    arch: Box<dyn Architecture>,
+    compute: C,
+    arch: Box<dyn Architecture<C>>,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     weight_bytes: u64,
     architecture: String,
     /// The vocabulary as text for constrained generation, built on first use.
     grammar_vocab: std::cell::OnceCell<realm_grammar::Vocabulary>,
-    // Kept open: the host maps weights through it.
-    _file: ModelFile,
+    // Kept open: the weights may be views of it.
+    _file: C::File,
 }
 
-impl ModelState {
+impl<C: Compute> ModelState<C> {
     /// Each token's text for the grammar matcher; control, unused and end-of-generation
     /// tokens (handled apart) have none.
     fn grammar_vocab(&self) -> &realm_grammar::Vocabulary {
@@ -56,16 +58,23 @@ impl ModelState {
     }
 }
 
-pub struct LoadedModel(Rc<ModelState>);
+/// A loaded model (cheap to clone: its sessions share it).
+pub struct LoadedModel<C: Compute>(Rc<ModelState<C>>);
+
+impl<C: Compute> Clone for LoadedModel<C> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
 
 fn invalid(e: impl std::fmt::Display) -> Error {
     Error::InvalidModel(e.to_string())
 }
 
-impl LoadedModel {
-    pub fn load(name: &str) -> Result<Self, Error> {
-        let file = open_model(name)?;
-        let gguf = GgufFile::read(&HostFile(&file)).map_err(invalid)?;
+impl<C: Compute> LoadedModel<C> {
+    /// Reads the model in `file` (named `name`) and creates its weights on `compute`.
+    pub fn load(name: &str, compute: C, file: C::File) -> Result<Self, Error> {
+        let gguf = GgufFile::read(&file).map_err(invalid)?;
         let tokenizer = Tokenizer::from_metadata(&gguf.metadata).map_err(|e| match e {
             realm_tokenizer::TokenizerError::UnknownModel(_)
             | realm_tokenizer::TokenizerError::UnknownPretokenizer { .. } => {
@@ -75,11 +84,12 @@ impl LoadedModel {
         })?;
         let template =
             ChatTemplate::from_metadata(&gguf.metadata, tokenizer.vocab()).map_err(invalid)?;
-        let arch = model::load(&file, &gguf)?;
+        let arch = arch::load(&compute, &file, &gguf)?;
         let weight_bytes = gguf.tensors.iter().map(|t| t.n_bytes).sum();
         let architecture = gguf.architecture().map_err(invalid)?.to_string();
         Ok(Self(Rc::new(ModelState {
             name: name.into(),
+            compute,
             arch,
             tokenizer,
             template,
@@ -222,19 +232,20 @@ impl LoadedModel {
                 ids.len()
             )));
         }
-        let cache = KvCache::new(hp.n_layer, ids.len() as u32, hp.n_head_kv, hp.head_dim);
-        let scratch = self.0.arch.scratch();
+        let c = &self.0.compute;
+        let cache = c.cache(hp.n_layer, ids.len() as u32, hp.n_head_kv, hp.head_dim);
+        let scratch = self.0.arch.scratch(c);
         let values = self
             .0
             .arch
-            .forward(&scratch, &cache, &ids, 0, Output::MeanPooled)?;
+            .forward(c, &scratch, &cache, &ids, 0, Output::MeanPooled)?;
         Ok(Embedding {
             values,
             tokens: ids.len() as u32,
         })
     }
 
-    pub fn session(&self, n_ctx: u32) -> Result<SessionHandle, Error> {
+    pub fn session(&self, n_ctx: u32) -> Result<SessionHandle<C>, Error> {
         let hp = self.0.arch.hparams();
         let n_ctx = if n_ctx == 0 {
             DEFAULT_CTX.min(hp.n_ctx_train)
@@ -247,8 +258,9 @@ impl LoadedModel {
                 hp.n_ctx_train
             )));
         }
-        let cache = KvCache::new(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim);
-        let scratch = self.0.arch.scratch();
+        let c = &self.0.compute;
+        let cache = c.cache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim);
+        let scratch = self.0.arch.scratch(c);
         Ok(SessionHandle(Rc::new(RefCell::new(SessionState {
             model: self.0.clone(),
             cache,
@@ -259,10 +271,10 @@ impl LoadedModel {
     }
 }
 
-struct SessionState {
-    model: Rc<ModelState>,
-    cache: KvCache,
-    scratch: Scratch,
+struct SessionState<C: Compute> {
+    model: Rc<ModelState<C>>,
+    cache: C::Cache,
+    scratch: Scratch<C>,
     n_ctx: u32,
     /// Tokens whose keys and values are in the cache, in order.
     tokens: Vec<u32>,
@@ -273,38 +285,47 @@ struct SessionState {
 /// depend on how many query rows a batch has (see `AttnShape::tiled` in the kernels).
 const UBATCH: usize = 512;
 
-impl SessionState {
+impl<C: Compute> SessionState<C> {
     fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>, Error> {
         let mut logits = Vec::new();
         for chunk in ids.chunks(UBATCH) {
             let pos = self.tokens.len() as u32;
-            logits =
-                self.model
-                    .arch
-                    .forward(&self.scratch, &self.cache, chunk, pos, Output::Logits)?;
+            let m = &self.model;
+            logits = m.arch.forward(
+                &m.compute,
+                &self.scratch,
+                &self.cache,
+                chunk,
+                pos,
+                Output::Logits,
+            )?;
             self.tokens.extend_from_slice(chunk);
         }
         Ok(logits)
     }
 }
 
-pub struct SessionHandle(Rc<RefCell<SessionState>>);
+pub struct SessionHandle<C: Compute>(Rc<RefCell<SessionState<C>>>);
 
-impl SessionHandle {
+impl<C: Compute> SessionHandle<C> {
     pub fn n_past(&self) -> u32 {
         self.0.borrow().tokens.len() as u32
     }
 
-    pub fn generate(&self, prompt: Prompt, params: Params) -> Result<GenerationHandle, Error> {
+    pub fn generate(&self, prompt: Prompt, params: Params) -> Result<GenerationHandle<C>, Error> {
         self.generate_from(Input::Prompt(prompt), params)
     }
 
     /// `generate` from an OpenAI-style chat (JSON text: `messages`, optional `tools`).
-    pub fn generate_chat(&self, chat: String, params: Params) -> Result<GenerationHandle, Error> {
+    pub fn generate_chat(
+        &self,
+        chat: String,
+        params: Params,
+    ) -> Result<GenerationHandle<C>, Error> {
         self.generate_from(Input::ChatJson(chat), params)
     }
 
-    fn generate_from(&self, prompt: Input, params: Params) -> Result<GenerationHandle, Error> {
+    fn generate_from(&self, prompt: Input, params: Params) -> Result<GenerationHandle<C>, Error> {
         let mut s = self.0.borrow_mut();
         let model = s.model.clone();
         let sampler = SamplerParams {
@@ -396,9 +417,9 @@ enum Input {
     ChatJson(String),
 }
 
-struct GenerationState {
-    session: Rc<RefCell<SessionState>>,
-    model: Rc<ModelState>,
+struct GenerationState<C: Compute> {
+    session: Rc<RefCell<SessionState<C>>>,
+    model: Rc<ModelState<C>>,
     sampler: Sampler,
     /// Logits to sample the next token from.
     logits: Option<Vec<f32>>,
@@ -423,9 +444,9 @@ struct GenerationState {
     usage: Usage,
 }
 
-pub struct GenerationHandle(RefCell<GenerationState>);
+pub struct GenerationHandle<C: Compute>(RefCell<GenerationState<C>>);
 
-impl GenerationHandle {
+impl<C: Compute> GenerationHandle<C> {
     pub fn next(&self) -> Result<Option<Chunk>, Error> {
         let mut g = self.0.borrow_mut();
         if g.finish.is_some() {
@@ -556,12 +577,7 @@ impl GenerationHandle {
         self.0.borrow().margins.clone()
     }
 
-    pub fn constrain(&self, c: Constraint) -> Result<(), Error> {
-        let c = match c {
-            Constraint::Gbnf(g) => realm_grammar::Constraint::Gbnf(g),
-            Constraint::JsonSchema(s) => realm_grammar::Constraint::JsonSchema(s),
-            Constraint::JsonObject => realm_grammar::Constraint::JsonObject,
-        };
+    pub fn constrain(&self, c: realm_grammar::Constraint) -> Result<(), Error> {
         let grammar = c
             .compile()
             .map_err(|e| Error::InvalidInput(e.to_string()))?;
@@ -583,7 +599,7 @@ impl GenerationHandle {
     }
 }
 
-impl GenerationState {
+impl<C: Compute> GenerationState<C> {
     /// Whether the grammar allows `tok` next (end-of-generation: when the match is
     /// complete).
     fn grammar_allows(&self, tok: u32) -> bool {

@@ -73,6 +73,12 @@ impl SpinPool {
         })
     }
 
+    /// A pool of one share, the caller's thread (no helpers to start, so it cannot fail;
+    /// what WebAssembly without threads uses).
+    pub fn single() -> Self {
+        Self::new(1).unwrap_or_else(|_| unreachable!("one share starts no thread"))
+    }
+
     /// Shares: the caller plus the helpers.
     pub fn size(&self) -> usize {
         self.threads.len() + 1
@@ -225,6 +231,7 @@ mod tests {
     use std::sync::atomic::AtomicU32;
 
     #[test]
+    #[cfg_attr(target_arch = "wasm32", ignore = "wasm32-wasip2 has no threads")]
     fn every_share_runs_once_per_job() {
         let pool = SpinPool::new(3).expect("pool");
         let hits: Vec<AtomicU32> = (0..3).map(|_| AtomicU32::new(0)).collect();

@@ -1,0 +1,266 @@
+//! The pre-norm decoder block every architecture here is built from, and the parts around
+//! it (embeddings, the output norm and projection, pooling). An architecture says what its
+//! blocks have ([`Spec`]) and how each layer runs ([`Layer`]); the order of the ops, which
+//! fixes the numerics, is written once, here.
+
+use realm_compute::{Activation, Compute, RopeParams};
+use realm_gguf::Hparams;
+
+use super::{Loader, Output, Scratch};
+use crate::{Error, Result};
+
+/// What a block has beyond llama's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spec {
+    /// Per-head RMS norms of q and k before RoPE (`attn_q_norm`, `attn_k_norm`).
+    pub qk_norm: bool,
+    /// RMS norms of the attention and feed-forward outputs before their residuals
+    /// (`post_attention_norm`, `post_ffw_norm`).
+    pub post_norms: bool,
+}
+
+/// One block's weights.
+pub struct Block<W> {
+    attn_norm: W,   // (n_embd)
+    attn_q: W,      // (n_embd → n_head · head_dim)
+    attn_k: W,      // (n_embd → n_head_kv · head_dim)
+    attn_v: W,      // (n_embd → n_head_kv · head_dim)
+    attn_output: W, // (n_head · head_dim → n_embd)
+    ffn_norm: W,    // (n_embd)
+    ffn_gate: W,    // (n_embd → n_ff)
+    ffn_up: W,      // (n_embd → n_ff)
+    ffn_down: W,    // (n_ff → n_embd)
+    /// (head_dim) ×2.
+    qk_norm: Option<(W, W)>,
+    /// (n_embd) ×2: after attention, after the feed-forward.
+    post_norms: Option<(W, W)>,
+}
+
+/// Where the attention scores are scaled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum QScale {
+    /// By the attention op (llama: `kq_scale`).
+    InAttention(f32),
+    /// On q before attention, which then scales by 1 (Gemma: `ggml_scale(Qcur)`).
+    OnQ(f32),
+}
+
+/// How one layer runs.
+pub struct Layer<'a, W> {
+    pub rope: RopeParams,
+    /// Per-pair RoPE frequency divisors (Llama 3's `rope_freqs`).
+    pub rope_factors: Option<&'a W>,
+    /// Attend to the last `window` positions only (0: all).
+    pub window: u32,
+    pub q_scale: QScale,
+    pub activation: Activation,
+}
+
+/// The whole stack: embeddings, blocks, output norm and projection.
+pub struct Decoder<W> {
+    pub hp: Hparams,
+    pub n_vocab: u64,
+    pub spec: Spec,
+    token_embd: W,  // (n_embd, n_vocab)
+    output_norm: W, // (n_embd)
+    /// (n_embd → n_vocab); `None` when tied to `token_embd`.
+    output: Option<W>,
+    pub blocks: Vec<Block<W>>,
+}
+
+/// Whether the output projection is a tensor of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputWeight {
+    /// `output.weight` if the file has it, else the embeddings (llama).
+    Optional,
+    /// Always the embeddings (Gemma).
+    Tied,
+}
+
+impl<W> Decoder<W> {
+    /// Loads the embeddings, `hp.n_layer` blocks shaped as `spec`, and the output.
+    pub fn load<C: Compute<Weight = W>>(
+        l: &Loader<'_, C>,
+        hp: Hparams,
+        spec: Spec,
+        output: OutputWeight,
+    ) -> Result<Self> {
+        let (e, ff, hd) = (
+            u64::from(hp.n_embd),
+            u64::from(hp.n_ff),
+            u64::from(hp.head_dim),
+        );
+        let q_dim = u64::from(hp.n_head) * hd;
+        let kv_dim = u64::from(hp.n_head_kv) * hd;
+        let n_vocab = l.n_vocab()?;
+        let blocks = (0..hp.n_layer)
+            .map(|i| {
+                let w =
+                    |name: &str, dims: &[u64]| l.weight(&format!("blk.{i}.{name}.weight"), dims);
+                Ok(Block {
+                    attn_norm: w("attn_norm", &[e])?,
+                    attn_q: w("attn_q", &[e, q_dim])?,
+                    attn_k: w("attn_k", &[e, kv_dim])?,
+                    attn_v: w("attn_v", &[e, kv_dim])?,
+                    attn_output: w("attn_output", &[q_dim, e])?,
+                    ffn_norm: w("ffn_norm", &[e])?,
+                    ffn_gate: w("ffn_gate", &[e, ff])?,
+                    ffn_up: w("ffn_up", &[e, ff])?,
+                    ffn_down: w("ffn_down", &[ff, e])?,
+                    qk_norm: match spec.qk_norm {
+                        true => Some((w("attn_q_norm", &[hd])?, w("attn_k_norm", &[hd])?)),
+                        false => None,
+                    },
+                    post_norms: match spec.post_norms {
+                        true => Some((w("post_attention_norm", &[e])?, w("post_ffw_norm", &[e])?)),
+                        false => None,
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            token_embd: l.weight("token_embd.weight", &[e, n_vocab])?,
+            output_norm: l.weight("output_norm.weight", &[e])?,
+            output: match output {
+                OutputWeight::Optional => l.optional("output.weight", &[e, n_vocab])?,
+                OutputWeight::Tied => None,
+            },
+            blocks,
+            hp,
+            n_vocab,
+            spec,
+        })
+    }
+
+    /// A session's buffers for this stack.
+    pub fn scratch<C: Compute<Weight = W>>(&self, c: &C) -> Scratch<C> {
+        Scratch::new(c, &self.hp, self.n_vocab as u32, self.spec)
+    }
+
+    /// The residual stream starts as the embeddings of `ids`, times `scale`.
+    pub fn embed<C: Compute<Weight = W>>(
+        &self,
+        c: &C,
+        s: &Scratch<C>,
+        ids: &[u32],
+        scale: f32,
+    ) -> Result<()> {
+        Ok(c.embed(&self.token_embd, ids, scale, &s.x)?)
+    }
+
+    /// Block `il` on the residual stream: attention, then the gated feed-forward, each
+    /// pre-normed (and post-normed where the spec says) and added back.
+    #[allow(clippy::too_many_arguments, reason = "one layer's inputs")]
+    pub fn block<C: Compute<Weight = W>>(
+        &self,
+        c: &C,
+        s: &Scratch<C>,
+        cache: &C::Cache,
+        il: usize,
+        pos: u32,
+        run: &Layer<'_, W>,
+    ) -> Result<()> {
+        let (b, hp) = (&self.blocks[il], &self.hp);
+        let eps = hp.rms_eps;
+        // Attention: pre-norm, projections, (per-head q/k norms), RoPE, causal attention.
+        c.rms_norm(&s.x, &b.attn_norm, eps, &s.xb)?;
+        c.matmul(&s.xb, &b.attn_q, &s.q)?;
+        c.matmul(&s.xb, &b.attn_k, &s.k)?;
+        c.matmul(&s.xb, &b.attn_v, &s.v)?;
+        let (q, k) = match (&b.qk_norm, &s.qk_norm) {
+            (Some((qn_w, kn_w)), Some((qn, kn))) => {
+                c.rms_norm(&s.q, qn_w, eps, qn)?;
+                c.rms_norm(&s.k, kn_w, eps, kn)?;
+                (qn, kn)
+            }
+            (None, _) => (&s.q, &s.k),
+            (Some(_), None) => return Err(missing_scratch()),
+        };
+        c.rope(q, pos, &run.rope, run.rope_factors)?;
+        c.rope(k, pos, &run.rope, run.rope_factors)?;
+        let kq_scale = match run.q_scale {
+            QScale::InAttention(v) => v,
+            QScale::OnQ(v) => {
+                c.scale(q, v)?;
+                1.0
+            }
+        };
+        c.attention(
+            q, k, &s.v, cache, il as u32, pos, hp.n_head, kq_scale, run.window, &s.att,
+        )?;
+        c.matmul(&s.att, &b.attn_output, &s.xb)?;
+        self.residual(c, s, b.post_norms.as_ref().map(|p| &p.0))?;
+
+        // Feed-forward: pre-norm, gated activation, down projection.
+        c.rms_norm(&s.x, &b.ffn_norm, eps, &s.xb)?;
+        c.matmul(&s.xb, &b.ffn_gate, &s.gate)?;
+        c.matmul(&s.xb, &b.ffn_up, &s.up)?;
+        c.glu(&s.gate, &s.up, run.activation)?;
+        c.matmul(&s.up, &b.ffn_down, &s.xb)?;
+        self.residual(c, s, b.post_norms.as_ref().map(|p| &p.1))
+    }
+
+    /// x += xb, post-normed first when the block has that norm.
+    fn residual<C: Compute<Weight = W>>(
+        &self,
+        c: &C,
+        s: &Scratch<C>,
+        post_norm: Option<&W>,
+    ) -> Result<()> {
+        match (post_norm, &s.post_norm) {
+            (None, _) => c.add(&s.x, &s.xb)?,
+            (Some(w), Some(t)) => {
+                c.rms_norm(&s.xb, w, self.hp.rms_eps, t)?;
+                c.add(&s.x, t)?;
+            }
+            (Some(_), None) => return Err(missing_scratch()),
+        }
+        Ok(())
+    }
+
+    /// After the last block: the output norm, then the logits of the last position, or
+    /// the mean of all `n` positions' normed states, unit length.
+    pub fn finish<C: Compute<Weight = W>>(
+        &self,
+        c: &C,
+        s: &Scratch<C>,
+        n: usize,
+        out: Output,
+    ) -> Result<Vec<f32>> {
+        let eps = self.hp.rms_eps;
+        if out == Output::MeanPooled {
+            c.rms_norm(&s.x, &self.output_norm, eps, &s.xb)?;
+            return mean_pooled(c, &s.xb, n);
+        }
+        // Only the last position's logits are needed.
+        c.keep_last_row(&s.x)?;
+        c.rms_norm(&s.x, &self.output_norm, eps, &s.xb)?;
+        c.matmul(
+            &s.xb,
+            self.output.as_ref().unwrap_or(&self.token_embd),
+            &s.logits,
+        )?;
+        Ok(c.read_row(&s.logits, 0)?)
+    }
+}
+
+fn missing_scratch() -> Error {
+    Error::Compute("the session's buffers do not match the model's blocks".into())
+}
+
+/// The mean of the `n` rows of `h`, L2-normalized.
+pub fn mean_pooled<C: Compute>(c: &C, h: &C::Tensor, n: usize) -> Result<Vec<f32>> {
+    let mut sum: Vec<f64> = Vec::new();
+    for i in 0..n {
+        let row = c.read_row(h, i as u32)?;
+        if sum.is_empty() {
+            sum = vec![0.0; row.len()];
+        }
+        for (s, v) in sum.iter_mut().zip(row) {
+            *s += f64::from(v);
+        }
+    }
+    let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let scale = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+    Ok(sum.iter().map(|v| (v * scale) as f32).collect())
+}
