@@ -47,7 +47,7 @@ standalone: guest build
 	    -o $(STANDALONE)
 
 build: guest
-	$(CARGO) build --release -j$(JOBS) -p realm-host
+	$(CARGO) build --release -j$(JOBS) -p realm-cli
 
 run: models build
 	./target/release/realm run --temp 0 --model $(MODEL) "$(PROMPT)"

@@ -77,7 +77,7 @@ def main():
 {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Realm commit {commit}; {MODEL}, the
 chat-templated prompt "{QUESTION}" (about 40 tokens), {N} greedy tokens; median of {RUNS} runs.
 Tokens/s from the guest's own timings (`usage.prefill-ns`, `decode-ns`), the same clock on
-every host. Every host gives the same greedy ids (`host-provider/tests/hosts.rs`). The
+every host. Every host gives the same greedy ids (`cli/tests/hosts.rs`). The
 self-contained component runs `realm:compute` inside WebAssembly on one thread, with the
 portable kernels (SIMD128 integer sums, an inlined exact FMA since wasm has no scalar one)
 over weights copied into its memory, and no prompt tiles; the native provider runs

@@ -48,7 +48,7 @@ SmolLM2-135M-Instruct Q4_1, `realm run --threads 2 --temp 0 -n 64`, {cpu}, {plat
 commit {commit}. Weights are used in place from the mapped file; under a budget the least
 recently used are released (`MADV_DONTNEED`) and read again when needed, with the learned
 next weight prefetched. Greedy ids are identical at every budget (tested in
-`host-provider/tests/memory64.rs`).
+`cli/tests/memory64.rs`).
 
 {sys.argv[1]}
 """

@@ -1,8 +1,8 @@
 //! The `realm` command line.
 
 mod bench;
-mod metrics;
-mod serve;
+
+use realm_server as serve;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};

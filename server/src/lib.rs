@@ -3,6 +3,12 @@
 //! memory cap and a token cap; a tenant that passes a limit is dropped and the others go
 //! on. Generation runs on blocking threads whose guest calls share one compute pool; the
 //! HTTP side streams their pieces as server-sent events.
+//!
+//! As a library: [`Server::new`] loads the models, [`Server::router`] is the whole HTTP
+//! API as an axum `Router` (tested in-process), and [`run`] binds and serves until a
+//! signal, as `realm serve` does.
+
+mod metrics;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -69,7 +75,7 @@ struct App {
     sessions: Arc<Semaphore>,
     /// One permit per open connection (`--max-connections`).
     connections: Arc<Semaphore>,
-    metrics: crate::metrics::Metrics,
+    metrics: metrics::Metrics,
     /// Per served model: its context length for clamping (from the first tenant).
     n_ctx_train: BTreeMap<String, u32>,
 }
@@ -1952,31 +1958,46 @@ async fn serve_connections(listener: tokio::net::TcpListener, app: Arc<App>) {
     }
 }
 
+/// A loaded server: the engine and its models, ready to answer requests.
+pub struct Server(Arc<App>);
+
+impl Server {
+    /// Loads every model once (checking it) on an engine made from `config`.
+    pub fn new(config: ServeConfig) -> anyhow::Result<Self> {
+        let mut engine_config = config.engine.clone();
+        if config.test_faults {
+            engine_config
+                .guest_env
+                .push(("REALM_TEST_FAULTS".into(), "1".into()));
+        }
+        let engine = Engine::new(engine_config)?;
+        let mut n_ctx_train = BTreeMap::new();
+        for (name, path) in &config.models {
+            // A first tenant checks the file and maps it; later tenants share the mapping.
+            let m = engine
+                .load_model(path)
+                .with_context(|| format!("cannot load model '{name}' from {}", path.display()))?;
+            n_ctx_train.insert(name.clone(), m.info.n_ctx_train);
+        }
+        Ok(Self(Arc::new(App {
+            engine,
+            sessions: Arc::new(Semaphore::new(config.max_sessions.max(1))),
+            connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            metrics: metrics::Metrics::new(),
+            n_ctx_train,
+            config,
+        })))
+    }
+
+    /// The HTTP API (every route and the edge middleware), to serve or to call in-process.
+    pub fn router(&self) -> Router {
+        router(self.0.clone())
+    }
+}
+
 /// Load every model once (checking it), bind, and serve until SIGTERM / Ctrl-C.
 pub fn run(config: ServeConfig) -> anyhow::Result<()> {
-    let mut engine_config = config.engine.clone();
-    if config.test_faults {
-        engine_config
-            .guest_env
-            .push(("REALM_TEST_FAULTS".into(), "1".into()));
-    }
-    let engine = Engine::new(engine_config)?;
-    let mut n_ctx_train = BTreeMap::new();
-    for (name, path) in &config.models {
-        // A first tenant checks the file and maps it; later tenants share the mapping.
-        let m = engine
-            .load_model(path)
-            .with_context(|| format!("cannot load model '{name}' from {}", path.display()))?;
-        n_ctx_train.insert(name.clone(), m.info.n_ctx_train);
-    }
-    let app = Arc::new(App {
-        engine,
-        sessions: Arc::new(Semaphore::new(config.max_sessions.max(1))),
-        connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
-        metrics: crate::metrics::Metrics::new(),
-        n_ctx_train,
-        config,
-    });
+    let app = Server::new(config)?.0;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -2011,4 +2032,93 @@ pub fn run(config: ServeConfig) -> anyhow::Result<()> {
     // Every connection has ended; blocking work still running is not waited for.
     rt.shutdown_timeout(Duration::from_millis(200));
     served
+}
+
+/// The error table: every failure a tenant can report, and every status produced below
+/// the handlers, with the HTTP status and OpenAI error type and code it answers with.
+#[cfg(test)]
+mod error_table {
+    use super::*;
+
+    fn row(e: &ApiError) -> (u16, &'static str, &'static str) {
+        (e.status.as_u16(), e.kind, e.code)
+    }
+
+    #[test]
+    fn every_tenant_failure_has_its_status() {
+        let inference = |e: InferenceError| anyhow::Error::new(e);
+        let cases: Vec<(anyhow::Error, (u16, &str, &str))> = vec![
+            (
+                anyhow::Error::new(LimitError::Deadline(Duration::from_secs(2))),
+                (504, "timeout", "deadline_exceeded"),
+            ),
+            (
+                anyhow::Error::new(LimitError::Memory(1 << 20)),
+                (507, "server_error", "memory_limit_exceeded"),
+            ),
+            (
+                inference(InferenceError::ContextOverflow(
+                    "the prompt is 9000 tokens".into(),
+                )),
+                (400, "invalid_request_error", "context_length_exceeded"),
+            ),
+            (
+                inference(InferenceError::InvalidInput(
+                    "top_p 7 is outside 0..=1".into(),
+                )),
+                (400, "invalid_request_error", "invalid_value"),
+            ),
+            // Models are checked when the server starts: a model that fails later, or a
+            // compute failure, is the server's fault.
+            (
+                inference(InferenceError::NotFound("no model named 'x'".into())),
+                (500, "server_error", "internal_error"),
+            ),
+            (
+                inference(InferenceError::InvalidModel("tensor 'x' is missing".into())),
+                (500, "server_error", "internal_error"),
+            ),
+            (
+                inference(InferenceError::Unsupported("architecture 'mamba'".into())),
+                (500, "server_error", "internal_error"),
+            ),
+            (
+                inference(InferenceError::Compute("out of bounds: row 3".into())),
+                (500, "server_error", "internal_error"),
+            ),
+            (
+                anyhow::anyhow!("the generation thread panicked"),
+                (500, "server_error", "internal_error"),
+            ),
+        ];
+        for (e, want) in cases {
+            let msg = format!("{e:#}");
+            // The kind survives context added on the way up, and the message is kept.
+            let wrapped = e.context("while generating");
+            let api = ApiError::from_run(&wrapped);
+            assert_eq!(row(&api), want, "{msg}");
+            assert!(api.message.contains(&msg), "{} / {msg}", api.message);
+        }
+    }
+
+    #[test]
+    fn statuses_from_below_the_handlers_are_openai_errors() {
+        let cases = [
+            (404, (404, "invalid_request_error", "unknown_url")),
+            (405, (405, "invalid_request_error", "method_not_allowed")),
+            (408, (408, "invalid_request_error", "request_timeout")),
+            (413, (413, "invalid_request_error", "request_too_large")),
+            (400, (400, "invalid_request_error", "bad_request")),
+            (431, (431, "invalid_request_error", "bad_request")),
+            (500, (500, "server_error", "internal_error")),
+        ];
+        for (status, want) in cases {
+            let s = StatusCode::from_u16(status).expect("a status");
+            let e = ApiError::for_status(s);
+            assert_eq!(row(&e), want);
+            let body = e.body();
+            assert_eq!(body["error"]["code"], want.2);
+            assert!(!body["error"]["message"].as_str().unwrap_or("").is_empty());
+        }
+    }
 }

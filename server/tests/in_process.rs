@@ -1,0 +1,160 @@
+//! The HTTP API called in-process (no socket): the router with its edge middleware over a
+//! real engine and the default model, one request per row of the error table that a
+//! client can reach, and a real answer.
+//!
+//! Needs `make models` and the release guest component (`make test` builds both first).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use realm_server::{ServeConfig, Server};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+fn server() -> Server {
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        model.exists(),
+        "{} is missing: run `make models`",
+        model.display()
+    );
+    Server::new(ServeConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        models: BTreeMap::from([("smollm2".to_string(), model)]),
+        engine: realm_host::EngineConfig {
+            threads: 2,
+            ..realm_host::EngineConfig::default()
+        },
+        api_key: None,
+        max_sessions: 4,
+        request_timeout: Duration::from_secs(60),
+        max_tokens: 16,
+        ctx_size: 64,
+        test_faults: false,
+        header_timeout: Duration::from_secs(10),
+        body_timeout: Duration::from_secs(30),
+        max_connections: 16,
+        shutdown_grace: Duration::from_secs(1),
+        cors: Vec::new(),
+    })
+    .expect("the server loads the model")
+}
+
+/// `method path body` through the router: the status and the JSON body.
+async fn call(s: &Server, method: Method, path: &str, body: String) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .expect("request");
+    let resp = s.router().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn chat(content: &str, extra: Value) -> String {
+    let mut body = json!({
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": 8,
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    body.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_and_refuses_in_process() {
+    let s = server();
+    let (status, body) = call(&s, Method::GET, "/health", String::new()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let q = "What is the capital of France? Answer in one word.";
+    let (status, body) = call(&s, Method::POST, "/v1/chat/completions", chat(q, json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or("");
+    assert!(text.contains("Paris"), "{body}");
+
+    // Each row a client can reach: (method, path, body, status, error code).
+    let long = "word ".repeat(200);
+    let chat_path = "/v1/chat/completions";
+    let rows: Vec<(Method, &str, String, u16, &str)> = vec![
+        (
+            Method::POST,
+            chat_path,
+            chat(&long, json!({})),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            Method::POST,
+            chat_path,
+            chat(q, json!({"top_p": 7})),
+            400,
+            "invalid_value",
+        ),
+        (
+            Method::POST,
+            chat_path,
+            chat(q, json!({"model": "nope"})),
+            404,
+            "model_not_found",
+        ),
+        (
+            Method::POST,
+            chat_path,
+            chat(q, json!({"logit_bias": {"1": 2}})),
+            400,
+            "unsupported_parameter",
+        ),
+        (
+            Method::POST,
+            chat_path,
+            "{".to_string(),
+            400,
+            "invalid_json",
+        ),
+        (
+            Method::GET,
+            chat_path,
+            String::new(),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            Method::GET,
+            "/v2/nothing",
+            String::new(),
+            404,
+            "unknown_url",
+        ),
+        (
+            Method::POST,
+            "/v1/completions",
+            "x".repeat(5 << 20),
+            413,
+            "request_too_large",
+        ),
+    ];
+    for (method, path, body, want, code) in rows {
+        let (status, got) = call(&s, method.clone(), path, body).await;
+        assert_eq!(status.as_u16(), want, "{method} {path}: {got}");
+        assert_eq!(got["error"]["code"], code, "{method} {path}: {got}");
+    }
+}
