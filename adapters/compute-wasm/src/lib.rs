@@ -26,8 +26,8 @@ use std::sync::Arc;
 
 use exports::realm::compute::store::{self, GuestModelFile, GuestWeight, WeightBorrow};
 use exports::realm::compute::tensors::{self, GuestKvCache, GuestTensor, TensorBorrow};
-use exports::realm::compute::types::{Activation, Dtype, Error, RopeMode, RopeParams};
-use realm_compute::{Backend, Compute, GgmlType, ModelBytes, checked};
+use exports::realm::compute::types::{Activation, Dtype, Error, RopeParams};
+use realm_compute::{Backend, Compute, ModelBytes, checked};
 use realm_kernels::cpu::{CpuBackend, CpuCache, CpuTensor, CpuWeight};
 use realm_kernels::spin::SpinPool;
 
@@ -43,39 +43,12 @@ thread_local! {
     static CPU: CpuBackend = CpuBackend::new(Arc::new(SpinPool::single()), MAX_KV_ELEMENTS);
 }
 
+use exports::realm::compute::types as wit;
+realm_compute::wit_conversions!(wit);
+
 /// Runs `f` on this component's backend, with its error as the WIT one.
 fn cpu<T>(f: impl FnOnce(&CpuBackend) -> realm_compute::Result<T>) -> Res<T> {
-    CPU.with(f).map_err(|e| {
-        use realm_compute::Error as E;
-        match e {
-            E::InvalidArgument(m) => Error::InvalidArgument(m),
-            E::NotFound(m) => Error::NotFound(m),
-            E::OutOfBounds(m) => Error::OutOfBounds(m),
-            E::Unsupported(m) => Error::Unsupported(m),
-            E::ResourceExhausted(m) => Error::ResourceExhausted(m),
-            E::Io(m) => Error::Io(m),
-        }
-    })
-}
-
-fn ggml_type(d: Dtype) -> GgmlType {
-    match d {
-        Dtype::F32 => GgmlType::F32,
-        Dtype::F16 => GgmlType::F16,
-        Dtype::Bf16 => GgmlType::BF16,
-        Dtype::Q40 => GgmlType::Q4_0,
-        Dtype::Q41 => GgmlType::Q4_1,
-        Dtype::Q50 => GgmlType::Q5_0,
-        Dtype::Q51 => GgmlType::Q5_1,
-        Dtype::Q80 => GgmlType::Q8_0,
-        Dtype::Q81 => GgmlType::Q8_1,
-        Dtype::Q2k => GgmlType::Q2_K,
-        Dtype::Q3k => GgmlType::Q3_K,
-        Dtype::Q4k => GgmlType::Q4_K,
-        Dtype::Q5k => GgmlType::Q5_K,
-        Dtype::Q6k => GgmlType::Q6_K,
-        Dtype::Q8k => GgmlType::Q8_K,
-    }
+    CPU.with(f).map_err(to_wit_error)
 }
 
 /// A model file's bytes, read once, shared by its weights.
@@ -138,7 +111,7 @@ impl GuestModelFile for ModelFile {
     }
 
     fn weight(&self, offset: u64, dtype: Dtype, dims: Vec<u64>) -> Res<store::Weight> {
-        let w = cpu(|b| Compute::weight(b, &self.0, offset, ggml_type(dtype), &dims))?;
+        let w = cpu(|b| Compute::weight(b, &self.0, offset, from_wit_dtype(dtype), &dims))?;
         Ok(store::Weight::new(Weight(w)))
     }
 }
@@ -216,21 +189,7 @@ impl tensors::Guest for Provider {
         p: RopeParams,
         factors: Option<WeightBorrow<'_>>,
     ) -> Res<()> {
-        let p = realm_compute::RopeParams {
-            head_dim: p.head_dim,
-            n_rot: p.n_rot,
-            mode: match p.mode {
-                RopeMode::Normal => realm_compute::RopeMode::Normal,
-                RopeMode::Neox => realm_compute::RopeMode::Neox,
-            },
-            freq_base: p.freq_base,
-            freq_scale: p.freq_scale,
-            ext_factor: p.ext_factor,
-            attn_factor: p.attn_factor,
-            beta_fast: p.beta_fast,
-            beta_slow: p.beta_slow,
-            n_ctx_orig: p.n_ctx_orig,
-        };
+        let p = from_wit_rope(&p);
         cpu(|b| Compute::rope(b, t(&x), pos, &p, factors.as_ref().map(w)))
     }
 
@@ -266,11 +225,7 @@ impl tensors::Guest for Provider {
     }
 
     fn glu(gate: TensorBorrow<'_>, up: TensorBorrow<'_>, act: Activation) -> Res<()> {
-        let act = match act {
-            Activation::Silu => realm_compute::Activation::Silu,
-            Activation::GeluTanh => realm_compute::Activation::GeluTanh,
-        };
-        cpu(|b| Compute::glu(b, t(&gate), t(&up), act))
+        cpu(|b| Compute::glu(b, t(&gate), t(&up), from_wit_activation(act)))
     }
 
     fn add(acc: TensorBorrow<'_>, x: TensorBorrow<'_>) -> Res<()> {

@@ -12,6 +12,9 @@
 //! The vocabulary follows the WIT interface `realm:compute` (`wit/compute/compute.wit`).
 
 pub mod checked;
+mod wit;
+
+pub use wit::DTYPES;
 
 use std::sync::Arc;
 

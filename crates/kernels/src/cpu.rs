@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use half::f16;
 use realm_compute::{
-    Activation, Attention, Backend, CacheShape, Error, Result, RopeMode, RopeParams, Shape,
-    WeightData, WeightMeta,
+    Activation, Attention, Backend, CacheShape, Error, Result, RopeParams, Shape, WeightData,
+    WeightMeta,
 };
 
 use crate::kernels::{self, AttnShape, LayerCache, TiledKv};
@@ -244,22 +244,10 @@ impl Backend for CpuBackend {
 
     fn rope(&self, x: &CpuTensor, pos: u32, p: &RopeParams, f: Option<&[f32]>) -> Result<()> {
         let mut t = out(x)?;
-        let p = kernels::RopeParams {
-            head_dim: p.head_dim as usize,
-            n_rot: p.n_rot as usize,
-            neox: p.mode == RopeMode::Neox,
-            freq_base: p.freq_base,
-            freq_scale: p.freq_scale,
-            ext_factor: p.ext_factor,
-            attn_factor: p.attn_factor,
-            beta_fast: p.beta_fast,
-            beta_slow: p.beta_slow,
-            n_ctx_orig: p.n_ctx_orig,
-        };
         let cache = &mut self.scratch.borrow_mut().rope;
         let cols = t.cols;
         for (i, row) in t.data.chunks_exact_mut(cols).enumerate() {
-            kernels::rope(row, &p, f, pos.saturating_add(i as u32), cache);
+            kernels::rope(row, p, f, pos.saturating_add(i as u32), cache);
         }
         Ok(())
     }

@@ -39,28 +39,10 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     }
 }
 
+use realm_compute::RopeMode;
 /// How RoPE turns positions into angles: ggml's `rope_ext` parameters, which llama.cpp
 /// derives from a file's `rope.*` keys (`realm_gguf::RopeScaling`, plus the base and head).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RopeParams {
-    /// Width of each head; its first `n_rot` values are rotated, the rest kept.
-    pub head_dim: usize,
-    pub n_rot: usize,
-    /// Pairs (i, i + n_rot/2) instead of (2i, 2i + 1).
-    pub neox: bool,
-    pub freq_base: f32,
-    /// Linear interpolation: every angle times `freq_scale` (1 / the scaling factor).
-    pub freq_scale: f32,
-    /// YaRN: the share of the unscaled angle mixed back in on the high-frequency pairs
-    /// (0 turns YaRN off).
-    pub ext_factor: f32,
-    /// Magnitude of cos and sin (YaRN's attention temperature; 1 otherwise).
-    pub attn_factor: f32,
-    pub beta_fast: f32,
-    pub beta_slow: f32,
-    /// The context the model was trained with (YaRN's correction range).
-    pub n_ctx_orig: u32,
-}
+pub use realm_compute::RopeParams;
 
 /// ggml's `ggml_rope_yarn_corr_dims`: the first and last pair index of YaRN's ramp.
 fn yarn_corr_dims(p: &RopeParams) -> [f32; 2] {
@@ -108,15 +90,16 @@ pub fn rope(
     };
     cache.clear();
     let mut theta = pos as f32;
-    for i in 0..p.n_rot / 2 {
+    let half = p.n_rot as usize / 2;
+    for i in 0..half {
         let ff = factors.map_or(1.0, |f| f[i]);
         cache.push(rope_yarn(theta / ff, p, corr, 2 * i));
         theta *= theta_scale;
     }
-    let half = p.n_rot / 2;
-    for head in row.chunks_exact_mut(p.head_dim) {
+    let neox = p.mode == RopeMode::Neox;
+    for head in row.chunks_exact_mut(p.head_dim as usize) {
         for (i, &(c, s)) in cache.iter().enumerate() {
-            let (a, b) = if p.neox {
+            let (a, b) = if neox {
                 (i, i + half)
             } else {
                 (2 * i, 2 * i + 1)
@@ -788,11 +771,15 @@ mod tests {
     }
 
     /// Unscaled RoPE over whole heads.
-    fn plain(head_dim: usize, freq_base: f32, neox: bool) -> RopeParams {
+    fn plain(head_dim: u32, freq_base: f32, neox: bool) -> RopeParams {
         RopeParams {
             head_dim,
             n_rot: head_dim,
-            neox,
+            mode: if neox {
+                RopeMode::Neox
+            } else {
+                RopeMode::Normal
+            },
             freq_base,
             freq_scale: 1.0,
             ext_factor: 0.0,

@@ -2,7 +2,7 @@
 //! `realm-model` runs on whatever provider the host plugs in. The host checks every op
 //! again, so nothing is checked twice here.
 
-use realm_compute::{Activation, Compute, Error as ComputeError, GgmlType, RopeMode, RopeParams};
+use realm_compute::{Activation, Compute, Error as ComputeError, GgmlType, RopeParams};
 use realm_gguf::{GgufError, Source};
 
 use crate::realm::compute::store::{ModelFile, Weight};
@@ -44,57 +44,11 @@ impl Source for HostFile {
     }
 }
 
+realm_compute::wit_conversions!(wit);
+
 /// The WIT error as the compute interface's.
 pub fn error(e: wit::Error) -> ComputeError {
-    match e {
-        wit::Error::InvalidArgument(m) => ComputeError::InvalidArgument(m),
-        wit::Error::NotFound(m) => ComputeError::NotFound(m),
-        wit::Error::OutOfBounds(m) => ComputeError::OutOfBounds(m),
-        wit::Error::Unsupported(m) => ComputeError::Unsupported(m),
-        wit::Error::ResourceExhausted(m) => ComputeError::ResourceExhausted(m),
-        wit::Error::Io(m) => ComputeError::Io(m),
-    }
-}
-
-/// The WIT dtype of a GGUF tensor type, if the interface has one.
-fn dtype(ty: GgmlType) -> Option<wit::Dtype> {
-    use wit::Dtype as D;
-    Some(match ty {
-        GgmlType::F32 => D::F32,
-        GgmlType::F16 => D::F16,
-        GgmlType::BF16 => D::Bf16,
-        GgmlType::Q4_0 => D::Q40,
-        GgmlType::Q4_1 => D::Q41,
-        GgmlType::Q5_0 => D::Q50,
-        GgmlType::Q5_1 => D::Q51,
-        GgmlType::Q8_0 => D::Q80,
-        GgmlType::Q8_1 => D::Q81,
-        GgmlType::Q2_K => D::Q2k,
-        GgmlType::Q3_K => D::Q3k,
-        GgmlType::Q4_K => D::Q4k,
-        GgmlType::Q5_K => D::Q5k,
-        GgmlType::Q6_K => D::Q6k,
-        GgmlType::Q8_K => D::Q8k,
-        _ => return None,
-    })
-}
-
-fn rope_params(p: &RopeParams) -> wit::RopeParams {
-    wit::RopeParams {
-        head_dim: p.head_dim,
-        n_rot: p.n_rot,
-        mode: match p.mode {
-            RopeMode::Normal => wit::RopeMode::Normal,
-            RopeMode::Neox => wit::RopeMode::Neox,
-        },
-        freq_base: p.freq_base,
-        freq_scale: p.freq_scale,
-        ext_factor: p.ext_factor,
-        attn_factor: p.attn_factor,
-        beta_fast: p.beta_fast,
-        beta_slow: p.beta_slow,
-        n_ctx_orig: p.n_ctx_orig,
-    }
+    from_wit_error(e)
 }
 
 impl Compute for Imported {
@@ -122,7 +76,7 @@ impl Compute for Imported {
         ty: GgmlType,
         dims: &[u64],
     ) -> realm_compute::Result<Weight> {
-        let dtype = dtype(ty).ok_or_else(|| {
+        let dtype = to_wit_dtype(ty).ok_or_else(|| {
             ComputeError::Unsupported(format!("realm:compute has no dtype for {ty}"))
         })?;
         file.0.weight(offset, dtype, dims).map_err(error)
@@ -159,7 +113,7 @@ impl Compute for Imported {
         p: &RopeParams,
         factors: Option<&Weight>,
     ) -> realm_compute::Result<()> {
-        ops::rope(x, pos, rope_params(p), factors).map_err(error)
+        ops::rope(x, pos, to_wit_rope(p), factors).map_err(error)
     }
 
     fn attention(
@@ -179,11 +133,7 @@ impl Compute for Imported {
     }
 
     fn glu(&self, gate: &Tensor, up: &Tensor, act: Activation) -> realm_compute::Result<()> {
-        let act = match act {
-            Activation::Silu => wit::Activation::Silu,
-            Activation::GeluTanh => wit::Activation::GeluTanh,
-        };
-        ops::glu(gate, up, act).map_err(error)
+        ops::glu(gate, up, to_wit_activation(act)).map_err(error)
     }
 
     fn add(&self, acc: &Tensor, x: &Tensor) -> realm_compute::Result<()> {

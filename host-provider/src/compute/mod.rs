@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use memmap2::Mmap;
-use realm_compute::{Backend, Compute, GgmlType, ModelBytes, checked};
+use realm_compute::{Backend, Compute, ModelBytes, checked};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
 use crate::bindings::realm::compute::{store, tensors, types};
-use crate::bindings::{Activation, ComputeError, Dtype, RopeMode, RopeParams};
+use crate::bindings::{Activation, ComputeError, Dtype, RopeParams};
 
 /// A model file mapped into the host's memory, shared read-only.
 #[derive(Debug)]
@@ -193,56 +193,11 @@ fn handle<E: std::fmt::Display>(e: E) -> ComputeError {
     ComputeError::InvalidArgument(format!("bad handle: {e}"))
 }
 
+use crate::bindings::realm::compute::types as wit;
+realm_compute::wit_conversions!(wit);
+
 fn wit_error(e: realm_compute::Error) -> ComputeError {
-    use realm_compute::Error as E;
-    match e {
-        E::InvalidArgument(m) => ComputeError::InvalidArgument(m),
-        E::NotFound(m) => ComputeError::NotFound(m),
-        E::OutOfBounds(m) => ComputeError::OutOfBounds(m),
-        E::Unsupported(m) => ComputeError::Unsupported(m),
-        E::ResourceExhausted(m) => ComputeError::ResourceExhausted(m),
-        E::Io(m) => ComputeError::Io(m),
-    }
-}
-
-/// The GGUF type of a WIT dtype.
-pub fn ggml_type(d: Dtype) -> GgmlType {
-    match d {
-        Dtype::F32 => GgmlType::F32,
-        Dtype::F16 => GgmlType::F16,
-        Dtype::Bf16 => GgmlType::BF16,
-        Dtype::Q40 => GgmlType::Q4_0,
-        Dtype::Q41 => GgmlType::Q4_1,
-        Dtype::Q50 => GgmlType::Q5_0,
-        Dtype::Q51 => GgmlType::Q5_1,
-        Dtype::Q80 => GgmlType::Q8_0,
-        Dtype::Q81 => GgmlType::Q8_1,
-        Dtype::Q2k => GgmlType::Q2_K,
-        Dtype::Q3k => GgmlType::Q3_K,
-        Dtype::Q4k => GgmlType::Q4_K,
-        Dtype::Q5k => GgmlType::Q5_K,
-        Dtype::Q6k => GgmlType::Q6_K,
-        Dtype::Q8k => GgmlType::Q8_K,
-    }
-}
-
-/// The WIT `rope-params` as the compute interface's.
-fn rope_params(p: &RopeParams) -> realm_compute::RopeParams {
-    realm_compute::RopeParams {
-        head_dim: p.head_dim,
-        n_rot: p.n_rot,
-        mode: match p.mode {
-            RopeMode::Normal => realm_compute::RopeMode::Normal,
-            RopeMode::Neox => realm_compute::RopeMode::Neox,
-        },
-        freq_base: p.freq_base,
-        freq_scale: p.freq_scale,
-        ext_factor: p.ext_factor,
-        attn_factor: p.attn_factor,
-        beta_fast: p.beta_fast,
-        beta_slow: p.beta_slow,
-        n_ctx_orig: p.n_ctx_orig,
-    }
+    to_wit_error(e)
 }
 
 /// [`HasData`] for a [`ComputeState`] over `B`, to add the imports to a linker.
@@ -312,7 +267,8 @@ impl<B: Backend> store::HostModelFile for ComputeState<B> {
     ) -> Res<Resource<WeightRes>> {
         let f = self.table.get(&f).map_err(handle)?;
         let model = f.model.clone();
-        let data = checked::weight(&f.bytes, offset, ggml_type(dtype), &dims).map_err(wit_error)?;
+        let data =
+            checked::weight(&f.bytes, offset, from_wit_dtype(dtype), &dims).map_err(wit_error)?;
         let unit = data
             .meta
             .values
@@ -451,7 +407,7 @@ impl<B: Backend> tensors::Host for ComputeState<B> {
                 None => None,
             };
             let x = s.tensor(&x)?;
-            Compute::rope(&s.backend, x, pos, &rope_params(&params), f).map_err(wit_error)
+            Compute::rope(&s.backend, x, pos, &from_wit_rope(&params), f).map_err(wit_error)
         })
     }
 
@@ -483,10 +439,7 @@ impl<B: Backend> tensors::Host for ComputeState<B> {
         up: Resource<TensorRes>,
         act: Activation,
     ) -> Res<()> {
-        let act = match act {
-            Activation::Silu => realm_compute::Activation::Silu,
-            Activation::GeluTanh => realm_compute::Activation::GeluTanh,
-        };
+        let act = from_wit_activation(act);
         self.timed(Bucket::Other, |s| {
             let (g, u) = (s.tensor(&gate)?, s.tensor(&up)?);
             Compute::glu(&s.backend, g, u, act).map_err(wit_error)

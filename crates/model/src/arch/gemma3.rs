@@ -51,12 +51,8 @@ pub fn load<C: Compute>(l: &Loader<'_, C>, hp: Hparams) -> Result<Box<dyn Archit
 }
 
 impl<C: Compute> Architecture<C> for Gemma3<C> {
-    fn hparams(&self) -> &Hparams {
-        &self.d.hp
-    }
-
-    fn scratch(&self, c: &C) -> Scratch<C> {
-        self.d.scratch(c)
+    fn decoder(&self) -> &Decoder<C::Weight> {
+        &self.d
     }
 
     fn forward(

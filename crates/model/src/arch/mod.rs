@@ -39,9 +39,18 @@ registry! {
 
 /// A loaded model's forward pass.
 pub trait Architecture<C: Compute> {
-    fn hparams(&self) -> &Hparams;
+    /// The stack of blocks: hyper-parameters, weights, what the blocks have.
+    fn decoder(&self) -> &block::Decoder<C::Weight>;
+
+    fn hparams(&self) -> &Hparams {
+        &self.decoder().hp
+    }
+
     /// Activation buffers for one session, sized for this model.
-    fn scratch(&self, c: &C) -> Scratch<C>;
+    fn scratch(&self, c: &C) -> Scratch<C> {
+        self.decoder().scratch(c)
+    }
+
     /// Run `ids` at positions `pos…` (appending to `cache`); `out` says what to return:
     /// the logits of the last position, or the pooled final hidden states.
     fn forward(
@@ -269,22 +278,5 @@ impl<C: Compute> Loader<'_, C> {
 
 /// The tensor types `realm:compute` has a dtype for.
 pub fn computable(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::F32
-            | GgmlType::F16
-            | GgmlType::BF16
-            | GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q5_0
-            | GgmlType::Q5_1
-            | GgmlType::Q8_0
-            | GgmlType::Q8_1
-            | GgmlType::Q2_K
-            | GgmlType::Q3_K
-            | GgmlType::Q4_K
-            | GgmlType::Q5_K
-            | GgmlType::Q6_K
-            | GgmlType::Q8_K
-    )
+    realm_compute::DTYPES.contains(&ty)
 }
