@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use realm_gguf::{GgufFile, Hparams};
-use realm_tokenizer::{ChatTemplate, Message, Tokenizer};
+use realm_tokenizer::{Builtin, ChatTemplate, Message, Tokenizer};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(file) = GgufFile::read(data) else { return };
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(ids) = tok.encode("Hello <|im_start|> wörld 123 🦙", true, true) {
         let _ = tok.decode(&ids, true);
     }
-    if let Ok(tmpl) = ChatTemplate::from_metadata(&file.metadata, tok.vocab()) {
+    if let Ok(tmpl) = ChatTemplate::from_metadata(&file.metadata, tok.vocab(), Builtin::ChatMl) {
         let _ = tmpl.render(&[Message::new("user", "hi")], true);
     }
 });

@@ -125,7 +125,9 @@ pub fn report(f: &GgufFile, path: &str) -> String {
                 v.add_bos,
                 v.eog_ids()
             );
-            match ChatTemplate::from_metadata(&f.metadata, v) {
+            let arch = f.architecture().unwrap_or("");
+            let fallback = realm_model::arch::default_template(arch);
+            match ChatTemplate::from_metadata(&f.metadata, v, fallback) {
                 Ok(c) => {
                     let _ = writeln!(s, "chat template: {}", c.origin);
                 }

@@ -82,8 +82,12 @@ impl<C: Compute> LoadedModel<C> {
             }
             other => invalid(other),
         })?;
-        let template =
-            ChatTemplate::from_metadata(&gguf.metadata, tokenizer.vocab()).map_err(invalid)?;
+        let template = ChatTemplate::from_metadata(
+            &gguf.metadata,
+            tokenizer.vocab(),
+            arch::default_template(gguf.architecture().map_err(invalid)?),
+        )
+        .map_err(invalid)?;
         let arch = arch::load(&compute, &file, &gguf)?;
         let weight_bytes = gguf.tensors.iter().map(|t| t.n_bytes).sum();
         let architecture = gguf.architecture().map_err(invalid)?.to_string();

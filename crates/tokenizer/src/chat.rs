@@ -125,11 +125,38 @@ pub fn tool_system_prompt(tools: &serde_json::Value) -> String {
     )
 }
 
+/// The templates Realm has for files that carry none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Builtin {
+    /// `<|im_start|>role\ncontent<|im_end|>` turns.
+    ChatMl,
+    /// Gemma's `<start_of_turn>user` / `model` turns, the system message folded into the
+    /// first user turn.
+    Gemma,
+}
+
+impl Builtin {
+    pub fn source(self) -> &'static str {
+        match self {
+            Builtin::ChatMl => CHATML,
+            Builtin::Gemma => GEMMA,
+        }
+    }
+
+    /// The name `ChatTemplate::origin` reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Builtin::ChatMl => "chatml",
+            Builtin::Gemma => "gemma",
+        }
+    }
+}
+
 /// A compiled chat template.
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
-    /// Where the template came from: `"gguf"`, `"chatml"` or `"gemma"`.
+    /// Where the template came from: `"gguf"`, or the built-in one's name.
     pub origin: &'static str,
     /// Whether the template renders tool definitions itself (it reads `tools`).
     pub renders_tools: bool,
@@ -142,13 +169,11 @@ fn template_error(e: Error) -> TokenizerError {
 }
 
 impl ChatTemplate {
-    /// The file's template, else Gemma's for `gemma*` architectures, else ChatML.
-    pub fn from_metadata(md: &Metadata, vocab: &crate::Vocab) -> Result<Self> {
-        let arch = md.opt_str("general.architecture")?.unwrap_or("");
+    /// The file's template, else `fallback` (the model's architecture knows which).
+    pub fn from_metadata(md: &Metadata, vocab: &crate::Vocab, fallback: Builtin) -> Result<Self> {
         let (source, origin) = match md.opt_str("tokenizer.chat_template")? {
             Some(t) => (t.to_string(), "gguf"),
-            None if arch.starts_with("gemma") => (GEMMA.to_string(), "gemma"),
-            None => (CHATML.to_string(), "chatml"),
+            None => (fallback.source().to_string(), fallback.name()),
         };
         let text = |id: Option<u32>| {
             id.and_then(|i| vocab.text(i).ok())

@@ -9,7 +9,7 @@ mod spm;
 mod stream;
 mod vocab;
 
-pub use chat::{ChatTemplate, Message, Rendered};
+pub use chat::{Builtin, ChatTemplate, Message, Rendered};
 pub use error::{Result, TokenizerError};
 pub use stream::Utf8Stream;
 pub use vocab::{Defaults, TokenType, Vocab};

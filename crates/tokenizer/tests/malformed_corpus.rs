@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use realm_gguf::{GgufFile, Hparams};
-use realm_tokenizer::{ChatTemplate, Message, Tokenizer};
+use realm_tokenizer::{Builtin, ChatTemplate, Message, Tokenizer};
 
 struct Counting;
 
@@ -60,7 +60,7 @@ fn load_format(bytes: &[u8]) -> Result<(), String> {
     }
     Hparams::from_gguf(&file).map_err(|e| format!("hparams: {e}"))?;
     let tok = Tokenizer::from_metadata(&file.metadata).map_err(|e| format!("tokenizer: {e}"))?;
-    let tmpl = ChatTemplate::from_metadata(&file.metadata, tok.vocab())
+    let tmpl = ChatTemplate::from_metadata(&file.metadata, tok.vocab(), Builtin::ChatMl)
         .map_err(|e| format!("template: {e}"))?;
     let prompt = tmpl
         .render(&[Message::new("user", "ab")], true)

@@ -10,6 +10,9 @@ use super::block::{Decoder, Layer, OutputWeight, QScale, Spec};
 use super::{Architecture, Loader, Output, Scratch, rope_params};
 use crate::{Error, Result};
 
+/// Files without a chat template get this one.
+pub const TEMPLATE: realm_tokenizer::Builtin = realm_tokenizer::Builtin::Gemma;
+
 /// Every sixth layer attends globally; the others see the last `sliding_window` positions.
 const GLOBAL_EVERY: usize = 6;
 /// RoPE base of the sliding-window layers when the file has no `rope.freq_base_swa`.

@@ -10,6 +10,9 @@ use super::block::{Decoder, Layer, OutputWeight, QScale, Spec};
 use super::{Architecture, Loader, Output, Scratch, rope_params};
 use crate::{Error, Result};
 
+/// Files without a chat template get this one.
+pub const TEMPLATE: realm_tokenizer::Builtin = realm_tokenizer::Builtin::ChatMl;
+
 struct Llama<C: Compute> {
     d: Decoder<C::Weight>,
     /// (n_rot / 2) Llama 3's RoPE frequency divisors (`rope_freqs`), shared by all layers.

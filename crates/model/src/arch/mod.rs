@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 
 use realm_compute::{Compute, GgmlType, RopeMode, RopeParams};
 use realm_gguf::{GgufFile, Hparams, RopeScaling, TensorInfo};
+use realm_tokenizer::Builtin;
 
 use crate::{Error, Result};
 
@@ -18,6 +19,15 @@ macro_rules! registry {
     ($($name:literal => $module:ident),* $(,)?) => {
         /// Names of the architectures Realm runs.
         pub const KNOWN: &[&str] = &[$($name),*];
+
+        /// The chat template for files of `arch` that carry none (each module's `TEMPLATE`;
+        /// ChatML for architectures Realm does not know).
+        pub fn default_template(arch: &str) -> Builtin {
+            match arch {
+                $($name => $module::TEMPLATE,)*
+                _ => Builtin::ChatMl,
+            }
+        }
 
         fn load_by_name<C: Compute>(
             arch: &str,
