@@ -199,7 +199,7 @@ pub struct Engine {
     engine: wasmtime::Engine,
     pre: bindings::GuestPre<HostState>,
     pool: Arc<rayon::ThreadPool>,
-    spin: Arc<compute::spin::SpinPool>,
+    spin: Arc<compute::pool::SpinPool>,
     config: EngineConfig,
     mapped: Mutex<HashMap<PathBuf, Arc<MappedModel>>>,
     ticker_stop: Arc<AtomicBool>,
@@ -279,7 +279,7 @@ impl Engine {
                 .thread_name(|i| format!("realm-compute-{i}"))
                 .build()?,
         );
-        let spin = Arc::new(compute::spin::SpinPool::new(config.threads.max(1))?);
+        let spin = Arc::new(compute::pool::SpinPool::new(config.threads.max(1))?);
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (stop, ticking) = (ticker_stop.clone(), engine.clone());
         std::thread::Builder::new()
@@ -336,12 +336,13 @@ impl Engine {
         ))
     }
 
-    /// Adds the `realm:compute` imports to `linker`, served by the state `get` returns.
-    pub fn add_compute_to_linker<T: 'static>(
+    /// Adds the `realm:compute` imports to `linker`, served by the state `get` returns
+    /// (over any backend: `ComputeState<B>`).
+    pub fn add_compute_to_linker<T: 'static, B: realm_compute::Backend>(
         linker: &mut Linker<T>,
-        get: fn(&mut T) -> &mut ComputeState,
+        get: fn(&mut T) -> &mut ComputeState<B>,
     ) -> anyhow::Result<()> {
-        bindings::Guest::add_to_linker::<T, HasCompute>(linker, get)?;
+        bindings::Guest::add_to_linker::<T, compute::HasCompute<B>>(linker, get)?;
         Ok(())
     }
 

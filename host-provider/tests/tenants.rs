@@ -10,7 +10,7 @@ use realm_host::compute::{KvCacheRes, TensorRes};
 use wasmtime::component::Resource;
 
 fn tenant() -> ComputeState {
-    let spin = realm_host::compute::spin::SpinPool::new(1).expect("spin pool");
+    let spin = realm_host::compute::pool::SpinPool::new(1).expect("spin pool");
     ComputeState::cpu(HashMap::new(), Arc::new(spin), None)
 }
 

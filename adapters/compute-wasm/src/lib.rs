@@ -29,7 +29,7 @@ use exports::realm::compute::tensors::{self, GuestKvCache, GuestTensor, TensorBo
 use exports::realm::compute::types::{Activation, Dtype, Error, RopeParams};
 use realm_compute::{Backend, Compute, ModelBytes, checked};
 use realm_kernels::cpu::{CpuBackend, CpuCache, CpuTensor, CpuWeight};
-use realm_kernels::spin::SpinPool;
+use realm_kernels::pool::SpinPool;
 
 /// Largest model file this component loads: what a 32-bit linear memory can hold with
 /// room left for the activations, the KV cache and the guest's own state.

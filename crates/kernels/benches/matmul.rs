@@ -10,7 +10,7 @@ mod bench {
     use criterion::{BenchmarkId, Criterion, Throughput};
     use realm_compute::{Compute, GgmlType, ModelBytes};
     use realm_kernels::cpu::CpuBackend;
-    use realm_kernels::spin::SpinPool;
+    use realm_kernels::pool::SpinPool;
 
     /// `rows` × `k` weights of `ty`: random quants, every f16 scale a small normal number.
     fn weights(ty: GgmlType, k: usize, rows: usize) -> Vec<u8> {

@@ -16,8 +16,8 @@ use realm_compute::{
 };
 
 use crate::kernels::{self, AttnShape, LayerCache, TiledKv};
+use crate::pool::{self, SpinPool};
 use crate::quant::{self, VecDot};
-use crate::spin::{self, SpinPool};
 #[cfg(target_arch = "x86_64")]
 use crate::{amx, avx2, avx512};
 
@@ -330,7 +330,7 @@ impl CpuBackend {
             // (Q2_K, Q3_K, Q5_K, …): each weight row in f32, each share a range of them.
             let dst = Shared::new(&mut o.data);
             spin.run(&|share| {
-                let cols = spin::part(n, shares, share, 4);
+                let cols = pool::part(n, shares, share, 4);
                 let mut wf = vec![0f32; if meta.values.is_some() { 0 } else { k }];
                 for (t, xrow) in x.data.chunks_exact(k).enumerate() {
                     // SAFETY: shares own disjoint column ranges of every row.
@@ -374,7 +374,7 @@ impl CpuBackend {
                     static ROW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
                 }
                 ROW.with_borrow_mut(|buf| {
-                    for t in spin::part(rows, shares, share, 1) {
+                    for t in pool::part(rows, shares, share, 1) {
                         buf.clear();
                         quant::quantize_row(kind, &x.data[t * k..(t + 1) * k], buf);
                         // SAFETY: shares own disjoint rows of `xq`.
@@ -394,7 +394,7 @@ impl CpuBackend {
         } else if rows >= 2 * shares {
             // A prompt without tiles: each share whole rows.
             spin.run(&|share| {
-                for t in spin::part(rows, shares, share, 1) {
+                for t in pool::part(rows, shares, share, 1) {
                     // SAFETY: shares own disjoint rows.
                     let orow = unsafe { dst.slice(t * n, n) };
                     quant::dot_rows(ty, wb, wrow, &xq_ref[t * qrow..(t + 1) * qrow], 0, orow);
@@ -403,7 +403,7 @@ impl CpuBackend {
         } else {
             // Decoding: each row's outputs split across the spinning pool.
             spin.run(&|share| {
-                let r = spin::part(n, shares, share, 4);
+                let r = pool::part(n, shares, share, 4);
                 for (t, xr) in xq_ref.chunks_exact(qrow).enumerate() {
                     // SAFETY: shares own disjoint column ranges of every row.
                     let part = unsafe { dst.slice(t * n + r.start, r.len()) };
@@ -439,7 +439,7 @@ impl CpuBackend {
             packed.pack(xq, rows);
             let packed = &*packed;
             spin.run(&|share| {
-                let r = spin::part(n, shares, share, 16);
+                let r = pool::part(n, shares, share, 16);
                 // SAFETY: `kernel_level` returned `Amx` only after `amx::available`;
                 // shares own disjoint weight rows of the output.
                 unsafe { amx::dot_tile(ty, (wb, wrow), packed, r, out) };
@@ -466,7 +466,7 @@ impl CpuBackend {
         }
         let packed = &*packed;
         spin.run(&|share| {
-            let r = spin::part(n, shares, share, 4);
+            let r = pool::part(n, shares, share, 4);
             // SAFETY: `kernel_level` checked the CPU features; shares own disjoint weight
             // rows of the output.
             unsafe {
@@ -520,7 +520,7 @@ impl CpuBackend {
                 }
                 return;
             }
-            let items = spin::part(n * n_head, shares, share, 1);
+            let items = pool::part(n * n_head, shares, share, 1);
             let mut item = items.start;
             while item < items.end {
                 let (i, h0) = (item / n_head, item % n_head);

@@ -15,10 +15,10 @@ pub mod avx2;
 pub mod avx512;
 pub mod cpu;
 pub mod kernels;
+pub mod pool;
 pub mod quant;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128;
-pub mod spin;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod testdata;
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use realm_compute::ModelBytes;
 use realm_kernels::cpu::CpuBackend;
-use realm_kernels::spin::SpinPool;
+use realm_kernels::pool::SpinPool;
 use realm_model::{Error, LoadedModel, Message, Params, Prompt};
 
 fn root() -> PathBuf {

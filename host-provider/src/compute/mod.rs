@@ -6,7 +6,7 @@
 pub mod residency;
 
 pub use realm_kernels::cpu::CpuBackend;
-pub use realm_kernels::spin;
+pub use realm_kernels::pool;
 pub use realm_kernels::{kernels, quant};
 
 use std::collections::HashMap;
@@ -114,7 +114,7 @@ impl ComputeState<CpuBackend> {
     /// The CPU provider on `spin`'s shares.
     pub fn cpu(
         models: HashMap<String, Arc<MappedModel>>,
-        spin: Arc<spin::SpinPool>,
+        spin: Arc<pool::SpinPool>,
         max_resident: Option<u64>,
     ) -> Self {
         Self::new(models, CpuBackend::new(spin, MAX_KV_ELEMENTS), max_resident)
