@@ -113,6 +113,8 @@ pub struct EngineConfig {
     pub max_resident: Option<u64>,
     /// Environment variables the guests see (WASI).
     pub guest_env: Vec<(String, String)>,
+    /// The compute backend (`compute::DEVICES`): `cpu`.
+    pub device: String,
 }
 
 impl Default for EngineConfig {
@@ -123,6 +125,7 @@ impl Default for EngineConfig {
                 .unwrap_or(1),
             component: default_component_path(),
             max_guest_memory: DEFAULT_GUEST_MEMORY,
+            device: "cpu".into(),
             max_resident: None,
             guest_env: Vec::new(),
         }
@@ -187,7 +190,7 @@ impl WasiView for HostState {
     }
 }
 
-type HasCompute = compute::HasCompute<compute::CpuBackend>;
+type HasCompute = compute::HasCompute<realm_compute::Erased>;
 
 /// How often the epoch advances: the granularity of request deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -280,6 +283,8 @@ impl Engine {
                 .build()?,
         );
         let spin = Arc::new(compute::pool::SpinPool::new(config.threads.max(1))?);
+        // An unknown device is refused here, before any tenant starts.
+        compute::backend(&config.device, &spin).map_err(|e| anyhow!(e))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (stop, ticking) = (ticker_stop.clone(), engine.clone());
         std::thread::Builder::new()
@@ -321,6 +326,11 @@ impl Engine {
         Ok(m)
     }
 
+    /// A fresh backend of the configured device for one tenant.
+    fn backend(&self) -> anyhow::Result<realm_compute::Erased> {
+        compute::backend(&self.config.device, &self.spin).map_err(|e| anyhow!(e))
+    }
+
     /// A compute provider (`realm:compute`) serving the model files `models` (name, path)
     /// on this engine's threads and mappings, for a component other than Realm's own guest
     /// to import (one that embeds the Realm component, composed with adapters).
@@ -329,9 +339,9 @@ impl Engine {
         for (name, path) in models {
             mapped.insert(name.clone(), self.mapping(name, path)?);
         }
-        Ok(ComputeState::cpu(
+        Ok(ComputeState::new(
             mapped,
-            self.spin.clone(),
+            self.backend()?,
             self.config.max_resident,
         ))
     }
@@ -367,7 +377,7 @@ impl Engine {
                     .inherit_stderr()
                     .envs(&self.config.guest_env)
                     .build(),
-                compute: ComputeState::cpu(models, self.spin.clone(), self.config.max_resident),
+                compute: ComputeState::new(models, self.backend()?, self.config.max_resident),
                 limits: GuestLimits {
                     max_memory: self.config.max_guest_memory,
                     peak_memory: 0,

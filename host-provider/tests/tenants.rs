@@ -10,8 +10,9 @@ use realm_host::compute::{KvCacheRes, TensorRes};
 use wasmtime::component::Resource;
 
 fn tenant() -> ComputeState {
-    let spin = realm_host::compute::pool::SpinPool::new(1).expect("spin pool");
-    ComputeState::cpu(HashMap::new(), Arc::new(spin), None)
+    let spin = Arc::new(realm_host::compute::pool::SpinPool::new(1).expect("spin pool"));
+    let cpu = realm_host::compute::backend("cpu", &spin).expect("the cpu backend");
+    ComputeState::new(HashMap::new(), cpu, None)
 }
 
 fn borrow_t(r: &Resource<TensorRes>) -> Resource<TensorRes> {
@@ -94,5 +95,22 @@ fn tenants_of_one_engine_share_the_mapped_weights() {
     assert!(
         !a.shares_weights_with(&c),
         "separate engines map separately"
+    );
+}
+
+/// The engine's device is checked when it starts, with the devices it has in the message.
+#[test]
+fn an_unknown_device_is_refused_by_name() {
+    let e = realm_host::Engine::new(realm_host::EngineConfig {
+        device: "tpu".into(),
+        threads: 1,
+        ..realm_host::EngineConfig::default()
+    })
+    .err()
+    .expect("refused");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("unknown device 'tpu'") && msg.contains("cpu"),
+        "{msg}"
     );
 }

@@ -12,8 +12,10 @@
 //! The vocabulary follows the WIT interface `realm:compute` (`wit/compute/compute.wit`).
 
 pub mod checked;
+mod erased;
 mod wit;
 
+pub use erased::{AnyCache, AnyTensor, AnyWeight, Erased};
 pub use wit::DTYPES;
 
 use std::sync::Arc;
@@ -136,11 +138,13 @@ pub struct WeightMeta {
 
 impl WeightMeta {
     pub fn row_len(&self) -> usize {
-        self.dims[0] as usize
+        self.dims.first().map_or(0, |&d| d as usize)
     }
 
     pub fn n_rows(&self) -> usize {
-        self.dims[1..].iter().product::<u64>() as usize
+        self.dims
+            .get(1..)
+            .map_or(0, |d| d.iter().product::<u64>() as usize)
     }
 }
 

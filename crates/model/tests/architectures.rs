@@ -206,3 +206,25 @@ fn the_cache_continues_across_calls() {
     assert!(before > 0);
     assert_eq!(second.tokens(), fresh);
 }
+
+/// The run-time-chosen backend (`Erased`, what the host provider uses) is the CPU backend
+/// behind a box: the same ids and the same margins, bit for bit.
+#[test]
+fn the_erased_backend_gives_the_same_bits() {
+    let path = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let bytes = std::fs::read(&path).expect("model");
+    let spin = Arc::new(SpinPool::new(2).expect("spin pool"));
+    let erased = realm_compute::Erased::new(CpuBackend::new(spin, 1 << 32));
+    let boxed = LoadedModel::load("test", erased, ModelBytes::new(Arc::new(bytes))).expect("loads");
+    let direct = load(&path).expect("loads");
+    let prompt = || Prompt::Text("The three primary colors are".into());
+    let session = boxed.session(0).expect("session");
+    let g = session
+        .generate(prompt(), Params::greedy(16))
+        .expect("generation");
+    while g.next().expect("next").is_some() {}
+    let (ids, margins) = greedy(&direct, prompt(), 16);
+    assert_eq!(g.tokens(), ids);
+    let bits = |m: &[f32]| m.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&g.margins()), bits(&margins));
+}

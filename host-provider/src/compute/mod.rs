@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use memmap2::Mmap;
-use realm_compute::{Backend, Compute, ModelBytes, checked};
+use realm_compute::{Backend, Compute, Erased, ModelBytes, checked};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
 use crate::bindings::realm::compute::{store, tensors, types};
@@ -73,7 +73,7 @@ pub const MAX_KV_ELEMENTS: u64 = 1 << 32;
 
 /// Per-Store compute state: the resource table, the models this guest may open, the
 /// backend (its scratch is this tenant's), statistics and the weight residency.
-pub struct ComputeState<B: Backend = CpuBackend> {
+pub struct ComputeState<B: Backend = Erased> {
     pub table: ResourceTable,
     pub models: HashMap<String, Arc<MappedModel>>,
     pub backend: B,
@@ -107,6 +107,20 @@ impl Stats {
             Bucket::Attention => &mut self.attention_ns,
             Bucket::Other => &mut self.other_ns,
         } += ns;
+    }
+}
+
+/// The devices this host runs, by name: one line per backend.
+pub const DEVICES: &[&str] = &["cpu"];
+
+/// The backend for `device`, on `spin`'s shares where it computes on the CPU.
+pub fn backend(device: &str, spin: &Arc<pool::SpinPool>) -> Result<Erased, String> {
+    match device {
+        "cpu" => Ok(Erased::new(CpuBackend::new(spin.clone(), MAX_KV_ELEMENTS))),
+        other => Err(format!(
+            "unknown device '{other}' (this host has: {})",
+            DEVICES.join(", ")
+        )),
     }
 }
 
