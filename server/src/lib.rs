@@ -1,7 +1,7 @@
-//! `realm serve`: an OpenAI-compatible HTTP server. Every request is its own tenant (a
-//! fresh wasmtime Store over the engine's shared, mapped weights), with a deadline, a
-//! memory cap and a token cap; a tenant that passes a limit is dropped and the others go
-//! on. Generation runs on blocking threads whose guest calls share one compute pool; the
+//! `realm serve`: an OpenAI-compatible HTTP server. Every request has a tenant to itself (a
+//! wasmtime Store over the engine's shared, mapped weights), with a deadline, a memory cap
+//! and a token cap; a tenant that passes a limit is dropped and the others go on, one
+//! whose request ended cleanly waits, loaded, for the next request. Generation runs on blocking threads whose guest calls share one compute pool; the
 //! HTTP side streams their pieces as server-sent events.
 //!
 //! As a library: [`Server::new`] loads the models, [`Server::router`] is the whole HTTP
@@ -78,6 +78,46 @@ struct App {
     metrics: metrics::Metrics,
     /// Per served model: its context length for clamping (from the first tenant).
     n_ctx_train: BTreeMap<String, u32>,
+    /// Loaded tenants waiting for a request, per model file (see [`App::tenant`]).
+    idle: std::sync::Mutex<BTreeMap<PathBuf, Vec<Model>>>,
+}
+
+impl App {
+    /// A tenant for the model at `path`: an idle one that a finished request gave back,
+    /// else a new one (a fresh Store, the guest parsing the model's header and building
+    /// its tokenizer: ~100 ms on SmolLM2). A request has its tenant to itself; its
+    /// sessions, KV cache and activations are gone when it gives the tenant back.
+    fn tenant(&self, path: &std::path::Path) -> anyhow::Result<Model> {
+        let started = Instant::now();
+        let reused = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.get_mut(path).and_then(Vec::pop));
+        let tenant = match reused {
+            Some(t) => {
+                self.metrics.tenants_reused.inc();
+                t
+            }
+            None => self.engine.load_model(path)?,
+        };
+        self.metrics
+            .tenant_start
+            .observe(started.elapsed().as_secs_f64());
+        Ok(tenant)
+    }
+
+    /// Gives back a tenant whose request ended cleanly (one that failed, ran past a limit
+    /// or lost its client is dropped instead). At most `--max-sessions` wait per model:
+    /// as many as were busy at once.
+    fn give_back(&self, path: PathBuf, tenant: Model) {
+        if let Ok(mut idle) = self.idle.lock() {
+            let waiting = idle.entry(path).or_default();
+            if waiting.len() < self.config.max_sessions {
+                waiting.push(tenant);
+            }
+        }
+    }
 }
 
 /// An OpenAI-shaped error: `{"error": {"message", "type", "code"}}` with its status.
@@ -547,7 +587,7 @@ fn spawn_generation(
     let (tx, rx) = mpsc::channel(64);
     std::thread::spawn(move || {
         let permit = permit;
-        let mut tenant: Model = match app.engine.load_model(&path) {
+        let mut tenant: Model = match app.tenant(&path) {
             Ok(m) => m,
             Err(e) => {
                 let _ = started_tx.send(Err(ApiError::from_run(&e)));
@@ -619,7 +659,11 @@ fn spawn_generation(
         // a client that saw `[DONE]` finds the slot free (`/health`, the next request).
         drop(generation);
         drop(session);
-        drop(tenant);
+        if matches!(done, Piece::Done { .. }) {
+            app.give_back(path, tenant);
+        } else {
+            drop(tenant);
+        }
         drop(permit);
         let _ = tx.blocking_send(done);
     });
@@ -1599,10 +1643,7 @@ async fn embed_all(
     };
     let job = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let mut tenant = worker
-            .engine
-            .load_model(&path)
-            .map_err(|e| ApiError::from_run(&e))?;
+        let mut tenant = worker.tenant(&path).map_err(|e| ApiError::from_run(&e))?;
         tenant.set_deadline_at(deadline, worker.config.request_timeout);
         let mut out = Vec::with_capacity(inputs.len());
         for (i, t) in inputs.iter().enumerate() {
@@ -1618,6 +1659,7 @@ async fn embed_all(
             }
             out.push(tenant.embed(t).map_err(|e| ApiError::from_run(&e))?);
         }
+        worker.give_back(path, tenant);
         Ok(out)
     });
     // At the deadline the answer is a 504; the tenant's own deadline stops its thread.
@@ -1972,12 +2014,15 @@ impl Server {
         }
         let engine = Engine::new(engine_config)?;
         let mut n_ctx_train = BTreeMap::new();
+        let mut idle = BTreeMap::new();
         for (name, path) in &config.models {
             // A first tenant checks the file and maps it; later tenants share the mapping.
+            // It waits for the first request.
             let m = engine
                 .load_model(path)
                 .with_context(|| format!("cannot load model '{name}' from {}", path.display()))?;
             n_ctx_train.insert(name.clone(), m.info.n_ctx_train);
+            idle.entry(path.clone()).or_insert_with(Vec::new).push(m);
         }
         Ok(Self(Arc::new(App {
             engine,
@@ -1985,6 +2030,7 @@ impl Server {
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
             metrics: metrics::Metrics::new(),
             n_ctx_train,
+            idle: std::sync::Mutex::new(idle),
             config,
         })))
     }

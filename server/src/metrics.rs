@@ -24,6 +24,8 @@ pub struct Metrics {
     pub time_to_first_token: Histogram,
     pub inter_token: Histogram,
     pub duration: Histogram,
+    pub tenant_start: Histogram,
+    pub tenants_reused: Counter,
     pub sessions_in_use: Gauge,
     pub sessions_max: Gauge,
     pub connections_open: Gauge,
@@ -83,6 +85,19 @@ impl Metrics {
             "From a request's arrival to its answer's headers (streams: to the first byte)",
             duration.clone(),
         );
+        // 50 µs to about 1.6 s.
+        let tenant_start = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "realm_tenant_start_seconds",
+            "From a request's admission to its tenant being ready (an idle loaded one, or a new one)",
+            tenant_start.clone(),
+        );
+        let tenants_reused = Counter::default();
+        registry.register(
+            "realm_tenants_reused",
+            "Requests served by an idle loaded tenant instead of a new one",
+            tenants_reused.clone(),
+        );
         let sessions_in_use = Gauge::default();
         registry.register(
             "realm_sessions_in_use",
@@ -109,6 +124,8 @@ impl Metrics {
             time_to_first_token,
             inter_token,
             duration,
+            tenant_start,
+            tenants_reused,
             sessions_in_use,
             sessions_max,
             connections_open,
