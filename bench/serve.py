@@ -3,12 +3,13 @@
 clients (4 greedy chat requests each, 24 new tokens, loopback), and the server's resident
 memory growth per concurrent tenant. Runs tests/serve/load.py (the same load test as
 `make test`) against a server it starts; --write puts the section in BENCHMARKS.md.
-Usage: bench/serve.py [MODEL.gguf] [--write] (needs .venv from `make test`)."""
+Usage: bench/serve.py [MODEL.gguf] [--write] (needs .venv from `make test`; REALM_BIN picks
+another `realm` binary, for a same-run comparison)."""
 import json, os, pathlib, re, subprocess, sys
 
 model = next((a for a in sys.argv[1:] if not a.startswith("--")), "models/SmolLM2-135M-Instruct.Q4_1.gguf")
 name = pathlib.Path(model).stem
-server = subprocess.Popen(["./target/release/realm", "serve", "--port", "0", "--threads", "2", "--model", model],
+server = subprocess.Popen([os.environ.get("REALM_BIN", "./target/release/realm"), "serve", "--port", "0", "--threads", "2", "--model", model],
                           stdout=subprocess.PIPE, text=True)
 try:
     url = server.stdout.readline().strip().rsplit(" ", 1)[-1]
@@ -25,9 +26,9 @@ commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=
 section = f"""## Server: concurrent clients — {name} (`bench/serve.py`)
 
 `realm serve --threads 2` on loopback, Realm commit {commit}; each client streams 4 greedy
-chat requests of 24 new tokens one after another (every request a fresh tenant: Store,
-guest instance, model load, prefill, decode); every response is checked to equal the lone
-request's text. Aggregate generated tokens/s over the whole run:
+chat requests of 24 new tokens one after another (a tenant per concurrent request: Store,
+guest instance and loaded model, reused by later requests; then prefill and decode); every
+response is checked to equal the lone request's text. Aggregate generated tokens/s over the whole run:
 
 | concurrent clients | requests | tokens/s |
 |---|---|---|
