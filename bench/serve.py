@@ -23,9 +23,14 @@ finally:
     server.wait(timeout=30)
 
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+cpuinfo = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
+cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")), "unknown CPU")
+flags = next((l.split(":", 1)[1].split() for l in cpuinfo.splitlines() if l.startswith("flags")), [])
+shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags]
+machine = f"{cpu}, {os.cpu_count()} CPUs ({' '.join(shown) or 'no AVX2'})"
 section = f"""## Server: concurrent clients — {name} (`bench/serve.py`)
 
-`realm serve --threads 2` on loopback, Realm commit {commit}; each client streams 4 greedy
+`realm serve --threads 2` on loopback, Realm commit {commit}, on {machine}; each client streams 4 greedy
 chat requests of 24 new tokens one after another (a tenant per concurrent request: Store,
 guest instance and loaded model, reused by later requests; then prefill and decode); every
 response is checked to equal the lone request's text. Aggregate generated tokens/s over the whole run:
