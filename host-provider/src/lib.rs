@@ -195,14 +195,15 @@ type HasCompute = compute::HasCompute<realm_compute::Erased>;
 /// How often the epoch advances: the granularity of request deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// A compiled, pre-linked guest component, the compute thread pool and the model files
+/// A compiled, pre-linked guest component, the spinning compute pool and the model files
 /// mapped so far. Share it (`Arc<Engine>`): every [`Model`] it loads is a tenant with its
 /// own Store over the same mapped weights and the same threads.
 pub struct Engine {
     engine: wasmtime::Engine,
     pre: bindings::GuestPre<HostState>,
-    pool: Arc<rayon::ThreadPool>,
     spin: Arc<compute::pool::SpinPool>,
+    /// Where the tenants' decode matmuls meet (cross-tenant batching; None: off).
+    batcher: Option<Arc<realm_kernels::batch::Batcher>>,
     config: EngineConfig,
     mapped: Mutex<HashMap<PathBuf, Arc<MappedModel>>>,
     ticker_stop: Arc<AtomicBool>,
@@ -276,15 +277,14 @@ impl Engine {
         bindings::Guest::add_to_linker::<HostState, HasCompute>(&mut linker, |s| &mut s.compute)?;
         // Imports resolved once: each tenant's instantiation is then only its own memory.
         let pre = bindings::GuestPre::new(linker.instantiate_pre(&component)?)?;
-        let pool = Arc::new(
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(config.threads.max(1))
-                .thread_name(|i| format!("realm-compute-{i}"))
-                .build()?,
-        );
         let spin = Arc::new(compute::pool::SpinPool::new(config.threads.max(1))?);
+        // `REALM_BATCH=1` turns on cross-tenant batching of decode matmuls (experimental:
+        // bit-exact, but slower than tenants computing side by side on the machines measured;
+        // see `batch.rs`).
+        let batcher = (std::env::var("REALM_BATCH").as_deref() == Ok("1"))
+            .then(|| Arc::new(realm_kernels::batch::Batcher::default()));
         // An unknown device is refused here, before any tenant starts.
-        compute::backend(&config.device, &spin).map_err(|e| anyhow!(e))?;
+        compute::backend(&config.device, &spin, batcher.as_ref()).map_err(|e| anyhow!(e))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (stop, ticking) = (ticker_stop.clone(), engine.clone());
         std::thread::Builder::new()
@@ -298,8 +298,8 @@ impl Engine {
         Ok(Self {
             engine,
             pre,
-            pool,
             spin,
+            batcher,
             config,
             mapped: Mutex::new(HashMap::new()),
             ticker_stop,
@@ -328,7 +328,8 @@ impl Engine {
 
     /// A fresh backend of the configured device for one tenant.
     fn backend(&self) -> anyhow::Result<realm_compute::Erased> {
-        compute::backend(&self.config.device, &self.spin).map_err(|e| anyhow!(e))
+        compute::backend(&self.config.device, &self.spin, self.batcher.as_ref())
+            .map_err(|e| anyhow!(e))
     }
 
     /// A compute provider (`realm:compute`) serving the model files `models` (name, path)
@@ -356,9 +357,10 @@ impl Engine {
         Ok(())
     }
 
-    /// The compute threads (guest calls that run ops should run inside this pool).
-    pub fn pool(&self) -> &Arc<rayon::ThreadPool> {
-        &self.pool
+    /// Decode matmuls shared across tenants so far: products that served more than one
+    /// tenant, and the rows they multiplied.
+    pub fn batched(&self) -> (u64, u64) {
+        self.batcher.as_ref().map_or((0, 0), |b| b.shared())
     }
 
     /// Map `path` and load it in a fresh guest instance.
@@ -404,7 +406,6 @@ impl Engine {
             guest,
             handle,
             info,
-            pool: self.pool.clone(),
             deadline: None,
         })
     }
@@ -432,14 +433,14 @@ pub struct Model {
     guest: bindings::Guest,
     handle: ResourceAny,
     pub info: ModelInfo,
-    pool: Arc<rayon::ThreadPool>,
     deadline: Option<(Instant, Duration)>,
 }
 
 impl Model {
-    /// Run a guest call on a worker of the compute pool, so that the ops it makes run
-    /// their parallel loops from inside the pool: no hand-off to another thread and back
-    /// per op (211 matmuls per token), and with one thread everything runs inline.
+    /// Run a guest call on this thread: each tenant computes on its own thread, its ops'
+    /// parallel parts on the engine's spinning pool (tenants that find it busy run their
+    /// shares themselves). Funnelling every tenant's guest calls through one pool of
+    /// `--threads` workers instead held 16 concurrent requests to 0.6× the throughput.
     ///
     /// The tenant's deadline (if any) is armed first: guest code running past it traps.
     fn on_pool<R: Send>(
@@ -455,7 +456,7 @@ impl Model {
             self.store.set_epoch_deadline(ticks);
         }
         let store = &mut self.store;
-        self.pool.install(move || f(store)).map_err(|e| {
+        f(store).map_err(|e| {
             match limit_error(e) {
                 // Report the budget the caller set, not the remaining time.
                 e if matches!(e.downcast_ref(), Some(LimitError::Deadline(_))) => {

@@ -89,7 +89,6 @@ impl WasiView for AppState {
 /// failure status. The app may import WASI, `wasi:nn` and `realm:compute`.
 pub fn run_wasm(engine: Arc<Engine>, run: RunWasm) -> anyhow::Result<bool> {
     let compute = engine.compute_state(&run.models)?;
-    let pool = engine.pool().clone();
     let models: Arc<dyn Models> = Arc::new(EngineModels(engine));
     let registry = realm_wasi_nn::preload(&models, &run.preloads)?;
     let backends = realm_wasi_nn::backends(models);
@@ -135,9 +134,7 @@ pub fn run_wasm(engine: Arc<Engine>, run: RunWasm) -> anyhow::Result<bool> {
                     run.app.display()
                 )
             })?;
-    // On a compute worker, as for Realm's own tenants: the ops' parallel loops then run
-    // from inside the pool.
-    match pool.install(|| command.wasi_cli_run().call_run(&mut store)) {
+    match command.wasi_cli_run().call_run(&mut store) {
         Ok(status) => Ok(status.is_ok()),
         // `exit(n)` from the app.
         Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {

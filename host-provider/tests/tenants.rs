@@ -11,7 +11,8 @@ use wasmtime::component::Resource;
 
 fn tenant() -> ComputeState {
     let spin = Arc::new(realm_host::compute::pool::SpinPool::new(1).expect("spin pool"));
-    let cpu = realm_host::compute::backend("cpu", &spin).expect("the cpu backend");
+    let batcher = Arc::new(realm_kernels::batch::Batcher::default());
+    let cpu = realm_host::compute::backend("cpu", &spin, Some(&batcher)).expect("the cpu backend");
     ComputeState::new(HashMap::new(), cpu, None)
 }
 

@@ -1,7 +1,8 @@
 //! `realm serve`: an OpenAI-compatible HTTP server. Every request has a tenant to itself (a
 //! wasmtime Store over the engine's shared, mapped weights), with a deadline, a memory cap
 //! and a token cap; a tenant that passes a limit is dropped and the others go on, one
-//! whose request ended cleanly waits, loaded, for the next request. Generation runs on blocking threads whose guest calls share one compute pool; the
+//! whose request ended cleanly waits, loaded, for the next request. Generation runs on a
+//! thread per request (the ops' parallel parts on the engine's one spinning pool); the
 //! HTTP side streams their pieces as server-sent events.
 //!
 //! As a library: [`Server::new`] loads the models, [`Server::router`] is the whole HTTP
@@ -1862,6 +1863,10 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         app.config.max_connections,
         app.connections.available_permits(),
     ));
+    let (products, rows) = app.engine.batched();
+    m.batched_products
+        .set(i64::try_from(products).unwrap_or(i64::MAX));
+    m.batched_rows.set(i64::try_from(rows).unwrap_or(i64::MAX));
     (
         [(
             header::CONTENT_TYPE,

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub duration: Histogram,
     pub tenant_start: Histogram,
     pub tenants_reused: Counter,
+    pub batched_products: Gauge,
+    pub batched_rows: Gauge,
     pub sessions_in_use: Gauge,
     pub sessions_max: Gauge,
     pub connections_open: Gauge,
@@ -98,6 +100,18 @@ impl Metrics {
             "Requests served by an idle loaded tenant instead of a new one",
             tenants_reused.clone(),
         );
+        let batched_products = Gauge::default();
+        registry.register(
+            "realm_batched_products",
+            "Decode matmuls shared by more than one tenant (one pass over the weight for all), since start",
+            batched_products.clone(),
+        );
+        let batched_rows = Gauge::default();
+        registry.register(
+            "realm_batched_rows",
+            "Rows (tenant tokens) those shared matmuls multiplied, since start",
+            batched_rows.clone(),
+        );
         let sessions_in_use = Gauge::default();
         registry.register(
             "realm_sessions_in_use",
@@ -126,6 +140,8 @@ impl Metrics {
             duration,
             tenant_start,
             tenants_reused,
+            batched_products,
+            batched_rows,
             sessions_in_use,
             sessions_max,
             connections_open,

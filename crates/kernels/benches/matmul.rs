@@ -12,34 +12,6 @@ mod bench {
     use realm_kernels::cpu::CpuBackend;
     use realm_kernels::pool::SpinPool;
 
-    /// `rows` × `k` weights of `ty`: random quants, every f16 scale a small normal number.
-    fn weights(ty: GgmlType, k: usize, rows: usize) -> Vec<u8> {
-        let row = ty.row_bytes(k as u64).expect("whole blocks") as usize;
-        let block = row / (k / ty.block_size() as usize);
-        let mut s = 0x2545_F491_4F6C_DD1Du64;
-        let mut bytes: Vec<u8> = (0..row * rows)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s as u8
-            })
-            .collect();
-        // Where each type keeps its f16 scales (d, and dmin/m where it has one).
-        let halves: &[usize] = match ty {
-            GgmlType::Q4_0 | GgmlType::Q8_0 => &[0],
-            GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
-            GgmlType::Q6_K => &[208],
-            _ => &[],
-        };
-        for b in bytes.chunks_exact_mut(block) {
-            for &at in halves {
-                b[at..at + 2].copy_from_slice(&0x2000u16.to_le_bytes());
-            }
-        }
-        bytes
-    }
-
     pub fn matmul(c: &mut Criterion) {
         let (k, n) = (2048usize, 2048usize);
         for threads in [1usize, 2] {
@@ -53,7 +25,8 @@ mod bench {
                 GgmlType::Q4_K,
                 GgmlType::Q6_K,
             ] {
-                let file = ModelBytes::new(Arc::new(weights(ty, k, n)));
+                let file =
+                    ModelBytes::new(Arc::new(realm_kernels::synthetic::weights(ty, k, n, 7)));
                 let w = Compute::weight(&cpu, &file, 0, ty, &[k as u64, n as u64]).expect("weight");
                 for tokens in [1usize, 64] {
                     let x = Compute::tensor(&cpu, k as u32);

@@ -15,6 +15,7 @@ use realm_compute::{
     WeightMeta,
 };
 
+use crate::batch::{self, Batcher, Joined};
 use crate::kernels::{self, AttnShape, LayerCache, TiledKv};
 use crate::pool::{self, SpinPool};
 use crate::quant::{self, VecDot};
@@ -77,6 +78,8 @@ struct Scratch {
 pub struct CpuBackend {
     spin: Arc<SpinPool>,
     max_kv: u64,
+    /// Shared with the engine's other tenants: decode matmuls by one weight meet there.
+    batcher: Option<(Arc<Batcher>, u64)>,
     scratch: RefCell<Scratch>,
     /// Per pool share: attention scratch (q in f16 and the f16 accumulator).
     attn: Vec<Mutex<Vec<f16>>>,
@@ -89,8 +92,19 @@ impl CpuBackend {
         Self {
             spin,
             max_kv,
+            batcher: None,
             scratch: RefCell::default(),
             attn,
+        }
+    }
+
+    /// The same, its decode matmuls batched with those of the other backends on `batcher`
+    /// (see `batch.rs`).
+    pub fn batched(spin: Arc<SpinPool>, max_kv: u64, batcher: Arc<Batcher>) -> Self {
+        let id = batcher.register();
+        Self {
+            batcher: Some((batcher, id)),
+            ..Self::new(spin, max_kv)
         }
     }
 
@@ -231,6 +245,14 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight, o: &CpuTensor) -> Result<()> {
         let (x, mut o) = (input(x)?, out(o)?);
+        if let Some((b, id)) = &self.batcher
+            && x.rows <= batch::MAX_ROWS
+            && w.0.meta.values.is_none()
+            && VecDot::for_weight(w.0.meta.ty).is_some()
+            && quant::kernel_level() != quant::KernelLevel::Amx
+        {
+            return self.matmul_batched((b, *id), &x, w, &mut o);
+        }
         self.matmul_into(&x, w, &mut o)
     }
 
@@ -317,6 +339,57 @@ impl Backend for CpuBackend {
 }
 
 impl CpuBackend {
+    /// A decode matmul through the batcher: led (this tenant multiplies every row that
+    /// joined), or joined (another tenant multiplied this one's rows).
+    fn matmul_batched(
+        &self,
+        (b, id): (&Arc<Batcher>, u64),
+        x: &Mat,
+        w: &CpuWeight,
+        o: &mut Mat,
+    ) -> Result<()> {
+        let n = w.0.meta.n_rows();
+        let key = w.bytes().as_ptr() as usize;
+        let lead = match b.join(id, key, &x.data, x.rows, n) {
+            Joined::Done(rows) if rows.len() == x.rows * n => {
+                o.set_rows(x.rows);
+                o.data.copy_from_slice(&rows);
+                return Ok(());
+            }
+            // The leader failed: this tenant's rows on its own.
+            Joined::Done(_) => return self.matmul_into(x, w, o),
+            Joined::Lead(lead) => lead,
+        };
+        let (xs, parts) = lead.gather();
+        if parts.len() == 1 {
+            let r = self.matmul_into(x, w, o);
+            lead.finish(Ok(Arc::new(Vec::new())));
+            return r;
+        }
+        let all = Mat {
+            rows: parts.iter().sum(),
+            cols: x.cols,
+            data: xs,
+        };
+        let mut outs = Mat {
+            rows: 0,
+            cols: n,
+            data: Vec::new(),
+        };
+        match self.matmul_into(&all, w, &mut outs) {
+            Ok(()) => {
+                o.set_rows(x.rows);
+                o.data.copy_from_slice(&outs.data[..x.rows * n]);
+                lead.finish(Ok(Arc::new(outs.data)));
+                Ok(())
+            }
+            Err(e) => {
+                lead.finish(Err(e.clone()));
+                Err(e)
+            }
+        }
+    }
+
     fn matmul_into(&self, x: &Mat, w: &CpuWeight, o: &mut Mat) -> Result<()> {
         let meta = &w.0.meta;
         let (k, n, rows) = (meta.row_len(), meta.n_rows(), x.rows);

@@ -13,12 +13,15 @@ pub mod amx;
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+pub mod batch;
 pub mod cpu;
 pub mod kernels;
 pub mod pool;
 pub mod quant;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128;
+#[doc(hidden)]
+pub mod synthetic;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod testdata;
 

@@ -113,10 +113,18 @@ impl Stats {
 /// The devices this host runs, by name: one line per backend.
 pub const DEVICES: &[&str] = &["cpu"];
 
-/// The backend for `device`, on `spin`'s shares where it computes on the CPU.
-pub fn backend(device: &str, spin: &Arc<pool::SpinPool>) -> Result<Erased, String> {
+/// The backend for `device` for one tenant, on `spin`'s shares where it computes on the
+/// CPU, its decode matmuls batched with the other tenants' on `batcher` if given.
+pub fn backend(
+    device: &str,
+    spin: &Arc<pool::SpinPool>,
+    batcher: Option<&Arc<realm_kernels::batch::Batcher>>,
+) -> Result<Erased, String> {
     match device {
-        "cpu" => Ok(Erased::new(CpuBackend::new(spin.clone(), MAX_KV_ELEMENTS))),
+        "cpu" => Ok(Erased::new(match batcher {
+            Some(b) => CpuBackend::batched(spin.clone(), MAX_KV_ELEMENTS, b.clone()),
+            None => CpuBackend::new(spin.clone(), MAX_KV_ELEMENTS),
+        })),
         other => Err(format!(
             "unknown device '{other}' (this host has: {})",
             DEVICES.join(", ")

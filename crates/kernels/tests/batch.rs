@@ -1,0 +1,100 @@
+//! Cross-tenant batching changes no tenant's numbers: tenants on their own threads, each
+//! with its own backend and activations, multiply by one shared weight at once; every
+//! output equals, bit for bit, what the tenant's backend computes alone, and the batcher
+//! did share products.
+
+use std::sync::{Arc, Barrier};
+
+use realm_compute::{Compute, GgmlType, ModelBytes};
+use realm_kernels::batch::Batcher;
+use realm_kernels::cpu::CpuBackend;
+use realm_kernels::pool::SpinPool;
+
+const K: usize = 512;
+const N: usize = 96;
+const TENANTS: usize = 3;
+const STEPS: usize = 60;
+
+/// Tenant `t`'s activations at step `s` (one row).
+fn x(t: usize, s: usize) -> Vec<f32> {
+    (0..K)
+        .map(|i| (((i * 7 + t * 131 + s * 17) % 97) as f32 - 48.0) / 32.0)
+        .collect()
+}
+
+#[test]
+fn batched_products_equal_lone_ones_bit_for_bit() {
+    if realm_kernels::quant::kernel_level() == realm_kernels::quant::KernelLevel::Amx {
+        // The AMX family has its own numerics and is never batched.
+        println!("SKIPPED: REALM_KERNELS=amx is never batched");
+        return;
+    }
+    let spin = Arc::new(SpinPool::new(2).expect("pool"));
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        let k = if matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) {
+            512
+        } else {
+            K
+        };
+        let file = ModelBytes::new(Arc::new(realm_kernels::synthetic::weights(ty, k, N, 11)));
+        let dims = [k as u64, N as u64];
+        // What each tenant's row gives alone, on a backend without a batcher.
+        let lone = CpuBackend::new(spin.clone(), 1 << 20);
+        let w = Compute::weight(&lone, &file, 0, ty, &dims).expect("weight");
+        let alone = |t: usize, s: usize| {
+            let (xt, o) = (
+                Compute::tensor(&lone, k as u32),
+                Compute::tensor(&lone, N as u32),
+            );
+            realm_compute::checked::write_tensor(&lone, &xt, 1, x(t, s)).expect("write");
+            Compute::matmul(&lone, &xt, &w, &o).expect("matmul");
+            Compute::read_row(&lone, &o, 0).expect("row")
+        };
+        let batcher = Arc::new(Batcher::default());
+        let start = Arc::new(Barrier::new(TENANTS));
+        let outs: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..TENANTS)
+                .map(|t| {
+                    let (spin, batcher, start, file) =
+                        (spin.clone(), batcher.clone(), start.clone(), file.clone());
+                    scope.spawn(move || {
+                        let b = CpuBackend::batched(spin, 1 << 20, batcher);
+                        let w = Compute::weight(&b, &file, 0, ty, &dims).expect("weight");
+                        let (xt, o) =
+                            (Compute::tensor(&b, k as u32), Compute::tensor(&b, N as u32));
+                        start.wait();
+                        (0..STEPS)
+                            .map(|s| {
+                                realm_compute::checked::write_tensor(&b, &xt, 1, x(t, s))
+                                    .expect("write");
+                                Compute::matmul(&b, &xt, &w, &o).expect("matmul");
+                                Compute::read_row(&b, &o, 0).expect("row")
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("tenant"))
+                .collect()
+        });
+        for (t, steps) in outs.iter().enumerate() {
+            for (s, got) in steps.iter().enumerate() {
+                let want = alone(t, s);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(got), bits(&want), "{ty}: tenant {t}, step {s}");
+            }
+        }
+        let (shared, rows) = batcher.shared();
+        println!("{ty}: {shared} shared products, {rows} rows");
+        assert!(shared > 0, "{ty}: no product was shared");
+    }
+}
