@@ -23,6 +23,7 @@ fn x(t: usize, s: usize) -> Vec<f32> {
 }
 
 #[test]
+#[cfg_attr(target_arch = "wasm32", ignore = "wasm32-wasip2 has no threads")]
 fn batched_products_equal_lone_ones_bit_for_bit() {
     if realm_kernels::quant::kernel_level() == realm_kernels::quant::KernelLevel::Amx {
         // The AMX family has its own numerics and is never batched.
