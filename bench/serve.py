@@ -28,19 +28,23 @@ cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.starts
 flags = next((l.split(":", 1)[1].split() for l in cpuinfo.splitlines() if l.startswith("flags")), [])
 shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags]
 machine = f"{cpu}, {os.cpu_count()} CPUs ({' '.join(shown) or 'no AVX2'})"
+rows = "".join(
+    f"| {c} | {r[f'requests_{c}']} | {r[f'tokens_per_s_{c}']:.1f} | "
+    f"{r[f'ttft_p50_ms_{c}']:.0f} / {r[f'ttft_p99_ms_{c}']:.0f} | "
+    f"{r[f'itl_p50_ms_{c}']:.1f} / {r[f'itl_p99_ms_{c}']:.1f} |\n"
+    for c in (1, 4, 16))
 section = f"""## Server: concurrent clients — {name} (`bench/serve.py`)
 
 `realm serve --threads 2` on loopback, Realm commit {commit}, on {machine}; each client streams 4 greedy
 chat requests of 24 new tokens one after another (a tenant per concurrent request: Store,
 guest instance and loaded model, reused by later requests; then prefill and decode); every
-response is checked to equal the lone request's text. Aggregate generated tokens/s over the whole run:
+response is checked to equal the lone request's text. Aggregate generated tokens/s over the
+whole run, and per request the time to its first streamed piece (TTFT) and between its
+pieces (inter-token), p50 / p99 in ms:
 
-| concurrent clients | requests | tokens/s |
-|---|---|---|
-| 1 | {r['requests_1']} | {r['tokens_per_s_1']:.1f} |
-| 4 | {r['requests_4']} | {r['tokens_per_s_4']:.1f} |
-| 16 | {r['requests_16']} | {r['tokens_per_s_16']:.1f} |
-
+| concurrent clients | requests | tokens/s | TTFT p50 / p99 | inter-token p50 / p99 |
+|---|---|---|---|---|
+{rows}
 Server RSS: {r['rss_before'] >> 20} MiB before the load (weights mapped and touched), peak
 {r['rss_peak'] >> 20} MiB with 16 tenants at once: {r['rss_growth_per_tenant'] / 2**20:.1f} MiB per
 concurrent tenant (guest linear memory, KV cache, instance) against {os.path.getsize(model) >> 20} MiB of

@@ -21,10 +21,15 @@ def rss(kind="VmRSS"):
     raise AssertionError("no " + kind)
 
 
+# Per finished request: time to its first piece, and the gaps between its pieces (seconds).
+TTFT, GAPS = [], []
+
+
 async def stream_one(client, prompt):
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
             "max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}}
     text, usage, done, finish = [], None, False, None
+    sent, last = time.perf_counter(), None
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200, (r.status_code, await r.aread())
         async for line in r.aiter_lines():
@@ -39,6 +44,13 @@ async def stream_one(client, prompt):
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for c in chunk["choices"]:
+                if c["delta"].get("content"):
+                    now = time.perf_counter()
+                    if last is None:
+                        TTFT.append(now - sent)
+                    else:
+                        GAPS.append(now - last)
+                    last = now
                 text.append(c["delta"].get("content") or "")
                 finish = c.get("finish_reason") or finish
     assert done and usage and finish, (done, usage, finish)
@@ -64,11 +76,17 @@ async def main():
         base = rss()
         out = {"rss_before": base}
         for clients in (1, 4, 16):
+            TTFT.clear()
+            GAPS.clear()
             t = time.perf_counter()
             toks = await asyncio.gather(*(client_loop(client, c, 4, expected) for c in range(clients)))
             dt = time.perf_counter() - t
             out[f"tokens_per_s_{clients}"] = sum(toks) / dt
             out[f"requests_{clients}"] = clients * 4
+            for name, xs in (("ttft", TTFT), ("itl", GAPS)):
+                xs = sorted(xs)
+                for q in (50, 99):
+                    out[f"{name}_p{q}_ms_{clients}"] = 1e3 * xs[min(len(xs) - 1, len(xs) * q // 100)] if xs else 0.0
         peak = rss("VmHWM")
         out["rss_peak"] = peak
         growth = peak - base
