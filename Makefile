@@ -112,7 +112,7 @@ lint:
 # scripts/llama-cpp.sh, and Candle's bench, ~4 minutes, in its own target dir), then the
 # server and memory-budget tables.
 bench: models build
-	./scripts/llama-cpp.sh llama-bench
+	./scripts/llama-cpp.sh llama-bench llama-server
 	LLAMA_CPP_VARIANT=avx2 ./scripts/llama-cpp.sh llama-bench
 	RUSTFLAGS="-C target-cpu=native" $(CARGO) build --release -j$(JOBS) --manifest-path bench/candle/Cargo.toml --target-dir target/candle
 	python3 bench/compare.py models/SmolLM2-135M-Instruct.Q4_1.gguf --write
