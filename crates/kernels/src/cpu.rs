@@ -107,11 +107,6 @@ impl CpuBackend {
             ..Self::new(spin, max_kv)
         }
     }
-
-    /// The kernel family this CPU runs (`REALM_KERNELS` may lower it, or opt into AMX).
-    pub fn kernels() -> quant::KernelLevel {
-        quant::kernel_level()
-    }
 }
 
 fn busy() -> Error {

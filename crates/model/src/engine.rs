@@ -82,15 +82,15 @@ impl<C: Compute> LoadedModel<C> {
             }
             other => invalid(other),
         })?;
+        let architecture = gguf.architecture().map_err(invalid)?.to_string();
         let template = ChatTemplate::from_metadata(
             &gguf.metadata,
             tokenizer.vocab(),
-            arch::default_template(gguf.architecture().map_err(invalid)?),
+            arch::default_template(&architecture),
         )
         .map_err(invalid)?;
         let arch = arch::load(&compute, &file, &gguf)?;
         let weight_bytes = gguf.tensors.iter().map(|t| t.n_bytes).sum();
-        let architecture = gguf.architecture().map_err(invalid)?.to_string();
         Ok(Self(Rc::new(ModelState {
             name: name.into(),
             compute,

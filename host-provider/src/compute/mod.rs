@@ -132,17 +132,6 @@ pub fn backend(
     }
 }
 
-impl ComputeState<CpuBackend> {
-    /// The CPU provider on `spin`'s shares.
-    pub fn cpu(
-        models: HashMap<String, Arc<MappedModel>>,
-        spin: Arc<pool::SpinPool>,
-        max_resident: Option<u64>,
-    ) -> Self {
-        Self::new(models, CpuBackend::new(spin, MAX_KV_ELEMENTS), max_resident)
-    }
-}
-
 impl<B: Backend> ComputeState<B> {
     pub fn new(
         models: HashMap<String, Arc<MappedModel>>,
@@ -218,10 +207,6 @@ fn handle<E: std::fmt::Display>(e: E) -> ComputeError {
 use crate::bindings::realm::compute::types as wit;
 realm_compute::wit_conversions!(wit);
 
-fn wit_error(e: realm_compute::Error) -> ComputeError {
-    to_wit_error(e)
-}
-
 /// [`HasData`] for a [`ComputeState`] over `B`, to add the imports to a linker.
 pub struct HasCompute<B>(PhantomData<B>);
 
@@ -289,14 +274,14 @@ impl<B: Backend> store::HostModelFile for ComputeState<B> {
     ) -> Res<Resource<WeightRes>> {
         let f = self.table.get(&f).map_err(handle)?;
         let model = f.model.clone();
-        let data =
-            checked::weight(&f.bytes, offset, from_wit_dtype(dtype), &dims).map_err(wit_error)?;
+        let data = checked::weight(&f.bytes, offset, from_wit_dtype(dtype), &dims)
+            .map_err(to_wit_error)?;
         let unit = data
             .meta
             .values
             .is_none()
             .then(|| self.store.register(model, data.offset, data.len));
-        let w = self.backend.weight(data).map_err(wit_error)?;
+        let w = self.backend.weight(data).map_err(to_wit_error)?;
         self.push(HostWeight { w, unit })
     }
 
@@ -338,12 +323,12 @@ impl<B: Backend> tensors::HostTensor for ComputeState<B> {
     }
 
     fn read_row(&mut self, t: Resource<TensorRes>, row: u32) -> Res<Vec<f32>> {
-        Compute::read_row(&self.backend, self.tensor(&t)?, row).map_err(wit_error)
+        Compute::read_row(&self.backend, self.tensor(&t)?, row).map_err(to_wit_error)
     }
 
     fn write(&mut self, t: Resource<TensorRes>, rows: u32, data: Vec<f32>) -> Res<()> {
         checked::write_tensor(&self.backend, self.tensor(&t)?, rows as usize, data)
-            .map_err(wit_error)
+            .map_err(to_wit_error)
     }
 
     fn drop(&mut self, t: Resource<TensorRes>) -> wasmtime::Result<()> {
@@ -386,7 +371,7 @@ impl<B: Backend> tensors::Host for ComputeState<B> {
         self.touch(&table)?;
         self.timed(Bucket::Other, |s| {
             let (w, o) = (s.weight(&table)?, s.tensor(&out)?);
-            Compute::embed(&s.backend, &w.w, &ids, scale, o).map_err(wit_error)
+            Compute::embed(&s.backend, &w.w, &ids, scale, o).map_err(to_wit_error)
         })
     }
 
@@ -399,7 +384,7 @@ impl<B: Backend> tensors::Host for ComputeState<B> {
         self.touch(&w)?;
         self.timed(Bucket::Matmul, |s| {
             let (x, w, o) = (s.tensor(&x)?, s.weight(&w)?, s.tensor(&out)?);
-            Compute::matmul(&s.backend, x, &w.w, o).map_err(wit_error)
+            Compute::matmul(&s.backend, x, &w.w, o).map_err(to_wit_error)
         })
     }
 
@@ -412,7 +397,7 @@ impl<B: Backend> tensors::Host for ComputeState<B> {
     ) -> Res<()> {
         self.timed(Bucket::Other, |s| {
             let (x, w, o) = (s.tensor(&x)?, s.weight(&w)?, s.tensor(&out)?);
-            Compute::rms_norm(&s.backend, x, &w.w, eps, o).map_err(wit_error)
+            Compute::rms_norm(&s.backend, x, &w.w, eps, o).map_err(to_wit_error)
         })
     }
 
@@ -429,7 +414,7 @@ impl<B: Backend> tensors::Host for ComputeState<B> {
                 None => None,
             };
             let x = s.tensor(&x)?;
-            Compute::rope(&s.backend, x, pos, &from_wit_rope(&params), f).map_err(wit_error)
+            Compute::rope(&s.backend, x, pos, &from_wit_rope(&params), f).map_err(to_wit_error)
         })
     }
 
@@ -451,7 +436,7 @@ impl<B: Backend> tensors::Host for ComputeState<B> {
             let (q, k, v) = (s.tensor(&q)?, s.tensor(&k)?, s.tensor(&v)?);
             let (c, o) = (s.cache(&cache)?, s.tensor(&out)?);
             Compute::attention(&s.backend, q, k, v, c, layer, pos, n_head, scale, window, o)
-                .map_err(wit_error)
+                .map_err(to_wit_error)
         })
     }
 
@@ -464,26 +449,26 @@ impl<B: Backend> tensors::Host for ComputeState<B> {
         let act = from_wit_activation(act);
         self.timed(Bucket::Other, |s| {
             let (g, u) = (s.tensor(&gate)?, s.tensor(&up)?);
-            Compute::glu(&s.backend, g, u, act).map_err(wit_error)
+            Compute::glu(&s.backend, g, u, act).map_err(to_wit_error)
         })
     }
 
     fn add(&mut self, acc: Resource<TensorRes>, x: Resource<TensorRes>) -> Res<()> {
         self.timed(Bucket::Other, |s| {
             let (a, x) = (s.tensor(&acc)?, s.tensor(&x)?);
-            Compute::add(&s.backend, a, x).map_err(wit_error)
+            Compute::add(&s.backend, a, x).map_err(to_wit_error)
         })
     }
 
     fn scale(&mut self, x: Resource<TensorRes>, v: f32) -> Res<()> {
-        Compute::scale(&self.backend, self.tensor(&x)?, v).map_err(wit_error)
+        Compute::scale(&self.backend, self.tensor(&x)?, v).map_err(to_wit_error)
     }
 
     fn softmax(&mut self, x: Resource<TensorRes>) -> Res<()> {
-        checked::softmax_rows(&self.backend, self.tensor(&x)?).map_err(wit_error)
+        checked::softmax_rows(&self.backend, self.tensor(&x)?).map_err(to_wit_error)
     }
 
     fn keep_last_row(&mut self, x: Resource<TensorRes>) -> Res<()> {
-        Compute::keep_last_row(&self.backend, self.tensor(&x)?).map_err(wit_error)
+        Compute::keep_last_row(&self.backend, self.tensor(&x)?).map_err(to_wit_error)
     }
 }

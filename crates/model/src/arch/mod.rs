@@ -29,13 +29,10 @@ macro_rules! registry {
             }
         }
 
-        fn load_by_name<C: Compute>(
-            arch: &str,
-            l: &Loader<'_, C>,
-            hp: Hparams,
-        ) -> Option<Result<Box<dyn Architecture<C>>>> {
+        /// The loader of `arch`, if Realm runs it.
+        fn loader_for<C: Compute>(arch: &str) -> Option<LoadFn<C>> {
             match arch {
-                $($name => Some($module::load(l, hp)),)*
+                $($name => Some($module::load::<C>),)*
                 _ => None,
             }
         }
@@ -46,6 +43,9 @@ registry! {
     "llama" => llama,
     "gemma3" => gemma3,
 }
+
+/// What each architecture module's `load` is.
+type LoadFn<C> = fn(&Loader<'_, C>, Hparams) -> Result<Box<dyn Architecture<C>>>;
 
 /// A loaded model's forward pass.
 pub trait Architecture<C: Compute> {
@@ -137,12 +137,13 @@ pub fn load<C: Compute>(
     let arch = gguf
         .architecture()
         .map_err(|e| Error::InvalidModel(e.to_string()))?;
-    if !KNOWN.contains(&arch) {
-        return Err(Error::Unsupported(format!(
+    // Checked before the hyper-parameters: an unknown architecture's keys say nothing.
+    let load = loader_for::<C>(arch).ok_or_else(|| {
+        Error::Unsupported(format!(
             "architecture '{arch}' is not supported (known: {})",
             KNOWN.join(", ")
-        )));
-    }
+        ))
+    })?;
     let hp = Hparams::from_gguf(gguf).map_err(|e| Error::InvalidModel(e.to_string()))?;
     let loader = Loader {
         c,
@@ -150,8 +151,7 @@ pub fn load<C: Compute>(
         gguf,
         used: RefCell::default(),
     };
-    let model = load_by_name(arch, &loader, hp)
-        .ok_or_else(|| Error::Unsupported(format!("architecture '{arch}' has no loader")))??;
+    let model = load(&loader, hp)?;
     loader.check_all_used(arch)?;
     Ok(model)
 }
