@@ -1,4 +1,5 @@
-//! The CPU backend's matmul per weight type, one token (decoding) and 64 tokens (a prompt),
+//! The CPU backend's matmul per weight type, one token (decoding), 16 (a batch of decoding
+//! tenants) and 64 tokens (a prompt),
 //! through the same checked `Compute` path the providers use; the kernel family is this
 //! CPU's (`REALM_KERNELS=avx2|fma|portable|amx` to pick another). `cargo bench -p
 //! realm-kernels`; throughput is in multiply-adds.
@@ -28,7 +29,7 @@ mod bench {
                 let file =
                     ModelBytes::new(Arc::new(realm_kernels::synthetic::weights(ty, k, n, 7)));
                 let w = Compute::weight(&cpu, &file, 0, ty, &[k as u64, n as u64]).expect("weight");
-                for tokens in [1usize, 64] {
+                for tokens in [1usize, 16, 64] {
                     let x = Compute::tensor(&cpu, k as u32);
                     let xs: Vec<f32> = (0..tokens * k)
                         .map(|i| ((i % 97) as f32 - 48.0) / 64.0)

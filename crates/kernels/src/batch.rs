@@ -1,88 +1,112 @@
-//! Cross-tenant batching of decode matmuls (experimental, off unless `REALM_BATCH=1`):
-//! tenants of one engine that multiply by the same weight at about the same time share one
-//! multi-row product, so the weight is read once for all of them. The tile kernels compute every row with the single-row kernel's bits,
-//! so batching changes no tenant's numbers (the opt-in AMX family has its own numerics and
-//! is never batched).
+//! Cross-tenant batching: the tenants of one engine that multiply by the same weight share
+//! one multi-row product, so the weight is read once for all of them. The tile kernels
+//! compute every row with the single-row kernel's bits, so batching changes no tenant's
+//! numbers (the opt-in AMX family has its own numerics and is never batched).
 //!
-//! The first tenant to arrive at a weight leads: it waits, briefly, for the other tenants
-//! that are decoding (those that brought a decode matmul within the last [`ACTIVE`]; none
-//! when it is alone, so a lone tenant never waits), then multiplies every row that joined
-//! and hands each tenant its own rows. A tenant that does not come (it finished, or it is
-//! processing a prompt) costs the leader a wait of at most [`WAIT`] per product until it
-//! stops counting as active.
+//! It works as llama-server's loop does, without taking the tenants' threads away: a
+//! tenant's step (its ops from the first after reading a result to the next read) parks
+//! at every batchable matmul with its rows. When no tenant in a step is still computing
+//! (every one is parked, or has finished its step), the last to park runs a *round*: the
+//! products of the parked rows at the lowest matmul index of a step, each weight's rows
+//! in one product. Taking the lowest index first brings tenants into lockstep: a tenant
+//! that starts a new request (its prompt's rows) or falls behind is multiplied alone until
+//! it reaches the others, then with them. A prompt's rows join the decode rows at each
+//! weight, so a new request goes through the layers with the running ones (each of its
+//! layers is one more row block in their products) rather than stopping them for its
+//! whole prompt.
 //!
-//! Measured on a 2-vCPU VM (SmolLM2, `bench/serve.py`, 16 clients): 106 tok/s batched
-//! against 121–128 with tenants computing side by side. The tenants' threads outnumber the
-//! cores, so the ones a leader waits for are often descheduled; a scheduler that owns the
-//! cores and runs every tenant's step (as llama-server's loop does) is the next step.
+//! A tenant that stays in a step without parking for longer than [`STALL`] (a guest that
+//! spins, or one busy with a long attention) stops being waited for until its next op.
+//!
+//! Isolation: a tenant's rows are copied into the product's input and only its own rows
+//! are copied back out; tensors, caches and handles stay the tenant's own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The longest a leader waits for the tenants it expects.
-pub const WAIT: Duration = Duration::from_micros(100);
+use realm_compute::{Error, WeightData};
 
-/// A tenant counts as decoding for this long after its last decode matmul.
-pub const ACTIVE: Duration = Duration::from_millis(10);
+/// How long a round waits for a tenant that is in a step but neither parks nor finishes.
+pub const STALL: Duration = Duration::from_millis(3);
 
-/// Rows a tenant brings to a batch at most (one token, or a few).
-pub const MAX_ROWS: usize = 4;
-
-/// One product being gathered: the joined rows and, once computed, everyone's outputs.
-struct Batch {
-    state: Mutex<Gather>,
-    /// A tenant joined (the leader waits on it, asleep, so that the others get the cores).
-    joined: Condvar,
-    done: Condvar,
+/// What a tenant is doing, as the batcher sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Phase {
+    /// Between steps (or stopped being waited for): not counted.
+    Idle,
+    /// In a step, computing toward its next matmul: rounds wait for it.
+    Running { since: Instant },
+    /// Parked at a matmul that no round has taken yet.
+    Parked,
+    /// Its rows are in the round being computed: counted as running (it continues as soon
+    /// as the round ends), never given up on.
+    Taken,
 }
 
-struct Gather {
-    /// Every joined tenant's activations, one after another (`k` values per row).
+/// The rows parked at one weight, at one matmul index.
+struct Pending {
+    key: usize,
+    index: u32,
+    weight: WeightData,
+    /// Every parked tenant's rows, one after another (`k` values per row).
     xs: Vec<f32>,
-    /// Rows per joined tenant, in order (the leader's first).
-    parts: Vec<usize>,
-    /// No more may join (the leader is computing).
-    closed: bool,
-    /// The outputs of every row (`n` values each), once computed; an error if it failed.
-    result: Option<Result<Arc<Vec<f32>>, realm_compute::Error>>,
+    /// (tenant, rows), in the order of `xs`.
+    parts: Vec<(u64, usize)>,
 }
 
-/// The engine-wide meeting point for decode matmuls.
+/// A tenant's share of a finished product.
+type Outcome = Result<(std::sync::Arc<Vec<f32>>, usize), Error>;
+
+#[derive(Default)]
+struct State {
+    phases: HashMap<u64, Phase>,
+    /// Tenants counted as running (phase Running or Taken).
+    running: usize,
+    pending: Vec<Pending>,
+    /// A round is being computed (one at a time).
+    computing: bool,
+    /// Finished products, per tenant: its rows' outputs start at the offset.
+    done: HashMap<u64, Outcome>,
+    /// The threads of the parked tenants, woken one by one (never all at once: sixteen
+    /// threads contending for this lock on two cores cost more than the products).
+    parked: HashMap<u64, std::thread::Thread>,
+}
+
+/// The engine-wide meeting point of the tenants' matmuls.
 #[derive(Default)]
 pub struct Batcher {
-    open: Mutex<HashMap<usize, Arc<Batch>>>,
-    /// Per tenant (its backend's id): when it last brought a decode matmul, and the weight
-    /// it is at now (leading or joined), if any.
-    tenants: Mutex<HashMap<u64, (Instant, Option<usize>)>>,
+    state: Mutex<State>,
     next_id: AtomicU64,
     /// Products that served more than one tenant, and the rows they multiplied.
     shared: AtomicU64,
     shared_rows: AtomicU64,
 }
 
-/// What a tenant's matmul became.
-pub enum Joined {
-    /// It leads: it must run [`Lead::finish`] with the rows it gathered.
-    Lead(Lead),
-    /// Another tenant computed its rows: the outputs (`rows × n`).
-    Done(Vec<f32>),
-}
-
-/// A leader's batch.
-pub struct Lead {
-    batcher: Arc<Batcher>,
-    id: u64,
-    key: usize,
-    batch: Arc<Batch>,
-    expect: usize,
-}
+/// Computes one product: a weight by `rows` rows of activations, giving `rows × n` outputs.
+pub type Multiply<'a> = dyn FnMut(&WeightData, Vec<f32>, usize) -> Result<Vec<f32>, Error> + 'a;
 
 impl Batcher {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent counts (every update below is
+        // a few assignments with no call that can unwind in between).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// An id for a tenant's backend.
     pub fn register(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().phases.insert(id, Phase::Idle);
+        id
+    }
+
+    /// The tenant is gone (its backend dropped).
+    pub fn unregister(&self, id: u64) {
+        let mut s = self.lock();
+        self.leave_locked(&mut s, id);
+        s.phases.remove(&id);
+        s.done.remove(&id);
     }
 
     /// Products that served more than one tenant so far, and the rows they multiplied.
@@ -93,133 +117,217 @@ impl Batcher {
         )
     }
 
-    /// Tenant `id` brings `x` (`rows × k`, rows ≤ [`MAX_ROWS`]) to the product with the
-    /// weight `key` (whose rows are `n` outputs).
-    pub fn join(self: &Arc<Self>, id: u64, key: usize, x: &[f32], rows: usize, n: usize) -> Joined {
-        // Expected: the tenants decoding now, less those at another weight (they passed
-        // this one already, or will come to it after theirs).
-        let now = Instant::now();
-        let expect = match self.tenants.lock() {
-            Ok(mut tenants) => {
-                tenants.insert(id, (now, Some(key)));
-                tenants.retain(|_, (t, _)| now.duration_since(*t) < ACTIVE);
-                tenants
-                    .values()
-                    .filter(|(_, at)| at.is_none_or(|k| k == key))
-                    .count()
-            }
-            Err(_) => 1,
-        };
-        let mut open = match self.open.lock() {
-            Ok(o) => o,
-            Err(e) => e.into_inner(),
-        };
-        if let Some(batch) = open.get(&key).cloned() {
-            let mut g = batch.state.lock().unwrap_or_else(|e| e.into_inner());
-            if !g.closed {
-                drop(open);
-                let index = g.parts.len();
-                g.xs.extend_from_slice(x);
-                g.parts.push(rows);
-                batch.joined.notify_one();
-                let mut g = batch
-                    .done
-                    .wait_while(g, |g| g.result.is_none())
-                    .unwrap_or_else(|e| e.into_inner());
-                self.arrived(id);
-                let start: usize = g.parts[..index].iter().sum::<usize>() * n;
-                return Joined::Done(match g.result.as_mut() {
-                    Some(Ok(all)) => all[start..start + rows * n].to_vec(),
-                    // The leader failed: this tenant computes its own rows.
-                    _ => Vec::new(),
-                });
-            }
+    /// Tenant `id` starts a step (its first op since it last read a result).
+    pub fn enter(&self, id: u64) {
+        let mut s = self.lock();
+        if s.phases.get(&id) == Some(&Phase::Idle) {
+            s.phases.insert(
+                id,
+                Phase::Running {
+                    since: Instant::now(),
+                },
+            );
+            s.running += 1;
         }
-        let batch = Arc::new(Batch {
-            state: Mutex::new(Gather {
+    }
+
+    /// Tenant `id` ends its step (it reads a result back).
+    pub fn leave(&self, id: u64) {
+        let mut s = self.lock();
+        self.leave_locked(&mut s, id);
+    }
+
+    fn leave_locked(&self, s: &mut State, id: u64) {
+        if matches!(s.phases.get(&id), Some(Phase::Running { .. })) {
+            s.phases.insert(id, Phase::Idle);
+            s.running -= 1;
+            Self::wake_a_runner(s);
+        }
+    }
+
+    /// When no tenant is computing any more but rows are parked, one parked tenant is
+    /// woken to run the next round.
+    fn wake_a_runner(s: &State) {
+        if s.running == 0
+            && !s.computing
+            && let Some(p) = s.pending.first()
+            && let Some(t) = p.parts.first().and_then(|(id, _)| s.parked.get(id))
+        {
+            t.unpark();
+        }
+    }
+
+    /// Tenant `id` multiplies `x` (`rows × k`) by `weight` at the `index`-th matmul of its
+    /// step. Returns its `rows × n` outputs, computed in a round with the other tenants'
+    /// rows; `multiply` computes the products of a round this tenant runs.
+    pub fn matmul(
+        &self,
+        id: u64,
+        index: u32,
+        weight: &WeightData,
+        x: &[f32],
+        rows: usize,
+        multiply: &mut Multiply<'_>,
+    ) -> Result<Vec<f32>, Error> {
+        let key = weight.bytes().as_ptr() as usize;
+        let n = weight.meta.n_rows();
+        let mut s = self.lock();
+        if matches!(s.phases.get(&id), Some(Phase::Running { .. })) {
+            s.running -= 1;
+        }
+        s.phases.insert(id, Phase::Parked);
+        match s
+            .pending
+            .iter_mut()
+            .find(|p| p.key == key && p.index == index)
+        {
+            Some(p) => {
+                p.xs.extend_from_slice(x);
+                p.parts.push((id, rows));
+            }
+            None => s.pending.push(Pending {
+                key,
+                index,
+                weight: weight.clone(),
                 xs: x.to_vec(),
-                parts: vec![rows],
-                closed: false,
-                result: None,
+                parts: vec![(id, rows)],
             }),
-            joined: Condvar::new(),
-            done: Condvar::new(),
-        });
-        open.insert(key, batch.clone());
-        Joined::Lead(Lead {
-            batcher: self.clone(),
-            id,
-            key,
-            batch,
-            expect,
-        })
+        }
+        s.parked.insert(id, std::thread::current());
+        loop {
+            if let Some(outcome) = s.done.remove(&id) {
+                s.parked.remove(&id);
+                s.phases.insert(
+                    id,
+                    Phase::Running {
+                        since: Instant::now(),
+                    },
+                );
+                drop(s);
+                let (all, start) = outcome?;
+                return Ok(all[start..start + rows * n].to_vec());
+            }
+            if s.running == 0 && !s.computing && !s.pending.is_empty() {
+                s = self.round(s, multiply);
+                continue;
+            }
+            drop(s);
+            let parked_at = Instant::now();
+            std::thread::park_timeout(STALL);
+            s = self.lock();
+            if parked_at.elapsed() >= STALL {
+                // Stop waiting for tenants that have computed this long without parking;
+                // each is waited for again from its next op.
+                let now = Instant::now();
+                let mut stalled = 0;
+                for phase in s.phases.values_mut() {
+                    if let Phase::Running { since } = *phase
+                        && now.duration_since(since) >= STALL
+                    {
+                        *phase = Phase::Idle;
+                        stalled += 1;
+                    }
+                }
+                s.running -= stalled;
+                Self::wake_a_runner(&s);
+            }
+        }
     }
 
-    /// Tenant `id` is past its weight.
-    fn arrived(&self, id: u64) {
-        if let Ok(mut tenants) = self.tenants.lock()
-            && let Some(t) = tenants.get_mut(&id)
-        {
-            t.1 = None;
+    /// Runs the products at the lowest pending index (the lock released meanwhile) and
+    /// hands each tenant its rows.
+    fn round<'a>(
+        &'a self,
+        mut s: MutexGuard<'a, State>,
+        multiply: &mut Multiply<'_>,
+    ) -> MutexGuard<'a, State> {
+        let Some(lowest) = s.pending.iter().map(|p| p.index).min() else {
+            return s;
+        };
+        let (round, rest): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut s.pending)
+            .into_iter()
+            .partition(|p| p.index == lowest);
+        s.pending = rest;
+        for p in &round {
+            for &(id, _) in &p.parts {
+                s.phases.insert(id, Phase::Taken);
+                s.running += 1;
+            }
         }
+        s.computing = true;
+        drop(s);
+        // Deliver even if `multiply` unwinds, so no tenant waits forever.
+        let mut outcomes = Delivery {
+            batcher: self,
+            outcomes: Vec::new(),
+            parts: round.iter().map(|p| p.parts.clone()).collect(),
+        };
+        for p in round {
+            let rows: usize = p.parts.iter().map(|&(_, r)| r).sum();
+            if p.parts.len() > 1 {
+                self.shared.fetch_add(1, Ordering::Relaxed);
+                self.shared_rows.fetch_add(rows as u64, Ordering::Relaxed);
+            }
+            let n = p.weight.meta.n_rows();
+            let result = multiply(&p.weight, p.xs, rows).and_then(|out| {
+                if out.len() == rows * n {
+                    Ok(std::sync::Arc::new(out))
+                } else {
+                    Err(Error::InvalidArgument("a batched product's size".into()))
+                }
+            });
+            outcomes.outcomes.push(result);
+        }
+        drop(outcomes);
+        self.lock()
     }
 }
 
-impl Lead {
-    /// Waits for the tenants expected (at most [`WAIT`]), closes the batch, and returns
-    /// every joined row (`rows × k`) and the rows per tenant.
-    pub fn gather(&self) -> (Vec<f32>, Vec<usize>) {
-        if self.expect > 1 {
-            let g = self.batch.state.lock().unwrap_or_else(|e| e.into_inner());
-            let expect = self.expect;
-            let _ = self
-                .batch
-                .joined
-                .wait_timeout_while(g, WAIT, |g| g.parts.len() < expect);
-        }
-        // No one may join from here on: later arrivals start the next batch.
-        if let Ok(mut open) = self.batcher.open.lock()
-            && open
-                .get(&self.key)
-                .is_some_and(|b| Arc::ptr_eq(b, &self.batch))
-        {
-            open.remove(&self.key);
-        }
-        let mut g = self.batch.state.lock().unwrap_or_else(|e| e.into_inner());
-        g.closed = true;
-        if g.parts.len() > 1 {
-            self.batcher.shared.fetch_add(1, Ordering::Relaxed);
-            let rows: usize = g.parts.iter().sum();
-            self.batcher
-                .shared_rows
-                .fetch_add(rows as u64, Ordering::Relaxed);
-        }
-        (std::mem::take(&mut g.xs), g.parts.clone())
-    }
-
-    /// Hands the outputs of every row (`rows × n`) to the tenants that joined.
-    pub fn finish(self, result: Result<Arc<Vec<f32>>, realm_compute::Error>) {
-        let mut g = self.batch.state.lock().unwrap_or_else(|e| e.into_inner());
-        g.result = Some(result);
-        drop(g);
-        self.batch.done.notify_all();
-        // `drop` finds the result set.
-    }
+/// A round's results, handed to its tenants when dropped (an error for each product that
+/// did not finish).
+struct Delivery<'a> {
+    batcher: &'a Batcher,
+    outcomes: Vec<Result<std::sync::Arc<Vec<f32>>, Error>>,
+    parts: Vec<Vec<(u64, usize)>>,
 }
 
-impl Drop for Lead {
-    /// A leader that unwinds before [`Lead::finish`] still releases the tenants that
-    /// joined (they compute their own rows).
+impl Drop for Delivery<'_> {
     fn drop(&mut self) {
-        self.batcher.arrived(self.id);
-        let mut g = self.batch.state.lock().unwrap_or_else(|e| e.into_inner());
-        if g.result.is_none() {
-            g.closed = true;
-            g.result = Some(Err(realm_compute::Error::InvalidArgument(
-                "the batch's leader stopped".into(),
-            )));
-            drop(g);
-            self.batch.done.notify_all();
+        let b = self.batcher;
+        let mut s = b.lock();
+        for (i, parts) in self.parts.iter().enumerate() {
+            let n_out = match self.outcomes.get(i) {
+                Some(Ok(all)) => Some(all),
+                Some(Err(_)) | None => None,
+            };
+            let total: usize = parts.iter().map(|&(_, r)| r).sum();
+            let mut start = 0;
+            for &(id, rows) in parts {
+                let outcome = match (n_out, self.outcomes.get(i)) {
+                    (Some(all), _) => Ok((all.clone(), start * (all.len() / total.max(1)))),
+                    (None, Some(Err(e))) => Err(e.clone()),
+                    _ => Err(Error::InvalidArgument(
+                        "the batched product did not finish".into(),
+                    )),
+                };
+                start += rows;
+                if s.phases.contains_key(&id) {
+                    s.done.insert(id, outcome);
+                }
+            }
         }
+        s.computing = false;
+        // Each tenant of the round continues (the one running it is awake already).
+        let me = std::thread::current().id();
+        for parts in &self.parts {
+            for (id, _) in parts {
+                if let Some(t) = s.parked.get(id)
+                    && t.id() != me
+                {
+                    t.unpark();
+                }
+            }
+        }
+        Batcher::wake_a_runner(&s);
     }
 }

@@ -6,7 +6,7 @@
 //! time, from [`quant::kernel_level`]; every family gives the portable code's bits except
 //! the opt-in AMX one (see `amx.rs`).
 
-use std::cell::{RefCell, RefMut};
+use std::cell::{Cell, RefCell, RefMut};
 use std::sync::{Arc, Mutex};
 
 use half::f16;
@@ -15,7 +15,7 @@ use realm_compute::{
     WeightMeta,
 };
 
-use crate::batch::{self, Batcher, Joined};
+use crate::batch::Batcher;
 use crate::kernels::{self, AttnShape, LayerCache, TiledKv};
 use crate::pool::{self, SpinPool};
 use crate::quant::{self, VecDot};
@@ -78,8 +78,10 @@ struct Scratch {
 pub struct CpuBackend {
     spin: Arc<SpinPool>,
     max_kv: u64,
-    /// Shared with the engine's other tenants: decode matmuls by one weight meet there.
+    /// Shared with the engine's other tenants: matmuls by one weight meet there.
     batcher: Option<(Arc<Batcher>, u64)>,
+    /// In a step (see `batch.rs`): the index of its next matmul.
+    step: Cell<Option<u32>>,
     scratch: RefCell<Scratch>,
     /// Per pool share: attention scratch (q in f16 and the f16 accumulator).
     attn: Vec<Mutex<Vec<f16>>>,
@@ -93,18 +95,26 @@ impl CpuBackend {
             spin,
             max_kv,
             batcher: None,
+            step: Cell::new(None),
             scratch: RefCell::default(),
             attn,
         }
     }
 
-    /// The same, its decode matmuls batched with those of the other backends on `batcher`
-    /// (see `batch.rs`).
+    /// The same, its matmuls batched with those of the other backends on `batcher` (see
+    /// `batch.rs`).
     pub fn batched(spin: Arc<SpinPool>, max_kv: u64, batcher: Arc<Batcher>) -> Self {
         let id = batcher.register();
-        Self {
-            batcher: Some((batcher, id)),
-            ..Self::new(spin, max_kv)
+        let mut b = Self::new(spin, max_kv);
+        b.batcher = Some((batcher, id));
+        b
+    }
+}
+
+impl Drop for CpuBackend {
+    fn drop(&mut self) {
+        if let Some((b, id)) = &self.batcher {
+            b.unregister(*id);
         }
     }
 }
@@ -177,11 +187,13 @@ impl Backend for CpuBackend {
     }
 
     fn read_row(&self, t: &CpuTensor, row: usize) -> Vec<f32> {
+        self.leave();
         let m = t.0.borrow();
         m.data[row * m.cols..(row + 1) * m.cols].to_vec()
     }
 
     fn write(&self, t: &CpuTensor, rows: usize, data: Vec<f32>) -> Result<()> {
+        self.enter();
         let mut m = out(t)?;
         m.rows = rows;
         m.data = data;
@@ -216,6 +228,7 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, table: &CpuWeight, ids: &[u32], scale: f32, o: &CpuTensor) -> Result<()> {
+        self.enter();
         let meta = &table.0.meta;
         let row_len = meta.row_len();
         let mut o = out(o)?;
@@ -240,15 +253,34 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, x: &CpuTensor, w: &CpuWeight, o: &CpuTensor) -> Result<()> {
         let (x, mut o) = (input(x)?, out(o)?);
+        self.enter();
         if let Some((b, id)) = &self.batcher
-            && x.rows <= batch::MAX_ROWS
+            && let Some(index) = self.step.get()
             && w.0.meta.values.is_none()
             && VecDot::for_weight(w.0.meta.ty).is_some()
             && quant::kernel_level() != quant::KernelLevel::Amx
         {
-            return self.matmul_batched((b, *id), &x, w, &mut o);
+            self.step.set(Some(index.saturating_add(1)));
+            // A round this tenant runs may be at another tenant's weight: its shapes.
+            let mut multiply = |w: &WeightData, xs: Vec<f32>, rows: usize| {
+                let all = Mat {
+                    rows,
+                    cols: w.meta.row_len(),
+                    data: xs,
+                };
+                let mut outs = Mat {
+                    rows: 0,
+                    cols: w.meta.n_rows(),
+                    data: Vec::new(),
+                };
+                self.matmul_into(&all, w, &mut outs).map(|()| outs.data)
+            };
+            let rows = b.matmul(*id, index, &w.0, &x.data, x.rows, &mut multiply)?;
+            o.set_rows(x.rows);
+            o.data.copy_from_slice(&rows);
+            return Ok(());
         }
-        self.matmul_into(&x, w, &mut o)
+        self.matmul_into(&x, &w.0, &mut o)
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32, o: &CpuTensor) -> Result<()> {
@@ -334,59 +366,27 @@ impl Backend for CpuBackend {
 }
 
 impl CpuBackend {
-    /// A decode matmul through the batcher: led (this tenant multiplies every row that
-    /// joined), or joined (another tenant multiplied this one's rows).
-    fn matmul_batched(
-        &self,
-        (b, id): (&Arc<Batcher>, u64),
-        x: &Mat,
-        w: &CpuWeight,
-        o: &mut Mat,
-    ) -> Result<()> {
-        let n = w.0.meta.n_rows();
-        let key = w.bytes().as_ptr() as usize;
-        let lead = match b.join(id, key, &x.data, x.rows, n) {
-            Joined::Done(rows) if rows.len() == x.rows * n => {
-                o.set_rows(x.rows);
-                o.data.copy_from_slice(&rows);
-                return Ok(());
-            }
-            // The leader failed: this tenant's rows on its own.
-            Joined::Done(_) => return self.matmul_into(x, w, o),
-            Joined::Lead(lead) => lead,
-        };
-        let (xs, parts) = lead.gather();
-        if parts.len() == 1 {
-            let r = self.matmul_into(x, w, o);
-            lead.finish(Ok(Arc::new(Vec::new())));
-            return r;
-        }
-        let all = Mat {
-            rows: parts.iter().sum(),
-            cols: x.cols,
-            data: xs,
-        };
-        let mut outs = Mat {
-            rows: 0,
-            cols: n,
-            data: Vec::new(),
-        };
-        match self.matmul_into(&all, w, &mut outs) {
-            Ok(()) => {
-                o.set_rows(x.rows);
-                o.data.copy_from_slice(&outs.data[..x.rows * n]);
-                lead.finish(Ok(Arc::new(outs.data)));
-                Ok(())
-            }
-            Err(e) => {
-                lead.finish(Err(e.clone()));
-                Err(e)
-            }
+    /// A step begins at the first op after a result was read (see `batch.rs`).
+    fn enter(&self) {
+        if let Some((b, id)) = &self.batcher
+            && self.step.get().is_none()
+        {
+            self.step.set(Some(0));
+            b.enter(*id);
         }
     }
 
-    fn matmul_into(&self, x: &Mat, w: &CpuWeight, o: &mut Mat) -> Result<()> {
-        let meta = &w.0.meta;
+    /// The step ends when the guest reads a result.
+    fn leave(&self) {
+        if let Some((b, id)) = &self.batcher
+            && self.step.take().is_some()
+        {
+            b.leave(*id);
+        }
+    }
+
+    fn matmul_into(&self, x: &Mat, w: &WeightData, o: &mut Mat) -> Result<()> {
+        let meta = &w.meta;
         let (k, n, rows) = (meta.row_len(), meta.n_rows(), x.rows);
         o.set_rows(rows);
         let spin = &*self.spin;

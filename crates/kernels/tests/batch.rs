@@ -1,7 +1,7 @@
 //! Cross-tenant batching changes no tenant's numbers: tenants on their own threads, each
-//! with its own backend and activations, multiply by one shared weight at once; every
-//! output equals, bit for bit, what the tenant's backend computes alone, and the batcher
-//! did share products.
+//! with its own backend and activations (one row, a few, or a prompt's 17), multiply by
+//! one shared weight at once; every output equals, bit for bit, what the tenant's backend
+//! computes alone, and the batcher did share products.
 
 use std::sync::{Arc, Barrier};
 
@@ -15,9 +15,18 @@ const N: usize = 96;
 const TENANTS: usize = 3;
 const STEPS: usize = 60;
 
-/// Tenant `t`'s activations at step `s` (one row).
-fn x(t: usize, s: usize) -> Vec<f32> {
-    (0..K)
+/// Rows tenant `t` brings at step `s`: one (decoding), a few, or a prompt's worth.
+fn rows(t: usize, s: usize) -> usize {
+    match (t + s) % 5 {
+        0 => 17,
+        1 => 3,
+        _ => 1,
+    }
+}
+
+/// Tenant `t`'s activations at step `s` (`rows(t, s)` rows of `k`).
+fn x(t: usize, s: usize, k: usize) -> Vec<f32> {
+    (0..rows(t, s) * k)
         .map(|i| (((i * 7 + t * 131 + s * 17) % 97) as f32 - 48.0) / 32.0)
         .collect()
 }
@@ -54,9 +63,12 @@ fn batched_products_equal_lone_ones_bit_for_bit() {
                 Compute::tensor(&lone, k as u32),
                 Compute::tensor(&lone, N as u32),
             );
-            realm_compute::checked::write_tensor(&lone, &xt, 1, x(t, s)).expect("write");
+            realm_compute::checked::write_tensor(&lone, &xt, rows(t, s), x(t, s, k))
+                .expect("write");
             Compute::matmul(&lone, &xt, &w, &o).expect("matmul");
-            Compute::read_row(&lone, &o, 0).expect("row")
+            (0..rows(t, s) as u32)
+                .flat_map(|r| Compute::read_row(&lone, &o, r).expect("row"))
+                .collect::<Vec<f32>>()
         };
         let batcher = Arc::new(Batcher::default());
         let start = Arc::new(Barrier::new(TENANTS));
@@ -73,10 +85,16 @@ fn batched_products_equal_lone_ones_bit_for_bit() {
                         start.wait();
                         (0..STEPS)
                             .map(|s| {
-                                realm_compute::checked::write_tensor(&b, &xt, 1, x(t, s))
+                                let r = rows(t, s);
+                                realm_compute::checked::write_tensor(&b, &xt, r, x(t, s, k))
                                     .expect("write");
+                                // Every tenant is in its step (it wrote its input) before
+                                // any multiplies, as decoding tenants are in a server.
+                                start.wait();
                                 Compute::matmul(&b, &xt, &w, &o).expect("matmul");
-                                Compute::read_row(&b, &o, 0).expect("row")
+                                (0..r as u32)
+                                    .flat_map(|r| Compute::read_row(&b, &o, r).expect("row"))
+                                    .collect::<Vec<f32>>()
                             })
                             .collect()
                     })
