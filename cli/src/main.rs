@@ -200,9 +200,12 @@ struct ServeOpts {
     /// Require `Authorization: Bearer KEY` on /v1 (default: no auth; also $REALM_API_KEY).
     #[arg(long, env = "REALM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Most requests generating at once; more get 429.
+    /// Most requests generating at once; more wait for a slot, first come first served.
     #[arg(long, default_value_t = 64)]
     max_sessions: usize,
+    /// Most requests waiting for a slot; more get 429 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
     /// Seconds a request may run before it is stopped (504).
     #[arg(long, default_value_t = 300.0)]
     timeout: f64,
@@ -212,6 +215,11 @@ struct ServeOpts {
     /// KV cache positions per request (0: the model's own, up to 4096).
     #[arg(long = "ctx-size", default_value_t = 0)]
     ctx_size: u32,
+    /// Start every request from a new KV cache: by default a tenant keeps its last
+    /// conversation's cache and the next request it serves reuses their shared prefix
+    /// (same output; only its time to first token can tell).
+    #[arg(long)]
+    no_prompt_cache: bool,
     /// Linear memory each tenant's guest may use (e.g. 256M, 1G).
     #[arg(long, value_parser = parse_bytes, default_value = "1G")]
     max_guest_memory: u64,
@@ -303,9 +311,11 @@ impl ServeOpts {
             engine,
             api_key: self.api_key.filter(|k| !k.is_empty()),
             max_sessions: self.max_sessions.max(1),
+            max_queue: self.max_queue,
             request_timeout,
             max_tokens: self.max_tokens.max(1),
             ctx_size: self.ctx_size,
+            prompt_cache: !self.no_prompt_cache,
             test_faults: self.test_faults,
             header_timeout: seconds("header-timeout", self.header_timeout)?,
             body_timeout: seconds("body-timeout", self.body_timeout)?,

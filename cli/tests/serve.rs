@@ -388,6 +388,87 @@ fn a_disconnected_client_frees_its_session() {
     assert_eq!(status, 200, "{text}");
 }
 
+/// With every session busy a request waits for one (`realm_queue_waiting` counts it),
+/// and is served when a slot frees; its wait is in `realm_queue_seconds`.
+#[test]
+fn a_request_waits_in_the_queue_for_a_session() {
+    let server = Server::start(&["--max-sessions", "1", "--max-queue", "4"]);
+    let long = start_stream(
+        &server,
+        &chat_body("Tell me a very long story about a dragon.", true, 2000),
+        "",
+    );
+    let metric = |name: &str| -> f64 {
+        let (_, m) = server.request("GET", "/metrics", &[], b"");
+        m.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    std::thread::scope(|scope| {
+        let queued = scope.spawn(|| {
+            server.request(
+                "POST",
+                "/v1/chat/completions",
+                &[],
+                chat_body("What is the capital of France?", false, 4).as_bytes(),
+            )
+        });
+        let t = Instant::now();
+        while metric("realm_queue_waiting") < 1.0 {
+            assert!(t.elapsed() < Duration::from_secs(60), "never queued");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!queued.is_finished(), "served while the only slot was busy");
+        drop(long);
+        let (status, text) = queued.join().expect("client");
+        assert_eq!(status, 200, "{text}");
+    });
+    assert_eq!(metric("realm_queue_waiting"), 0.0);
+    assert_eq!(metric("realm_queue_seconds_count"), 2.0);
+    assert!(metric("realm_queue_seconds_sum") >= 0.2);
+}
+
+/// A tenant's next request reuses the KV cache of the prefix it shares with the last one
+/// (the default system prompt), and says so in `usage`; its text is the same as a server
+/// without the prompt cache gives.
+#[test]
+fn the_prompt_cache_reuses_a_shared_prefix_without_changing_the_answer() {
+    let ask = |server: &Server, q: &str| -> serde_json::Value {
+        let (status, text) = server.request(
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            chat_body(q, false, 12).as_bytes(),
+        );
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).expect("json")
+    };
+    let cached =
+        |v: &serde_json::Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    let (a, b) = ("What is the capital of France?", "Name three colours.");
+    // One tenant: the second request finds the first's cache.
+    let server = Server::start(&["--max-sessions", "1"]);
+    assert_eq!(cached(&ask(&server, a)), Some(0));
+    let reused = ask(&server, b);
+    let n = cached(&reused).expect("cached_tokens");
+    let prompt = reused["usage"]["prompt_tokens"]
+        .as_u64()
+        .expect("prompt_tokens");
+    assert!(n >= 8 && n < prompt, "{reused}");
+    drop(server);
+    let fresh_server = Server::start(&["--no-prompt-cache"]);
+    assert_eq!(cached(&ask(&fresh_server, a)), Some(0));
+    let fresh = ask(&fresh_server, b);
+    assert_eq!(cached(&fresh), Some(0), "{fresh}");
+    assert_eq!(
+        reused["choices"][0]["message"]["content"],
+        fresh["choices"][0]["message"]["content"]
+    );
+}
+
 /// A request past its deadline is stopped with 504 while the server keeps serving.
 #[test]
 fn the_request_deadline_stops_a_tenant() {
@@ -907,13 +988,16 @@ fn unsupported_parameters_are_refused_by_name() {
     assert_eq!(status, 400, "{text}");
 }
 
-/// 429s say when to retry; CORS is off unless asked for, then answers the browser's
-/// preflight before the API key is checked and marks the allowed origin's answers.
+/// 429s (all sessions busy and no room in the queue) say when to retry; CORS is off
+/// unless asked for, then answers the browser's preflight before the API key is checked
+/// and marks the allowed origin's answers.
 #[test]
 fn retry_after_and_cors() {
     let server = Server::start(&[
         "--max-sessions",
         "1",
+        "--max-queue",
+        "0",
         "--api-key",
         "k",
         "--cors",
@@ -1030,6 +1114,13 @@ fn metrics_count_requests_tokens_and_latencies() {
     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
     let generated = v["usage"]["completion_tokens"].as_u64().expect("tokens");
     let prompt = v["usage"]["prompt_tokens"].as_u64().expect("tokens");
+    // The second request had the first one's tenant (the only one) and its KV cache:
+    // all its prompt but the last token was there already.
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"],
+        prompt - 1,
+        "{v}"
+    );
     let (status, _) = server.request("POST", "/v1/chat/completions", &auth, b"{");
     assert_eq!(status, 400);
     let (status, _) = server.request("GET", "/metrics", &[], b"");
@@ -1062,6 +1153,14 @@ fn metrics_count_requests_tokens_and_latencies() {
         2.0 * generated as f64
     );
     assert_eq!(value("realm_prompt_tokens_total"), 2.0 * prompt as f64);
+    assert_eq!(
+        value("realm_prompt_tokens_cached_total"),
+        prompt as f64 - 1.0
+    );
+    // Both found a session slot free at once.
+    assert_eq!(value("realm_queue_seconds_count"), 2.0);
+    assert_eq!(value("realm_queue_seconds_sum"), 0.0);
+    assert_eq!(value("realm_queue_waiting"), 0.0);
     assert_eq!(value("realm_time_to_first_token_seconds_count"), 2.0);
     assert!(value("realm_time_to_first_token_seconds_sum") > 0.0);
     assert_eq!(

@@ -407,6 +407,7 @@ impl Engine {
             handle,
             info,
             deadline: None,
+            kept: None,
         })
     }
 }
@@ -434,6 +435,9 @@ pub struct Model {
     handle: ResourceAny,
     pub info: ModelInfo,
     deadline: Option<(Instant, Duration)>,
+    /// A finished conversation's session ([`Session::keep`]) and its context size: the
+    /// next [`Model::session_reusing`] continues from the longest prefix it shares.
+    kept: Option<(ResourceAny, u32)>,
 }
 
 impl Model {
@@ -524,7 +528,35 @@ impl Model {
         Ok(Session {
             model: self,
             handle: h,
+            n_ctx,
+            keep: false,
         })
+    }
+
+    /// A session for a new conversation that starts from the kept one's KV cache (see
+    /// [`Session::keep`]), if it has the same context size, else a new session. Its
+    /// output is the same as a new session's: the guest reuses only the positions whose
+    /// tokens equal the new prompt's (a shared system prompt, say) and recomputes the
+    /// rest. Only the time to the first token can tell that a prefix was reused.
+    pub fn session_reusing(&mut self, n_ctx: u32) -> anyhow::Result<Session<'_>> {
+        match self.kept.take() {
+            Some((handle, n)) if n == n_ctx => Ok(Session {
+                model: self,
+                handle,
+                n_ctx,
+                keep: false,
+            }),
+            Some((handle, _)) => {
+                let _ = handle.resource_drop(&mut self.store);
+                self.session(n_ctx)
+            }
+            None => self.session(n_ctx),
+        }
+    }
+
+    /// Whether a session is kept for the next conversation.
+    pub fn has_kept_session(&self) -> bool {
+        self.kept.is_some()
     }
 
     /// Whether this tenant computes on the very same mapping of the weights as `other`
@@ -558,6 +590,9 @@ impl Model {
 pub struct Session<'m> {
     model: &'m mut Model,
     handle: ResourceAny,
+    n_ctx: u32,
+    /// Kept in the tenant when dropped, rather than freed.
+    keep: bool,
 }
 
 impl Session<'_> {
@@ -592,13 +627,26 @@ impl Session<'_> {
     pub fn model(&mut self) -> &mut Model {
         self.model
     }
+
+    /// Ends the conversation but keeps its KV cache in the tenant, for the next
+    /// [`Model::session_reusing`] (a server's next request on this tenant).
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
 }
 
 /// Guest resources are freed when their host handles go: a session's KV cache must not
-/// outlive it in the tenant (a `ResourceAny` is not dropped by Rust's `Drop` alone).
+/// outlive it in the tenant (a `ResourceAny` is not dropped by Rust's `Drop` alone),
+/// unless it is kept for the next conversation.
 impl Drop for Session<'_> {
     fn drop(&mut self) {
-        let _ = self.handle.resource_drop(&mut self.model.store);
+        if self.keep {
+            if let Some((old, _)) = self.model.kept.replace((self.handle, self.n_ctx)) {
+                let _ = old.resource_drop(&mut self.model.store);
+            }
+        } else {
+            let _ = self.handle.resource_drop(&mut self.model.store);
+        }
     }
 }
 

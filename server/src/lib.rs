@@ -46,11 +46,16 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     pub api_key: Option<String>,
     pub max_sessions: usize,
+    /// Requests that may wait for a session slot (first come, first served); more get 429.
+    pub max_queue: usize,
     pub request_timeout: Duration,
     /// Cap on `max_tokens` of any request (and the default where a request gives none).
     pub max_tokens: u32,
     /// KV cache positions per request (0: the model's own, up to 4096).
     pub ctx_size: u32,
+    /// A tenant keeps its last conversation's KV cache, and a request it serves next
+    /// reuses the prefix they share (a system prompt): same output, less prefill.
+    pub prompt_cache: bool,
     /// Test hook: pass `REALM_TEST_FAULTS=1` to the guests (fault-injection prompts).
     pub test_faults: bool,
     /// How long a connection may take to send a request's headers, counted from when the
@@ -81,6 +86,8 @@ struct App {
     n_ctx_train: BTreeMap<String, u32>,
     /// Loaded tenants waiting for a request, per model file (see [`App::tenant`]).
     idle: std::sync::Mutex<BTreeMap<PathBuf, Vec<Model>>>,
+    /// Requests waiting for a session slot.
+    queued: std::sync::atomic::AtomicUsize,
 }
 
 impl App {
@@ -596,7 +603,10 @@ fn spawn_generation(
             }
         };
         tenant.set_deadline_at(deadline, app.config.request_timeout);
-        let mut session = match tenant.session(app.config.ctx_size) {
+        let mut session = match match app.config.prompt_cache {
+            true => tenant.session_reusing(app.config.ctx_size),
+            false => tenant.session(app.config.ctx_size),
+        } {
             Ok(s) => s,
             Err(e) => {
                 let _ = started_tx.send(Err(ApiError::from_run(&e)));
@@ -659,7 +669,11 @@ fn spawn_generation(
         // The tenant and its session slot are freed before the client hears the end, so
         // a client that saw `[DONE]` finds the slot free (`/health`, the next request).
         drop(generation);
-        drop(session);
+        if matches!(done, Piece::Done { .. }) && app.config.prompt_cache {
+            session.keep();
+        } else {
+            drop(session);
+        }
         if matches!(done, Piece::Done { .. }) {
             app.give_back(path, tenant);
         } else {
@@ -684,6 +698,7 @@ fn usage_json(u: &Usage) -> Value {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.generated_tokens,
         "total_tokens": u.prompt_tokens + u.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     })
 }
 
@@ -711,7 +726,7 @@ async fn respond(
     );
     let logprobs = shape.logprobs(sampling)?;
     let constraint = constraint(sampling)?;
-    let permit = app.admit()?;
+    let permit = app.admit().await?;
     let job = Job {
         prompt: Input::Prompt(prompt),
         params,
@@ -838,6 +853,8 @@ impl Timing {
             }
             Piece::Done { usage, .. } => {
                 m.prompt_tokens.inc_by(u64::from(usage.prompt_tokens));
+                m.prompt_tokens_cached
+                    .inc_by(u64::from(usage.cached_tokens));
                 m.generated_tokens.inc_by(u64::from(usage.generated_tokens));
             }
             Piece::Failed(_) => {}
@@ -1312,7 +1329,7 @@ async fn respond_tools(
         Some(t) => t.grammar()?.map(Constraint::Gbnf),
         None => None,
     };
-    let permit = app.admit()?;
+    let permit = app.admit().await?;
     let job = Job {
         prompt,
         params,
@@ -1527,7 +1544,7 @@ async fn spin_infer(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Respo
         seed: time_seed(),
         ..realm_host::neutral_params()
     };
-    let permit = app.admit()?;
+    let permit = app.admit().await?;
     let job = Job {
         prompt: Input::Prompt(Prompt::Text(req.prompt)),
         params,
@@ -1634,7 +1651,7 @@ async fn embed_all(
         ));
     }
     let path = app.model_path(model)?;
-    let permit = app.admit()?;
+    let permit = app.admit().await?;
     let deadline = Instant::now() + app.config.request_timeout;
     let worker = app.clone();
     // Positions an input may take: --ctx-size where set, else the model's own context.
@@ -1725,12 +1742,43 @@ async fn auth(
 }
 
 impl App {
-    /// A session slot for one request, or the 429 that says all are busy.
-    fn admit(&self) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
-        self.sessions
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| busy(self))
+    /// A session slot for one request. When all `--max-sessions` are busy the request
+    /// waits for one, first come first served (a client that goes away leaves the
+    /// queue); with `--max-queue` requests waiting already it gets the 429 that says
+    /// when to retry, and one that waits past `--timeout` the 504.
+    async fn admit(&self) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+        use std::sync::atomic::Ordering;
+        let arrived = Instant::now();
+        // Permits go to waiters in order as they are released, so this never jumps the
+        // queue.
+        if let Ok(p) = self.sessions.clone().try_acquire_owned() {
+            self.metrics.queue_time.observe(0.0);
+            return Ok(p);
+        }
+        /// Counts a request as waiting until it has its slot or is gone.
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let ahead = self.queued.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.queued);
+        if ahead >= self.config.max_queue {
+            return Err(busy(self));
+        }
+        let deadline = arrived + self.config.request_timeout;
+        match tokio::time::timeout_at(deadline.into(), self.sessions.clone().acquire_owned()).await
+        {
+            Ok(Ok(p)) => {
+                self.metrics
+                    .queue_time
+                    .observe(arrived.elapsed().as_secs_f64());
+                Ok(p)
+            }
+            Ok(Err(_)) => Err(busy(self)),
+            Err(_) => Err(deadline_error(self.config.request_timeout)),
+        }
     }
 
     /// The request's `Origin` where CORS allows it.
@@ -1859,6 +1907,8 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     ));
     m.sessions_max
         .set(i64::try_from(app.config.max_sessions).unwrap_or(0));
+    m.queue_waiting
+        .set(i64::try_from(app.queued.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(0));
     m.connections_open.set(used(
         app.config.max_connections,
         app.connections.available_permits(),
@@ -2036,6 +2086,7 @@ impl Server {
             metrics: metrics::Metrics::new(),
             n_ctx_train,
             idle: std::sync::Mutex::new(idle),
+            queued: std::sync::atomic::AtomicUsize::new(0),
             config,
         })))
     }

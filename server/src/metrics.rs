@@ -20,7 +20,10 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub prompt_tokens: Counter,
+    pub prompt_tokens_cached: Counter,
     pub generated_tokens: Counter,
+    pub queue_time: Histogram,
+    pub queue_waiting: Gauge,
     pub time_to_first_token: Histogram,
     pub inter_token: Histogram,
     pub duration: Histogram,
@@ -60,6 +63,25 @@ impl Metrics {
             "realm_prompt_tokens",
             "Prompt tokens processed",
             prompt_tokens.clone(),
+        );
+        let prompt_tokens_cached = Counter::default();
+        registry.register(
+            "realm_prompt_tokens_cached",
+            "Prompt tokens whose KV cache a tenant held already from its previous request (not computed again)",
+            prompt_tokens_cached.clone(),
+        );
+        // 100 µs to about 100 s.
+        let queue_time = Histogram::new(exponential_buckets(0.000_1, 2.0, 20));
+        registry.register(
+            "realm_queue_seconds",
+            "From a request's admission check to its session slot (0 when one was free)",
+            queue_time.clone(),
+        );
+        let queue_waiting = Gauge::default();
+        registry.register(
+            "realm_queue_waiting",
+            "Requests waiting for a session slot now",
+            queue_waiting.clone(),
         );
         let generated_tokens = Counter::default();
         registry.register(
@@ -121,7 +143,7 @@ impl Metrics {
         let sessions_max = Gauge::default();
         registry.register(
             "realm_sessions_max",
-            "--max-sessions: requests beyond it get 429",
+            "--max-sessions: requests beyond it wait in the queue (--max-queue)",
             sessions_max.clone(),
         );
         let connections_open = Gauge::default();
@@ -134,7 +156,10 @@ impl Metrics {
             registry,
             requests,
             prompt_tokens,
+            prompt_tokens_cached,
             generated_tokens,
+            queue_time,
+            queue_waiting,
             time_to_first_token,
             inter_token,
             duration,

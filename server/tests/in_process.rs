@@ -35,6 +35,8 @@ fn server() -> Server {
         request_timeout: Duration::from_secs(60),
         max_tokens: 16,
         ctx_size: 64,
+        prompt_cache: true,
+        max_queue: 8,
         test_faults: false,
         header_timeout: Duration::from_secs(10),
         body_timeout: Duration::from_secs(30),

@@ -405,6 +405,7 @@ impl<C: Compute> SessionHandle<C> {
             finish: None,
             usage: Usage {
                 prompt_tokens: ids.len() as u32,
+                cached_tokens: common as u32,
                 generated_tokens: 0,
                 prefill_ns,
                 decode_ns: 0,

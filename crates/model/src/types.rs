@@ -177,6 +177,8 @@ pub struct StepLogprobs {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: u32,
+    /// Prompt tokens whose KV cache the session held already (not computed again).
+    pub cached_tokens: u32,
     pub generated_tokens: u32,
     pub prefill_ns: u64,
     pub decode_ns: u64,

@@ -181,6 +181,7 @@ impl GuestGeneration for GenerationHandle {
         let u = self.0.usage();
         Usage {
             prompt_tokens: u.prompt_tokens,
+            cached_tokens: u.cached_tokens,
             generated_tokens: u.generated_tokens,
             prefill_ns: u.prefill_ns,
             decode_ns: u.decode_ns,

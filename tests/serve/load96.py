@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Load test against a running `realm serve` (argv: URL MODEL SERVER_PID WEIGHT_BYTES):
+1, 4 and 16 concurrent streaming clients, 4 greedy requests each, on loopback. Every
+response must be complete and identical to the lone request's text for its prompt; the
+server's resident memory may grow by per-tenant state only, never by a copy of the
+weights per tenant. Prints one JSON line with the figures."""
+import asyncio, json, sys, time
+
+import httpx
+
+url, model, pid, weight_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+# --peer: the server is another one (llama-server) measured the same way: its batched texts
+# may differ from its lone ones (its numerics depend on the batch), it may not stream usage,
+# and it has no /health session count.
+PEER = "--peer" in sys.argv[5:]
+PROMPTS = ["What is the capital of France? Answer in one word.", "Name three colours.", "Count from one to five.",
+           "What is 2 + 2?"]
+MAX_TOKENS = 96
+
+
+def rss(kind="VmRSS"):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(kind + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no " + kind)
+
+
+# Per finished request: time to its first piece, and the gaps between its pieces (seconds).
+TTFT, GAPS = [], []
+
+
+async def stream_one(client, prompt):
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+            "max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}}
+    text, usage, done, finish = [], None, False, None
+    sent, last = time.perf_counter(), None
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, (r.status_code, await r.aread())
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                done = True
+                break
+            chunk = json.loads(data)
+            assert "error" not in chunk, chunk
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk["choices"]:
+                if c["delta"].get("content"):
+                    now = time.perf_counter()
+                    if last is None:
+                        TTFT.append(now - sent)
+                    else:
+                        GAPS.append(now - last)
+                    last = now
+                text.append(c["delta"].get("content") or "")
+                finish = c.get("finish_reason") or finish
+    if PEER:
+        assert done and finish, (done, finish)
+        return "".join(text), usage["completion_tokens"] if usage else len([t for t in text if t])
+    assert done and usage and finish, (done, usage, finish)
+    return "".join(text), usage["completion_tokens"]
+
+
+async def client_loop(client, idx, n, expected):
+    tokens = 0
+    for i in range(n):
+        p = PROMPTS[(idx + i) % len(PROMPTS)]
+        text, n_tok = await stream_one(client, p)
+        assert PEER or text == expected[p], (p, text, expected[p])
+        tokens += n_tok
+    return tokens
+
+
+async def main():
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        expected = {}
+        for p in PROMPTS:  # lone requests: the reference texts
+            expected[p] = (await stream_one(client, p))[0]
+        base = rss()
+        out = {"rss_before": base}
+        for clients in (1, 4, 16):
+            TTFT.clear()
+            GAPS.clear()
+            t = time.perf_counter()
+            toks = await asyncio.gather(*(client_loop(client, c, 4, expected) for c in range(clients)))
+            dt = time.perf_counter() - t
+            out[f"tokens_per_s_{clients}"] = sum(toks) / dt
+            out[f"requests_{clients}"] = clients * 4
+            for name, xs in (("ttft", TTFT), ("itl", GAPS)):
+                xs = sorted(xs)
+                for q in (50, 99):
+                    out[f"{name}_p{q}_ms_{clients}"] = 1e3 * xs[min(len(xs) - 1, len(xs) * q // 100)] if xs else 0.0
+        peak = rss("VmHWM")
+        out["rss_peak"] = peak
+        growth = peak - base
+        out["rss_growth_per_tenant"] = growth / 16
+        # 16 tenants at once: a copy of the weights each would add 16 × weight_bytes.
+        assert growth / 16 < weight_bytes / 2, (growth, weight_bytes)
+        if not PEER:
+            r = await client.get(url + "/health")
+            assert r.json()["sessions_in_use"] == 0, r.json()
+        print(json.dumps(out))
+
+asyncio.run(main())
