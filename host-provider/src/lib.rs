@@ -109,7 +109,8 @@ pub struct EngineConfig {
     pub threads: usize,
     pub component: PathBuf,
     pub max_guest_memory: usize,
-    /// Cap on resident weight bytes (None: the whole model may stay mapped in).
+    /// Cap on resident weight bytes of the whole engine, every tenant and model together
+    /// (None: the whole model may stay mapped in).
     pub max_resident: Option<u64>,
     /// Environment variables the guests see (WASI).
     pub guest_env: Vec<(String, String)>,
@@ -206,6 +207,8 @@ pub struct Engine {
     batcher: Option<Arc<realm_kernels::batch::Batcher>>,
     config: EngineConfig,
     mapped: Mutex<HashMap<PathBuf, Arc<MappedModel>>>,
+    /// The weight store of every tenant: one budget (`max_resident`) for the process.
+    store: compute::residency::Shared,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -300,6 +303,7 @@ impl Engine {
             pre,
             spin,
             batcher,
+            store: compute::residency::WeightStore::shared(config.max_resident),
             config,
             mapped: Mutex::new(HashMap::new()),
             ticker_stop,
@@ -340,10 +344,10 @@ impl Engine {
         for (name, path) in models {
             mapped.insert(name.clone(), self.mapping(name, path)?);
         }
-        Ok(ComputeState::new(
+        Ok(ComputeState::sharing(
             mapped,
             self.backend()?,
-            self.config.max_resident,
+            self.store.clone(),
         ))
     }
 
@@ -379,7 +383,7 @@ impl Engine {
                     .inherit_stderr()
                     .envs(&self.config.guest_env)
                     .build(),
-                compute: ComputeState::new(models, self.backend()?, self.config.max_resident),
+                compute: ComputeState::sharing(models, self.backend()?, self.store.clone()),
                 limits: GuestLimits {
                     max_memory: self.config.max_guest_memory,
                     peak_memory: 0,
@@ -576,9 +580,9 @@ impl Model {
         self.store.data().limits.peak_memory
     }
 
-    /// Residency counters of the weight store.
+    /// Residency counters of the weight store (its engine's: every tenant's weights).
     pub fn store_stats(&self) -> compute::residency::StoreStats {
-        self.store.data().compute.store.stats
+        self.store.data().compute.store_stats()
     }
 
     pub fn compute_stats(&self) -> compute::Stats {

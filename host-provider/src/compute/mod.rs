@@ -78,7 +78,12 @@ pub struct ComputeState<B: Backend = Erased> {
     pub models: HashMap<String, Arc<MappedModel>>,
     pub backend: B,
     pub stats: Stats,
-    pub store: residency::WeightStore,
+    /// The weight store: this tenant's own, or its engine's, shared by every tenant.
+    pub store: residency::Shared,
+    /// Whether the store is shared: then a guest's `set-max-resident` cannot change the
+    /// budget (it is the host's, for the whole process).
+    shared_store: bool,
+    order: residency::Order,
 }
 
 /// Counters for `--json` and `realm bench`.
@@ -143,8 +148,36 @@ impl<B: Backend> ComputeState<B> {
             models,
             backend,
             stats: Stats::default(),
-            store: residency::WeightStore::new(max_resident),
+            store: residency::WeightStore::shared(max_resident),
+            shared_store: false,
+            order: residency::Order::default(),
         }
+    }
+
+    /// A tenant's state over its engine's weight store `store` (one budget for all).
+    pub fn sharing(
+        models: HashMap<String, Arc<MappedModel>>,
+        backend: B,
+        store: residency::Shared,
+    ) -> Self {
+        Self {
+            shared_store: true,
+            store,
+            ..Self::new(models, backend, None)
+        }
+    }
+
+    /// The weight store's counters (the whole engine's, where it is shared).
+    pub fn store_stats(&self) -> residency::StoreStats {
+        self.store
+            .lock()
+            .map_or_else(|e| e.into_inner().stats, |s| s.stats)
+    }
+
+    fn with_store<R>(&self, f: impl FnOnce(&mut residency::WeightStore) -> R) -> R {
+        // The store's state is consistent between calls: a panic in one leaves it usable.
+        let mut s = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut s)
     }
 
     fn tensor(&self, t: &Resource<TensorRes>) -> Res<&B::Tensor> {
@@ -162,7 +195,9 @@ impl<B: Backend> ComputeState<B> {
     /// A weight about to be read: keep it resident (and count it as recently used).
     fn touch(&mut self, w: &Resource<WeightRes>) -> Res<()> {
         if let Some(unit) = self.weight(w)?.unit {
-            self.store.touch(unit);
+            let mut order = self.order;
+            self.with_store(|s| s.touch(unit, &mut order));
+            self.order = order;
         }
         Ok(())
     }
@@ -218,12 +253,16 @@ impl<B: Backend> types::Host for ComputeState<B> {}
 
 impl<B: Backend> store::Host for ComputeState<B> {
     fn set_max_resident(&mut self, bytes: u64) {
-        self.store.set_budget((bytes > 0).then_some(bytes));
+        if self.shared_store {
+            tracing::debug!(target: "realm::store", bytes, "set-max-resident ignored: the budget is the host's, shared by its tenants");
+            return;
+        }
+        self.with_store(|s| s.set_budget((bytes > 0).then_some(bytes)));
     }
 
     fn prefetch(&mut self, w: Resource<WeightRes>) {
         if let Some(unit) = self.weight(&w).ok().and_then(|w| w.unit) {
-            self.store.prefetch(unit);
+            self.with_store(|s| s.prefetch(unit));
         }
     }
 
@@ -280,7 +319,7 @@ impl<B: Backend> store::HostModelFile for ComputeState<B> {
             .meta
             .values
             .is_none()
-            .then(|| self.store.register(model, data.offset, data.len));
+            .then(|| self.with_store(|s| s.register(model, data.offset, data.len)));
         let w = self.backend.weight(data).map_err(to_wit_error)?;
         self.push(HostWeight { w, unit })
     }

@@ -8,8 +8,21 @@
 //! is prefetched (`MADV_WILLNEED`, which the kernel reads ahead asynchronously), so the
 //! order a forward pass uses is learned, not configured. A guest may also hint with
 //! `realm:compute/store.prefetch`.
+//!
+//! One store serves every tenant of an engine ([`Shared`]): a weight is one unit however
+//! many tenants use it, and the budget (`--max-resident`) bounds the whole process. Each
+//! tenant learns the order from its own touches ([`Order`]), so tenants that interleave do
+//! not scramble it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// The store of an engine, shared by its tenants.
+pub type Shared = Arc<Mutex<WeightStore>>;
+
+/// A tenant's place in the learned order: the unit it touched last.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Order(Option<usize>);
 
 use super::MappedModel;
 
@@ -40,9 +53,10 @@ pub struct StoreStats {
 #[derive(Debug, Default)]
 pub struct WeightStore {
     units: Vec<Unit>,
+    /// Units by (mapping, offset, length): registered once for every tenant.
+    index: HashMap<(usize, usize, usize), usize>,
     budget: Option<u64>,
     clock: u64,
-    last: Option<usize>,
     pub stats: StoreStats,
 }
 
@@ -54,8 +68,19 @@ impl WeightStore {
         }
     }
 
-    /// Register a weight; returns its unit id. Nothing is read yet.
+    /// A store for an engine's tenants to share.
+    pub fn shared(budget: Option<u64>) -> Shared {
+        Arc::new(Mutex::new(Self::new(budget)))
+    }
+
+    /// Register a weight (again, for another tenant: the same unit); returns its unit id.
+    /// Nothing is read yet.
     pub fn register(&mut self, model: Arc<MappedModel>, offset: usize, len: usize) -> usize {
+        let key = (Arc::as_ptr(&model) as usize, offset, len);
+        if let Some(&unit) = self.index.get(&key) {
+            return unit;
+        }
+        self.index.insert(key, self.units.len());
         self.units.push(Unit {
             model,
             offset,
@@ -78,9 +103,9 @@ impl WeightStore {
         self.evict_to_fit(0, None);
     }
 
-    /// An op is about to read `unit`: make it resident, account for it, prefetch its
-    /// successor.
-    pub fn touch(&mut self, unit: usize) {
+    /// An op of the tenant at `order` is about to read `unit`: make it resident, account
+    /// for it, prefetch its successor.
+    pub fn touch(&mut self, unit: usize, order: &mut Order) {
         if unit >= self.units.len() {
             return;
         }
@@ -93,10 +118,11 @@ impl WeightStore {
             self.units[unit].prefetched = false;
         }
         self.units[unit].last_use = self.clock;
-        if let Some(prev) = self.last.replace(unit)
+        if let Some(prev) = order.0.replace(unit)
             && prev != unit
+            && let Some(p) = self.units.get_mut(prev)
         {
-            self.units[prev].next = Some(unit);
+            p.next = Some(unit);
         }
         if let Some(next) = self.units[unit].next {
             self.prefetch(next);
@@ -145,7 +171,7 @@ impl WeightStore {
                 .units
                 .iter()
                 .enumerate()
-                .filter(|&(i, u)| u.resident && Some(i) != keep && Some(i) != self.last)
+                .filter(|&(i, u)| u.resident && Some(i) != keep)
                 .min_by_key(|(_, u)| u.last_use)
                 .map(|(i, _)| i);
             let Some(v) = victim else { break };
@@ -186,12 +212,13 @@ mod tests {
     fn lru_keeps_the_budget_and_learns_the_order() {
         let m = model();
         let mut s = WeightStore::new(Some(3 * 4096));
+        let mut order = Order::default();
         let units: Vec<usize> = (0..6)
             .map(|i| s.register(m.clone(), i * 4096, 4096))
             .collect();
         for _ in 0..3 {
             for &u in &units {
-                s.touch(u);
+                s.touch(u, &mut order);
                 assert!(s.stats.resident_bytes <= 3 * 4096);
             }
         }
@@ -205,12 +232,13 @@ mod tests {
     fn unlimited_budget_loads_each_weight_once() {
         let m = model();
         let mut s = WeightStore::new(None);
+        let mut order = Order::default();
         let units: Vec<usize> = (0..6)
             .map(|i| s.register(m.clone(), i * 4096, 4096))
             .collect();
         for _ in 0..3 {
             for &u in &units {
-                s.touch(u);
+                s.touch(u, &mut order);
             }
         }
         assert_eq!((s.stats.loads, s.stats.evictions), (6, 0));
