@@ -78,7 +78,8 @@ machine = f"{cpu}, {os.cpu_count()} CPUs ({' '.join(shown) or 'no AVX2'})"
 rows = "".join(
     f"| {c} | {r[f'requests_{c}']} | {r[f'tokens_per_s_{c}']:.1f} | "
     f"{r[f'ttft_p50_ms_{c}']:.0f} / {r[f'ttft_p99_ms_{c}']:.0f} | "
-    f"{r[f'itl_p50_ms_{c}']:.1f} / {r[f'itl_p99_ms_{c}']:.1f} |\n"
+    f"{r[f'itl_p50_ms_{c}']:.1f} / {r[f'itl_p99_ms_{c}']:.1f} | "
+    f"{r[f'queue_mean_ms_{c}']:.2f} | {r[f'cached_pct_{c}']:.0f} % |\n"
     for c in (1, 4, 16))
 peer_rows = "" if peer is None else "".join(
     f"| {c} | {peer[f'tokens_per_s_{c}']:.1f} | {r[f'tokens_per_s_{c}'] / peer[f'tokens_per_s_{c}']:.2f}× | "
@@ -88,7 +89,8 @@ peer_rows = "" if peer is None else "".join(
 peer_section = "" if peer is None else f"""
 The same load, same run, against llama.cpp's `{' '.join(['llama-server'] + peer_cmd[5:])}` (model
 and port elided; built from the references' tree by `scripts/llama-cpp.sh llama-server`; its
-batched texts are not checked against its lone ones, which its numerics need not match):
+prompt cache, on by default, reuses a slot's shared prefix as Realm's does; its batched texts
+are not checked against its lone ones, which its numerics need not match):
 
 | concurrent clients | llama-server tokens/s | Realm / llama-server | TTFT p50 / p99 | inter-token p50 / p99 |
 |---|---|---|---|---|
@@ -99,13 +101,16 @@ section = f"""## Server: concurrent clients — {name} (`bench/serve.py`)
 
 `realm serve --threads 2` on loopback, Realm commit {commit}, on {machine}; each client streams 4 greedy
 chat requests of 24 new tokens one after another (a tenant per concurrent request: Store,
-guest instance and loaded model, reused by later requests; then prefill and decode); every
-response is checked to equal the lone request's text. Aggregate generated tokens/s over the
-whole run, and per request the time to its first streamed piece (TTFT) and between its
-pieces (inter-token), p50 / p99 in ms:
+guest instance and loaded model, reused by later requests with the KV cache of the prefix
+they share, the default system prompt; then prefill and decode); every response is checked
+to equal the lone request's text. Aggregate generated tokens/s over the whole run, per
+request the time to its first streamed piece (TTFT) and between its pieces (inter-token),
+p50 / p99 in ms, the mean wait for a session slot (`realm_queue_seconds`; `--max-sessions`
+is 64, so none waits) and the share of prompt tokens whose KV cache a tenant held already
+(`realm_prompt_tokens_cached`):
 
-| concurrent clients | requests | tokens/s | TTFT p50 / p99 | inter-token p50 / p99 |
-|---|---|---|---|---|
+| concurrent clients | requests | tokens/s | TTFT p50 / p99 | inter-token p50 / p99 | queue mean ms | prompt cached |
+|---|---|---|---|---|---|---|
 {rows}
 Server RSS: {r['rss_before'] >> 20} MiB before the load (weights mapped and touched), peak
 {r['rss_peak'] >> 20} MiB with 16 tenants at once: {r['rss_growth_per_tenant'] / 2**20:.1f} MiB per

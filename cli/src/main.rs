@@ -223,7 +223,7 @@ struct ServeOpts {
     /// Linear memory each tenant's guest may use (e.g. 256M, 1G).
     #[arg(long, value_parser = parse_bytes, default_value = "1G")]
     max_guest_memory: u64,
-    /// Keep at most this many bytes of weights resident per tenant, as for `run`.
+    /// Keep at most this many bytes of weights resident, all tenants together.
     #[arg(long, value_parser = parse_bytes)]
     max_resident: Option<u64>,
     /// Seconds a connection may take to send a request's headers; also how long an idle

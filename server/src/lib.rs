@@ -93,8 +93,9 @@ struct App {
 impl App {
     /// A tenant for the model at `path`: an idle one that a finished request gave back,
     /// else a new one (a fresh Store, the guest parsing the model's header and building
-    /// its tokenizer: ~100 ms on SmolLM2). A request has its tenant to itself; its
-    /// sessions, KV cache and activations are gone when it gives the tenant back.
+    /// its tokenizer: ~100 ms on SmolLM2). A request has its tenant to itself; when it
+    /// gives the tenant back only its session's KV cache stays (`--no-prompt-cache`:
+    /// nothing), for the next request to reuse the prefix they share.
     fn tenant(&self, path: &std::path::Path) -> anyhow::Result<Model> {
         let started = Instant::now();
         let reused = self

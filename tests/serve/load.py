@@ -74,6 +74,17 @@ async def client_loop(client, idx, n, expected):
     return tokens
 
 
+async def scrape(client):
+    """Realm's counters that the run reports as differences: queue time, cached prompt tokens."""
+    m = {}
+    for line in (await client.get(url + "/metrics")).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("realm_queue_seconds_sum", "realm_queue_seconds_count", "realm_prompt_tokens_total",
+                    "realm_prompt_tokens_cached_total"):
+            m[name] = float(value)
+    return m
+
+
 async def main():
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
@@ -85,11 +96,17 @@ async def main():
         for clients in (1, 4, 16):
             TTFT.clear()
             GAPS.clear()
+            before = None if PEER else await scrape(client)
             t = time.perf_counter()
             toks = await asyncio.gather(*(client_loop(client, c, 4, expected) for c in range(clients)))
             dt = time.perf_counter() - t
             out[f"tokens_per_s_{clients}"] = sum(toks) / dt
             out[f"requests_{clients}"] = clients * 4
+            if not PEER:
+                after = await scrape(client)
+                d = {k: after[k] - before[k] for k in after}
+                out[f"queue_mean_ms_{clients}"] = 1e3 * d["realm_queue_seconds_sum"] / max(1, d["realm_queue_seconds_count"])
+                out[f"cached_pct_{clients}"] = 100 * d["realm_prompt_tokens_cached_total"] / max(1, d["realm_prompt_tokens_total"])
             for name, xs in (("ttft", TTFT), ("itl", GAPS)):
                 xs = sorted(xs)
                 for q in (50, 99):
