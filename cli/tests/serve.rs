@@ -208,6 +208,22 @@ fn sixteen_concurrent_streaming_clients_share_one_copy_of_the_weights() {
     let v: serde_json::Value =
         serde_json::from_str(stdout.trim().lines().last().expect("a line")).expect("json");
     assert_eq!(v["requests_16"], 64);
+    // Those texts (each equal to its lone request's) came from batched rounds: matmuls of
+    // several tenants in one product.
+    let (_, m) = server.request("GET", "/metrics", &[], b"");
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    let (products, rows) = (value("realm_batched_products"), value("realm_batched_rows"));
+    assert!(
+        products > 0.0 && rows >= 2.0 * products,
+        "{products} products, {rows} rows"
+    );
+    assert!(value("realm_batched_rounds") > 0.0);
 }
 
 /// Fifty bodies that are not valid requests: every one a 4xx with an OpenAI error body;

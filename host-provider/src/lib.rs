@@ -116,6 +116,9 @@ pub struct EngineConfig {
     pub guest_env: Vec<(String, String)>,
     /// The compute backend (`compute::DEVICES`): `cpu`.
     pub device: String,
+    /// Run the tenants' steps in rounds, every weight's matmuls of a round as one product
+    /// (see `realm_kernels::batch`): for many concurrent tenants (`realm serve`).
+    pub batch: bool,
 }
 
 impl Default for EngineConfig {
@@ -129,6 +132,7 @@ impl Default for EngineConfig {
             device: "cpu".into(),
             max_resident: None,
             guest_env: Vec::new(),
+            batch: false,
         }
     }
 }
@@ -203,7 +207,7 @@ pub struct Engine {
     engine: wasmtime::Engine,
     pre: bindings::GuestPre<HostState>,
     spin: Arc<compute::pool::SpinPool>,
-    /// Where the tenants' decode matmuls meet (cross-tenant batching; None: off).
+    /// Where the tenants' steps meet (cross-tenant batching; None: off).
     batcher: Option<Arc<realm_kernels::batch::Batcher>>,
     config: EngineConfig,
     mapped: Mutex<HashMap<PathBuf, Arc<MappedModel>>>,
@@ -281,10 +285,8 @@ impl Engine {
         // Imports resolved once: each tenant's instantiation is then only its own memory.
         let pre = bindings::GuestPre::new(linker.instantiate_pre(&component)?)?;
         let spin = Arc::new(compute::pool::SpinPool::new(config.threads.max(1))?);
-        // `REALM_BATCH=1` turns on cross-tenant batching of decode matmuls (experimental:
-        // bit-exact, but slower than tenants computing side by side on the machines measured;
-        // see `batch.rs`).
-        let batcher = (std::env::var("REALM_BATCH").as_deref() == Ok("1"))
+        let batcher = config
+            .batch
             .then(|| Arc::new(realm_kernels::batch::Batcher::default()));
         // An unknown device is refused here, before any tenant starts.
         compute::backend(&config.device, &spin, batcher.as_ref()).map_err(|e| anyhow!(e))?;
@@ -361,10 +363,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Decode matmuls shared across tenants so far: products that served more than one
-    /// tenant, and the rows they multiplied.
-    pub fn batched(&self) -> (u64, u64) {
-        self.batcher.as_ref().map_or((0, 0), |b| b.shared())
+    /// Cross-tenant batching so far: rounds run, products that served more than one
+    /// tenant, and the rows those multiplied (zeros when it is off).
+    pub fn batched(&self) -> (u64, u64, u64) {
+        self.batcher
+            .as_ref()
+            .map_or((0, 0, 0), |b| (b.rounds(), b.shared().0, b.shared().1))
     }
 
     /// Map `path` and load it in a fresh guest instance.

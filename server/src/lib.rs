@@ -1914,7 +1914,9 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         app.config.max_connections,
         app.connections.available_permits(),
     ));
-    let (products, rows) = app.engine.batched();
+    let (rounds, products, rows) = app.engine.batched();
+    m.batched_rounds
+        .set(i64::try_from(rounds).unwrap_or(i64::MAX));
     m.batched_products
         .set(i64::try_from(products).unwrap_or(i64::MAX));
     m.batched_rows.set(i64::try_from(rows).unwrap_or(i64::MAX));

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub duration: Histogram,
     pub tenant_start: Histogram,
     pub tenants_reused: Counter,
+    pub batched_rounds: Gauge,
     pub batched_products: Gauge,
     pub batched_rows: Gauge,
     pub sessions_in_use: Gauge,
@@ -122,16 +123,22 @@ impl Metrics {
             "Requests served by an idle loaded tenant instead of a new one",
             tenants_reused.clone(),
         );
+        let batched_rounds = Gauge::default();
+        registry.register(
+            "realm_batched_rounds",
+            "Rounds that ran the tenants' steps together (--no-batch: 0), since start",
+            batched_rounds.clone(),
+        );
         let batched_products = Gauge::default();
         registry.register(
             "realm_batched_products",
-            "Decode matmuls shared by more than one tenant (one pass over the weight for all), since start",
+            "Matmuls shared by more than one tenant (one pass over the weight for all), since start",
             batched_products.clone(),
         );
         let batched_rows = Gauge::default();
         registry.register(
             "realm_batched_rows",
-            "Rows (tenant tokens) those shared matmuls multiplied, since start",
+            "Rows (prompt and generated tokens) those shared matmuls multiplied, since start",
             batched_rows.clone(),
         );
         let sessions_in_use = Gauge::default();
@@ -165,6 +172,7 @@ impl Metrics {
             duration,
             tenant_start,
             tenants_reused,
+            batched_rounds,
             batched_products,
             batched_rows,
             sessions_in_use,

@@ -42,7 +42,7 @@ trait DynBackend {
     fn max_kv_elements(&self) -> u64;
     fn tensor(&self, cols: usize) -> AnyTensor;
     fn shape(&self, t: &AnyTensor) -> Shape;
-    fn read_row(&self, t: &AnyTensor, row: usize) -> Vec<f32>;
+    fn read_row(&self, t: &AnyTensor, row: usize) -> Result<Vec<f32>>;
     fn write(&self, t: &AnyTensor, rows: usize, data: Vec<f32>) -> Result<()>;
     fn weight(&self, w: WeightData) -> Result<AnyWeight>;
     fn weight_meta<'a>(&self, w: &'a AnyWeight) -> &'a WeightMeta;
@@ -86,8 +86,8 @@ impl<B: Backend> DynBackend for B {
         t::<B>(x).map_or(Shape { rows: 0, cols: 0 }, |x| Backend::shape(self, x))
     }
 
-    fn read_row(&self, x: &AnyTensor, row: usize) -> Vec<f32> {
-        t::<B>(x).map_or_else(|_| Vec::new(), |x| Backend::read_row(self, x, row))
+    fn read_row(&self, x: &AnyTensor, row: usize) -> Result<Vec<f32>> {
+        Backend::read_row(self, t::<B>(x)?, row)
     }
 
     fn write(&self, x: &AnyTensor, rows: usize, data: Vec<f32>) -> Result<()> {
@@ -196,7 +196,7 @@ impl Backend for Erased {
         self.0.shape(t)
     }
 
-    fn read_row(&self, t: &AnyTensor, row: usize) -> Vec<f32> {
+    fn read_row(&self, t: &AnyTensor, row: usize) -> Result<Vec<f32>> {
         self.0.read_row(t, row)
     }
 

@@ -193,8 +193,9 @@ pub trait Backend: 'static {
     /// An empty tensor `cols` wide (zero rows).
     fn tensor(&self, cols: usize) -> Self::Tensor;
     fn shape(&self, t: &Self::Tensor) -> Shape;
-    /// Row `row` (< rows) into host memory.
-    fn read_row(&self, t: &Self::Tensor, row: usize) -> Vec<f32>;
+    /// Row `row` (< rows) into host memory. A backend that defers ops runs them first
+    /// (an op's error surfaces here).
+    fn read_row(&self, t: &Self::Tensor, row: usize) -> Result<Vec<f32>>;
     /// Replace the contents: `rows` × cols values.
     fn write(&self, t: &Self::Tensor, rows: usize, data: Vec<f32>) -> Result<()>;
 

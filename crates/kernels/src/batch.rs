@@ -1,96 +1,84 @@
-//! Cross-tenant batching: the tenants of one engine that multiply by the same weight share
-//! one multi-row product, so the weight is read once for all of them. The tile kernels
-//! compute every row with the single-row kernel's bits, so batching changes no tenant's
-//! numbers (the opt-in AMX family has its own numerics and is never batched).
+//! Cross-tenant batching: the tenants of one engine run their steps together, in rounds,
+//! and every weight's matmuls of a round are one multi-row product, so the weight is read
+//! once for all of them. The tile kernels compute every row with the single-row kernel's
+//! bits, so batching changes no tenant's numbers (the opt-in AMX family has its own
+//! numerics and is never batched).
 //!
 //! It works as llama-server's loop does, without taking the tenants' threads away: a
-//! tenant's step (its ops from the first after reading a result to the next read) parks
-//! at every batchable matmul with its rows. When no tenant in a step is still computing
-//! (every one is parked, or has finished its step), the last to park runs a *round*: the
-//! products of the parked rows at the lowest matmul index of a step, each weight's rows
-//! in one product. Taking the lowest index first brings tenants into lockstep: a tenant
-//! that starts a new request (its prompt's rows) or falls behind is multiplied alone until
-//! it reaches the others, then with them. A prompt's rows join the decode rows at each
-//! weight, so a new request goes through the layers with the running ones (each of its
-//! layers is one more row block in their products) rather than stopping them for its
-//! whole prompt.
+//! batched backend records a tenant's ops instead of running them, from the first op
+//! after a read to the next read (a *step*: one forward pass, a prompt's or a token's),
+//! and submits the step when the guest reads its result. When no tenant is still
+//! recording a step, the last to submit runs a *round*: all submitted steps, op by op,
+//! each weight's matmuls of all of them as one product (`CpuBackend::run_round`). A new
+//! request's prompt rows go through the layers with the running requests' token rows, so
+//! it joins at the next step instead of stopping them for its whole prompt.
 //!
-//! A tenant that stays in a step without parking for longer than [`STALL`] (a guest that
-//! spins, or one busy with a long attention) stops being waited for until its next op.
+//! The tenants of a round count as recording from then on (they sample their token and
+//! record the next step); one that stays in a step for longer than [`STALL`] without
+//! submitting (its request ended, or its guest spins) stops being waited for until its
+//! next op.
 //!
-//! Isolation: a tenant's rows are copied into the product's input and only its own rows
-//! are copied back out; tensors, caches and handles stay the tenant's own.
+//! Isolation: a tenant's rows are copied into a shared product's input and only its own
+//! rows are copied back out; tensors, caches and handles stay the tenant's own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use realm_compute::{Error, WeightData};
+use realm_compute::{Error, Result};
 
-/// How long a round waits for a tenant that is in a step but neither parks nor finishes.
-pub const STALL: Duration = Duration::from_millis(3);
+use crate::cpu::Step;
+
+/// How long a round waits for a tenant that is in a step but neither submits nor ends.
+pub const STALL: Duration = Duration::from_millis(5);
 
 /// What a tenant is doing, as the batcher sees it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Phase {
-    /// Between steps (or stopped being waited for): not counted.
+    /// Not in a step (or no longer waited for): not counted.
     Idle,
-    /// In a step, computing toward its next matmul: rounds wait for it.
-    Running { since: Instant },
-    /// Parked at a matmul that no round has taken yet.
-    Parked,
-    /// Its rows are in the round being computed: counted as running (it continues as soon
-    /// as the round ends), never given up on.
-    Taken,
+    /// Recording a step: rounds wait for it.
+    Recording { since: Instant },
+    /// Its step is submitted and waits for a round (or is in the one running).
+    Submitted,
 }
-
-/// The rows parked at one weight, at one matmul index.
-struct Pending {
-    key: usize,
-    index: u32,
-    weight: WeightData,
-    /// Every parked tenant's rows, one after another (`k` values per row).
-    xs: Vec<f32>,
-    /// (tenant, rows), in the order of `xs`.
-    parts: Vec<(u64, usize)>,
-}
-
-/// A tenant's share of a finished product.
-type Outcome = Result<(std::sync::Arc<Vec<f32>>, usize), Error>;
 
 #[derive(Default)]
 struct State {
     phases: HashMap<u64, Phase>,
-    /// Tenants counted as running (phase Running or Taken).
-    running: usize,
-    pending: Vec<Pending>,
-    /// A round is being computed (one at a time).
-    computing: bool,
-    /// Finished products, per tenant: its rows' outputs start at the offset.
-    done: HashMap<u64, Outcome>,
-    /// The threads of the parked tenants, woken one by one (never all at once: sixteen
-    /// threads contending for this lock on two cores cost more than the products).
-    parked: HashMap<u64, std::thread::Thread>,
+    /// Tenants recording.
+    recording: usize,
+    /// Submitted steps no round has taken yet.
+    pending: Vec<(u64, Step)>,
+    /// A round is running (one at a time).
+    running: bool,
+    /// Finished steps' results, per tenant.
+    done: HashMap<u64, Result<()>>,
+    /// The threads of the tenants waiting for their step, woken one by one (never all at
+    /// once: sixteen threads contending for this lock on two cores cost more than the
+    /// products).
+    waiting: HashMap<u64, std::thread::Thread>,
 }
 
-/// The engine-wide meeting point of the tenants' matmuls.
+/// The engine-wide meeting point of the tenants' steps.
 #[derive(Default)]
 pub struct Batcher {
     state: Mutex<State>,
     next_id: AtomicU64,
+    rounds: AtomicU64,
     /// Products that served more than one tenant, and the rows they multiplied.
     shared: AtomicU64,
     shared_rows: AtomicU64,
 }
 
-/// Computes one product: a weight by `rows` rows of activations, giving `rows × n` outputs.
-pub type Multiply<'a> = dyn FnMut(&WeightData, Vec<f32>, usize) -> Result<Vec<f32>, Error> + 'a;
+/// Runs a round's steps; returns each tenant's result.
+pub type RunRound<'a> = dyn FnMut(Vec<(u64, Step)>) -> Vec<(u64, Result<()>)> + 'a;
 
 impl Batcher {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves consistent counts (every update below is
-        // a few assignments with no call that can unwind in between).
+        // Every update below is a few assignments with nothing that can unwind in between:
+        // the state is consistent even if a holder panicked.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -104,9 +92,17 @@ impl Batcher {
     /// The tenant is gone (its backend dropped).
     pub fn unregister(&self, id: u64) {
         let mut s = self.lock();
-        self.leave_locked(&mut s, id);
-        s.phases.remove(&id);
+        if matches!(s.phases.remove(&id), Some(Phase::Recording { .. })) {
+            s.recording -= 1;
+            Self::wake_a_runner(&s);
+        }
         s.done.remove(&id);
+        s.waiting.remove(&id);
+    }
+
+    /// Rounds run so far.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(Ordering::Relaxed)
     }
 
     /// Products that served more than one tenant so far, and the rows they multiplied.
@@ -117,98 +113,55 @@ impl Batcher {
         )
     }
 
-    /// Tenant `id` starts a step (its first op since it last read a result).
+    /// A round multiplied `rows` rows of several tenants in one product.
+    pub fn count_shared(&self, rows: usize) {
+        self.shared.fetch_add(1, Ordering::Relaxed);
+        self.shared_rows.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    /// Tenant `id` starts recording a step.
     pub fn enter(&self, id: u64) {
         let mut s = self.lock();
         if s.phases.get(&id) == Some(&Phase::Idle) {
             s.phases.insert(
                 id,
-                Phase::Running {
+                Phase::Recording {
                     since: Instant::now(),
                 },
             );
-            s.running += 1;
+            s.recording += 1;
         }
     }
 
-    /// Tenant `id` ends its step (it reads a result back).
-    pub fn leave(&self, id: u64) {
-        let mut s = self.lock();
-        self.leave_locked(&mut s, id);
-    }
-
-    fn leave_locked(&self, s: &mut State, id: u64) {
-        if matches!(s.phases.get(&id), Some(Phase::Running { .. })) {
-            s.phases.insert(id, Phase::Idle);
-            s.running -= 1;
-            Self::wake_a_runner(s);
-        }
-    }
-
-    /// When no tenant is computing any more but rows are parked, one parked tenant is
-    /// woken to run the next round.
+    /// When no tenant is recording any more but steps are submitted, one waiting tenant
+    /// is woken to run the next round.
     fn wake_a_runner(s: &State) {
-        if s.running == 0
-            && !s.computing
-            && let Some(p) = s.pending.first()
-            && let Some(t) = p.parts.first().and_then(|(id, _)| s.parked.get(id))
+        if s.recording == 0
+            && !s.running
+            && let Some((id, _)) = s.pending.first()
+            && let Some(t) = s.waiting.get(id)
         {
             t.unpark();
         }
     }
 
-    /// Tenant `id` multiplies `x` (`rows × k`) by `weight` at the `index`-th matmul of its
-    /// step. Returns its `rows × n` outputs, computed in a round with the other tenants'
-    /// rows; `multiply` computes the products of a round this tenant runs.
-    pub fn matmul(
-        &self,
-        id: u64,
-        index: u32,
-        weight: &WeightData,
-        x: &[f32],
-        rows: usize,
-        multiply: &mut Multiply<'_>,
-    ) -> Result<Vec<f32>, Error> {
-        let key = weight.bytes().as_ptr() as usize;
-        let n = weight.meta.n_rows();
+    /// Tenant `id` submits its step and waits for it to run (in a round it may run
+    /// itself, with `run`).
+    pub fn submit(&self, id: u64, step: Step, run: &mut RunRound<'_>) -> Result<()> {
         let mut s = self.lock();
-        if matches!(s.phases.get(&id), Some(Phase::Running { .. })) {
-            s.running -= 1;
+        if matches!(s.phases.get(&id), Some(Phase::Recording { .. })) {
+            s.recording -= 1;
         }
-        s.phases.insert(id, Phase::Parked);
-        match s
-            .pending
-            .iter_mut()
-            .find(|p| p.key == key && p.index == index)
-        {
-            Some(p) => {
-                p.xs.extend_from_slice(x);
-                p.parts.push((id, rows));
-            }
-            None => s.pending.push(Pending {
-                key,
-                index,
-                weight: weight.clone(),
-                xs: x.to_vec(),
-                parts: vec![(id, rows)],
-            }),
-        }
-        s.parked.insert(id, std::thread::current());
+        s.phases.insert(id, Phase::Submitted);
+        s.pending.push((id, step));
+        s.waiting.insert(id, std::thread::current());
         loop {
-            if let Some(outcome) = s.done.remove(&id) {
-                s.parked.remove(&id);
-                s.phases.insert(
-                    id,
-                    Phase::Running {
-                        since: Instant::now(),
-                    },
-                );
-                drop(s);
-                let (all, start) = outcome?;
-                return Ok(all[start..start + rows * n].to_vec());
+            if let Some(result) = s.done.remove(&id) {
+                s.waiting.remove(&id);
+                return result;
             }
-            if s.running == 0 && !s.computing && !s.pending.is_empty() {
-                s = self.round(s, multiply);
+            if s.recording == 0 && !s.running && !s.pending.is_empty() {
+                s = self.round(s, run);
                 continue;
             }
             drop(s);
@@ -216,118 +169,81 @@ impl Batcher {
             std::thread::park_timeout(STALL);
             s = self.lock();
             if parked_at.elapsed() >= STALL {
-                // Stop waiting for tenants that have computed this long without parking;
+                // Stop waiting for tenants that have recorded this long without submitting;
                 // each is waited for again from its next op.
                 let now = Instant::now();
                 let mut stalled = 0;
                 for phase in s.phases.values_mut() {
-                    if let Phase::Running { since } = *phase
+                    if let Phase::Recording { since } = *phase
                         && now.duration_since(since) >= STALL
                     {
                         *phase = Phase::Idle;
                         stalled += 1;
                     }
                 }
-                s.running -= stalled;
-                Self::wake_a_runner(&s);
+                s.recording -= stalled;
             }
         }
     }
 
-    /// Runs the products at the lowest pending index (the lock released meanwhile) and
-    /// hands each tenant its rows.
+    /// Runs every submitted step (the lock released meanwhile) and hands each tenant its
+    /// result.
     fn round<'a>(
         &'a self,
         mut s: MutexGuard<'a, State>,
-        multiply: &mut Multiply<'_>,
+        run: &mut RunRound<'_>,
     ) -> MutexGuard<'a, State> {
-        let Some(lowest) = s.pending.iter().map(|p| p.index).min() else {
-            return s;
-        };
-        let (round, rest): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut s.pending)
-            .into_iter()
-            .partition(|p| p.index == lowest);
-        s.pending = rest;
-        for p in &round {
-            for &(id, _) in &p.parts {
-                s.phases.insert(id, Phase::Taken);
-                s.running += 1;
-            }
-        }
-        s.computing = true;
+        let steps = std::mem::take(&mut s.pending);
+        s.running = true;
         drop(s);
-        // Deliver even if `multiply` unwinds, so no tenant waits forever.
-        let mut outcomes = Delivery {
+        self.rounds.fetch_add(1, Ordering::Relaxed);
+        let ids: Vec<u64> = steps.iter().map(|(id, _)| *id).collect();
+        // Deliver even if `run` unwinds, so that no tenant waits forever.
+        let mut delivery = Delivery {
             batcher: self,
-            outcomes: Vec::new(),
-            parts: round.iter().map(|p| p.parts.clone()).collect(),
+            ids,
+            results: Vec::new(),
         };
-        for p in round {
-            let rows: usize = p.parts.iter().map(|&(_, r)| r).sum();
-            if p.parts.len() > 1 {
-                self.shared.fetch_add(1, Ordering::Relaxed);
-                self.shared_rows.fetch_add(rows as u64, Ordering::Relaxed);
-            }
-            let n = p.weight.meta.n_rows();
-            let result = multiply(&p.weight, p.xs, rows).and_then(|out| {
-                if out.len() == rows * n {
-                    Ok(std::sync::Arc::new(out))
-                } else {
-                    Err(Error::InvalidArgument("a batched product's size".into()))
-                }
-            });
-            outcomes.outcomes.push(result);
-        }
-        drop(outcomes);
+        delivery.results = run(steps);
+        drop(delivery);
         self.lock()
     }
 }
 
-/// A round's results, handed to its tenants when dropped (an error for each product that
-/// did not finish).
+/// A round's results, handed to its tenants when dropped (an error for a step that did
+/// not finish).
 struct Delivery<'a> {
     batcher: &'a Batcher,
-    outcomes: Vec<Result<std::sync::Arc<Vec<f32>>, Error>>,
-    parts: Vec<Vec<(u64, usize)>>,
+    ids: Vec<u64>,
+    results: Vec<(u64, Result<()>)>,
 }
 
 impl Drop for Delivery<'_> {
     fn drop(&mut self) {
-        let b = self.batcher;
-        let mut s = b.lock();
-        for (i, parts) in self.parts.iter().enumerate() {
-            let n_out = match self.outcomes.get(i) {
-                Some(Ok(all)) => Some(all),
-                Some(Err(_)) | None => None,
-            };
-            let total: usize = parts.iter().map(|&(_, r)| r).sum();
-            let mut start = 0;
-            for &(id, rows) in parts {
-                let outcome = match (n_out, self.outcomes.get(i)) {
-                    (Some(all), _) => Ok((all.clone(), start * (all.len() / total.max(1)))),
-                    (None, Some(Err(e))) => Err(e.clone()),
-                    _ => Err(Error::InvalidArgument(
-                        "the batched product did not finish".into(),
-                    )),
-                };
-                start += rows;
-                if s.phases.contains_key(&id) {
-                    s.done.insert(id, outcome);
-                }
-            }
-        }
-        s.computing = false;
-        // Each tenant of the round continues (the one running it is awake already).
+        let mut s = self.batcher.lock();
+        let mut results: HashMap<u64, Result<()>> = self.results.drain(..).collect();
+        let now = Instant::now();
         let me = std::thread::current().id();
-        for parts in &self.parts {
-            for (id, _) in parts {
-                if let Some(t) = s.parked.get(id)
-                    && t.id() != me
-                {
-                    t.unpark();
-                }
+        for &id in &self.ids {
+            if !s.phases.contains_key(&id) {
+                continue;
+            }
+            let r = results.remove(&id).unwrap_or_else(|| {
+                Err(Error::InvalidArgument(
+                    "the round running this step stopped".into(),
+                ))
+            });
+            s.done.insert(id, r);
+            // It samples its token and records its next step: the next round waits for it.
+            s.phases.insert(id, Phase::Recording { since: now });
+            s.recording += 1;
+            if let Some(t) = s.waiting.get(&id)
+                && t.id() != me
+            {
+                t.unpark();
             }
         }
+        s.running = false;
         Batcher::wake_a_runner(&s);
     }
 }

@@ -19,6 +19,23 @@ const CONTENDED_FOR: Duration = Duration::from_millis(20);
 
 type Job = dyn Fn(usize) + Sync;
 
+thread_local! {
+    /// This thread is running a share of a job: a job it starts runs here, whole.
+    static IN_JOB: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread marked as inside a job.
+fn in_job<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            IN_JOB.with(|j| j.set(self.0));
+        }
+    }
+    let _reset = Reset(IN_JOB.with(|j| j.replace(true)));
+    f()
+}
+
 struct Shared {
     /// Bumped once per job; helpers wait for it to change.
     generation: AtomicU64,
@@ -87,8 +104,12 @@ impl SpinPool {
     /// Run `f(share)` for every share `0..size()` at once (share 0 on the calling thread)
     /// and return when all are done.
     pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
-        if self.threads.is_empty() {
-            f(0);
+        // No helpers, or a job started from inside a share of another (a round running
+        // tenants' ops on every share): every share here, one after another.
+        if self.threads.is_empty() || IN_JOB.with(std::cell::Cell::get) {
+            for share in 0..self.size() {
+                f(share);
+            }
             return;
         }
         // Busy with another tenant's job: run every share here, one after another, rather
@@ -124,7 +145,7 @@ impl SpinPool {
             }
         }
         let wait = Wait(s);
-        f(0);
+        in_job(|| f(0));
         drop(wait);
         if s.panicked.swap(false, Ordering::AcqRel) {
             panic!("a compute share panicked");
@@ -196,7 +217,8 @@ fn helper(s: &Shared, h: usize) {
         // alive until `remaining` reaches 0, which needs this helper's decrement below.
         let job: &Job = unsafe { *slot };
         // A panicking share must still count as done, or `run` would wait forever.
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(share))).is_err() {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| in_job(|| job(share)))).is_err()
+        {
             s.panicked.store(true, Ordering::Release);
         }
         s.remaining.fetch_sub(1, Ordering::AcqRel);
