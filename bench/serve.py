@@ -6,7 +6,8 @@ memory growth per concurrent tenant. Runs tests/serve/load.py (the same load tes
 when `scripts/llama-cpp.sh llama-server` has built it; --write puts the section in
 BENCHMARKS.md.
 Usage: bench/serve.py [MODEL.gguf] [--write] (needs .venv from `make test`; REALM_BIN picks
-another `realm` binary, for a same-run comparison)."""
+another `realm` binary and REALM_SERVE_FLAGS adds flags to `realm serve`, e.g. `--no-batch`,
+for a same-run comparison; REALM_NO_PEER=1 skips llama-server)."""
 import json, os, pathlib, re, subprocess, sys
 
 model = next((a for a in sys.argv[1:] if not a.startswith("--")), "models/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -29,14 +30,15 @@ def load(cmd, url_of, peer=False):
         server.wait(timeout=30)
 
 
+flags = os.environ.get("REALM_SERVE_FLAGS", "").split()
 r = load([os.environ.get("REALM_BIN", "./target/release/realm"), "serve", "--port", "0", "--threads", "2",
-          "--model", model], lambda s: s.stdout.readline().strip().rsplit(" ", 1)[-1])
+          "--model", model] + flags, lambda s: s.stdout.readline().strip().rsplit(" ", 1)[-1])
 
 # The peer: llama.cpp's own server from the reference tree (`scripts/llama-cpp.sh llama-server`),
 # continuous batching over 16 slots, flash attention, 2 threads, the same model.
 LLAMA_SERVER = pathlib.Path("target/llama.cpp/build/bin/llama-server")
 peer = None
-if LLAMA_SERVER.exists():
+if LLAMA_SERVER.exists() and os.environ.get("REALM_NO_PEER") != "1":
     import socket, time, urllib.request
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -99,7 +101,7 @@ llama-server RSS: {peer['rss_before'] >> 20} MiB before the load, peak {peer['rs
 """
 section = f"""## Server: concurrent clients — {name} (`bench/serve.py`)
 
-`realm serve --threads 2` on loopback, Realm commit {commit}, on {machine}; each client streams 4 greedy
+`{' '.join(['realm serve --threads 2'] + flags)}` on loopback, Realm commit {commit}, on {machine}; each client streams 4 greedy
 chat requests of 24 new tokens one after another (a tenant per concurrent request: Store,
 guest instance and loaded model, reused by later requests with the KV cache of the prefix
 they share, the default system prompt; then prefill and decode); every response is checked

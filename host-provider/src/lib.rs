@@ -579,6 +579,12 @@ impl Model {
             .any(|m| theirs.values().any(|o| Arc::ptr_eq(m, o)))
     }
 
+    /// The tenant's request ended: the engine's batched rounds stop waiting for its next
+    /// step (it is waited for again from its next op).
+    pub fn rest(&self) {
+        self.store.data().compute.rest();
+    }
+
     /// The most linear memory the guest has used, in bytes.
     pub fn guest_memory_peak(&self) -> usize {
         self.store.data().limits.peak_memory

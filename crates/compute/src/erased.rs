@@ -59,6 +59,7 @@ trait DynBackend {
     fn scale(&self, x: &AnyTensor, s: f32) -> Result<()>;
     fn softmax(&self, x: &AnyTensor) -> Result<()>;
     fn keep_last_row(&self, x: &AnyTensor) -> Result<()>;
+    fn rest(&self);
 }
 
 fn t<B: Backend>(t: &AnyTensor) -> Result<&B::Tensor> {
@@ -173,6 +174,10 @@ impl<B: Backend> DynBackend for B {
     fn keep_last_row(&self, x: &AnyTensor) -> Result<()> {
         Backend::keep_last_row(self, t::<B>(x)?)
     }
+
+    fn rest(&self) {
+        Backend::rest(self);
+    }
 }
 
 impl Backend for Erased {
@@ -262,5 +267,9 @@ impl Backend for Erased {
 
     fn keep_last_row(&self, x: &AnyTensor) -> Result<()> {
         self.0.keep_last_row(x)
+    }
+
+    fn rest(&self) {
+        self.0.rest();
     }
 }

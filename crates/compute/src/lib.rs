@@ -244,6 +244,10 @@ pub trait Backend: 'static {
     fn scale(&self, x: &Self::Tensor, s: f32) -> Result<()>;
     fn softmax(&self, x: &Self::Tensor) -> Result<()>;
     fn keep_last_row(&self, x: &Self::Tensor) -> Result<()>;
+
+    /// The tenant has no step coming (its request ended): a backend that runs tenants'
+    /// steps together stops waiting for this one until its next op.
+    fn rest(&self) {}
 }
 
 /// The ops an architecture calls: `realm:compute` as a Rust trait. Every [`Backend`] is one

@@ -469,6 +469,14 @@ impl Backend for CpuBackend {
         x.will_have(x.rows().min(1));
         self.submit(Op::KeepLastRow { x: x.0.clone() })
     }
+
+    fn rest(&self) {
+        if let Some((b, id)) = &self.batcher
+            && !self.in_step.get()
+        {
+            b.leave(*id);
+        }
+    }
 }
 
 /// A share's scratch (a panic while it was held leaves nothing that matters: it is

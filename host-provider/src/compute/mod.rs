@@ -138,6 +138,11 @@ pub fn backend(
 }
 
 impl<B: Backend> ComputeState<B> {
+    /// The tenant has no step coming (see [`Backend::rest`]).
+    pub fn rest(&self) {
+        self.backend.rest();
+    }
+
     pub fn new(
         models: HashMap<String, Arc<MappedModel>>,
         backend: B,
