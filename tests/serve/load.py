@@ -118,6 +118,19 @@ async def main():
         # 16 tenants at once: a copy of the weights each would add 16 × weight_bytes.
         assert growth / 16 < weight_bytes / 2, (growth, weight_bytes)
         if not PEER:
+            # Tenant start (Prometheus buckets): the bound of the bucket holding the median,
+            # and how many starts took a new tenant.
+            buckets, total = [], 0
+            for line in (await client.get(url + "/metrics")).text.splitlines():
+                if line.startswith('realm_tenant_start_seconds_bucket{le="'):
+                    le = line.split('"')[1]
+                    buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+                elif line.startswith("realm_tenant_start_seconds_count "):
+                    total = float(line.split()[1])
+                elif line.startswith("realm_tenants_reused_total "):
+                    out["tenants_reused"] = float(line.split()[1])
+            out["tenant_starts"] = total
+            out["tenant_start_p50_le_ms"] = 1e3 * next(le for le, n in sorted(buckets) if n >= total / 2)
             r = await client.get(url + "/health")
             assert r.json()["sessions_in_use"] == 0, r.json()
         print(json.dumps(out))
