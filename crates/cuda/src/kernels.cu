@@ -1,0 +1,433 @@
+// Realm's CUDA kernels, compiled at run time by NVRTC (no CUDA toolkit is needed to build
+// Realm; the device's driver and NVRTC library are found when a backend starts). Plain
+// f32 arithmetic over weights dequantized on the fly; KV caches in f16 (as the CPU backend's).
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+
+// ggml type ids (GgmlType).
+#define T_F32 0
+#define T_F16 1
+#define T_Q4_0 2
+#define T_Q4_1 3
+#define T_Q5_0 6
+#define T_Q5_1 7
+#define T_Q8_0 8
+
+// f16 ↔ f32 by PTX (no headers: NVRTC compiles this file alone).
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// f32 → f16, rounded to nearest even, in integer code (the PTX conversion's result lost
+// its low byte when stored through a 16-bit register here).
+__device__ u16 f2h(float f) {
+    unsigned x = __float_as_uint(f);
+    unsigned sign = (x >> 16) & 0x8000u;
+    unsigned mant = x & 0x7fffffu;
+    int e = (int)((x >> 23) & 0xff);
+    if (e == 0xff) return (u16)(sign | 0x7c00u | (mant ? 0x200u : 0u));
+    int exp = e - 127 + 15;
+    if (exp >= 31) return (u16)(sign | 0x7c00u);
+    if (exp <= 0) {
+        if (exp < -10) return (u16)sign;
+        mant |= 0x800000u;
+        int shift = 14 - exp;
+        unsigned h = mant >> shift;
+        unsigned rem = mant & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (h & 1u))) h++;
+        return (u16)(sign | h);
+    }
+    unsigned h = ((unsigned)exp << 10) | (mant >> 13);
+    unsigned rem = mant & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
+    return (u16)(sign | h);
+}
+
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ u16 rd16(const u8* p) {
+    return (u16)p[0] | ((u16)p[1] << 8);
+}
+
+// Bytes of one 32-value block (F32/F16: 32 values).
+__device__ __forceinline__ int block_bytes(int ty) {
+    switch (ty) {
+        case T_F32: return 128;
+        case T_F16: return 64;
+        case T_Q4_0: return 18;
+        case T_Q4_1: return 20;
+        case T_Q5_0: return 22;
+        case T_Q5_1: return 24;
+        default: return 34; // Q8_0
+    }
+}
+
+// Value j (0..32) of block b.
+__device__ __forceinline__ float dq(const u8* b, int ty, int j) {
+    switch (ty) {
+        case T_F32: return ((const float*)b)[j];
+        case T_F16: return h2f(rd16(b + 2 * j));
+        case T_Q4_0: {
+            float d = h2f(rd16(b));
+            int q = j < 16 ? (b[2 + j] & 15) : (b[2 + j - 16] >> 4);
+            return (q - 8) * d;
+        }
+        case T_Q4_1: {
+            float d = h2f(rd16(b)), m = h2f(rd16(b + 2));
+            int q = j < 16 ? (b[4 + j] & 15) : (b[4 + j - 16] >> 4);
+            return q * d + m;
+        }
+        case T_Q5_0: {
+            float d = h2f(rd16(b));
+            unsigned qh = b[2] | (b[3] << 8) | (b[4] << 16) | ((unsigned)b[5] << 24);
+            int lo = j < 16 ? (b[6 + j] & 15) : (b[6 + j - 16] >> 4);
+            int hi = (qh >> j) & 1;
+            return ((lo | (hi << 4)) - 16) * d;
+        }
+        case T_Q5_1: {
+            float d = h2f(rd16(b)), m = h2f(rd16(b + 2));
+            unsigned qh = b[4] | (b[5] << 8) | (b[6] << 16) | ((unsigned)b[7] << 24);
+            int lo = j < 16 ? (b[8 + j] & 15) : (b[8 + j - 16] >> 4);
+            int hi = (qh >> j) & 1;
+            return (lo | (hi << 4)) * d + m;
+        }
+        default: {
+            float d = h2f(rd16(b));
+            return (signed char)b[2 + j] * d;
+        }
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+    return __shfl_sync(0xffffffff, v, 0);
+}
+
+// y[r][j] = x[r] · w[j]: one warp per output column j, for `rows` rows at once (each
+// warp reads its weight row once for all of them, up to 8 rows per pass).
+extern "C" __global__ void matmul(const u8* w, int ty, int k, int n, const float* x, int rows,
+                                  float* y) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= n) return;
+    int nb = k / 32, bb = block_bytes(ty);
+    const u8* wr = w + (size_t)warp * nb * bb;
+    for (int r0 = 0; r0 < rows; r0 += 8) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int rn = min(8, rows - r0);
+        for (int b = 0; b < nb; b++) {
+            float v = dq(wr + (size_t)b * bb, ty, lane);
+            int col = b * 32 + lane;
+            for (int r = 0; r < rn; r++) acc[r] += v * x[(size_t)(r0 + r) * k + col];
+        }
+        for (int r = 0; r < rn; r++) {
+            float s = warp_sum(acc[r]);
+            if (lane == 0) y[(size_t)(r0 + r) * n + warp] = s;
+        }
+    }
+}
+
+// out[i] = scale * row ids[i] of the table.
+extern "C" __global__ void embed(const u8* w, int ty, int k, const unsigned* ids, int n,
+                                 float scale, float* out) {
+    int i = blockIdx.x;
+    if (i >= n) return;
+    int bb = block_bytes(ty);
+    const u8* row = w + (size_t)ids[i] * (k / 32) * bb;
+    for (int c = threadIdx.x; c < k; c += blockDim.x) {
+        out[(size_t)i * k + c] = dq(row + (size_t)(c / 32) * bb, ty, c % 32) * scale;
+    }
+}
+
+// RMS norm of each group of `g` values (g = len(w)), one block per (row, group).
+extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float eps, float* y,
+                                    int groups) {
+    __shared__ double part[32];
+    const float* xg = x + (size_t)blockIdx.x * g;
+    float* yg = y + (size_t)blockIdx.x * g;
+    // As ggml: squares in f32, summed in f64.
+    double s = 0;
+    for (int i = threadIdx.x; i < g; i += blockDim.x) s += (double)(xg[i] * xg[i]);
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffff, s, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0;
+        for (int i = 0; i < (int)((blockDim.x + 31) / 32); i++) t += part[i];
+        part[0] = t;
+    }
+    __syncthreads();
+    float mean = (float)(part[0] / g);
+    float scale = 1.0f / sqrtf(mean + eps);
+    for (int i = threadIdx.x; i < g; i += blockDim.x) yg[i] = (xg[i] * scale) * w[i];
+}
+
+// RoPE in place, one thread per (row, head, pair).
+extern "C" __global__ void rope(float* x, int rows, int cols, int head_dim, int n_rot, int neox,
+                                int pos, float base, float freq_scale, float ext_factor,
+                                float attn_factor, float corr0, float corr1,
+                                const float* factors, int has_factors) {
+    int half = n_rot / 2, heads = cols / head_dim;
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= rows * heads * half) return;
+    int i = t % half, h = (t / half) % heads, r = t / (half * heads);
+    // As ggml-cpu: the angle by repeated products of base^(-2/n_rot) from the position.
+    float theta_scale = powf(base, -2.0f / n_rot);
+    float theta_extrap = (float)(pos + r);
+    for (int ii = 0; ii < i; ii++) theta_extrap *= theta_scale;
+    if (has_factors) theta_extrap /= factors[i];
+    float theta_interp = freq_scale * theta_extrap, theta = theta_interp, mscale = attn_factor;
+    if (ext_factor != 0.0f) {
+        float y = (i - corr0) / fmaxf(corr1 - corr0, 0.001f);
+        float mix = (1.0f - fminf(fmaxf(y, 0.0f), 1.0f)) * ext_factor;
+        theta = fmaf(theta_interp, 1.0f - mix, theta_extrap * mix);
+        mscale *= fmaf(0.1f, logf(1.0f / freq_scale), 1.0f);
+    }
+    float c = cosf(theta) * mscale, s = sinf(theta) * mscale;
+    float* head = x + (size_t)r * cols + h * head_dim;
+    int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    float x0 = head[a], x1 = head[b];
+    head[a] = fmaf(x0, c, -(x1 * s));
+    head[b] = fmaf(x0, s, x1 * c);
+}
+
+// Keys and values of `rows` positions from `pos` into a layer's f16 cache.
+extern "C" __global__ void kv_store(const float* k, const float* v, int rows, int width, int pos,
+                                    u16* kc, u16* vc) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= rows * width) return;
+    kc[(size_t)pos * width + t] = f2h(k[t]);
+    vc[(size_t)pos * width + t] = f2h(v[t]);
+}
+
+// Causal attention, one block per (row, head), in the CPU backend's numerics (ggml-cpu's
+// flash_attn_ext_f16): q rounded to f16, scores as f32 sums of f16 products, and an online
+// softmax whose weighted sum of values is accumulated in f16, rescaled in f16 whenever
+// the running maximum rises. Scores first (a warp per position, into shared memory), then
+// each thread walks the positions in order for its own output value.
+extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, int rows,
+                                     int n_head, int n_kv, int hd, int pos, float scale,
+                                     int window, float* out) {
+    extern __shared__ float sc[];
+    int r = blockIdx.x / n_head, h = blockIdx.x % n_head;
+    int kvh = h / (n_head / n_kv), width = n_kv * hd;
+    int p = pos + r;
+    int start = window > 0 ? max(0, p + 1 - window) : 0;
+    int len = p + 1 - start;
+    const float* qh = q + (size_t)r * n_head * hd + h * hd;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int j = warp; j < len; j += warps) {
+        const u16* kr = kc + (size_t)(start + j) * width + kvh * hd;
+        float s = 0;
+        for (int d = lane; d < hd; d += 32) s += h2f(f2h(qh[d])) * h2f(kr[d]);
+        s = warp_sum(s);
+        if (lane == 0) sc[j] = s * scale;
+    }
+    __syncthreads();
+    float* o = out + (size_t)r * n_head * hd + h * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float sum = 0.0f, m = NEG_INF;
+        u16 acc = 0;
+        for (int j = 0; j < len; j++) {
+            float s = sc[j], ms = 1.0f, vs = 1.0f;
+            if (s > m) {
+                ms = expf(m - s);
+                m = s;
+                acc = f2h(h2f(acc) * ms);
+            } else {
+                vs = expf(s - m);
+            }
+            sum = fmaf(sum, ms, vs);
+            float v = h2f(vc[(size_t)(start + j) * width + kvh * hd + d]);
+            acc = f2h(fmaf(v, vs, h2f(acc)));
+        }
+        o[d] = h2f(acc) * (1.0f / sum);
+    }
+}
+
+// ggml's vectorized expf (`ggml_v_expf`), as the CPU backend computes it: a degree-5
+// polynomial on the reduced argument, scaled by 2^n exactly in f64.
+__device__ float v_expf(float x) {
+    const float shift = __uint_as_float(0x4b400000u);
+    float z = fmaf(x, __uint_as_float(0x3fb8aa3bu), shift);
+    float n = z - shift;
+    float b = fmaf(-n, __uint_as_float(0x35bfbe8eu), fmaf(-n, __uint_as_float(0x3f317200u), x));
+    float u = b * b;
+    float j = fmaf(fmaf(fmaf(__uint_as_float(0x3c072010u), b, __uint_as_float(0x3d2b9f17u)), u,
+                        fmaf(__uint_as_float(0x3e2aaf33u), b, __uint_as_float(0x3efffedbu))),
+                   u, fmaf(__uint_as_float(0x3f7ffff6u), b, 1.0f));
+    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : __int_as_float(0x7f800000);
+    double two_n = __longlong_as_double((long long)((long long)n + 1023) << 52);
+    return (float)((double)j * two_n);
+}
+
+// ggml's GELU (tanh form) of a value rounded to f16, rounded to f16 (its lookup table).
+__device__ float gelu_f16(float x) {
+    if (x <= -10.0f) return 0.0f;
+    if (x >= 10.0f) return x;
+    float h = h2f(f2h(x));
+    float inner = fmaf(0.044715f * h, h, 1.0f);
+    float g = 0.5f * h * (1.0f + tanhf(0.7978846f * h * inner));
+    return h2f(f2h(g));
+}
+
+// up = act(gate) * up (0: SiLU, 1: GELU, tanh form), as the CPU backend.
+extern "C" __global__ void glu(const float* gate, float* up, int n, int act) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = gate[i];
+    float a = act == 0 ? g / (1.0f + v_expf(0.0f - g)) : gelu_f16(g);
+    up[i] *= a;
+}
+
+extern "C" __global__ void add(float* acc, const float* x, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) acc[i] += x[i];
+}
+
+extern "C" __global__ void scale(float* x, int n, float s) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= s;
+}
+
+// Softmax of each row, one block per row.
+extern "C" __global__ void softmax(float* x, int cols) {
+    __shared__ float red[32];
+    float* row = x + (size_t)blockIdx.x * cols;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    float m = NEG_INF;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, row[i]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_down_sync(0xffffffff, m, o));
+    if (lane == 0) red[warp] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = red[0];
+        for (int i = 1; i < warps; i++) t = fmaxf(t, red[i]);
+        red[0] = t;
+    }
+    __syncthreads();
+    m = red[0];
+    __syncthreads();
+    float s = 0;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float e = expf(row[i] - m);
+        row[i] = e;
+        s += e;
+    }
+    s = warp_sum(s);
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0;
+        for (int i = 0; i < warps; i++) t += red[i];
+        red[0] = t;
+    }
+    __syncthreads();
+    float inv = 1.0f / red[0];
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) row[i] *= inv;
+}
+
+// The last row to the front (keep_last_row).
+extern "C" __global__ void last_row(float* x, int rows, int cols) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < cols) x[i] = x[(size_t)(rows - 1) * cols + i];
+}
+
+// Activations quantized as ggml's quantize_row_q8_0 / q8_1 (the CPU backend's numerics:
+// scale amax/127 stored in f16, values rounded half to even; q8_1 also stores d·Σq), one
+// warp per 32-value block: rows × k/32 blocks of 34 (q8_0) or 36 (q8_1) bytes.
+extern "C" __global__ void quantize_q8(const float* x, int rows, int k, int q81, u8* out) {
+    int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    int nb = k / 32;
+    if (blk >= rows * nb) return;
+    float v = x[(size_t)blk * 32 + lane];
+    float amax = fabsf(v);
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
+    float d = amax / 127.0f;
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int q = (int)rintf(v * id);
+    int sum = q;
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    int bytes = q81 ? 36 : 34;
+    u8* b = out + (size_t)blk * bytes;
+    if (lane == 0) {
+        u16 dh = f2h(d);
+        b[0] = dh & 255;
+        b[1] = dh >> 8;
+        if (q81) {
+            u16 sh = f2h(d * (float)sum);
+            b[2] = sh & 255;
+            b[3] = sh >> 8;
+        }
+    }
+    b[(q81 ? 4 : 2) + lane] = (u8)(signed char)q;
+}
+
+// y[r][j] = w[j] · x[r] with x quantized (quantize_q8): integer dot products per block,
+// combined in f32 as ggml's vec_dot_q*_q8_* do. One warp per output column, a lane per
+// block at a time.
+extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8* xq, int rows,
+                                     float* y) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= n) return;
+    int nb = k / 32, bb = block_bytes(ty);
+    int q81 = ty == T_Q4_1 || ty == T_Q5_1;
+    int xbytes = q81 ? 36 : 34;
+    const u8* wr = w + (size_t)warp * nb * bb;
+    for (int r = 0; r < rows; r++) {
+        const u8* xr = xq + (size_t)r * nb * xbytes;
+        float acc = 0.0f;
+        for (int bi = lane; bi < nb; bi += 32) {
+            const u8* wb = wr + (size_t)bi * bb;
+            const u8* xb = xr + (size_t)bi * xbytes;
+            const signed char* qx = (const signed char*)(xb + (q81 ? 4 : 2));
+            float dx = h2f(rd16(xb));
+            int dot = 0;
+            switch (ty) {
+                case T_Q4_0:
+                    for (int j = 0; j < 16; j++) {
+                        dot += ((wb[2 + j] & 15) - 8) * qx[j] + ((wb[2 + j] >> 4) - 8) * qx[j + 16];
+                    }
+                    acc += h2f(rd16(wb)) * dx * (float)dot;
+                    break;
+                case T_Q4_1:
+                    for (int j = 0; j < 16; j++) {
+                        dot += (wb[4 + j] & 15) * qx[j] + (wb[4 + j] >> 4) * qx[j + 16];
+                    }
+                    acc += h2f(rd16(wb)) * dx * (float)dot + h2f(rd16(wb + 2)) * h2f(rd16(xb + 2));
+                    break;
+                case T_Q5_0: {
+                    unsigned qh = wb[2] | (wb[3] << 8) | (wb[4] << 16) | ((unsigned)wb[5] << 24);
+                    for (int j = 0; j < 16; j++) {
+                        int lo = (wb[6 + j] & 15) | (((qh >> j) & 1) << 4);
+                        int hi = (wb[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+                        dot += (lo - 16) * qx[j] + (hi - 16) * qx[j + 16];
+                    }
+                    acc += h2f(rd16(wb)) * dx * (float)dot;
+                    break;
+                }
+                case T_Q5_1: {
+                    unsigned qh = wb[4] | (wb[5] << 8) | (wb[6] << 16) | ((unsigned)wb[7] << 24);
+                    for (int j = 0; j < 16; j++) {
+                        int lo = (wb[8 + j] & 15) | (((qh >> j) & 1) << 4);
+                        int hi = (wb[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+                        dot += lo * qx[j] + hi * qx[j + 16];
+                    }
+                    acc += h2f(rd16(wb)) * dx * (float)dot + h2f(rd16(wb + 2)) * h2f(rd16(xb + 2));
+                    break;
+                }
+                default: // Q8_0
+                    for (int j = 0; j < 32; j++) dot += (signed char)wb[2 + j] * qx[j];
+                    acc += h2f(rd16(wb)) * dx * (float)dot;
+                    break;
+            }
+        }
+        float s = warp_sum(acc);
+        if (lane == 0) y[(size_t)r * n + warp] = s;
+    }
+}
