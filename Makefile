@@ -11,7 +11,7 @@ WASM_APPS := -p realm-spin-llm -p realm-nn-app -p realm-spin-app
 NATIVE_SKIP := --exclude realm-guest --exclude realm-spin-llm --exclude realm-nn-app \
     --exclude realm-spin-app --exclude realm-compute-wasm --exclude realm-standalone-cli
 
-.PHONY: setup models test-models guest adapters standalone node-host wasmtime-cli build run test examples lint fuzz bench
+.PHONY: setup models test-models guest adapters standalone node-host wasmtime-cli build run test test-gpu examples lint fuzz bench
 
 setup:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -91,6 +91,11 @@ test: models test-models guest adapters standalone node-host wasmtime-cli $(VENV
 	CARGO_TARGET_WASM32_WASIP2_RUNNER="$(CURDIR)/target/release/realm run-wasm" \
 	    $(CARGO) test --release -j$(JOBS) --target wasm32-wasip2 -p realm-kernels
 	$(MAKE) examples
+
+# The GPU tests where there is a GPU (and Rust): they fail, rather than skip, without one.
+# The GPU machine of this project has no Rust: `bench/gpu.sh` carries built binaries there.
+test-gpu: models
+	REALM_REQUIRE_GPU=1 $(CARGO) test --release -j$(JOBS) -p realm-cuda -- --nocapture
 
 # Every example, as its README says to run it.
 examples: models build adapters standalone node-host $(VENV)/.ok

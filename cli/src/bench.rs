@@ -168,8 +168,10 @@ fn decode(model: &mut Model, n: u32) -> anyhow::Result<(f64, Split)> {
     Ok((tps, Split { rest, ..s }))
 }
 
+#[allow(clippy::too_many_arguments, reason = "the bench command's options")]
 pub fn run(
     path: &Path,
+    device: &str,
     threads: &[usize],
     prompts: &[u32],
     n_gen: u32,
@@ -185,6 +187,7 @@ pub fn run(
         let config = EngineConfig {
             threads: t,
             max_resident,
+            device: device.to_string(),
             ..EngineConfig::default()
         };
         let engine = Engine::new(config)?;
@@ -236,8 +239,14 @@ pub fn run(
     // Where the weights fit in the last-level cache, decode is bound by compute: there is
     // no memory ceiling to compare with.
     let fits = llc.is_some_and(|c| weight_bytes <= c);
+    let device_name = match device {
+        "cpu" => cpu_model(),
+        cuda => realm_host::compute::cuda_device(cuda).map_or_else(|e| e, |d| d.name().to_string()),
+    };
     let out = serde_json::json!({
         "model": path.display().to_string(),
+        "device": device,
+        "device_name": device_name,
         "runs": runs,
         "peak_rss_bytes": peak_rss,
         "decode_weight_bytes": weight_bytes,
@@ -251,7 +260,7 @@ pub fn run(
         return Ok(());
     }
     println!(
-        "model {} · {runs} runs each · peak RSS {} MiB · kernels {}",
+        "model {} · {runs} runs each · peak RSS {} MiB · device {device} ({device_name}) · CPU kernels {}",
         path.display(),
         peak_rss >> 20,
         out["kernels"].as_str().unwrap_or("?")
@@ -278,7 +287,9 @@ pub fn run(
             sh["other_ops"].as_f64().unwrap_or(0.0) * 100.0,
             sh["wit_and_guest"].as_f64().unwrap_or(0.0) * 100.0
         );
-        if fits {
+        if device != "cpu" {
+            // The CPU's memory ceiling says nothing about a GPU's.
+        } else if fits {
             println!(
                 "|   | memory ceiling | none: {:.1} MB of weights fit in the {} MiB last-level cache, decode is compute-bound |||",
                 weight_bytes as f64 / 1e6,
@@ -294,4 +305,17 @@ pub fn run(
         }
     }
     Ok(())
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), or "unknown CPU".
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
 }

@@ -28,6 +28,9 @@ struct GenOpts {
     /// The GGUF model (default: models/SmolLM2-135M-Instruct.Q4_1.gguf).
     #[arg(long, short)]
     model: Option<PathBuf>,
+    /// Where to compute: cpu, or cuda[:N] (an NVIDIA GPU; needs its driver and NVRTC).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Compute threads (default: all cores).
     #[arg(long, short)]
     threads: Option<usize>,
@@ -168,6 +171,7 @@ impl GenOpts {
             config.threads = t;
         }
         config.max_resident = self.max_resident;
+        config.device = self.device.clone();
         let spinner = indicatif::ProgressBar::new_spinner();
         spinner.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         spinner.enable_steady_tick(std::time::Duration::from_millis(120));
@@ -194,6 +198,9 @@ struct ServeOpts {
     /// (default: the default model).
     #[arg(long, short)]
     model: Vec<String>,
+    /// Where to compute: cpu, or cuda[:N] (an NVIDIA GPU; needs its driver and NVRTC).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Compute threads shared by all requests (default: all cores).
     #[arg(long, short)]
     threads: Option<usize>,
@@ -309,6 +316,7 @@ impl ServeOpts {
         }
         engine.max_resident = self.max_resident;
         engine.batch = !self.no_batch;
+        engine.device = self.device.clone();
         engine.max_guest_memory = usize::try_from(self.max_guest_memory).unwrap_or(usize::MAX);
         Ok(serve::ServeConfig {
             host: self.host,
@@ -356,6 +364,9 @@ enum Command {
         /// The GGUF model (default: the default model).
         #[arg(long, short)]
         model: Option<PathBuf>,
+        /// Where to compute: cpu, or cuda[:N] (an NVIDIA GPU; needs its driver and NVRTC).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Thread counts to measure (comma-separated).
         #[arg(long, short, value_delimiter = ',', default_value = "1,2")]
         threads: Vec<usize>,
@@ -605,6 +616,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(opts) => serve::run(opts.config()?)?,
         Command::Bench {
             model,
+            device,
             threads,
             prompt,
             n_gen,
@@ -615,6 +627,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let path = model.unwrap_or_else(realm_host::default_model_path);
             bench::run(
                 &path,
+                &device,
                 &threads,
                 &prompt,
                 n_gen,

@@ -110,3 +110,45 @@ fn bad_files_give_one_line_errors() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--device`: an unknown one is refused by name with the devices there are; `cuda` on a
+/// machine without an NVIDIA driver is a one-line error, and with one it answers (the
+/// GPU machine runs this too).
+#[test]
+fn devices_are_chosen_by_name_with_one_line_errors() {
+    let m = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let m = m.to_str().expect("utf-8 path");
+    let out = realm(&["run", "--device", "tpu", "--model", m, "-n", "4", "Hi"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("unknown device 'tpu'") && err.contains("cuda"),
+        "{err}"
+    );
+    let out = realm(&["run", "--device", "cuda:x", "--model", m, "-n", "4", "Hi"]);
+    assert!(!out.status.success());
+    let out = realm(&[
+        "run",
+        "--device",
+        "cuda",
+        "--temp",
+        "0",
+        "--model",
+        m,
+        "-n",
+        "8",
+        "What is the capital of France?",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("Paris"), "{text}");
+    } else {
+        let last = err.trim().lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("realm: error:") && last.contains("CUDA"),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+}

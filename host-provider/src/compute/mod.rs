@@ -116,7 +116,33 @@ impl Stats {
 }
 
 /// The devices this host runs, by name: one line per backend.
-pub const DEVICES: &[&str] = &["cpu"];
+pub const DEVICES: &[&str] = &["cpu", "cuda", "cuda:N"];
+
+/// The CUDA device `name` names (`cuda`: device 0; `cuda:N`), opened once per process and
+/// shared by every engine and tenant on it (one copy of each model's weights per GPU).
+pub fn cuda_device(name: &str) -> Result<Arc<realm_cuda::CudaDevice>, String> {
+    use std::sync::OnceLock;
+    static OPEN: OnceLock<std::sync::Mutex<HashMap<usize, Arc<realm_cuda::CudaDevice>>>> =
+        OnceLock::new();
+    let ordinal = match name.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(n) => n
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| format!("'{name}' is not a device: use cuda or cuda:N"))?,
+        None => return Err(format!("'{name}' is not a CUDA device")),
+    };
+    let mut open = OPEN
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(d) = open.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    let d = realm_cuda::CudaDevice::open(ordinal)?;
+    open.insert(ordinal, d.clone());
+    Ok(d)
+}
 
 /// The backend for `device` for one tenant, on `spin`'s shares where it computes on the
 /// CPU, its decode matmuls batched with the other tenants' on `batcher` if given.
@@ -130,6 +156,11 @@ pub fn backend(
             Some(b) => CpuBackend::batched(spin.clone(), MAX_KV_ELEMENTS, b.clone()),
             None => CpuBackend::new(spin.clone(), MAX_KV_ELEMENTS),
         })),
+        // The GPU computes each tenant's ops as they come (no cross-tenant batching yet).
+        cuda if cuda.starts_with("cuda") => Ok(Erased::new(realm_cuda::CudaBackend::new(
+            cuda_device(cuda)?,
+            realm_cuda::MAX_KV_ELEMENTS,
+        ))),
         other => Err(format!(
             "unknown device '{other}' (this host has: {})",
             DEVICES.join(", ")
