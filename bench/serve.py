@@ -7,7 +7,8 @@ when `scripts/llama-cpp.sh llama-server` has built it; --write puts the section 
 BENCHMARKS.md.
 Usage: bench/serve.py [MODEL.gguf] [--write] (needs .venv from `make test`; REALM_BIN picks
 another `realm` binary and REALM_SERVE_FLAGS adds flags to `realm serve`, e.g. `--no-batch`,
-for a same-run comparison; REALM_NO_PEER=1 skips llama-server)."""
+for a same-run comparison; REALM_NO_PEER=1 skips llama-server; THREADS sets both servers'
+compute threads, default 2)."""
 import json, os, pathlib, re, subprocess, sys
 
 model = next((a for a in sys.argv[1:] if not a.startswith("--")), "models/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -31,7 +32,9 @@ def load(cmd, url_of, peer=False):
 
 
 flags = os.environ.get("REALM_SERVE_FLAGS", "").split()
-r = load([os.environ.get("REALM_BIN", "./target/release/realm"), "serve", "--port", "0", "--threads", "2",
+# Compute threads of both servers (THREADS; default 2, the development VM's cores).
+threads = os.environ.get("THREADS", "2")
+r = load([os.environ.get("REALM_BIN", "./target/release/realm"), "serve", "--port", "0", "--threads", threads,
           "--model", model] + flags, lambda s: s.stdout.readline().strip().rsplit(" ", 1)[-1])
 
 # The peer: llama.cpp's own server from the reference tree (`scripts/llama-cpp.sh llama-server`),
@@ -61,7 +64,7 @@ if LLAMA_SERVER.exists() and os.environ.get("REALM_NO_PEER") != "1":
         sys.exit("llama-server did not start")
 
     peer_cmd = [str(LLAMA_SERVER), "-m", model, "--port", str(port), "-np", "16", "-cb", "-fa", "on",
-                "-t", "2", "-c", str(16 * 512)]
+                "-t", threads, "-c", str(16 * 512)]
     try:
         peer = load(peer_cmd, ready, peer=True)
     except Died as e:
@@ -101,7 +104,7 @@ llama-server RSS: {peer['rss_before'] >> 20} MiB before the load, peak {peer['rs
 """
 section = f"""## Server: concurrent clients — {name} (`bench/serve.py`)
 
-`{' '.join(['realm serve --threads 2'] + flags)}` on loopback, Realm commit {commit}, on {machine}; each client streams 4 greedy
+`{' '.join(['realm serve --threads', threads] + flags)}` on loopback, Realm commit {commit}, on {machine}; each client streams 4 greedy
 chat requests of 24 new tokens one after another (a tenant per concurrent request: Store,
 guest instance and loaded model, reused by later requests with the KV cache of the prefix
 they share, the default system prompt; then prefill and decode); every response is checked

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs what bench/xeon.sh needs on the GPU machine's 16-core Xeon (no Rust, no network,
 # at most 64 MiB per command) into .xeon/ (git-ignored), in three loads:
-#   .xeon/p1: a stripped `realm`, the guest component, the llama.cpp tree (no models/)
+#   .xeon/p1: a stripped `realm`, the guest component, the llama.cpp tree (no models/; its UI sources, which llama-server links)
 #   .xeon/p2, .xeon/p3: the two halves of MODEL
 # Then three back-to-back device runs (the machine keeps /tmp while warm):
 #   carry .xeon/p1: bench/xeon.sh setup     (builds llama-bench, native and AVX2-only)
@@ -15,7 +15,7 @@ MODEL=${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 rm -rf .xeon && mkdir -p .xeon/p1 .xeon/p2 .xeon/p3
 strip -o .xeon/p1/realm target/release/realm
 cp target/wasm32-wasip2/release/realm_guest.wasm .xeon/p1/
-tar -C target/llama.cpp/src --exclude=./models --exclude=./docs --exclude=./tools/ui \
+tar -C target/llama.cpp/src --exclude=./models --exclude=./docs \
     --exclude=./examples --exclude=./media --exclude=./tests -cJf .xeon/p1/llama.cpp.tar.xz .
 size=$(stat -c %s "$MODEL")
 half=$((size / 2))

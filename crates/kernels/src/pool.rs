@@ -1,8 +1,11 @@
 //! A fork-join pool for the hot, tiny parallel regions of decoding (a matmul of one token
 //! is tens of microseconds; there are hundreds per token). Its helpers spin between jobs
 //! for a while before parking, as ggml's thread pool does, so a job starts without a
-//! futex wake-up; the caller runs share 0 itself. One job at a time: a tenant that finds
-//! the pool busy runs its job's shares on its own thread instead of waiting.
+//! futex wake-up. Shares are claimed, not assigned: the caller and every helper that is
+//! running take the next unclaimed share until none is left, so a helper the OS has not
+//! scheduled (more threads than cores) delays nobody; the caller waits only for shares
+//! already started. One job at a time: a tenant that finds the pool busy runs its job's
+//! shares on its own thread instead of waiting.
 
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,10 +42,17 @@ fn in_job<R>(f: impl FnOnce() -> R) -> R {
 struct Shared {
     /// Bumped once per job; helpers wait for it to change.
     generation: AtomicU64,
-    /// The current job (a `*const &Job`), valid until `remaining` drops to 0.
+    /// The current job (a `*const &Job`), valid while `open` or while a helper is `active`.
     job: AtomicPtr<&'static Job>,
-    /// Helpers that have not finished the current job.
-    remaining: AtomicUsize,
+    /// The next share of the current job to claim, and the shares finished.
+    next: AtomicUsize,
+    done: AtomicUsize,
+    /// Shares in the current job.
+    shares: AtomicUsize,
+    /// The current job may still be joined.
+    open: AtomicBool,
+    /// Helpers inside the current job (they may read `job`).
+    active: AtomicUsize,
     stop: AtomicBool,
     /// A helper's share panicked during the current job.
     panicked: AtomicBool,
@@ -67,7 +77,11 @@ impl SpinPool {
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
-            remaining: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            shares: AtomicUsize::new(0),
+            open: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
             contended_at: AtomicU64::new(0),
@@ -130,25 +144,61 @@ impl SpinPool {
             }
         };
         let s = &self.shared;
-        // SAFETY: the pointer is only dereferenced by helpers between the generation bump
-        // below and their decrement of `remaining`; this function does not return (nor
-        // unwind: see `Wait`) before `remaining` is 0, so `f` outlives every use.
+        // SAFETY: the pointer is only dereferenced by helpers that entered the job (counted
+        // in `active`) while it was `open`; this function does not return (nor unwind: see
+        // `Wait`) before closing it and seeing `active` at 0, so `f` outlives every use.
         let job: &'static Job =
             unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Job>(f) };
         let slot: *const &'static Job = &job;
-        s.job.store(slot.cast_mut(), Ordering::Release);
-        s.remaining.store(self.threads.len(), Ordering::Release);
-        s.generation.fetch_add(1, Ordering::AcqRel);
+        let size = self.size();
+        s.job.store(slot.cast_mut(), Ordering::SeqCst);
+        s.shares.store(size, Ordering::SeqCst);
+        s.next.store(0, Ordering::SeqCst);
+        s.done.store(0, Ordering::SeqCst);
+        s.open.store(true, Ordering::SeqCst);
+        s.generation.fetch_add(1, Ordering::SeqCst);
         for (h, t) in self.threads.iter().enumerate() {
             if s.sleeping[h].load(Ordering::Acquire) {
                 t.thread().unpark();
             }
         }
         let wait = Wait(s);
-        in_job(|| f(0));
+        in_job(|| claim(s, f));
+        // Every share is claimed; those helpers started end within microseconds.
+        spin_until(|| s.done.load(Ordering::Acquire) >= size);
         drop(wait);
         if s.panicked.swap(false, Ordering::AcqRel) {
             panic!("a compute share panicked");
+        }
+    }
+}
+
+/// Runs shares of the current job until none is left unclaimed.
+fn claim(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
+    let size = s.shares.load(Ordering::SeqCst);
+    loop {
+        let share = s.next.fetch_add(1, Ordering::SeqCst);
+        if share >= size {
+            return;
+        }
+        // A panicking share must still count as done, or `run` would wait forever.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(share))).is_err() {
+            s.panicked.store(true, Ordering::Release);
+        }
+        s.done.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Busy-waits briefly, then yields: a thread descheduled on a busy machine must get the
+/// core back.
+fn spin_until(ready: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !ready() {
+        spins = spins.saturating_add(1);
+        if spins < 8192 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
         }
     }
 }
@@ -159,22 +209,13 @@ struct Wait<'a>(&'a Shared);
 
 impl Drop for Wait<'_> {
     fn drop(&mut self) {
-        // Busy-wait briefly (shares end within microseconds of each other), then yield:
-        // a helper descheduled on a busy machine must get the core back.
-        let mut spins = 0u32;
-        while self.0.remaining.load(Ordering::Acquire) != 0 {
-            spins = spins.saturating_add(1);
-            if spins < 8192 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
+        // No helper enters from here on; wait for those inside.
+        self.0.open.store(false, Ordering::SeqCst);
+        spin_until(|| self.0.active.load(Ordering::SeqCst) == 0);
     }
 }
 
 fn helper(s: &Shared, h: usize) {
-    let share = h + 1;
     let mut seen = 0u64;
     loop {
         let started = Instant::now();
@@ -212,16 +253,18 @@ fn helper(s: &Shared, h: usize) {
             s.sleeping[h].store(false, Ordering::Release);
         };
         seen = generation;
-        let slot = s.job.load(Ordering::Acquire);
-        // SAFETY: `run` published a valid job before bumping the generation and keeps it
-        // alive until `remaining` reaches 0, which needs this helper's decrement below.
-        let job: &Job = unsafe { *slot };
-        // A panicking share must still count as done, or `run` would wait forever.
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| in_job(|| job(share)))).is_err()
-        {
-            s.panicked.store(true, Ordering::Release);
+        // Enter, then check the job is still this one and open (the caller closes it, then
+        // waits for `active` to drop to 0: with both sides SeqCst, either this helper sees
+        // it closed or the caller sees this helper inside).
+        s.active.fetch_add(1, Ordering::SeqCst);
+        if s.open.load(Ordering::SeqCst) && s.generation.load(Ordering::SeqCst) == generation {
+            let slot = s.job.load(Ordering::SeqCst);
+            // SAFETY: the job is open and this helper is counted in `active`: `run` keeps
+            // the closure alive until it has closed the job and seen `active` at 0.
+            let job: &Job = unsafe { *slot };
+            in_job(|| claim(s, job));
         }
-        s.remaining.fetch_sub(1, Ordering::AcqRel);
+        s.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -271,6 +314,34 @@ mod tests {
             hits[s].fetch_add(1, Ordering::Relaxed);
         });
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 2001));
+    }
+
+    /// More shares than cores, and other threads busy: every share still runs exactly
+    /// once per job, whichever thread claims it.
+    #[test]
+    #[cfg_attr(target_arch = "wasm32", ignore = "wasm32-wasip2 has no threads")]
+    fn shares_are_claimed_once_each_when_helpers_are_late() {
+        let pool = SpinPool::new(8).expect("pool");
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                });
+            }
+            let hits: Vec<AtomicU32> = (0..8).map(|_| AtomicU32::new(0)).collect();
+            for _ in 0..500 {
+                pool.run(&|s| {
+                    hits[s].fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            stop.store(true, Ordering::Relaxed);
+            for h in &hits {
+                assert_eq!(h.load(Ordering::Relaxed), 500);
+            }
+        });
     }
 
     #[test]
