@@ -31,11 +31,11 @@ def load(cmd, url_of, peer=False):
         server.wait(timeout=30)
 
 
-flags = os.environ.get("REALM_SERVE_FLAGS", "").split()
+serve_flags = os.environ.get("REALM_SERVE_FLAGS", "").split()
 # Compute threads of both servers (THREADS; default 2, the development VM's cores).
 threads = os.environ.get("THREADS", "2")
 r = load([os.environ.get("REALM_BIN", "./target/release/realm"), "serve", "--port", "0", "--threads", threads,
-          "--model", model] + flags, lambda s: s.stdout.readline().strip().rsplit(" ", 1)[-1])
+          "--model", model] + serve_flags, lambda s: s.stdout.readline().strip().rsplit(" ", 1)[-1])
 
 # The peer: llama.cpp's own server from the reference tree (`scripts/llama-cpp.sh llama-server`),
 # continuous batching over 16 slots, flash attention, 2 threads, the same model.
@@ -104,7 +104,7 @@ llama-server RSS: {peer['rss_before'] >> 20} MiB before the load, peak {peer['rs
 """
 section = f"""## Server: concurrent clients — {name} (`bench/serve.py`)
 
-`{' '.join(['realm serve --threads', threads] + flags)}` on loopback, Realm commit {commit}, on {machine}; each client streams 4 greedy
+`{' '.join(['realm serve --threads', threads] + serve_flags)}` on loopback, Realm commit {commit}, on {machine}; each client streams 4 greedy
 chat requests of 24 new tokens one after another (a tenant per concurrent request: Store,
 guest instance and loaded model, reused by later requests with the KV cache of the prefix
 they share, the default system prompt; then prefill and decode); every response is checked
