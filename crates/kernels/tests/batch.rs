@@ -117,3 +117,73 @@ fn batched_products_equal_lone_ones_bit_for_bit() {
         assert!(shared > 0, "{ty}: no product was shared");
     }
 }
+
+/// A tenant that starts a step and then stops (its guest spins, or waits on something
+/// else) does not hold the others: after `batch::STALL` they run without it, and its own
+/// step still runs, correctly, when it reads. (Were it waited for forever, this test would
+/// never end: the two tenants would wait for each other.)
+#[test]
+#[cfg_attr(target_arch = "wasm32", ignore = "wasm32-wasip2 has no threads")]
+fn a_stalled_tenant_does_not_hold_the_others() {
+    if realm_kernels::quant::kernel_level() == realm_kernels::quant::KernelLevel::Amx {
+        println!("SKIPPED: REALM_KERNELS=amx is never batched");
+        return;
+    }
+    let spin = Arc::new(SpinPool::new(2).expect("pool"));
+    let ty = GgmlType::Q8_0;
+    let file = ModelBytes::new(Arc::new(realm_kernels::synthetic::weights(ty, K, N, 5)));
+    let dims = [K as u64, N as u64];
+    let lone = CpuBackend::new(spin.clone(), 1 << 20);
+    let w = Compute::weight(&lone, &file, 0, ty, &dims).expect("weight");
+    let alone = |t: usize| {
+        let (xt, o) = (
+            Compute::tensor(&lone, K as u32),
+            Compute::tensor(&lone, N as u32),
+        );
+        realm_compute::checked::write_tensor(&lone, &xt, 1, x(t, 0, K)[..K].to_vec())
+            .expect("write");
+        Compute::matmul(&lone, &xt, &w, &o).expect("matmul");
+        Compute::read_row(&lone, &o, 0).expect("row")
+    };
+    let batcher = Arc::new(Batcher::default());
+    let (b_done, b_finished) = std::sync::mpsc::channel::<()>();
+    let (a_started, a_is_in_step) = std::sync::mpsc::channel::<()>();
+    let (a, b) = std::thread::scope(|scope| {
+        let (spin_a, batcher_a, file_a) = (spin.clone(), batcher.clone(), file.clone());
+        let a = scope.spawn(move || {
+            let be = CpuBackend::batched(spin_a, 1 << 20, batcher_a);
+            let w = Compute::weight(&be, &file_a, 0, ty, &dims).expect("weight");
+            let (xt, o) = (
+                Compute::tensor(&be, K as u32),
+                Compute::tensor(&be, N as u32),
+            );
+            realm_compute::checked::write_tensor(&be, &xt, 1, x(0, 0, K)[..K].to_vec())
+                .expect("write");
+            Compute::matmul(&be, &xt, &w, &o).expect("matmul");
+            a_started.send(()).expect("signal");
+            // In its step, not reading, until the other tenant is done.
+            b_finished.recv().expect("B finishes");
+            Compute::read_row(&be, &o, 0).expect("row")
+        });
+        a_is_in_step.recv().expect("A started");
+        let (spin_b, batcher_b, file_b) = (spin.clone(), batcher.clone(), file.clone());
+        let b = scope.spawn(move || {
+            let be = CpuBackend::batched(spin_b, 1 << 20, batcher_b);
+            let w = Compute::weight(&be, &file_b, 0, ty, &dims).expect("weight");
+            let (xt, o) = (
+                Compute::tensor(&be, K as u32),
+                Compute::tensor(&be, N as u32),
+            );
+            realm_compute::checked::write_tensor(&be, &xt, 1, x(1, 0, K)[..K].to_vec())
+                .expect("write");
+            Compute::matmul(&be, &xt, &w, &o).expect("matmul");
+            let row = Compute::read_row(&be, &o, 0).expect("row");
+            b_done.send(()).expect("signal");
+            row
+        });
+        (a.join().expect("A"), b.join().expect("B"))
+    });
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&a), bits(&alone(0)));
+    assert_eq!(bits(&b), bits(&alone(1)));
+}
