@@ -158,6 +158,15 @@ fn start_stream(server: &Server, body: &str, headers: &str) -> TcpStream {
     s
 }
 
+/// The value of the sample `name` (with its labels) in a `/metrics` text.
+fn metric(m: &str, name: &str) -> f64 {
+    m.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+}
+
 fn chat_body(content: &str, stream: bool, max_tokens: u32) -> String {
     serde_json::json!({
         "model": MODEL, "messages": [{"role": "user", "content": content}],
@@ -211,13 +220,7 @@ fn sixteen_concurrent_streaming_clients_share_one_copy_of_the_weights() {
     // Those texts (each equal to its lone request's) came from batched rounds: matmuls of
     // several tenants in one product.
     let (_, m) = server.request("GET", "/metrics", &[], b"");
-    let value = |name: &str| -> f64 {
-        m.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
-    };
+    let value = |name: &str| metric(&m, name);
     let (products, rows) = (value("realm_batched_products"), value("realm_batched_rows"));
     assert!(
         products > 0.0 && rows >= 2.0 * products,
@@ -414,14 +417,7 @@ fn a_request_waits_in_the_queue_for_a_session() {
         &chat_body("Tell me a very long story about a dragon.", true, 2000),
         "",
     );
-    let metric = |name: &str| -> f64 {
-        let (_, m) = server.request("GET", "/metrics", &[], b"");
-        m.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
-    };
+    let metric = |name: &str| metric(&server.request("GET", "/metrics", &[], b"").1, name);
     std::thread::scope(|scope| {
         let queued = scope.spawn(|| {
             server.request(
@@ -1144,13 +1140,7 @@ fn metrics_count_requests_tokens_and_latencies() {
     wait_idle(&server);
     let (status, m) = server.request("GET", "/metrics", &auth, b"");
     assert_eq!(status, 200, "{m}");
-    let value = |name: &str| -> f64 {
-        m.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
-    };
+    let value = |name: &str| metric(&m, name);
     assert_eq!(
         value(r#"realm_requests_total{endpoint="/v1/chat/completions",code="200"}"#),
         2.0

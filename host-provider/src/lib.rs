@@ -366,9 +366,10 @@ impl Engine {
     /// Cross-tenant batching so far: rounds run, products that served more than one
     /// tenant, and the rows those multiplied (zeros when it is off).
     pub fn batched(&self) -> (u64, u64, u64) {
-        self.batcher
-            .as_ref()
-            .map_or((0, 0, 0), |b| (b.rounds(), b.shared().0, b.shared().1))
+        self.batcher.as_ref().map_or((0, 0, 0), |b| {
+            let (products, rows) = b.shared();
+            (b.rounds(), products, rows)
+        })
     }
 
     /// Map `path` and load it in a fresh guest instance.
@@ -522,8 +523,11 @@ impl Model {
     pub fn embed(&mut self, text: &str) -> anyhow::Result<Embedding> {
         let g = self.guest.realm_inference_runtime().clone();
         let handle = self.handle;
-        self.on_pool(|store| g.model().call_embed(store, handle, text))?
-            .map_err(guest_error)
+        let embedding = self
+            .on_pool(|store| g.model().call_embed(store, handle, text))?
+            .map_err(guest_error);
+        self.rest();
+        embedding
     }
 
     /// A new session with `n_ctx` positions of KV cache (0: the default).
@@ -562,11 +566,6 @@ impl Model {
         }
     }
 
-    /// Whether a session is kept for the next conversation.
-    pub fn has_kept_session(&self) -> bool {
-        self.kept.is_some()
-    }
-
     /// Whether this tenant computes on the very same mapping of the weights as `other`
     /// (tenants of one [`Engine`] do: one copy of a model, however many tenants).
     pub fn shares_weights_with(&self, other: &Model) -> bool {
@@ -579,9 +578,10 @@ impl Model {
             .any(|m| theirs.values().any(|o| Arc::ptr_eq(m, o)))
     }
 
-    /// The tenant's request ended: the engine's batched rounds stop waiting for its next
-    /// step (it is waited for again from its next op).
-    pub fn rest(&self) {
+    /// The tenant has no step coming (a generation ended, an embedding is done): the
+    /// engine's batched rounds stop waiting for it (it is waited for again from its next
+    /// op). Called by `Generation`'s drop and `embed`.
+    fn rest(&self) {
         self.store.data().compute.rest();
     }
 
@@ -664,9 +664,12 @@ impl Drop for Session<'_> {
     }
 }
 
+/// A generation that ends has no step coming: the engine's batched rounds stop waiting
+/// for this tenant.
 impl Drop for Generation<'_> {
     fn drop(&mut self) {
         let _ = self.handle.resource_drop(&mut self.model.store);
+        self.model.rest();
     }
 }
 

@@ -129,15 +129,35 @@ fn weight_file(k: usize, rows: usize) -> HashMap<String, Arc<realm_host::compute
     HashMap::from([("w".to_string(), m)])
 }
 
+/// The weight the batching test multiplies by: `K × N`.
+const K: usize = 256;
+const N: usize = 64;
+
+/// `input` (one row of `K`) times model `w`'s first `K × N` Q8_0 weight in tenant `s`
+/// (`ready` runs between writing the input and multiplying): the input and output tensors
+/// and the output row.
+fn multiply(
+    s: &mut ComputeState,
+    input: Vec<f32>,
+    ready: impl FnOnce(),
+) -> (Resource<TensorRes>, Resource<TensorRes>, Vec<f32>) {
+    use realm_host::bindings::realm::compute::store::{Host as _, HostModelFile};
+    use realm_host::bindings::realm::compute::types::Dtype;
+    let f = s.open_model("w".into()).expect("open");
+    let w = HostModelFile::weight(s, f, 0, Dtype::Q80, vec![K as u64, N as u64]).expect("weight");
+    let (x, o) = (HostTensor::new(s, K as u32), HostTensor::new(s, N as u32));
+    HostTensor::write(s, borrow_t(&x), 1, input).expect("write");
+    ready();
+    Host::matmul(s, borrow_t(&x), Resource::new_borrow(w.rep()), borrow_t(&o)).expect("matmul");
+    let row = HostTensor::read_row(s, borrow_t(&o), 0).expect("row");
+    (x, o, row)
+}
+
 /// Two tenants whose matmuls are batched into one product each get their own rows back,
 /// and still reach none of each other's tensors or KV cache afterwards.
 #[test]
 #[cfg_attr(target_arch = "wasm32", ignore = "no threads")]
 fn tenants_batched_in_one_product_keep_their_own_data() {
-    use realm_host::bindings::realm::compute::store::{Host as _, HostModelFile};
-    use realm_host::bindings::realm::compute::types::Dtype;
-    const K: usize = 256;
-    const N: usize = 64;
     let models = weight_file(K, N);
     let spin = Arc::new(realm_host::compute::pool::SpinPool::new(2).expect("spin pool"));
     let batcher = Arc::new(realm_kernels::batch::Batcher::default());
@@ -154,22 +174,7 @@ fn tenants_batched_in_one_product_keep_their_own_data() {
     let alone = |t: usize| -> Vec<f32> {
         let cpu = realm_host::compute::backend("cpu", &spin, None).expect("cpu");
         let mut s = ComputeState::new(models.clone(), cpu, None);
-        let f = s.open_model("w".into()).expect("open");
-        let w = HostModelFile::weight(&mut s, f, 0, Dtype::Q80, vec![K as u64, N as u64])
-            .expect("weight");
-        let (x, o) = (
-            HostTensor::new(&mut s, K as u32),
-            HostTensor::new(&mut s, N as u32),
-        );
-        HostTensor::write(&mut s, borrow_t(&x), 1, input(t)).expect("write");
-        Host::matmul(
-            &mut s,
-            borrow_t(&x),
-            Resource::new_borrow(w.rep()),
-            borrow_t(&o),
-        )
-        .expect("matmul");
-        HostTensor::read_row(&mut s, borrow_t(&o), 0).expect("row")
+        multiply(&mut s, input(t), || {}).2
     };
     let start = std::sync::Barrier::new(2);
     let (a, b) = std::thread::scope(|scope| {
@@ -177,24 +182,10 @@ fn tenants_batched_in_one_product_keep_their_own_data() {
             let (tenant, start, input) = (&tenant, &start, &input);
             scope.spawn(move || {
                 let mut s = tenant();
-                let f = s.open_model("w".into()).expect("open");
-                let w = HostModelFile::weight(&mut s, f, 0, Dtype::Q80, vec![K as u64, N as u64])
-                    .expect("weight");
-                let (x, o) = (
-                    HostTensor::new(&mut s, K as u32),
-                    HostTensor::new(&mut s, N as u32),
-                );
                 let cache = HostKvCache::new(&mut s, 1, 8, 1, 4);
-                HostTensor::write(&mut s, borrow_t(&x), 1, input(t)).expect("write");
-                start.wait();
-                Host::matmul(
-                    &mut s,
-                    borrow_t(&x),
-                    Resource::new_borrow(w.rep()),
-                    borrow_t(&o),
-                )
-                .expect("matmul");
-                let row = HostTensor::read_row(&mut s, borrow_t(&o), 0).expect("row");
+                let (x, o, row) = multiply(&mut s, input(t), || {
+                    start.wait();
+                });
                 (s, x, o, cache, row)
             })
         };

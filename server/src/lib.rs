@@ -670,7 +670,6 @@ fn spawn_generation(
         // The tenant and its session slot are freed before the client hears the end, so
         // a client that saw `[DONE]` finds the slot free (`/health`, the next request).
         drop(generation);
-        session.model().rest();
         if matches!(done, Piece::Done { .. }) && app.config.prompt_cache {
             session.keep();
         } else {
@@ -1679,7 +1678,6 @@ async fn embed_all(
             }
             out.push(tenant.embed(t).map_err(|e| ApiError::from_run(&e))?);
         }
-        tenant.rest();
         worker.give_back(path, tenant);
         Ok(out)
     });

@@ -73,6 +73,21 @@ pub struct RopeParams {
     pub n_ctx_orig: u32,
 }
 
+impl RopeParams {
+    /// ggml's `ggml_rope_yarn_corr_dims`: the first and last pair index of YaRN's ramp
+    /// (every backend's RoPE reads it).
+    pub fn yarn_corr_dims(&self) -> [f32; 2] {
+        let n_dims = self.n_rot as f32;
+        let corr_dim = |beta: f32| {
+            let pi = std::f32::consts::PI;
+            n_dims * (self.n_ctx_orig as f32 / (beta * 2.0 * pi)).ln() / (2.0 * self.freq_base.ln())
+        };
+        let start = corr_dim(self.beta_fast).floor();
+        let end = corr_dim(self.beta_slow).ceil();
+        [start.max(0.0), end.min(n_dims - 1.0)]
+    }
+}
+
 /// The gate activation of a gated feed-forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {

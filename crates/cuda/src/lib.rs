@@ -548,7 +548,7 @@ impl Backend for CudaBackend {
             Some(f) => Some(self.dev.stream.clone_htod(f).map_err(gpu)?),
             None => None,
         };
-        let corr = yarn_corr_dims(p);
+        let corr = p.yarn_corr_dims();
         let xb = buf_mut(&mut m)?;
         let (rows_i, cols_i, hd, n_rot) =
             (rows as i32, cols as i32, p.head_dim as i32, p.n_rot as i32);
@@ -710,16 +710,4 @@ impl Backend for CudaBackend {
         }
         Ok(())
     }
-}
-
-/// ggml's `ggml_rope_yarn_corr_dims` (as the CPU backend's).
-fn yarn_corr_dims(p: &RopeParams) -> [f32; 2] {
-    let n_dims = p.n_rot as f32;
-    let corr_dim = |beta: f32| {
-        let pi = std::f32::consts::PI;
-        n_dims * (p.n_ctx_orig as f32 / (beta * 2.0 * pi)).ln() / (2.0 * p.freq_base.ln())
-    };
-    let start = corr_dim(p.beta_fast).floor();
-    let end = corr_dim(p.beta_slow).ceil();
-    [start.max(0.0), end.min(n_dims - 1.0)]
 }

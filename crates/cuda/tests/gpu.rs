@@ -91,6 +91,25 @@ fn activations_quantize_to_the_cpu_backends_bytes() {
     }
 }
 
+/// `xs` (rows of `dims[0]`) times the weight at the start of `file`, on backend `c`.
+fn product<C: realm_compute::Backend>(
+    c: &C,
+    file: &ModelBytes,
+    ty: GgmlType,
+    dims: &[u64; 2],
+    xs: &[f32],
+) -> Vec<f32> {
+    let (k, n) = (dims[0] as usize, dims[1] as usize);
+    let rows = xs.len() / k;
+    let w = Compute::weight(c, file, 0, ty, dims).expect("weight");
+    let (x, o) = (Compute::tensor(c, k as u32), Compute::tensor(c, n as u32));
+    realm_compute::checked::write_tensor(c, &x, rows, xs.to_vec()).expect("write");
+    Compute::matmul(c, &x, &w, &o).expect("matmul");
+    (0..rows as u32)
+        .flat_map(|r| Compute::read_row(c, &o, r).expect("row"))
+        .collect()
+}
+
 #[test]
 fn quantized_matmuls_agree_with_the_cpu_backend() {
     let Some(dev) = device() else { return };
@@ -109,31 +128,8 @@ fn quantized_matmuls_agree_with_the_cpu_backend() {
     ] {
         let file = ModelBytes::new(Arc::new(realm_kernels::synthetic::weights(ty, k, n, 3)));
         let dims = [k as u64, n as u64];
-        let run = |c: &dyn Fn() -> Vec<f32>| c();
-        let on_gpu = run(&|| {
-            let w = Compute::weight(&gpu, &file, 0, ty, &dims).expect("weight");
-            let (x, o) = (
-                Compute::tensor(&gpu, k as u32),
-                Compute::tensor(&gpu, n as u32),
-            );
-            realm_compute::checked::write_tensor(&gpu, &x, rows, xs.clone()).expect("write");
-            Compute::matmul(&gpu, &x, &w, &o).expect("matmul");
-            (0..rows as u32)
-                .flat_map(|r| Compute::read_row(&gpu, &o, r).expect("row"))
-                .collect()
-        });
-        let on_cpu = run(&|| {
-            let w = Compute::weight(&cpu, &file, 0, ty, &dims).expect("weight");
-            let (x, o) = (
-                Compute::tensor(&cpu, k as u32),
-                Compute::tensor(&cpu, n as u32),
-            );
-            realm_compute::checked::write_tensor(&cpu, &x, rows, xs.clone()).expect("write");
-            Compute::matmul(&cpu, &x, &w, &o).expect("matmul");
-            (0..rows as u32)
-                .flat_map(|r| Compute::read_row(&cpu, &o, r).expect("row"))
-                .collect()
-        });
+        let on_gpu = product(&gpu, &file, ty, &dims, &xs);
+        let on_cpu = product(&cpu, &file, ty, &dims, &xs);
         let scale = on_cpu.iter().fold(0f32, |m, v| m.max(v.abs()));
         let worst = on_gpu
             .iter()

@@ -44,18 +44,6 @@ use realm_compute::RopeMode;
 /// derives from a file's `rope.*` keys (`realm_gguf::RopeScaling`, plus the base and head).
 pub use realm_compute::RopeParams;
 
-/// ggml's `ggml_rope_yarn_corr_dims`: the first and last pair index of YaRN's ramp.
-fn yarn_corr_dims(p: &RopeParams) -> [f32; 2] {
-    let n_dims = p.n_rot as f32;
-    let corr_dim = |beta: f32| {
-        let pi = std::f32::consts::PI;
-        n_dims * (p.n_ctx_orig as f32 / (beta * 2.0 * pi)).ln() / (2.0 * p.freq_base.ln())
-    };
-    let start = corr_dim(p.beta_fast).floor();
-    let end = corr_dim(p.beta_slow).ceil();
-    [start.max(0.0), end.min(n_dims - 1.0)]
-}
-
 /// ggml's `rope_yarn`: cos and sin of one pair's angle, with interpolation, YaRN's ramp and
 /// magnitude scale applied as ggml-cpu computes them (GCC contracts `a·b + c` into FMAs).
 fn rope_yarn(theta_extrap: f32, p: &RopeParams, corr: [f32; 2], i0: usize) -> (f32, f32) {
@@ -84,7 +72,7 @@ pub fn rope(
     let theta_scale = p.freq_base.powf(-2.0 / p.n_rot as f32);
     // YaRN's ramp is only read when it mixes (`ext_factor` ≠ 0).
     let corr = if p.ext_factor != 0.0 {
-        yarn_corr_dims(p)
+        p.yarn_corr_dims()
     } else {
         [0.0; 2]
     };
