@@ -168,6 +168,24 @@ impl Op {
 #[derive(Debug, Default)]
 pub struct Step(Vec<Op>);
 
+/// Steps of at most this many rows run side by side in a round (see `run_round`).
+const SIDE_BY_SIDE_ROWS: usize = 4;
+
+impl Step {
+    /// The rows (tokens) the step feeds in: its embeddings' or written inputs' rows.
+    fn rows(&self) -> usize {
+        self.0
+            .iter()
+            .map(|op| match op {
+                Op::Embed { ids, .. } => ids.len(),
+                Op::Write { rows, .. } => *rows,
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// Scratch reused across calls (nothing allocated per token).
 #[derive(Default)]
 struct Scratch {
@@ -605,33 +623,56 @@ impl Exec {
             at: Option<Op>,
             result: Result<()>,
         }
-        let runs: Vec<Mutex<Run>> = steps
-            .into_iter()
-            .map(|(id, s)| {
-                Mutex::new(Run {
-                    id,
-                    ops: s.0.into_iter(),
-                    at: None,
-                    result: Ok(()),
-                })
-            })
-            .collect();
+        // Steps of a few rows (decode tokens) run side by side, one per share, between
+        // the shared matmuls; a longer step (a prompt chunk) runs alone with each op on the
+        // whole pool. On 16 cores, 16 tenants each running every small op on the whole
+        // pool paid a pool barrier per attention and ran the rest on one core.
+        let (mut small, mut long) = (Vec::new(), Vec::new());
+        for (id, s) in steps {
+            let rows = s.rows();
+            let r = Mutex::new(Run {
+                id,
+                ops: s.0.into_iter(),
+                at: None,
+                result: Ok(()),
+            });
+            if rows <= SIDE_BY_SIDE_ROWS {
+                small.push(r);
+            } else {
+                long.push(r);
+            }
+        }
+        let small_count = small.len();
+        let side_by_side = small_count > 1 && self.spin.size() > 1;
+        let runs: Vec<Mutex<Run>> = long.into_iter().chain(small).collect();
         fn run(r: &Mutex<Run>) -> MutexGuard<'_, Run> {
             r.lock().unwrap_or_else(|e| e.into_inner())
         }
+        // A run's ops up to its next shared matmul, on `share`'s scratch.
+        let advance = |r: &mut Run, share: usize| {
+            while r.at.is_none() && r.result.is_ok() {
+                match r.ops.next() {
+                    None => break,
+                    Some(op) if op.batchable().is_some() => r.at = Some(op),
+                    Some(op) => r.result = self.exec(op, share),
+                }
+            }
+        };
         loop {
-            // Each tenant's ops up to its next shared matmul, one tenant after another (an
-            // op's parallel parts on the whole pool). Spreading the tenants over the shares
-            // instead, each op then on one share, was slower on the 2-vCPU VM: 186 against
-            // 200-209 tok/s at 16 clients.
-            for r in &runs {
-                let mut r = run(r);
-                while r.at.is_none() && r.result.is_ok() {
-                    match r.ops.next() {
-                        None => break,
-                        Some(op) if op.batchable().is_some() => r.at = Some(op),
-                        Some(op) => r.result = self.exec(op, 0),
+            if side_by_side {
+                let (long, small) = runs.split_at(runs.len() - small_count);
+                for r in long {
+                    advance(&mut run(r), 0);
+                }
+                let next = AtomicUsize::new(0);
+                self.spin.run(&|share| {
+                    while let Some(r) = small.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        advance(&mut run(r), share);
                     }
+                });
+            } else {
+                for r in &runs {
+                    advance(&mut run(r), 0);
                 }
             }
             let mut runs_now: Vec<MutexGuard<'_, Run>> = runs.iter().map(run).collect();
@@ -915,8 +956,11 @@ impl Exec {
         let shares = spin.size();
         let attn = &self.attn;
         let dst = Shared::new(&mut o.data);
+        // Inside a round's share (tenants side by side) the job runs here, whole: every
+        // part on this share's buffer, which no other thread takes.
+        let outer = pool::nested().then_some(share);
         spin.run(&|share| {
-            let mut buf = attn[share % attn.len()]
+            let mut buf = attn[outer.unwrap_or(share) % attn.len()]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             let mut row = |i: usize, heads: std::ops::Range<usize>, orow: &mut [f32]| {

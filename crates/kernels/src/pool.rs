@@ -27,6 +27,11 @@ thread_local! {
     static IN_JOB: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// This thread runs a share of a job: a job it starts runs on it, whole.
+pub fn nested() -> bool {
+    IN_JOB.with(std::cell::Cell::get)
+}
+
 /// Runs `f` with this thread marked as inside a job.
 fn in_job<R>(f: impl FnOnce() -> R) -> R {
     struct Reset(bool);
