@@ -74,7 +74,9 @@ if LLAMA_SERVER.exists() and os.environ.get("REALM_NO_PEER") != "1":
         peer_cmd.append("--no-repack")
         peer = load(peer_cmd, ready, peer=True)
 
-commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+# REALM_COMMIT: the commit the binary was built from, where it runs away from the checkout.
+commit = os.environ.get("REALM_COMMIT") or subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 cpuinfo = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else ""
 cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")), "unknown CPU")
 flags = next((l.split(":", 1)[1].split() for l in cpuinfo.splitlines() if l.startswith("flags")), [])
@@ -84,7 +86,8 @@ rows = "".join(
     f"| {c} | {r[f'requests_{c}']} | {r[f'tokens_per_s_{c}']:.1f} | "
     f"{r[f'ttft_p50_ms_{c}']:.0f} / {r[f'ttft_p99_ms_{c}']:.0f} | "
     f"{r[f'itl_p50_ms_{c}']:.1f} / {r[f'itl_p99_ms_{c}']:.1f} | "
-    f"{r[f'queue_mean_ms_{c}']:.2f} | {r[f'cached_pct_{c}']:.0f} % |\n"
+    f"{r[f'queue_mean_ms_{c}']:.2f} | {r[f'cached_pct_{c}']:.0f} % | "
+    f"{r[f'round_ms_{c}']:.2f} / {r[f'in_rounds_pct_{c}']:.0f} % / {r[f'products_pct_{c}']:.0f} % |\n"
     for c in (1, 4, 16))
 peer_rows = "" if peer is None else "".join(
     f"| {c} | {peer[f'tokens_per_s_{c}']:.1f} | {r[f'tokens_per_s_{c}'] / peer[f'tokens_per_s_{c}']:.2f}× | "
@@ -111,11 +114,14 @@ they share, the default system prompt; then prefill and decode); every response 
 to equal the lone request's text. Aggregate generated tokens/s over the whole run, per
 request the time to its first streamed piece (TTFT) and between its pieces (inter-token),
 p50 / p99 in ms, the mean wait for a session slot (`realm_queue_seconds`; `--max-sessions`
-is 64, so none waits) and the share of prompt tokens whose KV cache a tenant held already
-(`realm_prompt_tokens_cached`):
+is 64, so none waits), the share of prompt tokens whose KV cache a tenant held already
+(`realm_prompt_tokens_cached`) and the batching rounds: their mean length in ms, the share of
+the run spent in them and, of that, in the shared products (`realm_batched_round_seconds`,
+`realm_batched_product_seconds`; the time outside rounds is the tenants' own work between
+steps: sampling, detokenizing, streaming, recording the next step):
 
-| concurrent clients | requests | tokens/s | TTFT p50 / p99 | inter-token p50 / p99 | queue mean ms | prompt cached |
-|---|---|---|---|---|---|---|
+| concurrent clients | requests | tokens/s | TTFT p50 / p99 | inter-token p50 / p99 | queue mean ms | prompt cached | round ms / in rounds / products |
+|---|---|---|---|---|---|---|---|
 {rows}
 Tenant start (`realm_tenant_start_seconds`): p50 at most {r['tenant_start_p50_le_ms']:g} ms over
 {r['tenant_starts']:.0f} requests, {r['tenants_reused']:.0f} of them served by an idle loaded tenant (the

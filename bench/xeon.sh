@@ -47,7 +47,7 @@ case "$1" in
     cat "$KEEP/model.0" "$2/model.1" > "$model"
     echo "$(cat "$2/sha256")  $model" | sha256sum -c
     lscpu | grep -E "Model name|^CPU\(s\)|L3" || true
-    THREADS=${THREADS:-$(nproc)} python3 bench/serve.py "$model" | tee "${OUT:-/tmp}/serve.md"
+    REALM_COMMIT=$(cat "$2/commit") THREADS=${THREADS:-$(nproc)} python3 bench/serve.py "$model" | tee "${OUT:-/tmp}/serve.md"
     ;;
   *) echo "usage: bench/xeon.sh setup | part DIR | run DIR | serve DIR" >&2; exit 2 ;;
 esac

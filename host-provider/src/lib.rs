@@ -200,6 +200,19 @@ type HasCompute = compute::HasCompute<realm_compute::Erased>;
 /// How often the epoch advances: the granularity of request deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// Cross-tenant batching since the engine started (see [`Engine::batched`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Batched {
+    /// Rounds that ran the tenants' steps together.
+    pub rounds: u64,
+    /// Products that served more than one tenant, and the rows they multiplied.
+    pub products: u64,
+    pub rows: u64,
+    /// Seconds in rounds, and the part of those in shared products.
+    pub round_seconds: f64,
+    pub product_seconds: f64,
+}
+
 /// A compiled, pre-linked guest component, the spinning compute pool and the model files
 /// mapped so far. Share it (`Arc<Engine>`): every [`Model`] it loads is a tenant with its
 /// own Store over the same mapped weights and the same threads.
@@ -363,12 +376,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Cross-tenant batching so far: rounds run, products that served more than one
-    /// tenant, and the rows those multiplied (zeros when it is off).
-    pub fn batched(&self) -> (u64, u64, u64) {
-        self.batcher.as_ref().map_or((0, 0, 0), |b| {
+    /// Cross-tenant batching so far (zeros when it is off).
+    pub fn batched(&self) -> Batched {
+        self.batcher.as_ref().map_or(Batched::default(), |b| {
             let (products, rows) = b.shared();
-            (b.rounds(), products, rows)
+            let (round_seconds, product_seconds) = b.seconds();
+            Batched {
+                rounds: b.rounds(),
+                products,
+                rows,
+                round_seconds,
+                product_seconds,
+            }
         })
     }
 

@@ -1914,12 +1914,15 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         app.config.max_connections,
         app.connections.available_permits(),
     ));
-    let (rounds, products, rows) = app.engine.batched();
+    let b = app.engine.batched();
     m.batched_rounds
-        .set(i64::try_from(rounds).unwrap_or(i64::MAX));
+        .set(i64::try_from(b.rounds).unwrap_or(i64::MAX));
     m.batched_products
-        .set(i64::try_from(products).unwrap_or(i64::MAX));
-    m.batched_rows.set(i64::try_from(rows).unwrap_or(i64::MAX));
+        .set(i64::try_from(b.products).unwrap_or(i64::MAX));
+    m.batched_rows
+        .set(i64::try_from(b.rows).unwrap_or(i64::MAX));
+    m.batched_round_seconds.set(b.round_seconds);
+    m.batched_product_seconds.set(b.product_seconds);
     (
         [(
             header::CONTENT_TYPE,

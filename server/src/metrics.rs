@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -32,6 +33,8 @@ pub struct Metrics {
     pub batched_rounds: Gauge,
     pub batched_products: Gauge,
     pub batched_rows: Gauge,
+    pub batched_round_seconds: Gauge<f64, AtomicU64>,
+    pub batched_product_seconds: Gauge<f64, AtomicU64>,
     pub sessions_in_use: Gauge,
     pub sessions_max: Gauge,
     pub connections_open: Gauge,
@@ -141,6 +144,18 @@ impl Metrics {
             "Rows (prompt and generated tokens) those shared matmuls multiplied, since start",
             batched_rows.clone(),
         );
+        let batched_round_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "realm_batched_round_seconds",
+            "Time the rounds took, since start (the rest of a request's time: its tenant's own work, waiting for a round)",
+            batched_round_seconds.clone(),
+        );
+        let batched_product_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "realm_batched_product_seconds",
+            "The part of realm_batched_round_seconds spent in shared products (the rest: the steps' other ops)",
+            batched_product_seconds.clone(),
+        );
         let sessions_in_use = Gauge::default();
         registry.register(
             "realm_sessions_in_use",
@@ -175,6 +190,8 @@ impl Metrics {
             batched_rounds,
             batched_products,
             batched_rows,
+            batched_round_seconds,
+            batched_product_seconds,
             sessions_in_use,
             sessions_max,
             connections_open,

@@ -75,12 +75,14 @@ async def client_loop(client, idx, n, expected):
 
 
 async def scrape(client):
-    """Realm's counters that the run reports as differences: queue time, cached prompt tokens."""
+    """Realm's counters that the run reports as differences: queue time, cached prompt tokens,
+    batching rounds and the time in them."""
     m = {}
     for line in (await client.get(url + "/metrics")).text.splitlines():
         name, _, value = line.partition(" ")
         if name in ("realm_queue_seconds_sum", "realm_queue_seconds_count", "realm_prompt_tokens_total",
-                    "realm_prompt_tokens_cached_total"):
+                    "realm_prompt_tokens_cached_total", "realm_batched_rounds", "realm_batched_round_seconds",
+                    "realm_batched_product_seconds"):
             m[name] = float(value)
     return m
 
@@ -107,6 +109,13 @@ async def main():
                 d = {k: after[k] - before[k] for k in after}
                 out[f"queue_mean_ms_{clients}"] = 1e3 * d["realm_queue_seconds_sum"] / max(1, d["realm_queue_seconds_count"])
                 out[f"cached_pct_{clients}"] = 100 * d["realm_prompt_tokens_cached_total"] / max(1, d["realm_prompt_tokens_total"])
+                # Rounds (0 with --no-batch): their mean length, the share of the run's time
+                # inside them and, of that, in shared products.
+                rounds = d.get("realm_batched_rounds", 0)
+                out[f"round_ms_{clients}"] = 1e3 * d.get("realm_batched_round_seconds", 0) / max(1, rounds)
+                out[f"in_rounds_pct_{clients}"] = 100 * d.get("realm_batched_round_seconds", 0) / dt
+                out[f"products_pct_{clients}"] = 100 * d.get("realm_batched_product_seconds", 0) / max(
+                    1e-9, d.get("realm_batched_round_seconds", 0))
             for name, xs in (("ttft", TTFT), ("itl", GAPS)):
                 xs = sorted(xs)
                 for q in (50, 99):

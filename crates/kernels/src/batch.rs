@@ -77,6 +77,9 @@ pub struct Batcher {
     /// Products that served more than one tenant, and the rows they multiplied.
     shared: AtomicU64,
     shared_rows: AtomicU64,
+    /// Nanoseconds spent in rounds, and in their shared products.
+    round_ns: AtomicU64,
+    product_ns: AtomicU64,
 }
 
 /// Runs a round's steps; returns each tenant's result.
@@ -124,6 +127,19 @@ impl Batcher {
     pub fn count_shared(&self, rows: usize) {
         self.shared.fetch_add(1, Ordering::Relaxed);
         self.shared_rows.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    /// Seconds spent running rounds so far, and the part of it in shared products (the
+    /// rest: the steps' other ops; the time outside rounds: the tenants' own work).
+    pub fn seconds(&self) -> (f64, f64) {
+        let s = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
+        (s(&self.round_ns), s(&self.product_ns))
+    }
+
+    /// A shared product took `d`.
+    pub fn count_product_time(&self, d: Duration) {
+        self.product_ns
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Tenant `id` starts recording a step.
@@ -228,7 +244,10 @@ impl Batcher {
             ids,
             results: Vec::new(),
         };
+        let start = Instant::now();
         delivery.results = run(steps);
+        self.round_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         drop(delivery);
         self.lock()
     }

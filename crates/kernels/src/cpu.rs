@@ -695,7 +695,9 @@ impl Exec {
                     .iter()
                     .filter_map(|&i| runs_now[i].at.take())
                     .collect();
+                let start = std::time::Instant::now();
                 let results = self.matmul_shared(b, ops);
+                b.count_product_time(start.elapsed());
                 for (&i, r) in group.iter().zip(results) {
                     runs_now[i].result = r;
                 }
