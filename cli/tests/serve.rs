@@ -227,6 +227,15 @@ fn sixteen_concurrent_streaming_clients_share_one_copy_of_the_weights() {
         "{products} products, {rows} rows"
     );
     assert!(value("realm_batched_rounds") > 0.0);
+    // The rounds' time, and within it the shared products'.
+    let (round, product) = (
+        value("realm_batched_round_seconds"),
+        value("realm_batched_product_seconds"),
+    );
+    assert!(
+        round > 0.0 && product > 0.0 && product < round,
+        "rounds {round} s, products {product} s"
+    );
 }
 
 /// Fifty bodies that are not valid requests: every one a 4xx with an OpenAI error body;
