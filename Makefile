@@ -81,8 +81,19 @@ $(NODE_HOST)/node_modules/.ok: $(NODE_HOST)/package.json $(NODE_HOST)/package-lo
 node-host: standalone $(NODE_HOST)/node_modules/.ok
 	cd $(NODE_HOST) && npx jco transpile ../../../$(STANDALONE) -o out --name realm-standalone -q
 
-test: models test-models guest adapters standalone node-host wasmtime-cli $(VENV)/.ok
+# NVRTC from PyPI (no GPU or CUDA toolkit needed), 13.0 as the GPU machine's driver takes:
+# `make test` compiles the CUDA kernels with it, so they cannot rot where there is no GPU.
+NVRTC_VENV := target/nvrtc
+NVRTC_LIB = $(wildcard $(CURDIR)/$(NVRTC_VENV)/lib/python3*/site-packages/nvidia/cu13/lib)
+$(NVRTC_VENV)/.ok:
+	python3 -m venv $(NVRTC_VENV)
+	$(NVRTC_VENV)/bin/pip install --quiet nvidia-cuda-nvrtc==13.0.88
+	touch $@
+
+test: models test-models guest adapters standalone node-host wasmtime-cli $(VENV)/.ok $(NVRTC_VENV)/.ok
 	$(CARGO) test --release -j$(JOBS) --workspace $(NATIVE_SKIP)
+	LD_LIBRARY_PATH=$(NVRTC_LIB) REALM_REQUIRE_NVRTC=1 \
+	    $(CARGO) test --release -j$(JOBS) -p realm-cuda --test gpu kernels_compile_with_nvrtc
 	# The guest is a cdylib for wasm32; natively only its unit tests build (no .so link).
 	$(CARGO) test --release -j$(JOBS) -p realm-guest --lib
 	$(CARGO) build --release -j$(JOBS) --target wasm32-wasip2 $(WASM_CRATES)

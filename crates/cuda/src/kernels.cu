@@ -13,6 +13,9 @@ typedef unsigned short u16;
 #define T_Q5_0 6
 #define T_Q5_1 7
 #define T_Q8_0 8
+#define T_Q4_K 12
+#define T_Q5_K 13
+#define T_Q6_K 14
 
 // f16 ↔ f32 by PTX (no headers: NVRTC compiles this file alone).
 __device__ __forceinline__ float h2f(u16 h) {
@@ -101,6 +104,64 @@ __device__ __forceinline__ float dq(const u8* b, int ty, int j) {
     }
 }
 
+// ggml's get_scale_min_k4: sub-block j's 6-bit scale and min of a Q4_K/Q5_K block.
+__device__ __forceinline__ void scale_min_k4(int j, const u8* q, int* d, int* m) {
+    if (j < 4) {
+        *d = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// Value j (0..256) of K-quant super-block b, as ggml's dequantize_row_q*_K.
+__device__ __forceinline__ float dqk(const u8* b, int ty, int j) {
+    if (ty == T_Q6_K) {
+        const u8 *ql = b + 64 * (j / 128), *qh = b + 128 + 32 * (j / 128);
+        const signed char* sc = (const signed char*)(b + 192 + 8 * (j / 128));
+        int r = j % 128, quarter = r / 32, l = r % 32;
+        int lo = quarter & 1 ? ql[l + 32] : ql[l];
+        lo = quarter < 2 ? lo & 0xF : lo >> 4;
+        int q = (lo | (((qh[l] >> (2 * quarter)) & 3) << 4)) - 32;
+        return h2f(rd16(b + 208)) * (float)sc[l / 16 + 2 * quarter] * (float)q;
+    }
+    // Q4_K / Q5_K: 64 values per pair of sub-blocks, low nibbles then high.
+    int g = j / 64, l = j % 64, sub = 2 * g + (l >= 32), li = l % 32;
+    int sc, m;
+    scale_min_k4(sub, b + 4, &sc, &m);
+    float d = h2f(rd16(b)) * (float)sc, mn = h2f(rd16(b + 2)) * (float)m;
+    int q;
+    if (ty == T_Q4_K) {
+        int byte = b[16 + 32 * g + li];
+        q = l < 32 ? byte & 0xF : byte >> 4;
+    } else {
+        int byte = b[48 + 32 * g + li];
+        q = (l < 32 ? byte & 0xF : byte >> 4) + (((b[16 + li] >> sub) & 1) << 4);
+    }
+    return d * (float)q - mn;
+}
+
+__device__ __forceinline__ int is_k(int ty) {
+    return ty == T_Q4_K || ty == T_Q5_K || ty == T_Q6_K;
+}
+
+// Bytes of one 256-value K-quant super-block.
+__device__ __forceinline__ int k_bytes(int ty) {
+    return ty == T_Q4_K ? 144 : ty == T_Q5_K ? 176 : 210;
+}
+
+// Bytes of a row of k values.
+__device__ __forceinline__ size_t row_bytes(int ty, int k) {
+    return is_k(ty) ? (size_t)(k / 256) * k_bytes(ty) : (size_t)(k / 32) * block_bytes(ty);
+}
+
+// Value c of a row.
+__device__ __forceinline__ float dq_at(const u8* row, int ty, int c) {
+    if (is_k(ty)) return dqk(row + (size_t)(c / 256) * k_bytes(ty), ty, c % 256);
+    return dq(row + (size_t)(c / 32) * block_bytes(ty), ty, c % 32);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
     return __shfl_sync(0xffffffff, v, 0);
@@ -113,14 +174,14 @@ extern "C" __global__ void matmul(const u8* w, int ty, int k, int n, const float
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (warp >= n) return;
-    int nb = k / 32, bb = block_bytes(ty);
-    const u8* wr = w + (size_t)warp * nb * bb;
+    int nb = k / 32;
+    const u8* wr = w + (size_t)warp * row_bytes(ty, k);
     for (int r0 = 0; r0 < rows; r0 += 8) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         int rn = min(8, rows - r0);
         for (int b = 0; b < nb; b++) {
-            float v = dq(wr + (size_t)b * bb, ty, lane);
             int col = b * 32 + lane;
+            float v = dq_at(wr, ty, col);
             for (int r = 0; r < rn; r++) acc[r] += v * x[(size_t)(r0 + r) * k + col];
         }
         for (int r = 0; r < rn; r++) {
@@ -135,10 +196,9 @@ extern "C" __global__ void embed(const u8* w, int ty, int k, const unsigned* ids
                                  float scale, float* out) {
     int i = blockIdx.x;
     if (i >= n) return;
-    int bb = block_bytes(ty);
-    const u8* row = w + (size_t)ids[i] * (k / 32) * bb;
+    const u8* row = w + (size_t)ids[i] * row_bytes(ty, k);
     for (int c = threadIdx.x; c < k; c += blockDim.x) {
-        out[(size_t)i * k + c] = dq(row + (size_t)(c / 32) * bb, ty, c % 32) * scale;
+        out[(size_t)i * k + c] = dq_at(row, ty, c) * scale;
     }
 }
 
@@ -429,5 +489,133 @@ extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8
         }
         float s = warp_sum(acc);
         if (lane == 0) y[(size_t)r * n + warp] = s;
+    }
+}
+
+// Rows of x in ggml's Q8_K (quantize_row_q8_K_ref), one warp per 256-value block, eight
+// values per lane: the scale from the signed value of largest magnitude (the first such),
+// -127 / max, rounded half to even and clamped at 127; then f32 1/scale, 256 × i8 and the
+// 16 sums of 16 as i16 (292 bytes).
+extern "C" __global__ void quantize_q8k(const float* x, int blocks, u8* out) {
+    int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (blk >= blocks) return;
+    const float* xb = x + (size_t)blk * 256 + lane * 8;
+    float v[8];
+    float amax = 0.0f, max = 0.0f;
+    int at = 256;
+    for (int i = 0; i < 8; i++) {
+        v[i] = xb[i];
+        if (fabsf(v[i]) > amax) {
+            amax = fabsf(v[i]);
+            max = v[i];
+            at = lane * 8 + i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float a2 = __shfl_xor_sync(0xffffffff, amax, o), m2 = __shfl_xor_sync(0xffffffff, max, o);
+        int at2 = __shfl_xor_sync(0xffffffff, at, o);
+        if (a2 > amax || (a2 == amax && at2 < at)) {
+            amax = a2;
+            max = m2;
+            at = at2;
+        }
+    }
+    u8* b = out + (size_t)blk * 292;
+    if (amax == 0.0f) {
+        for (int i = lane; i < 292; i += 32) b[i] = 0;
+        return;
+    }
+    float iscale = __fdiv_rn(-127.0f, max);
+    int sum = 0;
+    for (int i = 0; i < 8; i++) {
+        int q = min(127, (int)rintf(__fmul_rn(iscale, v[i])));
+        sum += q;
+        b[4 + lane * 8 + i] = (u8)(signed char)q;
+    }
+    // Sums of 16: lanes 2s and 2s+1.
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    if ((lane & 1) == 0) {
+        short s16 = (short)sum;
+        b[260 + lane] = (u8)(s16 & 255);
+        b[261 + lane] = (u8)((unsigned short)s16 >> 8);
+    }
+    if (lane == 0) {
+        unsigned d = __float_as_uint(__fdiv_rn(1.0f, iscale));
+        b[0] = d & 255;
+        b[1] = (d >> 8) & 255;
+        b[2] = (d >> 16) & 255;
+        b[3] = d >> 24;
+    }
+}
+
+// y[r][j] = w[j] · x[r] for Q4_K and Q6_K weights against Q8_K rows: one warp per output
+// column, a super-block at a time, eight values per lane (lanes 4s..4s+3: sub-block s of
+// 32); each super-block's integer sums are exact, combined in f32 as ggml's
+// vec_dot_q4_K/q6_K_q8_K do (d_x·d_w·Σ scale·dot, minus d_x·dmin·Σ min·bsum).
+extern "C" __global__ void matmul_q8k(const u8* w, int ty, int k, int n, const u8* xq,
+                                      int rows, float* y) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= n) return;
+    int nb = k / 256, bb = k_bytes(ty);
+    const u8* wr = w + (size_t)warp * nb * bb;
+    int sub = lane / 4, at = lane * 8;
+    for (int r = 0; r < rows; r++) {
+        const u8* xr = xq + (size_t)r * nb * 292;
+        float acc = 0.0f, acc_m = 0.0f;
+        for (int bi = 0; bi < nb; bi++) {
+            const u8* wb = wr + (size_t)bi * bb;
+            const u8* xb = xr + (size_t)bi * 292;
+            const signed char* q8 = (const signed char*)(xb + 4) + at;
+            float dy = __uint_as_float((unsigned)xb[0] | ((unsigned)xb[1] << 8) |
+                                       ((unsigned)xb[2] << 16) | ((unsigned)xb[3] << 24));
+            int dot = 0, mins = 0;
+            if (ty == T_Q4_K) {
+                // Sub-block s: values 32s..32s+32, nibbles of bytes 32(s/2).. (low for
+                // even s, high for odd).
+                int sc, m;
+                scale_min_k4(sub, wb + 4, &sc, &m);
+                const u8* qs = wb + 16 + 32 * (sub / 2) + (at % 32);
+                for (int i = 0; i < 8; i++) {
+                    int q = sub & 1 ? qs[i] >> 4 : qs[i] & 0xF;
+                    dot += q * q8[i];
+                }
+                dot *= sc;
+                // Lane 0..7: sub-block `lane`'s min times its two sums of 16.
+                if (lane < 8) {
+                    int sc2, m2;
+                    scale_min_k4(lane, wb + 4, &sc2, &m2);
+                    const u8* bs = xb + 260 + 4 * lane;
+                    int b0 = (short)((unsigned short)bs[0] | ((unsigned short)bs[1] << 8));
+                    int b1 = (short)((unsigned short)bs[2] | ((unsigned short)bs[3] << 8));
+                    mins = m2 * (b0 + b1);
+                }
+            } else {
+                // Q6_K: values 128n + 32q + l (l < 32) in quarter q of half n.
+                int j0 = at, n2 = j0 / 128, rr = j0 % 128, quarter = rr / 32, l0 = rr % 32;
+                const u8 *ql = wb + 64 * n2, *qh = wb + 128 + 32 * n2;
+                const signed char* sc = (const signed char*)(wb + 192 + 8 * n2);
+                for (int i = 0; i < 8; i++) {
+                    int l = l0 + i;
+                    int lo = quarter & 1 ? ql[l + 32] : ql[l];
+                    lo = quarter < 2 ? lo & 0xF : lo >> 4;
+                    int q = (lo | (((qh[l] >> (2 * quarter)) & 3) << 4)) - 32;
+                    dot += q * q8[i];
+                }
+                dot *= sc[l0 / 16 + 2 * quarter];
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                dot += __shfl_xor_sync(0xffffffff, dot, o);
+                mins += __shfl_xor_sync(0xffffffff, mins, o);
+            }
+            if (ty == T_Q4_K) {
+                acc = fmaf(dy * h2f(rd16(wb)), (float)dot, acc);
+                acc_m = fmaf(-dy * h2f(rd16(wb + 2)), (float)mins, acc_m);
+            } else {
+                acc = fmaf(dy * h2f(rd16(wb + 208)), (float)dot, acc);
+            }
+        }
+        if (lane == 0) y[(size_t)r * n + warp] = acc + acc_m;
     }
 }

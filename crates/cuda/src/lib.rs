@@ -9,7 +9,9 @@
 //!
 //! This first version follows the CPU backend's numerics where it can: activations
 //! quantized to 8 bits as ggml does and integer products per block for Q4_0, Q4_1, Q5_0,
-//! Q5_1 and Q8_0 weights (F16 and F32 in f32; the K-quants are refused by name), norms
+//! Q5_1 and Q8_0 weights, Q4_K and Q6_K against ggml's Q8_K activations (Q5_K, F16 and
+//! F32 in f32 over values decoded on the fly, as the CPU backend does; other types are
+//! refused by name), norms
 //! summed in f64, ggml's SiLU and f16 flash-attention accumulation. It launches one
 //! kernel per op and a warp per output column: correct, not yet fast.
 
@@ -38,6 +40,9 @@ macro_rules! launch {
 
 const KERNELS: &str = include_str!("kernels.cu");
 
+/// Bytes of one Q8_K activation block: f32 scale, 256 × i8, 16 × i16 sums.
+const Q8_K_BYTES: usize = 292;
+
 /// Largest KV cache (values) a CUDA backend holds.
 pub const MAX_KV_ELEMENTS: u64 = 1 << 32;
 
@@ -59,6 +64,8 @@ struct Kernels {
     matmul: CudaFunction,
     quantize_q8: CudaFunction,
     matmul_q8: CudaFunction,
+    quantize_q8k: CudaFunction,
+    matmul_q8k: CudaFunction,
     embed: CudaFunction,
     rms_norm: CudaFunction,
     rope: CudaFunction,
@@ -92,6 +99,21 @@ impl std::fmt::Debug for CudaDevice {
     }
 }
 
+/// Compiles Realm's kernels with NVRTC, as [`CudaDevice::open`] does first; needs NVRTC
+/// (`libnvrtc.so`) but no GPU or driver, so machines without one can check the kernels.
+pub fn compile_kernels() -> std::result::Result<(), String> {
+    // SAFETY: only tries to load the library (dlopen), calling nothing in it.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(NO_NVRTC.into());
+    }
+    cudarc::nvrtc::compile_ptx(KERNELS)
+        .map(|_| ())
+        .map_err(|e| format!("compiling Realm's CUDA kernels: {e}"))
+}
+
+const NO_NVRTC: &str =
+    "no NVRTC found (libnvrtc.so, from a CUDA toolkit: add its lib64 folder to LD_LIBRARY_PATH)";
+
 impl CudaDevice {
     /// Opens GPU `ordinal`: the driver and NVRTC loaded, the kernels compiled. A machine
     /// without them gets a one-line error.
@@ -105,7 +127,7 @@ impl CudaDevice {
         }
         // SAFETY: as above.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            return Err("no NVRTC found (libnvrtc.so, from a CUDA toolkit: add its lib64 folder to LD_LIBRARY_PATH)".into());
+            return Err(NO_NVRTC.into());
         }
         let count = CudaContext::device_count().map_err(|e| format!("CUDA: {e}"))?;
         if ordinal >= count.max(0) as usize {
@@ -114,6 +136,12 @@ impl CudaDevice {
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| format!("CUDA device {ordinal}: {e}"))?;
+        // Every buffer of this device is used on its one stream, in order: cudarc's
+        // per-use events (two driver calls per kernel argument) would only add host time
+        // to every op.
+        // SAFETY: no buffer is created before this, and all of them are used on `stream`
+        // below only, whose order makes each use follow its allocation and precede its free.
+        unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let ptx = cudarc::nvrtc::compile_ptx(KERNELS)
             .map_err(|e| format!("compiling Realm's CUDA kernels: {e}"))?;
@@ -129,6 +157,8 @@ impl CudaDevice {
             matmul: f("matmul")?,
             quantize_q8: f("quantize_q8")?,
             matmul_q8: f("matmul_q8")?,
+            quantize_q8k: f("quantize_q8k")?,
+            matmul_q8k: f("matmul_q8k")?,
             embed: f("embed")?,
             rms_norm: f("rms_norm")?,
             rope: f("rope")?,
@@ -202,6 +232,27 @@ impl CudaDevice {
         self.stream.clone_dtoh(&out).map_err(gpu)
     }
 
+    /// Rows of `x` quantized by the `quantize_q8k` kernel (ggml's Q8_K), read back.
+    #[doc(hidden)]
+    pub fn quantize_q8k(&self, x: &[f32]) -> Result<Vec<u8>> {
+        let blocks_n = x.len() / 256;
+        let xd = self.stream.clone_htod(x).map_err(gpu)?;
+        let mut out = self
+            .stream
+            .alloc_zeros::<u8>((blocks_n * Q8_K_BYTES).max(1))
+            .map_err(gpu)?;
+        let b = blocks_n as i32;
+        launch!(
+            self,
+            self.k.quantize_q8k,
+            blocks(blocks_n * 32, 256),
+            &xd,
+            &b,
+            &mut out
+        )?;
+        self.stream.clone_dtoh(&out).map_err(gpu)
+    }
+
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.stream.alloc_zeros::<f32>(n.max(1)).map_err(gpu)
     }
@@ -241,6 +292,10 @@ pub struct CudaBackend {
     max_kv: u64,
     /// Quantized activations, reused across matmuls.
     xq: RefCell<Option<CudaSlice<u8>>>,
+    /// Token ids for `embed`, reused.
+    ids: RefCell<Option<CudaSlice<u32>>>,
+    /// The last RoPE frequency factors uploaded (every layer passes the same ones).
+    factors: RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
 }
 
 impl CudaBackend {
@@ -249,6 +304,8 @@ impl CudaBackend {
             dev,
             max_kv,
             xq: RefCell::new(None),
+            ids: RefCell::new(None),
+            factors: RefCell::new(None),
         }
     }
 
@@ -297,6 +354,9 @@ fn kernel_type(ty: GgmlType) -> Option<i32> {
         GgmlType::Q5_0 => 6,
         GgmlType::Q5_1 => 7,
         GgmlType::Q8_0 => 8,
+        GgmlType::Q4_K => 12,
+        GgmlType::Q5_K => 13,
+        GgmlType::Q6_K => 14,
         _ => return None,
     })
 }
@@ -391,7 +451,23 @@ impl Backend for CudaBackend {
         let mut o = o.0.try_borrow_mut().map_err(|_| busy())?;
         self.ensure(&mut o, ids.len())?;
         let k = table.meta.row_len();
-        let ids_dev = self.dev.stream.clone_htod(ids).map_err(gpu)?;
+        let mut ids_buf = self.ids.borrow_mut();
+        if ids_buf.as_ref().is_none_or(|b| b.len() < ids.len()) {
+            *ids_buf = Some(
+                self.dev
+                    .stream
+                    .alloc_zeros::<u32>(ids.len().max(1))
+                    .map_err(gpu)?,
+            );
+        }
+        let Some(ids_dev) = ids_buf.as_mut() else {
+            return Err(Error::InvalidArgument("no id buffer".into()));
+        };
+        if !ids.is_empty() {
+            let mut view = ids_dev.slice_mut(0..ids.len());
+            self.dev.stream.memcpy_htod(ids, &mut view).map_err(gpu)?;
+        }
+        let ids_dev = &*ids_dev;
         let (data, ty): (&CudaSlice<u8>, i32) = match (&table.bytes, &table.values) {
             (Some(b), _) => (b, kernel_type(table.meta.ty).unwrap_or(0)),
             // Decoded tables are f32 values: the kernel reads them as F32 bytes.
@@ -416,7 +492,7 @@ impl Backend for CudaBackend {
             data,
             &ty,
             &k_i,
-            &ids_dev,
+            ids_dev,
             &n_i,
             &scale,
             out
@@ -438,7 +514,44 @@ impl Backend for CudaBackend {
             shared_mem_bytes: 0,
         };
         match (&w.bytes, &w.values) {
-            (Some(bytes), _) if w.meta.ty != GgmlType::F32 && w.meta.ty != GgmlType::F16 => {
+            (Some(bytes), _) if matches!(w.meta.ty, GgmlType::Q4_K | GgmlType::Q6_K) => {
+                // Activations in Q8_K, as the CPU backend's K-quant products.
+                let ty = kernel_type(w.meta.ty).unwrap_or(0);
+                let blocks_n = rows * (k / 256);
+                let need = (blocks_n * Q8_K_BYTES).max(1);
+                let mut xq = self.xq.borrow_mut();
+                if xq.as_ref().is_none_or(|b| b.len() < need) {
+                    *xq = Some(self.dev.stream.alloc_zeros::<u8>(need).map_err(gpu)?);
+                }
+                let Some(xq) = xq.as_mut() else {
+                    return Err(Error::InvalidArgument("no activation buffer".into()));
+                };
+                let b_i = blocks_n as i32;
+                launch!(
+                    self.dev,
+                    self.dev.k.quantize_q8k,
+                    blocks(blocks_n * 32, 256),
+                    xb,
+                    &b_i,
+                    &mut *xq
+                )?;
+                let xq = &*xq;
+                launch!(
+                    self.dev,
+                    self.dev.k.matmul_q8k,
+                    cfg,
+                    &**bytes,
+                    &ty,
+                    &k_i,
+                    &n_i,
+                    xq,
+                    &rows_i,
+                    out
+                )
+            }
+            (Some(bytes), _)
+                if !matches!(w.meta.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Q5_K) =>
+            {
                 // Quantized weights: activations quantized to 8 bits first, as the CPU
                 // backend (and ggml) does, so that both compute the same integer products.
                 let ty = kernel_type(w.meta.ty).unwrap_or(0);
@@ -544,10 +657,13 @@ impl Backend for CudaBackend {
     fn rope(&self, x: &CudaTensor, pos: u32, p: &RopeParams, f: Option<&[f32]>) -> Result<()> {
         let mut m = x.0.try_borrow_mut().map_err(|_| busy())?;
         let (rows, cols) = (m.rows, m.cols);
-        let factors = match f {
-            Some(f) => Some(self.dev.stream.clone_htod(f).map_err(gpu)?),
-            None => None,
-        };
+        let mut cached = self.factors.borrow_mut();
+        if let Some(f) = f
+            && cached.as_ref().is_none_or(|(v, _)| v.as_slice() != f)
+        {
+            *cached = Some((f.to_vec(), self.dev.stream.clone_htod(f).map_err(gpu)?));
+        }
+        let factors = f.and(cached.as_ref().map(|(_, d)| d));
         let corr = p.yarn_corr_dims();
         let xb = buf_mut(&mut m)?;
         let (rows_i, cols_i, hd, n_rot) =
@@ -555,7 +671,7 @@ impl Backend for CudaBackend {
         let neox = i32::from(p.mode == RopeMode::Neox);
         let pos_i = pos as i32;
         let has = i32::from(factors.is_some());
-        let fac = factors.as_ref().unwrap_or(&self.dev.none);
+        let fac = factors.unwrap_or(&self.dev.none);
         let n = rows * (cols / p.head_dim.max(1) as usize) * (p.n_rot as usize / 2);
         launch!(
             self.dev,

@@ -91,6 +91,43 @@ fn activations_quantize_to_the_cpu_backends_bytes() {
     }
 }
 
+/// Q8_K activations (the K-quants' products) are byte for byte the CPU backend's, ties
+/// of magnitude between signs included.
+#[test]
+fn k_quant_activations_quantize_to_the_cpu_backends_bytes() {
+    let Some(dev) = device() else { return };
+    let mut xs: Vec<f32> = (0..4 * 256)
+        .map(|i| ((i * 53 % 211) as f32 - 105.0) / 33.0)
+        .collect();
+    // Block 1: its largest magnitude twice, negative first; block 2: all zero.
+    xs[256 + 7] = -9.0;
+    xs[256 + 200] = 9.0;
+    xs[512..768].fill(0.0);
+    let gpu = dev.quantize_q8k(&xs).expect("quantize");
+    let mut cpu = Vec::new();
+    for row in xs.chunks_exact(256) {
+        realm_kernels::quant::quantize_row(realm_kernels::quant::VecDot::Q8K, row, &mut cpu);
+    }
+    assert_eq!(gpu.len(), cpu.len());
+    let first = gpu.iter().zip(&cpu).position(|(a, b)| a != b);
+    assert_eq!(first, None, "first differing byte");
+}
+
+/// The kernels compile (NVRTC only: no GPU needed). `make test` runs this with NVRTC
+/// from PyPI and `REALM_REQUIRE_NVRTC=1`, so the kernels cannot rot on machines without
+/// a GPU.
+#[test]
+fn kernels_compile_with_nvrtc() {
+    match realm_cuda::compile_kernels() {
+        Ok(()) => println!("kernels compiled"),
+        Err(e) if required() || std::env::var("REALM_REQUIRE_NVRTC").as_deref() == Ok("1") => {
+            panic!("{e}")
+        }
+        Err(e) if e.starts_with("no NVRTC") => skipped(&e),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// `xs` (rows of `dims[0]`) times the weight at the start of `file`, on backend `c`.
 fn product<C: realm_compute::Backend>(
     c: &C,
@@ -125,6 +162,9 @@ fn quantized_matmuls_agree_with_the_cpu_backend() {
         GgmlType::Q5_0,
         GgmlType::Q5_1,
         GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
     ] {
         let file = ModelBytes::new(Arc::new(realm_kernels::synthetic::weights(ty, k, n, 3)));
         let dims = [k as u64, n as u64];

@@ -19,7 +19,7 @@ pub fn weights(ty: GgmlType, k: usize, rows: usize, seed: u64) -> Vec<u8> {
     // Where each type keeps its f16 scales (d, and dmin or m where it has one).
     let halves: &[usize] = match ty {
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
-        GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
         GgmlType::Q6_K => &[208],
         _ => &[],
     };
