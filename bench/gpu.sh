@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # The GPU tests and benchmark on a machine with an NVIDIA GPU but no Rust (this project's
-# GPU machine): `prepare` builds here what runs there, `remote` is what runs there.
+# GPU machine): `prepare` builds here what runs there; the rest runs there.
 #
-#   bench/gpu.sh prepare   # here: .gpu/ (test binary, realm, guest), .gpu1/ and .gpu2/
-#                          # (the model in halves: at most 64 MiB travels per command)
-#   then, on the GPU machine, three commands back to back (its scratch survives only
-#   while it is warm), carrying .gpu, then .gpu1, then .gpu2:
+#   bench/gpu.sh prepare   # here: .gpu/ (test binary, realm, guest), .gpu1/ (half the
+#                          # model, the llama.cpp tree) and .gpu2/ (the other half): at
+#                          # most 64 MiB travels per command
+#   then, on the GPU machine, back to back (its scratch survives only while it is warm),
+#   carrying .gpu, then .gpu1, then .gpu2:
 #     bench/gpu.sh stage .gpu        bench/gpu.sh stage .gpu1        bench/gpu.sh remote
+#   and, for the side-by-side with llama.cpp's CUDA build (same machine, same run):
+#     bench/gpu.sh llama     # builds llama-bench and llama-quantize for sm_90 (~5-8 min)
+#     bench/gpu.sh synth     # the 1B-class synthetic model (bench/gpu-synth.py), Q4_K_M
+#     bench/gpu.sh compare   # llama-bench -fa 1 -ngl 99 and `realm bench --device cuda`
+#                            # on SmolLM2 and the 1B model: pp512 and tg128
+#     bench/gpu.sh parity1b  # the GPU-vs-CPU greedy test on the 1B model
 #
 # `remote` runs the GPU tests with REALM_REQUIRE_GPU=1 (SmolLM2 on the GPU against the CPU
 # backend), `realm run --device cuda` and `realm bench` on the GPU and on all CPU cores.
@@ -31,6 +38,11 @@ prepare)
     split -b "$half" "$MODEL" .gpu1/model.part.
     mv .gpu1/model.part.ab .gpu2/
     md5sum "$MODEL" | cut -d' ' -f1 >.gpu/model.md5
+    # The llama.cpp tree for its CUDA build there (its gguf-py, and of its models only the
+    # vocabulary the synthetic 1B model uses).
+    tar -C target/llama.cpp/src --exclude=./docs --exclude=./examples --exclude=./media \
+        --exclude=./tests --exclude='./models/*' -cJf .gpu1/llama.cpp.tar.xz .
+    cp target/llama.cpp/src/models/ggml-vocab-llama-spm.gguf .gpu1/
     du -sh .gpu .gpu1 .gpu2
     ;;
 stage)
@@ -52,8 +64,42 @@ remote)
     "$SCRATCH"/realm bench --device cuda --model "$SCRATCH"/model.gguf -t 1 -p 64,512 -n 128 --runs 3
     "$SCRATCH"/realm bench --model "$SCRATCH"/model.gguf -t "$(nproc)" -p 64,512 -n 128 --runs 3
     ;;
+llama)
+    rm -rf "$SCRATCH/llama.cpp" && mkdir -p "$SCRATCH/llama.cpp/src"
+    tar -C "$SCRATCH/llama.cpp/src" -xJf "$SCRATCH/llama.cpp.tar.xz"
+    cp "$SCRATCH/ggml-vocab-llama-spm.gguf" "$SCRATCH/llama.cpp/src/models/"
+    export PATH=/usr/local/cuda/bin:$PATH
+    LLAMA_CPP_OFFLINE=1 LLAMA_CPP_DIR="$SCRATCH/llama.cpp" LLAMA_CPP_VARIANT=cuda JOBS=$(nproc) \
+        scripts/llama-cpp.sh llama-bench llama-quantize >"$SCRATCH/llama-build.log" 2>&1 ||
+        { tail -30 "$SCRATCH/llama-build.log"; exit 1; }
+    ls -la "$SCRATCH"/llama.cpp/build-cuda/bin/
+    ;;
+synth)
+    python3 bench/gpu-synth.py "$SCRATCH/llama.cpp/src" "$SCRATCH/llama-1b.f16.gguf"
+    "$SCRATCH"/llama.cpp/build-cuda/bin/llama-quantize "$SCRATCH/llama-1b.f16.gguf" \
+        "$SCRATCH/llama-1b.q4_k_m.gguf" Q4_K_M "$(nproc)" >"$SCRATCH/quantize.log" 2>&1 ||
+        { tail -20 "$SCRATCH/quantize.log"; exit 1; }
+    rm -f "$SCRATCH/llama-1b.f16.gguf"
+    ls -la "$SCRATCH/llama-1b.q4_k_m.gguf"
+    ;;
+compare)
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    for m in "$SCRATCH"/model.gguf "$SCRATCH"/llama-1b.q4_k_m.gguf; do
+        echo "== $(basename "$m")"
+        "$SCRATCH"/llama.cpp/build-cuda/bin/llama-bench -m "$m" -ngl 99 -fa 1 -p 512 -n 128 -r 3 2>/dev/null
+        "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 -p 512 -n 128 --runs 3
+    done
+    ;;
+parity1b)
+    # The GPU-vs-CPU greedy test on the synthetic 1B model.
+    export REALM_ROOT=$PWD LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    REALM_REQUIRE_GPU=1 REALM_GPU_MODEL="$SCRATCH"/llama-1b.q4_k_m.gguf "$SCRATCH"/gpu-test \
+        --nocapture greedy_ids
+    ;;
 *)
-    sed -n '2,14p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
     ;;
 esac

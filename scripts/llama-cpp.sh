@@ -7,6 +7,7 @@
 #   build/    tests/llama-ref (realm-llama-ref) over llama.cpp; tools in build/bin/
 #   build-avx2/  the same with LLAMA_CPP_VARIANT=avx2: AVX2 + FMA + F16C only (no AVX-512,
 #             no AMX), the peer of Realm's REALM_KERNELS=avx2 on any x86 machine
+#   build-cuda/  LLAMA_CPP_VARIANT=cuda: the CUDA build for sm_90 (needs nvcc on PATH)
 # Usage: [LLAMA_CPP_VARIANT=avx2] scripts/llama-cpp.sh [TARGET…]
 #        (default targets: llama-quantize realm-llama-ref)
 # Reruns are cheap: the download, venv and configure are kept, Ninja rebuilds what changed.
@@ -46,7 +47,9 @@ case "${LLAMA_CPP_VARIANT:-native}" in
   avx2) BUILD=$DIR/build-avx2
         CPU=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
              -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF) ;;
-  *) echo "LLAMA_CPP_VARIANT must be native or avx2" >&2; exit 2 ;;
+  # The GPU machine (bench/gpu.sh llama): CUDA for the H200 (sm_90), all layers offloadable.
+  cuda) BUILD=$DIR/build-cuda; CPU=(-DGGML_NATIVE=ON -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90) ;;
+  *) echo "LLAMA_CPP_VARIANT must be native, avx2 or cuda" >&2; exit 2 ;;
 esac
 if [ ! -f "$BUILD/build.ninja" ]; then
   cmake -S tests/llama-ref -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
