@@ -227,9 +227,10 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float
 
 // RoPE in place, one thread per (row, head, pair).
 extern "C" __global__ void rope(float* x, int rows, int cols, int head_dim, int n_rot, int neox,
-                                int pos, float base, float freq_scale, float ext_factor,
-                                float attn_factor, float corr0, float corr1,
+                                const int* pos_p, float base, float freq_scale,
+                                float ext_factor, float attn_factor, float corr0, float corr1,
                                 const float* factors, int has_factors) {
+    int pos = *pos_p;
     int half = n_rot / 2, heads = cols / head_dim;
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= rows * heads * half) return;
@@ -255,8 +256,9 @@ extern "C" __global__ void rope(float* x, int rows, int cols, int head_dim, int 
 }
 
 // Keys and values of `rows` positions from `pos` into a layer's f16 cache.
-extern "C" __global__ void kv_store(const float* k, const float* v, int rows, int width, int pos,
-                                    u16* kc, u16* vc) {
+extern "C" __global__ void kv_store(const float* k, const float* v, int rows, int width,
+                                    const int* pos_p, u16* kc, u16* vc) {
+    int pos = *pos_p;
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= rows * width) return;
     kc[(size_t)pos * width + t] = f2h(k[t]);
@@ -266,12 +268,16 @@ extern "C" __global__ void kv_store(const float* k, const float* v, int rows, in
 // Causal attention, one block per (row, head), in the CPU backend's numerics (ggml-cpu's
 // flash_attn_ext_f16): q rounded to f16, scores as f32 sums of f16 products, and an online
 // softmax whose weighted sum of values is accumulated in f16, rescaled in f16 whenever
-// the running maximum rises. Scores first (a warp per position, into shared memory), then
-// each thread walks the positions in order for its own output value.
+// the running maximum rises. Positions in chunks of ATT_CHUNK: their scores first (a warp
+// per position, into shared memory), then each thread walks them in order for its own
+// output values (at most two per thread: head_dim <= 2 * blockDim). The position comes
+// from device memory, so that a decode step's launches are the same from token to token.
+#define ATT_CHUNK 2048
 extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, int rows,
-                                     int n_head, int n_kv, int hd, int pos, float scale,
-                                     int window, float* out) {
-    extern __shared__ float sc[];
+                                     int n_head, int n_kv, int hd, const int* pos_p,
+                                     float scale, int window, float* out) {
+    __shared__ float sc[ATT_CHUNK];
+    int pos = *pos_p;
     int r = blockIdx.x / n_head, h = blockIdx.x % n_head;
     int kvh = h / (n_head / n_kv), width = n_kv * hd;
     int p = pos + r;
@@ -279,32 +285,41 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     int len = p + 1 - start;
     const float* qh = q + (size_t)r * n_head * hd + h * hd;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    for (int j = warp; j < len; j += warps) {
-        const u16* kr = kc + (size_t)(start + j) * width + kvh * hd;
-        float s = 0;
-        for (int d = lane; d < hd; d += 32) s += h2f(f2h(qh[d])) * h2f(kr[d]);
-        s = warp_sum(s);
-        if (lane == 0) sc[j] = s * scale;
-    }
-    __syncthreads();
-    float* o = out + (size_t)r * n_head * hd + h * hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float sum = 0.0f, m = NEG_INF;
-        u16 acc = 0;
-        for (int j = 0; j < len; j++) {
-            float s = sc[j], ms = 1.0f, vs = 1.0f;
-            if (s > m) {
-                ms = expf(m - s);
-                m = s;
-                acc = f2h(h2f(acc) * ms);
-            } else {
-                vs = expf(s - m);
-            }
-            sum = fmaf(sum, ms, vs);
-            float v = h2f(vc[(size_t)(start + j) * width + kvh * hd + d]);
-            acc = f2h(fmaf(v, vs, h2f(acc)));
+    float sum[2] = {0.0f, 0.0f}, m[2] = {NEG_INF, NEG_INF};
+    u16 acc[2] = {0, 0};
+    for (int c0 = 0; c0 < len; c0 += ATT_CHUNK) {
+        int cl = min(ATT_CHUNK, len - c0);
+        __syncthreads();
+        for (int j = warp; j < cl; j += warps) {
+            const u16* kr = kc + (size_t)(start + c0 + j) * width + kvh * hd;
+            float s = 0;
+            for (int d = lane; d < hd; d += 32) s += h2f(f2h(qh[d])) * h2f(kr[d]);
+            s = warp_sum(s);
+            if (lane == 0) sc[j] = s * scale;
         }
-        o[d] = h2f(acc) * (1.0f / sum);
+        __syncthreads();
+        for (int t = 0; t < 2; t++) {
+            int d = threadIdx.x + t * blockDim.x;
+            if (d >= hd) break;
+            for (int j = 0; j < cl; j++) {
+                float s = sc[j], ms = 1.0f, vs = 1.0f;
+                if (s > m[t]) {
+                    ms = expf(m[t] - s);
+                    m[t] = s;
+                    acc[t] = f2h(h2f(acc[t]) * ms);
+                } else {
+                    vs = expf(s - m[t]);
+                }
+                sum[t] = fmaf(sum[t], ms, vs);
+                float v = h2f(vc[(size_t)(start + c0 + j) * width + kvh * hd + d]);
+                acc[t] = f2h(fmaf(v, vs, h2f(acc[t])));
+            }
+        }
+    }
+    float* o = out + (size_t)r * n_head * hd + h * hd;
+    for (int t = 0; t < 2; t++) {
+        int d = threadIdx.x + t * blockDim.x;
+        if (d < hd) o[d] = h2f(acc[t]) * (1.0f / sum[t]);
     }
 }
 

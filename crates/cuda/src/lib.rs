@@ -12,31 +12,26 @@
 //! Q5_1 and Q8_0 weights, Q4_K and Q6_K against ggml's Q8_K activations (Q5_K, F16 and
 //! F32 in f32 over values decoded on the fly, as the CPU backend does; other types are
 //! refused by name), norms
-//! summed in f64, ggml's SiLU and f16 flash-attention accumulation. It launches one
-//! kernel per op and a warp per output column: correct, not yet fast.
+//! summed in f64, ggml's SiLU and f16 flash-attention accumulation.
+//!
+//! A tenant's ops are queued, not launched: the queue is flushed on its own stream when
+//! the guest reads a result. A step whose launches equal the previous step's (decoding:
+//! same kernels, buffers and shapes; positions live in device memory) is captured once as
+//! a CUDA graph and replayed, one launch per token instead of one per op.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg, sys,
 };
 use realm_compute::{
     Activation, Attention, Backend, CacheShape, Error, GgmlType, ModelBytes, Result, RopeMode,
     RopeParams, Shape, WeightData, WeightMeta,
 };
-
-/// Launches kernel `f` of `$dev` with the arguments in its signature's order.
-macro_rules! launch {
-    ($dev:expr, $f:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let mut b = $dev.stream.launch_builder(&$f);
-        $( b.arg($arg); )*
-        // SAFETY: every kernel's arguments are pushed in its signature's order and types
-        // (kernels.cu), over buffers at least as large as the sizes passed (`ensure`).
-        unsafe { b.launch($cfg) }.map(|_| ()).map_err(gpu)
-    }};
-}
 
 const KERNELS: &str = include_str!("kernels.cu");
 
@@ -59,36 +54,60 @@ type DeviceBytes = Arc<CudaSlice<u8>>;
 /// One layer's cached keys and values (f16 bits), allocated on first use.
 type LayerKv = Option<(CudaSlice<u16>, CudaSlice<u16>)>;
 
-/// The kernels of one device.
-struct Kernels {
-    matmul: CudaFunction,
-    quantize_q8: CudaFunction,
-    matmul_q8: CudaFunction,
-    quantize_q8k: CudaFunction,
-    matmul_q8k: CudaFunction,
-    embed: CudaFunction,
-    rms_norm: CudaFunction,
-    rope: CudaFunction,
-    kv_store: CudaFunction,
-    attention: CudaFunction,
-    glu: CudaFunction,
-    add: CudaFunction,
-    scale: CudaFunction,
-    softmax: CudaFunction,
-    last_row: CudaFunction,
+/// The kernels, by index into [`CudaDevice::k`] (names as in `kernels.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum K {
+    Matmul,
+    QuantizeQ8,
+    MatmulQ8,
+    QuantizeQ8k,
+    MatmulQ8k,
+    Embed,
+    RmsNorm,
+    Rope,
+    KvStore,
+    Attention,
+    Glu,
+    Add,
+    Scale,
+    Softmax,
+    LastRow,
 }
 
-/// One GPU: its context, stream, kernels and the weights uploaded to it (shared by every
-/// tenant's backend there).
+const KERNEL_NAMES: [&str; 15] = [
+    "matmul",
+    "quantize_q8",
+    "matmul_q8",
+    "quantize_q8k",
+    "matmul_q8k",
+    "embed",
+    "rms_norm",
+    "rope",
+    "kv_store",
+    "attention",
+    "glu",
+    "add",
+    "scale",
+    "softmax",
+    "last_row",
+];
+
+/// One GPU: its context, kernels and the weights uploaded to it (shared by every tenant's
+/// backend there; each tenant computes on a stream of its own).
 pub struct CudaDevice {
     name: String,
+    ctx: Arc<CudaContext>,
+    /// The uploads' stream (each is waited for: tenants read weights from their streams).
     stream: Arc<CudaStream>,
-    k: Kernels,
+    k: Vec<CudaFunction>,
     /// Uploaded weights by (file, offset, length): one copy per device however many
     /// tenants. Each entry holds its file, so that no other file can take its address.
     weights: Mutex<HashMap<WeightKey, (ModelBytes, DeviceBytes)>>,
     /// A one-value buffer standing for "no frequency factors".
     none: CudaSlice<f32>,
+    /// Steps replayed from a captured graph, and graphs captured, by all its tenants.
+    replays: AtomicU64,
+    captures: AtomicU64,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -118,7 +137,7 @@ impl CudaDevice {
     /// Opens GPU `ordinal`: the driver and NVRTC loaded, the kernels compiled. A machine
     /// without them gets a one-line error.
     pub fn open(ordinal: usize) -> std::result::Result<Arc<Self>, String> {
-        // SAFETY: only tries to load the libraries (dlopen), calling nothing in them.
+        // SAFETY: only tries to load the library (dlopen), calling nothing in it.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(
                 "no CUDA driver found (libcuda.so: is an NVIDIA GPU and its driver installed?)"
@@ -136,11 +155,10 @@ impl CudaDevice {
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| format!("CUDA device {ordinal}: {e}"))?;
-        // Every buffer of this device is used on its one stream, in order: cudarc's
-        // per-use events (two driver calls per kernel argument) would only add host time
-        // to every op.
-        // SAFETY: no buffer is created before this, and all of them are used on `stream`
-        // below only, whose order makes each use follow its allocation and precede its free.
+        // Buffers are ordered by Realm itself (a tenant's on its stream; weights uploaded and
+        // waited for before any tenant reads them): cudarc's per-use events would only add
+        // host time to every op.
+        // SAFETY: no buffer is created before this; see above for how each use is ordered.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let ptx = cudarc::nvrtc::compile_ptx(KERNELS)
@@ -148,44 +166,42 @@ impl CudaDevice {
         let module = ctx
             .load_module(ptx)
             .map_err(|e| format!("loading Realm's CUDA kernels: {e}"))?;
-        let f = |n: &str| {
-            module
-                .load_function(n)
-                .map_err(|e| format!("kernel {n}: {e}"))
-        };
-        let k = Kernels {
-            matmul: f("matmul")?,
-            quantize_q8: f("quantize_q8")?,
-            matmul_q8: f("matmul_q8")?,
-            quantize_q8k: f("quantize_q8k")?,
-            matmul_q8k: f("matmul_q8k")?,
-            embed: f("embed")?,
-            rms_norm: f("rms_norm")?,
-            rope: f("rope")?,
-            kv_store: f("kv_store")?,
-            attention: f("attention")?,
-            glu: f("glu")?,
-            add: f("add")?,
-            scale: f("scale")?,
-            softmax: f("softmax")?,
-            last_row: f("last_row")?,
-        };
+        let k = KERNEL_NAMES
+            .iter()
+            .map(|n| {
+                module
+                    .load_function(n)
+                    .map_err(|e| format!("kernel {n}: {e}"))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let stream = ctx.default_stream();
         let none = stream
             .alloc_zeros::<f32>(1)
             .map_err(|e| format!("CUDA: {e}"))?;
+        stream.synchronize().map_err(|e| format!("CUDA: {e}"))?;
         Ok(Arc::new(Self {
             name,
+            ctx,
             stream,
             k,
             weights: Mutex::default(),
             none,
+            replays: AtomicU64::new(0),
+            captures: AtomicU64::new(0),
         }))
     }
 
     /// The GPU's name, as the driver gives it.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Steps its tenants ran from a captured CUDA graph so far, and graphs captured.
+    pub fn graph_stats(&self) -> (u64, u64) {
+        (
+            self.replays.load(Ordering::Relaxed),
+            self.captures.load(Ordering::Relaxed),
+        )
     }
 
     /// Bytes of weights uploaded to this device.
@@ -195,7 +211,7 @@ impl CudaDevice {
             .map_or(0, |w| w.values().map(|(_, s)| s.len()).sum())
     }
 
-    /// `w`'s bytes on the device, uploaded on first use.
+    /// `w`'s bytes on the device, uploaded on first use (and waited for).
     fn weight(&self, w: &WeightData) -> Result<Arc<CudaSlice<u8>>> {
         let key = (w.file.bytes().as_ptr() as usize, w.offset, w.len);
         let mut map = self.weights.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,8 +219,21 @@ impl CudaDevice {
             return Ok(s.clone());
         }
         let s = Arc::new(self.stream.clone_htod(w.bytes()).map_err(gpu)?);
+        self.stream.synchronize().map_err(gpu)?;
         map.insert(key, (w.file.clone(), s.clone()));
         Ok(s)
+    }
+
+    /// Values uploaded (and waited for) on the device's stream.
+    fn upload(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
+        let s = self.stream.clone_htod(v).map_err(gpu)?;
+        self.stream.synchronize().map_err(gpu)?;
+        Ok(s)
+    }
+
+    /// Launches `k` now on the device's stream (the test helpers below).
+    fn launch_now(&self, k: K, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        launch_on(&self.stream, &self.k[k as usize], cfg, args)
     }
 
     /// Rows of `x` quantized by the `quantize_q8` kernel (q8_0, or q8_1), read back: what
@@ -214,21 +243,18 @@ impl CudaDevice {
         let rows = x.len() / k.max(1);
         let xd = self.stream.clone_htod(x).map_err(gpu)?;
         let blocks_n = rows * (k / 32);
-        let mut out = self
+        let out = self
             .stream
             .alloc_zeros::<u8>((blocks_n * if q81 { 36 } else { 34 }).max(1))
             .map_err(gpu)?;
-        let (rows_i, k_i, q) = (rows as i32, k as i32, i32::from(q81));
-        launch!(
-            self,
-            self.k.quantize_q8,
-            blocks(blocks_n * 32, 256),
-            &xd,
-            &rows_i,
-            &k_i,
-            &q,
-            &mut out
-        )?;
+        let args = [
+            ptr(&xd, &self.stream),
+            Arg::I(rows as i32),
+            Arg::I(k as i32),
+            Arg::I(i32::from(q81)),
+            ptr(&out, &self.stream),
+        ];
+        self.launch_now(K::QuantizeQ8, blocks(blocks_n * 32, 256), &args)?;
         self.stream.clone_dtoh(&out).map_err(gpu)
     }
 
@@ -237,25 +263,66 @@ impl CudaDevice {
     pub fn quantize_q8k(&self, x: &[f32]) -> Result<Vec<u8>> {
         let blocks_n = x.len() / 256;
         let xd = self.stream.clone_htod(x).map_err(gpu)?;
-        let mut out = self
+        let out = self
             .stream
             .alloc_zeros::<u8>((blocks_n * Q8_K_BYTES).max(1))
             .map_err(gpu)?;
-        let b = blocks_n as i32;
-        launch!(
-            self,
-            self.k.quantize_q8k,
-            blocks(blocks_n * 32, 256),
-            &xd,
-            &b,
-            &mut out
-        )?;
+        let args = [
+            ptr(&xd, &self.stream),
+            Arg::I(blocks_n as i32),
+            ptr(&out, &self.stream),
+        ];
+        self.launch_now(K::QuantizeQ8k, blocks(blocks_n * 32, 256), &args)?;
         self.stream.clone_dtoh(&out).map_err(gpu)
     }
+}
 
-    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(n.max(1)).map_err(gpu)
+/// A kernel argument as launched: a device address, or a 32-bit value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arg {
+    P(u64),
+    I(i32),
+    /// An f32, by its bits (so that launches compare exactly).
+    F(u32),
+}
+
+fn f(v: f32) -> Arg {
+    Arg::F(v.to_bits())
+}
+
+/// `s`'s device address (no event is recorded: tracking is off).
+fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> Arg {
+    Arg::P(s.device_ptr(stream).0)
+}
+
+/// One queued launch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Launch {
+    k: K,
+    grid: u32,
+    block: u32,
+    args: Vec<Arg>,
+}
+
+fn launch_on(
+    stream: &Arc<CudaStream>,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &[Arg],
+) -> Result<()> {
+    let mut b = stream.launch_builder(func);
+    for a in args {
+        match a {
+            Arg::P(p) => b.arg(p),
+            Arg::I(i) => b.arg(i),
+            Arg::F(bits) => b.arg(bits),
+        };
     }
+    // SAFETY: every kernel's arguments are given in its signature's order and sizes
+    // (`kernels.cu`: pointers as 64-bit addresses, ints and floats as 32 bits), over
+    // buffers at least as large as the sizes passed (`ensure`) and alive until the launch
+    // has run (buffers replaced in a step are kept until its flush: `retired`).
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(gpu)
 }
 
 /// Device memory for a tensor, grown as needed.
@@ -286,10 +353,39 @@ pub struct CudaCache {
     layers: RefCell<Vec<LayerKv>>,
 }
 
-/// The CUDA backend of one tenant.
+/// Positions a step can pass to its kernels through device memory before it is flushed.
+const POS_SLOTS: usize = 4096;
+
+/// A CUDA graph of one step's launches, replayed while the steps stay the same.
+struct Replay {
+    launches: Vec<Launch>,
+    graph: CudaGraph,
+}
+
+/// The step being queued.
+#[derive(Default)]
+struct Queue {
+    launches: Vec<Launch>,
+    /// The positions its kernels read (slot i of the backend's `pos` buffer).
+    pos: Vec<i32>,
+    /// Buffers replaced during the step, freed after its launches.
+    retired: Vec<CudaSlice<f32>>,
+}
+
+/// The CUDA backend of one tenant: its own stream, its queued step and the graph of its
+/// last repeated step.
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
+    stream: Arc<CudaStream>,
+    /// Graphs are captured only on a stream of the tenant's own.
+    own_stream: bool,
     max_kv: u64,
+    queue: RefCell<Queue>,
+    /// The previous step's launches (a step seen twice in a row is captured).
+    last: RefCell<Vec<Launch>>,
+    replay: RefCell<Option<Replay>>,
+    /// Positions read by the queued kernels, `POS_SLOTS` of them.
+    pos: Option<CudaSlice<i32>>,
     /// Quantized activations, reused across matmuls.
     xq: RefCell<Option<CudaSlice<u8>>>,
     /// Token ids for `embed`, reused.
@@ -298,31 +394,183 @@ pub struct CudaBackend {
     factors: RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
 }
 
+// SAFETY: the graph (raw driver handles, hence not `Send` by itself) is used only through
+// `&self` methods of a backend, which is not `Sync`: one thread at a time.
+unsafe impl Send for CudaBackend {}
+
 impl CudaBackend {
     pub fn new(dev: Arc<CudaDevice>, max_kv: u64) -> Self {
+        let (stream, own_stream) = match dev.ctx.new_stream() {
+            Ok(s) => (s, true),
+            Err(_) => (dev.stream.clone(), false),
+        };
+        let pos = stream.alloc_zeros::<i32>(POS_SLOTS).ok();
         Self {
             dev,
+            stream,
+            own_stream,
             max_kv,
+            queue: RefCell::default(),
+            last: RefCell::default(),
+            replay: RefCell::new(None),
+            pos,
             xq: RefCell::new(None),
             ids: RefCell::new(None),
             factors: RefCell::new(None),
         }
     }
 
-    /// A buffer of at least `rows × cols` for `t` (its contents kept only if large enough).
+    /// Queues kernel `k`.
+    fn rec(&self, k: K, cfg: LaunchConfig, args: Vec<Arg>) {
+        self.queue.borrow_mut().launches.push(Launch {
+            k,
+            grid: cfg.grid_dim.0,
+            block: cfg.block_dim.0,
+            args,
+        });
+    }
+
+    /// A device address holding `pos` when the step runs.
+    fn pos_arg(&self, pos: usize) -> Result<Arg> {
+        let full = self.queue.borrow().pos.len() >= POS_SLOTS;
+        if full {
+            self.flush()?;
+        }
+        let Some(buf) = &self.pos else {
+            return Err(gpu("no position buffer"));
+        };
+        let mut q = self.queue.borrow_mut();
+        let slot = q.pos.len();
+        q.pos.push(
+            i32::try_from(pos).map_err(|_| Error::InvalidArgument(format!("position {pos}")))?,
+        );
+        let Arg::P(base) = ptr(buf, &self.stream) else {
+            return Err(gpu("no position buffer"));
+        };
+        Ok(Arg::P(base + 4 * slot as u64))
+    }
+
+    /// Runs the queued step: from its graph when the same launches ran as one before,
+    /// captured when they repeat the previous step's, else launched one by one.
+    fn flush(&self) -> Result<()> {
+        let mut q = self.queue.borrow_mut();
+        if q.launches.is_empty() {
+            return Ok(());
+        }
+        let launches = std::mem::take(&mut q.launches);
+        let pos = std::mem::take(&mut q.pos);
+        let retired = std::mem::take(&mut q.retired);
+        drop(q);
+        if !pos.is_empty() {
+            // The slots, written before the launches that read them (stream order).
+            self.write_pos(&pos)?;
+        }
+        let mut replay = self.replay.borrow_mut();
+        let result = if replay.as_ref().is_some_and(|r| r.launches == launches) {
+            self.dev.replays.fetch_add(1, Ordering::Relaxed);
+            replay
+                .as_ref()
+                .map_or(Ok(()), |r| r.graph.launch().map_err(gpu))
+        } else if self.own_stream && *self.last.borrow() == launches {
+            match self.capture(&launches) {
+                Ok(graph) => {
+                    self.dev.captures.fetch_add(1, Ordering::Relaxed);
+                    let r = graph.launch().map_err(gpu);
+                    *replay = Some(Replay {
+                        launches: launches.clone(),
+                        graph,
+                    });
+                    r
+                }
+                // A graph that cannot be made: the launches one by one, as before.
+                Err(_) => self.run(&launches),
+            }
+        } else {
+            self.run(&launches)
+        };
+        *self.last.borrow_mut() = launches;
+        drop(retired);
+        result
+    }
+
+    fn write_pos(&self, pos: &[i32]) -> Result<()> {
+        let Some(buf) = &self.pos else {
+            return Err(gpu("no position buffer"));
+        };
+        // SAFETY: `buf` is this backend's and lives as long as it; the copy is ordered on
+        // its stream before the step's launches.
+        let dst = buf.device_ptr(&self.stream).0;
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, pos, self.stream.cu_stream()) }
+            .map_err(gpu)
+    }
+
+    fn run(&self, launches: &[Launch]) -> Result<()> {
+        for l in launches {
+            launch_on(&self.stream, &self.dev.k[l.k as usize], cfg_of(l), &l.args)?;
+        }
+        Ok(())
+    }
+
+    /// The launches captured from this backend's stream as a graph.
+    fn capture(&self, launches: &[Launch]) -> Result<CudaGraph> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(gpu)?;
+        let ran = self.run(launches);
+        let graph = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(gpu);
+        ran?;
+        graph?.ok_or_else(|| gpu("an empty graph"))
+    }
+
+    /// A buffer of at least `rows × cols` for `t` (its contents kept only if large enough;
+    /// a replaced buffer lives until the queued step that may use it has run).
     fn ensure(&self, m: &mut DevMat, rows: usize) -> Result<()> {
         let need = (rows * m.cols).max(1);
         if m.buf.as_ref().is_none_or(|b| b.len() < need) {
-            m.buf = Some(self.dev.zeros(need)?);
+            let new = self.stream.alloc_zeros::<f32>(need).map_err(gpu)?;
+            if let Some(old) = m.buf.replace(new) {
+                self.queue.borrow_mut().retired.push(old);
+            }
         }
         m.rows = rows;
         Ok(())
+    }
+
+    fn p<T>(&self, s: &CudaSlice<T>) -> Arg {
+        ptr(s, &self.stream)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Queued launches may use buffers about to be freed: run them first.
+        let _ = self.flush();
+        let _ = self.stream.synchronize();
+    }
+}
+
+fn cfg_of(l: &Launch) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (l.grid, 1, 1),
+        block_dim: (l.block, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
 fn blocks(n: usize, per: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((n as u32).div_ceil(per).max(1), 1, 1),
+        block_dim: (per, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn grid(n: usize, per: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.max(1) as u32, 1, 1),
         block_dim: (per, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -335,12 +583,6 @@ fn busy() -> Error {
 fn buf(m: &DevMat) -> Result<&CudaSlice<f32>> {
     m.buf
         .as_ref()
-        .ok_or_else(|| Error::InvalidArgument("a tensor read before it was written".into()))
-}
-
-fn buf_mut(m: &mut DevMat) -> Result<&mut CudaSlice<f32>> {
-    m.buf
-        .as_mut()
         .ok_or_else(|| Error::InvalidArgument("a tensor read before it was written".into()))
 }
 
@@ -391,23 +633,29 @@ impl Backend for CudaBackend {
     }
 
     fn read_row(&self, t: &CudaTensor, row: usize) -> Result<Vec<f32>> {
+        self.flush()?;
         let m = t.0.try_borrow().map_err(|_| busy())?;
         let b = buf(&m)?;
         let view = b.slice(row * m.cols..(row + 1) * m.cols);
-        self.dev.stream.clone_dtoh(&view).map_err(gpu)
+        self.stream.clone_dtoh(&view).map_err(gpu)
     }
 
     fn write(&self, t: &CudaTensor, rows: usize, data: Vec<f32>) -> Result<()> {
+        // Queued launches come first (they may read this tensor's old contents).
+        self.flush()?;
         let mut m = t.0.try_borrow_mut().map_err(|_| busy())?;
         self.ensure(&mut m, rows)?;
-        let b = buf_mut(&mut m)?;
+        let b = m
+            .buf
+            .as_mut()
+            .ok_or_else(|| Error::InvalidArgument("no buffer".into()))?;
         let mut view = b.slice_mut(0..data.len());
-        self.dev.stream.memcpy_htod(&data, &mut view).map_err(gpu)
+        self.stream.memcpy_htod(&data, &mut view).map_err(gpu)
     }
 
     fn weight(&self, w: WeightData) -> Result<CudaWeight> {
         if let Some(v) = &w.meta.values {
-            let values = Some(self.dev.stream.clone_htod(v).map_err(gpu)?);
+            let values = Some(self.dev.upload(v)?);
             return Ok(CudaWeight {
                 meta: w.meta.clone(),
                 bytes: None,
@@ -448,14 +696,24 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, table: &CudaWeight, ids: &[u32], scale: f32, o: &CudaTensor) -> Result<()> {
+        let (data, ty): (&CudaSlice<u8>, i32) = match (&table.bytes, &table.values) {
+            (Some(b), _) => (b, kernel_type(table.meta.ty).unwrap_or(0)),
+            (None, Some(_)) => {
+                return Err(Error::Unsupported(
+                    "decoded embedding tables on the CUDA backend".into(),
+                ));
+            }
+            (None, None) => return Err(Error::InvalidArgument("an empty weight".into())),
+        };
+        // The ids are copied now: queued launches that read the old ones run first.
+        self.flush()?;
         let mut o = o.0.try_borrow_mut().map_err(|_| busy())?;
         self.ensure(&mut o, ids.len())?;
         let k = table.meta.row_len();
         let mut ids_buf = self.ids.borrow_mut();
         if ids_buf.as_ref().is_none_or(|b| b.len() < ids.len()) {
             *ids_buf = Some(
-                self.dev
-                    .stream
+                self.stream
                     .alloc_zeros::<u32>(ids.len().max(1))
                     .map_err(gpu)?,
             );
@@ -465,38 +723,19 @@ impl Backend for CudaBackend {
         };
         if !ids.is_empty() {
             let mut view = ids_dev.slice_mut(0..ids.len());
-            self.dev.stream.memcpy_htod(ids, &mut view).map_err(gpu)?;
+            self.stream.memcpy_htod(ids, &mut view).map_err(gpu)?;
         }
-        let ids_dev = &*ids_dev;
-        let (data, ty): (&CudaSlice<u8>, i32) = match (&table.bytes, &table.values) {
-            (Some(b), _) => (b, kernel_type(table.meta.ty).unwrap_or(0)),
-            // Decoded tables are f32 values: the kernel reads them as F32 bytes.
-            (None, Some(_)) => {
-                return Err(Error::Unsupported(
-                    "decoded embedding tables on the CUDA backend".into(),
-                ));
-            }
-            (None, None) => return Err(Error::InvalidArgument("an empty weight".into())),
-        };
-        let out = buf_mut(&mut o)?;
-        let (k_i, n_i) = (k as i32, ids.len() as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (ids.len().max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(
-            self.dev,
-            self.dev.k.embed,
-            cfg,
-            data,
-            &ty,
-            &k_i,
-            ids_dev,
-            &n_i,
-            &scale,
-            out
-        )
+        let args = vec![
+            self.p(data),
+            Arg::I(ty),
+            Arg::I(k as i32),
+            self.p(ids_dev),
+            Arg::I(ids.len() as i32),
+            f(scale),
+            self.p(buf(&o)?),
+        ];
+        self.rec(K::Embed, grid(ids.len(), 256), args);
+        Ok(())
     }
 
     fn matmul(&self, x: &CudaTensor, w: &CudaWeight, o: &CudaTensor) -> Result<()> {
@@ -504,123 +743,70 @@ impl Backend for CudaBackend {
         let mut o = o.0.try_borrow_mut().map_err(|_| busy())?;
         let (k, n, rows) = (w.meta.row_len(), w.meta.n_rows(), x.rows);
         self.ensure(&mut o, rows)?;
-        let xb = buf(&x)?;
-        let out = buf_mut(&mut o)?;
-        let (k_i, n_i, rows_i) = (k as i32, n as i32, rows as i32);
+        let (xb, out) = (self.p(buf(&x)?), self.p(buf(&o)?));
+        let (k_i, n_i, rows_i) = (Arg::I(k as i32), Arg::I(n as i32), Arg::I(rows as i32));
         // One warp per output column, 8 warps per block.
-        let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(8).max(1), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+        let cfg = blocks(n * 32, 256);
+        let ty = Arg::I(kernel_type(w.meta.ty).unwrap_or(0));
+        // Quantized activations: Q8_K for the K-quants' integer products, else q8_0/q8_1.
+        let quantized = match w.meta.ty {
+            GgmlType::Q4_K | GgmlType::Q6_K => Some((rows * (k / 256), Q8_K_BYTES, None)),
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
+                Some((rows * (k / 32), 34, Some(0)))
+            }
+            GgmlType::Q4_1 | GgmlType::Q5_1 => Some((rows * (k / 32), 36, Some(1))),
+            _ => None,
         };
-        match (&w.bytes, &w.values) {
-            (Some(bytes), _) if matches!(w.meta.ty, GgmlType::Q4_K | GgmlType::Q6_K) => {
-                // Activations in Q8_K, as the CPU backend's K-quant products.
-                let ty = kernel_type(w.meta.ty).unwrap_or(0);
-                let blocks_n = rows * (k / 256);
-                let need = (blocks_n * Q8_K_BYTES).max(1);
+        match (&w.bytes, &w.values, quantized) {
+            (Some(bytes), _, Some((blocks_n, bytes_per, q81))) => {
+                let need = (blocks_n * bytes_per).max(1);
                 let mut xq = self.xq.borrow_mut();
                 if xq.as_ref().is_none_or(|b| b.len() < need) {
-                    *xq = Some(self.dev.stream.alloc_zeros::<u8>(need).map_err(gpu)?);
+                    // The old buffer may be read by queued launches: run them first.
+                    drop(xq);
+                    self.flush()?;
+                    xq = self.xq.borrow_mut();
+                    *xq = Some(self.stream.alloc_zeros::<u8>(need).map_err(gpu)?);
                 }
-                let Some(xq) = xq.as_mut() else {
+                let Some(xq) = xq.as_ref() else {
                     return Err(Error::InvalidArgument("no activation buffer".into()));
                 };
-                let b_i = blocks_n as i32;
-                launch!(
-                    self.dev,
-                    self.dev.k.quantize_q8k,
-                    blocks(blocks_n * 32, 256),
-                    xb,
-                    &b_i,
-                    &mut *xq
-                )?;
-                let xq = &*xq;
-                launch!(
-                    self.dev,
-                    self.dev.k.matmul_q8k,
-                    cfg,
-                    &**bytes,
-                    &ty,
-                    &k_i,
-                    &n_i,
-                    xq,
-                    &rows_i,
-                    out
-                )
-            }
-            (Some(bytes), _)
-                if !matches!(w.meta.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Q5_K) =>
-            {
-                // Quantized weights: activations quantized to 8 bits first, as the CPU
-                // backend (and ggml) does, so that both compute the same integer products.
-                let ty = kernel_type(w.meta.ty).unwrap_or(0);
-                let q81 = i32::from(matches!(w.meta.ty, GgmlType::Q4_1 | GgmlType::Q5_1));
-                let blocks_n = rows * (k / 32);
-                let need = (blocks_n * if q81 == 1 { 36 } else { 34 }).max(1);
-                let mut xq = self.xq.borrow_mut();
-                if xq.as_ref().is_none_or(|b| b.len() < need) {
-                    *xq = Some(self.dev.stream.alloc_zeros::<u8>(need).map_err(gpu)?);
-                }
-                let Some(xq) = xq.as_mut() else {
-                    return Err(Error::InvalidArgument("no activation buffer".into()));
+                let xq = self.p(xq);
+                let mm = match q81 {
+                    None => {
+                        let args = vec![xb, Arg::I(blocks_n as i32), xq];
+                        self.rec(K::QuantizeQ8k, blocks(blocks_n * 32, 256), args);
+                        K::MatmulQ8k
+                    }
+                    Some(q81) => {
+                        let args = vec![xb, rows_i, k_i, Arg::I(q81), xq];
+                        self.rec(K::QuantizeQ8, blocks(blocks_n * 32, 256), args);
+                        K::MatmulQ8
+                    }
                 };
-                launch!(
-                    self.dev,
-                    self.dev.k.quantize_q8,
-                    blocks(blocks_n * 32, 256),
-                    xb,
-                    &rows_i,
-                    &k_i,
-                    &q81,
-                    &mut *xq
-                )?;
-                let xq = &*xq;
-                launch!(
-                    self.dev,
-                    self.dev.k.matmul_q8,
+                self.rec(
+                    mm,
                     cfg,
-                    &**bytes,
-                    &ty,
-                    &k_i,
-                    &n_i,
-                    xq,
-                    &rows_i,
-                    out
-                )
+                    vec![self.p(&**bytes), ty, k_i, n_i, xq, rows_i, out],
+                );
+                Ok(())
             }
-            (Some(bytes), _) => {
-                let ty = kernel_type(w.meta.ty).unwrap_or(0);
-                launch!(
-                    self.dev,
-                    self.dev.k.matmul,
+            (Some(bytes), _, None) => {
+                // F16, F32 and Q5_K: values decoded on the fly, products in f32.
+                self.rec(
+                    K::Matmul,
                     cfg,
-                    &**bytes,
-                    &ty,
-                    &k_i,
-                    &n_i,
-                    xb,
-                    &rows_i,
-                    out
-                )
+                    vec![self.p(&**bytes), ty, k_i, n_i, xb, rows_i, out],
+                );
+                Ok(())
             }
-            (None, Some(values)) => {
+            (None, Some(values), _) => {
                 // f32 values, read as F32 blocks.
-                let ty = 0i32;
-                launch!(
-                    self.dev,
-                    self.dev.k.matmul,
-                    cfg,
-                    values,
-                    &ty,
-                    &k_i,
-                    &n_i,
-                    xb,
-                    &rows_i,
-                    out
-                )
+                let args = vec![self.p(values), Arg::I(0), k_i, n_i, xb, rows_i, out];
+                self.rec(K::Matmul, cfg, args);
+                Ok(())
             }
-            (None, None) => Err(Error::InvalidArgument("an empty weight".into())),
+            (None, None, _) => Err(Error::InvalidArgument("an empty weight".into())),
         }
     }
 
@@ -634,73 +820,74 @@ impl Backend for CudaBackend {
             .ok_or_else(|| Error::InvalidArgument("a norm weight must be decoded".into()))?;
         let g = w.meta.values.as_ref().map_or(0, Vec::len);
         let groups = (x.rows * x.cols) / g.max(1);
-        let (xb, out) = (buf(&x)?, buf_mut(&mut o)?);
-        let (g_i, groups_i) = (g as i32, groups as i32);
-        let cfg = LaunchConfig {
-            grid_dim: (groups.max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(
-            self.dev,
-            self.dev.k.rms_norm,
-            cfg,
-            xb,
-            values,
-            &g_i,
-            &eps,
-            out,
-            &groups_i
-        )
+        let args = vec![
+            self.p(buf(&x)?),
+            self.p(values),
+            Arg::I(g as i32),
+            f(eps),
+            self.p(buf(&o)?),
+            Arg::I(groups as i32),
+        ];
+        self.rec(K::RmsNorm, grid(groups, 256), args);
+        Ok(())
     }
 
-    fn rope(&self, x: &CudaTensor, pos: u32, p: &RopeParams, f: Option<&[f32]>) -> Result<()> {
-        let mut m = x.0.try_borrow_mut().map_err(|_| busy())?;
-        let (rows, cols) = (m.rows, m.cols);
-        let mut cached = self.factors.borrow_mut();
-        if let Some(f) = f
-            && cached.as_ref().is_none_or(|(v, _)| v.as_slice() != f)
-        {
-            *cached = Some((f.to_vec(), self.dev.stream.clone_htod(f).map_err(gpu)?));
+    fn rope(&self, x: &CudaTensor, pos: u32, p: &RopeParams, fac: Option<&[f32]>) -> Result<()> {
+        let changed = fac.is_some_and(|v| {
+            self.factors
+                .borrow()
+                .as_ref()
+                .is_none_or(|(old, _)| old.as_slice() != v)
+        });
+        if let (true, Some(v)) = (changed, fac) {
+            // Queued launches may read the old factors: run them first.
+            self.flush()?;
+            *self.factors.borrow_mut() = Some((v.to_vec(), self.dev.upload(v)?));
         }
-        let factors = f.and(cached.as_ref().map(|(_, d)| d));
+        let pos_arg = self.pos_arg(pos as usize)?;
+        let m = x.0.try_borrow_mut().map_err(|_| busy())?;
+        let (rows, cols) = (m.rows, m.cols);
         let corr = p.yarn_corr_dims();
-        let xb = buf_mut(&mut m)?;
-        let (rows_i, cols_i, hd, n_rot) =
-            (rows as i32, cols as i32, p.head_dim as i32, p.n_rot as i32);
-        let neox = i32::from(p.mode == RopeMode::Neox);
-        let pos_i = pos as i32;
-        let has = i32::from(factors.is_some());
-        let fac = factors.unwrap_or(&self.dev.none);
+        let factors = self.factors.borrow();
+        let fac_arg = match (fac, factors.as_ref()) {
+            (Some(_), Some((_, d))) => self.p(d),
+            _ => self.p(&self.dev.none),
+        };
         let n = rows * (cols / p.head_dim.max(1) as usize) * (p.n_rot as usize / 2);
-        launch!(
-            self.dev,
-            self.dev.k.rope,
-            blocks(n, 256),
-            xb,
-            &rows_i,
-            &cols_i,
-            &hd,
-            &n_rot,
-            &neox,
-            &pos_i,
-            &p.freq_base,
-            &p.freq_scale,
-            &p.ext_factor,
-            &p.attn_factor,
-            &corr[0],
-            &corr[1],
-            fac,
-            &has
-        )
+        let args = vec![
+            self.p(buf(&m)?),
+            Arg::I(rows as i32),
+            Arg::I(cols as i32),
+            Arg::I(p.head_dim as i32),
+            Arg::I(p.n_rot as i32),
+            Arg::I(i32::from(p.mode == RopeMode::Neox)),
+            pos_arg,
+            f(p.freq_base),
+            f(p.freq_scale),
+            f(p.ext_factor),
+            f(p.attn_factor),
+            f(corr[0]),
+            f(corr[1]),
+            fac_arg,
+            Arg::I(i32::from(fac.is_some())),
+        ];
+        self.rec(K::Rope, blocks(n, 256), args);
+        Ok(())
     }
 
     fn attention(&self, a: Attention<'_, Self>, o: &CudaTensor) -> Result<()> {
+        let c = a.cache.shape;
+        if c.head_dim > 512 {
+            return Err(Error::Unsupported(format!(
+                "attention heads of {} values on the CUDA backend (at most 512)",
+                c.head_dim
+            )));
+        }
+        let pos_arg = self.pos_arg(a.pos)?;
         let q = a.q.0.try_borrow().map_err(|_| busy())?;
         let k = a.k.0.try_borrow().map_err(|_| busy())?;
         let v = a.v.0.try_borrow().map_err(|_| busy())?;
         let mut o = o.0.try_borrow_mut().map_err(|_| busy())?;
-        let c = a.cache.shape;
         let width = c.n_head_kv * c.head_dim;
         let mut layers = a.cache.layers.borrow_mut();
         let slot = layers
@@ -708,122 +895,99 @@ impl Backend for CudaBackend {
             .ok_or_else(|| Error::InvalidArgument(format!("layer {}", a.layer)))?;
         if slot.is_none() {
             let n = (c.n_ctx * width).max(1);
-            let kc = self.dev.stream.alloc_zeros::<u16>(n).map_err(gpu)?;
-            let vc = self.dev.stream.alloc_zeros::<u16>(n).map_err(gpu)?;
+            let kc = self.stream.alloc_zeros::<u16>(n).map_err(gpu)?;
+            let vc = self.stream.alloc_zeros::<u16>(n).map_err(gpu)?;
             *slot = Some((kc, vc));
         }
-        let Some((kc, vc)) = slot.as_mut() else {
+        let Some((kc, vc)) = slot.as_ref() else {
             return Err(Error::InvalidArgument("no cache".into()));
         };
         let rows = q.rows;
-        let (rows_i, width_i, pos_i) = (rows as i32, width as i32, a.pos as i32);
-        let (kb, vb) = (buf(&k)?, buf(&v)?);
-        launch!(
-            self.dev,
-            self.dev.k.kv_store,
-            blocks(rows * width, 256),
-            kb,
-            vb,
-            &rows_i,
-            &width_i,
-            &pos_i,
-            &mut *kc,
-            &mut *vc
-        )?;
+        let (kc, vc) = (self.p(kc), self.p(vc));
+        let args = vec![
+            self.p(buf(&k)?),
+            self.p(buf(&v)?),
+            Arg::I(rows as i32),
+            Arg::I(width as i32),
+            pos_arg,
+            kc,
+            vc,
+        ];
+        self.rec(K::KvStore, blocks(rows * width, 256), args);
         if let Some(f) = a.cache.filled.borrow_mut().get_mut(a.layer) {
             *f = a.pos + rows;
         }
         self.ensure(&mut o, rows)?;
-        let qb = buf(&q)?;
-        let out = buf_mut(&mut o)?;
-        let (nh, nkv, hd) = (a.n_head as i32, c.n_head_kv as i32, c.head_dim as i32);
-        let window = a.window as i32;
-        let cfg = LaunchConfig {
-            grid_dim: ((rows * a.n_head).max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: ((a.pos + rows) * 4) as u32,
-        };
-        let (kc, vc) = (&*kc, &*vc);
-        launch!(
-            self.dev,
-            self.dev.k.attention,
-            cfg,
-            qb,
+        let args = vec![
+            self.p(buf(&q)?),
             kc,
             vc,
-            &rows_i,
-            &nh,
-            &nkv,
-            &hd,
-            &pos_i,
-            &a.scale,
-            &window,
-            out
-        )
+            Arg::I(rows as i32),
+            Arg::I(a.n_head as i32),
+            Arg::I(c.n_head_kv as i32),
+            Arg::I(c.head_dim as i32),
+            pos_arg,
+            f(a.scale),
+            Arg::I(a.window as i32),
+            self.p(buf(&o)?),
+        ];
+        self.rec(K::Attention, grid(rows * a.n_head, 256), args);
+        Ok(())
     }
 
     fn glu(&self, gate: &CudaTensor, up: &CudaTensor, act: Activation) -> Result<()> {
         let g = gate.0.try_borrow().map_err(|_| busy())?;
-        let mut u = up.0.try_borrow_mut().map_err(|_| busy())?;
+        let u = up.0.try_borrow_mut().map_err(|_| busy())?;
         let n = u.rows * u.cols;
-        let (gb, ub) = (buf(&g)?, buf_mut(&mut u)?);
-        let (n_i, act_i) = (n as i32, i32::from(act == Activation::GeluTanh));
-        launch!(
-            self.dev,
-            self.dev.k.glu,
-            blocks(n, 256),
-            gb,
-            ub,
-            &n_i,
-            &act_i
-        )
+        let args = vec![
+            self.p(buf(&g)?),
+            self.p(buf(&u)?),
+            Arg::I(n as i32),
+            Arg::I(i32::from(act == Activation::GeluTanh)),
+        ];
+        self.rec(K::Glu, blocks(n, 256), args);
+        Ok(())
     }
 
     fn add(&self, acc: &CudaTensor, x: &CudaTensor) -> Result<()> {
-        let mut a = acc.0.try_borrow_mut().map_err(|_| busy())?;
+        let a = acc.0.try_borrow_mut().map_err(|_| busy())?;
         let x = x.0.try_borrow().map_err(|_| busy())?;
         let n = a.rows * a.cols;
-        let (ab, xb) = (buf_mut(&mut a)?, buf(&x)?);
-        let n_i = n as i32;
-        launch!(self.dev, self.dev.k.add, blocks(n, 256), ab, xb, &n_i)
+        let args = vec![self.p(buf(&a)?), self.p(buf(&x)?), Arg::I(n as i32)];
+        self.rec(K::Add, blocks(n, 256), args);
+        Ok(())
     }
 
     fn scale(&self, x: &CudaTensor, s: f32) -> Result<()> {
-        let mut m = x.0.try_borrow_mut().map_err(|_| busy())?;
+        let m = x.0.try_borrow_mut().map_err(|_| busy())?;
         let n = m.rows * m.cols;
-        let xb = buf_mut(&mut m)?;
-        let n_i = n as i32;
-        launch!(self.dev, self.dev.k.scale, blocks(n, 256), xb, &n_i, &s)
+        let args = vec![self.p(buf(&m)?), Arg::I(n as i32), f(s)];
+        self.rec(K::Scale, blocks(n, 256), args);
+        Ok(())
     }
 
     fn softmax(&self, x: &CudaTensor) -> Result<()> {
-        let mut m = x.0.try_borrow_mut().map_err(|_| busy())?;
-        let (rows, cols) = (m.rows, m.cols as i32);
-        let xb = buf_mut(&mut m)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self.dev, self.dev.k.softmax, cfg, xb, &cols)
+        let m = x.0.try_borrow_mut().map_err(|_| busy())?;
+        let args = vec![self.p(buf(&m)?), Arg::I(m.cols as i32)];
+        self.rec(K::Softmax, grid(m.rows, 256), args);
+        Ok(())
     }
 
     fn keep_last_row(&self, x: &CudaTensor) -> Result<()> {
         let mut m = x.0.try_borrow_mut().map_err(|_| busy())?;
         if m.rows > 1 {
-            let (rows, cols) = (m.rows as i32, m.cols as i32);
-            let n = m.cols;
-            let xb = buf_mut(&mut m)?;
-            launch!(
-                self.dev,
-                self.dev.k.last_row,
-                blocks(n, 256),
-                xb,
-                &rows,
-                &cols
-            )?;
+            let args = vec![
+                self.p(buf(&m)?),
+                Arg::I(m.rows as i32),
+                Arg::I(m.cols as i32),
+            ];
+            self.rec(K::LastRow, blocks(m.cols, 256), args);
             m.rows = 1;
         }
         Ok(())
+    }
+
+    fn rest(&self) {
+        let _ = self.flush();
     }
 }

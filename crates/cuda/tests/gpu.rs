@@ -277,6 +277,10 @@ fn smollm2_greedy_ids_equal_the_cpu_backends_up_to_near_ties() {
         greedy(&second, prompt_of(first), 16).0,
         greedy(&on_gpu, prompt_of(first), 16).0
     );
+    // Decoding ran from captured CUDA graphs (a step repeating the one before).
+    let (replays, captures) = dev.graph_stats();
+    println!("{replays} steps replayed from {captures} captured graphs");
+    assert!(replays > 0 && captures > 0, "no step ran from a graph");
     println!("{} prompts, {compared} tokens compared", cases.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
