@@ -112,6 +112,7 @@ test-gpu: models
 examples: models build adapters standalone node-host $(VENV)/.ok
 	$(CARGO) run --release -q -j$(JOBS) -p realm-host --example local-chat
 	$(CARGO) run --release -q -j$(JOBS) -p realm-host --example streaming
+	$(CARGO) run --release -q -j$(JOBS) -p realm-host --example gpu-test
 	examples/wasi-nn-app/run.sh
 	examples/spin-app/run.sh
 	examples/python-host/run.sh
