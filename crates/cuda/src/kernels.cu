@@ -276,7 +276,13 @@ extern "C" __global__ void kv_store(const float* k, const float* v, int rows, in
 extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, int rows,
                                      int n_head, int n_kv, int hd, const int* pos_p,
                                      float scale, int window, float* out) {
-    __shared__ float sc[ATT_CHUNK];
+    // Scores, then per position the online softmax's factors: `msa` rescales what was
+    // summed before (1 when the maximum did not rise), `vsa` weighs the position's value.
+    // They depend on the scores only, so the block computes them once (a prefix maximum
+    // over the chunk, eight positions per thread: blockDim is 256) and each thread's walk
+    // over its output values is left with the f16 rounding chain, in the same order.
+    __shared__ float sc[ATT_CHUNK], msa[ATT_CHUNK], vsa[ATT_CHUNK];
+    __shared__ float wmax[8], qs[512];
     int pos = *pos_p;
     int r = blockIdx.x / n_head, h = blockIdx.x % n_head;
     int kvh = h / (n_head / n_kv), width = n_kv * hd;
@@ -285,34 +291,73 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     int len = p + 1 - start;
     const float* qh = q + (size_t)r * n_head * hd + h * hd;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    float sum[2] = {0.0f, 0.0f}, m[2] = {NEG_INF, NEG_INF};
+    float sum[2] = {0.0f, 0.0f}, m_prev = NEG_INF;
     u16 acc[2] = {0, 0};
+    // q rounded to f16 once.
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = h2f(f2h(qh[d]));
     for (int c0 = 0; c0 < len; c0 += ATT_CHUNK) {
         int cl = min(ATT_CHUNK, len - c0);
         __syncthreads();
         for (int j = warp; j < cl; j += warps) {
             const u16* kr = kc + (size_t)(start + c0 + j) * width + kvh * hd;
             float s = 0;
-            for (int d = lane; d < hd; d += 32) s += h2f(f2h(qh[d])) * h2f(kr[d]);
+            for (int d = lane; d < hd; d += 32) s += qs[d] * h2f(kr[d]);
             s = warp_sum(s);
             if (lane == 0) sc[j] = s * scale;
         }
         __syncthreads();
+        int base = threadIdx.x * 8;
+        float lm = NEG_INF;
+        for (int i = 0; i < 8; i++) {
+            if (base + i < cl) lm = fmaxf(lm, sc[base + i]);
+        }
+        float incl = lm;
+        for (int o = 1; o < 32; o <<= 1) {
+            float y = __shfl_up_sync(0xffffffff, incl, o);
+            if (lane >= o) incl = fmaxf(incl, y);
+        }
+        if (lane == 31) wmax[warp] = incl;
+        __syncthreads();
+        float run = m_prev, total = m_prev;
+        for (int w = 0; w < warps; w++) {
+            if (w < warp) run = fmaxf(run, wmax[w]);
+            total = fmaxf(total, wmax[w]);
+        }
+        float excl = __shfl_up_sync(0xffffffff, incl, 1);
+        if (lane > 0) run = fmaxf(run, excl);
+        for (int i = 0; i < 8; i++) {
+            int j = base + i;
+            if (j >= cl) break;
+            float s = sc[j];
+            if (s > run) {
+                msa[j] = expf(run - s);
+                vsa[j] = 1.0f;
+                run = s;
+            } else {
+                msa[j] = 1.0f;
+                vsa[j] = expf(s - run);
+            }
+        }
+        m_prev = total;
+        __syncthreads();
         for (int t = 0; t < 2; t++) {
             int d = threadIdx.x + t * blockDim.x;
             if (d >= hd) break;
-            for (int j = 0; j < cl; j++) {
-                float s = sc[j], ms = 1.0f, vs = 1.0f;
-                if (s > m[t]) {
-                    ms = expf(m[t] - s);
-                    m[t] = s;
-                    acc[t] = f2h(h2f(acc[t]) * ms);
-                } else {
-                    vs = expf(s - m[t]);
+            const u16* vcol = vc + (size_t)(start + c0) * width + kvh * hd + d;
+            // Eight values loaded ahead of the dependent chain, not one load per step.
+            for (int j0 = 0; j0 < cl; j0 += 8) {
+                u16 vv[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) vv[u] = j0 + u < cl ? vcol[(size_t)(j0 + u) * width] : 0;
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    int j = j0 + u;
+                    if (j >= cl) break;
+                    float ms = msa[j], vs = vsa[j];
+                    if (ms != 1.0f) acc[t] = f2h(h2f(acc[t]) * ms);
+                    sum[t] = fmaf(sum[t], ms, vs);
+                    acc[t] = f2h(fmaf(h2f(vv[u]), vs, h2f(acc[t])));
                 }
-                sum[t] = fmaf(sum[t], ms, vs);
-                float v = h2f(vc[(size_t)(start + c0 + j) * width + kvh * hd + d]);
-                acc[t] = f2h(fmaf(v, vs, h2f(acc[t])));
             }
         }
     }
@@ -414,11 +459,7 @@ extern "C" __global__ void last_row(float* x, int rows, int cols) {
 // Activations quantized as ggml's quantize_row_q8_0 / q8_1 (the CPU backend's numerics:
 // scale amax/127 stored in f16, values rounded half to even; q8_1 also stores d·Σq), one
 // warp per 32-value block: rows × k/32 blocks of 34 (q8_0) or 36 (q8_1) bytes.
-extern "C" __global__ void quantize_q8(const float* x, int rows, int k, int q81, u8* out) {
-    int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    int nb = k / 32;
-    if (blk >= rows * nb) return;
+__device__ __forceinline__ void q8_block(const float* x, int blk, int lane, int q81, u8* out) {
     float v = x[(size_t)blk * 32 + lane];
     float amax = fabsf(v);
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
@@ -442,14 +483,17 @@ extern "C" __global__ void quantize_q8(const float* x, int rows, int k, int q81,
     b[(q81 ? 4 : 2) + lane] = (u8)(signed char)q;
 }
 
+extern "C" __global__ void quantize_q8(const float* x, int rows, int k, int q81, u8* out) {
+    int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (blk >= rows * (k / 32)) return;
+    q8_block(x, blk, threadIdx.x & 31, q81, out);
+}
+
 // y[r][j] = w[j] · x[r] with x quantized (quantize_q8): integer dot products per block,
 // combined in f32 as ggml's vec_dot_q*_q8_* do. One warp per output column, a lane per
 // block at a time.
-extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8* xq, int rows,
-                                     float* y) {
-    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (warp >= n) return;
+__device__ __forceinline__ void matmul_q8_col(const u8* w, int ty, int k, int n, const u8* xq,
+                                              int rows, float* y, int warp, int lane) {
     int nb = k / 32, bb = block_bytes(ty);
     int q81 = ty == T_Q4_1 || ty == T_Q5_1;
     int xbytes = q81 ? 36 : 34;
@@ -507,14 +551,32 @@ extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8
     }
 }
 
+extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8* xq, int rows,
+                                     float* y) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= n) return;
+    matmul_q8_col(w, ty, k, n, xq, rows, y, warp, threadIdx.x & 31);
+}
+
+// quantize_q8 and matmul_q8 in one launch, for a few rows (decoding): each block quantizes
+// all of x into shared memory (the same bytes quantize_q8 writes), then its warps take their
+// columns. One launch a matmul instead of two.
+extern "C" __global__ void matmul_q8_fused(const u8* w, int ty, int k, int n, const float* x,
+                                           int rows, float* y) {
+    extern __shared__ u8 xs[];
+    int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int q81 = ty == T_Q4_1 || ty == T_Q5_1;
+    for (int blk = wib; blk < rows * (k / 32); blk += warps) q8_block(x, blk, lane, q81, xs);
+    __syncthreads();
+    int warp = blockIdx.x * warps + wib;
+    if (warp < n) matmul_q8_col(w, ty, k, n, xs, rows, y, warp, lane);
+}
+
 // Rows of x in ggml's Q8_K (quantize_row_q8_K_ref), one warp per 256-value block, eight
 // values per lane: the scale from the signed value of largest magnitude (the first such),
 // -127 / max, rounded half to even and clamped at 127; then f32 1/scale, 256 × i8 and the
 // 16 sums of 16 as i16 (292 bytes).
-extern "C" __global__ void quantize_q8k(const float* x, int blocks, u8* out) {
-    int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (blk >= blocks) return;
+__device__ __forceinline__ void q8k_block(const float* x, int blk, int lane, u8* out) {
     const float* xb = x + (size_t)blk * 256 + lane * 8;
     float v[8];
     float amax = 0.0f, max = 0.0f;
@@ -564,15 +626,18 @@ extern "C" __global__ void quantize_q8k(const float* x, int blocks, u8* out) {
     }
 }
 
+extern "C" __global__ void quantize_q8k(const float* x, int blocks, u8* out) {
+    int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (blk >= blocks) return;
+    q8k_block(x, blk, threadIdx.x & 31, out);
+}
+
 // y[r][j] = w[j] · x[r] for Q4_K and Q6_K weights against Q8_K rows: one warp per output
 // column, a super-block at a time, eight values per lane (lanes 4s..4s+3: sub-block s of
 // 32); each super-block's integer sums are exact, combined in f32 as ggml's
 // vec_dot_q4_K/q6_K_q8_K do (d_x·d_w·Σ scale·dot, minus d_x·dmin·Σ min·bsum).
-extern "C" __global__ void matmul_q8k(const u8* w, int ty, int k, int n, const u8* xq,
-                                      int rows, float* y) {
-    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (warp >= n) return;
+__device__ __forceinline__ void matmul_q8k_col(const u8* w, int ty, int k, int n, const u8* xq,
+                                               int rows, float* y, int warp, int lane) {
     int nb = k / 256, bb = k_bytes(ty);
     const u8* wr = w + (size_t)warp * nb * bb;
     int sub = lane / 4, at = lane * 8;
@@ -633,4 +698,22 @@ extern "C" __global__ void matmul_q8k(const u8* w, int ty, int k, int n, const u
         }
         if (lane == 0) y[(size_t)r * n + warp] = acc + acc_m;
     }
+}
+
+extern "C" __global__ void matmul_q8k(const u8* w, int ty, int k, int n, const u8* xq,
+                                      int rows, float* y) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= n) return;
+    matmul_q8k_col(w, ty, k, n, xq, rows, y, warp, threadIdx.x & 31);
+}
+
+// quantize_q8k and matmul_q8k in one launch, as matmul_q8_fused.
+extern "C" __global__ void matmul_q8k_fused(const u8* w, int ty, int k, int n, const float* x,
+                                            int rows, float* y) {
+    extern __shared__ u8 xs[];
+    int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int blk = wib; blk < rows * (k / 256); blk += warps) q8k_block(x, blk, lane, xs);
+    __syncthreads();
+    int warp = blockIdx.x * warps + wib;
+    if (warp < n) matmul_q8k_col(w, ty, k, n, xs, rows, y, warp, lane);
 }

@@ -72,9 +72,11 @@ enum K {
     Scale,
     Softmax,
     LastRow,
+    MatmulQ8Fused,
+    MatmulQ8kFused,
 }
 
-const KERNEL_NAMES: [&str; 15] = [
+const KERNEL_NAMES: [&str; 17] = [
     "matmul",
     "quantize_q8",
     "matmul_q8",
@@ -90,7 +92,15 @@ const KERNEL_NAMES: [&str; 15] = [
     "scale",
     "softmax",
     "last_row",
+    "matmul_q8_fused",
+    "matmul_q8k_fused",
 ];
+
+/// Quantized activations of up to this many rows and bytes are made inside the matmul's
+/// blocks, in shared memory (one launch instead of two: decoding). Every block quantizes
+/// all rows, so prompts keep their own quantization kernel.
+const FUSED_ROWS: usize = 8;
+const FUSED_SMEM: usize = 48 * 1024;
 
 /// One GPU: its context, kernels and the weights uploaded to it (shared by every tenant's
 /// backend there; each tenant computes on a stream of its own).
@@ -301,6 +311,7 @@ struct Launch {
     k: K,
     grid: u32,
     block: u32,
+    smem: u32,
     args: Vec<Arg>,
 }
 
@@ -426,6 +437,7 @@ impl CudaBackend {
             k,
             grid: cfg.grid_dim.0,
             block: cfg.block_dim.0,
+            smem: cfg.shared_mem_bytes,
             args,
         });
     }
@@ -556,7 +568,7 @@ fn cfg_of(l: &Launch) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (l.grid, 1, 1),
         block_dim: (l.block, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: l.smem,
     }
 }
 
@@ -758,6 +770,25 @@ impl Backend for CudaBackend {
             _ => None,
         };
         match (&w.bytes, &w.values, quantized) {
+            (Some(bytes), _, Some((blocks_n, bytes_per, q81)))
+                if rows <= FUSED_ROWS && blocks_n * bytes_per <= FUSED_SMEM =>
+            {
+                let k = if q81.is_some() {
+                    K::MatmulQ8Fused
+                } else {
+                    K::MatmulQ8kFused
+                };
+                let cfg = LaunchConfig {
+                    shared_mem_bytes: (blocks_n * bytes_per) as u32,
+                    ..cfg
+                };
+                self.rec(
+                    k,
+                    cfg,
+                    vec![self.p(&**bytes), ty, k_i, n_i, xb, rows_i, out],
+                );
+                Ok(())
+            }
             (Some(bytes), _, Some((blocks_n, bytes_per, q81))) => {
                 let need = (blocks_n * bytes_per).max(1);
                 let mut xq = self.xq.borrow_mut();
