@@ -61,6 +61,13 @@ remote)
     grep -m1 'model name' /proc/cpuinfo
     REALM_REQUIRE_GPU=1 REALM_GPU_MODEL="$SCRATCH"/model.gguf "$SCRATCH"/gpu-test --nocapture
     "$SCRATCH"/realm run --device cuda --model "$SCRATCH"/model.gguf --temp 0 -n 24 "What is the capital of France?"
+    # Partial offload: half the blocks on the GPU, the rest on the CPU (greedy texts may part
+    # from the CPU's at a near-tie, as the GPU's do).
+    split=$("$SCRATCH"/realm run --device cuda --gpu-layers 15 --model "$SCRATCH"/model.gguf --temp 0 -n 24 "What is the capital of France?")
+    whole=$("$SCRATCH"/realm run --model "$SCRATCH"/model.gguf --temp 0 -n 24 "What is the capital of France?")
+    echo "--gpu-layers 15: $split"
+    echo "cpu:             $whole"
+    "$SCRATCH"/realm bench --device cuda --gpu-layers 15 --model "$SCRATCH"/model.gguf -t "$(nproc)" -p 512 -n 128 --runs 3
     "$SCRATCH"/realm bench --device cuda --model "$SCRATCH"/model.gguf -t 1 -p 64,512 -n 128 --runs 3
     "$SCRATCH"/realm bench --model "$SCRATCH"/model.gguf -t "$(nproc)" -p 64,512 -n 128 --runs 3
     ;;

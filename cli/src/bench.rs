@@ -172,6 +172,7 @@ fn decode(model: &mut Model, n: u32) -> anyhow::Result<(f64, Split)> {
 pub fn run(
     path: &Path,
     device: &str,
+    gpu_layers: Option<usize>,
     threads: &[usize],
     prompts: &[u32],
     n_gen: u32,
@@ -188,6 +189,7 @@ pub fn run(
             threads: t,
             max_resident,
             device: device.to_string(),
+            gpu_layers,
             ..EngineConfig::default()
         };
         let engine = Engine::new(config)?;
@@ -247,6 +249,7 @@ pub fn run(
         "model": path.display().to_string(),
         "device": device,
         "device_name": device_name,
+        "gpu_layers": gpu_layers,
         "runs": runs,
         "peak_rss_bytes": peak_rss,
         "decode_weight_bytes": weight_bytes,
@@ -260,9 +263,12 @@ pub fn run(
         return Ok(());
     }
     println!(
-        "model {} · {runs} runs each · peak RSS {} MiB · device {device} ({device_name}) · CPU kernels {}",
+        "model {} · {runs} runs each · peak RSS {} MiB · device {device} ({device_name}){} · CPU kernels {}",
         path.display(),
         peak_rss >> 20,
+        gpu_layers.map_or(String::new(), |n| format!(
+            ", first {n} blocks on it, the rest on the CPU"
+        )),
         out["kernels"].as_str().unwrap_or("?")
     );
     println!("| threads | test | tokens/s median | min | max |");

@@ -31,6 +31,10 @@ struct GenOpts {
     /// Where to compute: cpu, or cuda[:N] (an NVIDIA GPU; needs its driver and NVRTC).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// With --device cuda: only the first N transformer blocks on the GPU, the rest of the
+    /// model on the CPU (partial offload, for models larger than the GPU's memory).
+    #[arg(long, value_name = "N")]
+    gpu_layers: Option<usize>,
     /// Compute threads (default: all cores).
     #[arg(long, short)]
     threads: Option<usize>,
@@ -172,6 +176,7 @@ impl GenOpts {
         }
         config.max_resident = self.max_resident;
         config.device = self.device.clone();
+        config.gpu_layers = self.gpu_layers;
         let spinner = indicatif::ProgressBar::new_spinner();
         spinner.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         spinner.enable_steady_tick(std::time::Duration::from_millis(120));
@@ -201,6 +206,10 @@ struct ServeOpts {
     /// Where to compute: cpu, or cuda[:N] (an NVIDIA GPU; needs its driver and NVRTC).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// With --device cuda: only the first N transformer blocks on the GPU, the rest of the
+    /// model on the CPU (partial offload, for models larger than the GPU's memory).
+    #[arg(long, value_name = "N")]
+    gpu_layers: Option<usize>,
     /// Compute threads shared by all requests (default: all cores).
     #[arg(long, short)]
     threads: Option<usize>,
@@ -317,6 +326,7 @@ impl ServeOpts {
         engine.max_resident = self.max_resident;
         engine.batch = !self.no_batch;
         engine.device = self.device.clone();
+        engine.gpu_layers = self.gpu_layers;
         engine.max_guest_memory = usize::try_from(self.max_guest_memory).unwrap_or(usize::MAX);
         Ok(serve::ServeConfig {
             host: self.host,
@@ -367,6 +377,9 @@ enum Command {
         /// Where to compute: cpu, or cuda[:N] (an NVIDIA GPU; needs its driver and NVRTC).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// With --device cuda: only the first N transformer blocks on the GPU.
+        #[arg(long, value_name = "N")]
+        gpu_layers: Option<usize>,
         /// Thread counts to measure (comma-separated).
         #[arg(long, short, value_delimiter = ',', default_value = "1,2")]
         threads: Vec<usize>,
@@ -617,6 +630,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             model,
             device,
+            gpu_layers,
             threads,
             prompt,
             n_gen,
@@ -628,6 +642,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             bench::run(
                 &path,
                 &device,
+                gpu_layers,
                 &threads,
                 &prompt,
                 n_gen,

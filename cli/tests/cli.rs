@@ -151,4 +151,12 @@ fn devices_are_chosen_by_name_with_one_line_errors() {
         );
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
+    // Partial offload needs a GPU device.
+    let out = realm(&["run", "--gpu-layers", "4", "--model", m, "-n", "4", "Hi"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--gpu-layers") && err.contains("--device cuda"),
+        "{err}"
+    );
 }

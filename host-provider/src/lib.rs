@@ -116,6 +116,9 @@ pub struct EngineConfig {
     pub guest_env: Vec<(String, String)>,
     /// The compute backend (`compute::DEVICES`): `cpu`.
     pub device: String,
+    /// With a GPU device: only this many transformer blocks on it, the rest of the model
+    /// on the CPU (partial offload; None: all of it on the device).
+    pub gpu_layers: Option<usize>,
     /// Run the tenants' steps in rounds, every weight's matmuls of a round as one product
     /// (see `realm_kernels::batch`): for many concurrent tenants (`realm serve`).
     pub batch: bool,
@@ -130,6 +133,7 @@ impl Default for EngineConfig {
             component: default_component_path(),
             max_guest_memory: DEFAULT_GUEST_MEMORY,
             device: "cpu".into(),
+            gpu_layers: None,
             max_resident: None,
             guest_env: Vec::new(),
             batch: false,
@@ -302,7 +306,8 @@ impl Engine {
             .batch
             .then(|| Arc::new(realm_kernels::batch::Batcher::default()));
         // An unknown device is refused here, before any tenant starts.
-        compute::backend(&config.device, &spin, batcher.as_ref()).map_err(|e| anyhow!(e))?;
+        compute::backend(&config.device, config.gpu_layers, &spin, batcher.as_ref())
+            .map_err(|e| anyhow!(e))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (stop, ticking) = (ticker_stop.clone(), engine.clone());
         std::thread::Builder::new()
@@ -347,8 +352,13 @@ impl Engine {
 
     /// A fresh backend of the configured device for one tenant.
     fn backend(&self) -> anyhow::Result<realm_compute::Erased> {
-        compute::backend(&self.config.device, &self.spin, self.batcher.as_ref())
-            .map_err(|e| anyhow!(e))
+        compute::backend(
+            &self.config.device,
+            self.config.gpu_layers,
+            &self.spin,
+            self.batcher.as_ref(),
+        )
+        .map_err(|e| anyhow!(e))
     }
 
     /// A compute provider (`realm:compute`) serving the model files `models` (name, path)

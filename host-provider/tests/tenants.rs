@@ -12,7 +12,8 @@ use wasmtime::component::Resource;
 fn tenant() -> ComputeState {
     let spin = Arc::new(realm_host::compute::pool::SpinPool::new(1).expect("spin pool"));
     let batcher = Arc::new(realm_kernels::batch::Batcher::default());
-    let cpu = realm_host::compute::backend("cpu", &spin, Some(&batcher)).expect("the cpu backend");
+    let cpu =
+        realm_host::compute::backend("cpu", None, &spin, Some(&batcher)).expect("the cpu backend");
     ComputeState::new(HashMap::new(), cpu, None)
 }
 
@@ -162,7 +163,7 @@ fn tenants_batched_in_one_product_keep_their_own_data() {
     let spin = Arc::new(realm_host::compute::pool::SpinPool::new(2).expect("spin pool"));
     let batcher = Arc::new(realm_kernels::batch::Batcher::default());
     let tenant = || {
-        let cpu = realm_host::compute::backend("cpu", &spin, Some(&batcher)).expect("cpu");
+        let cpu = realm_host::compute::backend("cpu", None, &spin, Some(&batcher)).expect("cpu");
         ComputeState::new(models.clone(), cpu, None)
     };
     let input = |t: usize| -> Vec<f32> {
@@ -172,7 +173,7 @@ fn tenants_batched_in_one_product_keep_their_own_data() {
     };
     // What each tenant's row gives alone.
     let alone = |t: usize| -> Vec<f32> {
-        let cpu = realm_host::compute::backend("cpu", &spin, None).expect("cpu");
+        let cpu = realm_host::compute::backend("cpu", None, &spin, None).expect("cpu");
         let mut s = ComputeState::new(models.clone(), cpu, None);
         multiply(&mut s, input(t), || {}).2
     };
@@ -239,7 +240,7 @@ fn tenants_of_one_engine_share_one_resident_budget() {
     let spin = Arc::new(realm_host::compute::pool::SpinPool::new(1).expect("spin pool"));
     let mut tenants: Vec<ComputeState> = (0..2)
         .map(|_| {
-            let cpu = realm_host::compute::backend("cpu", &spin, None).expect("cpu");
+            let cpu = realm_host::compute::backend("cpu", None, &spin, None).expect("cpu");
             ComputeState::sharing(models.clone(), cpu, store.clone())
         })
         .collect();

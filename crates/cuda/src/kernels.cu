@@ -226,33 +226,35 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float
 }
 
 // RoPE in place, one thread per (row, head, pair).
+// RoPE in place, one thread per (row, head, pair). `theta_scale` (base^(-2/n_rot)) and
+// `mscale` (attn_factor, times YaRN's magnitude correction) come from the host, computed
+// by the CPU backend's own code; cos and sin through double, so that both round alike.
 extern "C" __global__ void rope(float* x, int rows, int cols, int head_dim, int n_rot, int neox,
-                                const int* pos_p, float base, float freq_scale,
-                                float ext_factor, float attn_factor, float corr0, float corr1,
+                                const int* pos_p, float theta_scale, float freq_scale,
+                                float ext_factor, float mscale, float corr0, float corr1,
                                 const float* factors, int has_factors) {
     int pos = *pos_p;
     int half = n_rot / 2, heads = cols / head_dim;
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= rows * heads * half) return;
     int i = t % half, h = (t / half) % heads, r = t / (half * heads);
-    // As ggml-cpu: the angle by repeated products of base^(-2/n_rot) from the position.
-    float theta_scale = powf(base, -2.0f / n_rot);
+    // As ggml-cpu: the angle by repeated products of theta_scale from the position.
     float theta_extrap = (float)(pos + r);
-    for (int ii = 0; ii < i; ii++) theta_extrap *= theta_scale;
-    if (has_factors) theta_extrap /= factors[i];
-    float theta_interp = freq_scale * theta_extrap, theta = theta_interp, mscale = attn_factor;
+    for (int ii = 0; ii < i; ii++) theta_extrap = __fmul_rn(theta_extrap, theta_scale);
+    if (has_factors) theta_extrap = __fdiv_rn(theta_extrap, factors[i]);
+    float theta_interp = __fmul_rn(freq_scale, theta_extrap), theta = theta_interp;
     if (ext_factor != 0.0f) {
-        float y = (i - corr0) / fmaxf(corr1 - corr0, 0.001f);
-        float mix = (1.0f - fminf(fmaxf(y, 0.0f), 1.0f)) * ext_factor;
-        theta = fmaf(theta_interp, 1.0f - mix, theta_extrap * mix);
-        mscale *= fmaf(0.1f, logf(1.0f / freq_scale), 1.0f);
+        float y = __fdiv_rn((float)i - corr0, fmaxf(corr1 - corr0, 0.001f));
+        float mix = __fmul_rn(1.0f - fminf(fmaxf(y, 0.0f), 1.0f), ext_factor);
+        theta = fmaf(theta_interp, 1.0f - mix, __fmul_rn(theta_extrap, mix));
     }
-    float c = cosf(theta) * mscale, s = sinf(theta) * mscale;
+    float c = __fmul_rn((float)cos((double)theta), mscale);
+    float s = __fmul_rn((float)sin((double)theta), mscale);
     float* head = x + (size_t)r * cols + h * head_dim;
     int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
     float x0 = head[a], x1 = head[b];
-    head[a] = fmaf(x0, c, -(x1 * s));
-    head[b] = fmaf(x0, s, x1 * c);
+    head[a] = fmaf(x0, c, -__fmul_rn(x1, s));
+    head[b] = fmaf(x0, s, __fmul_rn(x1, c));
 }
 
 // Keys and values of `rows` positions from `pos` into a layer's f16 cache.
@@ -272,6 +274,32 @@ extern "C" __global__ void kv_store(const float* k, const float* v, int rows, in
 // per position, into shared memory), then each thread walks them in order for its own
 // output values (at most two per thread: head_dim <= 2 * blockDim). The position comes
 // from device memory, so that a decode step's launches are the same from token to token.
+// e^x rounded to the nearest float (through double: CUDA's expf may be 2 ulp off, and the
+// CPU backend's is glibc's, within 0.502 ulp), so both backends weigh positions alike.
+__device__ __forceinline__ float exp_rn(float x) {
+    return (float)exp((double)x);
+}
+
+// q·k over a head of a multiple of 64 values in the CPU backend's order (ggml-cpu's
+// AVX2/AVX-512 f16 dot as Realm computes it): 64 accumulators, slot d % 64 summing
+// products (rounded, then added: no fused multiply-add) over 64-value steps; then
+// (slot a + slot a+32) + (slot a+16 + slot a+48) per lane of 16, the 16 halved to 8, 4,
+// and (0 + 2) + (1 + 3). Lane L of the warp holds slots L and L + 32. All lanes get it.
+__device__ __forceinline__ float score64(const float* qs, const u16* kr, int hd, int lane) {
+    float a = 0.0f, b = 0.0f;
+    for (int i = 0; i < hd; i += 64) {
+        a = __fadd_rn(a, __fmul_rn(h2f(kr[i + lane]), qs[i + lane]));
+        b = __fadd_rn(b, __fmul_rn(h2f(kr[i + lane + 32]), qs[i + lane + 32]));
+    }
+    float x = __fadd_rn(a, b);  // lanes 0-15: slots 0+32, lanes 16-31: slots 16+48
+    float v = __fadd_rn(x, __shfl_down_sync(0xffffffff, x, 16));  // lanes 0-15
+    float t3 = __fadd_rn(v, __shfl_down_sync(0xffffffff, v, 8));   // lanes 0-7
+    float t6 = __fadd_rn(t3, __shfl_down_sync(0xffffffff, t3, 4)); // lanes 0-3
+    float u = __fadd_rn(t6, __shfl_down_sync(0xffffffff, t6, 2));  // lanes 0-1
+    float s = __fadd_rn(u, __shfl_down_sync(0xffffffff, u, 1));
+    return __shfl_sync(0xffffffff, s, 0);
+}
+
 #define ATT_CHUNK 2048
 extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, int rows,
                                      int n_head, int n_kv, int hd, const int* pos_p,
@@ -300,9 +328,14 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
         __syncthreads();
         for (int j = warp; j < cl; j += warps) {
             const u16* kr = kc + (size_t)(start + c0 + j) * width + kvh * hd;
-            float s = 0;
-            for (int d = lane; d < hd; d += 32) s += qs[d] * h2f(kr[d]);
-            s = warp_sum(s);
+            float s;
+            if (hd % 64 == 0) {
+                s = score64(qs, kr, hd, lane);
+            } else {
+                s = 0;
+                for (int d = lane; d < hd; d += 32) s += qs[d] * h2f(kr[d]);
+                s = warp_sum(s);
+            }
             if (lane == 0) sc[j] = s * scale;
         }
         __syncthreads();
@@ -330,12 +363,12 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
             if (j >= cl) break;
             float s = sc[j];
             if (s > run) {
-                msa[j] = expf(run - s);
+                msa[j] = exp_rn(run - s);
                 vsa[j] = 1.0f;
                 run = s;
             } else {
                 msa[j] = 1.0f;
-                vsa[j] = expf(s - run);
+                vsa[j] = exp_rn(s - run);
             }
         }
         m_prev = total;

@@ -893,10 +893,15 @@ impl Backend for CudaBackend {
             Arg::I(p.n_rot as i32),
             Arg::I(i32::from(p.mode == RopeMode::Neox)),
             pos_arg,
-            f(p.freq_base),
+            // The CPU backend's own values (`realm_kernels::kernels::rope`).
+            f(p.freq_base.powf(-2.0 / p.n_rot as f32)),
             f(p.freq_scale),
             f(p.ext_factor),
-            f(p.attn_factor),
+            f(if p.ext_factor != 0.0 {
+                p.attn_factor * 0.1f32.mul_add((1.0 / p.freq_scale).ln(), 1.0)
+            } else {
+                p.attn_factor
+            }),
             f(corr[0]),
             f(corr[1]),
             fac_arg,

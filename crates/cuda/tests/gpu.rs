@@ -292,3 +292,124 @@ fn smollm2_greedy_ids_equal_the_cpu_backends_up_to_near_ties() {
     println!("{} prompts, {compared} tokens compared", cases.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Deterministic values in about [-2, 2].
+fn values(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 - 1001.0) / 500.0)
+        .collect()
+}
+
+/// Each op on the GPU against the CPU backend, on SmolLM2's shapes (576 wide, 9 heads of
+/// 64 sharing 3 KV heads): a prompt of 37 rows, then one more row. The largest difference
+/// per op is printed; each must stay at float rounding of the outputs.
+#[test]
+fn ops_agree_with_the_cpu_backend() {
+    let Some(dev) = device() else { return };
+    let gpu = CudaBackend::new(dev, 1 << 32);
+    let cpu = cpu();
+    let (w, ff, kvw, rows) = (576usize, 1536usize, 192usize, 37usize);
+    // A file of f32 values: a norm weight at offset 0.
+    let norm: Vec<u8> = values(w, 9)
+        .iter()
+        .flat_map(|v| (v.abs() + 0.5).to_le_bytes())
+        .collect();
+    let file = ModelBytes::new(Arc::new(norm));
+    let rope = realm_compute::RopeParams {
+        head_dim: 64,
+        n_rot: 64,
+        mode: realm_compute::RopeMode::Normal,
+        freq_base: 100_000.0,
+        freq_scale: 1.0,
+        ext_factor: 0.0,
+        attn_factor: 1.0,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        n_ctx_orig: 8192,
+    };
+    fn run<C: realm_compute::Backend>(
+        c: &C,
+        file: &ModelBytes,
+        rope: &realm_compute::RopeParams,
+        (w, ff, kvw, rows): (usize, usize, usize, usize),
+    ) -> Vec<(&'static str, Vec<f32>)> {
+        let t = |cols: usize, rows: usize, seed: usize| {
+            let x = Compute::tensor(c, cols as u32);
+            realm_compute::checked::write_tensor(c, &x, rows, values(cols * rows, seed))
+                .expect("write");
+            x
+        };
+        let read = |x: &C::Tensor, rows: usize| -> Vec<f32> {
+            (0..rows as u32)
+                .flat_map(|r| Compute::read_row(c, x, r).expect("row"))
+                .collect()
+        };
+        let mut out = Vec::new();
+        let norm_w = Compute::weight(c, file, 0, GgmlType::F32, &[w as u64]).expect("norm");
+        let x = t(w, rows, 1);
+        let o = Compute::tensor(c, w as u32);
+        Compute::rms_norm(c, &x, &norm_w, 1e-5, &o).expect("norm");
+        out.push(("rms_norm", read(&o, rows)));
+        let q = t(w, rows, 2);
+        Compute::rope(c, &q, 0, rope, None).expect("rope");
+        out.push(("rope at 0..37", read(&q, rows)));
+        let k = t(kvw, rows, 3);
+        Compute::rope(c, &k, 0, rope, None).expect("rope");
+        let v = t(kvw, rows, 4);
+        let cache = Compute::cache(c, 1, 64, 3, 64);
+        let att = Compute::tensor(c, w as u32);
+        Compute::attention(c, &q, &k, &v, &cache, 0, 0, 9, 0.125, 0, &att).expect("attention");
+        out.push(("attention, 37 rows", read(&att, rows)));
+        let (q1, k1, v1) = (t(w, 1, 5), t(kvw, 1, 6), t(kvw, 1, 7));
+        Compute::rope(c, &q1, rows as u32, rope, None).expect("rope");
+        out.push(("rope at 37", read(&q1, 1)));
+        Compute::rope(c, &k1, rows as u32, rope, None).expect("rope");
+        let att1 = Compute::tensor(c, w as u32);
+        Compute::attention(c, &q1, &k1, &v1, &cache, 0, rows as u32, 9, 0.125, 0, &att1)
+            .expect("attention");
+        out.push(("attention, row 38", read(&att1, 1)));
+        for (name, act) in [
+            ("glu silu", realm_compute::Activation::Silu),
+            ("glu gelu", realm_compute::Activation::GeluTanh),
+        ] {
+            let (g, u) = (t(ff, rows, 8), t(ff, rows, 9));
+            Compute::glu(c, &g, &u, act).expect("glu");
+            out.push((name, read(&u, rows)));
+        }
+        let (a, b) = (t(w, rows, 10), t(w, rows, 11));
+        Compute::add(c, &a, &b).expect("add");
+        Compute::scale(c, &a, 0.37).expect("scale");
+        out.push(("add, scale", read(&a, rows)));
+        out
+    }
+    let dims = (w, ff, kvw, rows);
+    let on_gpu = run(&gpu, &file, &rope, dims);
+    let on_cpu = run(&cpu, &file, &rope, dims);
+    let mut bad = Vec::new();
+    for ((name, g), (_, c)) in on_gpu.iter().zip(&on_cpu) {
+        let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (worst, at) = g
+            .iter()
+            .zip(c)
+            .enumerate()
+            .fold((0f32, 0), |(m, at), (i, (a, b))| {
+                let d = (a - b).abs();
+                if d > m { (d, i) } else { (m, at) }
+            });
+        println!("{name}: largest difference {worst} at {at} (outputs up to {scale})");
+        // Attention accumulates in f16: a last-bit difference of its inputs (RoPE's cos and
+        // sin through double against glibc's, now and then) may move one f16 rounding.
+        let tolerance = if name.starts_with("attention") {
+            scale * 2f32.powi(-10)
+        } else {
+            1e-6 * scale.max(1.0)
+        };
+        if worst > tolerance {
+            bad.push(format!(
+                "{name}: {worst} at {at}: gpu {} cpu {}",
+                g[at], c[at]
+            ));
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}

@@ -4,6 +4,7 @@
 //! brings only its tensors and kernels. [`CpuBackend`] is the one this host runs.
 
 pub mod residency;
+pub mod split;
 
 pub use realm_kernels::cpu::CpuBackend;
 pub use realm_kernels::pool;
@@ -145,12 +146,26 @@ pub fn cuda_device(name: &str) -> Result<Arc<realm_cuda::CudaDevice>, String> {
 }
 
 /// The backend for `device` for one tenant, on `spin`'s shares where it computes on the
-/// CPU, its decode matmuls batched with the other tenants' on `batcher` if given.
+/// CPU, its decode matmuls batched with the other tenants' on `batcher` if given; with
+/// `gpu_layers`, only that many blocks on the GPU and the rest on the CPU (`split`).
 pub fn backend(
     device: &str,
+    gpu_layers: Option<usize>,
     spin: &Arc<pool::SpinPool>,
     batcher: Option<&Arc<realm_kernels::batch::Batcher>>,
 ) -> Result<Erased, String> {
+    if let Some(layers) = gpu_layers {
+        if !device.starts_with("cuda") {
+            return Err(format!(
+                "--gpu-layers places blocks on a GPU: use it with --device cuda[:N], not '{device}'"
+            ));
+        }
+        return Ok(Erased::new(split::Split::new(
+            realm_cuda::CudaBackend::new(cuda_device(device)?, realm_cuda::MAX_KV_ELEMENTS),
+            CpuBackend::new(spin.clone(), MAX_KV_ELEMENTS),
+            layers,
+        )));
+    }
     match device {
         "cpu" => Ok(Erased::new(match batcher {
             Some(b) => CpuBackend::batched(spin.clone(), MAX_KV_ELEMENTS, b.clone()),
