@@ -160,3 +160,42 @@ fn devices_are_chosen_by_name_with_one_line_errors() {
         "{err}"
     );
 }
+
+/// `realm tokenize` on vocabulary-only GGUFs of llama.cpp's tokenizer suite (the tree
+/// `make test-models` fetches) gives llama.cpp's ids; `crates/tokenizer/tests/suite.rs`
+/// runs every text of every vocabulary through the library, this the CLI a user runs.
+#[test]
+fn tokenize_runs_llama_cpps_suite_vocabularies() {
+    let dir = root().join("target/llama.cpp/src/models");
+    for vocab in ["deepseek-llm", "qwen35", "falcon", "llama-bpe"] {
+        let path = dir.join(format!("ggml-vocab-{vocab}.gguf"));
+        let inp = std::fs::read_to_string(path.with_extension("gguf.inp"))
+            .unwrap_or_else(|e| panic!("{}: {e} (make test-models)", path.display()));
+        let out = std::fs::read_to_string(path.with_extension("gguf.out")).expect(".out");
+        let p = path.to_str().expect("utf-8 path");
+        let mut checked = 0;
+        for (text, want) in inp.split("\n__ggml_vocab_test__\n").zip(out.lines()) {
+            // Texts a shell argument carries as they are, a few per vocabulary.
+            if text.trim().is_empty() || text.starts_with('-') || checked == 6 {
+                continue;
+            }
+            let o = realm(&[
+                "tokenize",
+                "--no-bos",
+                "--no-parse-special",
+                "--model",
+                p,
+                text,
+            ]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let got: Vec<u32> = serde_json::from_slice(&o.stdout).expect("a JSON array of ids");
+            let want: Vec<u32> = want
+                .split_whitespace()
+                .map(|t| t.parse().expect("an id"))
+                .collect();
+            assert_eq!(got, want, "{vocab}: {text:?}");
+            checked += 1;
+        }
+        assert_eq!(checked, 6, "{vocab}");
+    }
+}

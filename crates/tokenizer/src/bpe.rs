@@ -17,10 +17,42 @@ use crate::{Result, TokenizerError};
 const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+// Qwen 3.5: letters with their combining marks (\p{M}) kept in one word.
+const QWEN35: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+// CJK ideographs, Hangul and the blocks between, as one run (DeepSeek's tokenizer.json).
+const CJK_RUN: &str = "[\u{4E00}-\u{9FA5}\u{800}-\u{4E00}\u{AC00}-\u{D7FF}]+";
+// DeepSeek LLM's letters: the Latin, Greek, Cyrillic, Armenian, Georgian, Cherokee, … letter
+// ranges its tokenizer.json lists.
+const DEEPSEEK_LETTERS: &str = "\\s?[A-Za-z\u{B5}\u{C0}-\u{D6}\u{D8}-\u{F6}\u{F8}-\u{1BA}\u{1BC}-\u{1BF}\u{1C4}-\u{293}\u{295}-\u{2AF}\u{370}-\u{373}\u{376}\u{377}\u{37B}-\u{37D}\u{37F}\u{386}\u{388}-\u{38A}\u{38C}\u{38E}-\u{3A1}\u{3A3}-\u{3F5}\u{3F7}-\u{481}\u{48A}-\u{52F}\u{531}-\u{556}\u{10A0}-\u{10C5}\u{13A0}-\u{13F5}\u{13F8}-\u{13FD}\u{1C90}-\u{1CBA}\u{1CBD}-\u{1CBF}\u{1D00}-\u{1D2B}\u{1D6B}-\u{1D77}\u{1D79}-\u{1D9A}\u{1E00}-\u{1F15}\u{1F18}-\u{1F1D}\u{1F20}-\u{1F45}\u{1F48}-\u{1F4D}\u{1F50}-\u{1F57}\u{1F59}\u{1F5B}\u{1F5D}\u{1F5F}-\u{1F7D}\u{1F80}-\u{1FB4}\u{1FB6}-\u{1FBC}\u{1FBE}\u{1FC2}-\u{1FC4}\u{1FC6}-\u{1FCC}\u{1FD0}-\u{1FD3}\u{1FD6}-\u{1FDB}\u{1FE0}-\u{1FEC}\u{1FF2}-\u{1FF4}\u{1FF6}-\u{1FFC}\u{2102}\u{2107}\u{210A}-\u{2113}\u{2115}\u{2119}-\u{211D}\u{2124}\u{2126}\u{2128}\u{212A}-\u{212D}\u{212F}-\u{2134}\u{2139}\u{213C}-\u{213F}\u{2145}-\u{2149}\u{214E}\u{2183}\u{2184}\u{2C00}-\u{2C7B}\u{2C7E}-\u{2CE4}\u{2CEB}-\u{2CEE}\u{2CF2}\u{2CF3}\u{A640}-\u{A66D}\u{A680}-\u{A69B}\u{A722}-\u{A76F}\u{A771}-\u{A787}\u{A78B}-\u{A78E}\u{AB70}-\u{ABBF}\u{FB00}-\u{FB06}\u{FB13}-\u{FB17}\u{FF21}-\u{FF3A}\u{FF41}-\u{FF5A}\u{10400}-\u{1044F}\u{104B0}-\u{104D3}\u{104D8}-\u{104FB}\u{10C80}-\u{10CB2}\u{10CC0}-\u{10CF2}\u{118A0}-\u{118DF}\u{1E900}-\u{1E943}]+";
 
 /// Pre-tokenizer regexes by `tokenizer.ggml.pre`, as llama.cpp's `llm_tokenizer_bpe` sets them.
 const PRETOKENIZERS: &[(&[&str], &[&str])] = &[
-    (&["default", "gpt2", "gpt-2", "olmo", "jais"], &[GPT2]),
+    (
+        &[
+            "default", "gpt2", "gpt-2", "olmo", "jais", "mpt", "trillion",
+        ],
+        &[GPT2],
+    ),
+    (
+        &["deepseek-llm"],
+        &[
+            r"[\r\n]",
+            DEEPSEEK_LETTERS,
+            "\\s?[!-/:-~\u{FF01}-\u{FF0F}\u{FF1A}-\u{FF5E}\u{2018}-\u{201F}\u{3000}-\u{3002}]+",
+            r"\s+$",
+            CJK_RUN,
+            r"\p{N}+",
+        ],
+    ),
+    (
+        &["deepseek-coder"],
+        &[r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", CJK_RUN, r"\p{N}"],
+    ),
+    (
+        &["falcon"],
+        &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"],
+    ),
+    (&["qwen35"], &[QWEN35]),
     (
         &[
             "smollm",
@@ -57,6 +89,9 @@ const PRETOKENIZERS: &[(&[&str], &[&str])] = &[
     ),
 ];
 
+/// The pre-tokenizers for which llama.cpp takes a word that is a token whole as that token.
+const IGNORE_MERGES: &[&str] = &["llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"];
+
 /// GPT-2's reversible map from bytes to printable characters.
 fn byte_to_char_table() -> [char; 256] {
     let mut table = ['\0'; 256];
@@ -77,6 +112,9 @@ fn byte_to_char_table() -> [char; 256] {
 #[derive(Debug)]
 pub struct Bpe {
     regexes: Vec<Regex>,
+    /// A word that is a token whole is that token, merges or not (llama.cpp's
+    /// `ignore_merges`, set for the Llama 3 family of pre-tokenizers).
+    ignore_merges: bool,
     /// (left id, right id) → (rank, merged id); ids past the vocabulary name merge
     /// intermediates that are not tokens themselves.
     merges: HashMap<(u32, u32), (u32, u32)>,
@@ -149,8 +187,10 @@ impl Bpe {
             .enumerate()
             .map(|(b, &c)| (c, b as u8))
             .collect();
+        let ignore_merges = IGNORE_MERGES.contains(&pre);
         Ok(Self {
             regexes,
+            ignore_merges,
             merges,
             symbols,
             byte_to_char,
@@ -191,7 +231,10 @@ impl Bpe {
                 .bytes()
                 .map(|b| self.byte_to_char[b as usize])
                 .collect();
-            self.merge_word(vocab, &mapped, out);
+            match vocab.token_to_id.get(&mapped) {
+                Some(&id) if self.ignore_merges => out.push(id),
+                _ => self.merge_word(vocab, &mapped, out),
+            }
         }
         Ok(())
     }
