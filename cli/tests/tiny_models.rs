@@ -93,6 +93,12 @@ fn llama3_rope_freqs_q8_0_matches_llama_cpp() {
     check_matches("llama3-tiny.q8_0");
 }
 
+/// Qwen 3 (per-head q/k norms, NeoX RoPE) through the component, as llama-quantize's Q4_0.
+#[test]
+fn qwen3_q4_0_matches_llama_cpp() {
+    check_matches("qwen3-tiny.q4_0");
+}
+
 #[test]
 fn linear_rope_scaling_matches_llama_cpp() {
     check_matches("llama-tiny-linear.f32");

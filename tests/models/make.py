@@ -118,6 +118,55 @@ def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False):
     w.close()
 
 
+# Qwen 3 (qwen3): llama's shape with per-head q/k RMS norms, NeoX RoPE, tied output, over
+# the Qwen 2 vocabulary of llama.cpp's tokenizer suite.
+QWEN2_VOCAB = "models/ggml-vocab-qwen2.gguf"
+
+
+def write_qwen3(path, vocab, seed):
+    rng = np.random.RandomState(seed)
+    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_name(path.stem)
+    w.add_block_count(N_LAYER)
+    w.add_context_length(N_CTX_TRAIN)
+    w.add_embedding_length(N_EMBD)
+    w.add_feed_forward_length(N_FF)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_HEAD_KV)
+    w.add_key_length(HEAD_DIM)
+    w.add_value_length(HEAD_DIM)
+    w.add_rope_freq_base(1000000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    copy_vocab(w, vocab)
+    w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.5))
+    w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+    kv = N_HEAD_KV * HEAD_DIM
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+        w.add_tensor(p + "attn_q.weight", normal((N_HEAD * HEAD_DIM, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
+        w.add_tensor(p + "attn_k.weight", normal((kv, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
+        w.add_tensor(p + "attn_v.weight", normal((kv, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        w.add_tensor(p + "attn_q_norm.weight", 1.0 + normal((HEAD_DIM,), 0.1))
+        w.add_tensor(p + "attn_k_norm.weight", 1.0 + normal((HEAD_DIM,), 0.1))
+        w.add_tensor(p + "attn_output.weight", normal((N_EMBD, N_HEAD * HEAD_DIM), 1.0 / math.sqrt(N_EMBD)))
+        w.add_tensor(p + "ffn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+        w.add_tensor(p + "ffn_gate.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        w.add_tensor(p + "ffn_up.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        w.add_tensor(p + "ffn_down.weight", normal((N_EMBD, N_FF), 1.0 / math.sqrt(N_FF)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def main():
     llama_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
@@ -135,8 +184,13 @@ def main():
     write_llama(out / "llama-tiny-q-bias.f32.gguf", vocab, seed=1, bias=True)
     write_llama(out / "llama-tiny-longrope.f32.gguf", vocab, seed=1, scaling=("longrope", 4.0, 64))
 
+    write_qwen3(out / "qwen3-tiny.f32.gguf", gguf.GGUFReader(str(llama_dir / "src" / QWEN2_VOCAB)), seed=2)
+
     quantize = llama_dir / "build" / "bin" / "llama-quantize"
-    for src, dst, ty in [("llama3-tiny.f32.gguf", "llama3-tiny.q8_0.gguf", "Q8_0")]:
+    # (Q4_K needs rows of 256 values; these models are 64 wide.)
+    for src, dst, ty in [("llama3-tiny.f32.gguf", "llama3-tiny.q8_0.gguf", "Q8_0"),
+                         ("qwen3-tiny.f32.gguf", "qwen3-tiny.q8_0.gguf", "Q8_0"),
+                         ("qwen3-tiny.f32.gguf", "qwen3-tiny.q4_0.gguf", "Q4_0")]:
         subprocess.run([str(quantize), str(out / src), str(out / dst), ty],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

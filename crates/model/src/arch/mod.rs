@@ -4,6 +4,7 @@
 pub mod block;
 mod gemma3;
 mod llama;
+mod qwen3;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -42,6 +43,7 @@ macro_rules! registry {
 registry! {
     "llama" => llama,
     "gemma3" => gemma3,
+    "qwen3" => qwen3,
 }
 
 /// What each architecture module's `load` is.
