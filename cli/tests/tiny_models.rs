@@ -99,6 +99,12 @@ fn qwen3_q4_0_matches_llama_cpp() {
     check_matches("qwen3-tiny.q4_0");
 }
 
+/// Qwen 2 (q/k/v biases) through the component, as llama-quantize's Q8_0.
+#[test]
+fn qwen2_q8_0_matches_llama_cpp() {
+    check_matches("qwen2-tiny.q8_0");
+}
+
 #[test]
 fn linear_rope_scaling_matches_llama_cpp() {
     check_matches("llama-tiny-linear.f32");

@@ -118,19 +118,20 @@ def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False):
     w.close()
 
 
-# Qwen 3 (qwen3): llama's shape with per-head q/k RMS norms, NeoX RoPE, tied output, over
-# the Qwen 2 vocabulary of llama.cpp's tokenizer suite.
+# Qwen 3 (qwen3: per-head q/k RMS norms) and Qwen 2 (qwen2: q/k/v biases): llama's shape
+# with NeoX RoPE and tied output, over the Qwen 2 vocabulary of llama.cpp's tokenizer suite.
 QWEN2_VOCAB = "models/ggml-vocab-qwen2.gguf"
 
 
-def write_qwen3(path, vocab, seed):
+def write_qwen(path, vocab, seed, arch):
+    """qwen3: per-head q/k RMS norms; qwen2: biases on q, k and v."""
     rng = np.random.RandomState(seed)
     n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
 
     def normal(shape, std):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    w = gguf.GGUFWriter(str(path), "qwen3")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name(path.stem)
     w.add_block_count(N_LAYER)
     w.add_context_length(N_CTX_TRAIN)
@@ -154,8 +155,13 @@ def write_qwen3(path, vocab, seed):
         w.add_tensor(p + "attn_q.weight", normal((N_HEAD * HEAD_DIM, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
         w.add_tensor(p + "attn_k.weight", normal((kv, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
         w.add_tensor(p + "attn_v.weight", normal((kv, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "attn_q_norm.weight", 1.0 + normal((HEAD_DIM,), 0.1))
-        w.add_tensor(p + "attn_k_norm.weight", 1.0 + normal((HEAD_DIM,), 0.1))
+        if arch == "qwen3":
+            w.add_tensor(p + "attn_q_norm.weight", 1.0 + normal((HEAD_DIM,), 0.1))
+            w.add_tensor(p + "attn_k_norm.weight", 1.0 + normal((HEAD_DIM,), 0.1))
+        else:
+            w.add_tensor(p + "attn_q.bias", normal((N_HEAD * HEAD_DIM,), 0.5))
+            w.add_tensor(p + "attn_k.bias", normal((kv,), 0.5))
+            w.add_tensor(p + "attn_v.bias", normal((kv,), 0.5))
         w.add_tensor(p + "attn_output.weight", normal((N_EMBD, N_HEAD * HEAD_DIM), 1.0 / math.sqrt(N_EMBD)))
         w.add_tensor(p + "ffn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
         w.add_tensor(p + "ffn_gate.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
@@ -184,13 +190,17 @@ def main():
     write_llama(out / "llama-tiny-q-bias.f32.gguf", vocab, seed=1, bias=True)
     write_llama(out / "llama-tiny-longrope.f32.gguf", vocab, seed=1, scaling=("longrope", 4.0, 64))
 
-    write_qwen3(out / "qwen3-tiny.f32.gguf", gguf.GGUFReader(str(llama_dir / "src" / QWEN2_VOCAB)), seed=2)
+    qwen_vocab = gguf.GGUFReader(str(llama_dir / "src" / QWEN2_VOCAB))
+    write_qwen(out / "qwen3-tiny.f32.gguf", qwen_vocab, seed=2, arch="qwen3")
+    write_qwen(out / "qwen2-tiny.f32.gguf", qwen_vocab, seed=3, arch="qwen2")
 
     quantize = llama_dir / "build" / "bin" / "llama-quantize"
     # (Q4_K needs rows of 256 values; these models are 64 wide.)
     for src, dst, ty in [("llama3-tiny.f32.gguf", "llama3-tiny.q8_0.gguf", "Q8_0"),
                          ("qwen3-tiny.f32.gguf", "qwen3-tiny.q8_0.gguf", "Q8_0"),
-                         ("qwen3-tiny.f32.gguf", "qwen3-tiny.q4_0.gguf", "Q4_0")]:
+                         ("qwen3-tiny.f32.gguf", "qwen3-tiny.q4_0.gguf", "Q4_0"),
+                         ("qwen2-tiny.f32.gguf", "qwen2-tiny.q8_0.gguf", "Q8_0"),
+                         ("qwen2-tiny.f32.gguf", "qwen2-tiny.q4_0.gguf", "Q4_0")]:
         subprocess.run([str(quantize), str(out / src), str(out / dst), ty],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -708,13 +708,10 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, table: &CudaWeight, ids: &[u32], scale: f32, o: &CudaTensor) -> Result<()> {
-        let (data, ty): (&CudaSlice<u8>, i32) = match (&table.bytes, &table.values) {
-            (Some(b), _) => (b, kernel_type(table.meta.ty).unwrap_or(0)),
-            (None, Some(_)) => {
-                return Err(Error::Unsupported(
-                    "decoded embedding tables on the CUDA backend".into(),
-                ));
-            }
+        let (data, ty) = match (&table.bytes, &table.values) {
+            (Some(b), _) => (self.p(&**b), kernel_type(table.meta.ty).unwrap_or(0)),
+            // Decoded tables (F32/F16 files, biases) are f32 values: read as F32 rows.
+            (None, Some(v)) => (self.p(v), 0),
             (None, None) => return Err(Error::InvalidArgument("an empty weight".into())),
         };
         // The ids are copied now: queued launches that read the old ones run first.
@@ -738,7 +735,7 @@ impl Backend for CudaBackend {
             self.stream.memcpy_htod(ids, &mut view).map_err(gpu)?;
         }
         let args = vec![
-            self.p(data),
+            data,
             Arg::I(ty),
             Arg::I(k as i32),
             self.p(ids_dev),

@@ -158,6 +158,17 @@ fn qwen3_greedy_ids_match_llama_cpp() {
     }
 }
 
+/// Qwen 2 (biases on q, k and v, NeoX RoPE, tied output) on a random-weight model, F32,
+/// Q8_0 and Q4_0.
+#[test]
+fn qwen2_greedy_ids_match_llama_cpp() {
+    for name in ["qwen2-tiny.f32", "qwen2-tiny.q8_0", "qwen2-tiny.q4_0"] {
+        let model = root().join(format!("target/test-models/{name}.gguf"));
+        let refs = root().join(format!("tests/reference/tiny-models/{name}.jsonl"));
+        check_parity(&model, &jsonl(&refs), 32);
+    }
+}
+
 /// Files whose tensors or RoPE the llama blocks do not implement are refused, not run
 /// wrong: a bias on q (Qwen-style) and Phi-3's `longrope`.
 #[test]

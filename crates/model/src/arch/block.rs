@@ -17,6 +17,8 @@ pub struct Spec {
     /// RMS norms of the attention and feed-forward outputs before their residuals
     /// (`post_attention_norm`, `post_ffw_norm`).
     pub post_norms: bool,
+    /// Biases added to the q, k and v projections (`attn_q.bias`, …: Qwen 2).
+    pub qkv_bias: bool,
 }
 
 /// One block's weights.
@@ -34,6 +36,8 @@ pub struct Block<W> {
     qk_norm: Option<(W, W)>,
     /// (n_embd) ×2: after attention, after the feed-forward.
     post_norms: Option<(W, W)>,
+    /// (q_dim), (kv_dim) ×2, each where the file has it.
+    qkv_bias: [Option<W>; 3],
 }
 
 /// Where the attention scores are scaled.
@@ -54,6 +58,8 @@ pub struct Layer<'a, W> {
     pub window: u32,
     pub q_scale: QScale,
     pub activation: Activation,
+    /// Rows (tokens) in this step.
+    pub rows: usize,
 }
 
 /// The whole stack: embeddings, blocks, output norm and projection.
@@ -115,6 +121,19 @@ impl<W> Decoder<W> {
                         true => Some((w("post_attention_norm", &[e])?, w("post_ffw_norm", &[e])?)),
                         false => None,
                     },
+                    qkv_bias: match spec.qkv_bias {
+                        true => {
+                            let b = |name: &str, d: u64| {
+                                l.optional(&format!("blk.{i}.{name}.bias"), &[d])
+                            };
+                            [
+                                b("attn_q", q_dim)?,
+                                b("attn_k", kv_dim)?,
+                                b("attn_v", kv_dim)?,
+                            ]
+                        }
+                        false => [None, None, None],
+                    },
                 })
             })
             .collect::<Result<_>>()?;
@@ -167,6 +186,20 @@ impl<W> Decoder<W> {
         c.matmul(&s.xb, &b.attn_q, &s.q)?;
         c.matmul(&s.xb, &b.attn_k, &s.k)?;
         c.matmul(&s.xb, &b.attn_v, &s.v)?;
+        // Biases: each a one-row table, its row repeated for every token, then added (the
+        // attention output's buffer holds q's until attention writes it).
+        if b.qkv_bias.iter().any(Option::is_some) {
+            let zeros = vec![0u32; run.rows];
+            for (bias, out) in [&s.q, &s.k, &s.v].into_iter().enumerate() {
+                let Some(w) = &b.qkv_bias[bias] else { continue };
+                let rows = match bias {
+                    0 => &s.att,
+                    _ => s.kv_bias.as_ref().ok_or_else(missing_scratch)?,
+                };
+                c.embed(w, &zeros, 1.0, rows)?;
+                c.add(out, rows)?;
+            }
+        }
         let (q, k) = match (&b.qk_norm, &s.qk_norm) {
             (Some((qn_w, kn_w)), Some((qn, kn))) => {
                 c.rms_norm(&s.q, qn_w, eps, qn)?;

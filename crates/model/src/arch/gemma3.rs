@@ -44,6 +44,7 @@ pub fn load<C: Compute>(l: &Loader<'_, C>, hp: Hparams) -> Result<Box<dyn Archit
     let spec = Spec {
         qk_norm: true,
         post_norms: true,
+        ..Spec::default()
     };
     Ok(Box::new(Gemma3::<C> {
         rope_global: rope_params(&hp, RopeMode::Neox, hp.rope_freq_base, &hp.rope_scaling),
@@ -82,6 +83,7 @@ impl<C: Compute> Architecture<C> for Gemma3<C> {
                 window: if global { 0 } else { self.sliding_window },
                 q_scale: QScale::OnQ(1.0 / (hp.head_dim as f32).sqrt()),
                 activation: Activation::GeluTanh,
+                rows: ids.len(),
             };
             self.d.block(c, s, cache, il, pos, &layer)?;
         }

@@ -4,6 +4,7 @@
 pub mod block;
 mod gemma3;
 mod llama;
+mod qwen2;
 mod qwen3;
 
 use std::cell::RefCell;
@@ -43,6 +44,7 @@ macro_rules! registry {
 registry! {
     "llama" => llama,
     "gemma3" => gemma3,
+    "qwen2" => qwen2,
     "qwen3" => qwen3,
 }
 
@@ -107,6 +109,8 @@ pub struct Scratch<C: Compute> {
     pub qk_norm: Option<(C::Tensor, C::Tensor)>,
     /// (n, n_embd) a block output's post-norm, for blocks that have them.
     pub post_norm: Option<C::Tensor>,
+    /// (n, n_head_kv · head_dim) the k and v biases' rows, for blocks that have them.
+    pub kv_bias: Option<C::Tensor>,
 }
 
 impl<C: Compute> Scratch<C> {
@@ -126,6 +130,7 @@ impl<C: Compute> Scratch<C> {
             logits: c.tensor(n_vocab),
             qk_norm: spec.qk_norm.then(|| (c.tensor(q_dim), c.tensor(kv_dim))),
             post_norm: spec.post_norms.then(|| c.tensor(hp.n_embd)),
+            kv_bias: spec.qkv_bias.then(|| c.tensor(kv_dim)),
         }
     }
 }

@@ -60,6 +60,7 @@ impl<C: Compute> Architecture<C> for Qwen3<C> {
             window: 0,
             q_scale: QScale::InAttention(1.0 / (self.d.hp.head_dim as f32).sqrt()),
             activation: Activation::Silu,
+            rows: ids.len(),
         };
         self.d.embed(c, s, ids, 1.0)?;
         for il in 0..self.d.blocks.len() {
