@@ -105,6 +105,12 @@ fn qwen2_q8_0_matches_llama_cpp() {
     check_matches("qwen2-tiny.q8_0");
 }
 
+/// Phi-3 (fused q/k/v and gate-up, read as row ranges) through the component, Q4_0.
+#[test]
+fn phi3_q4_0_matches_llama_cpp() {
+    check_matches("phi3-tiny.q4_0");
+}
+
 #[test]
 fn linear_rope_scaling_matches_llama_cpp() {
     check_matches("llama-tiny-linear.f32");

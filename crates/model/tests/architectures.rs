@@ -169,6 +169,17 @@ fn qwen2_greedy_ids_match_llama_cpp() {
     }
 }
 
+/// Phi-3 (q/k/v fused in attn_qkv, gate and up in ffn_up, NeoX RoPE, q scaled before
+/// attention) on a random-weight model, F32, Q8_0 and Q4_0.
+#[test]
+fn phi3_greedy_ids_match_llama_cpp() {
+    for name in ["phi3-tiny.f32", "phi3-tiny.q8_0", "phi3-tiny.q4_0"] {
+        let model = root().join(format!("target/test-models/{name}.gguf"));
+        let refs = root().join(format!("tests/reference/tiny-models/{name}.jsonl"));
+        check_parity(&model, &jsonl(&refs), 32);
+    }
+}
+
 /// Files whose tensors or RoPE the llama blocks do not implement are refused, not run
 /// wrong: a bias on q (Qwen-style) and Phi-3's `longrope`.
 #[test]

@@ -19,6 +19,9 @@ pub struct Spec {
     pub post_norms: bool,
     /// Biases added to the q, k and v projections (`attn_q.bias`, …: Qwen 2).
     pub qkv_bias: bool,
+    /// The feed-forward's gate and up projections fused in `ffn_up` (gate rows first), and
+    /// q, k and v in `attn_qkv` where the file has it (Phi-3).
+    pub fused: bool,
 }
 
 /// One block's weights.
@@ -103,15 +106,40 @@ impl<W> Decoder<W> {
             .map(|i| {
                 let w =
                     |name: &str, dims: &[u64]| l.weight(&format!("blk.{i}.{name}.weight"), dims);
+                let qkv_name = format!("blk.{i}.attn_qkv.weight");
+                let (attn_q, attn_k, attn_v) = if spec.fused && l.tensor(&qkv_name).is_some() {
+                    let all = [e, q_dim + 2 * kv_dim];
+                    (
+                        l.weight_rows(&qkv_name, &all, 0..q_dim)?,
+                        l.weight_rows(&qkv_name, &all, q_dim..q_dim + kv_dim)?,
+                        l.weight_rows(&qkv_name, &all, q_dim + kv_dim..q_dim + 2 * kv_dim)?,
+                    )
+                } else {
+                    (
+                        w("attn_q", &[e, q_dim])?,
+                        w("attn_k", &[e, kv_dim])?,
+                        w("attn_v", &[e, kv_dim])?,
+                    )
+                };
+                let (ffn_gate, ffn_up) = if spec.fused {
+                    let up = format!("blk.{i}.ffn_up.weight");
+                    let all = [e, 2 * ff];
+                    (
+                        l.weight_rows(&up, &all, 0..ff)?,
+                        l.weight_rows(&up, &all, ff..2 * ff)?,
+                    )
+                } else {
+                    (w("ffn_gate", &[e, ff])?, w("ffn_up", &[e, ff])?)
+                };
                 Ok(Block {
                     attn_norm: w("attn_norm", &[e])?,
-                    attn_q: w("attn_q", &[e, q_dim])?,
-                    attn_k: w("attn_k", &[e, kv_dim])?,
-                    attn_v: w("attn_v", &[e, kv_dim])?,
+                    attn_q,
+                    attn_k,
+                    attn_v,
                     attn_output: w("attn_output", &[q_dim, e])?,
                     ffn_norm: w("ffn_norm", &[e])?,
-                    ffn_gate: w("ffn_gate", &[e, ff])?,
-                    ffn_up: w("ffn_up", &[e, ff])?,
+                    ffn_gate,
+                    ffn_up,
                     ffn_down: w("ffn_down", &[ff, e])?,
                     qk_norm: match spec.qk_norm {
                         true => Some((w("attn_q_norm", &[hd])?, w("attn_k_norm", &[hd])?)),

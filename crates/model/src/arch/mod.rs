@@ -4,6 +4,7 @@
 pub mod block;
 mod gemma3;
 mod llama;
+mod phi3;
 mod qwen2;
 mod qwen3;
 
@@ -44,6 +45,7 @@ macro_rules! registry {
 registry! {
     "llama" => llama,
     "gemma3" => gemma3,
+    "phi3" => phi3,
     "qwen2" => qwen2,
     "qwen3" => qwen3,
 }
@@ -247,6 +249,12 @@ impl<C: Compute> Loader<'_, C> {
 
     /// The weight `name`, which must have exactly `dims` (ggml order).
     pub fn weight(&self, name: &str, dims: &[u64]) -> Result<C::Weight> {
+        let t = self.checked(name, dims)?;
+        Ok(self.c.weight(self.file, t.offset, t.ty, &t.dims)?)
+    }
+
+    /// The tensor `name`, marked used, if it has exactly `dims` and a type Realm computes.
+    fn checked(&self, name: &str, dims: &[u64]) -> Result<&TensorInfo> {
         let t = self
             .tensor(name)
             .ok_or_else(|| Error::InvalidModel(format!("tensor '{name}' is missing")))?;
@@ -265,7 +273,37 @@ impl<C: Compute> Loader<'_, C> {
                 t.ty
             )));
         }
-        Ok(self.c.weight(self.file, t.offset, t.ty, &t.dims)?)
+        Ok(t)
+    }
+
+    /// Rows `rows` of the 2-D weight `name` (which must have exactly `dims`) as a weight
+    /// of its own: a fused projection's parts (Phi-3's `attn_qkv`, its gate-up `ffn_up`).
+    pub fn weight_rows(
+        &self,
+        name: &str,
+        dims: &[u64],
+        rows: std::ops::Range<u64>,
+    ) -> Result<C::Weight> {
+        // The whole tensor's checks (shape, type), then the part's place in the file.
+        let t = self.checked(name, dims)?;
+        let (&[row_len, n_rows], true) = (dims, rows.start < rows.end) else {
+            return Err(Error::InvalidModel(format!(
+                "tensor '{name}': rows {rows:?} of {dims:?}"
+            )));
+        };
+        if rows.end > n_rows {
+            return Err(Error::InvalidModel(format!(
+                "tensor '{name}' has {n_rows} rows, not {}",
+                rows.end
+            )));
+        }
+        let row_bytes = t.ty.row_bytes(row_len).ok_or_else(|| {
+            Error::InvalidModel(format!("tensor '{name}': rows of {row_len} {}", t.ty))
+        })?;
+        let offset = t.offset + rows.start * row_bytes;
+        Ok(self
+            .c
+            .weight(self.file, offset, t.ty, &[row_len, rows.end - rows.start])?)
     }
 
     /// An optional integer hyper-parameter.
