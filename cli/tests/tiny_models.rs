@@ -111,6 +111,12 @@ fn phi3_q4_0_matches_llama_cpp() {
     check_matches("phi3-tiny.q4_0");
 }
 
+/// SmolLM3 (NoPE every fourth block) through the component, Q8_0.
+#[test]
+fn smollm3_q8_0_matches_llama_cpp() {
+    check_matches("smollm3-tiny.q8_0");
+}
+
 #[test]
 fn linear_rope_scaling_matches_llama_cpp() {
     check_matches("llama-tiny-linear.f32");

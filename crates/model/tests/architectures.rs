@@ -180,6 +180,17 @@ fn phi3_greedy_ids_match_llama_cpp() {
     }
 }
 
+/// SmolLM3 (no RoPE on every fourth block) on a random-weight model of four blocks, F32
+/// and Q8_0.
+#[test]
+fn smollm3_greedy_ids_match_llama_cpp() {
+    for name in ["smollm3-tiny.f32", "smollm3-tiny.q8_0"] {
+        let model = root().join(format!("target/test-models/{name}.gguf"));
+        let refs = root().join(format!("tests/reference/tiny-models/{name}.jsonl"));
+        check_parity(&model, &jsonl(&refs), 32);
+    }
+}
+
 /// Files whose tensors or RoPE the llama blocks do not implement are refused, not run
 /// wrong: a bias on q (Qwen-style) and Phi-3's `longrope`.
 #[test]

@@ -63,6 +63,8 @@ pub struct Layer<'a, W> {
     pub activation: Activation,
     /// Rows (tokens) in this step.
     pub rows: usize,
+    /// Whether q and k are rotated (SmolLM3 skips RoPE on every fourth block).
+    pub use_rope: bool,
 }
 
 /// The whole stack: embeddings, blocks, output norm and projection.
@@ -237,8 +239,10 @@ impl<W> Decoder<W> {
             (None, _) => (&s.q, &s.k),
             (Some(_), None) => return Err(missing_scratch()),
         };
-        c.rope(q, pos, &run.rope, run.rope_factors)?;
-        c.rope(k, pos, &run.rope, run.rope_factors)?;
+        if run.use_rope {
+            c.rope(q, pos, &run.rope, run.rope_factors)?;
+            c.rope(k, pos, &run.rope, run.rope_factors)?;
+        }
         let kq_scale = match run.q_scale {
             QScale::InAttention(v) => v,
             QScale::OnQ(v) => {

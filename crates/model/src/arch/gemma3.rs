@@ -84,6 +84,7 @@ impl<C: Compute> Architecture<C> for Gemma3<C> {
                 q_scale: QScale::OnQ(1.0 / (hp.head_dim as f32).sqrt()),
                 activation: Activation::GeluTanh,
                 rows: ids.len(),
+                use_rope: true,
             };
             self.d.block(c, s, cache, il, pos, &layer)?;
         }

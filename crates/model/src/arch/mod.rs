@@ -7,6 +7,7 @@ mod llama;
 mod phi3;
 mod qwen2;
 mod qwen3;
+mod smollm3;
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -48,6 +49,7 @@ registry! {
     "phi3" => phi3,
     "qwen2" => qwen2,
     "qwen3" => qwen3,
+    "smollm3" => smollm3,
 }
 
 /// What each architecture module's `load` is.

@@ -64,6 +64,7 @@ impl<C: Compute> Architecture<C> for Phi3<C> {
             q_scale: QScale::OnQ(1.0 / (self.d.hp.head_dim as f32).sqrt()),
             activation: Activation::Silu,
             rows: ids.len(),
+            use_rope: true,
         };
         self.d.embed(c, s, ids, 1.0)?;
         for il in 0..self.d.blocks.len() {
