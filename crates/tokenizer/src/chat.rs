@@ -26,6 +26,116 @@ const GEMMA: &str = "{% set sys = '' %}{% set turns = messages %}\
 {{ sys if loop.first else '' }}{{ m.content | trim }}<end_of_turn>\n{% endfor %}\
 {% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
 
+/// `strftime`'s common fields of a UTC time (`%Y %m %d %H %M %S %y %b %B %a %A %j %%`;
+/// anything else is kept as written): what templates' `strftime_now` formats ask for.
+pub fn strftime_utc(unix: i64, format: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+    ];
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // The proleptic Gregorian date of a day count from 1970-01-01 (era arithmetic).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let before = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334][(month - 1) as usize];
+    let yday = before + day + i64::from(leap && month > 2);
+    let weekday = (days + 4).rem_euclid(7) as usize;
+    let name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('H') => out.push_str(&format!("{:02}", secs / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", secs / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", secs % 60)),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('b') => out.push_str(&name[..3]),
+            Some('B') => out.push_str(name),
+            Some('a') => out.push_str(&DAYS[weekday][..3]),
+            Some('A') => out.push_str(DAYS[weekday]),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// transformers' `{% generation %}…{% endgeneration %}` (it marks the assistant's tokens
+/// and renders its body) as an `if` that is always true, whitespace control kept.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let (dash_l, body) = match inner.strip_prefix('-') {
+            Some(b) => ("-", b),
+            None => ("", inner),
+        };
+        let (dash_r, body) = match body.strip_suffix('-') {
+            Some(b) => ("-", b),
+            None => ("", body),
+        };
+        let replaced = match body.trim() {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replaced {
+            Some(r) => out.push_str(&format!("{{%{dash_l} {r} {dash_r}%}}")),
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Message {
@@ -162,6 +272,8 @@ pub struct ChatTemplate {
     pub renders_tools: bool,
     bos: String,
     eos: String,
+    /// The time `strftime_now` formats (Unix seconds, UTC); 0 means the clock's.
+    now: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 fn template_error(e: Error) -> TokenizerError {
@@ -193,7 +305,30 @@ impl ChatTemplate {
         }
         let mut env = Environment::new();
         env.set_fuel(Some(TEMPLATE_FUEL));
+        // As Hugging Face's `apply_chat_template` sets up jinja2 (the templates are written
+        // for it): a newline after a block tag is dropped, and whitespace before one on its
+        // line.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        let now = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let clock = now.clone();
+        env.add_function("strftime_now", move |format: String| -> String {
+            let fixed = clock.load(std::sync::atomic::Ordering::Relaxed);
+            let t = if fixed != 0 {
+                fixed
+            } else {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64)
+            };
+            strftime_utc(t, &format)
+        });
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // jinja2's `iterable`: none and undefined are not (minijinja lets a loop run over
+        // them, and templates test `tools is iterable and tools | length > 0`).
+        env.add_test("iterable", |v: minijinja::Value| {
+            !v.is_none() && !v.is_undefined() && v.try_iter().is_ok()
+        });
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, Error> {
@@ -201,6 +336,11 @@ impl ChatTemplate {
             },
         );
         let renders_tools = source.contains("tools");
+        let source = if source.contains("generation") {
+            without_generation_tags(&source)
+        } else {
+            source
+        };
         env.add_template_owned("chat", source)
             .map_err(template_error)?;
         Ok(Self {
@@ -209,7 +349,15 @@ impl ChatTemplate {
             renders_tools,
             bos,
             eos,
+            now,
         })
+    }
+
+    /// `strftime_now` formats this time (Unix seconds, UTC) instead of the clock's: for
+    /// reproducible renders.
+    pub fn at_time(self, unix: i64) -> Self {
+        self.now.store(unix, std::sync::atomic::Ordering::Relaxed);
+        self
     }
 
     /// Render `messages`; with `add_generation_prompt` the text ends where the assistant's
