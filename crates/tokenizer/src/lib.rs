@@ -8,6 +8,7 @@ mod error;
 mod spm;
 mod stream;
 mod vocab;
+mod wpm;
 
 pub use chat::{Builtin, ChatTemplate, Message, Rendered};
 pub use error::{Result, TokenizerError};
@@ -21,6 +22,7 @@ use realm_gguf::Metadata;
 enum Kind {
     Bpe(Box<bpe::Bpe>),
     Spm,
+    Wpm(Box<wpm::Wpm>),
 }
 
 /// A tokenizer for one model file.
@@ -41,17 +43,15 @@ enum Fragment<'t> {
 impl Tokenizer {
     pub fn from_metadata(md: &Metadata) -> Result<Self> {
         let model = md.str("tokenizer.ggml.model")?;
-        let spm = match model {
-            "gpt2" => false,
-            "llama" => true,
-            other => return Err(TokenizerError::UnknownModel(other.into())),
-        };
+        if !matches!(model, "gpt2" | "llama" | "bert") {
+            return Err(TokenizerError::UnknownModel(model.into()));
+        }
         let pre = md.opt_str("tokenizer.ggml.pre")?;
         let vocab = Vocab::from_metadata(md, Defaults::for_model(model, pre))?;
-        let kind = if spm {
-            Kind::Spm
-        } else {
-            Kind::Bpe(Box::new(bpe::Bpe::new(md, &vocab)?))
+        let kind = match model {
+            "llama" => Kind::Spm,
+            "bert" => Kind::Wpm(Box::new(wpm::Wpm::new(md, &vocab)?)),
+            _ => Kind::Bpe(Box::new(bpe::Bpe::new(md, &vocab)?)),
         };
         let mut specials: Vec<u32> = (0..vocab.len() as u32)
             .filter(|&id| {
@@ -78,6 +78,7 @@ impl Tokenizer {
         match self.kind {
             Kind::Bpe(_) => "bpe",
             Kind::Spm => "spm",
+            Kind::Wpm(_) => "wpm",
         }
     }
 
@@ -117,6 +118,7 @@ impl Tokenizer {
                 Fragment::Raw(raw) => {
                     match &self.kind {
                         Kind::Bpe(bpe) => bpe.encode(&self.vocab, raw, &mut out)?,
+                        Kind::Wpm(wpm) => wpm.encode(&self.vocab, raw, &mut out),
                         Kind::Spm => {
                             let mut s = String::with_capacity(raw.len() + 3);
                             if self.vocab.add_space_prefix && prev_special {
@@ -226,7 +228,7 @@ impl Tokenizer {
             }
             _ => match &self.kind {
                 Kind::Bpe(bpe) => bpe.decode_token(text, out),
-                Kind::Spm => {
+                Kind::Spm | Kind::Wpm(_) => {
                     for c in text.chars() {
                         let c = if c == '▁' { ' ' } else { c };
                         let mut buf = [0u8; 4];
@@ -245,8 +247,8 @@ impl Tokenizer {
         for &id in ids {
             self.token_bytes(id, special, &mut bytes)?;
         }
-        if matches!(self.kind, Kind::Spm)
-            && self.vocab.add_space_prefix
+        if (matches!(self.kind, Kind::Wpm(_))
+            || matches!(self.kind, Kind::Spm) && self.vocab.add_space_prefix)
             && bytes.first() == Some(&b' ')
         {
             bytes.remove(0);

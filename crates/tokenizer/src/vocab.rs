@@ -97,6 +97,15 @@ impl Defaults {
                 add_eos: false,
                 add_space_prefix: true,
             },
+            // WordPiece (BERT): [CLS] 101 and [SEP] 102 around the text, [UNK] 100.
+            "bert" => Self {
+                bos: Some(101),
+                eos: Some(102),
+                unk: Some(100),
+                add_bos: true,
+                add_eos: true,
+                add_space_prefix: false,
+            },
             // Byte-level BPE: id 11 for both (GPT-2's '<|endoftext|>' in llama.cpp's
             // original vocabularies); BOS only for the pre-tokenizers llama.cpp flags.
             _ => Self {
