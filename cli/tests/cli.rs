@@ -167,7 +167,14 @@ fn devices_are_chosen_by_name_with_one_line_errors() {
 #[test]
 fn tokenize_runs_llama_cpps_suite_vocabularies() {
     let dir = root().join("target/llama.cpp/src/models");
-    for vocab in ["deepseek-llm", "qwen35", "falcon", "llama-bpe", "bert-bge"] {
+    for vocab in [
+        "deepseek-llm",
+        "qwen35",
+        "falcon",
+        "llama-bpe",
+        "bert-bge",
+        "gemma-4",
+    ] {
         let path = dir.join(format!("ggml-vocab-{vocab}.gguf"));
         let inp = std::fs::read_to_string(path.with_extension("gguf.inp"))
             .unwrap_or_else(|e| panic!("{}: {e} (make test-models)", path.display()));

@@ -53,6 +53,8 @@ const PRETOKENIZERS: &[(&[&str], &[&str])] = &[
         &[r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"],
     ),
     (&["qwen35"], &[QWEN35]),
+    // Gemma 4: SentencePiece-style BPE over the whole text, split only at newlines.
+    (&["gemma4"], &[r"[^\n]+|[\n]+"]),
     (
         &[
             "smollm",
@@ -115,6 +117,8 @@ pub struct Bpe {
     /// A word that is a token whole is that token, merges or not (llama.cpp's
     /// `ignore_merges`, set for the Llama 3 family of pre-tokenizers).
     ignore_merges: bool,
+    /// Gemma 4's BPE: raw UTF-8 symbols (no GPT-2 byte mapping), spaces written as `▁`.
+    raw: bool,
     /// (left id, right id) → (rank, merged id); ids past the vocabulary name merge
     /// intermediates that are not tokens themselves.
     merges: HashMap<(u32, u32), (u32, u32)>,
@@ -126,7 +130,12 @@ pub struct Bpe {
 
 impl Bpe {
     pub fn new(md: &Metadata, vocab: &Vocab) -> Result<Self> {
-        let pre = md.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
+        // Gemma 4's model has one pre-tokenizer, whatever the file says (as llama.cpp).
+        let raw = md.opt_str("tokenizer.ggml.model")? == Some("gemma4");
+        let pre = match raw {
+            true => "gemma4",
+            false => md.opt_str("tokenizer.ggml.pre")?.unwrap_or("default"),
+        };
         let exprs = PRETOKENIZERS
             .iter()
             .find(|(names, _)| names.contains(&pre))
@@ -191,11 +200,17 @@ impl Bpe {
         Ok(Self {
             regexes,
             ignore_merges,
+            raw,
             merges,
             symbols,
             byte_to_char,
             char_to_byte,
         })
+    }
+
+    /// Gemma 4's raw-UTF-8 BPE (its byte tokens are `<0xHH>`, as SentencePiece's).
+    pub fn is_raw(&self) -> bool {
+        self.raw
     }
 
     /// Split `text` into pre-tokenizer words.
@@ -226,6 +241,17 @@ impl Bpe {
 
     /// Append the ids of raw (non-special) `text` to `out`.
     pub fn encode(&self, vocab: &Vocab, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        if self.raw {
+            let escaped = text.replace(' ', "\u{2581}");
+            for word in self.words(&escaped)? {
+                // A run of newlines that is a token is that token (llama.cpp's Gemma 4 rule).
+                match vocab.token_to_id.get(word) {
+                    Some(&id) if word.bytes().all(|b| b == b'\n') => out.push(id),
+                    _ => self.merge_word(vocab, word, out),
+                }
+            }
+            return Ok(());
+        }
         for word in self.words(text)? {
             let mapped: String = word
                 .bytes()
@@ -303,6 +329,10 @@ impl Bpe {
             let text = &word[s.start..s.end];
             match vocab.id(text) {
                 Some(id) => out.push(id),
+                // Gemma 4's raw BPE falls back to its `<0xHH>` byte tokens.
+                None if self.raw => {
+                    out.extend(text.bytes().filter_map(|b| vocab.byte_tokens[b as usize]))
+                }
                 // llama.cpp falls back to single bytes of the symbol, dropping unknown ones.
                 None => out.extend(
                     text.bytes()
@@ -315,6 +345,10 @@ impl Bpe {
 
     /// The bytes a normal token stands for (GPT-2 characters mapped back to bytes).
     pub fn decode_token(&self, text: &str, out: &mut Vec<u8>) {
+        if self.raw {
+            out.extend_from_slice(text.replace('\u{2581}', " ").as_bytes());
+            return;
+        }
         for c in text.chars() {
             match self.char_to_byte.get(&c) {
                 Some(&b) => out.push(b),

@@ -7,7 +7,7 @@ use realm_gguf::GgufError;
 pub enum TokenizerError {
     #[error(transparent)]
     Metadata(#[from] GgufError),
-    #[error("tokenizer.ggml.model '{0}' is not supported (known: gpt2, llama, bert)")]
+    #[error("tokenizer.ggml.model '{0}' is not supported (known: gpt2, llama, bert, gemma4)")]
     UnknownModel(String),
     #[error("tokenizer.ggml.pre '{name}' is not supported (known: {known})")]
     UnknownPretokenizer { name: String, known: String },

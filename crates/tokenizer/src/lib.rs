@@ -43,7 +43,7 @@ enum Fragment<'t> {
 impl Tokenizer {
     pub fn from_metadata(md: &Metadata) -> Result<Self> {
         let model = md.str("tokenizer.ggml.model")?;
-        if !matches!(model, "gpt2" | "llama" | "bert") {
+        if !matches!(model, "gpt2" | "llama" | "bert" | "gemma4") {
             return Err(TokenizerError::UnknownModel(model.into()));
         }
         let pre = md.opt_str("tokenizer.ggml.pre")?;
@@ -221,7 +221,10 @@ impl Tokenizer {
                 }
             }
             TokenType::UserDefined => out.extend_from_slice(text.as_bytes()),
-            TokenType::Byte if matches!(self.kind, Kind::Spm) => {
+            TokenType::Byte
+                if matches!(&self.kind, Kind::Spm)
+                    || matches!(&self.kind, Kind::Bpe(b) if b.is_raw()) =>
+            {
                 if let Some(b) = self.vocab.byte_tokens.iter().position(|&t| t == Some(id)) {
                     out.push(b as u8);
                 }

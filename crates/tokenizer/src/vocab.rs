@@ -106,6 +106,15 @@ impl Defaults {
                 add_eos: true,
                 add_space_prefix: false,
             },
+            // Gemma 4's BPE: the ids come from the file; BOS always added (llama.cpp).
+            "gemma4" => Self {
+                bos: None,
+                eos: None,
+                unk: None,
+                add_bos: true,
+                add_eos: false,
+                add_space_prefix: false,
+            },
             // Byte-level BPE: id 11 for both (GPT-2's '<|endoftext|>' in llama.cpp's
             // original vocabularies); BOS only for the pre-tokenizers llama.cpp flags.
             _ => Self {
