@@ -117,6 +117,13 @@ fn smollm3_q8_0_matches_llama_cpp() {
     check_matches("smollm3-tiny.q8_0");
 }
 
+/// Gemma 2 (attention and final logit soft-capping, sliding window on even layers)
+/// through the component, Q8_0.
+#[test]
+fn gemma2_q8_0_matches_llama_cpp() {
+    check_matches("gemma2-tiny.q8_0");
+}
+
 #[test]
 fn linear_rope_scaling_matches_llama_cpp() {
     check_matches("llama-tiny-linear.f32");

@@ -59,6 +59,7 @@ fn a_tenant_cannot_reach_another_tenants_tensors_or_kv_cache() {
         1,
         0.5,
         0,
+        0.0,
         borrow_t(&out),
     );
     assert!(attend.is_err(), "B used A's KV cache handle");

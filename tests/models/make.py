@@ -262,6 +262,60 @@ def write_smollm3(path, vocab, seed, n_layer=4):
     w.close()
 
 
+def write_gemma2(path, vocab, seed, n_layer=4):
+    """Gemma 2 (gemma2): post-norms, GELU, NeoX RoPE, attention and final logit soft-capping
+    (small caps here, so that they bite), and an 8-position sliding window on the even layers
+    (so that it matters within a prompt and 32 tokens)."""
+    rng = np.random.RandomState(seed)
+    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    w = gguf.GGUFWriter(str(path), "gemma2")
+    w.add_name(path.stem)
+    w.add_block_count(n_layer)
+    w.add_context_length(N_CTX_TRAIN)
+    w.add_embedding_length(N_EMBD)
+    w.add_feed_forward_length(N_FF)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_HEAD_KV)
+    w.add_key_length(HEAD_DIM)
+    w.add_value_length(HEAD_DIM)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_attn_logit_softcapping(5.0)
+    w.add_final_logit_softcapping(10.0)
+    w.add_sliding_window(8)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    copy_vocab(w, vocab)
+    # Small embeddings (the output is tied to them), so that the answer is not the last token
+    # again but what attention made of the context.
+    w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.1))
+    w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+    kv = N_HEAD_KV * HEAD_DIM
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+        # Strong attention (scores of tens, outputs as large as the residual), so that the
+        # soft-capping and the window change the answers.
+        w.add_tensor(p + "attn_q.weight", normal((N_EMBD, N_EMBD), 2.0))
+        w.add_tensor(p + "attn_k.weight", normal((kv, N_EMBD), 2.0))
+        w.add_tensor(p + "attn_v.weight", normal((kv, N_EMBD), 1.0))
+        w.add_tensor(p + "attn_output.weight", normal((N_EMBD, N_EMBD), 1.0))
+        w.add_tensor(p + "post_attention_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+        w.add_tensor(p + "ffn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+        w.add_tensor(p + "ffn_gate.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        w.add_tensor(p + "ffn_up.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        w.add_tensor(p + "ffn_down.weight", normal((N_EMBD, N_FF), 1.0 / math.sqrt(N_FF)))
+        w.add_tensor(p + "post_ffw_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def main():
     llama_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
@@ -284,6 +338,7 @@ def main():
     write_qwen(out / "qwen2-tiny.f32.gguf", qwen_vocab, seed=3, arch="qwen2")
     write_phi3(out / "phi3-tiny.f32.gguf", gguf.GGUFReader(str(llama_dir / "src" / PHI3_VOCAB)), seed=4)
     write_smollm3(out / "smollm3-tiny.f32.gguf", vocab, seed=5)
+    write_gemma2(out / "gemma2-tiny.f32.gguf", gguf.GGUFReader(str(llama_dir / "src" / "models/ggml-vocab-llama-spm.gguf")), seed=6)
 
     quantize = llama_dir / "build" / "bin" / "llama-quantize"
     # (Q4_K needs rows of 256 values; these models are 64 wide.)
@@ -294,7 +349,8 @@ def main():
                          ("qwen2-tiny.f32.gguf", "qwen2-tiny.q4_0.gguf", "Q4_0"),
                          ("phi3-tiny.f32.gguf", "phi3-tiny.q8_0.gguf", "Q8_0"),
                          ("phi3-tiny.f32.gguf", "phi3-tiny.q4_0.gguf", "Q4_0"),
-                         ("smollm3-tiny.f32.gguf", "smollm3-tiny.q8_0.gguf", "Q8_0")]:
+                         ("smollm3-tiny.f32.gguf", "smollm3-tiny.q8_0.gguf", "Q8_0"),
+                         ("gemma2-tiny.f32.gguf", "gemma2-tiny.q8_0.gguf", "Q8_0")]:
         subprocess.run([str(quantize), str(out / src), str(out / dst), ty],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -204,6 +204,7 @@ impl tensors::Guest for Provider {
         n_head: u32,
         scale: f32,
         window: u32,
+        softcap: f32,
         out: TensorBorrow<'_>,
     ) -> Res<()> {
         let c = &cache.get::<KvCache>().0;
@@ -219,6 +220,7 @@ impl tensors::Guest for Provider {
                 n_head,
                 scale,
                 window,
+                softcap,
                 t(&out),
             )
         })

@@ -354,10 +354,16 @@ impl<B: Backend> Compute for B {
         n_head: u32,
         scale: f32,
         window: u32,
+        softcap: f32,
         out: &B::Tensor,
     ) -> Result<()> {
         for t in [q, k, v] {
             distinct(t, out)?;
+        }
+        if !softcap.is_finite() || softcap < 0.0 {
+            return Err(invalid(format!(
+                "attention softcap {softcap} is not a finite value >= 0"
+            )));
         }
         attention(
             (self.shape(q), self.shape(k), self.shape(v)),
@@ -379,6 +385,7 @@ impl<B: Backend> Compute for B {
             n_head: n_head as usize,
             scale,
             window: window as usize,
+            softcap,
         };
         Backend::attention(self, a, out)
     }

@@ -151,6 +151,7 @@ impl<B: Backend> DynBackend for B {
             n_head: a.n_head,
             scale: a.scale,
             window: a.window,
+            softcap: a.softcap,
         };
         Backend::attention(self, a, t::<B>(out)?)
     }

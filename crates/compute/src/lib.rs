@@ -189,6 +189,8 @@ pub struct Attention<'a, B: Backend + ?Sized> {
     pub n_head: usize,
     pub scale: f32,
     pub window: usize,
+    /// Scores capped as softcap · tanh(score / softcap) when non-zero (Gemma 2).
+    pub softcap: f32,
 }
 
 /// A device: where tensors live and kernels run. Implement this (and nothing else) to add
@@ -321,6 +323,7 @@ pub trait Compute: 'static {
         n_head: u32,
         scale: f32,
         window: u32,
+        softcap: f32,
         out: &Self::Tensor,
     ) -> Result<()>;
     fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Activation) -> Result<()>;

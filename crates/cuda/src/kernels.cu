@@ -303,7 +303,7 @@ __device__ __forceinline__ float score64(const float* qs, const u16* kr, int hd,
 #define ATT_CHUNK 2048
 extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, int rows,
                                      int n_head, int n_kv, int hd, const int* pos_p,
-                                     float scale, int window, float* out) {
+                                     float scale, int window, float softcap, float* out) {
     // Scores, then per position the online softmax's factors: `msa` rescales what was
     // summed before (1 when the maximum did not rise), `vsa` weighs the position's value.
     // They depend on the scores only, so the block computes them once (a prefix maximum
@@ -336,7 +336,12 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
                 for (int d = lane; d < hd; d += 32) s += qs[d] * h2f(kr[d]);
                 s = warp_sum(s);
             }
-            if (lane == 0) sc[j] = s * scale;
+            // Soft-capped scores as ggml-cpu: scale (already divided by softcap on the
+            // host), then softcap · tanh, rounded through double as glibc's tanhf.
+            if (lane == 0) {
+                float x = __fmul_rn(s, scale);
+                sc[j] = softcap != 0.0f ? __fmul_rn(softcap, (float)tanh((double)x)) : x;
+            }
         }
         __syncthreads();
         int base = threadIdx.x * 8;

@@ -960,8 +960,13 @@ impl Backend for CudaBackend {
             Arg::I(c.n_head_kv as i32),
             Arg::I(c.head_dim as i32),
             pos_arg,
-            f(a.scale),
+            f(if a.softcap != 0.0 {
+                a.scale / a.softcap
+            } else {
+                a.scale
+            }),
             Arg::I(a.window as i32),
+            f(a.softcap),
             self.p(buf(&o)?),
         ];
         self.rec(K::Attention, grid(rows * a.n_head, 256), args);

@@ -358,15 +358,28 @@ fn ops_agree_with_the_cpu_backend() {
         let v = t(kvw, rows, 4);
         let cache = Compute::cache(c, 1, 64, 3, 64);
         let att = Compute::tensor(c, w as u32);
-        Compute::attention(c, &q, &k, &v, &cache, 0, 0, 9, 0.125, 0, &att).expect("attention");
+        Compute::attention(c, &q, &k, &v, &cache, 0, 0, 9, 0.125, 0, 0.0, &att).expect("attention");
         out.push(("attention, 37 rows", read(&att, rows)));
         let (q1, k1, v1) = (t(w, 1, 5), t(kvw, 1, 6), t(kvw, 1, 7));
         Compute::rope(c, &q1, rows as u32, rope, None).expect("rope");
         out.push(("rope at 37", read(&q1, 1)));
         Compute::rope(c, &k1, rows as u32, rope, None).expect("rope");
         let att1 = Compute::tensor(c, w as u32);
-        Compute::attention(c, &q1, &k1, &v1, &cache, 0, rows as u32, 9, 0.125, 0, &att1)
-            .expect("attention");
+        Compute::attention(
+            c,
+            &q1,
+            &k1,
+            &v1,
+            &cache,
+            0,
+            rows as u32,
+            9,
+            0.125,
+            0,
+            0.0,
+            &att1,
+        )
+        .expect("attention");
         out.push(("attention, row 38", read(&att1, 1)));
         for (name, act) in [
             ("glu silu", realm_compute::Activation::Silu),

@@ -126,6 +126,7 @@ enum Op {
         n_head: usize,
         scale: f32,
         window: usize,
+        softcap: f32,
         o: Arc<TensorCell>,
     },
     Glu {
@@ -456,6 +457,7 @@ impl Backend for CpuBackend {
             n_head: a.n_head,
             scale: a.scale,
             window: a.window,
+            softcap: a.softcap,
             o: o.0.clone(),
         })
     }
@@ -556,6 +558,7 @@ impl Exec {
                 n_head,
                 scale,
                 window,
+                softcap,
                 o,
             } => {
                 let (q, k, v) = (lock(&q)?, lock(&k)?, lock(&v)?);
@@ -578,6 +581,7 @@ impl Exec {
                     head_dim: c.head_dim,
                     scale,
                     window,
+                    softcap,
                     tiled: q.rows >= kernels::FA_TILE,
                 };
                 self.attend(&q, lc, pos, shape, &mut o, share);

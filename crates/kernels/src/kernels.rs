@@ -263,9 +263,22 @@ pub struct AttnShape {
     pub scale: f32,
     /// Attend to the last `window` positions only (0: all).
     pub window: usize,
+    /// Scores capped as softcap · tanh(score · scale / softcap) when non-zero, as
+    /// ggml-cpu computes it (the scale divided by softcap first, libm's tanhf).
+    pub softcap: f32,
     /// ggml's tiled flash attention (f32 queries and weights, 64-position tiles), which
     /// ggml-cpu runs when a batch has [`FA_TILE`] query rows or more; else the row path.
     pub tiled: bool,
+}
+
+/// A score times `scale`, soft-capped when `softcap` is non-zero, in ggml-cpu's order:
+/// `scale / softcap` once, then `softcap · tanhf(s · that)`.
+#[inline(always)]
+fn capped(s: f32, scale: f32, softcap: f32) -> f32 {
+    if softcap == 0.0 {
+        return s * scale;
+    }
+    softcap * (s * (scale / softcap)).tanh()
 }
 
 /// Query rows from which ggml-cpu switches to tiled flash attention (`GGML_FA_TILE_Q`),
@@ -413,6 +426,7 @@ fn attend_row_tiled_body(
         head_dim: hd,
         scale,
         window,
+        softcap,
         ..
     } = shape;
     let start = if window > 0 {
@@ -444,7 +458,7 @@ fn attend_row_tiled_body(
             let mut kq = [f32::NEG_INFINITY; FA_TILE];
             for (tk, s) in kq.iter_mut().enumerate() {
                 if valid(tile + tk) {
-                    *s = dots[tk] * scale + 0.0;
+                    *s = capped(dots[tk], scale, softcap) + 0.0;
                 }
             }
             let tile_max = kq.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -609,6 +623,7 @@ fn attend_heads(
         n_head_kv,
         head_dim,
         scale,
+        softcap,
         ..
     } = shape;
     let tab = f16_table();
@@ -649,7 +664,7 @@ fn attend_heads(
                 }
             }
             for i in 0..n {
-                let s = s[i] * scale;
+                let s = capped(s[i], scale, softcap);
                 let acc = &mut acc[i * head_dim..(i + 1) * head_dim];
                 let mut ms = 1f32;
                 vs[i] = 1.0;
@@ -846,6 +861,7 @@ mod tests {
                 head_dim: hd,
                 scale: 0.125,
                 window,
+                softcap: 0.0,
             };
             let mut kv = TiledKv::default();
             kv.build(&cache, shape, n_pos);
@@ -931,6 +947,7 @@ mod tests {
             head_dim: 2,
             scale: 1.0,
             window: 0,
+            softcap: 0.0,
         };
         attend_row(
             &[0.5, 0.5, -1.0, 2.0],

@@ -191,6 +191,17 @@ fn smollm3_greedy_ids_match_llama_cpp() {
     }
 }
 
+/// Gemma 2 (attention and final logit soft-capping, an 8-position window on the even
+/// layers, post-norms) on a random-weight model of four blocks, F32 and Q8_0.
+#[test]
+fn gemma2_greedy_ids_match_llama_cpp() {
+    for name in ["gemma2-tiny.f32", "gemma2-tiny.q8_0"] {
+        let model = root().join(format!("target/test-models/{name}.gguf"));
+        let refs = root().join(format!("tests/reference/tiny-models/{name}.jsonl"));
+        check_parity(&model, &jsonl(&refs), 32);
+    }
+}
+
 /// Files whose tensors or RoPE the llama blocks do not implement are refused, not run
 /// wrong: a bias on q (Qwen-style) and Phi-3's `longrope`.
 #[test]

@@ -127,9 +127,13 @@ impl Compute for Imported {
         n_head: u32,
         scale: f32,
         window: u32,
+        softcap: f32,
         out: &Tensor,
     ) -> realm_compute::Result<()> {
-        ops::attention(q, k, v, cache, layer, pos, n_head, scale, window, out).map_err(error)
+        ops::attention(
+            q, k, v, cache, layer, pos, n_head, scale, window, softcap, out,
+        )
+        .map_err(error)
     }
 
     fn glu(&self, gate: &Tensor, up: &Tensor, act: Activation) -> realm_compute::Result<()> {

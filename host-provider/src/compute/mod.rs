@@ -520,13 +520,16 @@ impl<B: Backend> tensors::Host for ComputeState<B> {
         n_head: u32,
         scale: f32,
         window: u32,
+        softcap: f32,
         out: Resource<TensorRes>,
     ) -> Res<()> {
         self.timed(Bucket::Attention, |s| {
             let (q, k, v) = (s.tensor(&q)?, s.tensor(&k)?, s.tensor(&v)?);
             let (c, o) = (s.cache(&cache)?, s.tensor(&out)?);
-            Compute::attention(&s.backend, q, k, v, c, layer, pos, n_head, scale, window, o)
-                .map_err(to_wit_error)
+            Compute::attention(
+                &s.backend, q, k, v, c, layer, pos, n_head, scale, window, softcap, o,
+            )
+            .map_err(to_wit_error)
         })
     }
 

@@ -286,6 +286,7 @@ impl<G: Backend, C: Backend> Backend for Split<G, C> {
                 n_head: a.n_head,
                 scale: a.scale,
                 window: a.window,
+                softcap: a.softcap,
             };
             self.gpu.attention(b, &o.gpu)
         } else {
@@ -299,6 +300,7 @@ impl<G: Backend, C: Backend> Backend for Split<G, C> {
                 n_head: a.n_head,
                 scale: a.scale,
                 window: a.window,
+                softcap: a.softcap,
             };
             self.cpu.attention(b, &o.cpu)
         }

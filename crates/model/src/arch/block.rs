@@ -65,6 +65,8 @@ pub struct Layer<'a, W> {
     pub rows: usize,
     /// Whether q and k are rotated (SmolLM3 skips RoPE on every fourth block).
     pub use_rope: bool,
+    /// Attention logit soft-capping (0: none; Gemma 2).
+    pub softcap: f32,
 }
 
 /// The whole stack: embeddings, blocks, output norm and projection.
@@ -251,7 +253,17 @@ impl<W> Decoder<W> {
             }
         };
         c.attention(
-            q, k, &s.v, cache, il as u32, pos, hp.n_head, kq_scale, run.window, &s.att,
+            q,
+            k,
+            &s.v,
+            cache,
+            il as u32,
+            pos,
+            hp.n_head,
+            kq_scale,
+            run.window,
+            run.softcap,
+            &s.att,
         )?;
         c.matmul(&s.att, &b.attn_output, &s.xb)?;
         self.residual(c, s, b.post_norms.as_ref().map(|p| &p.0))?;

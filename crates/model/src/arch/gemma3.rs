@@ -85,6 +85,7 @@ impl<C: Compute> Architecture<C> for Gemma3<C> {
                 activation: Activation::GeluTanh,
                 rows: ids.len(),
                 use_rope: true,
+                softcap: 0.0,
             };
             self.d.block(c, s, cache, il, pos, &layer)?;
         }

@@ -2,6 +2,7 @@
 //! blocks do differently, on top of [`block`]) and a line in the registry below.
 
 pub mod block;
+mod gemma2;
 mod gemma3;
 mod llama;
 mod phi3;
@@ -45,6 +46,7 @@ macro_rules! registry {
 
 registry! {
     "llama" => llama,
+    "gemma2" => gemma2,
     "gemma3" => gemma3,
     "phi3" => phi3,
     "qwen2" => qwen2,

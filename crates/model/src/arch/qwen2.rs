@@ -62,6 +62,7 @@ impl<C: Compute> Architecture<C> for Qwen2<C> {
             activation: Activation::Silu,
             rows: ids.len(),
             use_rope: true,
+            softcap: 0.0,
         };
         self.d.embed(c, s, ids, 1.0)?;
         for il in 0..self.d.blocks.len() {

@@ -69,6 +69,7 @@ impl<C: Compute> Architecture<C> for SmolLm3<C> {
                 activation: Activation::Silu,
                 rows: ids.len(),
                 use_rope: (il + 1) % NO_ROPE_EVERY != 0,
+                softcap: 0.0,
             };
             self.d.block(c, s, cache, il, pos, &layer)?;
         }
