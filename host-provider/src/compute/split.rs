@@ -275,34 +275,30 @@ impl<G: Backend, C: Backend> Backend for Split<G, C> {
         self.to(a.k, gpu)?;
         self.to(a.v, gpu)?;
         o.on_gpu.set(gpu);
+        // The same arguments on either side's tensors and cache.
+        macro_rules! on {
+            ($backend:expr, $side:ident) => {
+                $backend.attention(
+                    Attention {
+                        q: &a.q.$side,
+                        k: &a.k.$side,
+                        v: &a.v.$side,
+                        cache: &a.cache.$side,
+                        layer: a.layer,
+                        pos: a.pos,
+                        n_head: a.n_head,
+                        scale: a.scale,
+                        window: a.window,
+                        softcap: a.softcap,
+                    },
+                    &o.$side,
+                )
+            };
+        }
         if gpu {
-            let b = Attention {
-                q: &a.q.gpu,
-                k: &a.k.gpu,
-                v: &a.v.gpu,
-                cache: &a.cache.gpu,
-                layer: a.layer,
-                pos: a.pos,
-                n_head: a.n_head,
-                scale: a.scale,
-                window: a.window,
-                softcap: a.softcap,
-            };
-            self.gpu.attention(b, &o.gpu)
+            on!(self.gpu, gpu)
         } else {
-            let b = Attention {
-                q: &a.q.cpu,
-                k: &a.k.cpu,
-                v: &a.v.cpu,
-                cache: &a.cache.cpu,
-                layer: a.layer,
-                pos: a.pos,
-                n_head: a.n_head,
-                scale: a.scale,
-                window: a.window,
-                softcap: a.softcap,
-            };
-            self.cpu.attention(b, &o.cpu)
+            on!(self.cpu, cpu)
         }
     }
 

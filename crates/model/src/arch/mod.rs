@@ -6,6 +6,7 @@ mod gemma2;
 mod gemma3;
 mod llama;
 mod phi3;
+mod plain;
 mod qwen2;
 mod qwen3;
 mod smollm3;

@@ -1,0 +1,104 @@
+//! The llama-shaped architectures that differ from llama only in data: which optional
+//! tensors their blocks have ([`Spec`]), how RoPE pairs values, where the attention scale
+//! is applied, and which blocks skip RoPE. Each such architecture's module is a
+//! [`Plain`] description and a `load` that passes it here.
+
+use realm_compute::{Activation, Compute, RopeMode, RopeParams};
+use realm_gguf::{Hparams, RopeScalingType};
+
+use super::block::{Decoder, Layer, OutputWeight, QScale, Spec};
+use super::{Architecture, Loader, Output, Scratch, rope_params};
+use crate::{Error, Result};
+
+/// What a llama-shaped architecture does differently.
+pub struct Plain {
+    /// `general.architecture`, for messages and metadata keys.
+    pub name: &'static str,
+    pub spec: Spec,
+    pub rope_mode: RopeMode,
+    /// Scale q before attention (Phi-3) instead of the scores in it.
+    pub scale_q: bool,
+    /// Every this-many-th block skips RoPE (SmolLM3: 4).
+    pub no_rope_every: Option<usize>,
+    /// The file's `attention.scale` replaces 1/sqrt(head_dim) when set (SmolLM3; llama.cpp
+    /// ignores the key for the others).
+    pub attention_scale_key: bool,
+}
+
+struct Model<C: Compute> {
+    d: Decoder<C::Weight>,
+    rope: RopeParams,
+    q_scale: QScale,
+    no_rope_every: Option<usize>,
+}
+
+pub fn load<C: Compute>(
+    l: &Loader<'_, C>,
+    hp: Hparams,
+    a: Plain,
+) -> Result<Box<dyn Architecture<C>>> {
+    let name = a.name;
+    if hp.n_rot != hp.head_dim {
+        return Err(Error::InvalidModel(format!(
+            "{name}.rope.dimension_count is {}, but {name} rotates whole heads of {}",
+            hp.n_rot, hp.head_dim
+        )));
+    }
+    if hp.rope_scaling.kind == RopeScalingType::LongRope {
+        return Err(Error::Unsupported(format!(
+            "RoPE scaling 'longrope' (long/short factor tensors) is not supported for {name} yet"
+        )));
+    }
+    // `attention.scale` when read and set (and not 0), else 1/sqrt(head_dim).
+    let key = format!("{name}.attention.scale");
+    let scale = match a
+        .attention_scale_key
+        .then(|| l.metadata_f32(&key))
+        .transpose()?
+    {
+        Some(Some(s)) if s != 0.0 => s,
+        _ => 1.0 / (hp.head_dim as f32).sqrt(),
+    };
+    Ok(Box::new(Model::<C> {
+        rope: rope_params(&hp, a.rope_mode, hp.rope_freq_base, &hp.rope_scaling),
+        q_scale: if a.scale_q {
+            QScale::OnQ(scale)
+        } else {
+            QScale::InAttention(scale)
+        },
+        no_rope_every: a.no_rope_every,
+        d: Decoder::load(l, hp, a.spec, OutputWeight::Optional)?,
+    }))
+}
+
+impl<C: Compute> Architecture<C> for Model<C> {
+    fn decoder(&self) -> &Decoder<C::Weight> {
+        &self.d
+    }
+
+    fn forward(
+        &self,
+        c: &C,
+        s: &Scratch<C>,
+        cache: &C::Cache,
+        ids: &[u32],
+        pos: u32,
+        out: Output,
+    ) -> Result<Vec<f32>> {
+        self.d.embed(c, s, ids, 1.0)?;
+        for il in 0..self.d.blocks.len() {
+            let layer = Layer {
+                rope: self.rope,
+                rope_factors: None,
+                window: 0,
+                q_scale: self.q_scale,
+                activation: Activation::Silu,
+                rows: ids.len(),
+                use_rope: self.no_rope_every.is_none_or(|n| (il + 1) % n != 0),
+                softcap: 0.0,
+            };
+            self.d.block(c, s, cache, il, pos, &layer)?;
+        }
+        self.d.finish(c, s, ids.len(), out)
+    }
+}
