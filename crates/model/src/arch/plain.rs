@@ -1,4 +1,4 @@
-//! The llama-shaped architectures that differ from llama only in data: which optional
+//! Llama and the llama-shaped architectures that differ from it only in data: which optional
 //! tensors their blocks have ([`Spec`]), how RoPE pairs values, where the attention scale
 //! is applied, and which blocks skip RoPE. Each such architecture's module is a
 //! [`Plain`] description and a `load` that passes it here.
@@ -23,10 +23,15 @@ pub struct Plain {
     /// The file's `attention.scale` replaces 1/sqrt(head_dim) when set (SmolLM3; llama.cpp
     /// ignores the key for the others).
     pub attention_scale_key: bool,
+    /// Llama 3's per-pair RoPE frequency divisors (`rope_freqs.weight`) where the file has
+    /// them.
+    pub rope_freqs: bool,
 }
 
 struct Model<C: Compute> {
     d: Decoder<C::Weight>,
+    /// (n_rot / 2) RoPE frequency divisors, shared by all layers.
+    rope_freqs: Option<C::Weight>,
     rope: RopeParams,
     q_scale: QScale,
     no_rope_every: Option<usize>,
@@ -46,7 +51,13 @@ pub fn load<C: Compute>(
     }
     if hp.rope_scaling.kind == RopeScalingType::LongRope {
         return Err(Error::Unsupported(format!(
-            "RoPE scaling 'longrope' (long/short factor tensors) is not supported for {name} yet"
+            "RoPE scaling 'longrope' (long/short factor tensors) is not supported for {name} \
+             yet; supported: none, linear, yarn{}",
+            if a.rope_freqs {
+                ", and Llama 3's rope_freqs"
+            } else {
+                ""
+            }
         )));
     }
     // `attention.scale` when read and set (and not 0), else 1/sqrt(head_dim).
@@ -59,7 +70,12 @@ pub fn load<C: Compute>(
         Some(Some(s)) if s != 0.0 => s,
         _ => 1.0 / (hp.head_dim as f32).sqrt(),
     };
+    let rope_freqs = match a.rope_freqs {
+        true => l.optional("rope_freqs.weight", &[u64::from(hp.n_rot / 2)])?,
+        false => None,
+    };
     Ok(Box::new(Model::<C> {
+        rope_freqs,
         rope: rope_params(&hp, a.rope_mode, hp.rope_freq_base, &hp.rope_scaling),
         q_scale: if a.scale_q {
             QScale::OnQ(scale)
@@ -89,7 +105,7 @@ impl<C: Compute> Architecture<C> for Model<C> {
         for il in 0..self.d.blocks.len() {
             let layer = Layer {
                 rope: self.rope,
-                rope_factors: None,
+                rope_factors: self.rope_freqs.as_ref(),
                 window: 0,
                 q_scale: self.q_scale,
                 activation: Activation::Silu,

@@ -28,6 +28,7 @@ pub fn load<C: Compute>(l: &Loader<'_, C>, hp: Hparams) -> Result<Box<dyn Archit
             scale_q: false,
             no_rope_every: None,
             attention_scale_key: false,
+            rope_freqs: false,
         },
     )
 }

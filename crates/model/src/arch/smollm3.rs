@@ -27,6 +27,7 @@ pub fn load<C: Compute>(l: &Loader<'_, C>, hp: Hparams) -> Result<Box<dyn Archit
             scale_q: false,
             no_rope_every: Some(NO_ROPE_EVERY),
             attention_scale_key: true,
+            rope_freqs: false,
         },
     )
 }
