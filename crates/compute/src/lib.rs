@@ -86,6 +86,44 @@ impl RopeParams {
         let end = corr_dim(self.beta_slow).ceil();
         [start.max(0.0), end.min(n_dims - 1.0)]
     }
+
+    /// Appends to `out` the (cos, sin) pairs, magnitude scale applied, of position `pos`'s
+    /// `n_rot / 2` angles, as ggml's `rope_ext`: `pos · base^(-2i/n_rot)` by repeated
+    /// products, divided by the per-pair `factors` when given (Llama 3's `rope_freqs`),
+    /// then scaled (linear or YaRN). The CPU backend rotates with these; the GPU backend
+    /// uploads them (computing its own, it would round now and then differently from
+    /// libm's `cosf`/`sinf`, which ggml-cpu uses).
+    pub fn angles(&self, factors: Option<&[f32]>, pos: u32, out: &mut Vec<(f32, f32)>) {
+        let theta_scale = self.freq_base.powf(-2.0 / self.n_rot as f32);
+        // YaRN's ramp is only read when it mixes (`ext_factor` ≠ 0).
+        let corr = if self.ext_factor != 0.0 {
+            self.yarn_corr_dims()
+        } else {
+            [0.0; 2]
+        };
+        let mut theta = pos as f32;
+        for i in 0..self.n_rot as usize / 2 {
+            let ff = factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+            out.push(self.yarn(theta / ff, corr, 2 * i));
+            theta *= theta_scale;
+        }
+    }
+
+    /// ggml's `rope_yarn`: cos and sin of one pair's angle, with interpolation, YaRN's ramp
+    /// and magnitude scale applied as ggml-cpu computes them (GCC contracts `a·b + c` into
+    /// FMAs).
+    fn yarn(&self, theta_extrap: f32, corr: [f32; 2], i0: usize) -> (f32, f32) {
+        let theta_interp = self.freq_scale * theta_extrap;
+        let mut theta = theta_interp;
+        let mut mscale = self.attn_factor;
+        if self.ext_factor != 0.0 {
+            let y = ((i0 / 2) as f32 - corr[0]) / (corr[1] - corr[0]).max(0.001);
+            let ramp_mix = (1.0 - y.clamp(0.0, 1.0)) * self.ext_factor;
+            theta = theta_interp.mul_add(1.0 - ramp_mix, theta_extrap * ramp_mix);
+            mscale *= 0.1f32.mul_add((1.0 / self.freq_scale).ln(), 1.0);
+        }
+        (theta.cos() * mscale, theta.sin() * mscale)
+    }
 }
 
 /// The gate activation of a gated feed-forward.

@@ -225,31 +225,19 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float
     for (int i = threadIdx.x; i < g; i += blockDim.x) yg[i] = (xg[i] * scale) * w[i];
 }
 
-// RoPE in place, one thread per (row, head, pair).
-// RoPE in place, one thread per (row, head, pair). `theta_scale` (base^(-2/n_rot)) and
-// `mscale` (attn_factor, times YaRN's magnitude correction) come from the host, computed
-// by the CPU backend's own code; cos and sin through double, so that both round alike.
+// RoPE in place, one thread per (row, head, pair), with each position's cos and sin
+// (times the magnitude scale) from `tab`, which the host fills with the CPU backend's own
+// values (`realm_kernels::kernels::rope_angles`: libm's cosf and sinf, as ggml-cpu), pairs
+// of floats per (position, pair). The rotation as ggml's C, as GCC contracts it.
 extern "C" __global__ void rope(float* x, int rows, int cols, int head_dim, int n_rot, int neox,
-                                const int* pos_p, float theta_scale, float freq_scale,
-                                float ext_factor, float mscale, float corr0, float corr1,
-                                const float* factors, int has_factors) {
+                                const int* pos_p, const float* tab) {
     int pos = *pos_p;
     int half = n_rot / 2, heads = cols / head_dim;
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= rows * heads * half) return;
     int i = t % half, h = (t / half) % heads, r = t / (half * heads);
-    // As ggml-cpu: the angle by repeated products of theta_scale from the position.
-    float theta_extrap = (float)(pos + r);
-    for (int ii = 0; ii < i; ii++) theta_extrap = __fmul_rn(theta_extrap, theta_scale);
-    if (has_factors) theta_extrap = __fdiv_rn(theta_extrap, factors[i]);
-    float theta_interp = __fmul_rn(freq_scale, theta_extrap), theta = theta_interp;
-    if (ext_factor != 0.0f) {
-        float y = __fdiv_rn((float)i - corr0, fmaxf(corr1 - corr0, 0.001f));
-        float mix = __fmul_rn(1.0f - fminf(fmaxf(y, 0.0f), 1.0f), ext_factor);
-        theta = fmaf(theta_interp, 1.0f - mix, __fmul_rn(theta_extrap, mix));
-    }
-    float c = __fmul_rn((float)cos((double)theta), mscale);
-    float s = __fmul_rn((float)sin((double)theta), mscale);
+    const float* cs = tab + ((size_t)(pos + r) * half + i) * 2;
+    float c = cs[0], s = cs[1];
     float* head = x + (size_t)r * cols + h * head_dim;
     int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
     float x0 = head[a], x1 = head[b];
@@ -527,73 +515,125 @@ extern "C" __global__ void quantize_q8(const float* x, int rows, int k, int q81,
     q8_block(x, blk, threadIdx.x & 31, q81, out);
 }
 
-// y[r][j] = w[j] · x[r] with x quantized (quantize_q8): integer dot products per block,
-// combined in f32 as ggml's vec_dot_q*_q8_* do. One warp per output column, a lane per
-// block at a time.
-__device__ __forceinline__ void matmul_q8_col(const u8* w, int ty, int k, int n, const u8* xq,
-                                              int rows, float* y, int warp, int lane) {
-    int nb = k / 32, bb = block_bytes(ty);
-    int q81 = ty == T_Q4_1 || ty == T_Q5_1;
-    int xbytes = q81 ? 36 : 34;
-    const u8* wr = w + (size_t)warp * nb * bb;
-    for (int r = 0; r < rows; r++) {
-        const u8* xr = xq + (size_t)r * nb * xbytes;
-        float acc = 0.0f;
-        for (int bi = lane; bi < nb; bi += 32) {
-            const u8* wb = wr + (size_t)bi * bb;
-            const u8* xb = xr + (size_t)bi * xbytes;
-            const signed char* qx = (const signed char*)(xb + (q81 ? 4 : 2));
-            float dx = h2f(rd16(xb));
-            int dot = 0;
-            switch (ty) {
-                case T_Q4_0:
-                    for (int j = 0; j < 16; j++) {
-                        dot += ((wb[2 + j] & 15) - 8) * qx[j] + ((wb[2 + j] >> 4) - 8) * qx[j + 16];
-                    }
-                    acc += h2f(rd16(wb)) * dx * (float)dot;
-                    break;
-                case T_Q4_1:
-                    for (int j = 0; j < 16; j++) {
-                        dot += (wb[4 + j] & 15) * qx[j] + (wb[4 + j] >> 4) * qx[j + 16];
-                    }
-                    acc += h2f(rd16(wb)) * dx * (float)dot + h2f(rd16(wb + 2)) * h2f(rd16(xb + 2));
-                    break;
-                case T_Q5_0: {
-                    unsigned qh = wb[2] | (wb[3] << 8) | (wb[4] << 16) | ((unsigned)wb[5] << 24);
-                    for (int j = 0; j < 16; j++) {
-                        int lo = (wb[6 + j] & 15) | (((qh >> j) & 1) << 4);
-                        int hi = (wb[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-                        dot += (lo - 16) * qx[j] + (hi - 16) * qx[j + 16];
-                    }
-                    acc += h2f(rd16(wb)) * dx * (float)dot;
-                    break;
-                }
-                case T_Q5_1: {
-                    unsigned qh = wb[4] | (wb[5] << 8) | (wb[6] << 16) | ((unsigned)wb[7] << 24);
-                    for (int j = 0; j < 16; j++) {
-                        int lo = (wb[8 + j] & 15) | (((qh >> j) & 1) << 4);
-                        int hi = (wb[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-                        dot += lo * qx[j] + hi * qx[j + 16];
-                    }
-                    acc += h2f(rd16(wb)) * dx * (float)dot + h2f(rd16(wb + 2)) * h2f(rd16(xb + 2));
-                    break;
-                }
-                default: // Q8_0
-                    for (int j = 0; j < 32; j++) dot += (signed char)wb[2 + j] * qx[j];
-                    acc += h2f(rd16(wb)) * dx * (float)dot;
-                    break;
-            }
+// The 32-value quants' products in the CPU backend's order (ggml's AVX2
+// vec_dot_q*_q8_*, as `realm_kernels::quant` computes it), bit for bit: for each output,
+// eight slots, slot l summing the integer products of values 4l..4l+3 of each block (one
+// dp4a) and accumulating acc_l = fma(d_w·d_x, sum, acc_l) over the blocks in order;
+// Q4_1/Q5_1's m·s terms in a side chain fma(m_w, s_x, summs) in block order; then ggml's
+// hsum_float_8 of the eight slots, plus the side sum. Every kernel below keeps that order
+// and only spreads the rest (columns, rows, the integer work) over threads.
+
+__device__ __forceinline__ int ld4(const u8* p) {
+    return (int)((unsigned)p[0] | ((unsigned)p[1] << 8) | ((unsigned)p[2] << 16) |
+                 ((unsigned)p[3] << 24));
+}
+
+// Values 4l..4l+3 of a weight block as four signed bytes (for dp4a against x's bytes
+// 4l..4l+3): low nibbles of bytes 4l.. for l < 4, high nibbles of bytes 4(l-4).. after.
+__device__ __forceinline__ int w4(const u8* wb, int ty, int l) {
+    int v0 = 4 * l;
+    switch (ty) {
+        case T_Q4_0: {
+            unsigned b = (unsigned)ld4(wb + 2 + 4 * (l & 3));
+            unsigned nib = l < 4 ? b & 0x0f0f0f0fu : (b >> 4) & 0x0f0f0f0fu;
+            return (int)__vsub4(nib, 0x08080808u);
         }
-        float s = warp_sum(acc);
-        if (lane == 0) y[(size_t)r * n + warp] = s;
+        case T_Q4_1: {
+            unsigned b = (unsigned)ld4(wb + 4 + 4 * (l & 3));
+            return (int)(l < 4 ? b & 0x0f0f0f0fu : (b >> 4) & 0x0f0f0f0fu);
+        }
+        case T_Q5_0:
+        case T_Q5_1: {
+            int q51 = ty == T_Q5_1;
+            unsigned qh = (unsigned)ld4(wb + (q51 ? 4 : 2));
+            unsigned b = (unsigned)ld4(wb + (q51 ? 8 : 6) + 4 * (l & 3));
+            unsigned nib = l < 4 ? b & 0x0f0f0f0fu : (b >> 4) & 0x0f0f0f0fu;
+            unsigned h = (qh >> v0) & 15u;
+            nib |= ((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25);
+            return q51 ? (int)nib : (int)__vsub4(nib, 0x10101010u);
+        }
+        default:  // Q8_0
+            return ld4(wb + 2 + v0);
     }
 }
 
+// hsum_float_8 over the slots of eight consecutive lanes (slot = lane % 8): r_i = a_{i+4}
+// + a_i, then (r0 + r2) + (r1 + r3), in the group's first lane.
+__device__ __forceinline__ float hsum8(float a) {
+    float r = __fadd_rn(a, __shfl_down_sync(0xffffffff, a, 4, 8));
+    float t = __fadd_rn(r, __shfl_down_sync(0xffffffff, r, 2, 8));
+    return __fadd_rn(t, __shfl_down_sync(0xffffffff, t, 1, 8));
+}
+
+// A few rows (decoding): one warp per column, lane = 8j + l taking slot l of blocks
+// j + 4u (u < 4) of each 16: the loads (all four ahead) and integer products in parallel,
+// the f32 chains in block order by lanes 0-7. x in quantize_q8's blocks (in shared or
+// global memory).
+#define MATVEC_ROWS 8
+__device__ __forceinline__ void matvec_q8_col(const u8* w, int ty, int k, int n, const u8* xq,
+                                              int rows, float* y, int col, int lane) {
+    int nb = k / 32, bb = block_bytes(ty);
+    int q81 = ty == T_Q4_1 || ty == T_Q5_1;
+    int xbytes = q81 ? 36 : 34, xat = q81 ? 4 : 2;
+    int j = lane >> 3, l = lane & 7;
+    const u8* wr = w + (size_t)col * nb * bb;
+    float acc[MATVEC_ROWS], summs[MATVEC_ROWS];
+#pragma unroll
+    for (int r = 0; r < MATVEC_ROWS; r++) acc[r] = summs[r] = 0.0f;
+    for (int g = 0; g < nb; g += 16) {
+        int bi[4], wq[4];
+        float dw[4], mw[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            bi[u] = min(g + j + 4 * u, nb - 1);
+            const u8* wb = wr + (size_t)bi[u] * bb;
+            wq[u] = w4(wb, ty, l);
+            dw[u] = h2f(rd16(wb));
+            mw[u] = q81 ? h2f(rd16(wb + 2)) : 0.0f;
+        }
+        int live = min(16, nb - g);
+#pragma unroll
+        for (int r = 0; r < MATVEC_ROWS; r++) {
+            if (r >= rows) break;
+            int sum[4];
+            float d[4], sx[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const u8* xb = xq + ((size_t)r * nb + bi[u]) * xbytes;
+                sum[u] = __dp4a(wq[u], ld4(xb + xat + 4 * l), 0);
+                d[u] = __fmul_rn(dw[u], h2f(rd16(xb)));
+                sx[u] = q81 ? h2f(rd16(xb + 2)) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+#pragma unroll
+                for (int jj = 0; jj < 4; jj++) {
+                    // Block g + 4u + jj: lane l + 8jj's u-th.
+                    float dj = __shfl_sync(0xffffffff, d[u], l + 8 * jj);
+                    int sj = __shfl_sync(0xffffffff, sum[u], l + 8 * jj);
+                    float mj = __shfl_sync(0xffffffff, mw[u], l + 8 * jj);
+                    float xj = __shfl_sync(0xffffffff, sx[u], l + 8 * jj);
+                    if (4 * u + jj < live) {
+                        acc[r] = fmaf(dj, (float)sj, acc[r]);
+                        summs[r] = fmaf(mj, xj, summs[r]);
+                    }
+                }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < MATVEC_ROWS; r++) {
+        if (r >= rows) break;
+        float s = hsum8(acc[r]);
+        if (lane == 0) y[(size_t)r * n + col] = q81 ? __fadd_rn(s, summs[r]) : s;
+    }
+}
+
+// At most MATVEC_ROWS rows, x already quantized in global memory.
 extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8* xq, int rows,
                                      float* y) {
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= n) return;
-    matmul_q8_col(w, ty, k, n, xq, rows, y, warp, threadIdx.x & 31);
+    matvec_q8_col(w, ty, k, n, xq, rows, y, warp, threadIdx.x & 31);
 }
 
 // quantize_q8 and matmul_q8 in one launch, for a few rows (decoding): each block quantizes
@@ -607,7 +647,115 @@ extern "C" __global__ void matmul_q8_fused(const u8* w, int ty, int k, int n, co
     for (int blk = wib; blk < rows * (k / 32); blk += warps) q8_block(x, blk, lane, q81, xs);
     __syncthreads();
     int warp = blockIdx.x * warps + wib;
-    if (warp < n) matmul_q8_col(w, ty, k, n, xs, rows, y, warp, lane);
+    if (warp < n) matvec_q8_col(w, ty, k, n, xs, rows, y, warp, lane);
+}
+
+// Many rows (prompts): tiles of TILE_M rows × TILE_N columns per block of 256 threads,
+// TILE_K weight blocks at a time staged in shared memory as dp4a words (weights unpacked
+// once per tile, not once per row). Thread = 8 g + l: slot l of the outputs of group g
+// (rows g % 8 + 8 i, columns g / 8 + 4 c), 32 outputs, each its own f32 chain in block
+// order; the slots summed by hsum8 at the end. Q81: the m·s side chains too.
+#define TILE_M 32
+#define TILE_N 32
+#define TILE_K 8
+#define XS_STRIDE (TILE_K * 8 + 8)  // words per row: +8 keeps 4 rows' slots in 4 bank groups
+template <int Q81>
+__device__ __forceinline__ void matmul_q8_tile(const u8* w, int ty, int k, int n, const u8* xq,
+                                               int rows, float* y) {
+    __shared__ int ws[TILE_N][TILE_K * 8];
+    __shared__ int xs[TILE_M][XS_STRIDE];
+    __shared__ float dws[TILE_N][TILE_K + 1], mws[TILE_N][TILE_K + 1];
+    __shared__ float dxs[TILE_M][TILE_K + 1], sxs[TILE_M][TILE_K + 1];
+    int nb = k / 32, bb = block_bytes(ty);
+    int xbytes = Q81 ? 36 : 34, xat = Q81 ? 4 : 2;
+    int t = threadIdx.x, l = t & 7, g = t >> 3;
+    int tn = (n + TILE_N - 1) / TILE_N;  // a 1-D grid: column tiles within row tiles
+    int col0 = (blockIdx.x % tn) * TILE_N, row0 = (blockIdx.x / tn) * TILE_M;
+    int rg = g & 7, cg = g >> 3;
+    float acc[4][8], summs[Q81 ? 4 : 1][Q81 ? 8 : 1];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            acc[i][c] = 0.0f;
+            if (Q81) summs[Q81 ? i : 0][Q81 ? c : 0] = 0.0f;
+        }
+    for (int b0 = 0; b0 < nb; b0 += TILE_K) {
+        int kb_n = min(TILE_K, nb - b0);
+        // Weights: TILE_N columns × TILE_K blocks × 8 words; scales (and mins).
+        for (int e = t; e < TILE_N * TILE_K * 8; e += 256) {
+            int sl = e & 7, kb = (e >> 3) % TILE_K, c = e / (TILE_K * 8);
+            int col = min(col0 + c, n - 1), bi = min(b0 + kb, nb - 1);
+            const u8* wb = w + ((size_t)col * nb + bi) * bb;
+            ws[c][kb * 8 + sl] = w4(wb, ty, sl);
+            if (sl == 0) {
+                dws[c][kb] = h2f(rd16(wb));
+                if (Q81) mws[c][kb] = h2f(rd16(wb + 2));
+            }
+        }
+        // Activations: TILE_M rows × TILE_K blocks × 8 words; d (and s).
+        for (int e = t; e < TILE_M * TILE_K * 8; e += 256) {
+            int sl = e & 7, kb = (e >> 3) % TILE_K, r = e / (TILE_K * 8);
+            int row = min(row0 + r, rows - 1), bi = min(b0 + kb, nb - 1);
+            const u8* xb = xq + ((size_t)row * nb + bi) * xbytes;
+            xs[r][kb * 8 + sl] = ld4(xb + xat + 4 * sl);
+            if (sl == 0) {
+                dxs[r][kb] = h2f(rd16(xb));
+                if (Q81) sxs[r][kb] = h2f(rd16(xb + 2));
+            }
+        }
+        __syncthreads();
+        for (int kb = 0; kb < kb_n; kb++) {
+            int xw[4], ww[8];
+            float dx[4], dw[8], sx[4], mw[8];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                xw[i] = xs[rg + 8 * i][kb * 8 + l];
+                dx[i] = dxs[rg + 8 * i][kb];
+                if (Q81) sx[i] = sxs[rg + 8 * i][kb];
+            }
+#pragma unroll
+            for (int c = 0; c < 8; c++) {
+                ww[c] = ws[cg + 4 * c][kb * 8 + l];
+                dw[c] = dws[cg + 4 * c][kb];
+                if (Q81) mw[c] = mws[cg + 4 * c][kb];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int c = 0; c < 8; c++) {
+                    int sum = __dp4a(ww[c], xw[i], 0);
+                    acc[i][c] = fmaf(__fmul_rn(dw[c], dx[i]), (float)sum, acc[i][c]);
+                    if (Q81) {
+                        summs[Q81 ? i : 0][Q81 ? c : 0] =
+                            fmaf(mw[c], sx[i], summs[Q81 ? i : 0][Q81 ? c : 0]);
+                    }
+                }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int c = 0; c < 8; c++) {
+            float s = hsum8(acc[i][c]);
+            int row = row0 + rg + 8 * i, col = col0 + cg + 4 * c;
+            if (l == 0 && row < rows && col < n) {
+                y[(size_t)row * n + col] = Q81 ? __fadd_rn(s, summs[Q81 ? i : 0][Q81 ? c : 0]) : s;
+            }
+        }
+}
+
+extern "C" __global__ void __launch_bounds__(256) matmul_q8_tiled(const u8* w, int ty, int k,
+                                                                  int n, const u8* xq, int rows,
+                                                                  float* y) {
+    matmul_q8_tile<0>(w, ty, k, n, xq, rows, y);
+}
+
+extern "C" __global__ void __launch_bounds__(256) matmul_q81_tiled(const u8* w, int ty, int k,
+                                                                   int n, const u8* xq, int rows,
+                                                                   float* y) {
+    matmul_q8_tile<1>(w, ty, k, n, xq, rows, y);
 }
 
 // Rows of x in ggml's Q8_K (quantize_row_q8_K_ref), one warp per 256-value block, eight

@@ -74,9 +74,11 @@ enum K {
     LastRow,
     MatmulQ8Fused,
     MatmulQ8kFused,
+    MatmulQ8Tiled,
+    MatmulQ81Tiled,
 }
 
-const KERNEL_NAMES: [&str; 17] = [
+const KERNEL_NAMES: [&str; 19] = [
     "matmul",
     "quantize_q8",
     "matmul_q8",
@@ -94,12 +96,21 @@ const KERNEL_NAMES: [&str; 17] = [
     "last_row",
     "matmul_q8_fused",
     "matmul_q8k_fused",
+    "matmul_q8_tiled",
+    "matmul_q81_tiled",
 ];
+
+/// The 32-value quants' products of more rows than this run in tiles (`matmul_q8_tiled`:
+/// 32 rows × 32 columns per block); up to this many, one warp per column.
+const MATVEC_ROWS: usize = 8;
+/// Rows and columns of a `matmul_q8_tiled` block.
+const TILE: usize = 32;
 
 /// Quantized activations of up to this many rows and bytes are made inside the matmul's
 /// blocks, in shared memory (one launch instead of two: decoding). Every block quantizes
 /// all rows, so prompts keep their own quantization kernel.
 const FUSED_ROWS: usize = 8;
+const _: () = assert!(FUSED_ROWS <= MATVEC_ROWS);
 const FUSED_SMEM: usize = 48 * 1024;
 
 /// One GPU: its context, kernels and the weights uploaded to it (shared by every tenant's
@@ -113,8 +124,6 @@ pub struct CudaDevice {
     /// Uploaded weights by (file, offset, length): one copy per device however many
     /// tenants. Each entry holds its file, so that no other file can take its address.
     weights: Mutex<HashMap<WeightKey, (ModelBytes, DeviceBytes)>>,
-    /// A one-value buffer standing for "no frequency factors".
-    none: CudaSlice<f32>,
     /// Steps replayed from a captured graph, and graphs captured, by all its tenants.
     replays: AtomicU64,
     captures: AtomicU64,
@@ -185,9 +194,6 @@ impl CudaDevice {
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let stream = ctx.default_stream();
-        let none = stream
-            .alloc_zeros::<f32>(1)
-            .map_err(|e| format!("CUDA: {e}"))?;
         stream.synchronize().map_err(|e| format!("CUDA: {e}"))?;
         Ok(Arc::new(Self {
             name,
@@ -195,7 +201,6 @@ impl CudaDevice {
             stream,
             k,
             weights: Mutex::default(),
-            none,
             replays: AtomicU64::new(0),
             captures: AtomicU64::new(0),
         }))
@@ -401,8 +406,17 @@ pub struct CudaBackend {
     xq: RefCell<Option<CudaSlice<u8>>>,
     /// Token ids for `embed`, reused.
     ids: RefCell<Option<CudaSlice<u32>>>,
-    /// The last RoPE frequency factors uploaded (every layer passes the same ones).
-    factors: RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
+    /// RoPE's cos and sin per position, one table per set of parameters in use.
+    ropes: RefCell<Vec<RopeTable>>,
+}
+
+/// RoPE's (cos, sin) pairs for positions `..positions` of one set of parameters, made on
+/// the host by the CPU backend's code ([`RopeParams::angles`]) so that both rotate alike.
+struct RopeTable {
+    p: RopeParams,
+    factors: Option<Vec<f32>>,
+    positions: usize,
+    buf: CudaSlice<f32>,
 }
 
 // SAFETY: the graph (raw driver handles, hence not `Send` by itself) is used only through
@@ -427,8 +441,48 @@ impl CudaBackend {
             pos,
             xq: RefCell::new(None),
             ids: RefCell::new(None),
-            factors: RefCell::new(None),
+            ropes: RefCell::default(),
         }
+    }
+
+    /// The index of the RoPE table for `p` and `fac` covering positions `..need`, made (or
+    /// remade larger: twice what is needed, at least 1024 positions) when there is none.
+    fn rope_table(&self, p: &RopeParams, fac: Option<&[f32]>, need: usize) -> Result<usize> {
+        let ropes = self.ropes.borrow();
+        let at = ropes
+            .iter()
+            .position(|t| t.p == *p && t.factors.as_deref() == fac);
+        if let Some(i) = at
+            && ropes[i].positions >= need
+        {
+            return Ok(i);
+        }
+        let positions = need.next_power_of_two().max(1024);
+        let mut pairs = Vec::with_capacity(positions * (p.n_rot as usize / 2));
+        for q in 0..positions {
+            p.angles(fac, q as u32, &mut pairs);
+        }
+        let flat: Vec<f32> = pairs.iter().flat_map(|&(c, s)| [c, s]).collect();
+        // Queued launches may read the old table: run them first.
+        drop(ropes);
+        self.flush()?;
+        let table = RopeTable {
+            p: *p,
+            factors: fac.map(<[f32]>::to_vec),
+            positions,
+            buf: self.dev.upload(&flat)?,
+        };
+        let mut ropes = self.ropes.borrow_mut();
+        Ok(match at {
+            Some(i) => {
+                ropes[i] = table;
+                i
+            }
+            None => {
+                ropes.push(table);
+                ropes.len() - 1
+            }
+        })
     }
 
     /// Queues kernel `k`.
@@ -812,6 +866,18 @@ impl Backend for CudaBackend {
                         K::MatmulQ8
                     }
                 };
+                let (mm, cfg) = match mm {
+                    K::MatmulQ8 if rows > MATVEC_ROWS => {
+                        let tiles = n.div_ceil(TILE) * rows.div_ceil(TILE);
+                        let tiled = if q81 == Some(1) {
+                            K::MatmulQ81Tiled
+                        } else {
+                            K::MatmulQ8Tiled
+                        };
+                        (tiled, grid(tiles, 256))
+                    }
+                    _ => (mm, cfg),
+                };
                 self.rec(
                     mm,
                     cfg,
@@ -861,25 +927,13 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&self, x: &CudaTensor, pos: u32, p: &RopeParams, fac: Option<&[f32]>) -> Result<()> {
-        let changed = fac.is_some_and(|v| {
-            self.factors
-                .borrow()
-                .as_ref()
-                .is_none_or(|(old, _)| old.as_slice() != v)
-        });
-        if let (true, Some(v)) = (changed, fac) {
-            // Queued launches may read the old factors: run them first.
-            self.flush()?;
-            *self.factors.borrow_mut() = Some((v.to_vec(), self.dev.upload(v)?));
-        }
         let pos_arg = self.pos_arg(pos as usize)?;
         let m = x.0.try_borrow_mut().map_err(|_| busy())?;
         let (rows, cols) = (m.rows, m.cols);
-        let corr = p.yarn_corr_dims();
-        let factors = self.factors.borrow();
-        let fac_arg = match (fac, factors.as_ref()) {
-            (Some(_), Some((_, d))) => self.p(d),
-            _ => self.p(&self.dev.none),
+        let t = self.rope_table(p, fac, pos as usize + rows)?;
+        let ropes = self.ropes.borrow();
+        let Some(table) = ropes.get(t) else {
+            return Err(Error::InvalidArgument("no RoPE table".into()));
         };
         let n = rows * (cols / p.head_dim.max(1) as usize) * (p.n_rot as usize / 2);
         let args = vec![
@@ -890,19 +944,7 @@ impl Backend for CudaBackend {
             Arg::I(p.n_rot as i32),
             Arg::I(i32::from(p.mode == RopeMode::Neox)),
             pos_arg,
-            // The CPU backend's own values (`realm_kernels::kernels::rope`).
-            f(p.freq_base.powf(-2.0 / p.n_rot as f32)),
-            f(p.freq_scale),
-            f(p.ext_factor),
-            f(if p.ext_factor != 0.0 {
-                p.attn_factor * 0.1f32.mul_add((1.0 / p.freq_scale).ln(), 1.0)
-            } else {
-                p.attn_factor
-            }),
-            f(corr[0]),
-            f(corr[1]),
-            fac_arg,
-            Arg::I(i32::from(fac.is_some())),
+            self.p(&table.buf),
         ];
         self.rec(K::Rope, blocks(n, 256), args);
         Ok(())

@@ -44,21 +44,6 @@ use realm_compute::RopeMode;
 /// derives from a file's `rope.*` keys (`realm_gguf::RopeScaling`, plus the base and head).
 pub use realm_compute::RopeParams;
 
-/// ggml's `rope_yarn`: cos and sin of one pair's angle, with interpolation, YaRN's ramp and
-/// magnitude scale applied as ggml-cpu computes them (GCC contracts `a·b + c` into FMAs).
-fn rope_yarn(theta_extrap: f32, p: &RopeParams, corr: [f32; 2], i0: usize) -> (f32, f32) {
-    let theta_interp = p.freq_scale * theta_extrap;
-    let mut theta = theta_interp;
-    let mut mscale = p.attn_factor;
-    if p.ext_factor != 0.0 {
-        let y = ((i0 / 2) as f32 - corr[0]) / (corr[1] - corr[0]).max(0.001);
-        let ramp_mix = (1.0 - y.clamp(0.0, 1.0)) * p.ext_factor;
-        theta = theta_interp.mul_add(1.0 - ramp_mix, theta_extrap * ramp_mix);
-        mscale *= 0.1f32.mul_add((1.0 / p.freq_scale).ln(), 1.0);
-    }
-    (theta.cos() * mscale, theta.sin() * mscale)
-}
-
 /// Rotate each head of `row` for position `pos` as ggml's `rope_ext` does: angles
 /// `pos · base^(-2i/n_rot)` by repeated products, divided by the per-pair frequency
 /// `factors` when given (Llama 3's `rope_freqs`), then scaled (linear or YaRN).
@@ -69,21 +54,9 @@ pub fn rope(
     pos: u32,
     cache: &mut Vec<(f32, f32)>,
 ) {
-    let theta_scale = p.freq_base.powf(-2.0 / p.n_rot as f32);
-    // YaRN's ramp is only read when it mixes (`ext_factor` ≠ 0).
-    let corr = if p.ext_factor != 0.0 {
-        p.yarn_corr_dims()
-    } else {
-        [0.0; 2]
-    };
     cache.clear();
-    let mut theta = pos as f32;
+    p.angles(factors, pos, cache);
     let half = p.n_rot as usize / 2;
-    for i in 0..half {
-        let ff = factors.map_or(1.0, |f| f[i]);
-        cache.push(rope_yarn(theta / ff, p, corr, 2 * i));
-        theta *= theta_scale;
-    }
     let neox = p.mode == RopeMode::Neox;
     for head in row.chunks_exact_mut(p.head_dim as usize) {
         for (i, &(c, s)) in cache.iter().enumerate() {
