@@ -124,6 +124,12 @@ fn gemma2_q8_0_matches_llama_cpp() {
     check_matches("gemma2-tiny.q8_0");
 }
 
+/// Mistral 3 (attention temperature, YaRN's log multiplier) through the component, Q8_0.
+#[test]
+fn mistral3_q8_0_matches_llama_cpp() {
+    check_matches("mistral3-tiny.q8_0");
+}
+
 #[test]
 fn linear_rope_scaling_matches_llama_cpp() {
     check_matches("llama-tiny-linear.f32");

@@ -316,6 +316,62 @@ def write_gemma2(path, vocab, seed, n_layer=4):
     w.close()
 
 
+def write_mistral3(path, vocab, seed, n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2):
+    """Mistral 3 (mistral3): llama's blocks, 256 wide (so that llama-quantize makes real
+    Q4_K blocks), its own output, YaRN with the file's β and log multiplier, and Llama 4's
+    attention temperature stepping every 8 positions (the original context), so that both
+    prompts and decoding cross its steps."""
+    rng = np.random.RandomState(seed)
+    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
+    head_dim = n_embd // n_head
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    a = "mistral3"
+    w = gguf.GGUFWriter(str(path), a)
+    w.add_name(path.stem)
+    w.add_block_count(n_layer)
+    w.add_context_length(N_CTX_TRAIN)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(1000000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(4.0)
+    w.add_rope_scaling_orig_ctx_len(8)
+    w.add_float32(f"{a}.rope.scaling.yarn_beta_fast", 16.0)
+    w.add_float32(f"{a}.rope.scaling.yarn_beta_slow", 2.0)
+    w.add_float32(f"{a}.rope.scaling.yarn_log_multiplier", 0.5)
+    w.add_float32(f"{a}.attention.temperature_scale", 0.5)
+    copy_vocab(w, vocab)
+    w.add_tensor("token_embd.weight", normal((n_vocab, n_embd), 0.5))
+    w.add_tensor("output_norm.weight", 1.0 + normal((n_embd,), 0.1))
+    # Its own output (a tied one would echo the last token of so small a model).
+    w.add_tensor("output.weight", normal((n_vocab, n_embd), 4.0 / math.sqrt(n_embd)))
+    kv = n_head_kv * head_dim
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", 1.0 + normal((n_embd,), 0.1))
+        w.add_tensor(p + "attn_q.weight", normal((n_embd, n_embd), 0.5 / math.sqrt(n_embd) * 4))
+        w.add_tensor(p + "attn_k.weight", normal((kv, n_embd), 0.5 / math.sqrt(n_embd) * 4))
+        w.add_tensor(p + "attn_v.weight", normal((kv, n_embd), 1.0 / math.sqrt(n_embd)))
+        w.add_tensor(p + "attn_output.weight", normal((n_embd, n_embd), 1.0 / math.sqrt(n_embd)))
+        w.add_tensor(p + "ffn_norm.weight", 1.0 + normal((n_embd,), 0.1))
+        w.add_tensor(p + "ffn_gate.weight", normal((n_ff, n_embd), 1.0 / math.sqrt(n_embd)))
+        w.add_tensor(p + "ffn_up.weight", normal((n_ff, n_embd), 1.0 / math.sqrt(n_embd)))
+        w.add_tensor(p + "ffn_down.weight", normal((n_embd, n_ff), 1.0 / math.sqrt(n_ff)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def main():
     llama_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
@@ -338,10 +394,13 @@ def main():
     write_qwen(out / "qwen2-tiny.f32.gguf", qwen_vocab, seed=3, arch="qwen2")
     write_phi3(out / "phi3-tiny.f32.gguf", gguf.GGUFReader(str(llama_dir / "src" / PHI3_VOCAB)), seed=4)
     write_smollm3(out / "smollm3-tiny.f32.gguf", vocab, seed=5)
-    write_gemma2(out / "gemma2-tiny.f32.gguf", gguf.GGUFReader(str(llama_dir / "src" / "models/ggml-vocab-llama-spm.gguf")), seed=6)
+    spm_vocab = gguf.GGUFReader(str(llama_dir / "src" / "models/ggml-vocab-llama-spm.gguf"))
+    write_gemma2(out / "gemma2-tiny.f32.gguf", spm_vocab, seed=6)
+    write_mistral3(out / "mistral3-tiny.f32.gguf", spm_vocab, seed=7)
 
     quantize = llama_dir / "build" / "bin" / "llama-quantize"
-    # (Q4_K needs rows of 256 values; these models are 64 wide.)
+    # (Q4_K needs rows of 256 values: only the 256-wide Mistral 3 gets it; the others are
+    # 64 wide.)
     for src, dst, ty in [("llama3-tiny.f32.gguf", "llama3-tiny.q8_0.gguf", "Q8_0"),
                          ("qwen3-tiny.f32.gguf", "qwen3-tiny.q8_0.gguf", "Q8_0"),
                          ("qwen3-tiny.f32.gguf", "qwen3-tiny.q4_0.gguf", "Q4_0"),
@@ -350,7 +409,9 @@ def main():
                          ("phi3-tiny.f32.gguf", "phi3-tiny.q8_0.gguf", "Q8_0"),
                          ("phi3-tiny.f32.gguf", "phi3-tiny.q4_0.gguf", "Q4_0"),
                          ("smollm3-tiny.f32.gguf", "smollm3-tiny.q8_0.gguf", "Q8_0"),
-                         ("gemma2-tiny.f32.gguf", "gemma2-tiny.q8_0.gguf", "Q8_0")]:
+                         ("gemma2-tiny.f32.gguf", "gemma2-tiny.q8_0.gguf", "Q8_0"),
+                         ("mistral3-tiny.f32.gguf", "mistral3-tiny.q8_0.gguf", "Q8_0"),
+                         ("mistral3-tiny.f32.gguf", "mistral3-tiny.q4_k_m.gguf", "Q4_K_M")]:
         subprocess.run([str(quantize), str(out / src), str(out / dst), ty],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

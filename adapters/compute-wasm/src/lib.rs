@@ -238,6 +238,10 @@ impl tensors::Guest for Provider {
         cpu(|b| Compute::scale(b, t(&x), s))
     }
 
+    fn scale_rows(x: TensorBorrow<'_>, s: Vec<f32>) -> Res<()> {
+        cpu(|b| Compute::scale_rows(b, t(&x), &s))
+    }
+
     fn softmax(x: TensorBorrow<'_>) -> Res<()> {
         cpu(|b| checked::softmax_rows(b, t(&x)))
     }

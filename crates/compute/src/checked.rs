@@ -406,6 +406,17 @@ impl<B: Backend> Compute for B {
         Backend::scale(self, x, s)
     }
 
+    fn scale_rows(&self, x: &B::Tensor, s: &[f32]) -> Result<()> {
+        let rows = self.shape(x).rows;
+        if s.len() != rows {
+            return Err(Error::InvalidArgument(format!(
+                "scale-rows: {} values for a tensor of {rows} rows",
+                s.len()
+            )));
+        }
+        Backend::scale_rows(self, x, s)
+    }
+
     fn keep_last_row(&self, x: &B::Tensor) -> Result<()> {
         Backend::keep_last_row(self, x)
     }

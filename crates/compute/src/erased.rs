@@ -57,6 +57,7 @@ trait DynBackend {
     fn glu(&self, gate: &AnyTensor, up: &AnyTensor, act: Activation) -> Result<()>;
     fn add(&self, acc: &AnyTensor, x: &AnyTensor) -> Result<()>;
     fn scale(&self, x: &AnyTensor, s: f32) -> Result<()>;
+    fn scale_rows(&self, x: &AnyTensor, s: &[f32]) -> Result<()>;
     fn softmax(&self, x: &AnyTensor) -> Result<()>;
     fn keep_last_row(&self, x: &AnyTensor) -> Result<()>;
     fn rest(&self);
@@ -168,6 +169,10 @@ impl<B: Backend> DynBackend for B {
         Backend::scale(self, t::<B>(x)?, s)
     }
 
+    fn scale_rows(&self, x: &AnyTensor, s: &[f32]) -> Result<()> {
+        Backend::scale_rows(self, t::<B>(x)?, s)
+    }
+
     fn softmax(&self, x: &AnyTensor) -> Result<()> {
         Backend::softmax(self, t::<B>(x)?)
     }
@@ -260,6 +265,10 @@ impl Backend for Erased {
 
     fn scale(&self, x: &AnyTensor, s: f32) -> Result<()> {
         self.0.scale(x, s)
+    }
+
+    fn scale_rows(&self, x: &AnyTensor, s: &[f32]) -> Result<()> {
+        self.0.scale_rows(x, s)
     }
 
     fn softmax(&self, x: &AnyTensor) -> Result<()> {

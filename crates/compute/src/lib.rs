@@ -297,6 +297,8 @@ pub trait Backend: 'static {
     fn add(&self, acc: &Self::Tensor, x: &Self::Tensor) -> Result<()>;
     /// x ×= s.
     fn scale(&self, x: &Self::Tensor, s: f32) -> Result<()>;
+    /// Row r of x ×= s[r] (`s` has one value per row: checked before the backend sees it).
+    fn scale_rows(&self, x: &Self::Tensor, s: &[f32]) -> Result<()>;
     fn softmax(&self, x: &Self::Tensor) -> Result<()>;
     fn keep_last_row(&self, x: &Self::Tensor) -> Result<()>;
 
@@ -367,5 +369,7 @@ pub trait Compute: 'static {
     fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Activation) -> Result<()>;
     fn add(&self, acc: &Self::Tensor, x: &Self::Tensor) -> Result<()>;
     fn scale(&self, x: &Self::Tensor, s: f32) -> Result<()>;
+    /// Row r of x ×= s[r], one value per row.
+    fn scale_rows(&self, x: &Self::Tensor, s: &[f32]) -> Result<()>;
     fn keep_last_row(&self, x: &Self::Tensor) -> Result<()>;
 }

@@ -1046,6 +1046,29 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn scale_rows(&self, x: &CudaTensor, s: &[f32]) -> Result<()> {
+        let m = x.0.try_borrow_mut().map_err(|_| busy())?;
+        let Arg::P(base) = self.p(buf(&m)?) else {
+            return Err(Error::InvalidArgument("no tensor buffer".into()));
+        };
+        // One launch per run of rows with the same factor (a step crosses few).
+        let mut r = 0;
+        while r < s.len().min(m.rows) {
+            let end = (r..s.len().min(m.rows))
+                .find(|&e| s[e].to_bits() != s[r].to_bits())
+                .unwrap_or(s.len().min(m.rows));
+            let n = (end - r) * m.cols;
+            let at = Arg::P(base + (r * m.cols * std::mem::size_of::<f32>()) as u64);
+            self.rec(
+                K::Scale,
+                blocks(n, 256),
+                vec![at, Arg::I(n as i32), f(s[r])],
+            );
+            r = end;
+        }
+        Ok(())
+    }
+
     fn softmax(&self, x: &CudaTensor) -> Result<()> {
         let m = x.0.try_borrow_mut().map_err(|_| busy())?;
         let args = vec![self.p(buf(&m)?), Arg::I(m.cols as i32)];

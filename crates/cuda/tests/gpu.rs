@@ -412,6 +412,10 @@ fn ops_agree_with_the_cpu_backend() {
         Compute::add(c, &a, &b).expect("add");
         Compute::scale(c, &a, 0.37).expect("scale");
         out.push(("add, scale", read(&a, rows)));
+        // Per-row factors in runs (Mistral 3's temperature steps), as the CPU's.
+        let f: Vec<f32> = (0..rows).map(|r| 1.0 + (r / 8) as f32 * 0.25).collect();
+        Compute::scale_rows(c, &a, &f).expect("scale_rows");
+        out.push(("scale_rows", read(&a, rows)));
         out
     }
     let dims = (w, ff, kvw, rows);

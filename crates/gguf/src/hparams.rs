@@ -138,19 +138,44 @@ impl RopeScaling {
         if kind != RopeScalingType::None && factor != 0.0 {
             s.freq_scale = 1.0 / factor;
         }
+        // YaRN's β and log multiplier from the file: llama.cpp reads them for Mistral 3 only
+        // (of the architectures Realm runs).
+        let yarn_keys = arch == "mistral3";
+        let opt = |k: &str| -> Result<Option<f32>> {
+            match yarn_keys {
+                true => match md.opt_f32(&key(k))? {
+                    Some(v) if !v.is_finite() => Err(bad(k, format!("{v} is not a number"))),
+                    v => Ok(v),
+                },
+                false => Ok(None),
+            }
+        };
+        if let Some(v) = opt("rope.scaling.yarn_beta_fast")? {
+            s.beta_fast = v;
+        }
+        if let Some(v) = opt("rope.scaling.yarn_beta_slow")? {
+            s.beta_slow = v;
+        }
+        let log_mul = opt("rope.scaling.yarn_log_multiplier")?.unwrap_or(0.0);
         if kind == RopeScalingType::Yarn {
-            // llama_context: YaRN's magnitude correction, cancelled against the one ggml's
-            // rope applies again (llama.cpp PR 17945), computed with its float FMAs.
+            // llama_context: YaRN's magnitude correction (over the one for the log
+            // multiplier, where the file has one), cancelled against the one ggml's rope
+            // applies again (llama.cpp PR 17945), computed with its float FMAs.
             s.ext_factor = 1.0;
             let factor = 1.0 / s.freq_scale;
-            let mscale = |scale: f32| {
+            let mscale = |scale: f32, m: f32| {
                 if scale <= 1.0 {
                     1.0
                 } else {
-                    (0.1f32 * 1.0).mul_add(scale.ln(), 1.0)
+                    (0.1f32 * m).mul_add(scale.ln(), 1.0)
                 }
             };
-            s.attn_factor = mscale(factor) * (1.0 / 0.1f32.mul_add(factor.ln(), 1.0));
+            s.attn_factor = if log_mul != 0.0 {
+                mscale(factor, 1.0) / mscale(factor, log_mul)
+            } else {
+                mscale(factor, 1.0)
+            };
+            s.attn_factor *= 1.0 / 0.1f32.mul_add(factor.ln(), 1.0);
         }
         s.attn_factor *= attn;
         Ok(s)

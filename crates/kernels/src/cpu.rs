@@ -142,6 +142,10 @@ enum Op {
         x: Arc<TensorCell>,
         s: f32,
     },
+    ScaleRows {
+        x: Arc<TensorCell>,
+        s: Vec<f32>,
+    },
     Softmax {
         x: Arc<TensorCell>,
     },
@@ -481,6 +485,13 @@ impl Backend for CpuBackend {
         self.submit(Op::Scale { x: x.0.clone(), s })
     }
 
+    fn scale_rows(&self, x: &CpuTensor, s: &[f32]) -> Result<()> {
+        self.submit(Op::ScaleRows {
+            x: x.0.clone(),
+            s: s.to_vec(),
+        })
+    }
+
     fn softmax(&self, x: &CpuTensor) -> Result<()> {
         self.submit(Op::Softmax { x: x.0.clone() })
     }
@@ -599,6 +610,13 @@ impl Exec {
                 a.data.iter_mut().zip(&x.data).for_each(|(a, &b)| *a += b);
             }
             Op::Scale { x, s } => lock(&x)?.data.iter_mut().for_each(|v| *v *= s),
+            Op::ScaleRows { x, s } => {
+                let mut t = lock(&x)?;
+                let cols = t.cols.max(1);
+                for (row, &s) in t.data.chunks_exact_mut(cols).zip(&s) {
+                    row.iter_mut().for_each(|v| *v *= s);
+                }
+            }
             Op::Softmax { x } => {
                 let mut t = lock(&x)?;
                 let cols = t.cols;

@@ -148,6 +148,10 @@ impl Compute for Imported {
         ops::scale(x, s).map_err(error)
     }
 
+    fn scale_rows(&self, x: &Tensor, s: &[f32]) -> realm_compute::Result<()> {
+        ops::scale_rows(x, s).map_err(error)
+    }
+
     fn keep_last_row(&self, x: &Tensor) -> realm_compute::Result<()> {
         ops::keep_last_row(x).map_err(error)
     }

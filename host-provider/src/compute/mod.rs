@@ -557,6 +557,10 @@ impl<B: Backend> tensors::Host for ComputeState<B> {
         Compute::scale(&self.backend, self.tensor(&x)?, v).map_err(to_wit_error)
     }
 
+    fn scale_rows(&mut self, x: Resource<TensorRes>, s: Vec<f32>) -> Res<()> {
+        Compute::scale_rows(&self.backend, self.tensor(&x)?, &s).map_err(to_wit_error)
+    }
+
     fn softmax(&mut self, x: Resource<TensorRes>) -> Res<()> {
         checked::softmax_rows(&self.backend, self.tensor(&x)?).map_err(to_wit_error)
     }

@@ -322,6 +322,14 @@ impl<G: Backend, C: Backend> Backend for Split<G, C> {
         }
     }
 
+    fn scale_rows(&self, x: &Self::Tensor, s: &[f32]) -> Result<()> {
+        if x.on_gpu.get() {
+            self.gpu.scale_rows(&x.gpu, s)
+        } else {
+            self.cpu.scale_rows(&x.cpu, s)
+        }
+    }
+
     fn scale(&self, x: &Self::Tensor, s: f32) -> Result<()> {
         if x.on_gpu.get() {
             self.gpu.scale(&x.gpu, s)

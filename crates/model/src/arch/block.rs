@@ -67,6 +67,9 @@ pub struct Layer<'a, W> {
     pub use_rope: bool,
     /// Attention logit soft-capping (0: none; Gemma 2).
     pub softcap: f32,
+    /// q's attention temperature after RoPE, a factor per row (Mistral 3's Llama-4-style
+    /// scaling by position; `None`: none).
+    pub q_temp: Option<&'a [f32]>,
 }
 
 /// The whole stack: embeddings, blocks, output norm and projection.
@@ -244,6 +247,9 @@ impl<W> Decoder<W> {
         if run.use_rope {
             c.rope(q, pos, &run.rope, run.rope_factors)?;
             c.rope(k, pos, &run.rope, run.rope_factors)?;
+        }
+        if let Some(t) = run.q_temp {
+            c.scale_rows(q, t)?;
         }
         let kq_scale = match run.q_scale {
             QScale::InAttention(v) => v,

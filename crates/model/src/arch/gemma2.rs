@@ -108,6 +108,7 @@ impl<C: Compute> Architecture<C> for Gemma2<C> {
                 rows: ids.len(),
                 use_rope: true,
                 softcap: self.attn_softcap,
+                q_temp: None,
             };
             self.d.block(c, s, cache, il, pos, &layer)?;
         }

@@ -86,6 +86,7 @@ impl<C: Compute> Architecture<C> for Gemma3<C> {
                 rows: ids.len(),
                 use_rope: true,
                 softcap: 0.0,
+                q_temp: None,
             };
             self.d.block(c, s, cache, il, pos, &layer)?;
         }

@@ -5,6 +5,7 @@ pub mod block;
 mod gemma2;
 mod gemma3;
 mod llama;
+mod mistral3;
 mod phi3;
 mod plain;
 mod qwen2;
@@ -53,6 +54,7 @@ registry! {
     "qwen2" => qwen2,
     "qwen3" => qwen3,
     "smollm3" => smollm3,
+    "mistral3" => mistral3,
 }
 
 /// What each architecture module's `load` is.

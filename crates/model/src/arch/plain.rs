@@ -26,6 +26,9 @@ pub struct Plain {
     /// Llama 3's per-pair RoPE frequency divisors (`rope_freqs.weight`) where the file has
     /// them.
     pub rope_freqs: bool,
+    /// Llama 4's attention temperature where the file sets `attention.temperature_scale`
+    /// (Mistral 3): q times ln(⌊pos / n_ctx_orig⌋ + 1) · scale + 1 after RoPE.
+    pub attention_temperature: bool,
 }
 
 struct Model<C: Compute> {
@@ -35,6 +38,8 @@ struct Model<C: Compute> {
     rope: RopeParams,
     q_scale: QScale,
     no_rope_every: Option<usize>,
+    /// (`attention.temperature_scale`, RoPE's original context) where set.
+    temperature: Option<(f32, u32)>,
 }
 
 pub fn load<C: Compute>(
@@ -70,6 +75,18 @@ pub fn load<C: Compute>(
         Some(Some(s)) if s != 0.0 => s,
         _ => 1.0 / (hp.head_dim as f32).sqrt(),
     };
+    let temperature = match a.attention_temperature {
+        true => match l.metadata_f32(&format!("{name}.attention.temperature_scale"))? {
+            Some(t) if !t.is_finite() => {
+                return Err(Error::InvalidModel(format!(
+                    "{name}.attention.temperature_scale is {t}"
+                )));
+            }
+            Some(t) if t != 0.0 => Some((t, hp.rope_scaling.n_ctx_orig.max(1))),
+            _ => None,
+        },
+        false => None,
+    };
     let rope_freqs = match a.rope_freqs {
         true => l.optional("rope_freqs.weight", &[u64::from(hp.n_rot / 2)])?,
         false => None,
@@ -83,6 +100,7 @@ pub fn load<C: Compute>(
             QScale::InAttention(scale)
         },
         no_rope_every: a.no_rope_every,
+        temperature,
         d: Decoder::load(l, hp, a.spec, OutputWeight::Optional)?,
     }))
 }
@@ -101,6 +119,19 @@ impl<C: Compute> Architecture<C> for Model<C> {
         pos: u32,
         out: Output,
     ) -> Result<Vec<f32>> {
+        // Llama 4's temperature per row, where the file sets one and it is not 1 for every
+        // row (ggml multiplies by 1 exactly, so leaving those out changes nothing).
+        let temps: Option<Vec<f32>> = self.temperature.and_then(|(t, floor)| {
+            let v: Vec<f32> = (0..ids.len() as u32)
+                .map(|r| {
+                    // llama.cpp: log(floor(pos / n) + 1.0) · scale + 1.0 in double, then
+                    // float (llama.cpp's own code is built without FMA contraction).
+                    let steps = ((pos + r) as f32 / floor as f32).floor();
+                    ((f64::from(steps) + 1.0).ln() * f64::from(t) + 1.0) as f32
+                })
+                .collect();
+            v.iter().any(|&f| f != 1.0).then_some(v)
+        });
         self.d.embed(c, s, ids, 1.0)?;
         for il in 0..self.d.blocks.len() {
             let layer = Layer {
@@ -112,6 +143,7 @@ impl<C: Compute> Architecture<C> for Model<C> {
                 rows: ids.len(),
                 use_rope: self.no_rope_every.is_none_or(|n| (il + 1) % n != 0),
                 softcap: 0.0,
+                q_temp: temps.as_deref(),
             };
             self.d.block(c, s, cache, il, pos, &layer)?;
         }

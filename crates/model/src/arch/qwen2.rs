@@ -29,6 +29,7 @@ pub fn load<C: Compute>(l: &Loader<'_, C>, hp: Hparams) -> Result<Box<dyn Archit
             no_rope_every: None,
             attention_scale_key: false,
             rope_freqs: false,
+            attention_temperature: false,
         },
     )
 }

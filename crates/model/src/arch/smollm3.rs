@@ -28,6 +28,7 @@ pub fn load<C: Compute>(l: &Loader<'_, C>, hp: Hparams) -> Result<Box<dyn Archit
             no_rope_every: Some(NO_ROPE_EVERY),
             attention_scale_key: true,
             rope_freqs: false,
+            attention_temperature: false,
         },
     )
 }
