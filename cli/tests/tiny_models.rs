@@ -124,6 +124,13 @@ fn gemma2_q8_0_matches_llama_cpp() {
     check_matches("gemma2-tiny.q8_0");
 }
 
+/// Phi-3 with LongRoPE's long factors (a context larger than the file's original one)
+/// through the component, Q8_0.
+#[test]
+fn phi3_longrope_q8_0_matches_llama_cpp() {
+    check_matches("phi3-tiny-longrope-long.q8_0");
+}
+
 /// Mistral 3 (attention temperature, YaRN's log multiplier) through the component, Q8_0.
 #[test]
 fn mistral3_q8_0_matches_llama_cpp() {

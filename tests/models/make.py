@@ -178,7 +178,10 @@ def write_qwen(path, vocab, seed, arch):
 PHI3_VOCAB = "models/ggml-vocab-phi-3.gguf"
 
 
-def write_phi3(path, vocab, seed):
+def write_phi3(path, vocab, seed, longrope=None):
+    """Phi-3; `longrope` = (original context, attention factor): Phi-3.5/128k's per-pair
+    long and short RoPE factors (llama.cpp takes the long ones when its context is larger
+    than the original one) and the magnitude scale the converter computes."""
     rng = np.random.RandomState(seed)
     n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
 
@@ -198,10 +201,19 @@ def write_phi3(path, vocab, seed):
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if longrope is not None:
+        orig_ctx, attn_factor = longrope
+        w.add_rope_scaling_attn_factors(attn_factor)
+        w.add_rope_scaling_orig_ctx_len(orig_ctx)
     copy_vocab(w, vocab)
     w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.5))
     w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
     w.add_tensor("output.weight", normal((n_vocab, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+    if longrope is not None:
+        # Made after the others, so the weights equal phi3-tiny's.
+        half = HEAD_DIM // 2
+        w.add_tensor("rope_factors_long.weight", np.linspace(1.0, 16.0, half).astype(np.float32))
+        w.add_tensor("rope_factors_short.weight", np.linspace(1.0, 1.5, half).astype(np.float32))
     kv = N_HEAD_KV * HEAD_DIM
     for i in range(N_LAYER):
         p = f"blk.{i}."
@@ -392,7 +404,13 @@ def main():
     qwen_vocab = gguf.GGUFReader(str(llama_dir / "src" / QWEN2_VOCAB))
     write_qwen(out / "qwen3-tiny.f32.gguf", qwen_vocab, seed=2, arch="qwen3")
     write_qwen(out / "qwen2-tiny.f32.gguf", qwen_vocab, seed=3, arch="qwen2")
-    write_phi3(out / "phi3-tiny.f32.gguf", gguf.GGUFReader(str(llama_dir / "src" / PHI3_VOCAB)), seed=4)
+    phi3_vocab = gguf.GGUFReader(str(llama_dir / "src" / PHI3_VOCAB))
+    write_phi3(out / "phi3-tiny.f32.gguf", phi3_vocab, seed=4)
+    # LongRoPE: llama.cpp's reference runs with a 1024-token context and Realm's tests with
+    # the model's 2048, so both take the long factors at an original context of 64 and the
+    # short ones at 4096.
+    write_phi3(out / "phi3-tiny-longrope-long.f32.gguf", phi3_vocab, seed=4, longrope=(64, 1.19))
+    write_phi3(out / "phi3-tiny-longrope-short.f32.gguf", phi3_vocab, seed=4, longrope=(4096, 1.19))
     write_smollm3(out / "smollm3-tiny.f32.gguf", vocab, seed=5)
     spm_vocab = gguf.GGUFReader(str(llama_dir / "src" / "models/ggml-vocab-llama-spm.gguf"))
     write_gemma2(out / "gemma2-tiny.f32.gguf", spm_vocab, seed=6)
@@ -408,6 +426,7 @@ def main():
                          ("qwen2-tiny.f32.gguf", "qwen2-tiny.q4_0.gguf", "Q4_0"),
                          ("phi3-tiny.f32.gguf", "phi3-tiny.q8_0.gguf", "Q8_0"),
                          ("phi3-tiny.f32.gguf", "phi3-tiny.q4_0.gguf", "Q4_0"),
+                         ("phi3-tiny-longrope-long.f32.gguf", "phi3-tiny-longrope-long.q8_0.gguf", "Q8_0"),
                          ("smollm3-tiny.f32.gguf", "smollm3-tiny.q8_0.gguf", "Q8_0"),
                          ("gemma2-tiny.f32.gguf", "gemma2-tiny.q8_0.gguf", "Q8_0"),
                          ("mistral3-tiny.f32.gguf", "mistral3-tiny.q8_0.gguf", "Q8_0"),

@@ -238,7 +238,7 @@ impl<C: Compute> LoadedModel<C> {
         }
         let c = &self.0.compute;
         let cache = c.cache(hp.n_layer, ids.len() as u32, hp.n_head_kv, hp.head_dim);
-        let scratch = self.0.arch.scratch(c);
+        let scratch = self.0.arch.scratch(c, ids.len() as u32);
         let values = self
             .0
             .arch
@@ -264,7 +264,7 @@ impl<C: Compute> LoadedModel<C> {
         }
         let c = &self.0.compute;
         let cache = c.cache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim);
-        let scratch = self.0.arch.scratch(c);
+        let scratch = self.0.arch.scratch(c, n_ctx);
         Ok(SessionHandle(Rc::new(RefCell::new(SessionState {
             model: self.0.clone(),
             cache,

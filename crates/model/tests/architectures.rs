@@ -180,6 +180,24 @@ fn phi3_greedy_ids_match_llama_cpp() {
     }
 }
 
+/// Phi-3 with LongRoPE (Phi-3.5 / the 128k models): the same weights with long and short
+/// per-pair factors and the converter's magnitude scale. llama.cpp's reference runs with a
+/// 1024-position context, these sessions with the model's 2048: the file whose original
+/// context is 64 must rotate by the long factors, the one with 4096 by the short ones (the
+/// two references differ, so taking the wrong set, or none, fails).
+#[test]
+fn phi3_longrope_greedy_ids_match_llama_cpp() {
+    for name in [
+        "phi3-tiny-longrope-long.f32",
+        "phi3-tiny-longrope-long.q8_0",
+        "phi3-tiny-longrope-short.f32",
+    ] {
+        let model = root().join(format!("target/test-models/{name}.gguf"));
+        let refs = root().join(format!("tests/reference/tiny-models/{name}.jsonl"));
+        check_parity(&model, &jsonl(&refs), 32);
+    }
+}
+
 /// SmolLM3 (no RoPE on every fourth block) on a random-weight model of four blocks, F32
 /// and Q8_0.
 #[test]

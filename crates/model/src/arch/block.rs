@@ -187,8 +187,8 @@ impl<W> Decoder<W> {
     }
 
     /// A session's buffers for this stack.
-    pub fn scratch<C: Compute<Weight = W>>(&self, c: &C) -> Scratch<C> {
-        Scratch::new(c, &self.hp, self.n_vocab as u32, self.spec)
+    pub fn scratch<C: Compute<Weight = W>>(&self, c: &C, n_ctx: u32) -> Scratch<C> {
+        Scratch::new(c, &self.hp, self.n_vocab as u32, self.spec, n_ctx)
     }
 
     /// The residual stream starts as the embeddings of `ids`, times `scale`.

@@ -69,9 +69,9 @@ pub trait Architecture<C: Compute> {
         &self.decoder().hp
     }
 
-    /// Activation buffers for one session, sized for this model.
-    fn scratch(&self, c: &C) -> Scratch<C> {
-        self.decoder().scratch(c)
+    /// Activation buffers for one session of `n_ctx` positions, sized for this model.
+    fn scratch(&self, c: &C, n_ctx: u32) -> Scratch<C> {
+        self.decoder().scratch(c, n_ctx)
     }
 
     /// Run `ids` at positions `pos…` (appending to `cache`); `out` says what to return:
@@ -120,11 +120,13 @@ pub struct Scratch<C: Compute> {
     pub post_norm: Option<C::Tensor>,
     /// (n, n_head_kv · head_dim) the k and v biases' rows, for blocks that have them.
     pub kv_bias: Option<C::Tensor>,
+    /// The session's context (Phi-3's LongRoPE picks its factors by it, as llama.cpp).
+    pub n_ctx: u32,
 }
 
 impl<C: Compute> Scratch<C> {
     /// Buffers for `hp` and blocks shaped as `spec`.
-    pub fn new(c: &C, hp: &Hparams, n_vocab: u32, spec: block::Spec) -> Self {
+    pub fn new(c: &C, hp: &Hparams, n_vocab: u32, spec: block::Spec, n_ctx: u32) -> Self {
         let q_dim = hp.n_head * hp.head_dim;
         let kv_dim = hp.n_head_kv * hp.head_dim;
         Scratch {
@@ -140,6 +142,7 @@ impl<C: Compute> Scratch<C> {
             qk_norm: spec.qk_norm.then(|| (c.tensor(q_dim), c.tensor(kv_dim))),
             post_norm: spec.post_norms.then(|| c.tensor(hp.n_embd)),
             kv_bias: spec.qkv_bias.then(|| c.tensor(kv_dim)),
+            n_ctx,
         }
     }
 }

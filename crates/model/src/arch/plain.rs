@@ -29,6 +29,17 @@ pub struct Plain {
     /// Llama 4's attention temperature where the file sets `attention.temperature_scale`
     /// (Mistral 3): q times ln(⌊pos / n_ctx_orig⌋ + 1) · scale + 1 after RoPE.
     pub attention_temperature: bool,
+    /// LongRoPE's per-pair factors where the file has them (Phi-3's 128k models:
+    /// `rope_factors_long` when the session's context is larger than the original one,
+    /// else `rope_factors_short`, as llama.cpp).
+    pub long_rope: bool,
+}
+
+/// LongRoPE's two sets of per-pair RoPE frequency divisors.
+struct LongRope<W> {
+    long: W,
+    short: W,
+    n_ctx_orig: u32,
 }
 
 struct Model<C: Compute> {
@@ -40,6 +51,7 @@ struct Model<C: Compute> {
     no_rope_every: Option<usize>,
     /// (`attention.temperature_scale`, RoPE's original context) where set.
     temperature: Option<(f32, u32)>,
+    long_rope: Option<LongRope<C::Weight>>,
 }
 
 pub fn load<C: Compute>(
@@ -54,16 +66,45 @@ pub fn load<C: Compute>(
             hp.n_rot, hp.head_dim
         )));
     }
-    if hp.rope_scaling.kind == RopeScalingType::LongRope {
-        return Err(Error::Unsupported(format!(
-            "RoPE scaling 'longrope' (long/short factor tensors) is not supported for {name} \
-             yet; supported: none, linear, yarn{}",
-            if a.rope_freqs {
-                ", and Llama 3's rope_freqs"
-            } else {
-                ""
+    let long_rope = match a.long_rope {
+        true => {
+            let dims = [u64::from(hp.n_rot / 2)];
+            match (
+                l.optional("rope_factors_long.weight", &dims)?,
+                l.optional("rope_factors_short.weight", &dims)?,
+            ) {
+                (Some(long), Some(short)) => Some(LongRope {
+                    long,
+                    short,
+                    n_ctx_orig: hp.rope_scaling.n_ctx_orig,
+                }),
+                (None, None) => None,
+                _ => {
+                    return Err(Error::InvalidModel(format!(
+                        "{name} has one of rope_factors_long.weight and \
+                         rope_factors_short.weight but not the other"
+                    )));
+                }
             }
-        )));
+        }
+        false => None,
+    };
+    if hp.rope_scaling.kind == RopeScalingType::LongRope && long_rope.is_none() {
+        return Err(match a.long_rope {
+            true => Error::InvalidModel(format!(
+                "RoPE scaling 'longrope' needs rope_factors_long.weight and \
+                 rope_factors_short.weight, which this {name} file lacks"
+            )),
+            false => Error::Unsupported(format!(
+                "RoPE scaling 'longrope' (long/short factor tensors) is not supported for \
+                 {name}; supported: none, linear, yarn{}",
+                if a.rope_freqs {
+                    ", and Llama 3's rope_freqs"
+                } else {
+                    ""
+                }
+            )),
+        });
     }
     // `attention.scale` when read and set (and not 0), else 1/sqrt(head_dim).
     let key = format!("{name}.attention.scale");
@@ -101,6 +142,7 @@ pub fn load<C: Compute>(
         },
         no_rope_every: a.no_rope_every,
         temperature,
+        long_rope,
         d: Decoder::load(l, hp, a.spec, OutputWeight::Optional)?,
     }))
 }
@@ -136,7 +178,11 @@ impl<C: Compute> Architecture<C> for Model<C> {
         for il in 0..self.d.blocks.len() {
             let layer = Layer {
                 rope: self.rope,
-                rope_factors: self.rope_freqs.as_ref(),
+                rope_factors: match &self.long_rope {
+                    Some(r) if s.n_ctx > r.n_ctx_orig => Some(&r.long),
+                    Some(r) => Some(&r.short),
+                    None => self.rope_freqs.as_ref(),
+                },
                 window: 0,
                 q_scale: self.q_scale,
                 activation: Activation::Silu,

@@ -30,6 +30,7 @@ pub fn load<C: Compute>(l: &Loader<'_, C>, hp: Hparams) -> Result<Box<dyn Archit
             attention_scale_key: false,
             rope_freqs: false,
             attention_temperature: false,
+            long_rope: false,
         },
     )
 }
