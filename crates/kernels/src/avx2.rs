@@ -337,7 +337,8 @@ fn tile_q4_k<const T: usize>(w: &[u8], xs: [&[u8]; T]) -> [f32; T] {
     out
 }
 
-/// Q6_K × Q8_K (ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`), the -32 offset taken in integers.
+/// Q6_K × Q8_K (ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`): unsigned six-bit values, the -32
+/// offset subtracted per lane from the activations' 16-value sums.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q6_k(w: &[u8], x: &[u8]) -> f32 {
     tile_q6_k::<1>(w, [x])[0]
@@ -350,7 +351,6 @@ fn tile_q6_k<const T: usize>(w: &[u8], xs: [&[u8]; T]) -> [f32; T] {
     let mut acc = [_mm256_setzero_ps(); T];
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(3);
-    let m32 = _mm256_set1_epi8(32);
     let nb = w.len() / 210;
     assert!(xs.iter().all(|x| x.len() >= nb * Q8_K_BYTES));
     for (b, wb) in w.chunks_exact(210).enumerate() {
@@ -383,13 +383,11 @@ fn tile_q6_k<const T: usize>(w: &[u8], xs: [&[u8]; T]) -> [f32; T] {
             for n in 0..2 {
                 for k in 0..4 {
                     let q8 = load32(&xb[4 + 128 * n + 32 * k..]);
-                    let p16 = _mm256_sub_epi16(
-                        _mm256_maddubs_epi16(q[4 * n + k], q8),
-                        _mm256_maddubs_epi16(m32, q8),
-                    );
+                    let p16 = _mm256_maddubs_epi16(q[4 * n + k], q8);
                     sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scale[4 * n + k], p16));
                 }
             }
+            sumi = _mm256_sub_epi32(sumi, q6_offset(&wb[192..208], &xb[260..292]));
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[t]);
         }
     }
@@ -398,6 +396,22 @@ fn tile_q6_k<const T: usize>(w: &[u8], xs: [&[u8]; T]) -> [f32; T] {
         out[t] = hsum8(acc[t]);
     }
     out
+}
+
+/// Q6_K's -32 offset per lane as ggml's AVX2 kernel takes it: 32 · (bsum[2L] · sc[2L] +
+/// bsum[2L+1] · sc[2L+1]) from the block's 16 scales and the activations' 16 sums.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn q6_offset(scales: &[u8], bsums: &[u8]) -> __m256i {
+    assert!(scales.len() >= 16 && bsums.len() >= 32);
+    // SAFETY: 16 and 32 readable bytes (asserted); unaligned loads.
+    let (sc, bs) = unsafe {
+        (
+            _mm_loadu_si128(scales.as_ptr().cast()),
+            _mm256_loadu_si256(bsums.as_ptr().cast()),
+        )
+    };
+    _mm256_slli_epi32(_mm256_madd_epi16(bs, _mm256_cvtepi8_epi16(sc)), 5)
 }
 
 /// Whether [`dot_tile`] has a kernel for `ty`.

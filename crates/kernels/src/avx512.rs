@@ -614,14 +614,14 @@ fn tile8_q4_k(g: &[u8], stride: usize, x: &[u8], qrow: usize) -> [[f32; 2]; TILE
 }
 
 /// Two Q6_K rows × eight Q8_K activation rows, laid out as [`tile8_q4_k`]'s: the AVX2
-/// kernel's arithmetic per lane, the -32 offset taken in integers.
+/// kernel's arithmetic per lane (unsigned six-bit values, the -32 offset per lane from the
+/// activations' 16-value sums).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn tile8_q6_k(g: &[u8], stride: usize, x: &[u8], qrow: usize) -> [[f32; 2]; TILE_TOKENS] {
     let nb = stride / 210;
     assert!(g.len() >= 2 * stride && x.len() >= TILE_TOKENS * qrow && qrow >= nb * Q8K);
     let m4 = _mm512_set1_epi8(0x0F);
     let m2 = _mm512_set1_epi8(3);
-    let m32 = _mm512_set1_epi8(32);
     let mut acc = [_mm512_setzero_ps(); TILE_TOKENS];
     for b in 0..nb {
         let o = 210 * b;
@@ -659,10 +659,14 @@ fn tile8_q6_k(g: &[u8], stride: usize, x: &[u8], qrow: usize) -> [[f32; 2]; TILE
             let mut sumi = _mm512_setzero_si512();
             for (k, (q, scale)) in q.iter().zip(&scale).enumerate() {
                 let q8 = twice(&xb[4 + 32 * k..]);
-                let p16 =
-                    _mm512_sub_epi16(_mm512_maddubs_epi16(*q, q8), _mm512_maddubs_epi16(m32, q8));
+                let p16 = _mm512_maddubs_epi16(*q, q8);
                 sumi = _mm512_add_epi32(sumi, _mm512_madd_epi16(*scale, p16));
             }
+            let offset = pair(
+                super::avx2::q6_offset(&wa[192..208], &xb[260..292]),
+                super::avx2::q6_offset(&wb[192..208], &xb[260..292]),
+            );
+            sumi = _mm512_sub_epi32(sumi, offset);
             let d = _mm512_mul_ps(_mm512_set1_ps(dy), dw);
             *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), *acc);
         }

@@ -420,7 +420,10 @@ fn dot_q4_k(w: &[u8], x: &[u8]) -> f32 {
     hsum8(acc) + m
 }
 
-/// Q6_K × Q8_K in ggml's AVX2 order (the -32 offset applied in integers).
+/// Q6_K × Q8_K in ggml's AVX2 order: the six-bit values taken unsigned (0..63), then the
+/// -32 offset per lane from the activations' 16-value sums (lane L: 32 · (bsum[2L] ·
+/// sc[2L] + bsum[2L+1] · sc[2L+1]), a different split of the same integer than per value,
+/// which matters once the lanes are f32).
 #[inline(always)]
 fn dot_q6_k(w: &[u8], x: &[u8]) -> f32 {
     let mut acc = [0f32; 8];
@@ -436,10 +439,10 @@ fn dot_q6_k(w: &[u8], x: &[u8]) -> f32 {
         for n in 0..2 {
             let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
             for l in 0..32 {
-                q[0][l] = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i8 - 32;
-                q[1][l] = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-                q[2][l] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-                q[3][l] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                q[0][l] = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i8;
+                q[1][l] = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i8;
+                q[2][l] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8;
+                q[3][l] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8;
             }
             for (k, q) in q.iter().enumerate() {
                 let sums = lane_sums(q, &q8[128 * n + 32 * k..]);
@@ -447,6 +450,13 @@ fn dot_q6_k(w: &[u8], x: &[u8]) -> f32 {
                     *s += i32::from(sc[lane / 4 + 2 * k] as i8) * v;
                 }
             }
+        }
+        let scales = &wb[192..208];
+        let bsum = |k: usize| i32::from(i16::from_le_bytes([xb[260 + 2 * k], xb[261 + 2 * k]]));
+        for (lane, s) in sumi.iter_mut().enumerate() {
+            let (a, b) = (2 * lane, 2 * lane + 1);
+            let sub = bsum(a) * i32::from(scales[a] as i8) + bsum(b) * i32::from(scales[b] as i8);
+            *s = s.wrapping_sub(sub.wrapping_mul(32));
         }
         for (a, &s) in acc.iter_mut().zip(&sumi) {
             *a = crate::fma(d, s as f32, *a);
