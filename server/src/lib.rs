@@ -10,6 +10,7 @@
 //! signal, as `realm serve` does.
 
 mod metrics;
+mod nats;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -70,6 +71,10 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Origins allowed to call from a browser (CORS; `*` for any). Empty: CORS off.
     pub cors: Vec<String>,
+    /// Also answer on a NATS server at this URL (`nats.rs`: subjects under `nats_prefix`,
+    /// in a queue group, so that several servers share the load).
+    pub nats: Option<String>,
+    pub nats_prefix: String,
 }
 
 /// The largest request body accepted (413 above it).
@@ -1048,14 +1053,33 @@ impl Shape {
 
 async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult<Response> {
     let req: ChatRequest = parse(&body)?;
-    if req.messages.is_empty() {
+    let messages = chat_messages(req.messages)?;
+    let tools = Tools::from_request(req.tools, req.tool_choice)?;
+    let with_tools = tools.is_some()
+        || messages
+            .iter()
+            .any(|m| m.get("tool_calls").is_some() || m["role"] == "tool");
+    let prompt = if with_tools {
+        let defs = tools.as_ref().map(|t| t.defs.clone());
+        Input::Chat(json!({"messages": messages, "tools": defs}).to_string())
+    } else {
+        Input::Prompt(plain_messages(&messages))
+    };
+    let max = app.config.max_tokens;
+    respond_tools(app, req.model, prompt, &req.sampling, max, tools).await
+}
+
+/// A chat's messages as the template reads them: checked roles, text content (from a
+/// string or text parts), `developer` as `system`, tool calls' arguments as objects.
+fn chat_messages(input: Vec<ChatMessage>) -> ApiResult<Vec<Value>> {
+    if input.is_empty() {
         return Err(ApiError::invalid(
             "invalid_value",
             "messages must not be empty",
         ));
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for m in req.messages {
+    let mut messages = Vec::with_capacity(input.len());
+    for m in input {
         if !matches!(
             m.role.as_str(),
             "system" | "developer" | "user" | "assistant" | "tool"
@@ -1114,27 +1138,20 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> ApiResult
         }
         messages.push(v);
     }
-    let tools = Tools::from_request(req.tools, req.tool_choice)?;
-    let with_tools = tools.is_some()
-        || messages
+    Ok(messages)
+}
+
+/// Checked messages (no tool calls) as a prompt.
+fn plain_messages(messages: &[Value]) -> Prompt {
+    Prompt::Messages(
+        messages
             .iter()
-            .any(|m| m.get("tool_calls").is_some() || m["role"] == "tool");
-    let prompt = if with_tools {
-        let defs = tools.as_ref().map(|t| t.defs.clone());
-        Input::Chat(json!({"messages": messages, "tools": defs}).to_string())
-    } else {
-        Input::Prompt(Prompt::Messages(
-            messages
-                .iter()
-                .map(|m| Message {
-                    role: m["role"].as_str().unwrap_or("").to_string(),
-                    content: m["content"].as_str().unwrap_or("").to_string(),
-                })
-                .collect(),
-        ))
-    };
-    let max = app.config.max_tokens;
-    respond_tools(app, req.model, prompt, &req.sampling, max, tools).await
+            .map(|m| Message {
+                role: m["role"].as_str().unwrap_or("").to_string(),
+                content: m["content"].as_str().unwrap_or("").to_string(),
+            })
+            .collect(),
+    )
 }
 
 /// A request's tools and what it asks of them.
@@ -2116,6 +2133,10 @@ pub fn run(config: ServeConfig) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
+        // NATS first: once the address line is out, every way in is open.
+        if let Some(url) = &app.config.nats {
+            nats::start(app.clone(), url, app.config.nats_prefix.clone()).await?;
+        }
         // The first line on stdout is the address (tests and scripts read it).
         println!("realm serve: listening on http://{local}");
         eprintln!(

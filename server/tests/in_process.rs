@@ -43,6 +43,8 @@ fn server() -> Server {
         max_connections: 16,
         shutdown_grace: Duration::from_secs(1),
         cors: Vec::new(),
+        nats: None,
+        nats_prefix: "realm".into(),
     })
     .expect("the server loads the model")
 }
