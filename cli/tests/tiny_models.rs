@@ -137,6 +137,13 @@ fn mistral3_q8_0_matches_llama_cpp() {
     check_matches("mistral3-tiny.q8_0");
 }
 
+/// The same in Q4_K_M (Q4_K and Q6_K: prompts in ggml's tiled K-quant order, the last
+/// block's feed-forward on the last row only, as llama.cpp).
+#[test]
+fn mistral3_q4_k_m_matches_llama_cpp() {
+    check_matches("mistral3-tiny.q4_k_m");
+}
+
 #[test]
 fn linear_rope_scaling_matches_llama_cpp() {
     check_matches("llama-tiny-linear.f32");

@@ -414,6 +414,61 @@ pub(crate) fn q6_offset(scales: &[u8], bsums: &[u8]) -> __m256i {
     _mm256_slli_epi32(_mm256_madd_epi16(bs, _mm256_cvtepi8_epi16(sc)), 5)
 }
 
+/// Σ qs[i]·x[i] over a K-quant super-block's 256 scaled values (16-bit) and activations
+/// (signed bytes): `quant::KRow`'s integer sum, exact in any order.
+///
+/// # Safety
+/// The CPU must support AVX2 ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn scaled_dot(qs: &[i16; 256], x: &[u8; 256]) -> i32 {
+    let mut acc = _mm256_setzero_si256();
+    for i in (0..256).step_by(16) {
+        // SAFETY: 16 i16 and 16 bytes at i < 256; unaligned loads.
+        let (q, y) = unsafe {
+            (
+                _mm256_loadu_si256(qs[i..].as_ptr().cast()),
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(x[i..].as_ptr().cast())),
+            )
+        };
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(q, y));
+    }
+    let s = _mm_add_epi32(
+        _mm256_castsi256_si128(acc),
+        _mm256_extracti128_si256(acc, 1),
+    );
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// [`scaled_dot`] of one super-block against four activation rows at once (the weight
+/// values loaded once for all four).
+///
+/// # Safety
+/// The CPU must support AVX2 ([`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn scaled_dot4(qs: &[i16; 256], x: [&[u8; 256]; 4]) -> [i32; 4] {
+    let mut acc = [_mm256_setzero_si256(); 4];
+    for i in (0..256).step_by(16) {
+        // SAFETY: 16 i16 and 16 bytes at i < 256 in every row; unaligned loads.
+        let q = unsafe { _mm256_loadu_si256(qs[i..].as_ptr().cast()) };
+        for (a, x) in acc.iter_mut().zip(x) {
+            // SAFETY: as above.
+            let y = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(x[i..].as_ptr().cast())) };
+            *a = _mm256_add_epi32(*a, _mm256_madd_epi16(q, y));
+        }
+    }
+    acc.map(|acc| {
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(acc),
+            _mm256_extracti128_si256(acc, 1),
+        );
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    })
+}
+
 /// Whether [`dot_tile`] has a kernel for `ty`.
 pub fn has_tile(ty: GgmlType) -> bool {
     matches!(

@@ -613,6 +613,26 @@ fn tile8_q4_k(g: &[u8], stride: usize, x: &[u8], qrow: usize) -> [[f32; 2]; TILE
     out
 }
 
+/// `avx2::scaled_dot4` on 512-bit vectors: one K-quant super-block's 256 scaled weight
+/// values against four activation rows (an exact integer sum each).
+///
+/// # Safety
+/// As for [`quantize_q8_0`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn scaled_dot4(qs: &[i16; 256], x: [&[u8; 256]; 4]) -> [i32; 4] {
+    let mut acc = [_mm512_setzero_si512(); 4];
+    for i in (0..256).step_by(32) {
+        // SAFETY: 32 i16 and 32 bytes at i < 256 in every row; unaligned loads.
+        let q = unsafe { _mm512_loadu_si512(qs[i..].as_ptr().cast()) };
+        for (a, x) in acc.iter_mut().zip(x) {
+            // SAFETY: as above.
+            let y = unsafe { _mm512_cvtepi8_epi16(_mm256_loadu_si256(x[i..].as_ptr().cast())) };
+            *a = _mm512_dpwssd_epi32(*a, q, y);
+        }
+    }
+    acc.map(|a| _mm512_reduce_add_epi32(a))
+}
+
 /// Two Q6_K rows × eight Q8_K activation rows, laid out as [`tile8_q4_k`]'s: the AVX2
 /// kernel's arithmetic per lane (unsigned six-bit values, the -32 offset per lane from the
 /// activations' 16-value sums).

@@ -536,7 +536,7 @@ impl Exec {
             }
             Op::Matmul { x, w, o } => {
                 let (x, mut o) = (lock(&x)?, lock(&o)?);
-                self.matmul_into(&x, &w, &mut o, share)?;
+                self.matmul_into(&x, &w, &mut o, share, true)?;
             }
             Op::RmsNorm { x, w, eps, o } => {
                 let (x, mut o) = (lock(&x)?, lock(&o)?);
@@ -743,8 +743,22 @@ impl Exec {
             })
             .collect();
         if let [(x, w, o)] = &parts[..] {
-            let r = lock(x).and_then(|x| self.matmul_into(&x, w, &mut *lock(o)?, 0));
+            let r = lock(x).and_then(|x| self.matmul_into(&x, w, &mut *lock(o)?, 0, true));
             return vec![r];
+        }
+        // A K-quant product of a prompt's rows has its own order (ggml's tiled kernel), so
+        // such a part cannot share: every part runs as it would alone.
+        let prompt = |x: &Arc<TensorCell>| lock(x).is_ok_and(|x| x.rows >= quant::K_TILED_ROWS);
+        if let Some((_, w, _)) = parts.first()
+            && quant::k_tiled(w.meta.ty, quant::K_TILED_ROWS)
+            && parts.iter().any(|(x, _, _)| prompt(x))
+        {
+            return parts
+                .iter()
+                .map(|(x, w, o)| {
+                    lock(x).and_then(|x| self.matmul_into(&x, w, &mut *lock(o)?, 0, true))
+                })
+                .collect();
         }
         let Some((_, w, _)) = parts.first() else {
             return Vec::new();
@@ -772,7 +786,7 @@ impl Exec {
             cols: n,
             data: Vec::new(),
         };
-        let product = self.matmul_into(&all, w, &mut outs, 0);
+        let product = self.matmul_into(&all, w, &mut outs, 0, false);
         let mut start = 0;
         parts
             .iter()
@@ -790,7 +804,17 @@ impl Exec {
             .collect()
     }
 
-    fn matmul_into(&self, x: &Mat, w: &WeightData, o: &mut Mat, share: usize) -> Result<()> {
+    /// `x` × `w` into `o`. `own_rows`: the rows are one tenant's step (so a K-quant product
+    /// of [`quant::K_TILED_ROWS`] or more takes ggml's tiled order, as llama.cpp's prompt
+    /// matmuls do), not several tenants' rows side by side (each as it would be alone).
+    fn matmul_into(
+        &self,
+        x: &Mat,
+        w: &WeightData,
+        o: &mut Mat,
+        share: usize,
+        own_rows: bool,
+    ) -> Result<()> {
         let meta = &w.meta;
         let (k, n, rows) = (meta.row_len(), meta.n_rows(), x.rows);
         o.set_rows(rows);
@@ -855,6 +879,40 @@ impl Exec {
                     }
                 });
             });
+        }
+        if own_rows && quant::k_tiled(ty, rows) {
+            // A prompt's K-quant product in ggml's tiled order, each share its weight rows.
+            let dst = Shared::new(&mut o.data);
+            let xq_ref = &xq;
+            spin.run(&|share| {
+                thread_local! {
+                    static ROW: RefCell<quant::KRow> = RefCell::default();
+                }
+                ROW.with_borrow_mut(|row| {
+                    for j in pool::part(n, shares, share, 4) {
+                        row.unpack(ty, &wb[j * wrow..(j + 1) * wrow]);
+                        let four = xq_ref.chunks_exact(4 * qrow);
+                        let rest = four.remainder();
+                        let full = xq_ref.len() / (4 * qrow) * 4;
+                        for (g, x4) in four.enumerate() {
+                            let x = |i: usize| &x4[i * qrow..(i + 1) * qrow];
+                            let v = row.dot4([x(0), x(1), x(2), x(3)]);
+                            for (i, v) in v.into_iter().enumerate() {
+                                // SAFETY: shares own disjoint columns of every row.
+                                let out = unsafe { dst.slice((4 * g + i) * n + j, 1) };
+                                out[0] = v;
+                            }
+                        }
+                        for (i, xr) in rest.chunks_exact(qrow).enumerate() {
+                            // SAFETY: as above.
+                            let out = unsafe { dst.slice((full + i) * n + j, 1) };
+                            out[0] = row.dot(xr);
+                        }
+                    }
+                });
+            });
+            scratch.quantized = xq;
+            return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
         let tiled = rows >= 2 && self.tiles(ty, scratch, &xq, (wb, wrow, qrow), rows, n, o);

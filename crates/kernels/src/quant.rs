@@ -294,6 +294,173 @@ fn dot_rows_portable(ty: GgmlType, w: &[u8], wrow: usize, x: &[u8], j0: usize, o
     }
 }
 
+/// Rows of activations from which a K-quant (Q4_K, Q6_K) product takes ggml-cpu's tiled
+/// order ([`dot_k_tiled`]): llama.cpp's `ggml_compute_forward_mul_mat_tiled` takes every
+/// K-quant matmul of at least this many rows (a prompt's), the per-row `vec_dot` below.
+pub const K_TILED_ROWS: usize = 8;
+
+/// Whether a product of `rows` activation rows by a `ty` weight takes [`dot_k_tiled`].
+pub fn k_tiled(ty: GgmlType, rows: usize) -> bool {
+    rows >= K_TILED_ROWS && matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K)
+}
+
+/// One Q4_K or Q6_K weight row unpacked for [`KRow::dot`]: per super-block its 256 values
+/// times their sub-block's scale (Q6_K's -32 applied first; they fit in 16 bits), the
+/// sub-blocks' mins (Q4_K), d and dmin.
+#[derive(Default)]
+pub struct KRow {
+    qs: Vec<i16>,
+    /// Per super-block: 8 mins (Q4_K).
+    mn: Vec<i32>,
+    d: Vec<f32>,
+    dmin: Vec<f32>,
+    q6: bool,
+}
+
+impl KRow {
+    /// Unpacks `w` (one row of `ty`, Q4_K or Q6_K), reusing this one's buffers.
+    pub fn unpack(&mut self, ty: GgmlType, w: &[u8]) {
+        self.qs.clear();
+        self.mn.clear();
+        self.d.clear();
+        self.dmin.clear();
+        self.q6 = ty == GgmlType::Q6_K;
+        match ty {
+            GgmlType::Q4_K => {
+                for wb in w.chunks_exact(144) {
+                    let scales: [u8; 12] = wb[4..16].try_into().unwrap_or([0; 12]);
+                    for j in 0..4 {
+                        let (sl, ml) = realm_gguf::quant::scale_min_k4(2 * j, &scales);
+                        let (sh, mh) = realm_gguf::quant::scale_min_k4(2 * j + 1, &scales);
+                        let qs = &wb[16 + 32 * j..16 + 32 * j + 32];
+                        self.qs
+                            .extend(qs.iter().map(|&b| i16::from(b & 0x0F) * i16::from(sl)));
+                        self.qs
+                            .extend(qs.iter().map(|&b| i16::from(b >> 4) * i16::from(sh)));
+                        self.mn.extend([i32::from(ml), i32::from(mh)]);
+                    }
+                    self.d.push(h(wb, 0));
+                    self.dmin.push(h(wb, 2));
+                }
+            }
+            GgmlType::Q6_K => {
+                for wb in w.chunks_exact(210) {
+                    let start = self.qs.len();
+                    self.qs.resize(start + 256, 0);
+                    let out = &mut self.qs[start..];
+                    let sc = |i: usize| i16::from(wb[192 + i] as i8);
+                    for n in 0..2 {
+                        let (ql, qh) = (&wb[64 * n..], &wb[128 + 32 * n..]);
+                        let out = &mut out[128 * n..];
+                        for l in 0..32 {
+                            let v = [
+                                (ql[l] & 0x0F) | ((qh[l] & 3) << 4),
+                                (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4),
+                                (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                                (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                            ];
+                            for (k, v) in v.into_iter().enumerate() {
+                                // Value 128n + 32k + l, in sub-block of 16 (8n + 2k + l/16).
+                                out[32 * k + l] = (i16::from(v) - 32) * sc(8 * n + 2 * k + l / 16);
+                            }
+                        }
+                    }
+                    self.d.push(h(wb, 208));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// This row × one Q8_K row in ggml-cpu's tiled order (its AVX-512 VNNI microkernel,
+    /// which llama.cpp runs for prompts on AVX-512 machines): per super-block the exact
+    /// integer sums — s1 = Σ scale·(q·x), s2 = Σ min·bsum (Q4_K) — then `r = s1 · d`
+    /// rounded, `r = r − dmin · s2` fused, and `acc = acc + r · d_x` with the product
+    /// rounded before the sum. (ggml's AVX2 build fuses that last step, so on AVX2-only
+    /// machines llama.cpp's own prompt products differ from these in last bits.)
+    #[inline]
+    pub fn dot(&self, x: &[u8]) -> f32 {
+        let mut acc = 0f32;
+        for (b, xb) in x.chunks_exact(Q8_K_BYTES).enumerate().take(self.d.len()) {
+            let s1 = scaled_dot(&self.qs[256 * b..256 * b + 256], &xb[4..260]);
+            acc = self.epilogue(b, xb, s1, acc);
+        }
+        acc
+    }
+}
+
+impl KRow {
+    /// [`KRow::dot`] of four activation rows (the same bits as four calls).
+    pub fn dot4(&self, x: [&[u8]; 4]) -> [f32; 4] {
+        #[cfg(target_arch = "x86_64")]
+        if kernel_level() >= KernelLevel::Avx2 {
+            let nb = self.d.len();
+            if x.iter().all(|x| x.len() >= nb * Q8_K_BYTES) && self.qs.len() >= 256 * nb {
+                let mut acc = [0f32; 4];
+                for b in 0..nb {
+                    let at = b * Q8_K_BYTES;
+                    let q8 = |t: usize| -> &[u8; 256] {
+                        x[t][at + 4..at + 260]
+                            .first_chunk::<256>()
+                            .unwrap_or(&[0; 256])
+                    };
+                    let qs = self.qs[256 * b..].first_chunk::<256>().unwrap_or(&[0; 256]);
+                    let x4 = [q8(0), q8(1), q8(2), q8(3)];
+                    // SAFETY: each level is chosen only where the CPU has its features.
+                    let s1 = unsafe {
+                        if kernel_level() >= KernelLevel::Avx512 {
+                            super::avx512::scaled_dot4(qs, x4)
+                        } else {
+                            super::avx2::scaled_dot4(qs, x4)
+                        }
+                    };
+                    for t in 0..4 {
+                        acc[t] = self.epilogue(b, &x[t][at..at + Q8_K_BYTES], s1[t], acc[t]);
+                    }
+                }
+                return acc;
+            }
+        }
+        x.map(|x| self.dot(x))
+    }
+
+    /// One super-block's float steps (see [`KRow::dot`]).
+    #[inline(always)]
+    fn epilogue(&self, b: usize, xb: &[u8], s1: i32, acc: f32) -> f32 {
+        let dx = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+        if self.q6 {
+            return acc + s1 as f32 * self.d[b] * dx;
+        }
+        let mn = &self.mn[8 * b..8 * b + 8];
+        let bsum = |k: usize| i32::from(i16::from_le_bytes([xb[260 + 2 * k], xb[261 + 2 * k]]));
+        let s2 = (0..8).fold(0i32, |a, j| {
+            a.wrapping_add(mn[j] * (bsum(2 * j) + bsum(2 * j + 1)))
+        });
+        let r = (-self.dmin[b]).mul_add(s2 as f32, s1 as f32 * self.d[b]);
+        acc + r * dx
+    }
+}
+
+/// Σ qs[i]·x[i] over a super-block's 256 values (an exact integer: any order).
+#[inline(always)]
+fn scaled_dot(qs: &[i16], x: &[u8]) -> i32 {
+    let (Some(qs), Some(x)) = (qs.first_chunk::<256>(), x.first_chunk::<256>()) else {
+        return 0;
+    };
+    #[cfg(target_arch = "x86_64")]
+    if kernel_level() >= KernelLevel::Avx2 {
+        // SAFETY: the AVX2 level is chosen only where the CPU has AVX2 (`kernel_level`).
+        return unsafe { super::avx2::scaled_dot(qs, x) };
+    }
+    let mut lanes = [0i32; 16];
+    for (q, x) in qs.chunks_exact(16).zip(x.chunks_exact(16)) {
+        for l in 0..16 {
+            lanes[l] = lanes[l].wrapping_add(i32::from(q[l]) * i32::from(x[l] as i8));
+        }
+    }
+    lanes.iter().fold(0i32, |a, &v| a.wrapping_add(v))
+}
+
 /// One Q4_1 row × one Q8_1 row in block order, the numerics of the AMX prompt tiles
 /// (`amx.rs`): per block the exact integer sum, then `acc = fma(d·dy, sum, acc)` and
 /// `acc = fma(m, s, acc)` — ggml's scalar formula, with its products fused.
@@ -564,6 +731,78 @@ fn q5_high(qh: u32, j: usize) -> (u8, u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ggml's tiled K-quant order written out plainly (each sub-block's integer sum, then
+    /// the float steps), against `KRow::dot` and `dot4` (SIMD where the CPU has it).
+    #[test]
+    fn k_tiled_rows_follow_the_plain_formula() {
+        let k = 512;
+        let xs: Vec<f32> = (0..4 * k)
+            .map(|i| ((i * 29 % 83) as f32 - 41.0) / 17.0)
+            .collect();
+        let mut xq = Vec::new();
+        for r in xs.chunks_exact(k) {
+            quantize_row(VecDot::Q8K, r, &mut xq);
+        }
+        let qrow = xq.len() / 4;
+        for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+            let w = crate::synthetic::weights(ty, k, 3, 11);
+            let wrow = w.len() / 3;
+            let mut row = KRow::default();
+            for j in 0..3 {
+                let wj = &w[j * wrow..(j + 1) * wrow];
+                row.unpack(ty, wj);
+                let x = |t: usize| &xq[t * qrow..(t + 1) * qrow];
+                let four = row.dot4([x(0), x(1), x(2), x(3)]);
+                for (t, got) in four.iter().enumerate() {
+                    let want = plain_k_tiled(ty, wj, x(t));
+                    assert_eq!(row.dot(x(t)).to_bits(), want.to_bits(), "{ty} row {j}");
+                    assert_eq!(got.to_bits(), want.to_bits(), "{ty} row {j}, dot4");
+                }
+            }
+        }
+    }
+
+    fn plain_k_tiled(ty: GgmlType, w: &[u8], x: &[u8]) -> f32 {
+        let mut acc = 0f32;
+        let bb = if ty == GgmlType::Q4_K { 144 } else { 210 };
+        for (wb, xb) in w.chunks_exact(bb).zip(x.chunks_exact(Q8_K_BYTES)) {
+            let dx = f32::from_le_bytes([xb[0], xb[1], xb[2], xb[3]]);
+            let q8 = |i: usize| i32::from(xb[4 + i] as i8);
+            let bsum = |k: usize| i32::from(i16::from_le_bytes([xb[260 + 2 * k], xb[261 + 2 * k]]));
+            if ty == GgmlType::Q4_K {
+                let scales: [u8; 12] = wb[4..16].try_into().expect("12 bytes");
+                let (mut s1, mut s2) = (0i32, 0i32);
+                for sub in 0..8 {
+                    let (sc, m) = realm_gguf::quant::scale_min_k4(sub, &scales);
+                    let mut dot = 0;
+                    for i in 0..32 {
+                        let byte = wb[16 + 32 * (sub / 2) + i];
+                        let q = if sub % 2 == 0 { byte & 15 } else { byte >> 4 };
+                        dot += i32::from(q) * q8(32 * sub + i);
+                    }
+                    s1 += i32::from(sc) * dot;
+                    s2 += i32::from(m) * (bsum(2 * sub) + bsum(2 * sub + 1));
+                }
+                let r = (-h(wb, 2)).mul_add(s2 as f32, s1 as f32 * h(wb, 0));
+                acc += r * dx;
+            } else {
+                let mut s1 = 0i32;
+                for i in 0..256 {
+                    let (n, l) = (i / 128, i % 128);
+                    let (k, l) = (l / 32, l % 32);
+                    let ql = wb[64 * n + l + if k % 2 == 1 { 32 } else { 0 }];
+                    let lo = if k < 2 { ql & 15 } else { ql >> 4 };
+                    let hi = (wb[128 + 32 * n + l] >> (2 * k)) & 3;
+                    let q = i32::from(lo | (hi << 4)) - 32;
+                    let sc = i32::from(wb[192 + 8 * n + 2 * k + l / 16] as i8);
+                    s1 += sc * q * q8(i);
+                }
+                acc += s1 as f32 * h(wb, 208) * dx;
+            }
+        }
+        acc
+    }
     use realm_gguf::quant::dequantize;
 
     /// The SIMD128 block loop (unpacking, lane sums, fused multiply-adds) gives the

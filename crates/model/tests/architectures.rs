@@ -221,13 +221,16 @@ fn gemma2_greedy_ids_match_llama_cpp() {
 }
 
 /// Mistral 3 (Llama 4's attention temperature stepping every 8 positions, YaRN with the
-/// file's β and log multiplier) on a random-weight 256-wide model in F32 and Q8_0; prompts
-/// of 6 to 773 tokens cross the temperature's steps inside a prompt and while decoding.
-/// (Its Q4_K_M file, made and referenced too, parts from llama.cpp before a near-tie: Realm's
-/// CPU K-quant path is not yet llama.cpp's to the bit, on any architecture.)
+/// file's β and log multiplier) on a random-weight 256-wide model in F32, Q8_0 and Q4_K_M
+/// (Q4_K and Q6_K blocks); prompts of 6 to 773 tokens cross the temperature's steps inside
+/// a prompt and while decoding.
 #[test]
 fn mistral3_greedy_ids_match_llama_cpp() {
-    for name in ["mistral3-tiny.f32", "mistral3-tiny.q8_0"] {
+    for name in [
+        "mistral3-tiny.f32",
+        "mistral3-tiny.q8_0",
+        "mistral3-tiny.q4_k_m",
+    ] {
         let model = root().join(format!("target/test-models/{name}.gguf"));
         let refs = root().join(format!("tests/reference/tiny-models/{name}.jsonl"));
         check_parity(&model, &jsonl(&refs), 32);

@@ -70,6 +70,10 @@ pub struct Layer<'a, W> {
     /// q's attention temperature after RoPE, a factor per row (Mistral 3's Llama-4-style
     /// scaling by position; `None`: none).
     pub q_temp: Option<&'a [f32]>,
+    /// The last block of a step whose logits are wanted: after attention only the last row
+    /// goes on (as llama.cpp's `inp_out_ids`), so its feed-forward is one row's — the same
+    /// numbers as llama.cpp's wherever a product's order depends on its rows (K-quants).
+    pub last_row_only: bool,
 }
 
 /// The whole stack: embeddings, blocks, output norm and projection.
@@ -273,6 +277,9 @@ impl<W> Decoder<W> {
         )?;
         c.matmul(&s.att, &b.attn_output, &s.xb)?;
         self.residual(c, s, b.post_norms.as_ref().map(|p| &p.0))?;
+        if run.last_row_only && run.rows > 1 {
+            c.keep_last_row(&s.x)?;
+        }
 
         // Feed-forward: pre-norm, gated activation, down projection.
         c.rms_norm(&s.x, &b.ffn_norm, eps, &s.xb)?;
