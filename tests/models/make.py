@@ -31,6 +31,12 @@ N_CTX_TRAIN = 2048
 # The context Llama 3's factors and the linear scaling were "trained" for.
 N_CTX_ORIG = 256
 ROPE_BASE = 500000.0
+# The 256-wide models get an output projection of their own: tied to so small a model's
+# embeddings, the logits would echo the last token (see `wide`).
+UNTIED_OUTPUT = False
+# Gemma 2's embedding scale (its output is always tied: the 256-wide one needs smaller
+# embeddings not to echo the last token).
+GEMMA_EMB_STD = 0.1
 
 
 def llama3_rope_factors(base, dim, factor, low, high, orig_ctx):
@@ -96,6 +102,8 @@ def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False):
     # numpy shapes are ggml's dims reversed: (rows, row length).
     w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.5))
     w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+    if UNTIED_OUTPUT:
+        w.add_tensor("output.weight", normal((n_vocab, N_EMBD), 4.0 / math.sqrt(N_EMBD)))
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
     kv = N_HEAD_KV * HEAD_DIM
@@ -148,6 +156,8 @@ def write_qwen(path, vocab, seed, arch):
     copy_vocab(w, vocab)
     w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.5))
     w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+    if UNTIED_OUTPUT:
+        w.add_tensor("output.weight", normal((n_vocab, N_EMBD), 4.0 / math.sqrt(N_EMBD)))
     kv = N_HEAD_KV * HEAD_DIM
     for i in range(N_LAYER):
         p = f"blk.{i}."
@@ -256,6 +266,8 @@ def write_smollm3(path, vocab, seed, n_layer=4):
     copy_vocab(w, vocab)
     w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.5))
     w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+    if UNTIED_OUTPUT:
+        w.add_tensor("output.weight", normal((n_vocab, N_EMBD), 4.0 / math.sqrt(N_EMBD)))
     kv = N_HEAD_KV * HEAD_DIM
     for i in range(n_layer):
         p = f"blk.{i}."
@@ -304,7 +316,7 @@ def write_gemma2(path, vocab, seed, n_layer=4):
     copy_vocab(w, vocab)
     # Small embeddings (the output is tied to them), so that the answer is not the last token
     # again but what attention made of the context.
-    w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.1))
+    w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), GEMMA_EMB_STD))
     w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
     kv = N_HEAD_KV * HEAD_DIM
     for i in range(n_layer):
@@ -384,6 +396,20 @@ def write_mistral3(path, vocab, seed, n_layer=2, n_embd=256, n_ff=512, n_head=4,
     w.close()
 
 
+def wide(write, *args, **kw):
+    """`write` at 256 wide (4 query heads of 64 sharing 2 KV heads, FFN 512), rows that
+    llama-quantize can hold in Q4_K (the 64-wide models fall back to other types)."""
+    g = globals()
+    names = ("N_EMBD", "N_FF", "N_HEAD", "N_HEAD_KV", "HEAD_DIM", "UNTIED_OUTPUT", "GEMMA_EMB_STD")
+    saved = {k: g[k] for k in names}
+    g.update(N_EMBD=256, N_FF=512, N_HEAD=4, N_HEAD_KV=2, HEAD_DIM=64, UNTIED_OUTPUT=True,
+             GEMMA_EMB_STD=0.02)
+    try:
+        write(*args, **kw)
+    finally:
+        g.update(saved)
+
+
 def main():
     llama_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
@@ -416,6 +442,16 @@ def main():
     write_gemma2(out / "gemma2-tiny.f32.gguf", spm_vocab, seed=6)
     write_mistral3(out / "mistral3-tiny.f32.gguf", spm_vocab, seed=7)
 
+    # The same architectures 256 wide, for Q4_K_M (made from these F32 files, then the F32
+    # files are removed: only the quantized ones are tested).
+    wide_freqs = lambda: llama3_rope_factors(ROPE_BASE, 64, factor=8.0, low=1.0, high=4.0,
+                                             orig_ctx=N_CTX_ORIG)
+    wide(lambda: write_llama(out / "llama3-wide.f32.gguf", vocab, seed=11, rope_freqs=wide_freqs()))
+    wide(write_qwen, out / "qwen3-wide.f32.gguf", qwen_vocab, seed=12, arch="qwen3")
+    wide(write_qwen, out / "qwen2-wide.f32.gguf", qwen_vocab, seed=13, arch="qwen2")
+    wide(write_phi3, out / "phi3-wide.f32.gguf", phi3_vocab, seed=14)
+    wide(write_smollm3, out / "smollm3-wide.f32.gguf", vocab, seed=15)
+
     quantize = llama_dir / "build" / "bin" / "llama-quantize"
     # (Q4_K needs rows of 256 values: only the 256-wide Mistral 3 gets it; the others are
     # 64 wide.)
@@ -428,11 +464,21 @@ def main():
                          ("phi3-tiny.f32.gguf", "phi3-tiny.q4_0.gguf", "Q4_0"),
                          ("phi3-tiny-longrope-long.f32.gguf", "phi3-tiny-longrope-long.q8_0.gguf", "Q8_0"),
                          ("smollm3-tiny.f32.gguf", "smollm3-tiny.q8_0.gguf", "Q8_0"),
+                         ("smollm3-tiny.f32.gguf", "smollm3-tiny.q4_0.gguf", "Q4_0"),
+                         ("llama3-tiny.f32.gguf", "llama3-tiny.q4_0.gguf", "Q4_0"),
+                         ("gemma2-tiny.f32.gguf", "gemma2-tiny.q4_0.gguf", "Q4_0"),
+                         ("mistral3-tiny.f32.gguf", "mistral3-tiny.q4_0.gguf", "Q4_0"),
                          ("gemma2-tiny.f32.gguf", "gemma2-tiny.q8_0.gguf", "Q8_0"),
                          ("mistral3-tiny.f32.gguf", "mistral3-tiny.q8_0.gguf", "Q8_0"),
                          ("mistral3-tiny.f32.gguf", "mistral3-tiny.q4_k_m.gguf", "Q4_K_M")]:
         subprocess.run([str(quantize), str(out / src), str(out / dst), ty],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wide(write_gemma2, out / "gemma2-wide.f32.gguf", spm_vocab, seed=16)
+    for arch in ("llama3", "qwen3", "qwen2", "phi3", "smollm3", "gemma2"):
+        src = out / f"{arch}-wide.f32.gguf"
+        subprocess.run([str(quantize), str(src), str(out / f"{arch}-wide.q4_k_m.gguf"), "Q4_K_M"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        src.unlink()
 
     sums = Path(__file__).with_name("sha256sums")
     want = dict(reversed(line.split()) for line in sums.read_text().splitlines() if line.strip()) \

@@ -137,6 +137,8 @@ fn llama_rope_variants_match_llama_cpp() {
     for name in [
         "llama3-tiny.f32",
         "llama3-tiny.q8_0",
+        "llama3-tiny.q4_0",
+        "llama3-wide.q4_k_m",
         "llama3-tiny-no-rope-freqs.f32",
         "llama-tiny-linear.f32",
         "llama-tiny-yarn.f32",
@@ -151,7 +153,12 @@ fn llama_rope_variants_match_llama_cpp() {
 /// the Qwen 2 vocabulary, in F32 and as llama-quantize makes it in Q8_0 and Q4_0.
 #[test]
 fn qwen3_greedy_ids_match_llama_cpp() {
-    for name in ["qwen3-tiny.f32", "qwen3-tiny.q8_0", "qwen3-tiny.q4_0"] {
+    for name in [
+        "qwen3-tiny.f32",
+        "qwen3-tiny.q8_0",
+        "qwen3-tiny.q4_0",
+        "qwen3-wide.q4_k_m",
+    ] {
         let model = root().join(format!("target/test-models/{name}.gguf"));
         let refs = root().join(format!("tests/reference/tiny-models/{name}.jsonl"));
         check_parity(&model, &jsonl(&refs), 32);
@@ -162,7 +169,12 @@ fn qwen3_greedy_ids_match_llama_cpp() {
 /// Q8_0 and Q4_0.
 #[test]
 fn qwen2_greedy_ids_match_llama_cpp() {
-    for name in ["qwen2-tiny.f32", "qwen2-tiny.q8_0", "qwen2-tiny.q4_0"] {
+    for name in [
+        "qwen2-tiny.f32",
+        "qwen2-tiny.q8_0",
+        "qwen2-tiny.q4_0",
+        "qwen2-wide.q4_k_m",
+    ] {
         let model = root().join(format!("target/test-models/{name}.gguf"));
         let refs = root().join(format!("tests/reference/tiny-models/{name}.jsonl"));
         check_parity(&model, &jsonl(&refs), 32);
@@ -173,7 +185,12 @@ fn qwen2_greedy_ids_match_llama_cpp() {
 /// attention) on a random-weight model, F32, Q8_0 and Q4_0.
 #[test]
 fn phi3_greedy_ids_match_llama_cpp() {
-    for name in ["phi3-tiny.f32", "phi3-tiny.q8_0", "phi3-tiny.q4_0"] {
+    for name in [
+        "phi3-tiny.f32",
+        "phi3-tiny.q8_0",
+        "phi3-tiny.q4_0",
+        "phi3-wide.q4_k_m",
+    ] {
         let model = root().join(format!("target/test-models/{name}.gguf"));
         let refs = root().join(format!("tests/reference/tiny-models/{name}.jsonl"));
         check_parity(&model, &jsonl(&refs), 32);
@@ -202,7 +219,12 @@ fn phi3_longrope_greedy_ids_match_llama_cpp() {
 /// and Q8_0.
 #[test]
 fn smollm3_greedy_ids_match_llama_cpp() {
-    for name in ["smollm3-tiny.f32", "smollm3-tiny.q8_0"] {
+    for name in [
+        "smollm3-tiny.f32",
+        "smollm3-tiny.q8_0",
+        "smollm3-tiny.q4_0",
+        "smollm3-wide.q4_k_m",
+    ] {
         let model = root().join(format!("target/test-models/{name}.gguf"));
         let refs = root().join(format!("tests/reference/tiny-models/{name}.jsonl"));
         check_parity(&model, &jsonl(&refs), 32);
@@ -213,7 +235,12 @@ fn smollm3_greedy_ids_match_llama_cpp() {
 /// layers, post-norms) on a random-weight model of four blocks, F32 and Q8_0.
 #[test]
 fn gemma2_greedy_ids_match_llama_cpp() {
-    for name in ["gemma2-tiny.f32", "gemma2-tiny.q8_0"] {
+    for name in [
+        "gemma2-tiny.f32",
+        "gemma2-tiny.q8_0",
+        "gemma2-tiny.q4_0",
+        "gemma2-wide.q4_k_m",
+    ] {
         let model = root().join(format!("target/test-models/{name}.gguf"));
         let refs = root().join(format!("tests/reference/tiny-models/{name}.jsonl"));
         check_parity(&model, &jsonl(&refs), 32);
@@ -229,6 +256,7 @@ fn mistral3_greedy_ids_match_llama_cpp() {
     for name in [
         "mistral3-tiny.f32",
         "mistral3-tiny.q8_0",
+        "mistral3-tiny.q4_0",
         "mistral3-tiny.q4_k_m",
     ] {
         let model = root().join(format!("target/test-models/{name}.gguf"));
