@@ -396,6 +396,7 @@ impl KRow {
         if kernel_level() >= KernelLevel::Avx2 {
             let nb = self.d.len();
             if x.iter().all(|x| x.len() >= nb * Q8_K_BYTES) && self.qs.len() >= 256 * nb {
+                let avx512 = kernel_level() >= KernelLevel::Avx512;
                 let mut acc = [0f32; 4];
                 for b in 0..nb {
                     let at = b * Q8_K_BYTES;
@@ -408,7 +409,7 @@ impl KRow {
                     let x4 = [q8(0), q8(1), q8(2), q8(3)];
                     // SAFETY: each level is chosen only where the CPU has its features.
                     let s1 = unsafe {
-                        if kernel_level() >= KernelLevel::Avx512 {
+                        if avx512 {
                             super::avx512::scaled_dot4(qs, x4)
                         } else {
                             super::avx2::scaled_dot4(qs, x4)

@@ -195,6 +195,12 @@ impl<W> Decoder<W> {
         Scratch::new(c, &self.hp, self.n_vocab as u32, self.spec, n_ctx)
     }
 
+    /// Whether block `il` of a step returning `out` goes on with the last row only after
+    /// its attention ([`Layer::last_row_only`]).
+    pub fn last_row_only(&self, il: usize, out: Output) -> bool {
+        out == Output::Logits && il + 1 == self.blocks.len()
+    }
+
     /// The residual stream starts as the embeddings of `ids`, times `scale`.
     pub fn embed<C: Compute<Weight = W>>(
         &self,

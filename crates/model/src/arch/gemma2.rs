@@ -109,7 +109,7 @@ impl<C: Compute> Architecture<C> for Gemma2<C> {
                 use_rope: true,
                 softcap: self.attn_softcap,
                 q_temp: None,
-                last_row_only: out == Output::Logits && il + 1 == self.d.blocks.len(),
+                last_row_only: self.d.last_row_only(il, out),
             };
             self.d.block(c, s, cache, il, pos, &layer)?;
         }

@@ -190,7 +190,7 @@ impl<C: Compute> Architecture<C> for Model<C> {
                 use_rope: self.no_rope_every.is_none_or(|n| (il + 1) % n != 0),
                 softcap: 0.0,
                 q_temp: temps.as_deref(),
-                last_row_only: out == Output::Logits && il + 1 == self.d.blocks.len(),
+                last_row_only: self.d.last_row_only(il, out),
             };
             self.d.block(c, s, cache, il, pos, &layer)?;
         }
