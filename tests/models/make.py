@@ -72,14 +72,17 @@ def copy_vocab(w, vocab):
             w.add_key_value(name, field.contents(), vt)
 
 
-def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False):
+def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False, arch="llama",
+                rope_base=ROPE_BASE, extra=None):
+    """Llama's blocks; `arch`, `rope_base` and `extra` (float keys under `arch.`) for the
+    architectures that are llama's blocks with other metadata (Mistral 3)."""
     rng = np.random.RandomState(seed)
     n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
 
     def normal(shape, std):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name(path.stem)
     w.add_block_count(N_LAYER)
     w.add_context_length(N_CTX_TRAIN)
@@ -87,7 +90,7 @@ def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False):
     w.add_feed_forward_length(N_FF)
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_HEAD_KV)
-    w.add_rope_freq_base(ROPE_BASE)
+    w.add_rope_freq_base(rope_base)
     w.add_rope_dimension_count(HEAD_DIM)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
@@ -97,6 +100,8 @@ def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False):
         w.add_rope_scaling_type(gguf.RopeScalingType(kind))
         w.add_rope_scaling_factor(factor)
         w.add_rope_scaling_orig_ctx_len(orig_ctx)
+    for key, value in (extra or {}).items():
+        w.add_float32(f"{arch}.{key}", value)
     copy_vocab(w, vocab)
 
     # numpy shapes are ggml's dims reversed: (rows, row length).
@@ -340,61 +345,15 @@ def write_gemma2(path, vocab, seed, n_layer=4):
     w.close()
 
 
-def write_mistral3(path, vocab, seed, n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2):
+def write_mistral3(path, vocab, seed):
     """Mistral 3 (mistral3): llama's blocks, 256 wide (so that llama-quantize makes real
     Q4_K blocks), its own output, YaRN with the file's β and log multiplier, and Llama 4's
     attention temperature stepping every 8 positions (the original context), so that both
     prompts and decoding cross its steps."""
-    rng = np.random.RandomState(seed)
-    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
-    head_dim = n_embd // n_head
-
-    def normal(shape, std):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    a = "mistral3"
-    w = gguf.GGUFWriter(str(path), a)
-    w.add_name(path.stem)
-    w.add_block_count(n_layer)
-    w.add_context_length(N_CTX_TRAIN)
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(1000000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    w.add_rope_scaling_factor(4.0)
-    w.add_rope_scaling_orig_ctx_len(8)
-    w.add_float32(f"{a}.rope.scaling.yarn_beta_fast", 16.0)
-    w.add_float32(f"{a}.rope.scaling.yarn_beta_slow", 2.0)
-    w.add_float32(f"{a}.rope.scaling.yarn_log_multiplier", 0.5)
-    w.add_float32(f"{a}.attention.temperature_scale", 0.5)
-    copy_vocab(w, vocab)
-    w.add_tensor("token_embd.weight", normal((n_vocab, n_embd), 0.5))
-    w.add_tensor("output_norm.weight", 1.0 + normal((n_embd,), 0.1))
-    # Its own output (a tied one would echo the last token of so small a model).
-    w.add_tensor("output.weight", normal((n_vocab, n_embd), 4.0 / math.sqrt(n_embd)))
-    kv = n_head_kv * head_dim
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", 1.0 + normal((n_embd,), 0.1))
-        w.add_tensor(p + "attn_q.weight", normal((n_embd, n_embd), 0.5 / math.sqrt(n_embd) * 4))
-        w.add_tensor(p + "attn_k.weight", normal((kv, n_embd), 0.5 / math.sqrt(n_embd) * 4))
-        w.add_tensor(p + "attn_v.weight", normal((kv, n_embd), 1.0 / math.sqrt(n_embd)))
-        w.add_tensor(p + "attn_output.weight", normal((n_embd, n_embd), 1.0 / math.sqrt(n_embd)))
-        w.add_tensor(p + "ffn_norm.weight", 1.0 + normal((n_embd,), 0.1))
-        w.add_tensor(p + "ffn_gate.weight", normal((n_ff, n_embd), 1.0 / math.sqrt(n_embd)))
-        w.add_tensor(p + "ffn_up.weight", normal((n_ff, n_embd), 1.0 / math.sqrt(n_embd)))
-        w.add_tensor(p + "ffn_down.weight", normal((n_embd, n_ff), 1.0 / math.sqrt(n_ff)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
+    wide(write_llama, path, vocab, seed, arch="mistral3", rope_base=1000000.0,
+         scaling=("yarn", 4.0, 8),
+         extra={"rope.scaling.yarn_beta_fast": 16.0, "rope.scaling.yarn_beta_slow": 2.0,
+                "rope.scaling.yarn_log_multiplier": 0.5, "attention.temperature_scale": 0.5})
 
 def wide(write, *args, **kw):
     """`write` at 256 wide (4 query heads of 64 sharing 2 KV heads, FFN 512), rows that
