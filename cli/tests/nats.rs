@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -69,22 +68,12 @@ fn start_nats(bin: &str) -> (Proc, String) {
 
 /// `realm serve --nats URL` (HTTP on a free port too); returns once it is serving.
 fn start_realm(url: &str, extra: &[&str]) -> Proc {
-    let mut child = common::realm()
-        .args(["serve", "--port", "0", "--threads", "1", "--nats", url])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("realm serve starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("the address line");
-    assert!(
-        line.contains("listening on"),
-        "unexpected first line: {line}"
-    );
-    Proc(child)
+    let args: Vec<&str> = ["--threads", "1", "--nats", url]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    Proc(common::serve(&args).0)
 }
 
 async fn ask(c: &async_nats::Client, subject: &str, body: Value) -> Value {

@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// A `realm serve --port 0` child, stopped (SIGTERM) on drop.
@@ -17,24 +17,8 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Self {
-        let mut child = common::realm()
-            .args(["serve", "--port", "0", "--threads", "2"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("realm serve starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("the address line");
-        let addr = line
-            .trim()
-            .rsplit("http://")
-            .next()
-            .expect("an address")
-            .to_string();
-        assert!(addr.contains(':'), "unexpected first line: {line}");
+        let args: Vec<&str> = ["--threads", "2"].iter().chain(extra).copied().collect();
+        let (child, addr) = common::serve(&args);
         Self { child, addr }
     }
 

@@ -177,3 +177,35 @@ pub fn greedy_parity(want: &[u64], gaps: &[f64], got: &[u64], margins: &[f64]) -
         max_gap_diff,
     }
 }
+
+/// `realm serve --port 0 ARGS…` as a child (stdout piped, stderr inherited), once it says
+/// it is listening: the child and its `host:port`.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn serve(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let mut child = realm()
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("realm serve starts");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the address line");
+    let addr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .expect("an address")
+        .to_string();
+    assert!(
+        line.contains("listening on") && addr.contains(':'),
+        "unexpected first line: {line}"
+    );
+    (child, addr)
+}
