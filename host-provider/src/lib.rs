@@ -531,6 +531,13 @@ impl Model {
             .map_err(guest_error)
     }
 
+    pub fn detokenize(&mut self, ids: &[u32]) -> anyhow::Result<String> {
+        let g = self.guest.realm_inference_runtime();
+        g.model()
+            .call_detokenize(&mut self.store, self.handle, ids)?
+            .map_err(guest_error)
+    }
+
     pub fn apply_template(
         &mut self,
         messages: &[Message],

@@ -321,6 +321,14 @@ struct Sampling {
     response_format: Option<Value>,
     /// A GBNF grammar the output must match (llama.cpp server's extension).
     grammar: Option<String>,
+    /// llama.cpp server's sampling extensions (and `realm:inference`'s parameters):
+    /// top-k (0: off), min-p, the repetition penalty over the last `repeat_last_n` tokens,
+    /// and generating past end-of-generation tokens. Unset, each is off.
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    repeat_last_n: Option<u32>,
+    ignore_eos: Option<bool>,
     /// OpenAI parameters that change the output and that Realm does not implement yet:
     /// read only to refuse them by name when set (serde would ignore them silently).
     #[serde(flatten)]
@@ -541,25 +549,50 @@ impl App {
                 "stop takes up to 4 non-empty strings",
             ));
         }
+        let min_p = s.min_p.unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&min_p) {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "min_p must be between 0 and 1",
+            ));
+        }
+        let repeat_penalty = s.repeat_penalty.unwrap_or(1.0);
+        if !(repeat_penalty > 0.0 && repeat_penalty <= 10.0) {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "repeat_penalty must be in (0, 10]",
+            ));
+        }
+        let neutral = realm_host::neutral_params();
         let ctx = self.n_ctx_train.get(model).copied().unwrap_or(u32::MAX);
         Ok(Params {
             max_tokens: max.min(self.config.max_tokens).min(ctx),
             temperature,
             top_p,
+            top_k: s.top_k.unwrap_or(neutral.top_k),
+            min_p,
+            repeat_penalty,
+            repeat_last_n: s.repeat_last_n.unwrap_or(neutral.repeat_last_n),
+            ignore_eog: s.ignore_eos.unwrap_or(false),
             seed: s.seed.unwrap_or_else(time_seed),
             stop,
-            ..realm_host::neutral_params()
+            ..neutral
         })
     }
 }
 
 /// What a generation thread reports.
 enum Piece {
-    /// Text, and the log-probabilities of the tokens behind it (when asked for).
-    Text(String, Vec<StepLogprobs>),
+    /// Text, the log-probabilities of the tokens behind it (when asked for), and the id
+    /// of the token that completed it.
+    Text(String, Vec<StepLogprobs>, u32),
     Done {
         finish: Option<FinishReason>,
         usage: Usage,
+        /// Every generated id and its step's top-2 logit gap (`realm:inference`'s
+        /// `tokens` and `margins`, which the NATS service passes on).
+        tokens: Vec<u32>,
+        margins: Vec<f32>,
     },
     Failed(ApiError),
 }
@@ -655,7 +688,7 @@ fn spawn_generation(
                 .next()
                 .map(|c| c.and_then(|c| Ok((c, steps(&mut generation)?))))
             {
-                Some(Ok((chunk, steps))) => Piece::Text(chunk.text, steps),
+                Some(Ok((chunk, steps))) => Piece::Text(chunk.text, steps, chunk.token),
                 Some(Err(e)) => {
                     tracing::warn!(target: "realm::serve", "generation stopped: {e:#}");
                     let _ = tx.blocking_send(Piece::Failed(ApiError::from_run(&e)));
@@ -668,10 +701,15 @@ fn spawn_generation(
                 return;
             }
         }
-        let done = match (generation.finish_reason(), generation.usage()) {
-            (Ok(finish), Ok(usage)) => Piece::Done { finish, usage },
-            (Err(e), _) | (_, Err(e)) => Piece::Failed(ApiError::from_run(&e)),
-        };
+        let ended = (|| {
+            Ok::<_, anyhow::Error>(Piece::Done {
+                finish: generation.finish_reason()?,
+                usage: generation.usage()?,
+                tokens: generation.tokens()?,
+                margins: generation.margins()?,
+            })
+        })();
+        let done = ended.unwrap_or_else(|e| Piece::Failed(ApiError::from_run(&e)));
         // The tenant and its session slot are freed before the client hears the end, so
         // a client that saw `[DONE]` finds the slot free (`/health`, the next request).
         drop(generation);
@@ -755,11 +793,11 @@ async fn respond(
             while let Some(p) = rx.recv().await {
                 timing.piece(&p);
                 match p {
-                    Piece::Text(t, s) => {
+                    Piece::Text(t, s, _) => {
                         text.push_str(&t);
                         steps.extend(s);
                     }
-                    Piece::Done { finish, usage } => {
+                    Piece::Done { finish, usage, .. } => {
                         let lp = logprobs.map(|_| shape.logprobs_json(&steps, 0));
                         return Ok(Json(
                             shape.whole(&id, created, &model, &text, finish, &usage, lp),
@@ -795,12 +833,12 @@ async fn respond(
             };
             timing.piece(&p);
             let ev = match p {
-                Piece::Text(t, steps) => {
+                Piece::Text(t, steps, _) => {
                     let lp = logprobs.map(|_| shape.logprobs_json(&steps, offset));
                     offset += t.len();
                     send(shape.chunk(&id, created, &model, &t, lp))
                 }
-                Piece::Done { finish, usage } => {
+                Piece::Done { finish, usage, .. } => {
                     let _ = etx
                         .send(Ok(send(shape.last_chunk(&id, created, &model, finish))))
                         .await;
@@ -1143,15 +1181,18 @@ fn chat_messages(input: Vec<ChatMessage>) -> ApiResult<Vec<Value>> {
 
 /// Checked messages (no tool calls) as a prompt.
 fn plain_messages(messages: &[Value]) -> Prompt {
-    Prompt::Messages(
-        messages
-            .iter()
-            .map(|m| Message {
-                role: m["role"].as_str().unwrap_or("").to_string(),
-                content: m["content"].as_str().unwrap_or("").to_string(),
-            })
-            .collect(),
-    )
+    Prompt::Messages(plain_list(messages))
+}
+
+/// Chat messages as `realm:inference` messages (role and text content).
+fn plain_list(messages: &[Value]) -> Vec<Message> {
+    messages
+        .iter()
+        .map(|m| Message {
+            role: m["role"].as_str().unwrap_or("").to_string(),
+            content: m["content"].as_str().unwrap_or("").to_string(),
+        })
+        .collect()
 }
 
 /// A request's tools and what it asks of them.
@@ -1599,8 +1640,8 @@ async fn whole_text(
         while let Some(p) = rx.recv().await {
             timing.piece(&p);
             match p {
-                Piece::Text(t, _) => text.push_str(&t),
-                Piece::Done { finish, usage } => return Ok((text, finish, usage)),
+                Piece::Text(t, ..) => text.push_str(&t),
+                Piece::Done { finish, usage, .. } => return Ok((text, finish, usage)),
                 Piece::Failed(e) => return Err(e),
             }
         }

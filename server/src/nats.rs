@@ -1,28 +1,42 @@
 //! `realm serve --nats URL`: the same models, tenants and limits as the HTTP API, over a
 //! NATS connection, so that any number of Realm servers share one load (a queue group)
-//! and a wasmCloud lattice (or any NATS client) reaches them without HTTP.
+//! and a wasmCloud lattice (or any NATS client) reaches them without HTTP. Everything
+//! `realm:inference` offers is here, so that `adapters/wasmcloud` can export that WIT over
+//! `wasmcloud:messaging`.
 //!
 //! Subjects (`PREFIX` is `--nats-prefix`, `realm` by default), JSON payloads, request/reply
 //! throughout (so that a wasmCloud component can drive it with `wasmcloud:messaging`'s
 //! `request`):
 //!
-//! - `PREFIX.generate` (queue group `PREFIX`: one server takes it): an OpenAI
-//!   chat-completion request body (`model`, `messages`, `max_tokens`, `temperature`,
-//!   `top_p`, `seed`, `stop`, `response_format`, `grammar`). Reply: `{"generation": ID,
-//!   "server": NAME, "next": SUBJECT}` once the generation has started, or `{"error": …}`.
-//! - `PREFIX.next.NAME.ID` (only the server that started it): the text generated since the
-//!   last call (waiting up to a second for some), `{"text", "done": false}`, and at the end
-//!   `{"text", "done": true, "finish_reason", "usage"}` or `{"error": …}`. If that server is
-//!   gone the request fails at once with NATS's "no responders": a client never hangs on a
-//!   dead server. A generation nobody asks for within `--timeout` is dropped.
+//! - `PREFIX.generate` (queue group `PREFIX`: one server takes it): `model` and exactly one
+//!   of `messages` (OpenAI chat messages, rendered with the model's template), `prompt`
+//!   (raw text) or `chat` (an OpenAI-style chat as JSON text, `{"messages", "tools"}`:
+//!   `realm:inference`'s `generate-chat`); the sampling fields of the HTTP API
+//!   (`max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `response_format`, `grammar`,
+//!   `logprobs`/`top_logprobs`) and llama.cpp server's `top_k`, `min_p`, `repeat_penalty`,
+//!   `repeat_last_n`, `ignore_eos`. Reply: `{"generation": ID, "server": NAME, "next":
+//!   SUBJECT, "cancel": SUBJECT}` once the generation has started, or `{"error": …}`.
+//! - `PREFIX.next.NAME.ID` (only the server that started it): what was generated since the
+//!   last call (waiting up to a second for some): `{"text", "pieces": [{"text", "token"}],
+//!   "done": false}` (with `"logprobs": [{"chosen", "top"}]` when asked for), and at the end
+//!   also `"done": true, "finish_reason"` (`eog`, `stop` or `length`), `"usage"`, `"tokens"`
+//!   and `"margins"`; or `{"error": …}`. If that server is gone the request fails at once
+//!   with NATS's "no responders": a client never hangs on a dead server. A generation
+//!   nobody asks for within `--timeout` is dropped.
 //! - `PREFIX.cancel.NAME.ID`: stops it (reply `{"cancelled": true|false}`).
 //! - `PREFIX.embed` (queue group): `{"model","input"}` → the HTTP API's `/v1/embeddings`
 //!   body (floats), or `{"error": …}`.
+//! - `PREFIX.info`, `PREFIX.tokenize`, `PREFIX.detokenize`, `PREFIX.template` (queue
+//!   group): `{"model"}` → the model's `realm:inference` info; `{"model", "text",
+//!   "add_special"}` → `{"tokens"}`; `{"model", "tokens"}` → `{"text"}`; `{"model",
+//!   "messages", "add_generation_prompt"}` → `{"text"}` (the chat template rendered).
 //! - `PREFIX.models` (queue group): the model list and the answering server's name.
 //! - `PREFIX.load` (every server answers): `{"server","sessions_in_use","max_sessions",
 //!   "queued","generations"}`.
 //!
-//! With `--api-key`, every request must carry a NATS header `Authorization: Bearer KEY`.
+//! With `--api-key`, every request must carry the key: a NATS header `Authorization:
+//! Bearer KEY`, or (for clients that cannot set headers, such as `wasmcloud:messaging`) an
+//! `"api_key"` field in its JSON body.
 //! Errors are `{"error": {"code", "type", "message"}}` with the HTTP API's codes
 //! (`model_not_found`, `invalid_json`, `invalid_value`, `context_length_exceeded`,
 //! `too_many_sessions`, `deadline_exceeded`, `invalid_api_key`, `unknown_generation`, …).
@@ -39,10 +53,13 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 
+use realm_host::{Model, Prompt, StepLogprobs, TokenLogprob, finish_name};
+use serde::Deserialize;
+
 use crate::{
-    ApiError, ApiResult, App, ChatRequest, EmbeddingRequest, Input, Job, Piece, PromptField,
-    Timing, chat_messages, constraint, deadline_error, embed_all, finish_str, parse,
-    plain_messages, spawn_generation, thread_gone, usage_json,
+    ApiError, ApiResult, App, ChatMessage, EmbeddingRequest, Input, Job, Piece, PromptField,
+    Sampling, Shape, Timing, chat_messages, constraint, deadline_error, embed_all, parse,
+    plain_list, plain_messages, spawn_generation, thread_gone, usage_json,
 };
 
 /// How long a `next` call waits for the first new piece before answering with none.
@@ -67,6 +84,34 @@ struct Generation {
     timing: Timing,
     /// When a client last asked for it (one nobody asks for within `--timeout` is dropped).
     polled: Instant,
+    /// Whether its `next` answers carry log-probabilities.
+    logprobs: bool,
+}
+
+/// `PREFIX.generate`'s body.
+#[derive(Debug, Deserialize)]
+struct GenerateRequest {
+    model: String,
+    messages: Option<Vec<ChatMessage>>,
+    prompt: Option<String>,
+    chat: Option<String>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+/// The body of `PREFIX.info`, `.tokenize`, `.detokenize` and `.template`.
+#[derive(Debug, Deserialize)]
+struct ModelRequest {
+    model: String,
+    text: Option<String>,
+    #[serde(default)]
+    add_special: bool,
+    tokens: Option<Vec<u32>>,
+    messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    add_generation_prompt: bool,
 }
 
 struct Nats {
@@ -94,13 +139,18 @@ pub(crate) async fn start(app: Arc<App>, url: &str, prefix: String) -> anyhow::R
     let mut generate = client.queue_subscribe(sub("generate"), queue()).await?;
     let mut embed = client.queue_subscribe(sub("embed"), queue()).await?;
     let mut models = client.queue_subscribe(sub("models"), queue()).await?;
+    let mut info = client.queue_subscribe(sub("info"), queue()).await?;
+    let mut tokenize = client.queue_subscribe(sub("tokenize"), queue()).await?;
+    let mut detokenize = client.queue_subscribe(sub("detokenize"), queue()).await?;
+    let mut template = client.queue_subscribe(sub("template"), queue()).await?;
     let mut load = client.subscribe(sub("load")).await?;
     let mut next = client.subscribe(sub(&format!("next.{name}.*"))).await?;
     let mut cancel = client.subscribe(sub(&format!("cancel.{name}.*"))).await?;
     client.flush().await?;
     eprintln!(
-        "realm serve: NATS {url} as {name}: {prefix}.generate, .embed, .models (queue group \
-         {prefix}), .load, .next.{name}.*, .cancel.{name}.*"
+        "realm serve: NATS {url} as {name}: {prefix}.generate, .embed, .models, .info, \
+         .tokenize, .detokenize, .template (queue group {prefix}), .load, .next.{name}.*, \
+         .cancel.{name}.*"
     );
     let n = Arc::new(Nats {
         app,
@@ -131,6 +181,10 @@ pub(crate) async fn start(app: Arc<App>, url: &str, prefix: String) -> anyhow::R
                 Some(m) = embed.next() => (m, Kind::Embed),
                 Some(m) = models.next() => (m, Kind::Models),
                 Some(m) = load.next() => (m, Kind::Load),
+                Some(m) = info.next() => (m, Kind::Info),
+                Some(m) = tokenize.next() => (m, Kind::Tokenize),
+                Some(m) = detokenize.next() => (m, Kind::Detokenize),
+                Some(m) = template.next() => (m, Kind::Template),
                 else => break,
             };
             let Some(reply) = msg.reply.clone() else {
@@ -164,6 +218,10 @@ enum Kind {
     Embed,
     Models,
     Load,
+    Info,
+    Tokenize,
+    Detokenize,
+    Template,
 }
 
 fn error_json(e: &ApiError) -> Value {
@@ -171,7 +229,7 @@ fn error_json(e: &ApiError) -> Value {
 }
 
 /// `--api-key`: the request's `Authorization: Bearer KEY` header (the scheme in any case,
-/// as the HTTP API).
+/// as the HTTP API), or an `"api_key"` field in its JSON body.
 fn authorized(app: &App, msg: &async_nats::Message) -> ApiResult<()> {
     let Some(key) = &app.config.api_key else {
         return Ok(());
@@ -185,14 +243,24 @@ fn authorized(app: &App, msg: &async_nats::Message) -> ApiResult<()> {
         .as_deref()
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
+        .map(|(_, token)| token.trim().to_string())
+        .or_else(|| {
+            #[derive(Deserialize)]
+            struct Keyed {
+                api_key: String,
+            }
+            serde_json::from_slice::<Keyed>(&msg.payload)
+                .ok()
+                .map(|k| k.api_key)
+        });
     match token {
         Some(k) if k == key.as_str() => Ok(()),
         _ => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
             "invalid_api_key",
-            "missing or incorrect API key (a NATS header 'Authorization: Bearer KEY')",
+            "missing or incorrect API key (a NATS header 'Authorization: Bearer KEY', or \
+             \"api_key\" in the body)",
         )),
     }
 }
@@ -232,6 +300,9 @@ impl Nats {
                     .collect();
                 Ok(json!({"object": "list", "data": data, "server": self.name}))
             }
+            Kind::Info | Kind::Tokenize | Kind::Detokenize | Kind::Template => {
+                self.model_call(kind, &msg.payload).await
+            }
             Kind::Load => {
                 let app = &self.app;
                 Ok(json!({
@@ -245,42 +316,56 @@ impl Nats {
         }
     }
 
-    /// Checks a chat request as the HTTP API does, admits it and starts its generation.
+    /// Checks a generation request as the HTTP API does, admits it and starts it.
     async fn generate(&self, payload: &Bytes) -> ApiResult<Value> {
         let app = &self.app;
         let arrived = Instant::now();
         let deadline = arrived + app.config.request_timeout;
-        let req: ChatRequest = parse(payload)?;
+        let req: GenerateRequest = parse(payload)?;
         if req.tools.is_some() || req.tool_choice.is_some() {
             return Err(ApiError::unsupported(
                 "tools",
-                "tools are not supported over NATS yet (use the HTTP API)",
+                "over NATS, tools travel inside \"chat\" (an OpenAI-style chat as JSON text)",
             ));
         }
-        if req.sampling.logprobs.is_some() || req.sampling.top_logprobs.is_some() {
-            return Err(ApiError::unsupported(
-                "logprobs",
-                "logprobs are not supported over NATS yet (use the HTTP API)",
-            ));
-        }
-        let messages = chat_messages(req.messages)?;
-        if messages
-            .iter()
-            .any(|m| m.get("tool_calls").is_some() || m["role"] == "tool")
-        {
-            return Err(ApiError::unsupported(
-                "messages",
-                "tool calls and tool messages are not supported over NATS yet",
-            ));
-        }
+        let input = match (req.messages, req.prompt, req.chat) {
+            (Some(m), None, None) => {
+                let messages = chat_messages(m)?;
+                if messages
+                    .iter()
+                    .any(|m| m.get("tool_calls").is_some() || m["role"] == "tool")
+                {
+                    return Err(ApiError::unsupported(
+                        "messages",
+                        "over NATS, tool calls and tool messages travel inside \"chat\"",
+                    ));
+                }
+                Input::Prompt(plain_messages(&messages))
+            }
+            (None, Some(p), None) if !p.is_empty() => Input::Prompt(Prompt::Text(p)),
+            (None, None, Some(c)) if !c.is_empty() => Input::Chat(c),
+            _ => {
+                return Err(ApiError::invalid(
+                    "invalid_value",
+                    "give exactly one of messages, prompt (non-empty text) or chat (JSON text)",
+                ));
+            }
+        };
         let path = app.model_path(&req.model)?;
         let params = app.params(&req.sampling, &req.model, app.config.max_tokens)?;
         let constraint = constraint(&req.sampling)?;
+        let logprobs = Shape::Chat.logprobs(&req.sampling)?;
+        if logprobs.is_some() && matches!(input, Input::Chat(_)) {
+            return Err(ApiError::unsupported(
+                "logprobs",
+                "logprobs cannot be combined with a chat with tools yet",
+            ));
+        }
         let permit = app.admit().await?;
         let job = Job {
-            prompt: Input::Prompt(plain_messages(&messages)),
+            prompt: input,
             params,
-            logprobs: None,
+            logprobs,
             constraint,
         };
         let (started, rx) = spawn_generation(app.clone(), path, job, permit, deadline);
@@ -293,6 +378,7 @@ impl Nats {
             rx,
             timing: Timing::new(app, arrived),
             polled: Instant::now(),
+            logprobs: logprobs.is_some(),
         };
         self.generations
             .lock()
@@ -306,26 +392,48 @@ impl Nats {
         }))
     }
 
-    /// The text since the last call: waits up to [`NEXT_WAIT`] for a first piece, then
-    /// takes every piece already there.
+    /// What was generated since the last call: waits up to [`NEXT_WAIT`] for a first
+    /// piece, then takes every piece already there.
     async fn next(&self, id: &str) -> ApiResult<Value> {
         let taken = self.generations.lock().ok().and_then(|mut g| g.remove(id));
         let mut g = taken.ok_or_else(|| unknown_generation(id))?;
         let mut text = String::new();
+        let mut pieces = Vec::new();
+        let mut steps = Vec::new();
         let mut piece = match tokio::time::timeout(NEXT_WAIT, g.rx.recv()).await {
             Ok(Some(p)) => Some(p),
             Ok(None) => return Err(thread_gone()),
             Err(_) => None,
         };
+        let answer = |text: String, pieces: Vec<Value>, steps: &[StepLogprobs], logprobs| {
+            let mut v = json!({"text": text, "pieces": pieces, "done": false});
+            if logprobs {
+                v["logprobs"] = steps.iter().map(step_json).collect();
+            }
+            v
+        };
         while let Some(p) = piece.take() {
             g.timing.piece(&p);
             match p {
-                Piece::Text(t, _) => text.push_str(&t),
-                Piece::Done { finish, usage } => {
-                    return Ok(json!({
-                        "text": text, "done": true, "finish_reason": finish_str(finish),
-                        "usage": usage_json(&usage), "server": self.name,
-                    }));
+                Piece::Text(t, s, token) => {
+                    text.push_str(&t);
+                    pieces.push(json!({"text": t, "token": token}));
+                    steps.extend(s);
+                }
+                Piece::Done {
+                    finish,
+                    usage,
+                    tokens,
+                    margins,
+                } => {
+                    let mut v = answer(text, pieces, &steps, g.logprobs);
+                    v["done"] = json!(true);
+                    v["finish_reason"] = json!(finish.map(finish_name));
+                    v["usage"] = usage_json(&usage);
+                    v["tokens"] = json!(tokens);
+                    v["margins"] = json!(margins);
+                    v["server"] = json!(self.name);
+                    return Ok(v);
                 }
                 Piece::Failed(e) => return Err(e),
             }
@@ -336,10 +444,57 @@ impl Nats {
             };
         }
         g.polled = Instant::now();
+        let logprobs = g.logprobs;
         if let Ok(mut all) = self.generations.lock() {
             all.insert(id.to_string(), g);
         }
-        Ok(json!({"text": text, "done": false}))
+        Ok(answer(text, pieces, &steps, logprobs))
+    }
+
+    /// `info`, `tokenize`, `detokenize` and `template`: one call on a loaded tenant of the
+    /// model, under the same admission and deadline as a generation.
+    async fn model_call(&self, kind: Kind, payload: &Bytes) -> ApiResult<Value> {
+        let app = &self.app;
+        let req: ModelRequest = parse(payload)?;
+        let missing = |field: &str| {
+            ApiError::invalid("invalid_value", format!("this request needs \"{field}\""))
+        };
+        type Call = Box<dyn FnOnce(&mut Model) -> anyhow::Result<Value> + Send>;
+        let call: Call = match kind {
+            Kind::Info => Box::new(|m: &mut Model| Ok(info_json(m))),
+            Kind::Tokenize => {
+                let text = req.text.ok_or_else(|| missing("text"))?;
+                let special = req.add_special;
+                Box::new(move |m: &mut Model| Ok(json!({"tokens": m.tokenize(&text, special)?})))
+            }
+            Kind::Detokenize => {
+                let ids = req.tokens.ok_or_else(|| missing("tokens"))?;
+                Box::new(move |m: &mut Model| Ok(json!({"text": m.detokenize(&ids)?})))
+            }
+            _ => {
+                let messages = plain_list(&chat_messages(
+                    req.messages.ok_or_else(|| missing("messages"))?,
+                )?);
+                let add = req.add_generation_prompt;
+                Box::new(move |m: &mut Model| {
+                    Ok(json!({"text": m.apply_template(&messages, add)?}))
+                })
+            }
+        };
+        let path = app.model_path(&req.model)?;
+        let permit = app.admit().await?;
+        let deadline = Instant::now() + app.config.request_timeout;
+        let worker = app.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut tenant = worker.tenant(&path).map_err(|e| ApiError::from_run(&e))?;
+            tenant.set_deadline_at(deadline, worker.config.request_timeout);
+            let out = call(&mut tenant).map_err(|e| ApiError::from_run(&e))?;
+            worker.give_back(path, tenant);
+            Ok(out)
+        })
+        .await
+        .map_err(|_| thread_gone())?
     }
 
     /// An embeddings request: the HTTP API's `/v1/embeddings` body (floats only).
@@ -367,4 +522,22 @@ impl Nats {
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }))
     }
+}
+
+/// A model's `realm:inference` info as JSON.
+fn info_json(m: &Model) -> Value {
+    let i = &m.info;
+    json!({
+        "name": i.name, "architecture": i.architecture, "n_vocab": i.n_vocab,
+        "n_ctx_train": i.n_ctx_train, "n_layer": i.n_layer, "n_embd": i.n_embd,
+        "n_head": i.n_head, "n_head_kv": i.n_head_kv, "tokenizer": i.tokenizer,
+        "chat_template": i.chat_template, "weight_bytes": i.weight_bytes,
+    })
+}
+
+/// One step's log-probabilities as JSON (token bytes as a list of numbers).
+fn step_json(s: &StepLogprobs) -> Value {
+    let entry =
+        |t: &TokenLogprob| json!({"token": t.token, "bytes": t.bytes, "logprob": t.logprob});
+    json!({"chosen": entry(&s.chosen), "top": s.top.iter().map(entry).collect::<Vec<_>>()})
 }
