@@ -576,7 +576,6 @@ impl App {
             ignore_eog: s.ignore_eos.unwrap_or(false),
             seed: s.seed.unwrap_or_else(time_seed),
             stop,
-            ..neutral
         })
     }
 }
