@@ -264,8 +264,9 @@ struct ServeOpts {
     /// Let browser pages from ORIGIN call the API (CORS; `*` for any); repeatable.
     #[arg(long, value_name = "ORIGIN")]
     cors: Vec<String>,
-    /// Also serve on a NATS server (e.g. nats://127.0.0.1:4222): requests on PREFIX.chat,
-    /// PREFIX.embed and PREFIX.models in a queue group, so that several servers share them.
+    /// Also serve on a NATS server (e.g. nats://127.0.0.1:4222): PREFIX.generate,
+    /// .embed, .models, .info, .tokenize, .detokenize and .template in a queue group, so
+    /// that several servers share them (a generation is then read on its own subject).
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
     /// The NATS subjects' prefix and queue group.
