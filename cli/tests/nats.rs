@@ -227,6 +227,9 @@ fn two_servers_share_the_load_and_survive_a_loss() {
         assert_eq!(first["done"], false, "{first}");
         a.0.kill().expect("kill");
         a.0.wait().expect("wait");
+        // Once NATS has seen the connection close (a request it delivered to the dying
+        // connection before that would wait for its timeout instead).
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let asked = Instant::now();
         let lost = c.request(next.clone(), "{}".into()).await;
         let waited = asked.elapsed();
@@ -267,5 +270,171 @@ fn the_api_key_is_required_over_nats() {
             .expect("models");
         let v: Value = serde_json::from_slice(&r.payload).expect("json");
         assert_eq!(v["data"][0]["id"], MODEL, "{v}");
+        // Clients that cannot set headers (wasmcloud:messaging) put the key in the body.
+        let v = ask(&c, "realm-auth.models", json!({"api_key": "sesame"})).await;
+        assert_eq!(v["data"][0]["id"], MODEL, "{v}");
+        let e = ask(&c, "realm-auth.models", json!({"api_key": "open"})).await;
+        assert_eq!(code(&e), "invalid_api_key", "{e}");
     });
+}
+
+/// Every piece of a generation through `next` calls: the last answer, with the text and
+/// the pieces and log-probability steps of all of them.
+async fn generation(c: &async_nats::Client, body: Value) -> (Value, Vec<Value>, Vec<Value>) {
+    let started = ask(c, "realm.generate", body).await;
+    let next = started["next"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no generation: {started}"))
+        .to_string();
+    let (mut text, mut pieces, mut steps) = (String::new(), Vec::new(), Vec::new());
+    loop {
+        let mut r = ask(c, &next, json!({})).await;
+        assert!(r.get("error").is_none(), "{r}");
+        text.push_str(r["text"].as_str().expect("text"));
+        pieces.extend(r["pieces"].as_array().expect("pieces").iter().cloned());
+        steps.extend(r["logprobs"].as_array().into_iter().flatten().cloned());
+        if r["done"] == true {
+            r["text"] = json!(text);
+            return (r, pieces, steps);
+        }
+    }
+}
+
+/// What `adapters/wasmcloud` needs beyond chat: raw-text prompts, token ids, margins and
+/// log-probabilities, a chat with tools as JSON text, and the model calls.
+#[test]
+fn all_of_realm_inference_over_nats() {
+    let Some(bin) = nats_server() else { return };
+    let (_nats, url) = start_nats(&bin);
+    let _s = start_realm(&url, &[]);
+    let prompt = "The capital of France is";
+    let native = common::native_raw_text(prompt, &[]);
+    let model = common::smollm2();
+    let run = common::run_json(&["--raw", "--temp", "0", "-n", "8", "--model", &model, prompt]);
+    let rt = runtime();
+    rt.block_on(async {
+        let c = async_nats::connect(url.as_str()).await.expect("connect");
+
+        // A raw-text prompt: `realm run --raw`'s text, ids and margins.
+        let body = json!({"model": MODEL, "prompt": prompt, "temperature": 0, "max_tokens": 8,
+                          "logprobs": true, "top_logprobs": 3});
+        let (done, pieces, steps) = generation(&c, body).await;
+        assert_eq!(done["text"].as_str(), Some(native.as_str()), "{done}");
+        assert_eq!(done["finish_reason"], "length", "{done}");
+        assert_eq!(
+            common::ids(&done["tokens"]),
+            common::ids(&run["ids"]),
+            "{done}"
+        );
+        let (got, want) = (
+            common::floats(&done["margins"]),
+            common::floats(&run["margins"]),
+        );
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-3, "margins {got:?} vs {want:?}");
+        }
+        let piece_ids: Vec<u64> = pieces
+            .iter()
+            .map(|p| p["token"].as_u64().expect("id"))
+            .collect();
+        assert_eq!(
+            piece_ids,
+            common::ids(&done["tokens"]),
+            "a piece per token here"
+        );
+        let joined: String = pieces
+            .iter()
+            .map(|p| p["text"].as_str().expect("text"))
+            .collect();
+        assert_eq!(joined, native);
+        assert_eq!(steps.len(), 8, "a log-probability step per token");
+        for (s, id) in steps.iter().zip(&piece_ids) {
+            assert_eq!(s["chosen"]["token"].as_u64(), Some(*id), "{s}");
+            assert_eq!(s["top"].as_array().map(Vec::len), Some(3), "{s}");
+            assert_eq!(
+                s["top"][0]["token"].as_u64(),
+                Some(*id),
+                "greedy picks the top: {s}"
+            );
+        }
+
+        // A chat with tools, as JSON text (`generate-chat`).
+        let chat = json!({
+            "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "tools": [{"type": "function", "function": {"name": "weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        });
+        let body =
+            json!({"model": MODEL, "chat": chat.to_string(), "temperature": 0, "max_tokens": 16});
+        let (done, _, _) = generation(&c, body).await;
+        assert!(!done["text"].as_str().expect("text").is_empty(), "{done}");
+
+        // Exactly one kind of prompt.
+        let e = ask(
+            &c,
+            "realm.generate",
+            json!({"model": MODEL, "prompt": "a", "chat": "{}"}),
+        )
+        .await;
+        assert_eq!(code(&e), "invalid_value", "{e}");
+        let e = ask(&c, "realm.generate", json!({"model": MODEL, "prompt": ""})).await;
+        assert_eq!(code(&e), "invalid_value", "{e}");
+        let e = ask(
+            &c,
+            "realm.generate",
+            json!({"model": MODEL, "prompt": "a", "min_p": 3}),
+        )
+        .await;
+        assert_eq!(code(&e), "invalid_value", "{e}");
+
+        // The model calls.
+        let info = ask(&c, "realm.info", json!({"model": MODEL})).await;
+        assert_eq!(
+            (info["architecture"].as_str(), info["n_embd"].as_u64()),
+            (Some("llama"), Some(576)),
+            "{info}"
+        );
+        let t = ask(
+            &c,
+            "realm.tokenize",
+            json!({"model": MODEL, "text": prompt}),
+        )
+        .await;
+        let ids = common::ids(&t["tokens"]);
+        assert_eq!(Some(ids.len() as u64), run["prompt_tokens"].as_u64(), "{t}");
+        let d = ask(
+            &c,
+            "realm.detokenize",
+            json!({"model": MODEL, "tokens": ids}),
+        )
+        .await;
+        assert_eq!(d["text"], prompt, "{d}");
+        let r = ask(
+            &c,
+            "realm.template",
+            json!({"model": MODEL, "add_generation_prompt": true,
+            "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+        let text = r["text"].as_str().expect("text");
+        assert!(
+            text.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+            "{r}"
+        );
+        let e = ask(&c, "realm.tokenize", json!({"model": MODEL})).await;
+        assert_eq!(code(&e), "invalid_value", "{e}");
+        let e = ask(&c, "realm.info", json!({"model": "nope"})).await;
+        assert_eq!(code(&e), "model_not_found", "{e}");
+        let e = ask_raw(&c, "realm.detokenize", b"{\"model\": 1}").await;
+        assert_eq!(code(&e), "invalid_request", "{e}");
+    });
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }

@@ -121,6 +121,24 @@ struct Nats {
     prefix: String,
     /// Running generations by id; a `next` call takes its entry out while it runs.
     generations: Mutex<HashMap<String, Generation>>,
+    /// Generations out of the map while a `next` call reads them (counted by `load`).
+    reading: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a generation as being read while it lives.
+struct Reading<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Reading<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Connects to `url`, subscribes on `prefix.*` and serves in the background. Returns once
@@ -158,6 +176,7 @@ pub(crate) async fn start(app: Arc<App>, url: &str, prefix: String) -> anyhow::R
         name,
         prefix,
         generations: Mutex::default(),
+        reading: Default::default(),
     });
     // Generations nobody polls any more (a client that went away) are dropped, which
     // stops them at their next piece and frees their session slot.
@@ -310,7 +329,8 @@ impl Nats {
                     "sessions_in_use": app.config.max_sessions - app.sessions.available_permits(),
                     "max_sessions": app.config.max_sessions,
                     "queued": app.queued.load(std::sync::atomic::Ordering::Relaxed),
-                    "generations": self.generations.lock().map_or(0, |g| g.len()),
+                    "generations": self.generations.lock().map_or(0, |g| g.len())
+                        + self.reading.load(std::sync::atomic::Ordering::Relaxed),
                 }))
             }
         }
@@ -395,6 +415,8 @@ impl Nats {
     /// What was generated since the last call: waits up to [`NEXT_WAIT`] for a first
     /// piece, then takes every piece already there.
     async fn next(&self, id: &str) -> ApiResult<Value> {
+        // Counted before it leaves the map, so that `load` never misses it.
+        let _reading = Reading::new(&self.reading);
         let taken = self.generations.lock().ok().and_then(|mut g| g.remove(id));
         let mut g = taken.ok_or_else(|| unknown_generation(id))?;
         let mut text = String::new();

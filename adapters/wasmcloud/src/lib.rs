@@ -9,7 +9,8 @@
 //! workload's `localResources.environment` on wasmCloud):
 //! - `REALM_NATS_PREFIX`: the servers' `--nats-prefix` (default `realm`);
 //! - `REALM_NATS_TIMEOUT_MS`: how long one request may wait for its answer (default
-//!   30000; a `next` call is answered within about a second while its server lives);
+//!   30000), and `REALM_NATS_NEXT_TIMEOUT_MS` for a generation's `next` (default 3000: a
+//!   server answers it within about a second, so a longer silence means it is gone);
 //! - `REALM_API_KEY`: sent with every request when the servers have `--api-key`.
 //!
 //! What differs from a local model:
@@ -61,23 +62,28 @@ fn subject(what: &str) -> String {
     format!("{prefix}.{what}")
 }
 
-fn timeout_ms() -> u32 {
-    std::env::var("REALM_NATS_TIMEOUT_MS")
+/// A timeout from the environment variable `var`, in milliseconds.
+fn timeout_ms(var: &str, default: u32) -> u32 {
+    std::env::var(var)
         .ok()
         .and_then(|t| t.parse().ok())
         .filter(|&t| t > 0)
-        .unwrap_or(30_000)
+        .unwrap_or(default)
 }
 
 /// One request/reply on `subject`: the answer's JSON, or its `error` as `realm:inference`'s
 /// error (a NATS failure, such as no server answering, is a `compute` error naming the
 /// subject).
-fn call(subject: &str, mut body: Value) -> Result<Value, Error> {
+fn call(subject: &str, body: Value) -> Result<Value, Error> {
+    call_within(subject, body, timeout_ms("REALM_NATS_TIMEOUT_MS", 30_000))
+}
+
+fn call_within(subject: &str, mut body: Value, timeout: u32) -> Result<Value, Error> {
     if let Ok(key) = std::env::var("REALM_API_KEY") {
         body["api_key"] = json!(key);
     }
     let bytes = body.to_string().into_bytes();
-    let reply = consumer::request(subject, &bytes, timeout_ms())
+    let reply = consumer::request(subject, &bytes, timeout)
         .map_err(|e| Error::Compute(format!("Realm over NATS ({subject}): {e}")))?;
     let v: Value = serde_json::from_slice(&reply.body).map_err(|e| {
         Error::Compute(format!(
@@ -326,7 +332,8 @@ impl State {
 
     /// One `next` round trip: what arrived goes into the queue.
     fn pull(&mut self) -> Result<(), Error> {
-        let r = call(&self.next, json!({}))?;
+        let timeout = timeout_ms("REALM_NATS_NEXT_TIMEOUT_MS", 3_000);
+        let r = call_within(&self.next, json!({}), timeout)?;
         for p in r["pieces"].as_array().into_iter().flatten() {
             let token = u32_of(&p["token"]);
             self.tokens.push(token);
