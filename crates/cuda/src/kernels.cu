@@ -818,71 +818,133 @@ extern "C" __global__ void quantize_q8k(const float* x, int blocks, u8* out) {
     q8k_block(x, blk, threadIdx.x & 31, out);
 }
 
-// y[r][j] = w[j] · x[r] for Q4_K and Q6_K weights against Q8_K rows: one warp per output
-// column, a super-block at a time, eight values per lane (lanes 4s..4s+3: sub-block s of
-// 32); each super-block's integer sums are exact, combined in f32 as ggml's
-// vec_dot_q4_K/q6_K_q8_K do (d_x·d_w·Σ scale·dot, minus d_x·dmin·Σ min·bsum).
+// A Q8_K block's f32 scale and its 16-value sum i (i16).
+__device__ __forceinline__ float q8k_d(const u8* xb) {
+    return __uint_as_float((unsigned)xb[0] | ((unsigned)xb[1] << 8) | ((unsigned)xb[2] << 16) |
+                           ((unsigned)xb[3] << 24));
+}
+__device__ __forceinline__ int q8k_bsum(const u8* xb, int i) {
+    return (short)((unsigned short)xb[260 + 2 * i] | ((unsigned short)xb[261 + 2 * i] << 8));
+}
+
+// Q6_K value j (0..256) of super-block b, unsigned (0..63).
+__device__ __forceinline__ int q6k_u(const u8* b, int j) {
+    const u8 *ql = b + 64 * (j / 128), *qh = b + 128 + 32 * (j / 128);
+    int r = j % 128, quarter = r / 32, l = r % 32;
+    int lo = quarter & 1 ? ql[l + 32] : ql[l];
+    lo = quarter < 2 ? lo & 0xF : lo >> 4;
+    return lo | (((qh[l] >> (2 * quarter)) & 3) << 4);
+}
+
+// y[r][j] = w[j] · x[r] for Q4_K and Q6_K weights against Q8_K rows, one warp per output
+// column, in the CPU backend's order (crates/kernels/src/quant.rs), which depends on the
+// product's row count as llama.cpp's does:
+// - fewer than 8 rows (decoding), ggml's AVX2 vec_dot: eight f32 lanes, lane L fed per
+//   super-block with fma(d_x·d_w, Σ over the eight runs of 32 values of scale · (its four
+//   values L·4.. · x)), Q6_K's values unsigned with the -32 taken per lane from the 16-value
+//   sums; Q4_K's mins in four lanes of their own (fma(-d_x·dmin, m·sums)); hsum_float_8,
+//   plus the mins' (m0 + m2) + (m1 + m3);
+// - 8 rows or more (prompts), ggml-cpu's tiled kernel: per super-block the exact integer
+//   sums s1 = Σ scale·q·x and s2 = Σ min·bsum, then acc + fma(-dmin, s2, s1·d)·d_x (Q6_K:
+//   acc + s1·d·d_x), each product rounded.
+// Lane t holds values 8t..8t+8: run t/4 of 32, the CPU's lanes 2(t%4) and 2(t%4)+1.
 __device__ __forceinline__ void matmul_q8k_col(const u8* w, int ty, int k, int n, const u8* xq,
                                                int rows, float* y, int warp, int lane) {
     int nb = k / 256, bb = k_bytes(ty);
     const u8* wr = w + (size_t)warp * nb * bb;
-    int sub = lane / 4, at = lane * 8;
+    int run = lane / 4, c = lane % 4, at = lane * 8;
+    bool tiled = rows >= 8;
     for (int r = 0; r < rows; r++) {
         const u8* xr = xq + (size_t)r * nb * 292;
-        float acc = 0.0f, acc_m = 0.0f;
+        float acc = 0.0f, acc1 = 0.0f, accm = 0.0f;
         for (int bi = 0; bi < nb; bi++) {
             const u8* wb = wr + (size_t)bi * bb;
             const u8* xb = xr + (size_t)bi * 292;
             const signed char* q8 = (const signed char*)(xb + 4) + at;
-            float dy = __uint_as_float((unsigned)xb[0] | ((unsigned)xb[1] << 8) |
-                                       ((unsigned)xb[2] << 16) | ((unsigned)xb[3] << 24));
-            int dot = 0, mins = 0;
+            float dx = q8k_d(xb);
+            int lo = 0, hi = 0, mins = 0, scale;
             if (ty == T_Q4_K) {
-                // Sub-block s: values 32s..32s+32, nibbles of bytes 32(s/2).. (low for
-                // even s, high for odd).
-                int sc, m;
-                scale_min_k4(sub, wb + 4, &sc, &m);
-                const u8* qs = wb + 16 + 32 * (sub / 2) + (at % 32);
+                int m;
+                scale_min_k4(run, wb + 4, &scale, &m);
+                const u8* qs = wb + 16 + 32 * (run / 2) + (at % 32);
                 for (int i = 0; i < 8; i++) {
-                    int q = sub & 1 ? qs[i] >> 4 : qs[i] & 0xF;
-                    dot += q * q8[i];
+                    int q = run & 1 ? qs[i] >> 4 : qs[i] & 0xF;
+                    if (i < 4) lo += q * q8[i];
+                    else hi += q * q8[i];
                 }
-                dot *= sc;
-                // Lane 0..7: sub-block `lane`'s min times its two sums of 16.
-                if (lane < 8) {
-                    int sc2, m2;
-                    scale_min_k4(lane, wb + 4, &sc2, &m2);
-                    const u8* bs = xb + 260 + 4 * lane;
-                    int b0 = (short)((unsigned short)bs[0] | ((unsigned short)bs[1] << 8));
-                    int b1 = (short)((unsigned short)bs[2] | ((unsigned short)bs[3] << 8));
-                    mins = m2 * (b0 + b1);
+                // Lanes 0-3: the CPU's min lane `lane`, sub-blocks 2·lane and 2·lane + 1.
+                if (lane < 4) {
+                    int s0, m0, s1, m1;
+                    scale_min_k4(2 * lane, wb + 4, &s0, &m0);
+                    scale_min_k4(2 * lane + 1, wb + 4, &s1, &m1);
+                    mins = m0 * (q8k_bsum(xb, 4 * lane) + q8k_bsum(xb, 4 * lane + 1)) +
+                           m1 * (q8k_bsum(xb, 4 * lane + 2) + q8k_bsum(xb, 4 * lane + 3));
                 }
             } else {
-                // Q6_K: values 128n + 32q + l (l < 32) in quarter q of half n.
-                int j0 = at, n2 = j0 / 128, rr = j0 % 128, quarter = rr / 32, l0 = rr % 32;
-                const u8 *ql = wb + 64 * n2, *qh = wb + 128 + 32 * n2;
-                const signed char* sc = (const signed char*)(wb + 192 + 8 * n2);
+                scale = ((const signed char*)(wb + 192))[8 * (run / 4) + 2 * (run % 4) + c / 2];
                 for (int i = 0; i < 8; i++) {
-                    int l = l0 + i;
-                    int lo = quarter & 1 ? ql[l + 32] : ql[l];
-                    lo = quarter < 2 ? lo & 0xF : lo >> 4;
-                    int q = (lo | (((qh[l] >> (2 * quarter)) & 3) << 4)) - 32;
-                    dot += q * q8[i];
+                    int q = q6k_u(wb, at + i);
+                    if (i < 4) lo += q * q8[i];
+                    else hi += q * q8[i];
                 }
-                dot *= sc[l0 / 16 + 2 * quarter];
             }
-            for (int o = 16; o > 0; o >>= 1) {
-                dot += __shfl_xor_sync(0xffffffff, dot, o);
-                mins += __shfl_xor_sync(0xffffffff, mins, o);
+            lo *= scale;
+            hi *= scale;
+            if (tiled) {
+                int s1 = lo + hi;
+                // Q6_K: the -32 offset as an exact integer over the block (any split).
+                if (ty == T_Q6_K && lane < 16) {
+                    s1 -= 32 * ((const signed char*)(wb + 192))[lane] * q8k_bsum(xb, lane);
+                }
+                for (int o = 16; o > 0; o >>= 1) {
+                    s1 += __shfl_xor_sync(0xffffffff, s1, o);
+                    mins += __shfl_xor_sync(0xffffffff, mins, o);
+                }
+                if (ty == T_Q4_K) {
+                    float d = h2f(rd16(wb)), dmin = h2f(rd16(wb + 2));
+                    float rr = fmaf(-dmin, (float)mins, __fmul_rn((float)s1, d));
+                    acc = __fadd_rn(acc, __fmul_rn(rr, dx));
+                } else {
+                    acc = __fadd_rn(acc, __fmul_rn(__fmul_rn((float)s1, h2f(rd16(wb + 208))), dx));
+                }
+                continue;
             }
-            if (ty == T_Q4_K) {
-                acc = fmaf(dy * h2f(rd16(wb)), (float)dot, acc);
-                acc_m = fmaf(-dy * h2f(rd16(wb + 2)), (float)mins, acc_m);
-            } else {
-                acc = fmaf(dy * h2f(rd16(wb + 208)), (float)dot, acc);
+            // The eight runs of each CPU lane pair: lanes c, c + 4, … c + 28.
+            for (int o = 4; o < 32; o <<= 1) {
+                lo += __shfl_xor_sync(0xffffffff, lo, o);
+                hi += __shfl_xor_sync(0xffffffff, hi, o);
             }
+            if (ty == T_Q6_K) {
+                // CPU lane L = 2c (lo) and 2c + 1 (hi): -32 · (bsum[2L]·sc[2L] + bsum[2L+1]·sc[2L+1]).
+                const signed char* sc = (const signed char*)(wb + 192);
+                int L = 2 * c;
+                lo -= 32 * (q8k_bsum(xb, 2 * L) * sc[2 * L] + q8k_bsum(xb, 2 * L + 1) * sc[2 * L + 1]);
+                L = 2 * c + 1;
+                hi -= 32 * (q8k_bsum(xb, 2 * L) * sc[2 * L] + q8k_bsum(xb, 2 * L + 1) * sc[2 * L + 1]);
+            }
+            float d = __fmul_rn(dx, h2f(rd16(wb + (ty == T_Q4_K ? 0 : 208))));
+            acc = fmaf(d, (float)lo, acc);
+            acc1 = fmaf(d, (float)hi, acc1);
+            if (ty == T_Q4_K) accm = fmaf(__fmul_rn(-dx, h2f(rd16(wb + 2))), (float)mins, accm);
         }
-        if (lane == 0) y[(size_t)r * n + warp] = acc + acc_m;
+        if (tiled) {
+            if (lane == 0) y[(size_t)r * n + warp] = acc;
+            continue;
+        }
+        // hsum_float_8 of lanes a[2c] = acc, a[2c+1] = acc1 of lanes c = 0..3.
+        float a[8], m[4];
+        for (int i = 0; i < 4; i++) {
+            a[2 * i] = __shfl_sync(0xffffffff, acc, i);
+            a[2 * i + 1] = __shfl_sync(0xffffffff, acc1, i);
+            m[i] = __shfl_sync(0xffffffff, accm, i);
+        }
+        float r0 = __fadd_rn(a[4], a[0]), r1 = __fadd_rn(a[5], a[1]);
+        float r2 = __fadd_rn(a[6], a[2]), r3 = __fadd_rn(a[7], a[3]);
+        float sum = __fadd_rn(__fadd_rn(r0, r2), __fadd_rn(r1, r3));
+        if (ty == T_Q4_K) {
+            sum = __fadd_rn(sum, __fadd_rn(__fadd_rn(m[0], m[2]), __fadd_rn(m[1], m[3])));
+        }
+        if (lane == 0) y[(size_t)r * n + warp] = sum;
     }
 }
 
@@ -891,6 +953,116 @@ extern "C" __global__ void matmul_q8k(const u8* w, int ty, int k, int n, const u
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= n) return;
     matmul_q8k_col(w, ty, k, n, xq, rows, y, warp, threadIdx.x & 31);
+}
+
+// K-quant prompts: tiles of 32 rows × 32 columns per block of 256 threads, a super-block at
+// a time staged in shared memory (the weights unpacked to a value a byte, Q6_K's -32
+// applied; their scales and mins; the activations' bytes, d and 16-value sums), each
+// output in ggml-cpu's tiled order (matmul_q8k_col's for 8 rows or more): the same bits.
+// Thread t: column t % 32, rows t / 32 + 8 i.
+#define KT_STRIDE 65  // words per column: +1 spreads a warp's 32 columns over the banks
+extern "C" __global__ void __launch_bounds__(256) matmul_q8k_tiled(const u8* w, int ty, int k,
+                                                                   int n, const u8* xq, int rows,
+                                                                   float* y) {
+    __shared__ int ws[TILE_N][KT_STRIDE];
+    __shared__ int xs[TILE_M][64];
+    __shared__ int scs[TILE_N][17];  // Q4_K: 8 scales, 8 mins; Q6_K: 16 scales
+    __shared__ float dws[TILE_N], dms[TILE_N], dxs[TILE_M];
+    __shared__ int bs[TILE_M][16];  // Q4_K: 8 sums of 32; Q6_K: 16 sums of 16
+    int nb = k / 256, bb = k_bytes(ty);
+    bool q6 = ty == T_Q6_K;
+    int t = threadIdx.x, c = t & 31, rq = t >> 5;
+    int tn = (n + TILE_N - 1) / TILE_N;
+    int col0 = (blockIdx.x % tn) * TILE_N, row0 = (blockIdx.x / tn) * TILE_M;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int bi = 0; bi < nb; bi++) {
+        for (int e = t; e < TILE_N * 64; e += 256) {
+            int wi = e & 63, cc = e >> 6;
+            const u8* wb = w + ((size_t)min(col0 + cc, n - 1) * nb + bi) * bb;
+            unsigned word = 0;
+            for (int i = 0; i < 4; i++) {
+                int j = 4 * wi + i, v;
+                if (q6) {
+                    v = q6k_u(wb, j) - 32;
+                } else {
+                    int sub = j / 32;
+                    u8 b = wb[16 + 32 * (sub / 2) + j % 32];
+                    v = sub & 1 ? b >> 4 : b & 0xF;
+                }
+                word |= (unsigned)(v & 255) << (8 * i);
+            }
+            ws[cc][wi] = (int)word;
+            if (wi < 16) {
+                if (q6) {
+                    scs[cc][wi] = ((const signed char*)(wb + 192))[wi];
+                } else {
+                    int sc, m;
+                    scale_min_k4(wi & 7, wb + 4, &sc, &m);
+                    scs[cc][wi] = wi < 8 ? sc : m;
+                }
+            }
+            if (wi == 0) {
+                dws[cc] = h2f(rd16(wb + (q6 ? 208 : 0)));
+                dms[cc] = q6 ? 0.0f : h2f(rd16(wb + 2));
+            }
+        }
+        for (int e = t; e < TILE_M * 64; e += 256) {
+            int wi = e & 63, rr = e >> 6;
+            const u8* xb = xq + ((size_t)min(row0 + rr, rows - 1) * nb + bi) * 292;
+            xs[rr][wi] = ld4(xb + 4 + 4 * wi);
+            if (wi < 16) {
+                bs[rr][wi] = q6 ? q8k_bsum(xb, wi)
+                                : (wi < 8 ? q8k_bsum(xb, 2 * wi) + q8k_bsum(xb, 2 * wi + 1) : 0);
+            }
+            if (wi == 0) dxs[rr] = q8k_d(xb);
+        }
+        __syncthreads();
+        int s1[4] = {0, 0, 0, 0}, s2[4] = {0, 0, 0, 0};
+        if (q6) {
+            for (int sb = 0; sb < 16; sb++) {
+                int w0 = ws[c][4 * sb], w1 = ws[c][4 * sb + 1], w2 = ws[c][4 * sb + 2],
+                    w3 = ws[c][4 * sb + 3], sc = scs[c][sb];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int* xr = xs[rq + 8 * i] + 4 * sb;
+                    int d = __dp4a(w0, xr[0], 0);
+                    d = __dp4a(w1, xr[1], d);
+                    d = __dp4a(w2, xr[2], d);
+                    d = __dp4a(w3, xr[3], d);
+                    s1[i] += sc * d;
+                }
+            }
+        } else {
+            for (int sb = 0; sb < 8; sb++) {
+                int ww[8];
+#pragma unroll
+                for (int q = 0; q < 8; q++) ww[q] = ws[c][8 * sb + q];
+                int sc = scs[c][sb], m = scs[c][8 + sb];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int* xr = xs[rq + 8 * i] + 8 * sb;
+                    int d = 0;
+#pragma unroll
+                    for (int q = 0; q < 8; q++) d = __dp4a(ww[q], xr[q], d);
+                    s1[i] += sc * d;
+                    s2[i] += m * bs[rq + 8 * i][sb];
+                }
+            }
+        }
+        float dw = dws[c], dm = dms[c];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float dx = dxs[rq + 8 * i], p = __fmul_rn((float)s1[i], dw);
+            if (!q6) p = fmaf(-dm, (float)s2[i], p);
+            acc[i] = __fadd_rn(acc[i], __fmul_rn(p, dx));
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int row = row0 + rq + 8 * i, col = col0 + c;
+        if (row < rows && col < n) y[(size_t)row * n + col] = acc[i];
+    }
 }
 
 // quantize_q8k and matmul_q8k in one launch, as matmul_q8_fused.

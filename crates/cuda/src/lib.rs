@@ -76,9 +76,10 @@ enum K {
     MatmulQ8kFused,
     MatmulQ8Tiled,
     MatmulQ81Tiled,
+    MatmulQ8kTiled,
 }
 
-const KERNEL_NAMES: [&str; 19] = [
+const KERNEL_NAMES: [&str; 20] = [
     "matmul",
     "quantize_q8",
     "matmul_q8",
@@ -98,10 +99,12 @@ const KERNEL_NAMES: [&str; 19] = [
     "matmul_q8k_fused",
     "matmul_q8_tiled",
     "matmul_q81_tiled",
+    "matmul_q8k_tiled",
 ];
 
-/// The 32-value quants' products of more rows than this run in tiles (`matmul_q8_tiled`:
-/// 32 rows × 32 columns per block); up to this many, one warp per column.
+/// Products of more rows than this run in tiles (`matmul_q8_tiled`, `matmul_q81_tiled`,
+/// `matmul_q8k_tiled`: 32 rows × 32 columns per block); up to this many, one warp per
+/// column.
 const MATVEC_ROWS: usize = 8;
 /// Rows and columns of a `matmul_q8_tiled` block.
 const TILE: usize = 32;
@@ -867,6 +870,10 @@ impl Backend for CudaBackend {
                     }
                 };
                 let (mm, cfg) = match mm {
+                    K::MatmulQ8k if rows > MATVEC_ROWS => (
+                        K::MatmulQ8kTiled,
+                        grid(n.div_ceil(TILE) * rows.div_ceil(TILE), 256),
+                    ),
                     K::MatmulQ8 if rows > MATVEC_ROWS => {
                         let tiles = n.div_ceil(TILE) * rows.div_ceil(TILE);
                         let tiled = if q81 == Some(1) {

@@ -152,14 +152,16 @@ fn quantized_matmuls_agree_with_the_cpu_backend() {
     let gpu = CudaBackend::new(dev, 1 << 32);
     let cpu = cpu();
     let (k, n) = (256usize, 96usize);
-    // 5 rows: activations quantized inside the matmul (decoding); 200: by a kernel of
-    // their own first (prompts).
-    for rows in [5usize, 200] {
+    // 1 and 5 rows: activations quantized inside the matmul (decoding); 8: the same, in
+    // the K-quants' prompt order; 200: by a kernel of their own first (prompts, tiles).
+    for rows in [1usize, 5, 8, 200] {
         products_agree(&gpu, &cpu, k, n, rows);
     }
-    // Ragged tiles (45 rows, 40 columns, 10 blocks a row: none a multiple of the tiles),
-    // and 8 rows too wide to quantize in shared memory (the matvec from global memory).
+    // Ragged tiles (45 rows, 40 columns, 10 blocks a row: none a multiple of the tiles;
+    // 2 super-blocks for the K-quants), and 8 rows too wide to quantize in shared memory
+    // (the matvec from global memory).
     products_agree(&gpu, &cpu, 320, 40, 45);
+    products_agree(&gpu, &cpu, 512, 40, 45);
     products_agree(&gpu, &cpu, 8192, 16, 8);
 }
 
@@ -191,8 +193,9 @@ fn products_agree(gpu: &CudaBackend, cpu: &CpuBackend, k: usize, n: usize, rows:
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         println!("{ty}, {rows} rows: largest difference {worst} (outputs up to {scale})");
         assert!(worst <= 0.02 * scale, "{ty}: {worst} against {scale}");
-        // The 32-value quants follow the CPU's order of operations: the same bits.
-        if !matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K) {
+        // Every quant but Q5_K follows the CPU's order of operations (for the K-quants
+        // the order of fewer than 8 rows and that of 8 or more): the same bits.
+        if ty != GgmlType::Q5_K {
             assert_eq!(worst, 0.0, "{ty}, {rows} rows: not the CPU's bits");
         }
     }
@@ -244,12 +247,9 @@ fn smollm2_greedy_ids_equal_the_cpu_backends_up_to_near_ties() {
             return;
         }
     };
-    // 32-value quants only (SmolLM2 Q4_1, not the 1B model's K-quants): the same bits.
-    let exact = realm_gguf::GgufFile::read(bytes.as_slice()).is_ok_and(|f| {
-        f.tensors
-            .iter()
-            .all(|t| !matches!(t.ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K))
-    });
+    // Every quant but Q5_K follows the CPU backend's order of operations: the same bits.
+    let exact = realm_gguf::GgufFile::read(bytes.as_slice())
+        .is_ok_and(|f| f.tensors.iter().all(|t| t.ty != GgmlType::Q5_K));
     let file = ModelBytes::new(bytes);
     let on_gpu = LoadedModel::load("m", CudaBackend::new(dev.clone(), 1 << 32), file.clone())
         .expect("loads on the GPU");
