@@ -258,9 +258,12 @@ extern "C" __global__ void kv_store(const float* k, const float* v, int rows, in
 // Causal attention, one block per (row, head), in the CPU backend's numerics (ggml-cpu's
 // flash_attn_ext_f16): q rounded to f16, scores as f32 sums of f16 products, and an online
 // softmax whose weighted sum of values is accumulated in f16, rescaled in f16 whenever
-// the running maximum rises. Positions in chunks of ATT_CHUNK: their scores first (a warp
-// per position, into shared memory), then each thread walks them in order for its own
-// output values (at most two per thread: head_dim <= 2 * blockDim). The position comes
+// the running maximum rises. Positions in chunks of 8 · blockDim (the chunks do not change
+// the numbers: each position's factors come from the maximum of all before it): their
+// scores first (a warp per position, into dynamic shared memory, 3 floats a position),
+// then each thread walks them in order for its own output values (at most two per thread:
+// head_dim <= 2 * blockDim). Prompts launch small blocks (more of them resident: the walk
+// keeps only head_dim threads busy), decoding large ones (its few blocks score faster). The position comes
 // from device memory, so that a decode step's launches are the same from token to token.
 // e^x rounded to the nearest float (through double: CUDA's expf may be 2 ulp off, and the
 // CPU backend's is glibc's, within 0.502 ulp), so both backends weigh positions alike.
@@ -288,7 +291,6 @@ __device__ __forceinline__ float score64(const float* qs, const u16* kr, int hd,
     return __shfl_sync(0xffffffff, s, 0);
 }
 
-#define ATT_CHUNK 2048
 extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, int rows,
                                      int n_head, int n_kv, int hd, const int* pos_p,
                                      float scale, int window, float softcap, float* out) {
@@ -297,7 +299,9 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     // They depend on the scores only, so the block computes them once (a prefix maximum
     // over the chunk, eight positions per thread: blockDim is 256) and each thread's walk
     // over its output values is left with the f16 rounding chain, in the same order.
-    __shared__ float sc[ATT_CHUNK], msa[ATT_CHUNK], vsa[ATT_CHUNK];
+    extern __shared__ float att_smem[];
+    int chunk = 8 * blockDim.x;
+    float *sc = att_smem, *msa = sc + chunk, *vsa = msa + chunk;
     __shared__ float wmax[8], qs[512];
     int pos = *pos_p;
     int r = blockIdx.x / n_head, h = blockIdx.x % n_head;
@@ -311,8 +315,8 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     u16 acc[2] = {0, 0};
     // q rounded to f16 once.
     for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = h2f(f2h(qh[d]));
-    for (int c0 = 0; c0 < len; c0 += ATT_CHUNK) {
-        int cl = min(ATT_CHUNK, len - c0);
+    for (int c0 = 0; c0 < len; c0 += chunk) {
+        int cl = min(chunk, len - c0);
         __syncthreads();
         for (int j = warp; j < cl; j += warps) {
             const u16* kr = kc + (size_t)(start + c0 + j) * width + kvh * hd;
@@ -955,6 +959,35 @@ extern "C" __global__ void matmul_q8k(const u8* w, int ty, int k, int n, const u
     matmul_q8k_col(w, ty, k, n, xq, rows, y, warp, threadIdx.x & 31);
 }
 
+// A K-quant super-block unpacked for the prompt tiles: values 4i..4i+3 as four signed bytes
+// (Q4_K's nibbles; Q6_K's six bits minus 32), its 16 scale entries (Q4_K: 8 scales, 8 mins;
+// Q6_K: the 16 scales) and an activation block's matching sums (Q4_K: sub-block i's sum of
+// 32 for i < 8; Q6_K: the sum of 16 i).
+__device__ __forceinline__ int kq_word(const u8* wb, bool q6, int i) {
+    if (!q6) {
+        // Sub-block i / 8, bytes 4 (i % 8).. of its pair's 32: one aligned word (Q4_K
+        // super-blocks are 144 bytes, weights start aligned).
+        unsigned b = *(const unsigned*)(wb + 16 + 32 * (i / 16) + 4 * (i % 8));
+        return (int)((i / 8) & 1 ? (b >> 4) & 0x0f0f0f0fu : b & 0x0f0f0f0fu);
+    }
+    // Values j = 4i..4i+3 of half n, quarter k, at l.. (Q6_K blocks are 210 bytes: bytes).
+    int j = 4 * i, n = j / 128, k = (j % 128) / 32, l = j % 32;
+    unsigned lo = (unsigned)ld4(wb + 64 * n + l + (k & 1 ? 32 : 0));
+    lo = k < 2 ? lo & 0x0f0f0f0fu : (lo >> 4) & 0x0f0f0f0fu;
+    unsigned hb = ((unsigned)ld4(wb + 128 + 32 * n + l) >> (2 * k)) & 0x03030303u;
+    return (int)__vsub4(lo | (hb << 4), 0x20202020u);
+}
+__device__ __forceinline__ int kq_scale(const u8* wb, bool q6, int i) {
+    if (q6) return ((const signed char*)(wb + 192))[i];
+    int sc, m;
+    scale_min_k4(i & 7, wb + 4, &sc, &m);
+    return i < 8 ? sc : m;
+}
+__device__ __forceinline__ int kq_sums(const u8* xb, bool q6, int i) {
+    if (q6) return q8k_bsum(xb, i);
+    return i < 8 ? q8k_bsum(xb, 2 * i) + q8k_bsum(xb, 2 * i + 1) : 0;
+}
+
 // K-quant prompts: tiles of 32 rows × 32 columns per block of 256 threads, a super-block at
 // a time staged in shared memory (the weights unpacked to a value a byte, Q6_K's -32
 // applied; their scales and mins; the activations' bytes, d and 16-value sums), each
@@ -979,28 +1012,8 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_tiled(const u8* w, 
         for (int e = t; e < TILE_N * 64; e += 256) {
             int wi = e & 63, cc = e >> 6;
             const u8* wb = w + ((size_t)min(col0 + cc, n - 1) * nb + bi) * bb;
-            unsigned word = 0;
-            for (int i = 0; i < 4; i++) {
-                int j = 4 * wi + i, v;
-                if (q6) {
-                    v = q6k_u(wb, j) - 32;
-                } else {
-                    int sub = j / 32;
-                    u8 b = wb[16 + 32 * (sub / 2) + j % 32];
-                    v = sub & 1 ? b >> 4 : b & 0xF;
-                }
-                word |= (unsigned)(v & 255) << (8 * i);
-            }
-            ws[cc][wi] = (int)word;
-            if (wi < 16) {
-                if (q6) {
-                    scs[cc][wi] = ((const signed char*)(wb + 192))[wi];
-                } else {
-                    int sc, m;
-                    scale_min_k4(wi & 7, wb + 4, &sc, &m);
-                    scs[cc][wi] = wi < 8 ? sc : m;
-                }
-            }
+            ws[cc][wi] = kq_word(wb, q6, wi);
+            if (wi < 16) scs[cc][wi] = kq_scale(wb, q6, wi);
             if (wi == 0) {
                 dws[cc] = h2f(rd16(wb + (q6 ? 208 : 0)));
                 dms[cc] = q6 ? 0.0f : h2f(rd16(wb + 2));
@@ -1010,10 +1023,7 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_tiled(const u8* w, 
             int wi = e & 63, rr = e >> 6;
             const u8* xb = xq + ((size_t)min(row0 + rr, rows - 1) * nb + bi) * 292;
             xs[rr][wi] = ld4(xb + 4 + 4 * wi);
-            if (wi < 16) {
-                bs[rr][wi] = q6 ? q8k_bsum(xb, wi)
-                                : (wi < 8 ? q8k_bsum(xb, 2 * wi) + q8k_bsum(xb, 2 * wi + 1) : 0);
-            }
+            if (wi < 16) bs[rr][wi] = kq_sums(xb, q6, wi);
             if (wi == 0) dxs[rr] = q8k_d(xb);
         }
         __syncthreads();
@@ -1063,6 +1073,125 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_tiled(const u8* w, 
         int row = row0 + rq + 8 * i, col = col0 + c;
         if (row < rows && col < n) y[(size_t)row * n + col] = acc[i];
     }
+}
+
+// K-quant prompts on the tensor cores (sm_80 and later): the same tiled order, the exact
+// integer sums of each sub-block (32 values, Q6_K's 16) from int8 MMAs instead of dp4a.
+// Tiles of 64 rows × 64 columns per block of 256 threads, a super-block at a time in shared
+// memory (rows and columns of 256 bytes, +16 so that fragment loads meet no bank twice);
+// warp w takes rows 16 (w % 4).. and columns 32 (w / 4).., four MMA tiles of 16 × 8. A
+// thread holds MMA output e of tile j: row g + 8 (e / 2), column 8 j + 2 q + e % 2 (lane =
+// 4 g + q), whose sums, scales and float steps it keeps.
+#define KM_TILE 64
+#define KM_PITCH 272
+extern "C" __global__ void __launch_bounds__(256) matmul_q8k_mma(const u8* w, int ty, int k,
+                                                                 int n, const u8* xq, int rows,
+                                                                 float* y) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ __align__(16) signed char ws[KM_TILE * KM_PITCH];
+    __shared__ __align__(16) signed char xs[KM_TILE * KM_PITCH];
+    __shared__ int scs[KM_TILE][17];
+    __shared__ int bs[KM_TILE][17];
+    __shared__ float dws[KM_TILE], dms[KM_TILE], dxs[KM_TILE];
+    int nb = k / 256, bb = k_bytes(ty);
+    bool q6 = ty == T_Q6_K;
+    int t = threadIdx.x, lane = t & 31, wid = t >> 5, g = lane >> 2, q = lane & 3;
+    int tn = (n + KM_TILE - 1) / KM_TILE;
+    int col0 = (blockIdx.x % tn) * KM_TILE, row0 = (blockIdx.x / tn) * KM_TILE;
+    int wr = 16 * (wid & 3), wc = 32 * (wid >> 2);
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
+    for (int bi = 0; bi < nb; bi++) {
+        for (int e = t; e < KM_TILE * 64; e += 256) {
+            int wi = e & 63, cc = e >> 6;
+            const u8* wb = w + ((size_t)min(col0 + cc, n - 1) * nb + bi) * bb;
+            *(int*)(ws + cc * KM_PITCH + 4 * wi) = kq_word(wb, q6, wi);
+            if (wi < 16) scs[cc][wi] = kq_scale(wb, q6, wi);
+            if (wi == 0) {
+                dws[cc] = h2f(rd16(wb + (q6 ? 208 : 0)));
+                dms[cc] = q6 ? 0.0f : h2f(rd16(wb + 2));
+            }
+        }
+        for (int e = t; e < KM_TILE * 64; e += 256) {
+            int wi = e & 63, rr = e >> 6;
+            const u8* xb = xq + ((size_t)min(row0 + rr, rows - 1) * nb + bi) * 292;
+            *(int*)(xs + rr * KM_PITCH + 4 * wi) = ld4(xb + 4 + 4 * wi);
+            if (wi < 16) bs[rr][wi] = kq_sums(xb, q6, wi);
+            if (wi == 0) dxs[rr] = q8k_d(xb);
+        }
+        __syncthreads();
+        int s1[4][4], s2[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s1[j][e] = s2[j][e] = 0;
+        const signed char* xa = xs + (wr + g) * KM_PITCH + 4 * q;
+        if (q6) {
+            for (int sb = 0; sb < 16; sb++) {
+                int a0 = *(const int*)(xa + 16 * sb), a1 = *(const int*)(xa + 8 * KM_PITCH + 16 * sb);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    int b0 = *(const int*)(ws + (wc + 8 * j + g) * KM_PITCH + 16 * sb + 4 * q);
+                    int c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                    asm volatile(
+                        "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, "
+                        "{%4,%5}, {%6}, {%0,%1,%2,%3};"
+                        : "+r"(c0), "+r"(c1), "+r"(c2), "+r"(c3)
+                        : "r"(a0), "r"(a1), "r"(b0));
+                    int c[4] = {c0, c1, c2, c3};
+#pragma unroll
+                    for (int e = 0; e < 4; e++) s1[j][e] += scs[wc + 8 * j + 2 * q + (e & 1)][sb] * c[e];
+                }
+            }
+        } else {
+            for (int sb = 0; sb < 8; sb++) {
+                const signed char* xk = xa + 32 * sb;
+                int a0 = *(const int*)xk, a1 = *(const int*)(xk + 8 * KM_PITCH);
+                int a2 = *(const int*)(xk + 16), a3 = *(const int*)(xk + 8 * KM_PITCH + 16);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const signed char* wk = ws + (wc + 8 * j + g) * KM_PITCH + 32 * sb + 4 * q;
+                    int b0 = *(const int*)wk, b1 = *(const int*)(wk + 16);
+                    int c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+                    asm volatile(
+                        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, "
+                        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                        : "+r"(c0), "+r"(c1), "+r"(c2), "+r"(c3)
+                        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+                    int c[4] = {c0, c1, c2, c3};
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int col = wc + 8 * j + 2 * q + (e & 1), row = wr + g + 8 * (e >> 1);
+                        s1[j][e] += scs[col][sb] * c[e];
+                        s2[j][e] += scs[col][8 + sb] * bs[row][sb];
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int col = wc + 8 * j + 2 * q + (e & 1), row = wr + g + 8 * (e >> 1);
+                float p = __fmul_rn((float)s1[j][e], dws[col]);
+                if (!q6) p = fmaf(-dms[col], (float)s2[j][e], p);
+                acc[j][e] = __fadd_rn(acc[j][e], __fmul_rn(p, dxs[row]));
+            }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int col = col0 + wc + 8 * j + 2 * q + (e & 1), row = row0 + wr + g + 8 * (e >> 1);
+            if (row < rows && col < n) y[(size_t)row * n + col] = acc[j][e];
+        }
+#else
+    __trap();
+#endif
 }
 
 // quantize_q8k and matmul_q8k in one launch, as matmul_q8_fused.

@@ -77,9 +77,10 @@ enum K {
     MatmulQ8Tiled,
     MatmulQ81Tiled,
     MatmulQ8kTiled,
+    MatmulQ8kMma,
 }
 
-const KERNEL_NAMES: [&str; 20] = [
+const KERNEL_NAMES: [&str; 21] = [
     "matmul",
     "quantize_q8",
     "matmul_q8",
@@ -100,6 +101,7 @@ const KERNEL_NAMES: [&str; 20] = [
     "matmul_q8_tiled",
     "matmul_q81_tiled",
     "matmul_q8k_tiled",
+    "matmul_q8k_mma",
 ];
 
 /// Products of more rows than this run in tiles (`matmul_q8_tiled`, `matmul_q81_tiled`,
@@ -108,6 +110,8 @@ const KERNEL_NAMES: [&str; 20] = [
 const MATVEC_ROWS: usize = 8;
 /// Rows and columns of a `matmul_q8_tiled` block.
 const TILE: usize = 32;
+/// Rows and columns of a `matmul_q8k_mma` block.
+const MMA_TILE: usize = 64;
 
 /// Quantized activations of up to this many rows and bytes are made inside the matmul's
 /// blocks, in shared memory (one launch instead of two: decoding). Every block quantizes
@@ -130,6 +134,18 @@ pub struct CudaDevice {
     /// Steps replayed from a captured graph, and graphs captured, by all its tenants.
     replays: AtomicU64,
     captures: AtomicU64,
+    /// Whether the GPU has int8 MMA (compute capability 8.0 or later): K-quant prompts
+    /// then run on its tensor cores (`matmul_q8k_mma`), else in dp4a tiles.
+    mma: bool,
+}
+
+/// NVRTC's options: PTX for compute capability 8.0 where the GPU has it (the tensor cores'
+/// int8 MMA), else NVRTC's default.
+fn nvrtc_options(mma: bool) -> cudarc::nvrtc::CompileOptions {
+    cudarc::nvrtc::CompileOptions {
+        arch: mma.then_some("compute_80"),
+        ..Default::default()
+    }
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -147,9 +163,12 @@ pub fn compile_kernels() -> std::result::Result<(), String> {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(NO_NVRTC.into());
     }
-    cudarc::nvrtc::compile_ptx(KERNELS)
-        .map(|_| ())
-        .map_err(|e| format!("compiling Realm's CUDA kernels: {e}"))
+    // Both builds: with the tensor cores' MMA and without.
+    for mma in [true, false] {
+        cudarc::nvrtc::compile_ptx_with_opts(KERNELS, nvrtc_options(mma))
+            .map_err(|e| format!("compiling Realm's CUDA kernels: {e}"))?;
+    }
+    Ok(())
 }
 
 const NO_NVRTC: &str =
@@ -159,6 +178,16 @@ impl CudaDevice {
     /// Opens GPU `ordinal`: the driver and NVRTC loaded, the kernels compiled. A machine
     /// without them gets a one-line error.
     pub fn open(ordinal: usize) -> std::result::Result<Arc<Self>, String> {
+        Self::open_with(ordinal, true)
+    }
+
+    /// [`CudaDevice::open`], with the K-quant prompts in dp4a tiles even where the GPU has
+    /// int8 MMA (the same bits; for tests and comparisons).
+    pub fn open_without_tensor_cores(ordinal: usize) -> std::result::Result<Arc<Self>, String> {
+        Self::open_with(ordinal, false)
+    }
+
+    fn open_with(ordinal: usize, tensor_cores: bool) -> std::result::Result<Arc<Self>, String> {
         // SAFETY: only tries to load the library (dlopen), calling nothing in it.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(
@@ -183,7 +212,8 @@ impl CudaDevice {
         // SAFETY: no buffer is created before this; see above for how each use is ordered.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-        let ptx = cudarc::nvrtc::compile_ptx(KERNELS)
+        let mma = tensor_cores && ctx.compute_capability().is_ok_and(|(major, _)| major >= 8);
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, nvrtc_options(mma))
             .map_err(|e| format!("compiling Realm's CUDA kernels: {e}"))?;
         let module = ctx
             .load_module(ptx)
@@ -206,6 +236,7 @@ impl CudaDevice {
             weights: Mutex::default(),
             replays: AtomicU64::new(0),
             captures: AtomicU64::new(0),
+            mma,
         }))
     }
 
@@ -870,6 +901,10 @@ impl Backend for CudaBackend {
                     }
                 };
                 let (mm, cfg) = match mm {
+                    K::MatmulQ8k if rows > MATVEC_ROWS && self.dev.mma => (
+                        K::MatmulQ8kMma,
+                        grid(n.div_ceil(MMA_TILE) * rows.div_ceil(MMA_TILE), 256),
+                    ),
                     K::MatmulQ8k if rows > MATVEC_ROWS => (
                         K::MatmulQ8kTiled,
                         grid(n.div_ceil(TILE) * rows.div_ceil(TILE), 256),
@@ -1018,7 +1053,18 @@ impl Backend for CudaBackend {
             f(a.softcap),
             self.p(buf(&o)?),
         ];
-        self.rec(K::Attention, grid(rows * a.n_head, 256), args);
+        // Prompts: blocks of 64 threads where the head fits two values a thread; decoding
+        // (a block per head): 256, whose eight warps score the positions sooner.
+        let threads: u32 = if rows >= 16 && c.head_dim <= 128 {
+            64
+        } else {
+            256
+        };
+        let cfg = LaunchConfig {
+            shared_mem_bytes: 3 * 8 * threads * 4,
+            ..grid(rows * a.n_head, threads)
+        };
+        self.rec(K::Attention, cfg, args);
         Ok(())
     }
 

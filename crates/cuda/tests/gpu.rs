@@ -162,7 +162,12 @@ fn quantized_matmuls_agree_with_the_cpu_backend() {
     // (the matvec from global memory).
     products_agree(&gpu, &cpu, 320, 40, 45);
     products_agree(&gpu, &cpu, 512, 40, 45);
+    products_agree(&gpu, &cpu, 512, 150, 130);
     products_agree(&gpu, &cpu, 8192, 16, 8);
+    // K-quant prompts in dp4a tiles too, where the GPU would use its tensor cores.
+    let dp4a = CudaDevice::open_without_tensor_cores(0).expect("the device again");
+    let gpu = CudaBackend::new(dp4a, 1 << 32);
+    products_agree(&gpu, &cpu, 512, 150, 130);
 }
 
 fn products_agree(gpu: &CudaBackend, cpu: &CpuBackend, k: usize, n: usize, rows: usize) {
