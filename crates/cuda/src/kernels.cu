@@ -571,8 +571,10 @@ __device__ __forceinline__ float hsum8(float a) {
 
 // A few rows (decoding): one warp per column, lane = 8j + l taking slot l of blocks
 // j + 4u (u < 4) of each 16: the loads (all four ahead) and integer products in parallel,
-// the f32 chains in block order by lanes 0-7. x in quantize_q8's blocks (in shared or
-// global memory).
+// the f32 chains in block order by lanes 0-7. Each group's weight bytes are first copied
+// into shared memory by the whole warp, two bytes a lane at a time (coalesced; a lane's
+// own byte-wise loads from global memory made the matvec latency-bound). x in
+// quantize_q8's blocks (in shared or global memory). Blocks of 256 threads.
 #define MATVEC_ROWS 8
 __device__ __forceinline__ void matvec_q8_col(const u8* w, int ty, int k, int n, const u8* xq,
                                               int rows, float* y, int col, int lane) {
@@ -581,21 +583,28 @@ __device__ __forceinline__ void matvec_q8_col(const u8* w, int ty, int k, int n,
     int xbytes = q81 ? 36 : 34, xat = q81 ? 4 : 2;
     int j = lane >> 3, l = lane & 7;
     const u8* wr = w + (size_t)col * nb * bb;
+    __shared__ __align__(4) u8 wgroups[8][16 * 34];
+    u8* wg = wgroups[(threadIdx.x >> 5) & 7];
     float acc[MATVEC_ROWS], summs[MATVEC_ROWS];
 #pragma unroll
     for (int r = 0; r < MATVEC_ROWS; r++) acc[r] = summs[r] = 0.0f;
     for (int g = 0; g < nb; g += 16) {
+        int live = min(16, nb - g);
+        const unsigned short* src = (const unsigned short*)(wr + (size_t)g * bb);
+        __syncwarp();
+        for (int i = lane; i < live * bb / 2; i += 32) ((unsigned short*)wg)[i] = src[i];
+        __syncwarp();
         int bi[4], wq[4];
         float dw[4], mw[4];
 #pragma unroll
         for (int u = 0; u < 4; u++) {
-            bi[u] = min(g + j + 4 * u, nb - 1);
-            const u8* wb = wr + (size_t)bi[u] * bb;
+            int local = min(j + 4 * u, live - 1);
+            bi[u] = g + local;
+            const u8* wb = wg + local * bb;
             wq[u] = w4(wb, ty, l);
             dw[u] = h2f(rd16(wb));
             mw[u] = q81 ? h2f(rd16(wb + 2)) : 0.0f;
         }
-        int live = min(16, nb - g);
 #pragma unroll
         for (int r = 0; r < MATVEC_ROWS; r++) {
             if (r >= rows) break;
