@@ -2,7 +2,7 @@
 //! (`examples/wasmcloud/ask`), plugged with `adapters/wasmcloud`, pushed to an OCI registry
 //! and started on two stock `wash host`s, asks two `realm serve --nats` servers over the
 //! lattice's NATS, everything on 127.0.0.1:
-//! - the Paris answer equals `realm run`'s, through either host;
+//! - the Paris answer equals `realm run`'s, through either host, whole or streamed;
 //! - the rest of `realm:inference` through the adapter (info, tokens, template, embedding
 //!   equal to the HTTP API's, log-probabilities, a JSON constraint);
 //! - 16 concurrent workload requests are spread over both Realm servers;
@@ -125,6 +125,13 @@ fn spawn_logged(c: &mut Command, log: &Path) -> Proc {
 /// One HTTP/1.0 request to a wash host's ingress (HTTP/1.0: the answer ends at close, no
 /// chunking); the status and JSON body.
 fn post(port: u16, path: &str, body: &str) -> (u16, Value) {
+    let (status, text) = post_text(port, path, body);
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, v)
+}
+
+/// [`post`]'s status and body as text.
+fn post_text(port: u16, path: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).ok();
     let req = format!(
@@ -141,8 +148,7 @@ fn post(port: u16, path: &str, body: &str) -> (u16, Value) {
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map_or("", |x| x.1);
-    let v = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
-    (status, v)
+    (status, body.to_string())
 }
 
 /// One HTTP/1.1 GET to a Realm server's own API (its `/metrics` and embeddings).
@@ -379,6 +385,11 @@ fn a_workload_on_wash_hosts_asks_realm_servers_over_nats() {
         assert_eq!(v["text"].as_str().map(str::trim), Some(want.trim()), "{v}");
         assert_eq!(v["finish_reason"], "eog", "{v}");
     }
+
+    // Streamed as plain text, piece by piece: the same text.
+    let (status, text) = post_text(l.ports[1], "/?max_tokens=24&stream=1", PARIS);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(text.trim(), want.trim());
 
     // The rest of realm:inference through the adapter.
     let text = "Hello from the lattice";

@@ -2,7 +2,9 @@
 //! question as the body (query: `model`, default `$REALM_MODEL`; `max_tokens`, default
 //! 64; `temperature`, default 0: greedy; `ignore_eos=1` to generate past the end;
 //! `json=1` for a JSON object as the answer; `logprobs=N` for each token's log-probability
-//! and the N most likely ones). The answer is JSON: `{"text", "finish_reason", "tokens",
+//! and the N most likely ones; `stream=1` for the text itself as plain text, each piece
+//! written as it is generated, a failure after the first piece as a last line `[error:
+//! KIND: MESSAGE]`). Otherwise the answer is JSON: `{"text", "finish_reason", "tokens",
 //! "prompt_tokens"}` (and `"logprobs"`), or `{"error": {"kind", "message"}}` with 400 (a
 //! bad request), 404 (no such model) or 502 (Realm failed or is unreachable).
 //!
@@ -36,13 +38,17 @@ wasi::http::proxy::export!(Ask);
 
 impl wasi::exports::http::incoming_handler::Guest for Ask {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
-        let (status, body) = match answer(&request) {
+        let mut out = Some(out);
+        let (status, body) = match answer(&request, &mut out) {
             Ok(v) => (200, v),
             Err((status, kind, message)) => {
                 (status, json!({"error": {"kind": kind, "message": message}}))
             }
         };
-        respond(out, status, &body);
+        // A streamed answer has taken `out` already.
+        if let Some(out) = out {
+            respond(out, status, &body);
+        }
     }
 }
 
@@ -96,7 +102,7 @@ fn read_body(request: &IncomingRequest) -> Result<Vec<u8>, Failure> {
     Ok(bytes)
 }
 
-fn answer(request: &IncomingRequest) -> Result<Value, Failure> {
+fn answer(request: &IncomingRequest, out: &mut Option<ResponseOutparam>) -> Result<Value, Failure> {
     let q = query(request);
     let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
     let number = |k: &str, default: f64| -> Result<f64, Failure> {
@@ -157,6 +163,14 @@ fn answer(request: &IncomingRequest) -> Result<Value, Failure> {
     if let Some(top) = logprobs {
         generation.want_logprobs(top);
     }
+    if get("stream").as_deref() == Some("1") {
+        // Errors before the first piece are still a status; later ones end the text.
+        let first = generation.next().map_err(realm_error)?;
+        if let Some(out) = out.take() {
+            stream(out, first, || generation.next().map_err(realm_error));
+        }
+        return Ok(Value::Null);
+    }
     let mut text = String::new();
     let mut steps = Vec::new();
     while let Some(chunk) = generation.next().map_err(realm_error)? {
@@ -207,6 +221,49 @@ fn inspect(model: &Model, text: &str, user: &[Message]) -> Result<Value, Failure
     }))
 }
 
+/// A 200 text/plain answer: `first`, then each piece `next` gives, written as it comes;
+/// a failure ends it with a line `[error: KIND: MESSAGE]`.
+fn stream(
+    out: ResponseOutparam,
+    first: Option<realm::inference::types::Chunk>,
+    mut next: impl FnMut() -> Result<Option<realm::inference::types::Chunk>, Failure>,
+) {
+    let headers = Fields::new();
+    let _ = headers.set("content-type", &[b"text/plain; charset=utf-8".to_vec()]);
+    let response = OutgoingResponse::new(headers);
+    let Ok(outgoing) = response.body() else {
+        return;
+    };
+    ResponseOutparam::set(out, Ok(response));
+    if let Ok(body) = outgoing.write() {
+        let mut piece = Ok(first);
+        loop {
+            let text = match piece {
+                Ok(Some(c)) => c.text,
+                Ok(None) => break,
+                Err((_, kind, message)) => {
+                    let _ = write_all(&body, format!("\n[error: {kind}: {message}]\n").as_bytes());
+                    break;
+                }
+            };
+            if write_all(&body, text.as_bytes()).is_err() {
+                // The client went away: dropping the generation stops it.
+                break;
+            }
+            piece = next();
+        }
+    }
+    let _ = OutgoingBody::finish(outgoing, None);
+}
+
+/// `blocking-write-and-flush` takes at most 4096 bytes a call.
+fn write_all(stream: &wasi::io::streams::OutputStream, bytes: &[u8]) -> Result<(), ()> {
+    for piece in bytes.chunks(4096) {
+        stream.blocking_write_and_flush(piece).map_err(|_| ())?;
+    }
+    Ok(())
+}
+
 fn respond(out: ResponseOutparam, status: u16, body: &Value) {
     let headers = Fields::new();
     let _ = headers.set("content-type", &[b"application/json".to_vec()]);
@@ -216,14 +273,8 @@ fn respond(out: ResponseOutparam, status: u16, body: &Value) {
         return;
     };
     ResponseOutparam::set(out, Ok(response));
-    let bytes = body.to_string().into_bytes();
     if let Ok(stream) = outgoing.write() {
-        // `blocking-write-and-flush` takes at most 4096 bytes a call.
-        for piece in bytes.chunks(4096) {
-            if stream.blocking_write_and_flush(piece).is_err() {
-                break;
-            }
-        }
+        let _ = write_all(&stream, body.to_string().as_bytes());
     }
     let _ = OutgoingBody::finish(outgoing, None);
 }
