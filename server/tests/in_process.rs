@@ -95,6 +95,20 @@ async fn the_api_answers_and_refuses_in_process() {
         .unwrap_or("");
     assert!(text.contains("Paris"), "{body}");
 
+    // llama.cpp server's sampling fields: top_k 1 at temperature 1 is greedy whatever the
+    // seed; ignore_eos generates past the end of the answer.
+    for seed in [1, 2] {
+        let extra = json!({"temperature": 1.0, "top_k": 1, "seed": seed});
+        let (status, top1) = call(&s, Method::POST, "/v1/chat/completions", chat(q, extra)).await;
+        assert_eq!(status, StatusCode::OK, "{top1}");
+        assert_eq!(top1["choices"][0]["message"]["content"], text, "{top1}");
+    }
+    let extra = json!({"ignore_eos": true, "max_tokens": 16});
+    let (status, long) = call(&s, Method::POST, "/v1/chat/completions", chat(q, extra)).await;
+    assert_eq!(status, StatusCode::OK, "{long}");
+    assert_eq!(long["usage"]["completion_tokens"], 16, "{long}");
+    assert_eq!(long["choices"][0]["finish_reason"], "length", "{long}");
+
     // Each row a client can reach: (method, path, body, status, error code).
     let long = "word ".repeat(200);
     let chat_path = "/v1/chat/completions";
@@ -110,6 +124,20 @@ async fn the_api_answers_and_refuses_in_process() {
             Method::POST,
             chat_path,
             chat(q, json!({"top_p": 7})),
+            400,
+            "invalid_value",
+        ),
+        (
+            Method::POST,
+            chat_path,
+            chat(q, json!({"min_p": 2})),
+            400,
+            "invalid_value",
+        ),
+        (
+            Method::POST,
+            chat_path,
+            chat(q, json!({"repeat_penalty": 0})),
             400,
             "invalid_value",
         ),
