@@ -72,10 +72,14 @@ def copy_vocab(w, vocab):
             w.add_key_value(name, field.contents(), vt)
 
 
-def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False, arch="llama",
-                rope_base=ROPE_BASE, extra=None):
-    """Llama's blocks; `arch`, `rope_base` and `extra` (float keys under `arch.`) for the
-    architectures that are llama's blocks with other metadata (Mistral 3)."""
+# The writers share these pieces, called in each file's order (the order is the bytes, which
+# tests/models/sha256sums pins).
+
+
+def begin(path, vocab, seed, arch, n_layer=None):
+    """A writer for `arch` with the hyper-parameters every model has, in the order all the
+    files have them; weights drawn from `seed`. Returns the writer, the draw and the vocab
+    size."""
     rng = np.random.RandomState(seed)
     n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
 
@@ -84,12 +88,54 @@ def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False, ar
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(path.stem)
-    w.add_block_count(N_LAYER)
+    w.add_block_count(N_LAYER if n_layer is None else n_layer)
     w.add_context_length(N_CTX_TRAIN)
     w.add_embedding_length(N_EMBD)
     w.add_feed_forward_length(N_FF)
     w.add_head_count(N_HEAD)
     w.add_head_count_kv(N_HEAD_KV)
+    return w, normal, n_vocab
+
+
+def finish(w):
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def norm(w, normal, name, n=None):
+    w.add_tensor(name, 1.0 + normal((N_EMBD if n is None else n,), 0.1))
+
+
+def embeddings(w, normal, n_vocab):
+    """Token embeddings, the final norm, and (256 wide) an output projection of its own."""
+    w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.5))
+    norm(w, normal, "output_norm.weight")
+    if UNTIED_OUTPUT:
+        w.add_tensor("output.weight", normal((n_vocab, N_EMBD), 4.0 / math.sqrt(N_EMBD)))
+
+
+def qkv(w, normal, p, q_rows):
+    kv = N_HEAD_KV * HEAD_DIM
+    w.add_tensor(p + "attn_q.weight", normal((q_rows, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
+    w.add_tensor(p + "attn_k.weight", normal((kv, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
+    w.add_tensor(p + "attn_v.weight", normal((kv, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+
+
+def ffn(w, normal, p):
+    """The feed-forward norm and SwiGLU/GeGLU weights."""
+    norm(w, normal, p + "ffn_norm.weight")
+    w.add_tensor(p + "ffn_gate.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+    w.add_tensor(p + "ffn_up.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+    w.add_tensor(p + "ffn_down.weight", normal((N_EMBD, N_FF), 1.0 / math.sqrt(N_FF)))
+
+
+def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False, arch="llama",
+                rope_base=ROPE_BASE, extra=None):
+    """Llama's blocks; `arch`, `rope_base` and `extra` (float keys under `arch.`) for the
+    architectures that are llama's blocks with other metadata (Mistral 3)."""
+    w, normal, n_vocab = begin(path, vocab, seed, arch)
     w.add_rope_freq_base(rope_base)
     w.add_rope_dimension_count(HEAD_DIM)
     w.add_layer_norm_rms_eps(1e-5)
@@ -105,30 +151,18 @@ def write_llama(path, vocab, seed, rope_freqs=None, scaling=None, bias=False, ar
     copy_vocab(w, vocab)
 
     # numpy shapes are ggml's dims reversed: (rows, row length).
-    w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.5))
-    w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-    if UNTIED_OUTPUT:
-        w.add_tensor("output.weight", normal((n_vocab, N_EMBD), 4.0 / math.sqrt(N_EMBD)))
+    embeddings(w, normal, n_vocab)
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs)
-    kv = N_HEAD_KV * HEAD_DIM
     for i in range(N_LAYER):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-        w.add_tensor(p + "attn_q.weight", normal((N_EMBD, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
-        w.add_tensor(p + "attn_k.weight", normal((kv, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
-        w.add_tensor(p + "attn_v.weight", normal((kv, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        norm(w, normal, p + "attn_norm.weight")
+        qkv(w, normal, p, N_EMBD)
         if bias:
             w.add_tensor(p + "attn_q.bias", normal((N_EMBD,), 0.1))
         w.add_tensor(p + "attn_output.weight", normal((N_EMBD, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-        w.add_tensor(p + "ffn_gate.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_up.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_down.weight", normal((N_EMBD, N_FF), 1.0 / math.sqrt(N_FF)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        ffn(w, normal, p)
+    finish(w)
 
 
 # Qwen 3 (qwen3: per-head q/k RMS norms) and Qwen 2 (qwen2: q/k/v biases): llama's shape
@@ -138,20 +172,7 @@ QWEN2_VOCAB = "models/ggml-vocab-qwen2.gguf"
 
 def write_qwen(path, vocab, seed, arch):
     """qwen3: per-head q/k RMS norms; qwen2: biases on q, k and v."""
-    rng = np.random.RandomState(seed)
-    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
-
-    def normal(shape, std):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(path.stem)
-    w.add_block_count(N_LAYER)
-    w.add_context_length(N_CTX_TRAIN)
-    w.add_embedding_length(N_EMBD)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD_KV)
+    w, normal, n_vocab = begin(path, vocab, seed, arch)
     w.add_key_length(HEAD_DIM)
     w.add_value_length(HEAD_DIM)
     w.add_rope_freq_base(1000000.0)
@@ -159,33 +180,22 @@ def write_qwen(path, vocab, seed, arch):
     w.add_vocab_size(n_vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     copy_vocab(w, vocab)
-    w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.5))
-    w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-    if UNTIED_OUTPUT:
-        w.add_tensor("output.weight", normal((n_vocab, N_EMBD), 4.0 / math.sqrt(N_EMBD)))
+    embeddings(w, normal, n_vocab)
     kv = N_HEAD_KV * HEAD_DIM
     for i in range(N_LAYER):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-        w.add_tensor(p + "attn_q.weight", normal((N_HEAD * HEAD_DIM, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
-        w.add_tensor(p + "attn_k.weight", normal((kv, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
-        w.add_tensor(p + "attn_v.weight", normal((kv, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        norm(w, normal, p + "attn_norm.weight")
+        qkv(w, normal, p, N_HEAD * HEAD_DIM)
         if arch == "qwen3":
-            w.add_tensor(p + "attn_q_norm.weight", 1.0 + normal((HEAD_DIM,), 0.1))
-            w.add_tensor(p + "attn_k_norm.weight", 1.0 + normal((HEAD_DIM,), 0.1))
+            norm(w, normal, p + "attn_q_norm.weight", HEAD_DIM)
+            norm(w, normal, p + "attn_k_norm.weight", HEAD_DIM)
         else:
             w.add_tensor(p + "attn_q.bias", normal((N_HEAD * HEAD_DIM,), 0.5))
             w.add_tensor(p + "attn_k.bias", normal((kv,), 0.5))
             w.add_tensor(p + "attn_v.bias", normal((kv,), 0.5))
         w.add_tensor(p + "attn_output.weight", normal((N_EMBD, N_HEAD * HEAD_DIM), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-        w.add_tensor(p + "ffn_gate.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_up.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_down.weight", normal((N_EMBD, N_FF), 1.0 / math.sqrt(N_FF)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        ffn(w, normal, p)
+    finish(w)
 
 
 # Phi-3 (phi3): q, k and v fused in attn_qkv, gate and up in ffn_up (gate rows first), an
@@ -197,20 +207,7 @@ def write_phi3(path, vocab, seed, longrope=None):
     """Phi-3; `longrope` = (original context, attention factor): Phi-3.5/128k's per-pair
     long and short RoPE factors (llama.cpp takes the long ones when its context is larger
     than the original one) and the magnitude scale the converter computes."""
-    rng = np.random.RandomState(seed)
-    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
-
-    def normal(shape, std):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    w = gguf.GGUFWriter(str(path), "phi3")
-    w.add_name(path.stem)
-    w.add_block_count(N_LAYER)
-    w.add_context_length(N_CTX_TRAIN)
-    w.add_embedding_length(N_EMBD)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD_KV)
+    w, normal, n_vocab = begin(path, vocab, seed, "phi3")
     w.add_rope_dimension_count(HEAD_DIM)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
@@ -222,7 +219,7 @@ def write_phi3(path, vocab, seed, longrope=None):
         w.add_rope_scaling_orig_ctx_len(orig_ctx)
     copy_vocab(w, vocab)
     w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.5))
-    w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+    norm(w, normal, "output_norm.weight")
     w.add_tensor("output.weight", normal((n_vocab, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
     if longrope is not None:
         # Made after the others, so the weights equal phi3-tiny's.
@@ -232,83 +229,42 @@ def write_phi3(path, vocab, seed, longrope=None):
     kv = N_HEAD_KV * HEAD_DIM
     for i in range(N_LAYER):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-        qkv = np.concatenate([normal((N_EMBD, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4),
-                              normal((kv, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4),
-                              normal((kv, N_EMBD), 1.0 / math.sqrt(N_EMBD))])
-        w.add_tensor(p + "attn_qkv.weight", qkv)
+        norm(w, normal, p + "attn_norm.weight")
+        qkv_rows = np.concatenate([normal((N_EMBD, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4),
+                                   normal((kv, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4),
+                                   normal((kv, N_EMBD), 1.0 / math.sqrt(N_EMBD))])
+        w.add_tensor(p + "attn_qkv.weight", qkv_rows)
         w.add_tensor(p + "attn_output.weight", normal((N_EMBD, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+        norm(w, normal, p + "ffn_norm.weight")
         w.add_tensor(p + "ffn_up.weight", normal((2 * N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
         w.add_tensor(p + "ffn_down.weight", normal((N_EMBD, N_FF), 1.0 / math.sqrt(N_FF)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
 
 def write_smollm3(path, vocab, seed, n_layer=4):
     """SmolLM3 (smollm3): llama's blocks, no RoPE on every fourth (so four of them here)."""
-    rng = np.random.RandomState(seed)
-    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
-
-    def normal(shape, std):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    w = gguf.GGUFWriter(str(path), "smollm3")
-    w.add_name(path.stem)
-    w.add_block_count(n_layer)
-    w.add_context_length(N_CTX_TRAIN)
-    w.add_embedding_length(N_EMBD)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD_KV)
+    w, normal, n_vocab = begin(path, vocab, seed, "smollm3", n_layer)
     w.add_rope_dimension_count(HEAD_DIM)
     w.add_rope_freq_base(ROPE_BASE)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_vocab_size(n_vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     copy_vocab(w, vocab)
-    w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), 0.5))
-    w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-    if UNTIED_OUTPUT:
-        w.add_tensor("output.weight", normal((n_vocab, N_EMBD), 4.0 / math.sqrt(N_EMBD)))
-    kv = N_HEAD_KV * HEAD_DIM
+    embeddings(w, normal, n_vocab)
     for i in range(n_layer):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-        w.add_tensor(p + "attn_q.weight", normal((N_EMBD, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
-        w.add_tensor(p + "attn_k.weight", normal((kv, N_EMBD), 0.5 / math.sqrt(N_EMBD) * 4))
-        w.add_tensor(p + "attn_v.weight", normal((kv, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
+        norm(w, normal, p + "attn_norm.weight")
+        qkv(w, normal, p, N_EMBD)
         w.add_tensor(p + "attn_output.weight", normal((N_EMBD, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-        w.add_tensor(p + "ffn_gate.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_up.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_down.weight", normal((N_EMBD, N_FF), 1.0 / math.sqrt(N_FF)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        ffn(w, normal, p)
+    finish(w)
 
 
 def write_gemma2(path, vocab, seed, n_layer=4):
     """Gemma 2 (gemma2): post-norms, GELU, NeoX RoPE, attention and final logit soft-capping
     (small caps here, so that they bite), and an 8-position sliding window on the even layers
     (so that it matters within a prompt and 32 tokens)."""
-    rng = np.random.RandomState(seed)
-    n_vocab = len(vocab.fields["tokenizer.ggml.tokens"].data)
-
-    def normal(shape, std):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    w = gguf.GGUFWriter(str(path), "gemma2")
-    w.add_name(path.stem)
-    w.add_block_count(n_layer)
-    w.add_context_length(N_CTX_TRAIN)
-    w.add_embedding_length(N_EMBD)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD_KV)
+    w, normal, n_vocab = begin(path, vocab, seed, "gemma2", n_layer)
     w.add_key_length(HEAD_DIM)
     w.add_value_length(HEAD_DIM)
     w.add_rope_freq_base(10000.0)
@@ -322,27 +278,21 @@ def write_gemma2(path, vocab, seed, n_layer=4):
     # Small embeddings (the output is tied to them), so that the answer is not the last token
     # again but what attention made of the context.
     w.add_tensor("token_embd.weight", normal((n_vocab, N_EMBD), GEMMA_EMB_STD))
-    w.add_tensor("output_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+    norm(w, normal, "output_norm.weight")
     kv = N_HEAD_KV * HEAD_DIM
     for i in range(n_layer):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
+        norm(w, normal, p + "attn_norm.weight")
         # Strong attention (scores of tens, outputs as large as the residual), so that the
         # soft-capping and the window change the answers.
         w.add_tensor(p + "attn_q.weight", normal((N_EMBD, N_EMBD), 2.0))
         w.add_tensor(p + "attn_k.weight", normal((kv, N_EMBD), 2.0))
         w.add_tensor(p + "attn_v.weight", normal((kv, N_EMBD), 1.0))
         w.add_tensor(p + "attn_output.weight", normal((N_EMBD, N_EMBD), 1.0))
-        w.add_tensor(p + "post_attention_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-        w.add_tensor(p + "ffn_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-        w.add_tensor(p + "ffn_gate.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_up.weight", normal((N_FF, N_EMBD), 1.0 / math.sqrt(N_EMBD)))
-        w.add_tensor(p + "ffn_down.weight", normal((N_EMBD, N_FF), 1.0 / math.sqrt(N_FF)))
-        w.add_tensor(p + "post_ffw_norm.weight", 1.0 + normal((N_EMBD,), 0.1))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        norm(w, normal, p + "post_attention_norm.weight")
+        ffn(w, normal, p)
+        norm(w, normal, p + "post_ffw_norm.weight")
+    finish(w)
 
 
 def write_mistral3(path, vocab, seed):
