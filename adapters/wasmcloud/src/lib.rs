@@ -310,10 +310,6 @@ struct State {
 }
 
 impl State {
-    fn done(&self) -> bool {
-        self.usage.is_some() || self.failed.is_some()
-    }
-
     /// Sends the request if it was not yet sent.
     fn start(&mut self) -> Result<(), Error> {
         let Some(body) = self.request.take() else {
@@ -481,11 +477,12 @@ impl GuestGeneration for RemoteGeneration {
 }
 
 impl Drop for RemoteGeneration {
-    /// A generation dropped before its end is cancelled on its server (best effort: a
-    /// server that is gone has dropped it already).
+    /// A generation dropped before its end (or after a `next` that failed, e.g. timed out
+    /// on a slow server) is cancelled on its server, best effort: a server that is gone
+    /// has dropped it already, and NATS says so at once.
     fn drop(&mut self) {
         let s = self.0.get_mut();
-        if !s.cancel.is_empty() && !s.done() {
+        if !s.cancel.is_empty() && s.usage.is_none() {
             let _ = call(&s.cancel, json!({}));
         }
     }
