@@ -10,6 +10,7 @@
 #     bench/gpu.sh stage .gpu        bench/gpu.sh stage .gpu1        bench/gpu.sh remote
 #   and, for the side-by-side with llama.cpp's CUDA build (same machine, same run):
 #     bench/gpu.sh llama     # builds llama-bench and llama-quantize for sm_90 (~5-8 min)
+#     bench/gpu.sh quantizer # or only llama-quantize, CPU build (~1 min): enough for synth
 #     bench/gpu.sh synth     # the 1B-class synthetic model (bench/gpu-synth.py), Q4_K_M
 #     bench/gpu.sh compare   # llama-bench -fa 1 -ngl 99 and `realm bench --device cuda`
 #                            # on SmolLM2 and the 1B model: pp512 and tg128
@@ -81,9 +82,20 @@ llama)
         { tail -30 "$SCRATCH/llama-build.log"; exit 1; }
     ls -la "$SCRATCH"/llama.cpp/build-cuda/bin/
     ;;
+quantizer)
+    rm -rf "$SCRATCH/llama.cpp" && mkdir -p "$SCRATCH/llama.cpp/src"
+    tar -C "$SCRATCH/llama.cpp/src" -xJf "$SCRATCH/llama.cpp.tar.xz"
+    cp "$SCRATCH/ggml-vocab-llama-spm.gguf" "$SCRATCH/llama.cpp/src/models/"
+    LLAMA_CPP_OFFLINE=1 LLAMA_CPP_DIR="$SCRATCH/llama.cpp" JOBS=$(nproc) \
+        scripts/llama-cpp.sh llama-quantize >"$SCRATCH/llama-build.log" 2>&1 ||
+        { tail -30 "$SCRATCH/llama-build.log"; exit 1; }
+    ls -la "$SCRATCH"/llama.cpp/build/bin/
+    ;;
 synth)
     python3 bench/gpu-synth.py "$SCRATCH/llama.cpp/src" "$SCRATCH/llama-1b.f16.gguf"
-    "$SCRATCH"/llama.cpp/build-cuda/bin/llama-quantize "$SCRATCH/llama-1b.f16.gguf" \
+    # The CUDA build's llama-quantize (`llama`), else the CPU one (`quantizer`).
+    quantize=$(ls "$SCRATCH"/llama.cpp/build-cuda/bin/llama-quantize "$SCRATCH"/llama.cpp/build/bin/llama-quantize 2>/dev/null | head -1)
+    "$quantize" "$SCRATCH/llama-1b.f16.gguf" \
         "$SCRATCH/llama-1b.q4_k_m.gguf" Q4_K_M "$(nproc)" >"$SCRATCH/quantize.log" 2>&1 ||
         { tail -20 "$SCRATCH/quantize.log"; exit 1; }
     rm -f "$SCRATCH/llama-1b.f16.gguf"
