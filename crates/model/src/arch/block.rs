@@ -76,6 +76,33 @@ pub struct Layer<'a, W> {
     pub last_row_only: bool,
 }
 
+impl<W> Layer<'_, W> {
+    /// A Gemma block (Gemma 2 and 3): GELU, q scaled before attention, and either local
+    /// attention over the last `window` positions with `local`'s RoPE, or global attention
+    /// with `global`'s (`window` `None`).
+    pub fn gemma(
+        (local, global): (RopeParams, RopeParams),
+        window: Option<u32>,
+        q_scale: f32,
+        softcap: f32,
+        rows: usize,
+        last_row_only: bool,
+    ) -> Self {
+        Layer {
+            rope: if window.is_some() { local } else { global },
+            rope_factors: None,
+            window: window.unwrap_or(0),
+            q_scale: QScale::OnQ(q_scale),
+            activation: Activation::GeluTanh,
+            rows,
+            use_rope: true,
+            softcap,
+            q_temp: None,
+            last_row_only,
+        }
+    }
+}
+
 /// The whole stack: embeddings, blocks, output norm and projection.
 pub struct Decoder<W> {
     pub hp: Hparams,

@@ -4,10 +4,10 @@
 //! attention, and the final logits soft-capped too.
 //! Follows llama.cpp's `llama_model_gemma2` (src/models/gemma2.cpp).
 
-use realm_compute::{Activation, Compute, RopeMode, RopeParams};
+use realm_compute::{Compute, RopeMode, RopeParams};
 use realm_gguf::Hparams;
 
-use super::block::{Decoder, Layer, OutputWeight, QScale, Spec};
+use super::block::{Decoder, Layer, OutputWeight, Spec};
 use super::{Architecture, Loader, Output, Scratch, rope_params};
 use crate::{Error, Result};
 
@@ -95,22 +95,14 @@ impl<C: Compute> Architecture<C> for Gemma2<C> {
         for il in 0..self.d.blocks.len() {
             // llama.cpp's swa pattern: layer il slides when il % pattern < pattern - 1.
             let sliding = (il as u32) % self.swa_pattern < self.swa_pattern - 1;
-            let layer = Layer {
-                rope: if sliding {
-                    self.rope_local
-                } else {
-                    self.rope_global
-                },
-                rope_factors: None,
-                window: if sliding { self.sliding_window } else { 0 },
-                q_scale: QScale::OnQ(self.q_scale),
-                activation: Activation::GeluTanh,
-                rows: ids.len(),
-                use_rope: true,
-                softcap: self.attn_softcap,
-                q_temp: None,
-                last_row_only: self.d.last_row_only(il, out),
-            };
+            let layer = Layer::gemma(
+                (self.rope_local, self.rope_global),
+                sliding.then_some(self.sliding_window),
+                self.q_scale,
+                self.attn_softcap,
+                ids.len(),
+                self.d.last_row_only(il, out),
+            );
             self.d.block(c, s, cache, il, pos, &layer)?;
         }
         let mut v = self.d.finish(c, s, ids.len(), out)?;

@@ -3,10 +3,10 @@
 //! sliding-window / global attention layers with their own RoPE bases (NeoX pairing).
 //! Follows llama.cpp's `llm_build_gemma3_iswa` (src/models/gemma3-iswa.cpp).
 
-use realm_compute::{Activation, Compute, RopeMode, RopeParams};
+use realm_compute::{Compute, RopeMode, RopeParams};
 use realm_gguf::Hparams;
 
-use super::block::{Decoder, Layer, OutputWeight, QScale, Spec};
+use super::block::{Decoder, Layer, OutputWeight, Spec};
 use super::{Architecture, Loader, Output, Scratch, rope_params};
 use crate::{Error, Result};
 
@@ -73,22 +73,14 @@ impl<C: Compute> Architecture<C> for Gemma3<C> {
         for il in 0..self.d.blocks.len() {
             // Without a window every layer is global (llama.cpp's LLAMA_SWA_TYPE_NONE).
             let global = self.sliding_window == 0 || (il + 1) % GLOBAL_EVERY == 0;
-            let layer = Layer {
-                rope: if global {
-                    self.rope_global
-                } else {
-                    self.rope_local
-                },
-                rope_factors: None,
-                window: if global { 0 } else { self.sliding_window },
-                q_scale: QScale::OnQ(1.0 / (hp.head_dim as f32).sqrt()),
-                activation: Activation::GeluTanh,
-                rows: ids.len(),
-                use_rope: true,
-                softcap: 0.0,
-                q_temp: None,
-                last_row_only: self.d.last_row_only(il, out),
-            };
+            let layer = Layer::gemma(
+                (self.rope_local, self.rope_global),
+                (!global).then_some(self.sliding_window),
+                1.0 / (hp.head_dim as f32).sqrt(),
+                0.0,
+                ids.len(),
+                self.d.last_row_only(il, out),
+            );
             self.d.block(c, s, cache, il, pos, &layer)?;
         }
         self.d.finish(c, s, ids.len(), out)
