@@ -115,6 +115,15 @@ fn hsum8(v: __m256) -> f32 {
     _mm_cvtss_f32(r)
 }
 
+/// The sum of eight i32 lanes (exact).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+}
+
 /// 16 bytes of nibbles → 32 bytes: low nibbles first, then high (ggml's `bytes_from_nibbles_32`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -432,13 +441,7 @@ pub unsafe fn scaled_dot(qs: &[i16; 256], x: &[u8; 256]) -> i32 {
         };
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(q, y));
     }
-    let s = _mm_add_epi32(
-        _mm256_castsi256_si128(acc),
-        _mm256_extracti128_si256(acc, 1),
-    );
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
+    hsum_epi32(acc)
 }
 
 /// [`scaled_dot`] of one super-block against four activation rows at once (the weight
@@ -458,15 +461,13 @@ pub unsafe fn scaled_dot4(qs: &[i16; 256], x: [&[u8; 256]; 4]) -> [i32; 4] {
             *a = _mm256_add_epi32(*a, _mm256_madd_epi16(q, y));
         }
     }
-    acc.map(|acc| {
-        let s = _mm_add_epi32(
-            _mm256_castsi256_si128(acc),
-            _mm256_extracti128_si256(acc, 1),
-        );
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s)
-    })
+    // A loop, not `map`: a closure does not take this function's target features, so the
+    // intrinsics in one are calls.
+    let mut out = [0i32; 4];
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = hsum_epi32(a);
+    }
+    out
 }
 
 /// Whether [`dot_tile`] has a kernel for `ty`.

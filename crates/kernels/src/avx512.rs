@@ -630,7 +630,12 @@ pub unsafe fn scaled_dot4(qs: &[i16; 256], x: [&[u8; 256]; 4]) -> [i32; 4] {
             *a = _mm512_dpwssd_epi32(*a, q, y);
         }
     }
-    acc.map(|a| _mm512_reduce_add_epi32(a))
+    // A loop, not `map` (see `avx2::scaled_dot4`).
+    let mut out = [0i32; 4];
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = _mm512_reduce_add_epi32(a);
+    }
+    out
 }
 
 /// Two Q6_K rows × eight Q8_K activation rows, laid out as [`tile8_q4_k`]'s: the AVX2
