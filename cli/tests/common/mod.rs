@@ -209,3 +209,76 @@ pub fn serve(args: &[&str]) -> (std::process::Child, String) {
     );
     (child, addr)
 }
+
+/// A child process killed on drop.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Waits (30 s at most) until something listens on 127.0.0.1:`port`.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn wait_port(port: u16, what: &str) {
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{what} did not listen on {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `bin` (a nats-server) on a free loopback port, its output to `log`; its URL.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn start_nats(bin: &str, log: std::process::Stdio) -> (Proc, String) {
+    let port = free_port();
+    let child = std::process::Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(log)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nats-server starts");
+    let nats = Proc(child);
+    wait_port(port, "nats-server");
+    (nats, format!("nats://127.0.0.1:{port}"))
+}
+
+/// A two-thread tokio runtime for the NATS clients of a test.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this module uses it"
+)]
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
