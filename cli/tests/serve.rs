@@ -56,14 +56,7 @@ impl Server {
         if let Err(e) = s.read_to_end(&mut out) {
             assert!(!out.is_empty(), "no response: {e}");
         }
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
-        (status, body)
+        common::http_answer(&out)
     }
 
     fn health(&self) -> serde_json::Value {

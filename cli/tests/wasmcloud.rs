@@ -114,14 +114,7 @@ fn post_text(port: u16, path: &str, body: &str) -> (u16, String) {
     s.write_all(req.as_bytes()).expect("send");
     let mut out = Vec::new();
     s.read_to_end(&mut out).expect("an answer");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |x| x.1);
-    (status, body.to_string())
+    common::http_answer(&out)
 }
 
 /// One HTTP/1.1 GET to a Realm server's own API (its `/metrics` and embeddings).
@@ -133,9 +126,9 @@ fn realm_http(addr: &str, method: &str, path: &str, body: &str) -> String {
         body.len()
     );
     s.write_all(req.as_bytes()).expect("send");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("an answer");
-    out.split_once("\r\n\r\n").map_or("", |x| x.1).to_string()
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("an answer");
+    common::http_answer(&out).1
 }
 
 /// A Realm server's generated tokens so far (its Prometheus `/metrics`).
