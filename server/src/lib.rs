@@ -1697,6 +1697,32 @@ fn thread_gone() -> ApiError {
 }
 
 /// Embeddings of `inputs` in one fresh tenant: (tokens, vectors).
+/// `f` on a tenant of `model` on a blocking thread, under the same admission and deadline as
+/// a generation (at the deadline the answer is a 504; the tenant's own deadline stops its
+/// thread). The tenant is given back when `f` succeeds.
+async fn on_tenant<R: Send + 'static>(
+    app: &Arc<App>,
+    model: &str,
+    f: impl FnOnce(&mut Model) -> ApiResult<R> + Send + 'static,
+) -> ApiResult<R> {
+    let path = app.model_path(model)?;
+    let permit = app.admit().await?;
+    let deadline = Instant::now() + app.config.request_timeout;
+    let worker = app.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut tenant = worker.tenant(&path).map_err(|e| ApiError::from_run(&e))?;
+        tenant.set_deadline_at(deadline, worker.config.request_timeout);
+        let out = f(&mut tenant)?;
+        worker.give_back(path, tenant);
+        Ok(out)
+    });
+    tokio::time::timeout_at(deadline.into(), job)
+        .await
+        .map_err(|_| deadline_error(app.config.request_timeout))?
+        .map_err(|_| thread_gone())?
+}
+
 async fn embed_all(
     app: &Arc<App>,
     model: &str,
@@ -1708,19 +1734,12 @@ async fn embed_all(
             "input must be a non-empty string or a list of 1 to 256 non-empty strings",
         ));
     }
-    let path = app.model_path(model)?;
-    let permit = app.admit().await?;
-    let deadline = Instant::now() + app.config.request_timeout;
-    let worker = app.clone();
     // Positions an input may take: --ctx-size where set, else the model's own context.
     let ctx = match app.config.ctx_size {
         0 => app.n_ctx_train.get(model).copied().unwrap_or(u32::MAX),
         n => n,
     };
-    let job = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let mut tenant = worker.tenant(&path).map_err(|e| ApiError::from_run(&e))?;
-        tenant.set_deadline_at(deadline, worker.config.request_timeout);
+    let result = on_tenant(app, model, move |tenant| {
         let mut out = Vec::with_capacity(inputs.len());
         for (i, t) in inputs.iter().enumerate() {
             let n = tenant
@@ -1735,14 +1754,9 @@ async fn embed_all(
             }
             out.push(tenant.embed(t).map_err(|e| ApiError::from_run(&e))?);
         }
-        worker.give_back(path, tenant);
         Ok(out)
-    });
-    // At the deadline the answer is a 504; the tenant's own deadline stops its thread.
-    let result = tokio::time::timeout_at(deadline.into(), job)
-        .await
-        .map_err(|_| deadline_error(app.config.request_timeout))?
-        .map_err(|_| thread_gone())??;
+    })
+    .await?;
     let tokens = result.iter().map(|e| e.tokens).sum();
     app.metrics.prompt_tokens.inc_by(u64::from(tokens));
     Ok((tokens, result.into_iter().map(|e| e.values).collect()))

@@ -58,8 +58,8 @@ use serde::Deserialize;
 
 use crate::{
     ApiError, ApiResult, App, ChatMessage, EmbeddingRequest, Input, Job, Piece, PromptField,
-    Sampling, Shape, Timing, chat_messages, constraint, deadline_error, embed_all, parse,
-    plain_list, plain_messages, spawn_generation, thread_gone, usage_json,
+    Sampling, Shape, Timing, chat_messages, constraint, deadline_error, embed_all, on_tenant,
+    parse, plain_list, plain_messages, spawn_generation, thread_gone, usage_json,
 };
 
 /// How long a `next` call waits for the first new piece before answering with none.
@@ -476,47 +476,39 @@ impl Nats {
     /// `info`, `tokenize`, `detokenize` and `template`: one call on a loaded tenant of the
     /// model, under the same admission and deadline as a generation.
     async fn model_call(&self, kind: Kind, payload: &Bytes) -> ApiResult<Value> {
-        let app = &self.app;
         let req: ModelRequest = parse(payload)?;
         let missing = |field: &str| {
             ApiError::invalid("invalid_value", format!("this request needs \"{field}\""))
         };
-        type Call = Box<dyn FnOnce(&mut Model) -> anyhow::Result<Value> + Send>;
-        let call: Call = match kind {
-            Kind::Info => Box::new(|m: &mut Model| Ok(info_json(m))),
+        let run = |r: anyhow::Result<Value>| r.map_err(|e| ApiError::from_run(&e));
+        match kind {
+            Kind::Info => on_tenant(&self.app, &req.model, |m| Ok(info_json(m))).await,
             Kind::Tokenize => {
                 let text = req.text.ok_or_else(|| missing("text"))?;
                 let special = req.add_special;
-                Box::new(move |m: &mut Model| Ok(json!({"tokens": m.tokenize(&text, special)?})))
+                on_tenant(&self.app, &req.model, move |m| {
+                    run(m.tokenize(&text, special).map(|t| json!({"tokens": t})))
+                })
+                .await
             }
             Kind::Detokenize => {
                 let ids = req.tokens.ok_or_else(|| missing("tokens"))?;
-                Box::new(move |m: &mut Model| Ok(json!({"text": m.detokenize(&ids)?})))
+                on_tenant(&self.app, &req.model, move |m| {
+                    run(m.detokenize(&ids).map(|t| json!({"text": t})))
+                })
+                .await
             }
             _ => {
                 let messages = plain_list(&chat_messages(
                     req.messages.ok_or_else(|| missing("messages"))?,
                 )?);
                 let add = req.add_generation_prompt;
-                Box::new(move |m: &mut Model| {
-                    Ok(json!({"text": m.apply_template(&messages, add)?}))
+                on_tenant(&self.app, &req.model, move |m| {
+                    run(m.apply_template(&messages, add).map(|t| json!({"text": t})))
                 })
+                .await
             }
-        };
-        let path = app.model_path(&req.model)?;
-        let permit = app.admit().await?;
-        let deadline = Instant::now() + app.config.request_timeout;
-        let worker = app.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let mut tenant = worker.tenant(&path).map_err(|e| ApiError::from_run(&e))?;
-            tenant.set_deadline_at(deadline, worker.config.request_timeout);
-            let out = call(&mut tenant).map_err(|e| ApiError::from_run(&e))?;
-            worker.give_back(path, tenant);
-            Ok(out)
-        })
-        .await
-        .map_err(|_| thread_gone())?
+        }
     }
 
     /// An embeddings request: the HTTP API's `/v1/embeddings` body (floats only).
