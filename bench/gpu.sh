@@ -94,7 +94,7 @@ quantizer)
 synth)
     python3 bench/gpu-synth.py "$SCRATCH/llama.cpp/src" "$SCRATCH/llama-1b.f16.gguf"
     # The CUDA build's llama-quantize (`llama`), else the CPU one (`quantizer`).
-    quantize=$(ls "$SCRATCH"/llama.cpp/build-cuda/bin/llama-quantize "$SCRATCH"/llama.cpp/build/bin/llama-quantize 2>/dev/null | head -1)
+    quantize=$(ls "$SCRATCH"/llama.cpp/build-cuda/bin/llama-quantize "$SCRATCH"/llama.cpp/build/bin/llama-quantize 2>/dev/null | head -1 || true)
     "$quantize" "$SCRATCH/llama-1b.f16.gguf" \
         "$SCRATCH/llama-1b.q4_k_m.gguf" Q4_K_M "$(nproc)" >"$SCRATCH/quantize.log" 2>&1 ||
         { tail -20 "$SCRATCH/quantize.log"; exit 1; }

@@ -649,18 +649,270 @@ extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8
     matvec_q8_col(w, ty, k, n, xq, rows, y, warp, threadIdx.x & 31);
 }
 
-// quantize_q8 and matmul_q8 in one launch, for a few rows (decoding): each block quantizes
-// all of x into shared memory (the same bytes quantize_q8 writes), then its warps take their
-// columns. One launch a matmul instead of two.
-extern "C" __global__ void matmul_q8_fused(const u8* w, int ty, int k, int n, const float* x,
-                                           int rows, float* y) {
-    extern __shared__ u8 xs[];
+// quantize_q8 and the matvec in one launch, for a few rows (decoding), with no global
+// load waited for twice: each warp first issues the loads of its column's first 32 weight
+// blocks (into registers), then the block quantizes all of x into shared memory (the same
+// values quantize_q8 makes; every warp's x loads issued before its blocks are reduced),
+// then the weights go to the warp's shared buffer and the lanes compute as matvec_q8_col,
+// the next 32 blocks' loads in flight meanwhile. In shared memory every block is padded to
+// a 4-byte aligned layout (x: d, s or 2 spare bytes, then the 32 quants at 4; weights:
+// a 2-byte header padded to 4), so lanes read words, not bytes. One kernel per type.
+#define W_CHUNK 32
+template <int TY>
+struct Q32 {
+    static constexpr int BB = TY == T_Q4_0 ? 18 : TY == T_Q4_1 ? 20 : TY == T_Q5_0 ? 22
+                            : TY == T_Q5_1 ? 24 : 34;
+    static constexpr int PAD = TY == T_Q4_0 || TY == T_Q5_0 || TY == T_Q8_0 ? 1 : 0;
+    static constexpr int SB = BB + 2 * PAD;  // bytes of a block in shared memory
+    static constexpr int Q81 = TY == T_Q4_1 || TY == T_Q5_1;
+    static constexpr int NW = BB / 2;  // u16 loads a lane per chunk
+};
+
+template <int TY>
+__device__ __forceinline__ int w4s(const u8* wb, int l) {
+    if (TY == T_Q8_0) return *(const int*)(wb + 4 + 4 * l);
+    if (TY == T_Q4_0 || TY == T_Q4_1) {
+        unsigned b = *(const unsigned*)(wb + 4 + 4 * (l & 3));
+        unsigned nib = l < 4 ? b & 0x0f0f0f0fu : (b >> 4) & 0x0f0f0f0fu;
+        return TY == T_Q4_0 ? (int)__vsub4(nib, 0x08080808u) : (int)nib;
+    }
+    unsigned qh = *(const unsigned*)(wb + 4);
+    unsigned b = *(const unsigned*)(wb + 8 + 4 * (l & 3));
+    unsigned nib = l < 4 ? b & 0x0f0f0f0fu : (b >> 4) & 0x0f0f0f0fu;
+    unsigned h = (qh >> (4 * l)) & 15u;
+    nib |= ((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25);
+    return TY == T_Q5_1 ? (int)nib : (int)__vsub4(nib, 0x10101010u);
+}
+
+template <int TY>
+__device__ __forceinline__ void chunk_load(const u8* src, int live, int lane,
+                                           unsigned (&r)[Q32<TY>::NW]) {
+    const u16* s = (const u16*)src;
+    int cnt = live * (Q32<TY>::BB / 2);
+#pragma unroll
+    for (int i = 0; i < Q32<TY>::NW; i++) {
+        int e = lane + 32 * i;
+        r[i] = e < cnt ? s[e] : 0u;
+    }
+}
+
+template <int TY>
+__device__ __forceinline__ void chunk_store(u8* dst, int live, int lane,
+                                            const unsigned (&r)[Q32<TY>::NW]) {
+    constexpr int H = Q32<TY>::BB / 2, S = Q32<TY>::SB / 2;
+    int cnt = live * H;
+#pragma unroll
+    for (int i = 0; i < Q32<TY>::NW; i++) {
+        int e = lane + 32 * i;
+        if (e < cnt) {
+            int b = e / H, o = e % H;
+            ((u16*)dst)[b * S + o + (o ? Q32<TY>::PAD : 0)] = (u16)r[i];
+        }
+    }
+}
+
+// What a fused matvec does around its product (the launches it replaces, merged by the
+// host): an RMS norm of x's rows first (`nw`: the norm's weight; every block computes the
+// row's scale exactly as rms_norm does, in blocks of 256 threads, and the first block
+// writes the normed rows to `xo`, the norm's output), and `acc += y` after (the add that
+// followed the product).
+struct Fuse {
+    const float* nw;
+    float eps;
+    float* xo;
+    float* acc;
+};
+
+// rms_norm's scale of each of x's rows (k values) into rs, as rms_norm computes it.
+__device__ __forceinline__ void norm_scales(const float* x, int rows, int k, float eps,
+                                            float* rs) {
+    __shared__ double part[32];
+    for (int q = 0; q < rows; q++) {
+        const float* xg = x + (size_t)q * k;
+        double s = 0;
+        for (int i = threadIdx.x; i < k; i += blockDim.x) s += (double)(xg[i] * xg[i]);
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffff, s, o);
+        if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            double t = 0;
+            for (int i = 0; i < (int)((blockDim.x + 31) / 32); i++) t += part[i];
+            float mean = (float)(t / k);
+            rs[q] = 1.0f / sqrtf(mean + eps);
+        }
+        __syncthreads();
+    }
+}
+
+// Value i of row q of the product's input: x's, or its normed value (written to xo by the
+// first block).
+__device__ __forceinline__ float fused_in(const float* x, const Fuse& f, const float* rs, int q,
+                                          int k, int i) {
+    float v = x[(size_t)q * k + i];
+    if (!f.nw) return v;
+    v = (v * rs[q]) * f.nw[i];
+    if (blockIdx.x == 0) f.xo[(size_t)q * k + i] = v;
+    return v;
+}
+
+// x's rows as 36-byte q8 blocks (d, s·d or unused, 32 quants at 4) in shared memory.
+__device__ __forceinline__ void q8_rows_smem(const float* x, int rows, int k, int q81,
+                                             const Fuse& f, const float* rs, u8* xs) {
     int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    int q81 = ty == T_Q4_1 || ty == T_Q5_1;
-    for (int blk = wib; blk < rows * (k / 32); blk += warps) q8_block(x, blk, lane, q81, xs);
+    int nb = k / 32, blocks = rows * nb;
+    for (int base = wib; base < blocks; base += 8 * warps) {
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int blk = base + i * warps;
+            v[i] = blk < blocks ? fused_in(x, f, rs, blk / nb, k, (blk % nb) * 32 + lane) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int blk = base + i * warps;
+            if (blk >= blocks) break;
+            float amax = fabsf(v[i]);
+            for (int o = 16; o > 0; o >>= 1)
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
+            float d = amax / 127.0f;
+            float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+            int q = (int)rintf(v[i] * id);
+            int sum = q;
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+            u8* b = xs + (size_t)blk * 36;
+            if (lane == 0) {
+                ((u16*)b)[0] = f2h(d);
+                ((u16*)b)[1] = q81 ? f2h(d * (float)sum) : 0;
+            }
+            b[4 + lane] = (u8)(signed char)q;
+        }
+    }
+}
+
+template <int TY>
+__device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const float* x,
+                                                int rows, float* y, const Fuse& f, int blk) {
+    typedef Q32<TY> Q;
+    extern __shared__ __align__(16) u8 smem[];
+    int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
+    int col = blk * (blockDim.x >> 5) + wib;
+    int nb = k / 32;
+    bool live_col = col < n;
+    const u8* wr = w + (size_t)min(col, n - 1) * nb * Q::BB;
+    u8* wg = smem + (wib & 7) * W_CHUNK * 36;
+    u8* xs = smem + 8 * W_CHUNK * 36;
+    unsigned r[Q::NW];
+    chunk_load<TY>(wr, live_col ? min(W_CHUNK, nb) : 0, lane, r);
+    __shared__ float rs[MATVEC_ROWS];
+    if (f.nw) norm_scales(x, rows, k, f.eps, rs);
+    q8_rows_smem(x, rows, k, Q::Q81, f, rs, xs);
+    chunk_store<TY>(wg, live_col ? min(W_CHUNK, nb) : 0, lane, r);
     __syncthreads();
-    int warp = blockIdx.x * warps + wib;
-    if (warp < n) matvec_q8_col(w, ty, k, n, xs, rows, y, warp, lane);
+    if (!live_col) return;
+    int j = lane >> 3, l = lane & 7;
+    float acc[MATVEC_ROWS], summs[MATVEC_ROWS];
+#pragma unroll
+    for (int q = 0; q < MATVEC_ROWS; q++) acc[q] = summs[q] = 0.0f;
+    for (int c0 = 0; c0 < nb; c0 += W_CHUNK) {
+        int live = min(W_CHUNK, nb - c0);
+        int next = c0 + W_CHUNK < nb ? min(W_CHUNK, nb - c0 - W_CHUNK) : 0;
+        if (next) chunk_load<TY>(wr + (size_t)(c0 + W_CHUNK) * Q::BB, next, lane, r);
+        for (int g = 0; g < live; g += 16) {
+            int glive = min(16, live - g);
+            int bi[4], wq[4];
+            float dw[4], mw[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int local = min(j + 4 * u, glive - 1);
+                bi[u] = c0 + g + local;
+                const u8* wb = wg + (g + local) * Q::SB;
+                wq[u] = w4s<TY>(wb, l);
+                dw[u] = h2f(((const u16*)wb)[0]);
+                mw[u] = Q::Q81 ? h2f(((const u16*)wb)[1]) : 0.0f;
+            }
+#pragma unroll
+            for (int q = 0; q < MATVEC_ROWS; q++) {
+                if (q >= rows) break;
+                int sum[4];
+                float d[4], sx[4];
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    const u8* xb = xs + ((size_t)q * nb + bi[u]) * 36;
+                    sum[u] = __dp4a(wq[u], *(const int*)(xb + 4 + 4 * l), 0);
+                    d[u] = __fmul_rn(dw[u], h2f(((const u16*)xb)[0]));
+                    sx[u] = Q::Q81 ? h2f(((const u16*)xb)[1]) : 0.0f;
+                }
+#pragma unroll
+                for (int u = 0; u < 4; u++)
+#pragma unroll
+                    for (int jj = 0; jj < 4; jj++) {
+                        float dj = __shfl_sync(0xffffffff, d[u], l + 8 * jj);
+                        int sj = __shfl_sync(0xffffffff, sum[u], l + 8 * jj);
+                        float mj = Q::Q81 ? __shfl_sync(0xffffffff, mw[u], l + 8 * jj) : 0.0f;
+                        float xj = Q::Q81 ? __shfl_sync(0xffffffff, sx[u], l + 8 * jj) : 0.0f;
+                        if (4 * u + jj < glive) {
+                            acc[q] = fmaf(dj, (float)sj, acc[q]);
+                            if (Q::Q81) summs[q] = fmaf(mj, xj, summs[q]);
+                        }
+                    }
+            }
+        }
+        if (next) {
+            __syncwarp();
+            chunk_store<TY>(wg, next, lane, r);
+            __syncwarp();
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < MATVEC_ROWS; q++) {
+        if (q >= rows) break;
+        float s = hsum8(acc[q]);
+        if (Q::Q81) s = __fadd_rn(s, summs[q]);
+        if (lane == 0) {
+            y[(size_t)q * n + col] = s;
+            if (f.acc) f.acc[(size_t)q * n + col] = __fadd_rn(f.acc[(size_t)q * n + col], s);
+        }
+    }
+}
+
+// The weight a block of a merged launch serves (up to three products of the same x, each
+// in ceil(n / 8) blocks), and its block index within that product.
+__device__ __forceinline__ int which(int n0, int n1, int* blk) {
+    int b0 = (n0 + 7) / 8, b1 = (n1 + 7) / 8;
+    int b = blockIdx.x;
+    if (b < b0) {
+        *blk = b;
+        return 0;
+    }
+    if (b < b0 + b1) {
+        *blk = b - b0;
+        return 1;
+    }
+    *blk = b - b0 - b1;
+    return 2;
+}
+
+// quantize_q8 and matmul_q8 in one launch, for a few rows (decoding), in blocks of 256
+// threads: dynamic shared memory of 8 × W_CHUNK × 36 bytes (the warps' weights), then
+// rows × k/32 × 36 (x). Up to three products of the same x in one launch (w1, w2 with n1,
+// n2 > 0), a norm before and an add after (Fuse).
+extern "C" __global__ void __launch_bounds__(256, 2) matmul_q8_fused(const u8* w0, int ty0, int n0, float* y0,
+                                           const u8* w1, int ty1, int n1, float* y1,
+                                           const u8* w2, int ty2, int n2, float* y2, int k,
+                                           const float* x, int rows, const float* nw, float eps,
+                                           float* xo, float* acc) {
+    int blk, s = which(n0, n1, &blk);
+    const u8* w = s == 0 ? w0 : s == 1 ? w1 : w2;
+    int ty = s == 0 ? ty0 : s == 1 ? ty1 : ty2, n = s == 0 ? n0 : s == 1 ? n1 : n2;
+    float* y = s == 0 ? y0 : s == 1 ? y1 : y2;
+    Fuse f = {nw, eps, xo, acc};
+    switch (ty) {
+        case T_Q4_0: matvec_q8_fused<T_Q4_0>(w, k, n, x, rows, y, f, blk); break;
+        case T_Q4_1: matvec_q8_fused<T_Q4_1>(w, k, n, x, rows, y, f, blk); break;
+        case T_Q5_0: matvec_q8_fused<T_Q5_0>(w, k, n, x, rows, y, f, blk); break;
+        case T_Q5_1: matvec_q8_fused<T_Q5_1>(w, k, n, x, rows, y, f, blk); break;
+        default: matvec_q8_fused<T_Q8_0>(w, k, n, x, rows, y, f, blk); break;
+    }
 }
 
 // Many rows (prompts): tiles of TILE_M rows × TILE_N columns per block of 256 threads,
@@ -775,13 +1027,10 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q81_tiled(const u8* w, 
 // values per lane: the scale from the signed value of largest magnitude (the first such),
 // -127 / max, rounded half to even and clamped at 127; then f32 1/scale, 256 × i8 and the
 // 16 sums of 16 as i16 (292 bytes).
-__device__ __forceinline__ void q8k_block(const float* x, int blk, int lane, u8* out) {
-    const float* xb = x + (size_t)blk * 256 + lane * 8;
-    float v[8];
+__device__ __forceinline__ void q8k_block_v(const float (&v)[8], int blk, int lane, u8* out) {
     float amax = 0.0f, max = 0.0f;
     int at = 256;
     for (int i = 0; i < 8; i++) {
-        v[i] = xb[i];
         if (fabsf(v[i]) > amax) {
             amax = fabsf(v[i]);
             max = v[i];
@@ -825,6 +1074,14 @@ __device__ __forceinline__ void q8k_block(const float* x, int blk, int lane, u8*
     }
 }
 
+__device__ __forceinline__ void q8k_block(const float* x, int blk, int lane, u8* out) {
+    const float* xb = x + (size_t)blk * 256 + lane * 8;
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] = xb[i];
+    q8k_block_v(v, blk, lane, out);
+}
+
 extern "C" __global__ void quantize_q8k(const float* x, int blocks, u8* out) {
     int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (blk >= blocks) return;
@@ -861,103 +1118,113 @@ __device__ __forceinline__ int q6k_u(const u8* b, int j) {
 //   sums s1 = Σ scale·q·x and s2 = Σ min·bsum, then acc + fma(-dmin, s2, s1·d)·d_x (Q6_K:
 //   acc + s1·d·d_x), each product rounded.
 // Lane t holds values 8t..8t+8: run t/4 of 32, the CPU's lanes 2(t%4) and 2(t%4)+1.
+// One super-block of one row: wb its weights, xb its Q8_K block (either in shared or
+// global memory), into lane's acc (tiled: the running sum), acc1 and accm.
+__device__ __forceinline__ void q8k_super(const u8* wb, const u8* xb, int ty, int lane,
+                                          bool tiled, float& acc, float& acc1, float& accm) {
+    int run = lane / 4, c = lane % 4, at = lane * 8;
+    const signed char* q8 = (const signed char*)(xb + 4) + at;
+    float dx = q8k_d(xb);
+    int lo = 0, hi = 0, mins = 0, scale;
+    if (ty == T_Q4_K) {
+        int m;
+        scale_min_k4(run, wb + 4, &scale, &m);
+        const u8* qs = wb + 16 + 32 * (run / 2) + (at % 32);
+        for (int i = 0; i < 8; i++) {
+            int q = run & 1 ? qs[i] >> 4 : qs[i] & 0xF;
+            if (i < 4) lo += q * q8[i];
+            else hi += q * q8[i];
+        }
+        // Lanes 0-3: the CPU's min lane `lane`, sub-blocks 2·lane and 2·lane + 1.
+        if (lane < 4) {
+            int s0, m0, s1, m1;
+            scale_min_k4(2 * lane, wb + 4, &s0, &m0);
+            scale_min_k4(2 * lane + 1, wb + 4, &s1, &m1);
+            mins = m0 * (q8k_bsum(xb, 4 * lane) + q8k_bsum(xb, 4 * lane + 1)) +
+                   m1 * (q8k_bsum(xb, 4 * lane + 2) + q8k_bsum(xb, 4 * lane + 3));
+        }
+    } else {
+        scale = ((const signed char*)(wb + 192))[8 * (run / 4) + 2 * (run % 4) + c / 2];
+        for (int i = 0; i < 8; i++) {
+            int q = q6k_u(wb, at + i);
+            if (i < 4) lo += q * q8[i];
+            else hi += q * q8[i];
+        }
+    }
+    lo *= scale;
+    hi *= scale;
+    if (tiled) {
+        int s1 = lo + hi;
+        // Q6_K: the -32 offset as an exact integer over the block (any split).
+        if (ty == T_Q6_K && lane < 16) {
+            s1 -= 32 * ((const signed char*)(wb + 192))[lane] * q8k_bsum(xb, lane);
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            s1 += __shfl_xor_sync(0xffffffff, s1, o);
+            mins += __shfl_xor_sync(0xffffffff, mins, o);
+        }
+        if (ty == T_Q4_K) {
+            float d = h2f(rd16(wb)), dmin = h2f(rd16(wb + 2));
+            float rr = fmaf(-dmin, (float)mins, __fmul_rn((float)s1, d));
+            acc = __fadd_rn(acc, __fmul_rn(rr, dx));
+        } else {
+            acc = __fadd_rn(acc, __fmul_rn(__fmul_rn((float)s1, h2f(rd16(wb + 208))), dx));
+        }
+        return;
+    }
+    // The eight runs of each CPU lane pair: lanes c, c + 4, … c + 28.
+    for (int o = 4; o < 32; o <<= 1) {
+        lo += __shfl_xor_sync(0xffffffff, lo, o);
+        hi += __shfl_xor_sync(0xffffffff, hi, o);
+    }
+    if (ty == T_Q6_K) {
+        // CPU lane L = 2c (lo) and 2c + 1 (hi): -32 · (bsum[2L]·sc[2L] + bsum[2L+1]·sc[2L+1]).
+        const signed char* sc = (const signed char*)(wb + 192);
+        int L = 2 * c;
+        lo -= 32 * (q8k_bsum(xb, 2 * L) * sc[2 * L] + q8k_bsum(xb, 2 * L + 1) * sc[2 * L + 1]);
+        L = 2 * c + 1;
+        hi -= 32 * (q8k_bsum(xb, 2 * L) * sc[2 * L] + q8k_bsum(xb, 2 * L + 1) * sc[2 * L + 1]);
+    }
+    float d = __fmul_rn(dx, h2f(rd16(wb + (ty == T_Q4_K ? 0 : 208))));
+    acc = fmaf(d, (float)lo, acc);
+    acc1 = fmaf(d, (float)hi, acc1);
+    if (ty == T_Q4_K) accm = fmaf(__fmul_rn(-dx, h2f(rd16(wb + 2))), (float)mins, accm);
+}
+
+// A row's output from its lanes' sums (lane 0's result).
+__device__ __forceinline__ float q8k_finish(int ty, bool tiled, float acc, float acc1,
+                                            float accm) {
+    if (tiled) return acc;
+    // hsum_float_8 of lanes a[2c] = acc, a[2c+1] = acc1 of lanes c = 0..3.
+    float a[8], m[4];
+    for (int i = 0; i < 4; i++) {
+        a[2 * i] = __shfl_sync(0xffffffff, acc, i);
+        a[2 * i + 1] = __shfl_sync(0xffffffff, acc1, i);
+        m[i] = __shfl_sync(0xffffffff, accm, i);
+    }
+    float r0 = __fadd_rn(a[4], a[0]), r1 = __fadd_rn(a[5], a[1]);
+    float r2 = __fadd_rn(a[6], a[2]), r3 = __fadd_rn(a[7], a[3]);
+    float sum = __fadd_rn(__fadd_rn(r0, r2), __fadd_rn(r1, r3));
+    if (ty == T_Q4_K) {
+        sum = __fadd_rn(sum, __fadd_rn(__fadd_rn(m[0], m[2]), __fadd_rn(m[1], m[3])));
+    }
+    return sum;
+}
+
 __device__ __forceinline__ void matmul_q8k_col(const u8* w, int ty, int k, int n, const u8* xq,
                                                int rows, float* y, int warp, int lane) {
     int nb = k / 256, bb = k_bytes(ty);
     const u8* wr = w + (size_t)warp * nb * bb;
-    int run = lane / 4, c = lane % 4, at = lane * 8;
     bool tiled = rows >= 8;
     for (int r = 0; r < rows; r++) {
         const u8* xr = xq + (size_t)r * nb * 292;
         float acc = 0.0f, acc1 = 0.0f, accm = 0.0f;
         for (int bi = 0; bi < nb; bi++) {
-            const u8* wb = wr + (size_t)bi * bb;
-            const u8* xb = xr + (size_t)bi * 292;
-            const signed char* q8 = (const signed char*)(xb + 4) + at;
-            float dx = q8k_d(xb);
-            int lo = 0, hi = 0, mins = 0, scale;
-            if (ty == T_Q4_K) {
-                int m;
-                scale_min_k4(run, wb + 4, &scale, &m);
-                const u8* qs = wb + 16 + 32 * (run / 2) + (at % 32);
-                for (int i = 0; i < 8; i++) {
-                    int q = run & 1 ? qs[i] >> 4 : qs[i] & 0xF;
-                    if (i < 4) lo += q * q8[i];
-                    else hi += q * q8[i];
-                }
-                // Lanes 0-3: the CPU's min lane `lane`, sub-blocks 2·lane and 2·lane + 1.
-                if (lane < 4) {
-                    int s0, m0, s1, m1;
-                    scale_min_k4(2 * lane, wb + 4, &s0, &m0);
-                    scale_min_k4(2 * lane + 1, wb + 4, &s1, &m1);
-                    mins = m0 * (q8k_bsum(xb, 4 * lane) + q8k_bsum(xb, 4 * lane + 1)) +
-                           m1 * (q8k_bsum(xb, 4 * lane + 2) + q8k_bsum(xb, 4 * lane + 3));
-                }
-            } else {
-                scale = ((const signed char*)(wb + 192))[8 * (run / 4) + 2 * (run % 4) + c / 2];
-                for (int i = 0; i < 8; i++) {
-                    int q = q6k_u(wb, at + i);
-                    if (i < 4) lo += q * q8[i];
-                    else hi += q * q8[i];
-                }
-            }
-            lo *= scale;
-            hi *= scale;
-            if (tiled) {
-                int s1 = lo + hi;
-                // Q6_K: the -32 offset as an exact integer over the block (any split).
-                if (ty == T_Q6_K && lane < 16) {
-                    s1 -= 32 * ((const signed char*)(wb + 192))[lane] * q8k_bsum(xb, lane);
-                }
-                for (int o = 16; o > 0; o >>= 1) {
-                    s1 += __shfl_xor_sync(0xffffffff, s1, o);
-                    mins += __shfl_xor_sync(0xffffffff, mins, o);
-                }
-                if (ty == T_Q4_K) {
-                    float d = h2f(rd16(wb)), dmin = h2f(rd16(wb + 2));
-                    float rr = fmaf(-dmin, (float)mins, __fmul_rn((float)s1, d));
-                    acc = __fadd_rn(acc, __fmul_rn(rr, dx));
-                } else {
-                    acc = __fadd_rn(acc, __fmul_rn(__fmul_rn((float)s1, h2f(rd16(wb + 208))), dx));
-                }
-                continue;
-            }
-            // The eight runs of each CPU lane pair: lanes c, c + 4, … c + 28.
-            for (int o = 4; o < 32; o <<= 1) {
-                lo += __shfl_xor_sync(0xffffffff, lo, o);
-                hi += __shfl_xor_sync(0xffffffff, hi, o);
-            }
-            if (ty == T_Q6_K) {
-                // CPU lane L = 2c (lo) and 2c + 1 (hi): -32 · (bsum[2L]·sc[2L] + bsum[2L+1]·sc[2L+1]).
-                const signed char* sc = (const signed char*)(wb + 192);
-                int L = 2 * c;
-                lo -= 32 * (q8k_bsum(xb, 2 * L) * sc[2 * L] + q8k_bsum(xb, 2 * L + 1) * sc[2 * L + 1]);
-                L = 2 * c + 1;
-                hi -= 32 * (q8k_bsum(xb, 2 * L) * sc[2 * L] + q8k_bsum(xb, 2 * L + 1) * sc[2 * L + 1]);
-            }
-            float d = __fmul_rn(dx, h2f(rd16(wb + (ty == T_Q4_K ? 0 : 208))));
-            acc = fmaf(d, (float)lo, acc);
-            acc1 = fmaf(d, (float)hi, acc1);
-            if (ty == T_Q4_K) accm = fmaf(__fmul_rn(-dx, h2f(rd16(wb + 2))), (float)mins, accm);
+            q8k_super(wr + (size_t)bi * bb, xr + (size_t)bi * 292, ty, lane, tiled, acc, acc1,
+                      accm);
         }
-        if (tiled) {
-            if (lane == 0) y[(size_t)r * n + warp] = acc;
-            continue;
-        }
-        // hsum_float_8 of lanes a[2c] = acc, a[2c+1] = acc1 of lanes c = 0..3.
-        float a[8], m[4];
-        for (int i = 0; i < 4; i++) {
-            a[2 * i] = __shfl_sync(0xffffffff, acc, i);
-            a[2 * i + 1] = __shfl_sync(0xffffffff, acc1, i);
-            m[i] = __shfl_sync(0xffffffff, accm, i);
-        }
-        float r0 = __fadd_rn(a[4], a[0]), r1 = __fadd_rn(a[5], a[1]);
-        float r2 = __fadd_rn(a[6], a[2]), r3 = __fadd_rn(a[7], a[3]);
-        float sum = __fadd_rn(__fadd_rn(r0, r2), __fadd_rn(r1, r3));
-        if (ty == T_Q4_K) {
-            sum = __fadd_rn(sum, __fadd_rn(__fadd_rn(m[0], m[2]), __fadd_rn(m[1], m[3])));
-        }
-        if (lane == 0) y[(size_t)r * n + warp] = sum;
+        float s = q8k_finish(ty, tiled, acc, acc1, accm);
+        if (lane == 0) y[(size_t)r * n + warp] = s;
     }
 }
 
@@ -1203,13 +1470,178 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_mma(const u8* w, in
 #endif
 }
 
-// quantize_q8k and matmul_q8k in one launch, as matmul_q8_fused.
-extern "C" __global__ void matmul_q8k_fused(const u8* w, int ty, int k, int n, const float* x,
-                                            int rows, float* y) {
-    extern __shared__ u8 xs[];
+// quantize_q8k and matmul_q8k in one launch, for fewer than 8 rows (decoding; 8 rows take
+// the tiled order, matmul_q8k), in the CPU backend's order (matmul_q8k_col's) with the
+// integer work spread differently: lane 8i + L takes the CPU's f32 lane L (values 4L..4L+3
+// of each run of 32) of super-blocks 4u + i, an exact integer sum of scale · dp4a per run
+// (Q6_K's -32 and Q4_K's mins as the CPU groups them), and the lanes' f32 chains take the
+// super-blocks in order through shuffles. Each warp's first K_CHUNK super-blocks are loaded
+// (into registers, two bytes a lane: coalesced) before x is quantized, then staged in the
+// warp's shared buffer, Q6_K's 210-byte blocks padded to 212 so that lanes read words; the
+// next chunk's loads are in flight while one is summed. Blocks of 256 threads; dynamic
+// shared memory of 8 × K_CHUNK × 212 bytes (the warps' weights), then rows × k/256 × 292
+// (x as Q8_K).
+#define K_CHUNK 8
+template <int TY>
+__device__ __forceinline__ void q8k_item(const u8* wb, const u8* xb, int L, int* s, int* mins) {
+    const int* xw = (const int*)(xb + 4);
+    int acc = 0;
+    if (TY == T_Q4_K) {
+        const u8* q = wb + 4;
+#pragma unroll
+        for (int p = 0; p < 4; p++) {
+            unsigned w = *(const unsigned*)(wb + 16 + 32 * p + 4 * L);
+            int s0, m0, s1, m1;
+            scale_min_k4(2 * p, q, &s0, &m0);
+            scale_min_k4(2 * p + 1, q, &s1, &m1);
+            acc += s0 * __dp4a((int)(w & 0x0f0f0f0fu), xw[(2 * p) * 8 + L], 0);
+            acc += s1 * __dp4a((int)((w >> 4) & 0x0f0f0f0fu), xw[(2 * p + 1) * 8 + L], 0);
+        }
+        int m = 0;
+        if (L < 4) {
+            int s0, m0, s1, m1;
+            scale_min_k4(2 * L, q, &s0, &m0);
+            scale_min_k4(2 * L + 1, q, &s1, &m1);
+            m = m0 * (q8k_bsum(xb, 4 * L) + q8k_bsum(xb, 4 * L + 1)) +
+                m1 * (q8k_bsum(xb, 4 * L + 2) + q8k_bsum(xb, 4 * L + 3));
+        }
+        *mins = m;
+    } else {
+        const signed char* sc = (const signed char*)(wb + 192);
+#pragma unroll
+        for (int run = 0; run < 8; run++) {
+            int half = run / 4, quarter = run % 4;
+            unsigned lo = *(const unsigned*)(wb + 64 * half + (quarter & 1) * 32 + 4 * L);
+            lo = quarter < 2 ? lo & 0x0f0f0f0fu : (lo >> 4) & 0x0f0f0f0fu;
+            unsigned hb = *(const unsigned*)(wb + 128 + 32 * half + 4 * L);
+            hb = (hb >> (2 * quarter)) & 0x03030303u;
+            acc += sc[2 * run + L / 4] * __dp4a((int)(lo | (hb << 4)), xw[run * 8 + L], 0);
+        }
+        acc -= 32 * (q8k_bsum(xb, 2 * L) * sc[2 * L] + q8k_bsum(xb, 2 * L + 1) * sc[2 * L + 1]);
+        *mins = 0;
+    }
+    *s = acc;
+}
+
+template <int TY>
+__device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, const float* x,
+                                                 int rows, float* y, const Fuse& f, int blk) {
+    constexpr int BB = TY == T_Q4_K ? 144 : 210, SB = TY == T_Q4_K ? 144 : 212;
+    constexpr int H = BB / 2, NW = (K_CHUNK * H + 31) / 32;
+    extern __shared__ __align__(16) u8 smem[];
     int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int blk = wib; blk < rows * (k / 256); blk += warps) q8k_block(x, blk, lane, xs);
+    int col = blk * warps + wib;
+    int nb = k / 256;
+    bool live_col = col < n;
+    const u16* wr = (const u16*)(w + (size_t)min(col, n - 1) * nb * BB);
+    u8* wg = smem + (wib & 7) * K_CHUNK * 212;
+    u8* xs = smem + 8 * K_CHUNK * 212;
+    unsigned r[NW];
+    int cnt = live_col ? min(K_CHUNK, nb) * H : 0;
+#pragma unroll
+    for (int i = 0; i < NW; i++) r[i] = lane + 32 * i < cnt ? wr[lane + 32 * i] : 0u;
+    __shared__ float rs[MATVEC_ROWS];
+    if (f.nw) norm_scales(x, rows, k, f.eps, rs);
+    int blocks = rows * nb;
+    for (int base = wib; base < blocks; base += 2 * warps) {
+        float v[2][8];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            int xb = min(base + u * warps, blocks - 1), q = xb / nb;
+            int at = (xb % nb) * 256 + lane * 8;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                v[u][i] = fused_in(x, f, rs, q, k, at + i);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            if (base + u * warps < blocks) q8k_block_v(v[u], base + u * warps, lane, xs);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < NW; i++) {
+        int e = lane + 32 * i;
+        if (e < cnt) ((u16*)wg)[(e / H) * (SB / 2) + e % H] = (u16)r[i];
+    }
     __syncthreads();
-    int warp = blockIdx.x * warps + wib;
-    if (warp < n) matmul_q8k_col(w, ty, k, n, xs, rows, y, warp, lane);
+    if (!live_col) return;
+    int L = lane & 7, sub = lane >> 3;
+    float acc[MATVEC_ROWS], accm[MATVEC_ROWS];
+#pragma unroll
+    for (int q = 0; q < MATVEC_ROWS; q++) acc[q] = accm[q] = 0.0f;
+    for (int c0 = 0; c0 < nb; c0 += K_CHUNK) {
+        int live = min(K_CHUNK, nb - c0);
+        int next = c0 + K_CHUNK < nb ? min(K_CHUNK, nb - c0 - K_CHUNK) * H : 0;
+        const u16* src = wr + (size_t)(c0 + K_CHUNK) * H;
+#pragma unroll
+        for (int i = 0; i < NW; i++) r[i] = lane + 32 * i < next ? src[lane + 32 * i] : 0u;
+#pragma unroll
+        for (int q = 0; q < MATVEC_ROWS - 1; q++) {
+            if (q >= rows) break;
+            const u8* xr = xs + ((size_t)q * nb + c0) * 292;
+#pragma unroll
+            for (int u = 0; u < K_CHUNK / 4; u++) {
+                int sb = min(4 * u + sub, live - 1);
+                const u8* wb = wg + sb * SB;
+                const u8* xb = xr + (size_t)sb * 292;
+                int s, m;
+                q8k_item<TY>(wb, xb, L, &s, &m);
+                float dx = q8k_d(xb);
+                float d = __fmul_rn(dx, h2f(*(const u16*)(wb + (TY == T_Q4_K ? 0 : 208))));
+                float dm = TY == T_Q4_K ? __fmul_rn(-dx, h2f(*(const u16*)(wb + 2))) : 0.0f;
+#pragma unroll
+                for (int jj = 0; jj < 4; jj++) {
+                    // Super-block 4u + jj: lane L + 8jj's.
+                    float dj = __shfl_sync(0xffffffff, d, L + 8 * jj);
+                    int sj = __shfl_sync(0xffffffff, s, L + 8 * jj);
+                    float dmj = TY == T_Q4_K ? __shfl_sync(0xffffffff, dm, L + 8 * jj) : 0.0f;
+                    int mj = TY == T_Q4_K ? __shfl_sync(0xffffffff, m, L + 8 * jj) : 0;
+                    if (4 * u + jj < live) {
+                        acc[q] = fmaf(dj, (float)sj, acc[q]);
+                        if (TY == T_Q4_K) accm[q] = fmaf(dmj, (float)mj, accm[q]);
+                    }
+                }
+            }
+        }
+        if (next) {
+            __syncwarp();
+#pragma unroll
+            for (int i = 0; i < NW; i++) {
+                int e = lane + 32 * i;
+                if (e < next) ((u16*)wg)[(e / H) * (SB / 2) + e % H] = (u16)r[i];
+            }
+            __syncwarp();
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < MATVEC_ROWS - 1; q++) {
+        if (q >= rows) break;
+        // hsum_float_8 of the CPU lanes (lanes 0-7), plus Q4_K's mins (m0 + m2) + (m1 + m3).
+        float s = hsum8(acc[q]);
+        if (TY == T_Q4_K) {
+            float t = __fadd_rn(accm[q], __shfl_down_sync(0xffffffff, accm[q], 2));
+            s = __fadd_rn(s, __fadd_rn(t, __shfl_down_sync(0xffffffff, t, 1)));
+        }
+        if (lane == 0) {
+            y[(size_t)q * n + col] = s;
+            if (f.acc) f.acc[(size_t)q * n + col] = __fadd_rn(f.acc[(size_t)q * n + col], s);
+        }
+    }
+}
+
+// As matmul_q8_fused's launch: up to three products of the same x, a norm before and an
+// add after.
+extern "C" __global__ void __launch_bounds__(256, 2) matmul_q8k_fused(const u8* w0, int ty0, int n0, float* y0,
+                                            const u8* w1, int ty1, int n1, float* y1,
+                                            const u8* w2, int ty2, int n2, float* y2, int k,
+                                            const float* x, int rows, const float* nw,
+                                            float eps, float* xo, float* acc) {
+    int blk, s = which(n0, n1, &blk);
+    const u8* w = s == 0 ? w0 : s == 1 ? w1 : w2;
+    int ty = s == 0 ? ty0 : s == 1 ? ty1 : ty2, n = s == 0 ? n0 : s == 1 ? n1 : n2;
+    float* y = s == 0 ? y0 : s == 1 ? y1 : y2;
+    Fuse f = {nw, eps, xo, acc};
+    if (ty == T_Q4_K) matvec_q8k_fused<T_Q4_K>(w, k, n, x, rows, y, f, blk);
+    else matvec_q8k_fused<T_Q6_K>(w, k, n, x, rows, y, f, blk);
 }

@@ -119,6 +119,21 @@ const MMA_TILE: usize = 64;
 const FUSED_ROWS: usize = 8;
 const _: () = assert!(FUSED_ROWS <= MATVEC_ROWS);
 const FUSED_SMEM: usize = 48 * 1024;
+/// Weight blocks (super-blocks) a warp of `matmul_q8_fused` (`matmul_q8k_fused`) stages at
+/// a time: `W_CHUNK` (`K_CHUNK`) in `kernels.cu`.
+const W_CHUNK: usize = 32;
+const K_CHUNK: usize = 8;
+
+/// Dynamic shared memory of a fused matvec over `blocks` activation blocks: each of the 8
+/// warps' weight chunk (32-value blocks padded to 36 bytes, super-blocks to 212), then x
+/// (36-byte q8 blocks, Q8_K blocks). K-quant products of 8 rows take the tiled order, not
+/// the fused kernel's.
+fn fused_smem(blocks: usize, bytes: usize, q81: Option<i32>) -> usize {
+    match q81 {
+        Some(_) => 8 * W_CHUNK * 36 + blocks * 36,
+        None => 8 * K_CHUNK * 212 + blocks * bytes,
+    }
+}
 
 /// One GPU: its context, kernels and the weights uploaded to it (shared by every tenant's
 /// backend there; each tenant computes on a stream of its own).
@@ -344,6 +359,22 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> Arg {
     Arg::P(s.device_ptr(stream).0)
 }
 
+/// Argument positions of a fused matvec launch (`matmul_q8_fused`, `matmul_q8k_fused`):
+/// product i's weight, type, columns and output at 4i + (W, TY, N, Y) for i < 3 (N = 0:
+/// none), then k, x, rows, the norm's weight (0: none), eps and output, and the add's
+/// accumulator (0: none).
+mod mv {
+    pub const N: usize = 2;
+    pub const Y: usize = 3;
+    pub const K: usize = 12;
+    pub const X: usize = 13;
+    pub const ROWS: usize = 14;
+    pub const NW: usize = 15;
+    pub const EPS: usize = 16;
+    pub const XO: usize = 17;
+    pub const ACC: usize = 18;
+}
+
 /// One queued launch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Launch {
@@ -481,6 +512,11 @@ impl CudaBackend {
 
     /// The index of the RoPE table for `p` and `fac` covering positions `..need`, made (or
     /// remade larger: twice what is needed, at least 1024 positions) when there is none.
+    /// Launches queued for the step not yet run (after merging: see `rec_matvec`).
+    pub fn queued(&self) -> usize {
+        self.queue.borrow().launches.len()
+    }
+
     fn rope_table(&self, p: &RopeParams, fac: Option<&[f32]>, need: usize) -> Result<usize> {
         let ropes = self.ropes.borrow();
         let at = ropes
@@ -528,6 +564,89 @@ impl CudaBackend {
             smem: cfg.shared_mem_bytes,
             args,
         });
+    }
+
+    /// Queues a fused matvec (`matmul_q8_fused`, `matmul_q8k_fused`: arguments as [`mv`]
+    /// names them), merged with the launches around it where the result is the same:
+    /// - into the queued matvec before it when both read the same x (up to three products
+    ///   in one launch: a layer's q, k and v, or its gate and up);
+    /// - taking over the RMS norm queued just before it whose output it reads (the norm's
+    ///   output is still written, by the launch's first block).
+    fn rec_matvec(&self, kind: K, cfg: LaunchConfig, mut args: Vec<Arg>) {
+        let mut q = self.queue.borrow_mut();
+        if let Some(last) = q.launches.last_mut()
+            && last.k == kind
+            && last.smem == cfg.shared_mem_bytes
+            && last.args[mv::K] == args[mv::K]
+            && last.args[mv::ROWS] == args[mv::ROWS]
+            && last.args[mv::ACC] == Arg::P(0)
+        {
+            let reads = if last.args[mv::NW] == Arg::P(0) {
+                last.args[mv::X]
+            } else {
+                last.args[mv::XO]
+            };
+            let y = args[mv::Y];
+            let free = (1..3).find(|&i| last.args[4 * i + mv::N] == Arg::I(0));
+            let writes_again = (0..3).any(|i| last.args[4 * i + mv::Y] == y);
+            if let Some(i) = free
+                && reads == args[mv::X]
+                && !writes_again
+                && y != last.args[mv::X]
+            {
+                last.args[4 * i..4 * i + 4].copy_from_slice(&args[..4]);
+                last.grid += cfg.grid_dim.0;
+                return;
+            }
+        }
+        if let Some(last) = q.launches.last()
+            && last.k == K::RmsNorm
+            // rms_norm's arguments: x, w, g, eps, o, groups.
+            && last.args[4] == args[mv::X]
+            && last.args[2] == args[mv::K]
+            && last.args[5] == args[mv::ROWS]
+            && last.args[0] != args[mv::Y]
+        {
+            args[mv::X] = last.args[0];
+            args[mv::NW] = last.args[1];
+            args[mv::EPS] = last.args[3];
+            args[mv::XO] = last.args[4];
+            q.launches.pop();
+        }
+        q.launches.push(Launch {
+            k: kind,
+            grid: cfg.grid_dim.0,
+            block: cfg.block_dim.0,
+            smem: cfg.shared_mem_bytes,
+            args,
+        });
+    }
+
+    /// Folds `acc += x` into the queued matvec that made x, when it is the only product of
+    /// its launch and reads neither acc nor writes it otherwise.
+    fn fold_add(&self, acc: Arg, x: Arg, n: usize) -> bool {
+        let mut q = self.queue.borrow_mut();
+        let Some(last) = q.launches.last_mut() else {
+            return false;
+        };
+        if !matches!(last.k, K::MatmulQ8Fused | K::MatmulQ8kFused) {
+            return false;
+        }
+        let single = last.args[mv::N + 4] == Arg::I(0);
+        let (Arg::I(cols), Arg::I(rows)) = (last.args[mv::N], last.args[mv::ROWS]) else {
+            return false;
+        };
+        let fold = single
+            && last.args[mv::ACC] == Arg::P(0)
+            && last.args[mv::Y] == x
+            && cols as usize * rows as usize == n
+            && acc != last.args[mv::X]
+            && acc != last.args[mv::XO]
+            && acc != x;
+        if fold {
+            last.args[mv::ACC] = acc;
+        }
+        fold
     }
 
     /// A device address holding `pos` when the step runs.
@@ -856,7 +975,9 @@ impl Backend for CudaBackend {
         };
         match (&w.bytes, &w.values, quantized) {
             (Some(bytes), _, Some((blocks_n, bytes_per, q81)))
-                if rows <= FUSED_ROWS && blocks_n * bytes_per <= FUSED_SMEM =>
+                if rows <= FUSED_ROWS
+                    && (q81.is_some() || rows < MATVEC_ROWS)
+                    && fused_smem(blocks_n, bytes_per, q81) <= FUSED_SMEM =>
             {
                 let k = if q81.is_some() {
                     K::MatmulQ8Fused
@@ -864,14 +985,13 @@ impl Backend for CudaBackend {
                     K::MatmulQ8kFused
                 };
                 let cfg = LaunchConfig {
-                    shared_mem_bytes: (blocks_n * bytes_per) as u32,
+                    shared_mem_bytes: fused_smem(blocks_n, bytes_per, q81) as u32,
                     ..cfg
                 };
-                self.rec(
-                    k,
-                    cfg,
-                    vec![self.p(&**bytes), ty, k_i, n_i, xb, rows_i, out],
-                );
+                let mut args = vec![self.p(&**bytes), ty, n_i, out];
+                args.extend([Arg::P(0), Arg::I(0), Arg::I(0), Arg::P(0)].repeat(2));
+                args.extend([k_i, xb, rows_i, Arg::P(0), f(0.0), Arg::P(0), Arg::P(0)]);
+                self.rec_matvec(k, cfg, args);
                 Ok(())
             }
             (Some(bytes), _, Some((blocks_n, bytes_per, q81))) => {
@@ -1086,6 +1206,9 @@ impl Backend for CudaBackend {
         let a = acc.0.try_borrow_mut().map_err(|_| busy())?;
         let x = x.0.try_borrow().map_err(|_| busy())?;
         let n = a.rows * a.cols;
+        if self.fold_add(self.p(buf(&a)?), self.p(buf(&x)?), n) {
+            return Ok(());
+        }
         let args = vec![self.p(buf(&a)?), self.p(buf(&x)?), Arg::I(n as i32)];
         self.rec(K::Add, blocks(n, 256), args);
         Ok(())

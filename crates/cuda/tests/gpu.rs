@@ -449,3 +449,119 @@ fn ops_agree_with_the_cpu_backend() {
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+/// A layer's decode ops as the GPU merges them (a norm taken over by the product after it,
+/// q, k and v in one launch, an add folded into the product before it) against the same ops
+/// on the CPU backend, for 1 and 3 rows: every output, the merged ones' too, the CPU's bits.
+#[test]
+fn merged_launches_agree_with_the_cpu_backend() {
+    let Some(dev) = device() else { return };
+    let gpu = CudaBackend::new(dev, 1 << 32);
+    let cpu = cpu();
+    type Out = Vec<(&'static str, Vec<f32>)>;
+    fn run<C: realm_compute::Backend>(c: &C, tys: [GgmlType; 3], k: usize, rows: usize) -> Out {
+        let norm: Vec<u8> = values(k, 9)
+            .iter()
+            .flat_map(|v| (v.abs() + 0.5).to_le_bytes())
+            .collect();
+        let norm_w = Compute::weight(
+            c,
+            &ModelBytes::new(Arc::new(norm)),
+            0,
+            GgmlType::F32,
+            &[k as u64],
+        )
+        .expect("norm");
+        let widths = [k, k / 4, k / 4];
+        let ws: Vec<_> = tys
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(i, (&ty, n))| {
+                let file = ModelBytes::new(Arc::new(realm_kernels::synthetic::weights(
+                    ty,
+                    k,
+                    n,
+                    5 + i as u64,
+                )));
+                Compute::weight(c, &file, 0, ty, &[k as u64, n as u64]).expect("weight")
+            })
+            .collect();
+        let x = Compute::tensor(c, k as u32);
+        realm_compute::checked::write_tensor(c, &x, rows, values(k * rows, 1)).expect("write");
+        let h = Compute::tensor(c, k as u32);
+        let outs: Vec<_> = widths
+            .iter()
+            .map(|&n| Compute::tensor(c, n as u32))
+            .collect();
+        Compute::rms_norm(c, &x, &norm_w, 1e-5, &h).expect("norm");
+        for (w, o) in ws.iter().zip(&outs) {
+            Compute::matmul(c, &h, w, o).expect("matmul");
+        }
+        // x += q · wq (the first weight again, on q: an output projection and its add).
+        let t = Compute::tensor(c, k as u32);
+        Compute::matmul(c, &outs[0], &ws[0], &t).expect("matmul");
+        Compute::add(c, &x, &t).expect("add");
+        let read = |x: &C::Tensor| -> Vec<f32> {
+            (0..rows as u32)
+                .flat_map(|r| Compute::read_row(c, x, r).expect("row"))
+                .collect()
+        };
+        vec![
+            ("norm", read(&h)),
+            ("q", read(&outs[0])),
+            ("k", read(&outs[1])),
+            ("v", read(&outs[2])),
+            ("o", read(&t)),
+            ("x + o", read(&x)),
+        ]
+    }
+    for (tys, k) in [
+        ([GgmlType::Q4_1; 3], 576),
+        ([GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_1], 576),
+        ([GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K], 1024),
+    ] {
+        for rows in [1, 3] {
+            let on_gpu = run(&gpu, tys, k, rows);
+            let on_cpu = run(&cpu, tys, k, rows);
+            for ((name, g), (_, c)) in on_gpu.iter().zip(&on_cpu) {
+                let same = g.iter().zip(c).all(|(a, b)| a.to_bits() == b.to_bits());
+                println!(
+                    "{tys:?} k {k}, {rows} rows, {name}: {}",
+                    if same { "same bits" } else { "DIFFERENT" }
+                );
+                assert!(same, "{tys:?}, {rows} rows: {name} differs from the CPU's");
+            }
+        }
+    }
+    // The merging itself: norm + q + k + v in one launch, the output projection and its add
+    // in another (the reads above flushed every step; queue the ops again to count).
+    let k = 576;
+    let file = ModelBytes::new(Arc::new(realm_kernels::synthetic::weights(
+        GgmlType::Q4_1,
+        k,
+        k,
+        5,
+    )));
+    let w = Compute::weight(&gpu, &file, 0, GgmlType::Q4_1, &[k as u64, k as u64]).expect("weight");
+    let norm_file = ModelBytes::new(Arc::new(vec![0x3f80_0000u32.to_le_bytes(); k].concat()));
+    let norm_w = Compute::weight(&gpu, &norm_file, 0, GgmlType::F32, &[k as u64]).expect("norm");
+    let [x, h, q, kk, v, t] = std::array::from_fn(|_| Compute::tensor(&gpu, k as u32));
+    realm_compute::checked::write_tensor(&gpu, &x, 1, values(k, 1)).expect("write");
+    Compute::rms_norm(&gpu, &x, &norm_w, 1e-5, &h).expect("norm");
+    for o in [&q, &kk, &v] {
+        Compute::matmul(&gpu, &h, &w, o).expect("matmul");
+    }
+    assert_eq!(gpu.queued(), 1, "norm, q, k and v: one launch");
+    Compute::matmul(&gpu, &q, &w, &t).expect("matmul");
+    Compute::add(&gpu, &x, &t).expect("add");
+    assert_eq!(
+        gpu.queued(),
+        2,
+        "the output projection and its add: one more"
+    );
+    // A product writing the norm's own input is not merged into it (it would race).
+    Compute::rms_norm(&gpu, &x, &norm_w, 1e-5, &h).expect("norm");
+    Compute::matmul(&gpu, &h, &w, &x).expect("matmul");
+    assert_eq!(gpu.queued(), 4);
+}
