@@ -228,21 +228,57 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float
 // RoPE in place, one thread per (row, head, pair), with each position's cos and sin
 // (times the magnitude scale) from `tab`, which the host fills with the CPU backend's own
 // values (`realm_kernels::kernels::rope_angles`: libm's cosf and sinf, as ggml-cpu), pairs
-// of floats per (position, pair). The rotation as ggml's C, as GCC contracts it.
-extern "C" __global__ void rope(float* x, int rows, int cols, int head_dim, int n_rot, int neox,
-                                const int* pos_p, const float* tab) {
-    int pos = *pos_p;
-    int half = n_rot / 2, heads = cols / head_dim;
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= rows * heads * half) return;
+// of floats per (position, pair). The rotation as ggml's C, as GCC contracts it. One or two
+// tensors (x1: a layer's keys after its queries), and with two, optionally kv_store's work
+// for the keys (as rotated) and `v` (kc non-null): the launches the host merged.
+__device__ __forceinline__ void rope_pair(float* x, int cols, int head_dim, int half, int neox,
+                                          int pos, const float* tab, int t, u16* kc) {
+    int heads = cols / head_dim;
     int i = t % half, h = (t / half) % heads, r = t / (half * heads);
     const float* cs = tab + ((size_t)(pos + r) * half + i) * 2;
     float c = cs[0], s = cs[1];
     float* head = x + (size_t)r * cols + h * head_dim;
     int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
     float x0 = head[a], x1 = head[b];
-    head[a] = fmaf(x0, c, -__fmul_rn(x1, s));
-    head[b] = fmaf(x0, s, __fmul_rn(x1, c));
+    float y0 = fmaf(x0, c, -__fmul_rn(x1, s)), y1 = fmaf(x0, s, __fmul_rn(x1, c));
+    head[a] = y0;
+    head[b] = y1;
+    if (kc) {
+        u16* kr = kc + (size_t)(pos + r) * cols + h * head_dim;
+        kr[a] = f2h(y0);
+        kr[b] = f2h(y1);
+    }
+}
+
+extern "C" __global__ void rope(float* x0, int cols0, float* x1, int cols1, int rows,
+                                int head_dim, int n_rot, int neox, const int* pos_p,
+                                const float* tab, const float* v, u16* kc, u16* vc) {
+    int pos = *pos_p;
+    int half = n_rot / 2;
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    int a = rows * (cols0 / head_dim) * half;
+    if (t < a) {
+        rope_pair(x0, cols0, head_dim, half, neox, pos, tab, t, nullptr);
+        return;
+    }
+    t -= a;
+    int b = rows * (cols1 / head_dim) * half;
+    if (t < b) {
+        rope_pair(x1, cols1, head_dim, half, neox, pos, tab, t, kc);
+        return;
+    }
+    if (!kc) return;
+    t -= b;
+    // The keys' values past n_rot, as they are.
+    int rest = head_dim - n_rot, c = rows * (cols1 / head_dim) * rest;
+    if (t < c) {
+        int j = n_rot + t % rest, h = (t / rest) % (cols1 / head_dim), r = t / (rest * (cols1 / head_dim));
+        size_t at = (size_t)r * cols1 + h * head_dim + j;
+        kc[(size_t)pos * cols1 + at] = f2h(x1[at]);
+        return;
+    }
+    t -= c;
+    if (t < rows * cols1) vc[(size_t)pos * cols1 + t] = f2h(v[t]);
 }
 
 // Keys and values of `rows` positions from `pos` into a layer's f16 cache.
@@ -291,6 +327,37 @@ __device__ __forceinline__ float score64(const float* qs, const u16* kr, int hd,
     return __shfl_sync(0xffffffff, s, 0);
 }
 
+// score64 of four positions at once (kr0..kr3): every lane's loads of the four keys issued
+// before any sum, the four reductions interleaved; each score as score64's, bit for bit.
+__device__ __forceinline__ void score64x4(const float* qs, const u16* const (&kr)[4], int hd,
+                                          int lane, float (&out)[4]) {
+    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f}, b[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int i = 0; i < hd; i += 64) {
+        u16 ka[4], kb[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            ka[u] = kr[u][i + lane];
+            kb[u] = kr[u][i + lane + 32];
+        }
+        float qa = qs[i + lane], qb = qs[i + lane + 32];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            a[u] = __fadd_rn(a[u], __fmul_rn(h2f(ka[u]), qa));
+            b[u] = __fadd_rn(b[u], __fmul_rn(h2f(kb[u]), qb));
+        }
+    }
+    float x[4];
+#pragma unroll
+    for (int u = 0; u < 4; u++) x[u] = __fadd_rn(a[u], b[u]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int u = 0; u < 4; u++) x[u] = __fadd_rn(x[u], __shfl_down_sync(0xffffffff, x[u], o));
+    }
+#pragma unroll
+    for (int u = 0; u < 4; u++) out[u] = __shfl_sync(0xffffffff, x[u], 0);
+}
+
 extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, int rows,
                                      int n_head, int n_kv, int hd, const int* pos_p,
                                      float scale, int window, float softcap, float* out) {
@@ -318,7 +385,27 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     for (int c0 = 0; c0 < len; c0 += chunk) {
         int cl = min(chunk, len - c0);
         __syncthreads();
-        for (int j = warp; j < cl; j += warps) {
+        int j = warp;
+        if (hd % 64 == 0) {
+            // Four positions a warp at a time (their key loads in flight together).
+            for (; j + 3 * warps < cl; j += 4 * warps) {
+                const u16* kr[4];
+#pragma unroll
+                for (int u = 0; u < 4; u++)
+                    kr[u] = kc + (size_t)(start + c0 + j + u * warps) * width + kvh * hd;
+                float s4[4];
+                score64x4(qs, kr, hd, lane, s4);
+                if (lane == 0) {
+#pragma unroll
+                    for (int u = 0; u < 4; u++) {
+                        float x = __fmul_rn(s4[u], scale);
+                        sc[j + u * warps] =
+                            softcap != 0.0f ? __fmul_rn(softcap, (float)tanh((double)x)) : x;
+                    }
+                }
+            }
+        }
+        for (; j < cl; j += warps) {
             const u16* kr = kc + (size_t)(start + c0 + j) * width + kvh * hd;
             float s;
             if (hd % 64 == 0) {
@@ -726,17 +813,20 @@ struct Fuse {
 // rms_norm's scale of each of x's rows (k values) into rs, as rms_norm computes it.
 __device__ __forceinline__ void norm_scales(const float* x, int rows, int k, float eps,
                                             float* rs) {
-    __shared__ double part[32];
+    // rms_norm's own order, that of its blocks of 256 threads, whatever this block's size.
+    __shared__ double part[8];
     for (int q = 0; q < rows; q++) {
         const float* xg = x + (size_t)q * k;
-        double s = 0;
-        for (int i = threadIdx.x; i < k; i += blockDim.x) s += (double)(xg[i] * xg[i]);
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffff, s, o);
-        if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+        if (threadIdx.x < 256) {
+            double s = 0;
+            for (int i = threadIdx.x; i < k; i += 256) s += (double)(xg[i] * xg[i]);
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffff, s, o);
+            if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+        }
         __syncthreads();
         if (threadIdx.x == 0) {
             double t = 0;
-            for (int i = 0; i < (int)((blockDim.x + 31) / 32); i++) t += part[i];
+            for (int i = 0; i < 8; i++) t += part[i];
             float mean = (float)(t / k);
             rs[q] = 1.0f / sqrtf(mean + eps);
         }
@@ -791,32 +881,40 @@ __device__ __forceinline__ void q8_rows_smem(const float* x, int rows, int k, in
 
 template <int TY>
 __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const float* x,
-                                                int rows, float* y, const Fuse& f, int blk) {
+                                                int rows, float* y, const Fuse& f, int blk,
+                                                int cpw) {
     typedef Q32<TY> Q;
     extern __shared__ __align__(16) u8 smem[];
-    int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
-    int col = blk * (blockDim.x >> 5) + wib;
-    int nb = k / 32;
-    bool live_col = col < n;
-    const u8* wr = w + (size_t)min(col, n - 1) * nb * Q::BB;
-    u8* wg = smem + (wib & 7) * W_CHUNK * 36;
-    u8* xs = smem + 8 * W_CHUNK * 36;
+    int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int nb = k / 32, cpc = (nb + W_CHUNK - 1) / W_CHUNK;
+    // The warp's columns col0.. (cpw of them): chunk t is column col0 + t / cpc's blocks
+    // (t % cpc) · W_CHUNK.., the next one's loads in flight while one is summed.
+    int col0 = (blk * warps + wib) * cpw;
+    int total = max(0, min(cpw, n - col0)) * cpc;
+    u8* wg = smem + wib * W_CHUNK * 36;
+    u8* xs = smem + warps * W_CHUNK * 36;
     unsigned r[Q::NW];
-    chunk_load<TY>(wr, live_col ? min(W_CHUNK, nb) : 0, lane, r);
+    int live0 = total ? min(W_CHUNK, nb) : 0;
+    chunk_load<TY>(w + (size_t)col0 * nb * Q::BB, live0, lane, r);
     __shared__ float rs[MATVEC_ROWS];
     if (f.nw) norm_scales(x, rows, k, f.eps, rs);
     q8_rows_smem(x, rows, k, Q::Q81, f, rs, xs);
-    chunk_store<TY>(wg, live_col ? min(W_CHUNK, nb) : 0, lane, r);
+    chunk_store<TY>(wg, live0, lane, r);
     __syncthreads();
-    if (!live_col) return;
     int j = lane >> 3, l = lane & 7;
     float acc[MATVEC_ROWS], summs[MATVEC_ROWS];
 #pragma unroll
     for (int q = 0; q < MATVEC_ROWS; q++) acc[q] = summs[q] = 0.0f;
-    for (int c0 = 0; c0 < nb; c0 += W_CHUNK) {
+    for (int t = 0; t < total; t++) {
+        int col = col0 + t / cpc, c0 = (t % cpc) * W_CHUNK;
         int live = min(W_CHUNK, nb - c0);
-        int next = c0 + W_CHUNK < nb ? min(W_CHUNK, nb - c0 - W_CHUNK) : 0;
-        if (next) chunk_load<TY>(wr + (size_t)(c0 + W_CHUNK) * Q::BB, next, lane, r);
+        int next = 0;
+        if (t + 1 < total) {
+            int nc0 = ((t + 1) % cpc) * W_CHUNK;
+            next = min(W_CHUNK, nb - nc0);
+            chunk_load<TY>(w + ((size_t)(col0 + (t + 1) / cpc) * nb + nc0) * Q::BB, next, lane,
+                           r);
+        }
         for (int g = 0; g < live; g += 16) {
             int glive = min(16, live - g);
             int bi[4], wq[4];
@@ -857,28 +955,34 @@ __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const
                     }
             }
         }
+        if (c0 + W_CHUNK >= nb) {
+            // The column's last chunk: its outputs.
+#pragma unroll
+            for (int q = 0; q < MATVEC_ROWS; q++) {
+                if (q >= rows) break;
+                float s = hsum8(acc[q]);
+                if (Q::Q81) s = __fadd_rn(s, summs[q]);
+                if (lane == 0) {
+                    size_t at = (size_t)q * n + col;
+                    y[at] = s;
+                    if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
+                }
+                acc[q] = summs[q] = 0.0f;
+            }
+        }
         if (next) {
             __syncwarp();
             chunk_store<TY>(wg, next, lane, r);
             __syncwarp();
         }
     }
-#pragma unroll
-    for (int q = 0; q < MATVEC_ROWS; q++) {
-        if (q >= rows) break;
-        float s = hsum8(acc[q]);
-        if (Q::Q81) s = __fadd_rn(s, summs[q]);
-        if (lane == 0) {
-            y[(size_t)q * n + col] = s;
-            if (f.acc) f.acc[(size_t)q * n + col] = __fadd_rn(f.acc[(size_t)q * n + col], s);
-        }
-    }
 }
 
 // The weight a block of a merged launch serves (up to three products of the same x, each
-// in ceil(n / 8) blocks), and its block index within that product.
-__device__ __forceinline__ int which(int n0, int n1, int* blk) {
-    int b0 = (n0 + 7) / 8, b1 = (n1 + 7) / 8;
+// in ceil(n / (warps · cpw)) blocks: cpw columns a warp), and its block index within it.
+__device__ __forceinline__ int which(int n0, int n1, int cpw, int* blk) {
+    int per = (blockDim.x >> 5) * cpw;
+    int b0 = (n0 + per - 1) / per, b1 = (n1 + per - 1) / per;
     int b = blockIdx.x;
     if (b < b0) {
         *blk = b;
@@ -892,26 +996,26 @@ __device__ __forceinline__ int which(int n0, int n1, int* blk) {
     return 2;
 }
 
-// quantize_q8 and matmul_q8 in one launch, for a few rows (decoding), in blocks of 256
-// threads: dynamic shared memory of 8 × W_CHUNK × 36 bytes (the warps' weights), then
-// rows × k/32 × 36 (x). Up to three products of the same x in one launch (w1, w2 with n1,
+// quantize_q8 and matmul_q8 in one launch, for a few rows (decoding), a column a warp, in
+// blocks of up to 512 threads: dynamic shared memory of warps × W_CHUNK × 36 bytes (the
+// warps' weights), then rows × k/32 × 36 (x). Up to three products of the same x in one launch (w1, w2 with n1,
 // n2 > 0), a norm before and an add after (Fuse).
-extern "C" __global__ void __launch_bounds__(256, 2) matmul_q8_fused(const u8* w0, int ty0, int n0, float* y0,
+extern "C" __global__ void __launch_bounds__(512, 1) matmul_q8_fused(const u8* w0, int ty0, int n0, float* y0,
                                            const u8* w1, int ty1, int n1, float* y1,
                                            const u8* w2, int ty2, int n2, float* y2, int k,
                                            const float* x, int rows, const float* nw, float eps,
-                                           float* xo, float* acc) {
-    int blk, s = which(n0, n1, &blk);
+                                           float* xo, float* acc, int cpw) {
+    int blk, s = which(n0, n1, cpw, &blk);
     const u8* w = s == 0 ? w0 : s == 1 ? w1 : w2;
     int ty = s == 0 ? ty0 : s == 1 ? ty1 : ty2, n = s == 0 ? n0 : s == 1 ? n1 : n2;
     float* y = s == 0 ? y0 : s == 1 ? y1 : y2;
     Fuse f = {nw, eps, xo, acc};
     switch (ty) {
-        case T_Q4_0: matvec_q8_fused<T_Q4_0>(w, k, n, x, rows, y, f, blk); break;
-        case T_Q4_1: matvec_q8_fused<T_Q4_1>(w, k, n, x, rows, y, f, blk); break;
-        case T_Q5_0: matvec_q8_fused<T_Q5_0>(w, k, n, x, rows, y, f, blk); break;
-        case T_Q5_1: matvec_q8_fused<T_Q5_1>(w, k, n, x, rows, y, f, blk); break;
-        default: matvec_q8_fused<T_Q8_0>(w, k, n, x, rows, y, f, blk); break;
+        case T_Q4_0: matvec_q8_fused<T_Q4_0>(w, k, n, x, rows, y, f, blk, cpw); break;
+        case T_Q4_1: matvec_q8_fused<T_Q4_1>(w, k, n, x, rows, y, f, blk, cpw); break;
+        case T_Q5_0: matvec_q8_fused<T_Q5_0>(w, k, n, x, rows, y, f, blk, cpw); break;
+        case T_Q5_1: matvec_q8_fused<T_Q5_1>(w, k, n, x, rows, y, f, blk, cpw); break;
+        default: matvec_q8_fused<T_Q8_0>(w, k, n, x, rows, y, f, blk, cpw); break;
     }
 }
 
@@ -1478,9 +1582,9 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_mma(const u8* w, in
 // super-blocks in order through shuffles. Each warp's first K_CHUNK super-blocks are loaded
 // (into registers, two bytes a lane: coalesced) before x is quantized, then staged in the
 // warp's shared buffer, Q6_K's 210-byte blocks padded to 212 so that lanes read words; the
-// next chunk's loads are in flight while one is summed. Blocks of 256 threads; dynamic
-// shared memory of 8 × K_CHUNK × 212 bytes (the warps' weights), then rows × k/256 × 292
-// (x as Q8_K).
+// next chunk's loads are in flight while one is summed. Blocks of up to 512 threads;
+// dynamic shared memory of warps × K_CHUNK × 212 bytes (the warps' weights), then
+// rows × k/256 × 292 (x as Q8_K).
 #define K_CHUNK 8
 template <int TY>
 __device__ __forceinline__ void q8k_item(const u8* wb, const u8* xb, int L, int* s, int* mins) {
@@ -1525,19 +1629,21 @@ __device__ __forceinline__ void q8k_item(const u8* wb, const u8* xb, int L, int*
 
 template <int TY>
 __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, const float* x,
-                                                 int rows, float* y, const Fuse& f, int blk) {
+                                                 int rows, float* y, const Fuse& f, int blk,
+                                                 int cpw) {
     constexpr int BB = TY == T_Q4_K ? 144 : 210, SB = TY == T_Q4_K ? 144 : 212;
     constexpr int H = BB / 2, NW = (K_CHUNK * H + 31) / 32;
     extern __shared__ __align__(16) u8 smem[];
     int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    int col = blk * warps + wib;
-    int nb = k / 256;
-    bool live_col = col < n;
-    const u16* wr = (const u16*)(w + (size_t)min(col, n - 1) * nb * BB);
-    u8* wg = smem + (wib & 7) * K_CHUNK * 212;
-    u8* xs = smem + 8 * K_CHUNK * 212;
+    int nb = k / 256, cpc = (nb + K_CHUNK - 1) / K_CHUNK;
+    // The warp's columns col0.. (cpw of them) in chunks as matvec_q8_fused's.
+    int col0 = (blk * warps + wib) * cpw;
+    int total = max(0, min(cpw, n - col0)) * cpc;
+    const u16* wr = (const u16*)(w + (size_t)col0 * nb * BB);
+    u8* wg = smem + wib * K_CHUNK * 212;
+    u8* xs = smem + warps * K_CHUNK * 212;
     unsigned r[NW];
-    int cnt = live_col ? min(K_CHUNK, nb) * H : 0;
+    int cnt = total ? min(K_CHUNK, nb) * H : 0;
 #pragma unroll
     for (int i = 0; i < NW; i++) r[i] = lane + 32 * i < cnt ? wr[lane + 32 * i] : 0u;
     __shared__ float rs[MATVEC_ROWS];
@@ -1565,17 +1671,23 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
         if (e < cnt) ((u16*)wg)[(e / H) * (SB / 2) + e % H] = (u16)r[i];
     }
     __syncthreads();
-    if (!live_col) return;
     int L = lane & 7, sub = lane >> 3;
     float acc[MATVEC_ROWS], accm[MATVEC_ROWS];
 #pragma unroll
     for (int q = 0; q < MATVEC_ROWS; q++) acc[q] = accm[q] = 0.0f;
-    for (int c0 = 0; c0 < nb; c0 += K_CHUNK) {
+    for (int t = 0; t < total; t++) {
+        int col = col0 + t / cpc, c0 = (t % cpc) * K_CHUNK;
         int live = min(K_CHUNK, nb - c0);
-        int next = c0 + K_CHUNK < nb ? min(K_CHUNK, nb - c0 - K_CHUNK) * H : 0;
-        const u16* src = wr + (size_t)(c0 + K_CHUNK) * H;
+        int next = 0;
+        if (t + 1 < total) {
+            int nc0 = ((t + 1) % cpc) * K_CHUNK;
+            next = min(K_CHUNK, nb - nc0) * H;
+            // Columns follow each other in the file: chunk t + 1 starts where its column's
+            // blocks nc0.. are.
+            const u16* src = wr + ((size_t)((t + 1) / cpc) * nb + nc0) * H;
 #pragma unroll
-        for (int i = 0; i < NW; i++) r[i] = lane + 32 * i < next ? src[lane + 32 * i] : 0u;
+            for (int i = 0; i < NW; i++) r[i] = lane + 32 * i < next ? src[lane + 32 * i] : 0u;
+        }
 #pragma unroll
         for (int q = 0; q < MATVEC_ROWS - 1; q++) {
             if (q >= rows) break;
@@ -1604,6 +1716,25 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
                 }
             }
         }
+        if (c0 + K_CHUNK >= nb) {
+            // The column's last chunk: hsum_float_8 of the CPU lanes (lanes 0-7), plus Q4_K's
+            // mins (m0 + m2) + (m1 + m3).
+#pragma unroll
+            for (int q = 0; q < MATVEC_ROWS - 1; q++) {
+                if (q >= rows) break;
+                float s = hsum8(acc[q]);
+                if (TY == T_Q4_K) {
+                    float u = __fadd_rn(accm[q], __shfl_down_sync(0xffffffff, accm[q], 2));
+                    s = __fadd_rn(s, __fadd_rn(u, __shfl_down_sync(0xffffffff, u, 1)));
+                }
+                if (lane == 0) {
+                    size_t at = (size_t)q * n + col;
+                    y[at] = s;
+                    if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
+                }
+                acc[q] = accm[q] = 0.0f;
+            }
+        }
         if (next) {
             __syncwarp();
 #pragma unroll
@@ -1614,34 +1745,20 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
             __syncwarp();
         }
     }
-#pragma unroll
-    for (int q = 0; q < MATVEC_ROWS - 1; q++) {
-        if (q >= rows) break;
-        // hsum_float_8 of the CPU lanes (lanes 0-7), plus Q4_K's mins (m0 + m2) + (m1 + m3).
-        float s = hsum8(acc[q]);
-        if (TY == T_Q4_K) {
-            float t = __fadd_rn(accm[q], __shfl_down_sync(0xffffffff, accm[q], 2));
-            s = __fadd_rn(s, __fadd_rn(t, __shfl_down_sync(0xffffffff, t, 1)));
-        }
-        if (lane == 0) {
-            y[(size_t)q * n + col] = s;
-            if (f.acc) f.acc[(size_t)q * n + col] = __fadd_rn(f.acc[(size_t)q * n + col], s);
-        }
-    }
 }
 
 // As matmul_q8_fused's launch: up to three products of the same x, a norm before and an
 // add after.
-extern "C" __global__ void __launch_bounds__(256, 2) matmul_q8k_fused(const u8* w0, int ty0, int n0, float* y0,
+extern "C" __global__ void __launch_bounds__(512, 1) matmul_q8k_fused(const u8* w0, int ty0, int n0, float* y0,
                                             const u8* w1, int ty1, int n1, float* y1,
                                             const u8* w2, int ty2, int n2, float* y2, int k,
                                             const float* x, int rows, const float* nw,
-                                            float eps, float* xo, float* acc) {
-    int blk, s = which(n0, n1, &blk);
+                                            float eps, float* xo, float* acc, int cpw) {
+    int blk, s = which(n0, n1, cpw, &blk);
     const u8* w = s == 0 ? w0 : s == 1 ? w1 : w2;
     int ty = s == 0 ? ty0 : s == 1 ? ty1 : ty2, n = s == 0 ? n0 : s == 1 ? n1 : n2;
     float* y = s == 0 ? y0 : s == 1 ? y1 : y2;
     Fuse f = {nw, eps, xo, acc};
-    if (ty == T_Q4_K) matvec_q8k_fused<T_Q4_K>(w, k, n, x, rows, y, f, blk);
-    else matvec_q8k_fused<T_Q6_K>(w, k, n, x, rows, y, f, blk);
+    if (ty == T_Q4_K) matvec_q8k_fused<T_Q4_K>(w, k, n, x, rows, y, f, blk, cpw);
+    else matvec_q8k_fused<T_Q6_K>(w, k, n, x, rows, y, f, blk, cpw);
 }

@@ -124,14 +124,20 @@ const FUSED_SMEM: usize = 48 * 1024;
 const W_CHUNK: usize = 32;
 const K_CHUNK: usize = 8;
 
-/// Dynamic shared memory of a fused matvec over `blocks` activation blocks: each of the 8
+/// Warps (output columns) per block of a fused matvec, unless `REALM_CUDA_MATVEC_WARPS`
+/// (1 to 16) says otherwise: more columns share each block's quantization of x, fewer
+/// spread a small product over more of the GPU.
+const MATVEC_WARPS: u32 = 8;
+
+/// Dynamic shared memory of a fused matvec over `blocks` activation blocks: each of the
 /// warps' weight chunk (32-value blocks padded to 36 bytes, super-blocks to 212), then x
 /// (36-byte q8 blocks, Q8_K blocks). K-quant products of 8 rows take the tiled order, not
 /// the fused kernel's.
-fn fused_smem(blocks: usize, bytes: usize, q81: Option<i32>) -> usize {
+fn fused_smem(warps: u32, blocks: usize, bytes: usize, q81: Option<i32>) -> usize {
+    let warps = warps as usize;
     match q81 {
-        Some(_) => 8 * W_CHUNK * 36 + blocks * 36,
-        None => 8 * K_CHUNK * 212 + blocks * bytes,
+        Some(_) => warps * W_CHUNK * 36 + blocks * 36,
+        None => warps * K_CHUNK * 212 + blocks * bytes,
     }
 }
 
@@ -152,6 +158,10 @@ pub struct CudaDevice {
     /// Whether the GPU has int8 MMA (compute capability 8.0 or later): K-quant prompts
     /// then run on its tensor cores (`matmul_q8k_mma`), else in dp4a tiles.
     mma: bool,
+    /// Warps per block of the fused matvecs (`MATVEC_WARPS`).
+    matvec_warps: u32,
+    /// Warps of fused matvec blocks the GPU holds at once (two blocks a multiprocessor).
+    resident_warps: usize,
 }
 
 /// NVRTC's options: PTX for compute capability 8.0 where the GPU has it (the tensor cores'
@@ -243,6 +253,14 @@ impl CudaDevice {
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let stream = ctx.default_stream();
         stream.synchronize().map_err(|e| format!("CUDA: {e}"))?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_or(1, |n| n.max(1) as usize);
+        let matvec_warps = std::env::var("REALM_CUDA_MATVEC_WARPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|w| (1..=16).contains(w))
+            .unwrap_or(MATVEC_WARPS);
         Ok(Arc::new(Self {
             name,
             ctx,
@@ -252,6 +270,8 @@ impl CudaDevice {
             replays: AtomicU64::new(0),
             captures: AtomicU64::new(0),
             mma,
+            matvec_warps,
+            resident_warps: sms.max(1) * 2 * matvec_warps as usize,
         }))
     }
 
@@ -362,7 +382,7 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> Arg {
 /// Argument positions of a fused matvec launch (`matmul_q8_fused`, `matmul_q8k_fused`):
 /// product i's weight, type, columns and output at 4i + (W, TY, N, Y) for i < 3 (N = 0:
 /// none), then k, x, rows, the norm's weight (0: none), eps and output, and the add's
-/// accumulator (0: none).
+/// accumulator (0: none), and the columns each warp computes.
 mod mv {
     pub const N: usize = 2;
     pub const Y: usize = 3;
@@ -373,6 +393,7 @@ mod mv {
     pub const EPS: usize = 16;
     pub const XO: usize = 17;
     pub const ACC: usize = 18;
+    pub const CPW: usize = 19;
 }
 
 /// One queued launch.
@@ -579,6 +600,7 @@ impl CudaBackend {
             && last.smem == cfg.shared_mem_bytes
             && last.args[mv::K] == args[mv::K]
             && last.args[mv::ROWS] == args[mv::ROWS]
+            && last.args[mv::CPW] == args[mv::CPW]
             && last.args[mv::ACC] == Arg::P(0)
         {
             let reads = if last.args[mv::NW] == Arg::P(0) {
@@ -659,10 +681,15 @@ impl CudaBackend {
             return Err(gpu("no position buffer"));
         };
         let mut q = self.queue.borrow_mut();
-        let slot = q.pos.len();
-        q.pos.push(
-            i32::try_from(pos).map_err(|_| Error::InvalidArgument(format!("position {pos}")))?,
-        );
+        let pos =
+            i32::try_from(pos).map_err(|_| Error::InvalidArgument(format!("position {pos}")))?;
+        // The same position as the op before: its slot (so that merged launches can see it).
+        let slot = if q.pos.last() == Some(&pos) {
+            q.pos.len() - 1
+        } else {
+            q.pos.push(pos);
+            q.pos.len() - 1
+        };
         let Arg::P(base) = ptr(buf, &self.stream) else {
             return Err(gpu("no position buffer"));
         };
@@ -793,6 +820,22 @@ fn grid(n: usize, per: u32) -> LaunchConfig {
         block_dim: (per, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Blocks of 256 threads for a `rope` launch's work (its arguments as `rope` records them):
+/// the pairs of x0 and x1, and when it stores keys and values, x1's values past n_rot and
+/// v's.
+fn rope_grid(args: &[Arg]) -> u32 {
+    let int = |i: usize| match args.get(i) {
+        Some(Arg::I(v)) => (*v).max(0) as usize,
+        _ => 0,
+    };
+    let (cols0, cols1, rows, hd, n_rot) = (int(1), int(3), int(4), int(5).max(1), int(6));
+    let mut n = rows * (cols0 / hd + cols1 / hd) * (n_rot / 2);
+    if args.get(11).is_some_and(|a| *a != Arg::P(0)) {
+        n += rows * (cols1 / hd) * hd.saturating_sub(n_rot) + rows * cols1;
+    }
+    (n as u32).div_ceil(256).max(1)
 }
 
 fn busy() -> Error {
@@ -977,20 +1020,30 @@ impl Backend for CudaBackend {
             (Some(bytes), _, Some((blocks_n, bytes_per, q81)))
                 if rows <= FUSED_ROWS
                     && (q81.is_some() || rows < MATVEC_ROWS)
-                    && fused_smem(blocks_n, bytes_per, q81) <= FUSED_SMEM =>
+                    && fused_smem(self.dev.matvec_warps, blocks_n, bytes_per, q81)
+                        <= FUSED_SMEM =>
             {
                 let k = if q81.is_some() {
                     K::MatmulQ8Fused
                 } else {
                     K::MatmulQ8kFused
                 };
+                let warps = self.dev.matvec_warps;
                 let cfg = LaunchConfig {
-                    shared_mem_bytes: fused_smem(blocks_n, bytes_per, q81) as u32,
+                    shared_mem_bytes: fused_smem(warps, blocks_n, bytes_per, q81) as u32,
+                    ..blocks(n * 32, 32 * warps)
+                };
+                // Wide products: several columns a warp, so that the blocks (each quantizing
+                // x) are about as many as the GPU holds at once.
+                let cpw = (n / self.dev.resident_warps).clamp(1, 32);
+                let cfg = LaunchConfig {
+                    grid_dim: ((n.div_ceil(cpw * warps as usize)) as u32, 1, 1),
                     ..cfg
                 };
                 let mut args = vec![self.p(&**bytes), ty, n_i, out];
                 args.extend([Arg::P(0), Arg::I(0), Arg::I(0), Arg::P(0)].repeat(2));
                 args.extend([k_i, xb, rows_i, Arg::P(0), f(0.0), Arg::P(0), Arg::P(0)]);
+                args.push(Arg::I(cpw as i32));
                 self.rec_matvec(k, cfg, args);
                 Ok(())
             }
@@ -1089,26 +1142,51 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&self, x: &CudaTensor, pos: u32, p: &RopeParams, fac: Option<&[f32]>) -> Result<()> {
-        let pos_arg = self.pos_arg(pos as usize)?;
         let m = x.0.try_borrow_mut().map_err(|_| busy())?;
         let (rows, cols) = (m.rows, m.cols);
+        // The table first: making it runs the queued step, whose position slots are then
+        // free for other values.
         let t = self.rope_table(p, fac, pos as usize + rows)?;
+        let pos_arg = self.pos_arg(pos as usize)?;
         let ropes = self.ropes.borrow();
         let Some(table) = ropes.get(t) else {
             return Err(Error::InvalidArgument("no RoPE table".into()));
         };
-        let n = rows * (cols / p.head_dim.max(1) as usize) * (p.n_rot as usize / 2);
         let args = vec![
             self.p(buf(&m)?),
-            Arg::I(rows as i32),
             Arg::I(cols as i32),
+            Arg::P(0),
+            Arg::I(0),
+            Arg::I(rows as i32),
             Arg::I(p.head_dim as i32),
             Arg::I(p.n_rot as i32),
             Arg::I(i32::from(p.mode == RopeMode::Neox)),
             pos_arg,
             self.p(&table.buf),
+            Arg::P(0),
+            Arg::P(0),
+            Arg::P(0),
         ];
-        self.rec(K::Rope, blocks(n, 256), args);
+        let mut q = self.queue.borrow_mut();
+        // A layer's keys after its queries: one launch for both.
+        if let Some(last) = q.launches.last_mut()
+            && last.k == K::Rope
+            && last.args[2] == Arg::P(0)
+            && last.args[4..10] == args[4..10]
+            && last.args[0] != args[0]
+        {
+            last.args[2] = args[0];
+            last.args[3] = args[1];
+            last.grid = rope_grid(&last.args);
+            return Ok(());
+        }
+        q.launches.push(Launch {
+            k: K::Rope,
+            grid: rope_grid(&args),
+            block: 256,
+            smem: 0,
+            args,
+        });
         Ok(())
     }
 
@@ -1150,7 +1228,28 @@ impl Backend for CudaBackend {
             kc,
             vc,
         ];
-        self.rec(K::KvStore, blocks(rows * width, 256), args);
+        // Into the queued RoPE launch of these keys when there is one (it stores them as
+        // it rotates them).
+        let folded = match self.queue.borrow_mut().launches.last_mut() {
+            Some(last)
+                if last.k == K::Rope
+                    && last.args[2] == args[0]
+                    && last.args[3] == args[3]
+                    && last.args[4] == args[2]
+                    && last.args[8] == args[4]
+                    && last.args[10] == Arg::P(0) =>
+            {
+                last.args[10] = args[1];
+                last.args[11] = kc;
+                last.args[12] = vc;
+                last.grid = rope_grid(&last.args);
+                true
+            }
+            _ => false,
+        };
+        if !folded {
+            self.rec(K::KvStore, blocks(rows * width, 256), args);
+        }
         if let Some(f) = a.cache.filled.borrow_mut().get_mut(a.layer) {
             *f = a.pos + rows;
         }

@@ -164,6 +164,10 @@ fn quantized_matmuls_agree_with_the_cpu_backend() {
     products_agree(&gpu, &cpu, 512, 40, 45);
     products_agree(&gpu, &cpu, 512, 150, 130);
     products_agree(&gpu, &cpu, 8192, 16, 8);
+    // Products wide enough for several columns a warp (6400 of them: 3 a warp on a GPU of
+    // 132 multiprocessors, the last warp's short).
+    products_agree(&gpu, &cpu, 512, 6400, 1);
+    products_agree(&gpu, &cpu, 512, 6400, 3);
     // K-quant prompts in dp4a tiles too, where the GPU would use its tensor cores.
     let dp4a = CudaDevice::open_without_tensor_cores(0).expect("the device again");
     let gpu = CudaBackend::new(dp4a, 1 << 32);
@@ -472,7 +476,9 @@ fn merged_launches_agree_with_the_cpu_backend() {
             &[k as u64],
         )
         .expect("norm");
-        let widths = [k, k / 4, k / 4];
+        // Heads of 64: SmolLM2's 9 sharing 3 for 576, else 4 KV heads.
+        let kv = if k == 576 { 192 } else { k / 4 };
+        let widths = [k, kv, kv];
         let ws: Vec<_> = tys
             .iter()
             .zip(widths)
@@ -498,9 +504,20 @@ fn merged_launches_agree_with_the_cpu_backend() {
         for (w, o) in ws.iter().zip(&outs) {
             Compute::matmul(c, &h, w, o).expect("matmul");
         }
-        // x += q · wq (the first weight again, on q: an output projection and its add).
+        // RoPE of q and k, then attention (the keys and values stored by the RoPE launch).
+        let rope = rope_params();
+        Compute::rope(c, &outs[0], 0, &rope, None).expect("rope");
+        Compute::rope(c, &outs[1], 0, &rope, None).expect("rope");
+        let cache = Compute::cache(c, 1, 16, (kv / 64) as u32, 64);
+        let att = Compute::tensor(c, k as u32);
+        let heads = (k / 64) as u32;
+        Compute::attention(
+            c, &outs[0], &outs[1], &outs[2], &cache, 0, 0, heads, 0.125, 0, 0.0, &att,
+        )
+        .expect("attention");
+        // x += att · wq (the first weight again: an output projection and its add).
         let t = Compute::tensor(c, k as u32);
-        Compute::matmul(c, &outs[0], &ws[0], &t).expect("matmul");
+        Compute::matmul(c, &att, &ws[0], &t).expect("matmul");
         Compute::add(c, &x, &t).expect("add");
         let read = |x: &C::Tensor| -> Vec<f32> {
             (0..rows as u32)
@@ -512,6 +529,7 @@ fn merged_launches_agree_with_the_cpu_backend() {
             ("q", read(&outs[0])),
             ("k", read(&outs[1])),
             ("v", read(&outs[2])),
+            ("attention", read(&att)),
             ("o", read(&t)),
             ("x + o", read(&x)),
         ]
@@ -553,15 +571,43 @@ fn merged_launches_agree_with_the_cpu_backend() {
         Compute::matmul(&gpu, &h, &w, o).expect("matmul");
     }
     assert_eq!(gpu.queued(), 1, "norm, q, k and v: one launch");
+    // The table made above: no flush.
+    let rope = rope_params();
+    Compute::rope(&gpu, &q, 0, &rope, None).expect("rope");
+    Compute::rope(&gpu, &kk, 0, &rope, None).expect("rope");
+    let cache = Compute::cache(&gpu, 1, 16, 9, 64);
+    let att = Compute::tensor(&gpu, k as u32);
+    Compute::attention(&gpu, &q, &kk, &v, &cache, 0, 0, 9, 0.125, 0, 0.0, &att).expect("attention");
+    assert_eq!(
+        gpu.queued(),
+        3,
+        "RoPE of q and k storing k and v, then attention"
+    );
     Compute::matmul(&gpu, &q, &w, &t).expect("matmul");
     Compute::add(&gpu, &x, &t).expect("add");
     assert_eq!(
         gpu.queued(),
-        2,
+        4,
         "the output projection and its add: one more"
     );
     // A product writing the norm's own input is not merged into it (it would race).
     Compute::rms_norm(&gpu, &x, &norm_w, 1e-5, &h).expect("norm");
     Compute::matmul(&gpu, &h, &w, &x).expect("matmul");
-    assert_eq!(gpu.queued(), 4);
+    assert_eq!(gpu.queued(), 6);
+}
+
+/// RoPE as llama's (NeoX pairs, heads of 64).
+fn rope_params() -> realm_compute::RopeParams {
+    realm_compute::RopeParams {
+        head_dim: 64,
+        n_rot: 64,
+        mode: realm_compute::RopeMode::Neox,
+        freq_base: 10_000.0,
+        freq_scale: 1.0,
+        ext_factor: 0.0,
+        attn_factor: 1.0,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        n_ctx_orig: 4096,
+    }
 }
