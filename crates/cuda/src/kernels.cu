@@ -461,11 +461,18 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
             int d = threadIdx.x + t * blockDim.x;
             if (d >= hd) break;
             const u16* vcol = vc + (size_t)(start + c0) * width + kvh * hd + d;
-            // Eight values loaded ahead of the dependent chain, not one load per step.
-            for (int j0 = 0; j0 < cl; j0 += 8) {
-                u16 vv[8];
+            // Eight values loaded ahead of the dependent chain, not one load per step, and
+            // the next eight's loads in flight while these are summed.
+            u16 vv[8], nv[8];
 #pragma unroll
-                for (int u = 0; u < 8; u++) vv[u] = j0 + u < cl ? vcol[(size_t)(j0 + u) * width] : 0;
+            for (int u = 0; u < 8; u++) nv[u] = u < cl ? vcol[(size_t)u * width] : 0;
+            for (int j0 = 0; j0 < cl; j0 += 8) {
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    vv[u] = nv[u];
+                    int jn = j0 + 8 + u;
+                    nv[u] = jn < cl ? vcol[(size_t)jn * width] : 0;
+                }
 #pragma unroll
                 for (int u = 0; u < 8; u++) {
                     int j = j0 + u;
@@ -1591,21 +1598,22 @@ __device__ __forceinline__ void q8k_item(const u8* wb, const u8* xb, int L, int*
     const int* xw = (const int*)(xb + 4);
     int acc = 0;
     if (TY == T_Q4_K) {
-        const u8* q = wb + 4;
+        // The 8 six-bit scales and mins from the 12 bytes at 4 (get_scale_min_k4, by words:
+        // sc = scales 0-3 | 4-7, mn = mins 0-3 | 4-7, a byte each).
+        const unsigned* u = (const unsigned*)(wb + 4);
+        unsigned u0 = u[0], u1 = u[1], u2 = u[2];
+        unsigned sc[2] = {u0 & 0x3f3f3f3fu, (u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4)};
+        unsigned mn[2] = {u1 & 0x3f3f3f3fu, ((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4)};
 #pragma unroll
         for (int p = 0; p < 4; p++) {
             unsigned w = *(const unsigned*)(wb + 16 + 32 * p + 4 * L);
-            int s0, m0, s1, m1;
-            scale_min_k4(2 * p, q, &s0, &m0);
-            scale_min_k4(2 * p + 1, q, &s1, &m1);
+            int s0 = (sc[p / 2] >> (16 * (p % 2))) & 0xff, s1 = (sc[p / 2] >> (16 * (p % 2) + 8)) & 0xff;
             acc += s0 * __dp4a((int)(w & 0x0f0f0f0fu), xw[(2 * p) * 8 + L], 0);
             acc += s1 * __dp4a((int)((w >> 4) & 0x0f0f0f0fu), xw[(2 * p + 1) * 8 + L], 0);
         }
         int m = 0;
         if (L < 4) {
-            int s0, m0, s1, m1;
-            scale_min_k4(2 * L, q, &s0, &m0);
-            scale_min_k4(2 * L + 1, q, &s1, &m1);
+            int m0 = (mn[L / 2] >> (16 * (L % 2))) & 0xff, m1 = (mn[L / 2] >> (16 * (L % 2) + 8)) & 0xff;
             m = m0 * (q8k_bsum(xb, 4 * L) + q8k_bsum(xb, 4 * L + 1)) +
                 m1 * (q8k_bsum(xb, 4 * L + 2) + q8k_bsum(xb, 4 * L + 3));
         }
