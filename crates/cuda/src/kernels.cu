@@ -1229,8 +1229,11 @@ __device__ __forceinline__ int q6k_u(const u8* b, int j) {
 //   sums s1 = Σ scale·q·x and s2 = Σ min·bsum, then acc + fma(-dmin, s2, s1·d)·d_x (Q6_K:
 //   acc + s1·d·d_x), each product rounded.
 // Lane t holds values 8t..8t+8: run t/4 of 32, the CPU's lanes 2(t%4) and 2(t%4)+1.
-// One super-block of one row: wb its weights, xb its Q8_K block (either in shared or
-// global memory), into lane's acc (tiled: the running sum), acc1 and accm.
+// (matmul_q8k_col: x quantized in global memory, for 8 rows or more than a fused launch's
+// shared memory holds; matmul_q8k_fused, further on, computes the same bits for decoding.)
+//
+// q8k_super: one super-block of one row, wb its weights, xb its Q8_K block, into lane's acc
+// (tiled: the running sum), acc1 and accm.
 __device__ __forceinline__ void q8k_super(const u8* wb, const u8* xb, int ty, int lane,
                                           bool tiled, float& acc, float& acc1, float& accm) {
     int run = lane / 4, c = lane % 4, at = lane * 8;

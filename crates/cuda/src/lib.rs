@@ -15,9 +15,13 @@
 //! summed in f64, ggml's SiLU and f16 flash-attention accumulation.
 //!
 //! A tenant's ops are queued, not launched: the queue is flushed on its own stream when
-//! the guest reads a result. A step whose launches equal the previous step's (decoding:
-//! same kernels, buffers and shapes; positions live in device memory) is captured once as
-//! a CUDA graph and replayed, one launch per token instead of one per op.
+//! the guest reads a result. While queued, launches are merged where the result is the same
+//! bits: a norm into the product after it, products of one input into one launch, an add
+//! into the product that made its operand, the RoPE of q and k into one launch that stores
+//! the keys and values (`rec_matvec`, `fold_add`, `rope`, `attention`). A step whose
+//! launches equal the previous step's (decoding: same kernels, buffers and shapes; positions
+//! live in device memory) is captured once as a CUDA graph and replayed, one launch per
+//! token instead of one per op.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
