@@ -518,13 +518,16 @@ __device__ float gelu_f16(float x) {
     return h2f(f2h(g));
 }
 
-// up = act(gate) * up (0: SiLU, 1: GELU, tanh form), as the CPU backend.
+// The gate's activation (0: SiLU, 1: GELU, tanh form), as the CPU backend's.
+__device__ __forceinline__ float glu_act(float g, int act) {
+    return act == 0 ? g / (1.0f + v_expf(0.0f - g)) : gelu_f16(g);
+}
+
+// up = act(gate) * up, as the CPU backend.
 extern "C" __global__ void glu(const float* gate, float* up, int n, int act) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float g = gate[i];
-    float a = act == 0 ? g / (1.0f + v_expf(0.0f - g)) : gelu_f16(g);
-    up[i] *= a;
+    up[i] *= glu_act(gate[i], act);
 }
 
 extern "C" __global__ void add(float* acc, const float* x, int n) {
@@ -809,12 +812,17 @@ __device__ __forceinline__ void chunk_store(u8* dst, int live, int lane,
 // host): an RMS norm of x's rows first (`nw`: the norm's weight; every block computes the
 // row's scale exactly as rms_norm does, in blocks of 256 threads, and the first block
 // writes the normed rows to `xo`, the norm's output), and `acc += y` after (the add that
-// followed the product).
+// followed the product). With w2 (a layer's up weight, w its gate's), each warp computes
+// both products' columns and applies the GLU that followed them: y = gate,
+// y2 = act(gate) · up.
 struct Fuse {
     const float* nw;
     float eps;
     float* xo;
     float* acc;
+    const u8* w2;
+    float* y2;
+    int act;
 };
 
 // rms_norm's scale of each of x's rows (k values) into rs, as rms_norm computes it.
@@ -897,7 +905,8 @@ __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const
     // The warp's columns col0.. (cpw of them): chunk t is column col0 + t / cpc's blocks
     // (t % cpc) · W_CHUNK.., the next one's loads in flight while one is summed.
     int col0 = (blk * warps + wib) * cpw;
-    int total = max(0, min(cpw, n - col0)) * cpc;
+    int passes = f.w2 ? 2 : 1;  // a column of w, then (GLU) the same of w2
+    int total = max(0, min(cpw, n - col0)) * cpc * passes;
     u8* wg = smem + wib * W_CHUNK * 36;
     u8* xs = smem + warps * W_CHUNK * 36;
     unsigned r[Q::NW];
@@ -909,18 +918,20 @@ __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const
     chunk_store<TY>(wg, live0, lane, r);
     __syncthreads();
     int j = lane >> 3, l = lane & 7;
-    float acc[MATVEC_ROWS], summs[MATVEC_ROWS];
+    float acc[MATVEC_ROWS], summs[MATVEC_ROWS], gate[MATVEC_ROWS];
 #pragma unroll
-    for (int q = 0; q < MATVEC_ROWS; q++) acc[q] = summs[q] = 0.0f;
+    for (int q = 0; q < MATVEC_ROWS; q++) acc[q] = summs[q] = gate[q] = 0.0f;
     for (int t = 0; t < total; t++) {
-        int col = col0 + t / cpc, c0 = (t % cpc) * W_CHUNK;
+        int col = col0 + t / (cpc * passes), pass = (t / cpc) % passes;
+        int c0 = (t % cpc) * W_CHUNK;
         int live = min(W_CHUNK, nb - c0);
         int next = 0;
         if (t + 1 < total) {
-            int nc0 = ((t + 1) % cpc) * W_CHUNK;
+            int u = t + 1, nc0 = (u % cpc) * W_CHUNK;
+            const u8* nw = (u / cpc) % passes ? f.w2 : w;
             next = min(W_CHUNK, nb - nc0);
-            chunk_load<TY>(w + ((size_t)(col0 + (t + 1) / cpc) * nb + nc0) * Q::BB, next, lane,
-                           r);
+            chunk_load<TY>(nw + ((size_t)(col0 + u / (cpc * passes)) * nb + nc0) * Q::BB, next,
+                           lane, r);
         }
         for (int g = 0; g < live; g += 16) {
             int glive = min(16, live - g);
@@ -971,8 +982,13 @@ __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const
                 if (Q::Q81) s = __fadd_rn(s, summs[q]);
                 if (lane == 0) {
                     size_t at = (size_t)q * n + col;
-                    y[at] = s;
-                    if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
+                    if (pass == 1) {
+                        f.y2[at] = s * glu_act(gate[q], f.act);
+                    } else {
+                        y[at] = s;
+                        gate[q] = s;
+                        if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
+                    }
                 }
                 acc[q] = summs[q] = 0.0f;
             }
@@ -1011,12 +1027,12 @@ extern "C" __global__ void __launch_bounds__(512, 1) matmul_q8_fused(const u8* w
                                            const u8* w1, int ty1, int n1, float* y1,
                                            const u8* w2, int ty2, int n2, float* y2, int k,
                                            const float* x, int rows, const float* nw, float eps,
-                                           float* xo, float* acc, int cpw) {
-    int blk, s = which(n0, n1, cpw, &blk);
+                                           float* xo, float* acc, int cpw, int glu) {
+    int blk, s = which(n0, glu >= 0 ? 0 : n1, cpw, &blk);
     const u8* w = s == 0 ? w0 : s == 1 ? w1 : w2;
     int ty = s == 0 ? ty0 : s == 1 ? ty1 : ty2, n = s == 0 ? n0 : s == 1 ? n1 : n2;
     float* y = s == 0 ? y0 : s == 1 ? y1 : y2;
-    Fuse f = {nw, eps, xo, acc};
+    Fuse f = {nw, eps, xo, acc, glu >= 0 ? w1 : nullptr, y1, glu};
     switch (ty) {
         case T_Q4_0: matvec_q8_fused<T_Q4_0>(w, k, n, x, rows, y, f, blk, cpw); break;
         case T_Q4_1: matvec_q8_fused<T_Q4_1>(w, k, n, x, rows, y, f, blk, cpw); break;
@@ -1649,8 +1665,10 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
     int nb = k / 256, cpc = (nb + K_CHUNK - 1) / K_CHUNK;
     // The warp's columns col0.. (cpw of them) in chunks as matvec_q8_fused's.
     int col0 = (blk * warps + wib) * cpw;
-    int total = max(0, min(cpw, n - col0)) * cpc;
+    int passes = f.w2 ? 2 : 1;  // a column of w, then (GLU) the same of w2
+    int total = max(0, min(cpw, n - col0)) * cpc * passes;
     const u16* wr = (const u16*)(w + (size_t)col0 * nb * BB);
+    const u16* wr2 = (const u16*)(f.w2 + (size_t)col0 * nb * BB);
     u8* wg = smem + wib * K_CHUNK * 212;
     u8* xs = smem + warps * K_CHUNK * 212;
     unsigned r[NW];
@@ -1683,19 +1701,21 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
     }
     __syncthreads();
     int L = lane & 7, sub = lane >> 3;
-    float acc[MATVEC_ROWS], accm[MATVEC_ROWS];
+    float acc[MATVEC_ROWS], accm[MATVEC_ROWS], gate[MATVEC_ROWS];
 #pragma unroll
-    for (int q = 0; q < MATVEC_ROWS; q++) acc[q] = accm[q] = 0.0f;
+    for (int q = 0; q < MATVEC_ROWS; q++) acc[q] = accm[q] = gate[q] = 0.0f;
     for (int t = 0; t < total; t++) {
-        int col = col0 + t / cpc, c0 = (t % cpc) * K_CHUNK;
+        int col = col0 + t / (cpc * passes), pass = (t / cpc) % passes;
+        int c0 = (t % cpc) * K_CHUNK;
         int live = min(K_CHUNK, nb - c0);
         int next = 0;
         if (t + 1 < total) {
-            int nc0 = ((t + 1) % cpc) * K_CHUNK;
+            int u = t + 1, nc0 = (u % cpc) * K_CHUNK;
             next = min(K_CHUNK, nb - nc0) * H;
             // Columns follow each other in the file: chunk t + 1 starts where its column's
             // blocks nc0.. are.
-            const u16* src = wr + ((size_t)((t + 1) / cpc) * nb + nc0) * H;
+            const u16* src =
+                ((u / cpc) % passes ? wr2 : wr) + ((size_t)(u / (cpc * passes)) * nb + nc0) * H;
 #pragma unroll
             for (int i = 0; i < NW; i++) r[i] = lane + 32 * i < next ? src[lane + 32 * i] : 0u;
         }
@@ -1740,8 +1760,13 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
                 }
                 if (lane == 0) {
                     size_t at = (size_t)q * n + col;
-                    y[at] = s;
-                    if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
+                    if (pass == 1) {
+                        f.y2[at] = s * glu_act(gate[q], f.act);
+                    } else {
+                        y[at] = s;
+                        gate[q] = s;
+                        if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
+                    }
                 }
                 acc[q] = accm[q] = 0.0f;
             }
@@ -1764,12 +1789,12 @@ extern "C" __global__ void __launch_bounds__(512, 1) matmul_q8k_fused(const u8* 
                                             const u8* w1, int ty1, int n1, float* y1,
                                             const u8* w2, int ty2, int n2, float* y2, int k,
                                             const float* x, int rows, const float* nw,
-                                            float eps, float* xo, float* acc, int cpw) {
-    int blk, s = which(n0, n1, cpw, &blk);
+                                            float eps, float* xo, float* acc, int cpw, int glu) {
+    int blk, s = which(n0, glu >= 0 ? 0 : n1, cpw, &blk);
     const u8* w = s == 0 ? w0 : s == 1 ? w1 : w2;
     int ty = s == 0 ? ty0 : s == 1 ? ty1 : ty2, n = s == 0 ? n0 : s == 1 ? n1 : n2;
     float* y = s == 0 ? y0 : s == 1 ? y1 : y2;
-    Fuse f = {nw, eps, xo, acc};
+    Fuse f = {nw, eps, xo, acc, glu >= 0 ? w1 : nullptr, y1, glu};
     if (ty == T_Q4_K) matvec_q8k_fused<T_Q4_K>(w, k, n, x, rows, y, f, blk, cpw);
     else matvec_q8k_fused<T_Q6_K>(w, k, n, x, rows, y, f, blk, cpw);
 }

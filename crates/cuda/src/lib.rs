@@ -386,7 +386,8 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> Arg {
 /// Argument positions of a fused matvec launch (`matmul_q8_fused`, `matmul_q8k_fused`):
 /// product i's weight, type, columns and output at 4i + (W, TY, N, Y) for i < 3 (N = 0:
 /// none), then k, x, rows, the norm's weight (0: none), eps and output, and the add's
-/// accumulator (0: none), and the columns each warp computes.
+/// accumulator (0: none), the columns each warp computes, and the GLU applied to products 0
+/// (gate) and 1 (up) (-1: none; 0: SiLU, 1: GELU).
 mod mv {
     pub const N: usize = 2;
     pub const Y: usize = 3;
@@ -398,6 +399,7 @@ mod mv {
     pub const XO: usize = 17;
     pub const ACC: usize = 18;
     pub const CPW: usize = 19;
+    pub const GLU: usize = 20;
 }
 
 /// One queued launch.
@@ -606,6 +608,7 @@ impl CudaBackend {
             && last.args[mv::ROWS] == args[mv::ROWS]
             && last.args[mv::CPW] == args[mv::CPW]
             && last.args[mv::ACC] == Arg::P(0)
+            && last.args[mv::GLU] == Arg::I(-1)
         {
             let reads = if last.args[mv::NW] == Arg::P(0) {
                 last.args[mv::X]
@@ -671,6 +674,36 @@ impl CudaBackend {
             && acc != x;
         if fold {
             last.args[mv::ACC] = acc;
+        }
+        fold
+    }
+
+    /// Folds `up = act(gate) · up` into the queued launch of the two products that made
+    /// gate and up (same type and width, nothing else merged): each warp then computes both
+    /// columns, a block for every `warps · cpw` columns of one of them.
+    fn fold_glu(&self, gate: Arg, up: Arg, n: usize, act: i32) -> bool {
+        let mut q = self.queue.borrow_mut();
+        let Some(last) = q.launches.last_mut() else {
+            return false;
+        };
+        if !matches!(last.k, K::MatmulQ8Fused | K::MatmulQ8kFused) {
+            return false;
+        }
+        let (Arg::I(cols), Arg::I(rows)) = (last.args[mv::N], last.args[mv::ROWS]) else {
+            return false;
+        };
+        let fold = last.args[mv::Y] == gate
+            && last.args[4 + mv::Y] == up
+            && last.args[4 + mv::N] == last.args[mv::N]
+            && last.args[4 + 1] == last.args[1]
+            && last.args[8 + mv::N] == Arg::I(0)
+            && last.args[mv::ACC] == Arg::P(0)
+            && last.args[mv::GLU] == Arg::I(-1)
+            && cols as usize * rows as usize == n
+            && last.grid.is_multiple_of(2);
+        if fold {
+            last.args[mv::GLU] = Arg::I(act);
+            last.grid /= 2;
         }
         fold
     }
@@ -1047,7 +1080,7 @@ impl Backend for CudaBackend {
                 let mut args = vec![self.p(&**bytes), ty, n_i, out];
                 args.extend([Arg::P(0), Arg::I(0), Arg::I(0), Arg::P(0)].repeat(2));
                 args.extend([k_i, xb, rows_i, Arg::P(0), f(0.0), Arg::P(0), Arg::P(0)]);
-                args.push(Arg::I(cpw as i32));
+                args.extend([Arg::I(cpw as i32), Arg::I(-1)]);
                 self.rec_matvec(k, cfg, args);
                 Ok(())
             }
@@ -1295,11 +1328,15 @@ impl Backend for CudaBackend {
         let g = gate.0.try_borrow().map_err(|_| busy())?;
         let u = up.0.try_borrow_mut().map_err(|_| busy())?;
         let n = u.rows * u.cols;
+        let act_i = i32::from(act == Activation::GeluTanh);
+        if self.fold_glu(self.p(buf(&g)?), self.p(buf(&u)?), n, act_i) {
+            return Ok(());
+        }
         let args = vec![
             self.p(buf(&g)?),
             self.p(buf(&u)?),
             Arg::I(n as i32),
-            Arg::I(i32::from(act == Activation::GeluTanh)),
+            Arg::I(act_i),
         ];
         self.rec(K::Glu, blocks(n, 256), args);
         Ok(())

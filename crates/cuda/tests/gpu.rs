@@ -519,12 +519,42 @@ fn merged_launches_agree_with_the_cpu_backend() {
         let t = Compute::tensor(c, k as u32);
         Compute::matmul(c, &att, &ws[0], &t).expect("matmul");
         Compute::add(c, &x, &t).expect("add");
+        // The feed-forward: norm, gate and up (one launch with their GLU), down and its add.
+        let ff = 2 * k;
+        let ffn: Vec<_> = [(tys[0], k, ff), (tys[0], k, ff), (tys[2], ff, k)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(ty, kk, n))| {
+                let file = ModelBytes::new(Arc::new(realm_kernels::synthetic::weights(
+                    ty,
+                    kk,
+                    n,
+                    9 + i as u64,
+                )));
+                Compute::weight(c, &file, 0, ty, &[kk as u64, n as u64]).expect("weight")
+            })
+            .collect();
+        let h2 = Compute::tensor(c, k as u32);
+        let (gate, up, down) = (
+            Compute::tensor(c, ff as u32),
+            Compute::tensor(c, ff as u32),
+            Compute::tensor(c, k as u32),
+        );
+        Compute::rms_norm(c, &x, &norm_w, 1e-5, &h2).expect("norm");
+        Compute::matmul(c, &h2, &ffn[0], &gate).expect("matmul");
+        Compute::matmul(c, &h2, &ffn[1], &up).expect("matmul");
+        Compute::glu(c, &gate, &up, realm_compute::Activation::Silu).expect("glu");
+        Compute::matmul(c, &up, &ffn[2], &down).expect("matmul");
+        Compute::add(c, &x, &down).expect("add");
         let read = |x: &C::Tensor| -> Vec<f32> {
             (0..rows as u32)
                 .flat_map(|r| Compute::read_row(c, x, r).expect("row"))
                 .collect()
         };
         vec![
+            ("gate", read(&gate)),
+            ("up after the GLU", read(&up)),
+            ("down", read(&down)),
             ("norm", read(&h)),
             ("q", read(&outs[0])),
             ("k", read(&outs[1])),
@@ -590,10 +620,28 @@ fn merged_launches_agree_with_the_cpu_backend() {
         4,
         "the output projection and its add: one more"
     );
+    // The feed-forward's norm, gate, up and GLU: one launch; down and its add: one.
+    let wide = ModelBytes::new(Arc::new(realm_kernels::synthetic::weights(
+        GgmlType::Q4_1,
+        k,
+        2 * k,
+        6,
+    )));
+    let wg =
+        Compute::weight(&gpu, &wide, 0, GgmlType::Q4_1, &[k as u64, 2 * k as u64]).expect("weight");
+    let (gate, up) = (
+        Compute::tensor(&gpu, 2 * k as u32),
+        Compute::tensor(&gpu, 2 * k as u32),
+    );
+    Compute::rms_norm(&gpu, &x, &norm_w, 1e-5, &h).expect("norm");
+    Compute::matmul(&gpu, &h, &wg, &gate).expect("matmul");
+    Compute::matmul(&gpu, &h, &wg, &up).expect("matmul");
+    Compute::glu(&gpu, &gate, &up, realm_compute::Activation::GeluTanh).expect("glu");
+    assert_eq!(gpu.queued(), 5, "norm, gate, up and their GLU: one more");
     // A product writing the norm's own input is not merged into it (it would race).
     Compute::rms_norm(&gpu, &x, &norm_w, 1e-5, &h).expect("norm");
     Compute::matmul(&gpu, &h, &w, &x).expect("matmul");
-    assert_eq!(gpu.queued(), 6);
+    assert_eq!(gpu.queued(), 7);
 }
 
 /// RoPE as llama's (NeoX pairs, heads of 64).
