@@ -15,6 +15,8 @@
 #     bench/gpu.sh compare   # llama-bench -fa 1 -ngl 99 and `realm bench --device cuda`
 #                            # on SmolLM2 and the 1B model: pp512 and tg128
 #     bench/gpu.sh parity1b  # the GPU-vs-CPU greedy test on the 1B model
+#     bench/gpu.sh profile   # ncu over decode steps of both models: per-kernel shares
+#                            # (bench/gpu-profile.py), clocks and caches as in a real run
 #
 # `remote` runs the GPU tests with REALM_REQUIRE_GPU=1 (SmolLM2 on the GPU against the CPU
 # backend), `realm run --device cuda` and `realm bench` on the GPU and on all CPU cores.
@@ -116,6 +118,21 @@ parity1b)
     export REALM_ROOT=$PWD LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
     REALM_REQUIRE_GPU=1 REALM_GPU_MODEL="$SCRATCH"/llama-1b.q4_k_m.gguf "$SCRATCH"/gpu-test \
         --nocapture greedy_ids
+    ;;
+profile)
+    # Kernels of decode steps (after the 16-token prompt's), one at a time under ncu; its
+    # clock and cache controls off, so that durations are those of a real run.
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
+    for m in "$SCRATCH"/model.gguf "$SCRATCH"/llama-1b.q4_k_m.gguf; do
+        [ -f "$m" ] || continue
+        csv="$SCRATCH/profile-$(basename "$m" .gguf).csv"
+        /usr/local/cuda/bin/ncu --graph-profiling node --clock-control none --cache-control none \
+            --metrics gpu__time_duration.sum --csv --launch-skip 2000 -c 400 \
+            "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 -p 16 -n 64 --runs 1 \
+            >"$csv" 2>/dev/null
+        python3 bench/gpu-profile.py "$csv"
+    done
     ;;
 *)
     sed -n '2,22p' "$0"
