@@ -18,7 +18,7 @@
 //! the guest reads a result. While queued, launches are merged where the result is the same
 //! bits: a norm into the product after it, products of one input into one launch, an add
 //! into the product that made its operand, the RoPE of q and k into one launch that stores
-//! the keys and values (`rec_matvec`, `fold_add`, `rope`, `attention`). A step whose
+//! the keys and values (the rules and their guards against races: `merge`). A step whose
 //! launches equal the previous step's (decoding: same kernels, buffers and shapes; positions
 //! live in device memory) is captured once as a CUDA graph and replayed, one launch per
 //! token instead of one per op.
@@ -36,6 +36,8 @@ use realm_compute::{
     Activation, Attention, Backend, CacheShape, Error, GgmlType, ModelBytes, Result, RopeMode,
     RopeParams, Shape, WeightData, WeightMeta,
 };
+
+mod merge;
 
 const KERNELS: &str = include_str!("kernels.cu");
 
@@ -383,25 +385,6 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> Arg {
     Arg::P(s.device_ptr(stream).0)
 }
 
-/// Argument positions of a fused matvec launch (`matmul_q8_fused`, `matmul_q8k_fused`):
-/// product i's weight, type, columns and output at 4i + (W, TY, N, Y) for i < 3 (N = 0:
-/// none), then k, x, rows, the norm's weight (0: none), eps and output, and the add's
-/// accumulator (0: none), the columns each warp computes, and the GLU applied to products 0
-/// (gate) and 1 (up) (-1: none; 0: SiLU, 1: GELU).
-mod mv {
-    pub const N: usize = 2;
-    pub const Y: usize = 3;
-    pub const K: usize = 12;
-    pub const X: usize = 13;
-    pub const ROWS: usize = 14;
-    pub const NW: usize = 15;
-    pub const EPS: usize = 16;
-    pub const XO: usize = 17;
-    pub const ACC: usize = 18;
-    pub const CPW: usize = 19;
-    pub const GLU: usize = 20;
-}
-
 /// One queued launch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Launch {
@@ -593,119 +576,9 @@ impl CudaBackend {
         });
     }
 
-    /// Queues a fused matvec (`matmul_q8_fused`, `matmul_q8k_fused`: arguments as [`mv`]
-    /// names them), merged with the launches around it where the result is the same:
-    /// - into the queued matvec before it when both read the same x (up to three products
-    ///   in one launch: a layer's q, k and v, or its gate and up);
-    /// - taking over the RMS norm queued just before it whose output it reads (the norm's
-    ///   output is still written, by the launch's first block).
-    fn rec_matvec(&self, kind: K, cfg: LaunchConfig, mut args: Vec<Arg>) {
-        let mut q = self.queue.borrow_mut();
-        if let Some(last) = q.launches.last_mut()
-            && last.k == kind
-            && last.smem == cfg.shared_mem_bytes
-            && last.args[mv::K] == args[mv::K]
-            && last.args[mv::ROWS] == args[mv::ROWS]
-            && last.args[mv::CPW] == args[mv::CPW]
-            && last.args[mv::ACC] == Arg::P(0)
-            && last.args[mv::GLU] == Arg::I(-1)
-        {
-            let reads = if last.args[mv::NW] == Arg::P(0) {
-                last.args[mv::X]
-            } else {
-                last.args[mv::XO]
-            };
-            let y = args[mv::Y];
-            let free = (1..3).find(|&i| last.args[4 * i + mv::N] == Arg::I(0));
-            let writes_again = (0..3).any(|i| last.args[4 * i + mv::Y] == y);
-            if let Some(i) = free
-                && reads == args[mv::X]
-                && !writes_again
-                && y != last.args[mv::X]
-            {
-                last.args[4 * i..4 * i + 4].copy_from_slice(&args[..4]);
-                last.grid += cfg.grid_dim.0;
-                return;
-            }
-        }
-        if let Some(last) = q.launches.last()
-            && last.k == K::RmsNorm
-            // rms_norm's arguments: x, w, g, eps, o, groups.
-            && last.args[4] == args[mv::X]
-            && last.args[2] == args[mv::K]
-            && last.args[5] == args[mv::ROWS]
-            && last.args[0] != args[mv::Y]
-        {
-            args[mv::X] = last.args[0];
-            args[mv::NW] = last.args[1];
-            args[mv::EPS] = last.args[3];
-            args[mv::XO] = last.args[4];
-            q.launches.pop();
-        }
-        q.launches.push(Launch {
-            k: kind,
-            grid: cfg.grid_dim.0,
-            block: cfg.block_dim.0,
-            smem: cfg.shared_mem_bytes,
-            args,
-        });
-    }
-
-    /// Folds `acc += x` into the queued matvec that made x, when it is the only product of
-    /// its launch and reads neither acc nor writes it otherwise.
-    fn fold_add(&self, acc: Arg, x: Arg, n: usize) -> bool {
-        let mut q = self.queue.borrow_mut();
-        let Some(last) = q.launches.last_mut() else {
-            return false;
-        };
-        if !matches!(last.k, K::MatmulQ8Fused | K::MatmulQ8kFused) {
-            return false;
-        }
-        let single = last.args[mv::N + 4] == Arg::I(0);
-        let (Arg::I(cols), Arg::I(rows)) = (last.args[mv::N], last.args[mv::ROWS]) else {
-            return false;
-        };
-        let fold = single
-            && last.args[mv::ACC] == Arg::P(0)
-            && last.args[mv::Y] == x
-            && cols as usize * rows as usize == n
-            && acc != last.args[mv::X]
-            && acc != last.args[mv::XO]
-            && acc != x;
-        if fold {
-            last.args[mv::ACC] = acc;
-        }
-        fold
-    }
-
-    /// Folds `up = act(gate) · up` into the queued launch of the two products that made
-    /// gate and up (same type and width, nothing else merged): each warp then computes both
-    /// columns, a block for every `warps · cpw` columns of one of them.
-    fn fold_glu(&self, gate: Arg, up: Arg, n: usize, act: i32) -> bool {
-        let mut q = self.queue.borrow_mut();
-        let Some(last) = q.launches.last_mut() else {
-            return false;
-        };
-        if !matches!(last.k, K::MatmulQ8Fused | K::MatmulQ8kFused) {
-            return false;
-        }
-        let (Arg::I(cols), Arg::I(rows)) = (last.args[mv::N], last.args[mv::ROWS]) else {
-            return false;
-        };
-        let fold = last.args[mv::Y] == gate
-            && last.args[4 + mv::Y] == up
-            && last.args[4 + mv::N] == last.args[mv::N]
-            && last.args[4 + 1] == last.args[1]
-            && last.args[8 + mv::N] == Arg::I(0)
-            && last.args[mv::ACC] == Arg::P(0)
-            && last.args[mv::GLU] == Arg::I(-1)
-            && cols as usize * rows as usize == n
-            && last.grid.is_multiple_of(2);
-        if fold {
-            last.args[mv::GLU] = Arg::I(act);
-            last.grid /= 2;
-        }
-        fold
+    /// Queues a fused matvec, merged with the launches around it ([`merge::push_matvec`]).
+    fn rec_matvec(&self, kind: K, cfg: LaunchConfig, args: Vec<Arg>) {
+        merge::push_matvec(&mut self.queue.borrow_mut().launches, kind, cfg, args);
     }
 
     /// A device address holding `pos` when the step runs.
@@ -857,22 +730,6 @@ fn grid(n: usize, per: u32) -> LaunchConfig {
         block_dim: (per, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-/// Blocks of 256 threads for a `rope` launch's work (its arguments as `rope` records them):
-/// the pairs of x0 and x1, and when it stores keys and values, x1's values past n_rot and
-/// v's.
-fn rope_grid(args: &[Arg]) -> u32 {
-    let int = |i: usize| match args.get(i) {
-        Some(Arg::I(v)) => (*v).max(0) as usize,
-        _ => 0,
-    };
-    let (cols0, cols1, rows, hd, n_rot) = (int(1), int(3), int(4), int(5).max(1), int(6));
-    let mut n = rows * (cols0 / hd + cols1 / hd) * (n_rot / 2);
-    if args.get(11).is_some_and(|a| *a != Arg::P(0)) {
-        n += rows * (cols1 / hd) * hd.saturating_sub(n_rot) + rows * cols1;
-    }
-    (n as u32).div_ceil(256).max(1)
 }
 
 fn busy() -> Error {
@@ -1204,26 +1061,7 @@ impl Backend for CudaBackend {
             Arg::P(0),
             Arg::P(0),
         ];
-        let mut q = self.queue.borrow_mut();
-        // A layer's keys after its queries: one launch for both.
-        if let Some(last) = q.launches.last_mut()
-            && last.k == K::Rope
-            && last.args[2] == Arg::P(0)
-            && last.args[4..10] == args[4..10]
-            && last.args[0] != args[0]
-        {
-            last.args[2] = args[0];
-            last.args[3] = args[1];
-            last.grid = rope_grid(&last.args);
-            return Ok(());
-        }
-        q.launches.push(Launch {
-            k: K::Rope,
-            grid: rope_grid(&args),
-            block: 256,
-            smem: 0,
-            args,
-        });
+        merge::push_rope(&mut self.queue.borrow_mut().launches, args);
         Ok(())
     }
 
@@ -1265,25 +1103,7 @@ impl Backend for CudaBackend {
             kc,
             vc,
         ];
-        // Into the queued RoPE launch of these keys when there is one (it stores them as
-        // it rotates them).
-        let folded = match self.queue.borrow_mut().launches.last_mut() {
-            Some(last)
-                if last.k == K::Rope
-                    && last.args[2] == args[0]
-                    && last.args[3] == args[3]
-                    && last.args[4] == args[2]
-                    && last.args[8] == args[4]
-                    && last.args[10] == Arg::P(0) =>
-            {
-                last.args[10] = args[1];
-                last.args[11] = kc;
-                last.args[12] = vc;
-                last.grid = rope_grid(&last.args);
-                true
-            }
-            _ => false,
-        };
+        let folded = merge::fold_kv_store(&mut self.queue.borrow_mut().launches, &args);
         if !folded {
             self.rec(K::KvStore, blocks(rows * width, 256), args);
         }
@@ -1329,7 +1149,14 @@ impl Backend for CudaBackend {
         let u = up.0.try_borrow_mut().map_err(|_| busy())?;
         let n = u.rows * u.cols;
         let act_i = i32::from(act == Activation::GeluTanh);
-        if self.fold_glu(self.p(buf(&g)?), self.p(buf(&u)?), n, act_i) {
+        let folded = merge::fold_glu(
+            &mut self.queue.borrow_mut().launches,
+            self.p(buf(&g)?),
+            self.p(buf(&u)?),
+            n,
+            act_i,
+        );
+        if folded {
             return Ok(());
         }
         let args = vec![
@@ -1346,7 +1173,13 @@ impl Backend for CudaBackend {
         let a = acc.0.try_borrow_mut().map_err(|_| busy())?;
         let x = x.0.try_borrow().map_err(|_| busy())?;
         let n = a.rows * a.cols;
-        if self.fold_add(self.p(buf(&a)?), self.p(buf(&x)?), n) {
+        let folded = merge::fold_add(
+            &mut self.queue.borrow_mut().launches,
+            self.p(buf(&a)?),
+            self.p(buf(&x)?),
+            n,
+        );
+        if folded {
             return Ok(());
         }
         let args = vec![self.p(buf(&a)?), self.p(buf(&x)?), Arg::I(n as i32)];

@@ -1,0 +1,385 @@
+//! The rules by which queued launches are merged (see the crate's documentation): pure
+//! functions over a step's queue, so that their guards are tested without a GPU.
+
+use cudarc::driver::LaunchConfig;
+
+use super::{Arg, K, Launch};
+
+/// Argument positions of a fused matvec launch (`matmul_q8_fused`, `matmul_q8k_fused`):
+/// product i's weight, type, columns and output at 4i + (W, TY, N, Y) for i < 3 (N = 0:
+/// none), then k, x, rows, the norm's weight (0: none), eps and output, and the add's
+/// accumulator (0: none), the columns each warp computes, and the GLU applied to products 0
+/// (gate) and 1 (up) (-1: none; 0: SiLU, 1: GELU).
+pub(crate) mod mv {
+    pub const N: usize = 2;
+    pub const Y: usize = 3;
+    pub const K: usize = 12;
+    pub const X: usize = 13;
+    pub const ROWS: usize = 14;
+    pub const NW: usize = 15;
+    pub const EPS: usize = 16;
+    pub const XO: usize = 17;
+    pub const ACC: usize = 18;
+    pub const CPW: usize = 19;
+    pub const GLU: usize = 20;
+}
+
+/// Queues a fused matvec (`matmul_q8_fused`, `matmul_q8k_fused`: arguments as [`mv`]
+/// names them), merged with the launches around it where the result is the same:
+/// - into the queued matvec before it when both read the same x (up to three products
+///   in one launch: a layer's q, k and v, or its gate and up);
+/// - taking over the RMS norm queued just before it whose output it reads (the norm's
+///   output is still written, by the launch's first block).
+pub(crate) fn push_matvec(
+    launches: &mut Vec<Launch>,
+    kind: K,
+    cfg: LaunchConfig,
+    mut args: Vec<Arg>,
+) {
+    if let Some(last) = launches.last_mut()
+        && last.k == kind
+        && last.smem == cfg.shared_mem_bytes
+        && last.args[mv::K] == args[mv::K]
+        && last.args[mv::ROWS] == args[mv::ROWS]
+        && last.args[mv::CPW] == args[mv::CPW]
+        && last.args[mv::ACC] == Arg::P(0)
+        && last.args[mv::GLU] == Arg::I(-1)
+    {
+        let reads = if last.args[mv::NW] == Arg::P(0) {
+            last.args[mv::X]
+        } else {
+            last.args[mv::XO]
+        };
+        let y = args[mv::Y];
+        let free = (1..3).find(|&i| last.args[4 * i + mv::N] == Arg::I(0));
+        let writes_again = (0..3).any(|i| last.args[4 * i + mv::Y] == y);
+        if let Some(i) = free
+            && reads == args[mv::X]
+            && !writes_again
+            && y != last.args[mv::X]
+        {
+            last.args[4 * i..4 * i + 4].copy_from_slice(&args[..4]);
+            last.grid += cfg.grid_dim.0;
+            return;
+        }
+    }
+    if let Some(last) = launches.last()
+        && last.k == K::RmsNorm
+        // rms_norm's arguments: x, w, g, eps, o, groups.
+        && last.args[4] == args[mv::X]
+        && last.args[2] == args[mv::K]
+        && last.args[5] == args[mv::ROWS]
+        && last.args[0] != args[mv::Y]
+    {
+        args[mv::X] = last.args[0];
+        args[mv::NW] = last.args[1];
+        args[mv::EPS] = last.args[3];
+        args[mv::XO] = last.args[4];
+        launches.pop();
+    }
+    launches.push(Launch {
+        k: kind,
+        grid: cfg.grid_dim.0,
+        block: cfg.block_dim.0,
+        smem: cfg.shared_mem_bytes,
+        args,
+    });
+}
+
+/// Folds `acc += x` into the queued matvec that made x, when it is the only product of
+/// its launch and reads neither acc nor writes it otherwise.
+pub(crate) fn fold_add(launches: &mut [Launch], acc: Arg, x: Arg, n: usize) -> bool {
+    let Some(last) = launches.last_mut() else {
+        return false;
+    };
+    if !matches!(last.k, K::MatmulQ8Fused | K::MatmulQ8kFused) {
+        return false;
+    }
+    let single = last.args[mv::N + 4] == Arg::I(0);
+    let (Arg::I(cols), Arg::I(rows)) = (last.args[mv::N], last.args[mv::ROWS]) else {
+        return false;
+    };
+    let fold = single
+        && last.args[mv::ACC] == Arg::P(0)
+        && last.args[mv::Y] == x
+        && cols as usize * rows as usize == n
+        && acc != last.args[mv::X]
+        && acc != last.args[mv::XO]
+        && acc != x;
+    if fold {
+        last.args[mv::ACC] = acc;
+    }
+    fold
+}
+
+/// Folds `up = act(gate) · up` into the queued launch of the two products that made
+/// gate and up (same type and width, nothing else merged): each warp then computes both
+/// columns, a block for every `warps · cpw` columns of one of them.
+pub(crate) fn fold_glu(launches: &mut [Launch], gate: Arg, up: Arg, n: usize, act: i32) -> bool {
+    let Some(last) = launches.last_mut() else {
+        return false;
+    };
+    if !matches!(last.k, K::MatmulQ8Fused | K::MatmulQ8kFused) {
+        return false;
+    }
+    let (Arg::I(cols), Arg::I(rows)) = (last.args[mv::N], last.args[mv::ROWS]) else {
+        return false;
+    };
+    let fold = last.args[mv::Y] == gate
+        && last.args[4 + mv::Y] == up
+        && last.args[4 + mv::N] == last.args[mv::N]
+        && last.args[4 + 1] == last.args[1]
+        && last.args[8 + mv::N] == Arg::I(0)
+        && last.args[mv::ACC] == Arg::P(0)
+        && last.args[mv::GLU] == Arg::I(-1)
+        && cols as usize * rows as usize == n
+        && last.grid.is_multiple_of(2);
+    if fold {
+        last.args[mv::GLU] = Arg::I(act);
+        last.grid /= 2;
+    }
+    fold
+}
+
+/// Queues a RoPE launch (arguments as `rope` records them: x0, cols0, x1, cols1, rows,
+/// head_dim, n_rot, neox, pos, table, v, kc, vc), as the second tensor of the RoPE launch
+/// before it when that one has the same rows, parameters, position and table: a layer's
+/// keys after its queries.
+pub(crate) fn push_rope(launches: &mut Vec<Launch>, args: Vec<Arg>) {
+    if let Some(last) = launches.last_mut()
+        && last.k == K::Rope
+        && last.args[2] == Arg::P(0)
+        && last.args[4..10] == args[4..10]
+        && last.args[0] != args[0]
+    {
+        last.args[2] = args[0];
+        last.args[3] = args[1];
+        last.grid = rope_grid(&last.args);
+        return;
+    }
+    launches.push(Launch {
+        k: K::Rope,
+        grid: rope_grid(&args),
+        block: 256,
+        smem: 0,
+        args,
+    });
+}
+
+/// Folds kv_store (arguments: k, v, rows, width, pos, kc, vc) into the queued RoPE launch of
+/// these keys when there is one: it stores them as it rotates them, and the values too.
+pub(crate) fn fold_kv_store(launches: &mut [Launch], args: &[Arg]) -> bool {
+    match launches.last_mut() {
+        Some(last)
+            if last.k == K::Rope
+                && last.args[2] == args[0]
+                && last.args[3] == args[3]
+                && last.args[4] == args[2]
+                && last.args[8] == args[4]
+                && last.args[10] == Arg::P(0) =>
+        {
+            last.args[10] = args[1];
+            last.args[11] = args[5];
+            last.args[12] = args[6];
+            last.grid = rope_grid(&last.args);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Blocks of 256 threads for a `rope` launch's work (its arguments as `rope` records them):
+/// the pairs of x0 and x1, and when it stores keys and values, x1's values past n_rot and
+/// v's.
+pub(crate) fn rope_grid(args: &[Arg]) -> u32 {
+    let int = |i: usize| match args.get(i) {
+        Some(Arg::I(v)) => (*v).max(0) as usize,
+        _ => 0,
+    };
+    let (cols0, cols1, rows, hd, n_rot) = (int(1), int(3), int(4), int(5).max(1), int(6));
+    let mut n = rows * (cols0 / hd + cols1 / hd) * (n_rot / 2);
+    if args.get(11).is_some_and(|a| *a != Arg::P(0)) {
+        n += rows * (cols1 / hd) * hd.saturating_sub(n_rot) + rows * cols1;
+    }
+    (n as u32).div_ceil(256).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P0: Arg = Arg::P(0);
+
+    fn cfg(grid: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 1024,
+        }
+    }
+
+    /// A decode matvec's arguments as `matmul` records them: x (k wide) times a weight of
+    /// type `ty` into y (n wide), one column a warp.
+    fn product(ty: i32, n: i32, y: u64, k: i32, x: u64) -> Vec<Arg> {
+        let mut args = vec![Arg::P(0x9000 + y), Arg::I(ty), Arg::I(n), Arg::P(y)];
+        args.extend([P0, Arg::I(0), Arg::I(0), P0].repeat(2));
+        args.extend([Arg::I(k), Arg::P(x), Arg::I(1), P0, Arg::F(0), P0, P0]);
+        args.extend([Arg::I(1), Arg::I(-1)]);
+        args
+    }
+
+    fn push(q: &mut Vec<Launch>, ty: i32, n: i32, y: u64, x: u64) {
+        push_matvec(
+            q,
+            K::MatmulQ8Fused,
+            cfg(n as u32 / 8),
+            product(ty, n, y, 576, x),
+        );
+    }
+
+    fn norm(q: &mut Vec<Launch>, x: u64, o: u64) {
+        q.push(Launch {
+            k: K::RmsNorm,
+            grid: 1,
+            block: 256,
+            smem: 0,
+            args: vec![
+                Arg::P(x),
+                Arg::P(0x7000),
+                Arg::I(576),
+                Arg::F(1e-5f32.to_bits()),
+                Arg::P(o),
+                Arg::I(1),
+            ],
+        });
+    }
+
+    #[test]
+    fn a_norm_and_the_products_of_its_output_are_one_launch() {
+        let mut q = Vec::new();
+        norm(&mut q, 0x100, 0x200);
+        push(&mut q, 3, 576, 0x300, 0x200);
+        push(&mut q, 3, 192, 0x400, 0x200);
+        push(&mut q, 3, 192, 0x500, 0x200);
+        assert_eq!(q.len(), 1);
+        let a = &q[0].args;
+        assert_eq!(
+            (a[mv::X], a[mv::NW], a[mv::XO]),
+            (Arg::P(0x100), Arg::P(0x7000), Arg::P(0x200))
+        );
+        assert_eq!(
+            [a[mv::N], a[4 + mv::N], a[8 + mv::N]],
+            [Arg::I(576), Arg::I(192), Arg::I(192)]
+        );
+        assert_eq!(q[0].grid, 72 + 24 + 24);
+        // A fourth product of the same input: a launch of its own.
+        push(&mut q, 3, 192, 0x600, 0x200);
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn launches_that_would_race_are_not_merged() {
+        // A product writing the norm's input (its blocks would read what others write).
+        let mut q = Vec::new();
+        norm(&mut q, 0x100, 0x200);
+        push(&mut q, 3, 576, 0x100, 0x200);
+        assert_eq!(q.len(), 2);
+        // A product of another product's output, and one writing the same output again.
+        let mut q = Vec::new();
+        push(&mut q, 3, 576, 0x300, 0x200);
+        push(&mut q, 3, 576, 0x400, 0x300);
+        push(&mut q, 3, 576, 0x400, 0x300);
+        assert_eq!(q.len(), 3);
+        // An add into the product's own input.
+        let mut q = Vec::new();
+        push(&mut q, 3, 576, 0x300, 0x200);
+        assert!(!fold_add(&mut q, Arg::P(0x200), Arg::P(0x300), 576));
+        // Of another size, or of another tensor.
+        assert!(!fold_add(&mut q, Arg::P(0x800), Arg::P(0x300), 577));
+        assert!(!fold_add(&mut q, Arg::P(0x800), Arg::P(0x900), 576));
+        assert!(fold_add(&mut q, Arg::P(0x800), Arg::P(0x300), 576));
+        assert_eq!(q[0].args[mv::ACC], Arg::P(0x800));
+        // Nothing merges into a launch with its add.
+        push(&mut q, 3, 576, 0x400, 0x200);
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn the_glu_joins_its_gate_and_up_products() {
+        let mut q = Vec::new();
+        push(&mut q, 3, 1536, 0x300, 0x200);
+        push(&mut q, 3, 1536, 0x400, 0x200);
+        assert_eq!((q.len(), q[0].grid), (1, 384));
+        // Not with the operands swapped, nor of another size.
+        assert!(!fold_glu(&mut q, Arg::P(0x400), Arg::P(0x300), 1536, 0));
+        assert!(!fold_glu(&mut q, Arg::P(0x300), Arg::P(0x400), 1535, 0));
+        assert!(fold_glu(&mut q, Arg::P(0x300), Arg::P(0x400), 1536, 1));
+        assert_eq!((q[0].args[mv::GLU], q[0].grid), (Arg::I(1), 192));
+        push(&mut q, 3, 1536, 0x500, 0x200);
+        assert_eq!(q.len(), 2, "nothing merges into a GLU launch");
+        // Gate and up of different types: each warp's two columns would need two kernels.
+        let mut q = Vec::new();
+        push(&mut q, 3, 1536, 0x300, 0x200);
+        push(&mut q, 2, 1536, 0x400, 0x200);
+        assert!(!fold_glu(&mut q, Arg::P(0x300), Arg::P(0x400), 1536, 0));
+    }
+
+    fn rope(x: u64, cols: i32, pos: u64) -> Vec<Arg> {
+        let mut args = vec![
+            Arg::P(x),
+            Arg::I(cols),
+            P0,
+            Arg::I(0),
+            Arg::I(1),
+            Arg::I(64),
+        ];
+        args.extend([
+            Arg::I(64),
+            Arg::I(1),
+            Arg::P(pos),
+            Arg::P(0x5000),
+            P0,
+            P0,
+            P0,
+        ]);
+        args
+    }
+
+    #[test]
+    fn rope_of_q_and_k_stores_the_keys_and_values() {
+        let mut q = Vec::new();
+        push_rope(&mut q, rope(0x100, 576, 0x40));
+        assert_eq!(q[0].grid, 2, "9 heads × 32 pairs: 288 threads");
+        push_rope(&mut q, rope(0x200, 192, 0x40));
+        assert_eq!((q.len(), q[0].args[2], q[0].grid), (1, Arg::P(0x200), 2));
+        let store = |k: u64, width: i32, pos: u64| {
+            [
+                Arg::P(k),
+                Arg::P(0x300),
+                Arg::I(1),
+                Arg::I(width),
+                Arg::P(pos),
+                Arg::P(0x6000),
+                Arg::P(0x6800),
+            ]
+        };
+        // Not another tensor's keys, another width or another position.
+        assert!(!fold_kv_store(&mut q, &store(0x100, 192, 0x40)));
+        assert!(!fold_kv_store(&mut q, &store(0x200, 576, 0x40)));
+        assert!(!fold_kv_store(&mut q, &store(0x200, 192, 0x44)));
+        assert!(fold_kv_store(&mut q, &store(0x200, 192, 0x40)));
+        assert_eq!(
+            &q[0].args[10..],
+            &[Arg::P(0x300), Arg::P(0x6000), Arg::P(0x6800)]
+        );
+        // 288 + 96 pairs and 192 values: 576 threads.
+        assert_eq!(q[0].grid, 3);
+        assert!(
+            !fold_kv_store(&mut q, &store(0x200, 192, 0x40)),
+            "stored once"
+        );
+        // Another position: a launch of its own.
+        push_rope(&mut q, rope(0x400, 576, 0x44));
+        assert_eq!(q.len(), 2);
+    }
+}
