@@ -128,7 +128,8 @@ def rows(r, peer, c):
                        f"**{rs['median'] / ls['median']:.2f}×** | {vs_c} |")
         sh = entry[f"tg{TG}"]["decode_time_share"]
         out.append(f"| {t} | decode time split (Realm) | matmul {sh['matmul']*100:.0f} % · attention "
-                   f"{sh['attention']*100:.0f} % · other ops {sh['other_ops']*100:.0f} % · WIT + guest "
+                   f"{sh['attention']*100:.0f} % · other ops {sh['other_ops']*100:.0f} % · "
+                   f"reads {sh.get('reads', 0)*100:.0f} % · WIT + guest "
                    f"{sh['wit_and_guest']*100:.0f} % | | | | |")
     return out
 

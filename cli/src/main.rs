@@ -580,6 +580,7 @@ fn run_prompt(opts: &GenOpts, raw: bool, json: bool, prompt: String) -> anyhow::
                 "matmul": stats.matmul_ns as f64 / 1e6,
                 "attention": stats.attention_ns as f64 / 1e6,
                 "other": stats.other_ns as f64 / 1e6,
+                "reads": stats.read_ns as f64 / 1e6,
             },
             "weights": {
                 "max_resident_bytes": opts.max_resident,

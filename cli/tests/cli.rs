@@ -206,3 +206,43 @@ fn tokenize_runs_llama_cpps_suite_vocabularies() {
         assert_eq!(checked, 6, "{vocab}");
     }
 }
+
+/// `realm bench --json`: the decode time split covers the ops, the reads of results (where a
+/// GPU's queued work shows) and the rest, shares of one decode that add up to at most 1.
+#[test]
+fn bench_splits_decode_time_by_where_it_goes() {
+    let smol = model("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let out = realm(&[
+        "bench",
+        "--json",
+        "--model",
+        smol.to_str().expect("utf-8 path"),
+        "-t",
+        "1",
+        "-p",
+        "8",
+        "-n",
+        "8",
+        "--runs",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let r = &v["results"][0];
+    assert!(r["pp8"]["tokens_per_s"]["median"].as_f64().expect("pp8") > 0.0);
+    let sh = &r["tg8"]["decode_time_share"];
+    let part = |k: &str| sh[k].as_f64().unwrap_or_else(|| panic!("{k} in {sh}"));
+    let parts = ["matmul", "attention", "other_ops", "reads", "wit_and_guest"].map(part);
+    assert!(parts.iter().all(|p| (0.0..=1.0).contains(p)), "{sh}");
+    // The guest reads the logits row of every step.
+    assert!(part("reads") > 0.0, "{sh}");
+    assert!(
+        part("matmul") > part("reads"),
+        "on the CPU the products dominate: {sh}"
+    );
+    assert!(parts.iter().sum::<f64>() <= 1.0 + 1e-9, "{sh}");
+}

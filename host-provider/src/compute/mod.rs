@@ -94,6 +94,8 @@ pub struct Stats {
     pub matmul_ns: u64,
     pub attention_ns: u64,
     pub other_ns: u64,
+    /// Reading results back: on a GPU, the wait for the ops queued before the read.
+    pub read_ns: u64,
 }
 
 /// Which counter an op's time goes to.
@@ -102,6 +104,7 @@ enum Bucket {
     Matmul,
     Attention,
     Other,
+    Read,
 }
 
 impl Stats {
@@ -112,6 +115,7 @@ impl Stats {
             Bucket::Matmul => &mut self.matmul_ns,
             Bucket::Attention => &mut self.attention_ns,
             Bucket::Other => &mut self.other_ns,
+            Bucket::Read => &mut self.read_ns,
         } += ns;
     }
 }
@@ -413,7 +417,10 @@ impl<B: Backend> tensors::HostTensor for ComputeState<B> {
     }
 
     fn read_row(&mut self, t: Resource<TensorRes>, row: u32) -> Res<Vec<f32>> {
-        Compute::read_row(&self.backend, self.tensor(&t)?, row).map_err(to_wit_error)
+        let start = Instant::now();
+        let r = Compute::read_row(&self.backend, self.tensor(&t)?, row).map_err(to_wit_error);
+        self.stats.record(Bucket::Read, start);
+        r
     }
 
     fn write(&mut self, t: Resource<TensorRes>, rows: u32, data: Vec<f32>) -> Res<()> {
