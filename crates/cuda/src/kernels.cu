@@ -203,25 +203,35 @@ extern "C" __global__ void embed(const u8* w, int ty, int k, const unsigned* ids
 }
 
 // RMS norm of each group of `g` values (g = len(w)), one block per (row, group).
-extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float eps, float* y,
-                                    int groups) {
-    __shared__ double part[32];
-    const float* xg = x + (size_t)blockIdx.x * g;
-    float* yg = y + (size_t)blockIdx.x * g;
-    // As ggml: squares in f32, summed in f64.
-    double s = 0;
-    for (int i = threadIdx.x; i < g; i += blockDim.x) s += (double)(xg[i] * xg[i]);
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffff, s, o);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+// 1 / sqrt(mean of the squares of xg's g values + eps), for every thread of the block, in
+// one order whatever the block's size (that of 256 threads; the others wait): squares in
+// f32, summed in f64 as ggml. rms_norm and the products that take a norm over use it.
+__device__ __forceinline__ float rms_scale(const float* xg, int g, float eps) {
+    __shared__ double part[8];
+    __shared__ float scale;
+    if (threadIdx.x < 256) {
+        double s = 0;
+        for (int i = threadIdx.x; i < g; i += 256) s += (double)(xg[i] * xg[i]);
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffff, s, o);
+        if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
         double t = 0;
-        for (int i = 0; i < (int)((blockDim.x + 31) / 32); i++) t += part[i];
-        part[0] = t;
+        for (int i = 0; i < 8; i++) t += part[i];
+        float mean = (float)(t / g);
+        scale = 1.0f / sqrtf(mean + eps);
     }
     __syncthreads();
-    float mean = (float)(part[0] / g);
-    float scale = 1.0f / sqrtf(mean + eps);
+    return scale;
+}
+
+// One block of 256 threads per group.
+extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float eps, float* y,
+                                    int groups) {
+    const float* xg = x + (size_t)blockIdx.x * g;
+    float* yg = y + (size_t)blockIdx.x * g;
+    float scale = rms_scale(xg, g, eps);
     for (int i = threadIdx.x; i < g; i += blockDim.x) yg[i] = (xg[i] * scale) * w[i];
 }
 
@@ -586,8 +596,9 @@ extern "C" __global__ void last_row(float* x, int rows, int cols) {
 // Activations quantized as ggml's quantize_row_q8_0 / q8_1 (the CPU backend's numerics:
 // scale amax/127 stored in f16, values rounded half to even; q8_1 also stores d·Σq), one
 // warp per 32-value block: rows × k/32 blocks of 34 (q8_0) or 36 (q8_1) bytes.
-__device__ __forceinline__ void q8_block(const float* x, int blk, int lane, int q81, u8* out) {
-    float v = x[(size_t)blk * 32 + lane];
+// One 32-value block, lane's value v: d (f16) at b, d·Σq (f16) at b + 2 for q81, the
+// quants at b + at.
+__device__ __forceinline__ void q8_quantize(float v, int lane, int q81, u8* b, int at) {
     float amax = fabsf(v);
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
     float d = amax / 127.0f;
@@ -595,8 +606,6 @@ __device__ __forceinline__ void q8_block(const float* x, int blk, int lane, int 
     int q = (int)rintf(v * id);
     int sum = q;
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-    int bytes = q81 ? 36 : 34;
-    u8* b = out + (size_t)blk * bytes;
     if (lane == 0) {
         u16 dh = f2h(d);
         b[0] = dh & 255;
@@ -607,7 +616,12 @@ __device__ __forceinline__ void q8_block(const float* x, int blk, int lane, int 
             b[3] = sh >> 8;
         }
     }
-    b[(q81 ? 4 : 2) + lane] = (u8)(signed char)q;
+    b[at + lane] = (u8)(signed char)q;
+}
+
+__device__ __forceinline__ void q8_block(const float* x, int blk, int lane, int q81, u8* out) {
+    q8_quantize(x[(size_t)blk * 32 + lane], lane, q81, out + (size_t)blk * (q81 ? 36 : 34),
+                q81 ? 4 : 2);
 }
 
 extern "C" __global__ void quantize_q8(const float* x, int rows, int k, int q81, u8* out) {
@@ -825,28 +839,14 @@ struct Fuse {
     int act;
 };
 
-// rms_norm's scale of each of x's rows (k values) into rs, as rms_norm computes it.
+// rms_norm's scale of each of x's rows (k values) into rs (rms_scale's, as rms_norm's).
 __device__ __forceinline__ void norm_scales(const float* x, int rows, int k, float eps,
                                             float* rs) {
-    // rms_norm's own order, that of its blocks of 256 threads, whatever this block's size.
-    __shared__ double part[8];
     for (int q = 0; q < rows; q++) {
-        const float* xg = x + (size_t)q * k;
-        if (threadIdx.x < 256) {
-            double s = 0;
-            for (int i = threadIdx.x; i < k; i += 256) s += (double)(xg[i] * xg[i]);
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffff, s, o);
-            if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            double t = 0;
-            for (int i = 0; i < 8; i++) t += part[i];
-            float mean = (float)(t / k);
-            rs[q] = 1.0f / sqrtf(mean + eps);
-        }
-        __syncthreads();
+        float scale = rms_scale(x + (size_t)q * k, k, eps);
+        if (threadIdx.x == 0) rs[q] = scale;
     }
+    __syncthreads();
 }
 
 // Value i of row q of the product's input: x's, or its normed value (written to xo by the
@@ -858,6 +858,19 @@ __device__ __forceinline__ float fused_in(const float* x, const Fuse& f, const f
     v = (v * rs[q]) * f.nw[i];
     if (blockIdx.x == 0) f.xo[(size_t)q * k + i] = v;
     return v;
+}
+
+// A column's output s for row q at `at` (lane 0's): y, and acc += y; or with a GLU, the gate
+// (pass 0, kept in `gate` for the same column's pass 1) and then act(gate) · up into y2.
+__device__ __forceinline__ void fused_out(const Fuse& f, float* y, size_t at, float s, int pass,
+                                          float& gate) {
+    if (pass == 1) {
+        f.y2[at] = s * glu_act(gate, f.act);
+        return;
+    }
+    y[at] = s;
+    gate = s;
+    if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
 }
 
 // x's rows as 36-byte q8 blocks (d, s·d or unused, 32 quants at 4) in shared memory.
@@ -876,20 +889,7 @@ __device__ __forceinline__ void q8_rows_smem(const float* x, int rows, int k, in
         for (int i = 0; i < 8; i++) {
             int blk = base + i * warps;
             if (blk >= blocks) break;
-            float amax = fabsf(v[i]);
-            for (int o = 16; o > 0; o >>= 1)
-                amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
-            float d = amax / 127.0f;
-            float id = amax != 0.0f ? 127.0f / amax : 0.0f;
-            int q = (int)rintf(v[i] * id);
-            int sum = q;
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-            u8* b = xs + (size_t)blk * 36;
-            if (lane == 0) {
-                ((u16*)b)[0] = f2h(d);
-                ((u16*)b)[1] = q81 ? f2h(d * (float)sum) : 0;
-            }
-            b[4 + lane] = (u8)(signed char)q;
+            q8_quantize(v[i], lane, q81, xs + (size_t)blk * 36, 4);
         }
     }
 }
@@ -980,16 +980,7 @@ __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const
                 if (q >= rows) break;
                 float s = hsum8(acc[q]);
                 if (Q::Q81) s = __fadd_rn(s, summs[q]);
-                if (lane == 0) {
-                    size_t at = (size_t)q * n + col;
-                    if (pass == 1) {
-                        f.y2[at] = s * glu_act(gate[q], f.act);
-                    } else {
-                        y[at] = s;
-                        gate[q] = s;
-                        if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
-                    }
-                }
+                if (lane == 0) fused_out(f, y, (size_t)q * n + col, s, pass, gate[q]);
                 acc[q] = summs[q] = 0.0f;
             }
         }
@@ -1001,44 +992,45 @@ __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const
     }
 }
 
-// The weight a block of a merged launch serves (up to three products of the same x, each
-// in ceil(n / (warps · cpw)) blocks: cpw columns a warp), and its block index within it.
-__device__ __forceinline__ int which(int n0, int n1, int cpw, int* blk) {
+// The product a block of a merged launch serves (up to three of the same x, each in
+// ceil(n / (warps · cpw)) blocks: cpw columns a warp; with a GLU only the first product's
+// blocks, each warp doing both products' columns), its block index within it, and the Fuse.
+struct Pick {
+    const u8* w;
+    int ty, n, blk;
+    float* y;
+    Fuse f;
+};
+__device__ __forceinline__ Pick pick(const u8* w0, int ty0, int n0, float* y0, const u8* w1,
+                                     int ty1, int n1, float* y1, const u8* w2, int ty2, int n2,
+                                     float* y2, const float* nw, float eps, float* xo,
+                                     float* acc, int cpw, int glu) {
     int per = (blockDim.x >> 5) * cpw;
-    int b0 = (n0 + per - 1) / per, b1 = (n1 + per - 1) / per;
+    int b0 = (n0 + per - 1) / per, b1 = glu >= 0 ? 0 : (n1 + per - 1) / per;
     int b = blockIdx.x;
-    if (b < b0) {
-        *blk = b;
-        return 0;
-    }
-    if (b < b0 + b1) {
-        *blk = b - b0;
-        return 1;
-    }
-    *blk = b - b0 - b1;
-    return 2;
+    Fuse f = {nw, eps, xo, acc, glu >= 0 ? w1 : nullptr, y1, glu};
+    if (b < b0) return {w0, ty0, n0, b, y0, f};
+    if (b < b0 + b1) return {w1, ty1, n1, b - b0, y1, f};
+    return {w2, ty2, n2, b - b0 - b1, y2, f};
 }
 
 // quantize_q8 and matmul_q8 in one launch, for a few rows (decoding), a column a warp, in
 // blocks of up to 512 threads: dynamic shared memory of warps × W_CHUNK × 36 bytes (the
-// warps' weights), then rows × k/32 × 36 (x). Up to three products of the same x in one launch (w1, w2 with n1,
-// n2 > 0), a norm before and an add after (Fuse).
-extern "C" __global__ void __launch_bounds__(512, 1) matmul_q8_fused(const u8* w0, int ty0, int n0, float* y0,
-                                           const u8* w1, int ty1, int n1, float* y1,
-                                           const u8* w2, int ty2, int n2, float* y2, int k,
-                                           const float* x, int rows, const float* nw, float eps,
-                                           float* xo, float* acc, int cpw, int glu) {
-    int blk, s = which(n0, glu >= 0 ? 0 : n1, cpw, &blk);
-    const u8* w = s == 0 ? w0 : s == 1 ? w1 : w2;
-    int ty = s == 0 ? ty0 : s == 1 ? ty1 : ty2, n = s == 0 ? n0 : s == 1 ? n1 : n2;
-    float* y = s == 0 ? y0 : s == 1 ? y1 : y2;
-    Fuse f = {nw, eps, xo, acc, glu >= 0 ? w1 : nullptr, y1, glu};
-    switch (ty) {
-        case T_Q4_0: matvec_q8_fused<T_Q4_0>(w, k, n, x, rows, y, f, blk, cpw); break;
-        case T_Q4_1: matvec_q8_fused<T_Q4_1>(w, k, n, x, rows, y, f, blk, cpw); break;
-        case T_Q5_0: matvec_q8_fused<T_Q5_0>(w, k, n, x, rows, y, f, blk, cpw); break;
-        case T_Q5_1: matvec_q8_fused<T_Q5_1>(w, k, n, x, rows, y, f, blk, cpw); break;
-        default: matvec_q8_fused<T_Q8_0>(w, k, n, x, rows, y, f, blk, cpw); break;
+// warps' weights), then rows × k/32 × 36 (x). Up to three products of the same x in one
+// launch (w1, w2 with n1, n2 > 0), a norm before, an add or a GLU after (Fuse).
+#define FUSED_ARGS                                                                         \
+    const u8 *w0, int ty0, int n0, float *y0, const u8 *w1, int ty1, int n1, float *y1,    \
+        const u8 *w2, int ty2, int n2, float *y2, int k, const float *x, int rows,         \
+        const float *nw, float eps, float *xo, float *acc, int cpw, int glu
+#define PICK pick(w0, ty0, n0, y0, w1, ty1, n1, y1, w2, ty2, n2, y2, nw, eps, xo, acc, cpw, glu)
+extern "C" __global__ void __launch_bounds__(512, 1) matmul_q8_fused(FUSED_ARGS) {
+    Pick p = PICK;
+    switch (p.ty) {
+        case T_Q4_0: matvec_q8_fused<T_Q4_0>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
+        case T_Q4_1: matvec_q8_fused<T_Q4_1>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
+        case T_Q5_0: matvec_q8_fused<T_Q5_0>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
+        case T_Q5_1: matvec_q8_fused<T_Q5_1>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
+        default: matvec_q8_fused<T_Q8_0>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
     }
 }
 
@@ -1654,12 +1646,35 @@ __device__ __forceinline__ void q8k_item(const u8* wb, const u8* xb, int L, int*
     *s = acc;
 }
 
+// A K_CHUNK of super-blocks (cnt u16 of them from src) into a warp's registers, two bytes
+// a lane (coalesced), and from there into its shared buffer, Q6_K's blocks padded to 212.
+template <int TY>
+struct KChunk {
+    static constexpr int BB = TY == T_Q4_K ? 144 : 210, SB = TY == T_Q4_K ? 144 : 212;
+    static constexpr int H = BB / 2, NW = (K_CHUNK * H + 31) / 32;
+};
+template <int TY>
+__device__ __forceinline__ void kchunk_load(const u16* src, int cnt, int lane,
+                                            unsigned (&r)[KChunk<TY>::NW]) {
+#pragma unroll
+    for (int i = 0; i < KChunk<TY>::NW; i++) r[i] = lane + 32 * i < cnt ? src[lane + 32 * i] : 0u;
+}
+template <int TY>
+__device__ __forceinline__ void kchunk_store(u8* wg, int cnt, int lane,
+                                             const unsigned (&r)[KChunk<TY>::NW]) {
+    constexpr int H = KChunk<TY>::H, S = KChunk<TY>::SB / 2;
+#pragma unroll
+    for (int i = 0; i < KChunk<TY>::NW; i++) {
+        int e = lane + 32 * i;
+        if (e < cnt) ((u16*)wg)[(e / H) * S + e % H] = (u16)r[i];
+    }
+}
+
 template <int TY>
 __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, const float* x,
                                                  int rows, float* y, const Fuse& f, int blk,
                                                  int cpw) {
-    constexpr int BB = TY == T_Q4_K ? 144 : 210, SB = TY == T_Q4_K ? 144 : 212;
-    constexpr int H = BB / 2, NW = (K_CHUNK * H + 31) / 32;
+    constexpr int BB = KChunk<TY>::BB, SB = KChunk<TY>::SB, H = KChunk<TY>::H;
     extern __shared__ __align__(16) u8 smem[];
     int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int nb = k / 256, cpc = (nb + K_CHUNK - 1) / K_CHUNK;
@@ -1671,10 +1686,9 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
     const u16* wr2 = (const u16*)(f.w2 + (size_t)col0 * nb * BB);
     u8* wg = smem + wib * K_CHUNK * 212;
     u8* xs = smem + warps * K_CHUNK * 212;
-    unsigned r[NW];
+    unsigned r[KChunk<TY>::NW];
     int cnt = total ? min(K_CHUNK, nb) * H : 0;
-#pragma unroll
-    for (int i = 0; i < NW; i++) r[i] = lane + 32 * i < cnt ? wr[lane + 32 * i] : 0u;
+    kchunk_load<TY>(wr, cnt, lane, r);
     __shared__ float rs[MATVEC_ROWS];
     if (f.nw) norm_scales(x, rows, k, f.eps, rs);
     int blocks = rows * nb;
@@ -1694,11 +1708,7 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
             if (base + u * warps < blocks) q8k_block_v(v[u], base + u * warps, lane, xs);
         }
     }
-#pragma unroll
-    for (int i = 0; i < NW; i++) {
-        int e = lane + 32 * i;
-        if (e < cnt) ((u16*)wg)[(e / H) * (SB / 2) + e % H] = (u16)r[i];
-    }
+    kchunk_store<TY>(wg, cnt, lane, r);
     __syncthreads();
     int L = lane & 7, sub = lane >> 3;
     float acc[MATVEC_ROWS], accm[MATVEC_ROWS], gate[MATVEC_ROWS];
@@ -1716,8 +1726,7 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
             // blocks nc0.. are.
             const u16* src =
                 ((u / cpc) % passes ? wr2 : wr) + ((size_t)(u / (cpc * passes)) * nb + nc0) * H;
-#pragma unroll
-            for (int i = 0; i < NW; i++) r[i] = lane + 32 * i < next ? src[lane + 32 * i] : 0u;
+            kchunk_load<TY>(src, next, lane, r);
         }
 #pragma unroll
         for (int q = 0; q < MATVEC_ROWS - 1; q++) {
@@ -1758,43 +1767,22 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
                     float u = __fadd_rn(accm[q], __shfl_down_sync(0xffffffff, accm[q], 2));
                     s = __fadd_rn(s, __fadd_rn(u, __shfl_down_sync(0xffffffff, u, 1)));
                 }
-                if (lane == 0) {
-                    size_t at = (size_t)q * n + col;
-                    if (pass == 1) {
-                        f.y2[at] = s * glu_act(gate[q], f.act);
-                    } else {
-                        y[at] = s;
-                        gate[q] = s;
-                        if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
-                    }
-                }
+                if (lane == 0) fused_out(f, y, (size_t)q * n + col, s, pass, gate[q]);
                 acc[q] = accm[q] = 0.0f;
             }
         }
         if (next) {
             __syncwarp();
-#pragma unroll
-            for (int i = 0; i < NW; i++) {
-                int e = lane + 32 * i;
-                if (e < next) ((u16*)wg)[(e / H) * (SB / 2) + e % H] = (u16)r[i];
-            }
+            kchunk_store<TY>(wg, next, lane, r);
             __syncwarp();
         }
     }
 }
 
-// As matmul_q8_fused's launch: up to three products of the same x, a norm before and an
-// add after.
-extern "C" __global__ void __launch_bounds__(512, 1) matmul_q8k_fused(const u8* w0, int ty0, int n0, float* y0,
-                                            const u8* w1, int ty1, int n1, float* y1,
-                                            const u8* w2, int ty2, int n2, float* y2, int k,
-                                            const float* x, int rows, const float* nw,
-                                            float eps, float* xo, float* acc, int cpw, int glu) {
-    int blk, s = which(n0, glu >= 0 ? 0 : n1, cpw, &blk);
-    const u8* w = s == 0 ? w0 : s == 1 ? w1 : w2;
-    int ty = s == 0 ? ty0 : s == 1 ? ty1 : ty2, n = s == 0 ? n0 : s == 1 ? n1 : n2;
-    float* y = s == 0 ? y0 : s == 1 ? y1 : y2;
-    Fuse f = {nw, eps, xo, acc, glu >= 0 ? w1 : nullptr, y1, glu};
-    if (ty == T_Q4_K) matvec_q8k_fused<T_Q4_K>(w, k, n, x, rows, y, f, blk, cpw);
-    else matvec_q8k_fused<T_Q6_K>(w, k, n, x, rows, y, f, blk, cpw);
+// As matmul_q8_fused's launch: up to three products of the same x, a norm before, an add
+// or a GLU after.
+extern "C" __global__ void __launch_bounds__(512, 1) matmul_q8k_fused(FUSED_ARGS) {
+    Pick p = PICK;
+    if (p.ty == T_Q4_K) matvec_q8k_fused<T_Q4_K>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw);
+    else matvec_q8k_fused<T_Q6_K>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw);
 }

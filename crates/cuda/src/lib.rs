@@ -277,7 +277,7 @@ impl CudaDevice {
             captures: AtomicU64::new(0),
             mma,
             matvec_warps,
-            resident_warps: sms.max(1) * 2 * matvec_warps as usize,
+            resident_warps: sms * 2 * matvec_warps as usize,
         }))
     }
 
@@ -522,7 +522,7 @@ impl CudaBackend {
 
     /// The index of the RoPE table for `p` and `fac` covering positions `..need`, made (or
     /// remade larger: twice what is needed, at least 1024 positions) when there is none.
-    /// Launches queued for the step not yet run (after merging: see `rec_matvec`).
+    /// Launches queued for the step not yet run (after merging: see `merge`).
     pub fn queued(&self) -> usize {
         self.queue.borrow().launches.len()
     }
@@ -576,11 +576,6 @@ impl CudaBackend {
         });
     }
 
-    /// Queues a fused matvec, merged with the launches around it ([`merge::push_matvec`]).
-    fn rec_matvec(&self, kind: K, cfg: LaunchConfig, args: Vec<Arg>) {
-        merge::push_matvec(&mut self.queue.borrow_mut().launches, kind, cfg, args);
-    }
-
     /// A device address holding `pos` when the step runs.
     fn pos_arg(&self, pos: usize) -> Result<Arg> {
         let full = self.queue.borrow().pos.len() >= POS_SLOTS;
@@ -594,12 +589,10 @@ impl CudaBackend {
         let pos =
             i32::try_from(pos).map_err(|_| Error::InvalidArgument(format!("position {pos}")))?;
         // The same position as the op before: its slot (so that merged launches can see it).
-        let slot = if q.pos.last() == Some(&pos) {
-            q.pos.len() - 1
-        } else {
+        if q.pos.last() != Some(&pos) {
             q.pos.push(pos);
-            q.pos.len() - 1
-        };
+        }
+        let slot = q.pos.len() - 1;
         let Arg::P(base) = ptr(buf, &self.stream) else {
             return Err(gpu("no position buffer"));
         };
@@ -923,22 +916,18 @@ impl Backend for CudaBackend {
                     K::MatmulQ8kFused
                 };
                 let warps = self.dev.matvec_warps;
-                let cfg = LaunchConfig {
-                    shared_mem_bytes: fused_smem(warps, blocks_n, bytes_per, q81) as u32,
-                    ..blocks(n * 32, 32 * warps)
-                };
                 // Wide products: several columns a warp, so that the blocks (each quantizing
                 // x) are about as many as the GPU holds at once.
                 let cpw = (n / self.dev.resident_warps).clamp(1, 32);
                 let cfg = LaunchConfig {
-                    grid_dim: ((n.div_ceil(cpw * warps as usize)) as u32, 1, 1),
-                    ..cfg
+                    shared_mem_bytes: fused_smem(warps, blocks_n, bytes_per, q81) as u32,
+                    ..blocks(n.div_ceil(cpw) * 32, 32 * warps)
                 };
                 let mut args = vec![self.p(&**bytes), ty, n_i, out];
                 args.extend([Arg::P(0), Arg::I(0), Arg::I(0), Arg::P(0)].repeat(2));
                 args.extend([k_i, xb, rows_i, Arg::P(0), f(0.0), Arg::P(0), Arg::P(0)]);
                 args.extend([Arg::I(cpw as i32), Arg::I(-1)]);
-                self.rec_matvec(k, cfg, args);
+                merge::push_matvec(&mut self.queue.borrow_mut().launches, k, cfg, args);
                 Ok(())
             }
             (Some(bytes), _, Some((blocks_n, bytes_per, q81))) => {
