@@ -17,6 +17,21 @@ typedef unsigned short u16;
 #define T_Q5_K 13
 #define T_Q6_K 14
 
+// Programmatic dependent launch (compute capability 9.0+, launches queued with the host's
+// PDL attribute): a kernel may start while the one before it in its stream is still
+// running. `step_start` lets the next kernel launch (its blocks then wait in their own
+// step_start) and waits until the previous kernel has finished and its writes are
+// visible; nothing before it may read what an earlier kernel wrote or write what one
+// reads: only weights (read-only) are loaded before it. Every kernel calls it before its
+// first other memory access and before any return, so that kernels complete in stream
+// order. Without the attribute, or compiled for an older GPU, it does nothing.
+__device__ __forceinline__ void step_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // f16 ↔ f32 by PTX (no headers: NVRTC compiles this file alone).
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
@@ -171,6 +186,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // warp reads its weight row once for all of them, up to 8 rows per pass).
 extern "C" __global__ void matmul(const u8* w, int ty, int k, int n, const float* x, int rows,
                                   float* y) {
+    step_start();
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (warp >= n) return;
@@ -194,6 +210,7 @@ extern "C" __global__ void matmul(const u8* w, int ty, int k, int n, const float
 // out[i] = scale * row ids[i] of the table.
 extern "C" __global__ void embed(const u8* w, int ty, int k, const unsigned* ids, int n,
                                  float scale, float* out) {
+    step_start();
     int i = blockIdx.x;
     if (i >= n) return;
     const u8* row = w + (size_t)ids[i] * row_bytes(ty, k);
@@ -229,6 +246,7 @@ __device__ __forceinline__ float rms_scale(const float* xg, int g, float eps) {
 // One block of 256 threads per group.
 extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float eps, float* y,
                                     int groups) {
+    step_start();
     const float* xg = x + (size_t)blockIdx.x * g;
     float* yg = y + (size_t)blockIdx.x * g;
     float scale = rms_scale(xg, g, eps);
@@ -263,6 +281,7 @@ __device__ __forceinline__ void rope_pair(float* x, int cols, int head_dim, int 
 extern "C" __global__ void rope(float* x0, int cols0, float* x1, int cols1, int rows,
                                 int head_dim, int n_rot, int neox, const int* pos_p,
                                 const float* tab, const float* v, u16* kc, u16* vc) {
+    step_start();
     int pos = *pos_p;
     int half = n_rot / 2;
     int t = blockIdx.x * blockDim.x + threadIdx.x;
@@ -294,6 +313,7 @@ extern "C" __global__ void rope(float* x0, int cols0, float* x1, int cols1, int 
 // Keys and values of `rows` positions from `pos` into a layer's f16 cache.
 extern "C" __global__ void kv_store(const float* k, const float* v, int rows, int width,
                                     const int* pos_p, u16* kc, u16* vc) {
+    step_start();
     int pos = *pos_p;
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= rows * width) return;
@@ -371,6 +391,7 @@ __device__ __forceinline__ void score64x4(const float* qs, const u16* const (&kr
 extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, int rows,
                                      int n_head, int n_kv, int hd, const int* pos_p,
                                      float scale, int window, float softcap, float* out) {
+    step_start();
     // Scores, then per position the online softmax's factors: `msa` rescales what was
     // summed before (1 when the maximum did not rise), `vsa` weighs the position's value.
     // They depend on the scores only, so the block computes them once (a prefix maximum
@@ -535,23 +556,27 @@ __device__ __forceinline__ float glu_act(float g, int act) {
 
 // up = act(gate) * up, as the CPU backend.
 extern "C" __global__ void glu(const float* gate, float* up, int n, int act) {
+    step_start();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     up[i] *= glu_act(gate[i], act);
 }
 
 extern "C" __global__ void add(float* acc, const float* x, int n) {
+    step_start();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) acc[i] += x[i];
 }
 
 extern "C" __global__ void scale(float* x, int n, float s) {
+    step_start();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] *= s;
 }
 
 // Softmax of each row, one block per row.
 extern "C" __global__ void softmax(float* x, int cols) {
+    step_start();
     __shared__ float red[32];
     float* row = x + (size_t)blockIdx.x * cols;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -589,6 +614,7 @@ extern "C" __global__ void softmax(float* x, int cols) {
 
 // The last row to the front (keep_last_row).
 extern "C" __global__ void last_row(float* x, int rows, int cols) {
+    step_start();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < cols) x[i] = x[(size_t)(rows - 1) * cols + i];
 }
@@ -625,6 +651,7 @@ __device__ __forceinline__ void q8_block(const float* x, int blk, int lane, int 
 }
 
 extern "C" __global__ void quantize_q8(const float* x, int rows, int k, int q81, u8* out) {
+    step_start();
     int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (blk >= rows * (k / 32)) return;
     q8_block(x, blk, threadIdx.x & 31, q81, out);
@@ -755,6 +782,7 @@ __device__ __forceinline__ void matvec_q8_col(const u8* w, int ty, int k, int n,
 // At most MATVEC_ROWS rows, x already quantized in global memory.
 extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8* xq, int rows,
                                      float* y) {
+    step_start();
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= n) return;
     matvec_q8_col(w, ty, k, n, xq, rows, y, warp, threadIdx.x & 31);
@@ -912,6 +940,7 @@ __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const
     unsigned r[Q::NW];
     int live0 = total ? min(W_CHUNK, nb) : 0;
     chunk_load<TY>(w + (size_t)col0 * nb * Q::BB, live0, lane, r);
+    step_start();  // the first weights are on their way while the kernel before finishes
     __shared__ float rs[MATVEC_ROWS];
     if (f.nw) norm_scales(x, rows, k, f.eps, rs);
     q8_rows_smem(x, rows, k, Q::Q81, f, rs, xs);
@@ -1133,12 +1162,14 @@ __device__ __forceinline__ void matmul_q8_tile(const u8* w, int ty, int k, int n
 extern "C" __global__ void __launch_bounds__(256) matmul_q8_tiled(const u8* w, int ty, int k,
                                                                   int n, const u8* xq, int rows,
                                                                   float* y) {
+    step_start();
     matmul_q8_tile<0>(w, ty, k, n, xq, rows, y);
 }
 
 extern "C" __global__ void __launch_bounds__(256) matmul_q81_tiled(const u8* w, int ty, int k,
                                                                    int n, const u8* xq, int rows,
                                                                    float* y) {
+    step_start();
     matmul_q8_tile<1>(w, ty, k, n, xq, rows, y);
 }
 
@@ -1202,6 +1233,7 @@ __device__ __forceinline__ void q8k_block(const float* x, int blk, int lane, u8*
 }
 
 extern "C" __global__ void quantize_q8k(const float* x, int blocks, u8* out) {
+    step_start();
     int blk = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (blk >= blocks) return;
     q8k_block(x, blk, threadIdx.x & 31, out);
@@ -1352,6 +1384,7 @@ __device__ __forceinline__ void matmul_q8k_col(const u8* w, int ty, int k, int n
 
 extern "C" __global__ void matmul_q8k(const u8* w, int ty, int k, int n, const u8* xq,
                                       int rows, float* y) {
+    step_start();
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= n) return;
     matmul_q8k_col(w, ty, k, n, xq, rows, y, warp, threadIdx.x & 31);
@@ -1395,6 +1428,7 @@ __device__ __forceinline__ int kq_sums(const u8* xb, bool q6, int i) {
 extern "C" __global__ void __launch_bounds__(256) matmul_q8k_tiled(const u8* w, int ty, int k,
                                                                    int n, const u8* xq, int rows,
                                                                    float* y) {
+    step_start();
     __shared__ int ws[TILE_N][KT_STRIDE];
     __shared__ int xs[TILE_M][64];
     __shared__ int scs[TILE_N][17];  // Q4_K: 8 scales, 8 mins; Q6_K: 16 scales
@@ -1485,6 +1519,7 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_tiled(const u8* w, 
 extern "C" __global__ void __launch_bounds__(256) matmul_q8k_mma(const u8* w, int ty, int k,
                                                                  int n, const u8* xq, int rows,
                                                                  float* y) {
+    step_start();
 #if __CUDA_ARCH__ >= 800
     __shared__ __align__(16) signed char ws[KM_TILE * KM_PITCH];
     __shared__ __align__(16) signed char xs[KM_TILE * KM_PITCH];
@@ -1689,6 +1724,7 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
     unsigned r[KChunk<TY>::NW];
     int cnt = total ? min(K_CHUNK, nb) * H : 0;
     kchunk_load<TY>(wr, cnt, lane, r);
+    step_start();
     __shared__ float rs[MATVEC_ROWS];
     if (f.nw) norm_scales(x, rows, k, f.eps, rs);
     int blocks = rows * nb;

@@ -164,17 +164,25 @@ pub struct CudaDevice {
     /// Whether the GPU has int8 MMA (compute capability 8.0 or later): K-quant prompts
     /// then run on its tensor cores (`matmul_q8k_mma`), else in dp4a tiles.
     mma: bool,
+    /// A tenant's launches may start while the one before finishes (programmatic dependent
+    /// launch, compute capability 9.0+: each kernel waits in `step_start`).
+    pdl: bool,
     /// Warps per block of the fused matvecs (`MATVEC_WARPS`).
     matvec_warps: u32,
     /// Warps of fused matvec blocks the GPU holds at once (two blocks a multiprocessor).
     resident_warps: usize,
 }
 
-/// NVRTC's options: PTX for compute capability 8.0 where the GPU has it (the tensor cores'
-/// int8 MMA), else NVRTC's default.
-fn nvrtc_options(mma: bool) -> cudarc::nvrtc::CompileOptions {
+/// NVRTC's options for a GPU of compute capability `major`: PTX for 9.0 (programmatic
+/// dependent launch) or 8.0 (the tensor cores' int8 MMA) where the GPU has them, else
+/// NVRTC's default.
+fn nvrtc_options(major: i32) -> cudarc::nvrtc::CompileOptions {
     cudarc::nvrtc::CompileOptions {
-        arch: mma.then_some("compute_80"),
+        arch: match major {
+            9.. => Some("compute_90"),
+            8 => Some("compute_80"),
+            _ => None,
+        },
         ..Default::default()
     }
 }
@@ -194,9 +202,9 @@ pub fn compile_kernels() -> std::result::Result<(), String> {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(NO_NVRTC.into());
     }
-    // Both builds: with the tensor cores' MMA and without.
-    for mma in [true, false] {
-        cudarc::nvrtc::compile_ptx_with_opts(KERNELS, nvrtc_options(mma))
+    // Every build: with programmatic dependent launch, with the tensor cores' MMA, neither.
+    for major in [9, 8, 7] {
+        cudarc::nvrtc::compile_ptx_with_opts(KERNELS, nvrtc_options(major))
             .map_err(|e| format!("compiling Realm's CUDA kernels: {e}"))?;
     }
     Ok(())
@@ -243,8 +251,11 @@ impl CudaDevice {
         // SAFETY: no buffer is created before this; see above for how each use is ordered.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-        let mma = tensor_cores && ctx.compute_capability().is_ok_and(|(major, _)| major >= 8);
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, nvrtc_options(mma))
+        let major = ctx.compute_capability().map_or(0, |(major, _)| major);
+        let mma = tensor_cores && major >= 8;
+        // Programmatic dependent launch, unless REALM_CUDA_PDL=0 (for comparisons).
+        let pdl = major >= 9 && std::env::var("REALM_CUDA_PDL").map_or(true, |v| v != "0");
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, nvrtc_options(major))
             .map_err(|e| format!("compiling Realm's CUDA kernels: {e}"))?;
         let module = ctx
             .load_module(ptx)
@@ -276,6 +287,7 @@ impl CudaDevice {
             replays: AtomicU64::new(0),
             captures: AtomicU64::new(0),
             mma,
+            pdl,
             matvec_warps,
             resident_warps: sms * 2 * matvec_warps as usize,
         }))
@@ -323,7 +335,7 @@ impl CudaDevice {
 
     /// Launches `k` now on the device's stream (the test helpers below).
     fn launch_now(&self, k: K, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-        launch_on(&self.stream, &self.k[k as usize], cfg, args)
+        launch_on(&self.stream, &self.k[k as usize], cfg, args, false)
     }
 
     /// Rows of `x` quantized by the `quantize_q8` kernel (q8_0, or q8_1), read back: what
@@ -395,12 +407,18 @@ struct Launch {
     args: Vec<Arg>,
 }
 
+/// Launches `func` on `stream`; with `pdl`, as a programmatic dependent launch (it may
+/// start while the kernel before it runs: each kernel waits for that one in `step_start`).
 fn launch_on(
     stream: &Arc<CudaStream>,
     func: &CudaFunction,
     cfg: LaunchConfig,
     args: &[Arg],
+    pdl: bool,
 ) -> Result<()> {
+    if pdl {
+        return launch_pdl(stream, func, cfg, args);
+    }
     let mut b = stream.launch_builder(func);
     for a in args {
         match a {
@@ -414,6 +432,60 @@ fn launch_on(
     // buffers at least as large as the sizes passed (`ensure`) and alive until the launch
     // has run (buffers replaced in a step are kept until its flush: `retired`).
     unsafe { b.launch(cfg) }.map(|_| ()).map_err(gpu)
+}
+
+fn launch_pdl(
+    stream: &Arc<CudaStream>,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &[Arg],
+) -> Result<()> {
+    // Each argument in 8 bytes; the driver reads a 4-byte one from the first four
+    // (little-endian: its low half).
+    let mut vals: Vec<u64> = args
+        .iter()
+        .map(|a| match *a {
+            Arg::P(p) => p,
+            Arg::I(i) => u64::from(i as u32),
+            Arg::F(bits) => u64::from(bits),
+        })
+        .collect();
+    let mut params: Vec<*mut std::ffi::c_void> = vals
+        .iter_mut()
+        .map(|v| (v as *mut u64).cast::<std::ffi::c_void>())
+        .collect();
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue {
+            programmaticStreamSerializationAllowed: 1,
+        },
+    };
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    stream.context().bind_to_thread().map_err(gpu)?;
+    // SAFETY: as `launch_on`'s (arguments in the kernel's order and sizes, buffers alive
+    // until it has run); `vals`, `params` and `attr` outlive the call, which copies them.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            func.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(gpu)
 }
 
 /// Device memory for a tensor, grown as needed.
@@ -655,7 +727,13 @@ impl CudaBackend {
 
     fn run(&self, launches: &[Launch]) -> Result<()> {
         for l in launches {
-            launch_on(&self.stream, &self.dev.k[l.k as usize], cfg_of(l), &l.args)?;
+            launch_on(
+                &self.stream,
+                &self.dev.k[l.k as usize],
+                cfg_of(l),
+                &l.args,
+                self.dev.pdl && self.own_stream,
+            )?;
         }
         Ok(())
     }
