@@ -39,9 +39,17 @@ __device__ __forceinline__ float h2f(u16 h) {
     return f;
 }
 
-// f32 → f16, rounded to nearest even, in integer code (the PTX conversion's result lost
-// its low byte when stored through a 16-bit register here).
-__device__ u16 f2h(float f) {
+// f32 → f16, rounded to nearest even: one instruction where the GPU converts pairs
+// (compute capability 8.0+; the pair's other half a zero, the result read from a 32-bit
+// register: through a 16-bit one, the PTX conversion's result lost its low byte here),
+// else in integer code. Attention's value chain converts once a position, so this is on
+// its critical path.
+__device__ __forceinline__ u16 f2h(float f) {
+#if __CUDA_ARCH__ >= 800
+    unsigned h;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(h) : "f"(0.0f), "f"(f));
+    return (u16)(h & 0xffffu);
+#else
     unsigned x = __float_as_uint(f);
     unsigned sign = (x >> 16) & 0x8000u;
     unsigned mant = x & 0x7fffffu;
@@ -62,6 +70,7 @@ __device__ u16 f2h(float f) {
     unsigned rem = mant & 0x1fffu;
     if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
     return (u16)(sign | h);
+#endif
 }
 
 #define NEG_INF __int_as_float(0xff800000)
@@ -624,7 +633,13 @@ extern "C" __global__ void last_row(float* x, int rows, int cols) {
 // warp per 32-value block: rows × k/32 blocks of 34 (q8_0) or 36 (q8_1) bytes.
 // One 32-value block, lane's value v: d (f16) at b, d·Σq (f16) at b + 2 for q81, the
 // quants at b + at.
-__device__ __forceinline__ void q8_quantize(float v, int lane, int q81, u8* b, int at) {
+// A 32-value block's quantization, lane's value v (every lane gets d and d·Σq in f16, its
+// quant in q).
+struct Q8v {
+    u16 d, s;
+    int q;
+};
+__device__ __forceinline__ Q8v q8_of(float v, int q81) {
     float amax = fabsf(v);
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
     float d = amax / 127.0f;
@@ -632,17 +647,20 @@ __device__ __forceinline__ void q8_quantize(float v, int lane, int q81, u8* b, i
     int q = (int)rintf(v * id);
     int sum = q;
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    return {f2h(d), q81 ? f2h(d * (float)sum) : (u16)0, q};
+}
+
+__device__ __forceinline__ void q8_quantize(float v, int lane, int q81, u8* b, int at) {
+    Q8v r = q8_of(v, q81);
     if (lane == 0) {
-        u16 dh = f2h(d);
-        b[0] = dh & 255;
-        b[1] = dh >> 8;
+        b[0] = r.d & 255;
+        b[1] = r.d >> 8;
         if (q81) {
-            u16 sh = f2h(d * (float)sum);
-            b[2] = sh & 255;
-            b[3] = sh >> 8;
+            b[2] = r.s & 255;
+            b[3] = r.s >> 8;
         }
     }
-    b[at + lane] = (u8)(signed char)q;
+    b[at + lane] = (u8)(signed char)r.q;
 }
 
 __device__ __forceinline__ void q8_block(const float* x, int blk, int lane, int q81, u8* out) {
@@ -788,66 +806,60 @@ extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8
     matvec_q8_col(w, ty, k, n, xq, rows, y, warp, threadIdx.x & 31);
 }
 
-// quantize_q8 and the matvec in one launch, for a few rows (decoding), with no global
-// load waited for twice: each warp first issues the loads of its column's first 32 weight
-// blocks (into registers), then the block quantizes all of x into shared memory (the same
-// values quantize_q8 makes; every warp's x loads issued before its blocks are reduced),
-// then the weights go to the warp's shared buffer and the lanes compute as matvec_q8_col,
-// the next 32 blocks' loads in flight meanwhile. In shared memory every block is padded to
-// a 4-byte aligned layout (x: d, s or 2 spare bytes, then the 32 quants at 4; weights:
-// a 2-byte header padded to 4), so lanes read words, not bytes. One kernel per type.
-#define W_CHUNK 32
+// quantize_q8 and the matvec in one launch, for a few rows (decoding). Lane 8c + l of a
+// warp is slot l of column c of the warp's four (then the next four...): it walks the
+// column's blocks in order, its own f32 chain with no data from other lanes, and
+// hsum8 ends the column. Its weight words come straight from global memory, a chunk of
+// CH blocks in registers while the chunk before is summed (the first chunk's loads issued
+// before anything else). x is quantized by every block into shared memory first (the
+// values quantize_q8 makes), 40 bytes a block: d and d·Σq as f32 (the f16 values
+// converted), then the 32 quants. One kernel per type.
+#define CH 8
 template <int TY>
 struct Q32 {
     static constexpr int BB = TY == T_Q4_0 ? 18 : TY == T_Q4_1 ? 20 : TY == T_Q5_0 ? 22
                             : TY == T_Q5_1 ? 24 : 34;
-    static constexpr int PAD = TY == T_Q4_0 || TY == T_Q5_0 || TY == T_Q8_0 ? 1 : 0;
-    static constexpr int SB = BB + 2 * PAD;  // bytes of a block in shared memory
     static constexpr int Q81 = TY == T_Q4_1 || TY == T_Q5_1;
-    static constexpr int NW = BB / 2;  // u16 loads a lane per chunk
+    static constexpr int Q5 = TY == T_Q5_0 || TY == T_Q5_1;
+    // Where the quants start; the high bits (Q5) at 2 or 4.
+    static constexpr int QS = TY == T_Q4_0 || TY == T_Q8_0 ? 2 : TY == T_Q4_1 ? 4
+                            : TY == T_Q5_0 ? 6 : 8;
 };
 
+// Four bytes at p: one word where the block size keeps words aligned, else two halves.
 template <int TY>
-__device__ __forceinline__ int w4s(const u8* wb, int l) {
-    if (TY == T_Q8_0) return *(const int*)(wb + 4 + 4 * l);
-    if (TY == T_Q4_0 || TY == T_Q4_1) {
-        unsigned b = *(const unsigned*)(wb + 4 + 4 * (l & 3));
-        unsigned nib = l < 4 ? b & 0x0f0f0f0fu : (b >> 4) & 0x0f0f0f0fu;
-        return TY == T_Q4_0 ? (int)__vsub4(nib, 0x08080808u) : (int)nib;
-    }
-    unsigned qh = *(const unsigned*)(wb + 4);
-    unsigned b = *(const unsigned*)(wb + 8 + 4 * (l & 3));
-    unsigned nib = l < 4 ? b & 0x0f0f0f0fu : (b >> 4) & 0x0f0f0f0fu;
-    unsigned h = (qh >> (4 * l)) & 15u;
+__device__ __forceinline__ unsigned ld_word(const u8* p) {
+    if (Q32<TY>::BB % 4 == 0) return *(const unsigned*)p;
+    const u16* h = (const u16*)p;
+    return (unsigned)h[0] | ((unsigned)h[1] << 16);
+}
+
+// What slot l of a block needs: its header (d, and m at bits 16.. for Q4_1/Q5_1), the high
+// bits (Q5) and the quant word of values 4l..4l+3.
+struct WSlot {
+    unsigned h, qh, qs;
+};
+template <int TY>
+__device__ __forceinline__ WSlot w_slot(const u8* wb, int l) {
+    typedef Q32<TY> Q;
+    WSlot r;
+    r.h = Q::Q81 ? *(const unsigned*)wb : (unsigned)*(const u16*)wb;
+    r.qh = Q::Q5 ? ld_word<TY>(wb + Q::QS - 4) : 0u;
+    r.qs = ld_word<TY>(wb + Q::QS + (TY == T_Q8_0 ? 4 * l : 4 * (l & 3)));
+    return r;
+}
+
+// Values 4l..4l+3 of the block as four signed bytes (for dp4a against x's bytes 4l..):
+// low nibbles of bytes 4l.. for l < 4, high nibbles of bytes 4(l-4).. after.
+template <int TY>
+__device__ __forceinline__ int w_vals(const WSlot& w, int l) {
+    if (TY == T_Q8_0) return (int)w.qs;
+    unsigned nib = l < 4 ? w.qs & 0x0f0f0f0fu : (w.qs >> 4) & 0x0f0f0f0fu;
+    if (TY == T_Q4_0) return (int)__vsub4(nib, 0x08080808u);
+    if (TY == T_Q4_1) return (int)nib;
+    unsigned h = (w.qh >> (4 * l)) & 15u;
     nib |= ((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25);
     return TY == T_Q5_1 ? (int)nib : (int)__vsub4(nib, 0x10101010u);
-}
-
-template <int TY>
-__device__ __forceinline__ void chunk_load(const u8* src, int live, int lane,
-                                           unsigned (&r)[Q32<TY>::NW]) {
-    const u16* s = (const u16*)src;
-    int cnt = live * (Q32<TY>::BB / 2);
-#pragma unroll
-    for (int i = 0; i < Q32<TY>::NW; i++) {
-        int e = lane + 32 * i;
-        r[i] = e < cnt ? s[e] : 0u;
-    }
-}
-
-template <int TY>
-__device__ __forceinline__ void chunk_store(u8* dst, int live, int lane,
-                                            const unsigned (&r)[Q32<TY>::NW]) {
-    constexpr int H = Q32<TY>::BB / 2, S = Q32<TY>::SB / 2;
-    int cnt = live * H;
-#pragma unroll
-    for (int i = 0; i < Q32<TY>::NW; i++) {
-        int e = lane + 32 * i;
-        if (e < cnt) {
-            int b = e / H, o = e % H;
-            ((u16*)dst)[b * S + o + (o ? Q32<TY>::PAD : 0)] = (u16)r[i];
-        }
-    }
 }
 
 // What a fused matvec does around its product (the launches it replaces, merged by the
@@ -901,123 +913,124 @@ __device__ __forceinline__ void fused_out(const Fuse& f, float* y, size_t at, fl
     if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
 }
 
-// x's rows as 36-byte q8 blocks (d, s·d or unused, 32 quants at 4) in shared memory.
+// x's rows as 40-byte q8 blocks in shared memory: d and d·Σq (q8_1; else 0) as f32, then
+// the 32 quants at 8.
 __device__ __forceinline__ void q8_rows_smem(const float* x, int rows, int k, int q81,
                                              const Fuse& f, const float* rs, u8* xs) {
     int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    int nb = k / 32, blocks = rows * nb;
-    for (int base = wib; base < blocks; base += 8 * warps) {
+    int nb = k / 32;
+    for (int q = 0; q < rows; q++)
+    for (int base = wib; base < nb; base += 8 * warps) {
         float v[8];
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             int blk = base + i * warps;
-            v[i] = blk < blocks ? fused_in(x, f, rs, blk / nb, k, (blk % nb) * 32 + lane) : 0.0f;
+            v[i] = blk < nb ? fused_in(x, f, rs, q, k, blk * 32 + lane) : 0.0f;
         }
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             int blk = base + i * warps;
-            if (blk >= blocks) break;
-            q8_quantize(v[i], lane, q81, xs + (size_t)blk * 36, 4);
+            if (blk >= nb) break;
+            Q8v r = q8_of(v[i], q81);
+            u8* b = xs + ((size_t)q * nb + blk) * 40;
+            if (lane == 0) {
+                ((float*)b)[0] = h2f(r.d);
+                ((float*)b)[1] = h2f(r.s);
+            }
+            b[8 + lane] = (u8)(signed char)r.q;
         }
     }
 }
 
+// A chunk of a warp's work: its columns (c: which column, matmul_q8k_fused; which four,
+// matmul_q8_fused), with a GLU both passes of a column, each column in chunks (ch); `next`
+// steps through them in that order (no divisions: they would cost more than a chunk's sums).
+struct Item {
+    int c, pass, ch;
+    __device__ __forceinline__ void next(int passes, int cpc) {
+        if (++ch < cpc) return;
+        ch = 0;
+        if (++pass < passes) return;
+        pass = 0;
+        c++;
+    }
+};
+
 template <int TY>
+__device__ __forceinline__ void w_chunk(const u8* w, const Fuse& f, int col, int pass, int b0,
+                                        int n, int nb, int l, WSlot (&r)[CH]) {
+    const u8* wr = (pass ? f.w2 : w) + ((size_t)min(col, n - 1) * nb + b0) * Q32<TY>::BB;
+#pragma unroll
+    for (int b = 0; b < CH; b++) {
+        if (b0 + b < nb) r[b] = w_slot<TY>(wr + b * Q32<TY>::BB, l);
+    }
+}
+
+template <int TY, int R>
 __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const float* x,
                                                 int rows, float* y, const Fuse& f, int blk,
                                                 int cpw) {
     typedef Q32<TY> Q;
     extern __shared__ __align__(16) u8 smem[];
     int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    int nb = k / 32, cpc = (nb + W_CHUNK - 1) / W_CHUNK;
-    // The warp's columns col0.. (cpw of them): chunk t is column col0 + t / cpc's blocks
-    // (t % cpc) · W_CHUNK.., the next one's loads in flight while one is summed.
+    int cg = lane >> 3, l = lane & 7;
+    int nb = k / 32, cpc = (nb + CH - 1) / CH;
+    // The warp's columns col0.. (cpw of them, a multiple of 4): the same number of chunks
+    // for every lane (lanes past the last column compute one and drop it).
     int col0 = (blk * warps + wib) * cpw;
-    int passes = f.w2 ? 2 : 1;  // a column of w, then (GLU) the same of w2
-    int total = max(0, min(cpw, n - col0)) * cpc * passes;
-    u8* wg = smem + wib * W_CHUNK * 36;
-    u8* xs = smem + warps * W_CHUNK * 36;
-    unsigned r[Q::NW];
-    int live0 = total ? min(W_CHUNK, nb) : 0;
-    chunk_load<TY>(w + (size_t)col0 * nb * Q::BB, live0, lane, r);
+    int passes = f.w2 ? 2 : 1;
+    int cols = max(0, min(cpw, n - col0));
+    int items = (cols + 3) / 4 * passes * cpc;
+    WSlot cur[CH], nxt[CH];
+    int col = col0 + cg;  // this lane's column of the chunk in `cur`
+    if (items) w_chunk<TY>(w, f, col, 0, 0, n, nb, l, cur);
     step_start();  // the first weights are on their way while the kernel before finishes
     __shared__ float rs[MATVEC_ROWS];
     if (f.nw) norm_scales(x, rows, k, f.eps, rs);
-    q8_rows_smem(x, rows, k, Q::Q81, f, rs, xs);
-    chunk_store<TY>(wg, live0, lane, r);
+    q8_rows_smem(x, rows, k, Q::Q81, f, rs, smem);
     __syncthreads();
-    int j = lane >> 3, l = lane & 7;
-    float acc[MATVEC_ROWS], summs[MATVEC_ROWS], gate[MATVEC_ROWS];
+    float acc[R], summs[R], gate[R];
 #pragma unroll
-    for (int q = 0; q < MATVEC_ROWS; q++) acc[q] = summs[q] = gate[q] = 0.0f;
-    for (int t = 0; t < total; t++) {
-        int col = col0 + t / (cpc * passes), pass = (t / cpc) % passes;
-        int c0 = (t % cpc) * W_CHUNK;
-        int live = min(W_CHUNK, nb - c0);
-        int next = 0;
-        if (t + 1 < total) {
-            int u = t + 1, nc0 = (u % cpc) * W_CHUNK;
-            const u8* nw = (u / cpc) % passes ? f.w2 : w;
-            next = min(W_CHUNK, nb - nc0);
-            chunk_load<TY>(nw + ((size_t)(col0 + u / (cpc * passes)) * nb + nc0) * Q::BB, next,
-                           lane, r);
-        }
-        for (int g = 0; g < live; g += 16) {
-            int glive = min(16, live - g);
-            int bi[4], wq[4];
-            float dw[4], mw[4];
+    for (int q = 0; q < R; q++) acc[q] = summs[q] = gate[q] = 0.0f;
+    Item it = {0, 0, 0};
+    for (int u = 0; u < items; u++) {
+        Item nx = it;
+        nx.next(passes, cpc);
+        if (u + 1 < items)
+            w_chunk<TY>(w, f, col0 + 4 * nx.c + cg, nx.pass, nx.ch * CH, n, nb, l, nxt);
+        int b0 = it.ch * CH;
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                int local = min(j + 4 * u, glive - 1);
-                bi[u] = c0 + g + local;
-                const u8* wb = wg + (g + local) * Q::SB;
-                wq[u] = w4s<TY>(wb, l);
-                dw[u] = h2f(((const u16*)wb)[0]);
-                mw[u] = Q::Q81 ? h2f(((const u16*)wb)[1]) : 0.0f;
-            }
+        for (int b = 0; b < CH; b++) {
+            if (b0 + b >= nb) break;
+            int wv = w_vals<TY>(cur[b], l);
+            float dw = h2f((u16)(cur[b].h & 0xffffu));
+            float mw = Q::Q81 ? h2f((u16)(cur[b].h >> 16)) : 0.0f;
 #pragma unroll
-            for (int q = 0; q < MATVEC_ROWS; q++) {
+            for (int q = 0; q < R; q++) {
                 if (q >= rows) break;
-                int sum[4];
-                float d[4], sx[4];
-#pragma unroll
-                for (int u = 0; u < 4; u++) {
-                    const u8* xb = xs + ((size_t)q * nb + bi[u]) * 36;
-                    sum[u] = __dp4a(wq[u], *(const int*)(xb + 4 + 4 * l), 0);
-                    d[u] = __fmul_rn(dw[u], h2f(((const u16*)xb)[0]));
-                    sx[u] = Q::Q81 ? h2f(((const u16*)xb)[1]) : 0.0f;
-                }
-#pragma unroll
-                for (int u = 0; u < 4; u++)
-#pragma unroll
-                    for (int jj = 0; jj < 4; jj++) {
-                        float dj = __shfl_sync(0xffffffff, d[u], l + 8 * jj);
-                        int sj = __shfl_sync(0xffffffff, sum[u], l + 8 * jj);
-                        float mj = Q::Q81 ? __shfl_sync(0xffffffff, mw[u], l + 8 * jj) : 0.0f;
-                        float xj = Q::Q81 ? __shfl_sync(0xffffffff, sx[u], l + 8 * jj) : 0.0f;
-                        if (4 * u + jj < glive) {
-                            acc[q] = fmaf(dj, (float)sj, acc[q]);
-                            if (Q::Q81) summs[q] = fmaf(mj, xj, summs[q]);
-                        }
-                    }
+                const u8* xb = smem + ((size_t)q * nb + b0 + b) * 40;
+                float2 ds = *(const float2*)xb;
+                int sum = __dp4a(wv, *(const int*)(xb + 8 + 4 * l), 0);
+                acc[q] = fmaf(__fmul_rn(dw, ds.x), (float)sum, acc[q]);
+                if (Q::Q81) summs[q] = fmaf(mw, ds.y, summs[q]);
             }
         }
-        if (c0 + W_CHUNK >= nb) {
-            // The column's last chunk: its outputs.
+        if (it.ch == cpc - 1) {
+            // The column's last chunk: its outputs (lane 8c's).
+            bool mine = col - col0 < cols;
 #pragma unroll
-            for (int q = 0; q < MATVEC_ROWS; q++) {
+            for (int q = 0; q < R; q++) {
                 if (q >= rows) break;
                 float s = hsum8(acc[q]);
                 if (Q::Q81) s = __fadd_rn(s, summs[q]);
-                if (lane == 0) fused_out(f, y, (size_t)q * n + col, s, pass, gate[q]);
+                if (l == 0 && mine) fused_out(f, y, (size_t)q * n + col, s, it.pass, gate[q]);
                 acc[q] = summs[q] = 0.0f;
             }
         }
-        if (next) {
-            __syncwarp();
-            chunk_store<TY>(wg, next, lane, r);
-            __syncwarp();
-        }
+        it = nx;
+        col = col0 + 4 * it.c + cg;
+#pragma unroll
+        for (int b = 0; b < CH; b++) cur[b] = nxt[b];
     }
 }
 
@@ -1043,24 +1056,32 @@ __device__ __forceinline__ Pick pick(const u8* w0, int ty0, int n0, float* y0, c
     return {w2, ty2, n2, b - b0 - b1, y2, f};
 }
 
-// quantize_q8 and matmul_q8 in one launch, for a few rows (decoding), a column a warp, in
-// blocks of up to 512 threads: dynamic shared memory of warps × W_CHUNK × 36 bytes (the
-// warps' weights), then rows × k/32 × 36 (x). Up to three products of the same x in one
+// quantize_q8 and matmul_q8 in one launch, for a few rows (decoding), in blocks of up to
+// 512 threads, cpw columns a warp (matmul_q8k_fused: one per warp and chunk; matmul_q8_fused:
+// a multiple of 4, four at a time): dynamic shared memory of rows × k/32 × 40 bytes (x;
+// matmul_q8k_fused: its weights' chunks first). Up to three products of the same x in one
 // launch (w1, w2 with n1, n2 > 0), a norm before, an add or a GLU after (Fuse).
 #define FUSED_ARGS                                                                         \
     const u8 *w0, int ty0, int n0, float *y0, const u8 *w1, int ty1, int n1, float *y1,    \
         const u8 *w2, int ty2, int n2, float *y2, int k, const float *x, int rows,         \
         const float *nw, float eps, float *xo, float *acc, int cpw, int glu
 #define PICK pick(w0, ty0, n0, y0, w1, ty1, n1, y1, w2, ty2, n2, y2, nw, eps, xo, acc, cpw, glu)
+template <int R>
+__device__ __forceinline__ void matvec_q8_typed(const Pick& p, int k, const float* x, int rows,
+                                                int cpw) {
+    switch (p.ty) {
+        case T_Q4_0: matvec_q8_fused<T_Q4_0, R>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
+        case T_Q4_1: matvec_q8_fused<T_Q4_1, R>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
+        case T_Q5_0: matvec_q8_fused<T_Q5_0, R>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
+        case T_Q5_1: matvec_q8_fused<T_Q5_1, R>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
+        default: matvec_q8_fused<T_Q8_0, R>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
+    }
+}
 extern "C" __global__ void __launch_bounds__(512, 1) matmul_q8_fused(FUSED_ARGS) {
     Pick p = PICK;
-    switch (p.ty) {
-        case T_Q4_0: matvec_q8_fused<T_Q4_0>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
-        case T_Q4_1: matvec_q8_fused<T_Q4_1>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
-        case T_Q5_0: matvec_q8_fused<T_Q5_0>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
-        case T_Q5_1: matvec_q8_fused<T_Q5_1>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
-        default: matvec_q8_fused<T_Q8_0>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw); break;
-    }
+    // One row (decoding one sequence) in code of its own: its loops are short.
+    if (rows == 1) matvec_q8_typed<1>(p, k, x, rows, cpw);
+    else matvec_q8_typed<MATVEC_ROWS>(p, k, x, rows, cpw);
 }
 
 // Many rows (prompts): tiles of TILE_M rows × TILE_N columns per block of 256 threads,
@@ -1750,18 +1771,19 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
     float acc[MATVEC_ROWS], accm[MATVEC_ROWS], gate[MATVEC_ROWS];
 #pragma unroll
     for (int q = 0; q < MATVEC_ROWS; q++) acc[q] = accm[q] = gate[q] = 0.0f;
+    Item it = {0, 0, 0};
     for (int t = 0; t < total; t++) {
-        int col = col0 + t / (cpc * passes), pass = (t / cpc) % passes;
-        int c0 = (t % cpc) * K_CHUNK;
+        int col = col0 + it.c, pass = it.pass;
+        int c0 = it.ch * K_CHUNK;
         int live = min(K_CHUNK, nb - c0);
         int next = 0;
+        it.next(passes, cpc);
         if (t + 1 < total) {
-            int u = t + 1, nc0 = (u % cpc) * K_CHUNK;
+            int nc0 = it.ch * K_CHUNK;
             next = min(K_CHUNK, nb - nc0) * H;
-            // Columns follow each other in the file: chunk t + 1 starts where its column's
-            // blocks nc0.. are.
-            const u16* src =
-                ((u / cpc) % passes ? wr2 : wr) + ((size_t)(u / (cpc * passes)) * nb + nc0) * H;
+            // Columns follow each other in the file: the next chunk starts where its
+            // column's blocks nc0.. are.
+            const u16* src = (it.pass ? wr2 : wr) + ((size_t)it.c * nb + nc0) * H;
             kchunk_load<TY>(src, next, lane, r);
         }
 #pragma unroll

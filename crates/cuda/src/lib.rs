@@ -125,9 +125,7 @@ const MMA_TILE: usize = 64;
 const FUSED_ROWS: usize = 8;
 const _: () = assert!(FUSED_ROWS <= MATVEC_ROWS);
 const FUSED_SMEM: usize = 48 * 1024;
-/// Weight blocks (super-blocks) a warp of `matmul_q8_fused` (`matmul_q8k_fused`) stages at
-/// a time: `W_CHUNK` (`K_CHUNK`) in `kernels.cu`.
-const W_CHUNK: usize = 32;
+/// Super-blocks a warp of `matmul_q8k_fused` stages at a time: `K_CHUNK` in `kernels.cu`.
 const K_CHUNK: usize = 8;
 
 /// Warps (output columns) per block of a fused matvec, unless `REALM_CUDA_MATVEC_WARPS`
@@ -135,14 +133,14 @@ const K_CHUNK: usize = 8;
 /// spread a small product over more of the GPU.
 const MATVEC_WARPS: u32 = 8;
 
-/// Dynamic shared memory of a fused matvec over `blocks` activation blocks: each of the
-/// warps' weight chunk (32-value blocks padded to 36 bytes, super-blocks to 212), then x
-/// (36-byte q8 blocks, Q8_K blocks). K-quant products of 8 rows take the tiled order, not
+/// Dynamic shared memory of a fused matvec over `blocks` activation blocks: x's 40-byte q8
+/// blocks (`matmul_q8_fused`), or the warps' weight chunks (super-blocks padded to 212
+/// bytes) then x's Q8_K blocks. K-quant products of 8 rows take the tiled order, not
 /// the fused kernel's.
 fn fused_smem(warps: u32, blocks: usize, bytes: usize, q81: Option<i32>) -> usize {
     let warps = warps as usize;
     match q81 {
-        Some(_) => warps * W_CHUNK * 36 + blocks * 36,
+        Some(_) => blocks * 40,
         None => warps * K_CHUNK * 212 + blocks * bytes,
     }
 }
@@ -996,7 +994,11 @@ impl Backend for CudaBackend {
                 let warps = self.dev.matvec_warps;
                 // Wide products: several columns a warp, so that the blocks (each quantizing
                 // x) are about as many as the GPU holds at once.
-                let cpw = (n / self.dev.resident_warps).clamp(1, 32);
+                // matmul_q8_fused takes four columns a warp at a time.
+                let cpw = match k {
+                    K::MatmulQ8Fused => 4 * (n / (4 * self.dev.resident_warps)).clamp(1, 8),
+                    _ => (n / self.dev.resident_warps).clamp(1, 32),
+                };
                 let cfg = LaunchConfig {
                     shared_mem_bytes: fused_smem(warps, blocks_n, bytes_per, q81) as u32,
                     ..blocks(n.div_ceil(cpw) * 32, 32 * warps)
