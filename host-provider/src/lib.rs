@@ -285,6 +285,11 @@ impl Engine {
         }
         // Deadlines: guest code checks the engine's epoch, advanced by a ticker thread.
         wc.epoch_interruption(true);
+        // REALM_PERFMAP=1: the guest's compiled functions named in /tmp/perf-<pid>.map, so
+        // that `perf` profiles show where guest time goes.
+        if std::env::var_os("REALM_PERFMAP").is_some_and(|v| v == "1") {
+            wc.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = wasmtime::Engine::new(&wc)?;
         let path = &config.component;
         let bytes = std::fs::read(path).with_context(|| {

@@ -77,28 +77,60 @@ pub struct Sampler {
     cands: Vec<(u32, f32)>,
 }
 
-/// Index of the first maximum.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+/// Every token's logits (tens of thousands) are scanned for their maximum, so the scans
+/// below are loops of independent lanes without branches that compilers vectorize (SIMD128
+/// in the guest): the largest value first, then what is asked of it.
+const LANES: usize = 16;
+
+/// The largest of `v`'s values (-inf when empty or all NaN: NaNs never win).
+fn max_value(v: &[f32]) -> f32 {
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    let mut m = [f32::NEG_INFINITY; LANES];
+    for chunk in chunks {
+        for j in 0..LANES {
+            m[j] = if chunk[j] > m[j] { chunk[j] } else { m[j] };
         }
     }
-    best as u32
+    m.iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a })
 }
 
-/// The gap between the best and the second-best logit.
+/// Index of the first maximum (NaNs never win; a NaN first value is kept, as a scan that
+/// replaces the best only by a larger value would).
+pub fn argmax(logits: &[f32]) -> u32 {
+    if logits.first().is_none_or(|l| l.is_nan()) {
+        return 0;
+    }
+    let max = max_value(logits);
+    // All -inf or NaN: the first value is -inf (it is not NaN), the answer 0.
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
+}
+
+/// The gap between the best and the second-best logit (0 unless both are finite; NaNs
+/// ignored; 0 when the best is there twice).
 pub fn top2_gap(logits: &[f32]) -> f32 {
-    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for &l in logits {
-        if l > a {
-            b = a;
-            a = l;
-        } else if l > b {
-            b = l;
+    let a = max_value(logits);
+    // How often the best is there, and the largest value below it.
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    let mut below = [f32::NEG_INFINITY; LANES];
+    let mut count = [0u32; LANES];
+    for chunk in chunks {
+        for j in 0..LANES {
+            let x = chunk[j];
+            below[j] = if x > below[j] && x < a { x } else { below[j] };
+            count[j] += u32::from(x == a);
         }
     }
+    let mut b = f32::NEG_INFINITY;
+    let mut n: u32 = count.iter().sum();
+    for &x in below.iter().chain(tail) {
+        b = if x > b && x < a { x } else { b };
+    }
+    n += tail.iter().filter(|&&x| x == a).count() as u32;
+    let b = if n >= 2 { a } else { b };
     if b.is_finite() { a - b } else { 0.0 }
 }
 
@@ -213,6 +245,82 @@ mod tests {
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(params(0.0));
         assert_eq!(s.sample(&mut [0.1, 2.0, 2.0, -1.0], &[]), 1);
+    }
+
+    /// The plain scan `argmax` must agree with.
+    fn first_max(logits: &[f32]) -> u32 {
+        let mut best = 0usize;
+        for (i, &l) in logits.iter().enumerate() {
+            if l > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn argmax_is_the_plain_scans_index() {
+        // Lengths around the lanes, few distinct values (ties across lanes and the tail),
+        // -inf and NaN anywhere, first value NaN.
+        let mut rng = Rng::new(7);
+        let specials = [f32::NEG_INFINITY, f32::NAN, f32::INFINITY];
+        for len in (1..40).chain([49152, 49153, 151936]) {
+            for case in 0..40 {
+                let v: Vec<f32> = (0..len)
+                    .map(|_| {
+                        let r = rng.next_f64();
+                        if case % 4 == 0 && r < 0.1 {
+                            specials[(r * 30.0) as usize % 3]
+                        } else if case % 4 == 1 {
+                            f32::NEG_INFINITY
+                        } else {
+                            (r * 5.0).floor() as f32 - 2.0
+                        }
+                    })
+                    .collect();
+                assert_eq!(argmax(&v), first_max(&v), "len {len}, case {case}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0]), 0);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    #[test]
+    fn top2_gap_is_the_plain_scans() {
+        let plain = |v: &[f32]| {
+            let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+            for &l in v {
+                if l > a {
+                    b = a;
+                    a = l;
+                } else if l > b {
+                    b = l;
+                }
+            }
+            if b.is_finite() { a - b } else { 0.0 }
+        };
+        let mut rng = Rng::new(11);
+        for len in (0..40).chain([49152, 49155]) {
+            for case in 0..40 {
+                let v: Vec<f32> = (0..len)
+                    .map(|_| {
+                        let r = rng.next_f64();
+                        match case % 3 {
+                            0 if r < 0.2 => [f32::NEG_INFINITY, f32::NAN, f32::INFINITY]
+                                [(r * 15.0) as usize % 3],
+                            1 => (r * 4.0).floor() as f32,
+                            _ => (r * 1000.0) as f32 - 500.0,
+                        }
+                    })
+                    .collect();
+                assert_eq!(
+                    top2_gap(&v).to_bits(),
+                    plain(&v).to_bits(),
+                    "len {len}, case {case}"
+                );
+            }
+        }
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]
