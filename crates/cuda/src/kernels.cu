@@ -810,11 +810,10 @@ extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8
 // warp is slot l of column c of the warp's four (then the next four...): it walks the
 // column's blocks in order, its own f32 chain with no data from other lanes, and
 // hsum8 ends the column. Its weight words come straight from global memory, a chunk of
-// CH blocks in registers while the chunk before is summed (the first chunk's loads issued
+// Q32::CH blocks in registers while the chunk before is summed (the first chunk's loads issued
 // before anything else). x is quantized by every block into shared memory first (the
 // values quantize_q8 makes), 40 bytes a block: d and d·Σq as f32 (the f16 values
 // converted), then the 32 quants. One kernel per type.
-#define CH 8
 template <int TY>
 struct Q32 {
     static constexpr int BB = TY == T_Q4_0 ? 18 : TY == T_Q4_1 ? 20 : TY == T_Q5_0 ? 22
@@ -824,6 +823,9 @@ struct Q32 {
     // Where the quants start; the high bits (Q5) at 2 or 4.
     static constexpr int QS = TY == T_Q4_0 || TY == T_Q8_0 ? 2 : TY == T_Q4_1 ? 4
                             : TY == T_Q5_0 ? 6 : 8;
+    // Blocks a lane's registers hold per chunk (two chunks: the next one's loads in flight):
+    // Q5's blocks take three words a lane, the others two.
+    static constexpr int CH = Q5 ? 8 : 16;
 };
 
 // Four bytes at p: one word where the block size keeps words aligned, else two halves.
@@ -958,10 +960,10 @@ struct Item {
 
 template <int TY>
 __device__ __forceinline__ void w_chunk(const u8* w, const Fuse& f, int col, int pass, int b0,
-                                        int n, int nb, int l, WSlot (&r)[CH]) {
+                                        int n, int nb, int l, WSlot (&r)[Q32<TY>::CH]) {
     const u8* wr = (pass ? f.w2 : w) + ((size_t)min(col, n - 1) * nb + b0) * Q32<TY>::BB;
 #pragma unroll
-    for (int b = 0; b < CH; b++) {
+    for (int b = 0; b < Q32<TY>::CH; b++) {
         if (b0 + b < nb) r[b] = w_slot<TY>(wr + b * Q32<TY>::BB, l);
     }
 }
@@ -971,6 +973,7 @@ __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const
                                                 int rows, float* y, const Fuse& f, int blk,
                                                 int cpw) {
     typedef Q32<TY> Q;
+    constexpr int CH = Q::CH;
     extern __shared__ __align__(16) u8 smem[];
     int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int cg = lane >> 3, l = lane & 7;
@@ -1726,7 +1729,7 @@ __device__ __forceinline__ void kchunk_store(u8* wg, int cnt, int lane,
     }
 }
 
-template <int TY>
+template <int TY, int R>
 __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, const float* x,
                                                  int rows, float* y, const Fuse& f, int blk,
                                                  int cpw) {
@@ -1768,9 +1771,9 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
     kchunk_store<TY>(wg, cnt, lane, r);
     __syncthreads();
     int L = lane & 7, sub = lane >> 3;
-    float acc[MATVEC_ROWS], accm[MATVEC_ROWS], gate[MATVEC_ROWS];
+    float acc[R], accm[R], gate[R];
 #pragma unroll
-    for (int q = 0; q < MATVEC_ROWS; q++) acc[q] = accm[q] = gate[q] = 0.0f;
+    for (int q = 0; q < R; q++) acc[q] = accm[q] = gate[q] = 0.0f;
     Item it = {0, 0, 0};
     for (int t = 0; t < total; t++) {
         int col = col0 + it.c, pass = it.pass;
@@ -1787,7 +1790,7 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
             kchunk_load<TY>(src, next, lane, r);
         }
 #pragma unroll
-        for (int q = 0; q < MATVEC_ROWS - 1; q++) {
+        for (int q = 0; q < R; q++) {
             if (q >= rows) break;
             const u8* xr = xs + ((size_t)q * nb + c0) * 292;
 #pragma unroll
@@ -1818,7 +1821,7 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
             // The column's last chunk: hsum_float_8 of the CPU lanes (lanes 0-7), plus Q4_K's
             // mins (m0 + m2) + (m1 + m3).
 #pragma unroll
-            for (int q = 0; q < MATVEC_ROWS - 1; q++) {
+            for (int q = 0; q < R; q++) {
                 if (q >= rows) break;
                 float s = hsum8(acc[q]);
                 if (TY == T_Q4_K) {
@@ -1839,8 +1842,15 @@ __device__ __forceinline__ void matvec_q8k_fused(const u8* w, int k, int n, cons
 
 // As matmul_q8_fused's launch: up to three products of the same x, a norm before, an add
 // or a GLU after.
+template <int R>
+__device__ __forceinline__ void matvec_q8k_typed(const Pick& p, int k, const float* x, int rows,
+                                                 int cpw) {
+    if (p.ty == T_Q4_K) matvec_q8k_fused<T_Q4_K, R>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw);
+    else matvec_q8k_fused<T_Q6_K, R>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw);
+}
 extern "C" __global__ void __launch_bounds__(512, 1) matmul_q8k_fused(FUSED_ARGS) {
     Pick p = PICK;
-    if (p.ty == T_Q4_K) matvec_q8k_fused<T_Q4_K>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw);
-    else matvec_q8k_fused<T_Q6_K>(p.w, k, p.n, x, rows, p.y, p.f, p.blk, cpw);
+    // As matmul_q8_fused: one row in code of its own (up to 7 otherwise: 8 take the tiles).
+    if (rows == 1) matvec_q8k_typed<1>(p, k, x, rows, cpw);
+    else matvec_q8k_typed<MATVEC_ROWS - 1>(p, k, x, rows, cpw);
 }

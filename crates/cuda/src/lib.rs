@@ -993,11 +993,12 @@ impl Backend for CudaBackend {
                 };
                 let warps = self.dev.matvec_warps;
                 // Wide products: several columns a warp, so that the blocks (each quantizing
-                // x) are about as many as the GPU holds at once.
-                // matmul_q8_fused takes four columns a warp at a time.
+                // x) are no more than the GPU holds at once (a second wave of a few blocks
+                // would take as long as the first). matmul_q8_fused takes four columns a
+                // warp at a time.
                 let cpw = match k {
-                    K::MatmulQ8Fused => 4 * (n / (4 * self.dev.resident_warps)).clamp(1, 8),
-                    _ => (n / self.dev.resident_warps).clamp(1, 32),
+                    K::MatmulQ8Fused => 4 * n.div_ceil(4 * self.dev.resident_warps).clamp(1, 8),
+                    _ => n.div_ceil(self.dev.resident_warps).clamp(1, 32),
                 };
                 let cfg = LaunchConfig {
                     shared_mem_bytes: fused_smem(warps, blocks_n, bytes_per, q81) as u32,
