@@ -397,6 +397,35 @@ __device__ __forceinline__ void score64x4(const float* qs, const u16* const (&kr
     for (int u = 0; u < 4; u++) out[u] = __shfl_sync(0xffffffff, x[u], 0);
 }
 
+// Values of positions row0.. (tl of them, a head's hd values each at `off` in rows of
+// `width`) copied into shared memory by the whole block, in words: asynchronously where the
+// GPU copies so (compute capability 8.0+; v_tile_wait waits), else by loads and stores.
+__device__ __forceinline__ void v_tile_load(u16* vt, const u16* vc, size_t row0, int tl,
+                                            int width, int off, int hd) {
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5, hw = hd / 2;
+    for (int i = warp; i < tl; i += warps) {
+        const unsigned* src = (const unsigned*)(vc + (row0 + i) * width + off);
+        unsigned* dst = (unsigned*)(vt + i * hd);
+        for (int w = lane; w < hw; w += 32) {
+#if __CUDA_ARCH__ >= 800
+            unsigned sa = (unsigned)__cvta_generic_to_shared(dst + w);
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(sa), "l"(src + w));
+#else
+            dst[w] = src[w];
+#endif
+        }
+    }
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void v_tile_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+    __syncthreads();
+}
+
 extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, int rows,
                                      int n_head, int n_kv, int hd, const int* pos_p,
                                      float scale, int window, float softcap, float* out) {
@@ -409,6 +438,13 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     extern __shared__ float att_smem[];
     int chunk = 8 * blockDim.x;
     float *sc = att_smem, *msa = sc + chunk, *vsa = msa + chunk;
+    // Shared memory past the three arrays (decoding: the host gives some) holds a tile of
+    // values, tp positions, copied while the block scores (else values are read from the
+    // cache as they are summed).
+    unsigned dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    u16* vt = (u16*)(vsa + chunk);
+    int tp = (int)(dyn - 12u * chunk) / (2 * hd);
     __shared__ float wmax[8], qs[512];
     int pos = *pos_p;
     int r = blockIdx.x / n_head, h = blockIdx.x % n_head;
@@ -425,6 +461,7 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     for (int c0 = 0; c0 < len; c0 += chunk) {
         int cl = min(chunk, len - c0);
         __syncthreads();
+        if (tp > 0) v_tile_load(vt, vc, start + c0, min(tp, cl), width, kvh * hd, hd);
         int j = warp;
         if (hd % 64 == 0) {
             // Four positions a warp at a time (their key loads in flight together).
@@ -497,30 +534,43 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
         }
         m_prev = total;
         __syncthreads();
-        for (int t = 0; t < 2; t++) {
-            int d = threadIdx.x + t * blockDim.x;
-            if (d >= hd) break;
-            const u16* vcol = vc + (size_t)(start + c0) * width + kvh * hd + d;
-            // Eight values loaded ahead of the dependent chain, not one load per step, and
-            // the next eight's loads in flight while these are summed.
-            u16 vv[8], nv[8];
-#pragma unroll
-            for (int u = 0; u < 8; u++) nv[u] = u < cl ? vcol[(size_t)u * width] : 0;
-            for (int j0 = 0; j0 < cl; j0 += 8) {
-#pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    vv[u] = nv[u];
-                    int jn = j0 + 8 + u;
-                    nv[u] = jn < cl ? vcol[(size_t)jn * width] : 0;
+        // The walk, over tiles of tp positions (one of cl without a tile).
+        int step = tp > 0 ? tp : cl;
+        for (int t0 = 0; t0 < cl; t0 += step) {
+            int tl = min(step, cl - t0);
+            if (tp > 0) {
+                if (t0 > 0) {
+                    __syncthreads();  // the tile before is summed
+                    v_tile_load(vt, vc, start + c0 + t0, tl, width, kvh * hd, hd);
                 }
+                v_tile_wait();
+            }
+            for (int t = 0; t < 2; t++) {
+                int d = threadIdx.x + t * blockDim.x;
+                if (d >= hd) break;
+                const u16* vcol = tp > 0 ? vt + d : vc + (size_t)(start + c0) * width + kvh * hd + d;
+                size_t vstride = tp > 0 ? hd : width;
+                // Eight values loaded ahead of the dependent chain, not one load per step, and
+                // the next eight's loads in flight while these are summed.
+                u16 vv[8], nv[8];
 #pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    int j = j0 + u;
-                    if (j >= cl) break;
-                    float ms = msa[j], vs = vsa[j];
-                    if (ms != 1.0f) acc[t] = f2h(h2f(acc[t]) * ms);
-                    sum[t] = fmaf(sum[t], ms, vs);
-                    acc[t] = f2h(fmaf(h2f(vv[u]), vs, h2f(acc[t])));
+                for (int u = 0; u < 8; u++) nv[u] = u < tl ? vcol[(size_t)u * vstride] : 0;
+                for (int j0 = 0; j0 < tl; j0 += 8) {
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        vv[u] = nv[u];
+                        int jn = j0 + 8 + u;
+                        nv[u] = jn < tl ? vcol[(size_t)jn * vstride] : 0;
+                    }
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        int j = t0 + j0 + u;
+                        if (j0 + u >= tl) break;
+                        float ms = msa[j], vs = vsa[j];
+                        if (ms != 1.0f) acc[t] = f2h(h2f(acc[t]) * ms);
+                        sum[t] = fmaf(sum[t], ms, vs);
+                        acc[t] = f2h(fmaf(h2f(vv[u]), vs, h2f(acc[t])));
+                    }
                 }
             }
         }

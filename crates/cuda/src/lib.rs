@@ -1206,8 +1206,10 @@ impl Backend for CudaBackend {
         } else {
             256
         };
+        // Decoding: 16 KiB more for a tile of values, copied while the block scores.
+        let tile = if threads == 256 { 16 * 1024 } else { 0 };
         let cfg = LaunchConfig {
-            shared_mem_bytes: 3 * 8 * threads * 4,
+            shared_mem_bytes: 3 * 8 * threads * 4 + tile,
             ..grid(rows * a.n_head, threads)
         };
         self.rec(K::Attention, cfg, args);
