@@ -234,16 +234,19 @@ pub fn run(
     }
     // Taken before the bandwidth probe's buffer raises it.
     let peak_rss = peak_rss_bytes();
-    for entry in &mut results {
-        let t = entry["threads"].as_u64().unwrap_or(1) as usize;
-        let bw = read_bandwidth(t)?;
-        entry["read_bandwidth_bytes_per_s"] = serde_json::json!(bw);
-        entry["decode_ceiling_tokens_per_s"] = serde_json::json!(bw / weight_bytes as f64);
-    }
     let llc = llc_bytes();
     // Where the weights fit in the last-level cache, decode is bound by compute: there is
-    // no memory ceiling to compare with.
+    // no memory ceiling to compare with (nor on a GPU), so no probe (its buffer is four
+    // times the cache: seconds of page faults).
     let fits = llc.is_some_and(|c| weight_bytes <= c);
+    if device == "cpu" && !fits {
+        for entry in &mut results {
+            let t = entry["threads"].as_u64().unwrap_or(1) as usize;
+            let bw = read_bandwidth(t)?;
+            entry["read_bandwidth_bytes_per_s"] = serde_json::json!(bw);
+            entry["decode_ceiling_tokens_per_s"] = serde_json::json!(bw / weight_bytes as f64);
+        }
+    }
     let device_name = match device {
         "cpu" => cpu_model(),
         cuda => realm_host::compute::cuda_device(cuda).map_or_else(|e| e, |d| d.name().to_string()),

@@ -21,7 +21,10 @@
 //! the keys and values (the rules and their guards against races: `merge`). A step whose
 //! launches equal the previous step's (decoding: same kernels, buffers and shapes; positions
 //! live in device memory) is captured once as a CUDA graph and replayed, one launch per
-//! token instead of one per op.
+//! token instead of one per op. On compute capability 9.0+ a tenant's launches are
+//! programmatic dependent launches: a kernel is scheduled while the one before it runs and
+//! waits for it in `step_start` (decode 1.16-1.21× on the H200; `REALM_CUDA_PDL=0` turns
+//! it off).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
