@@ -12,6 +12,9 @@
 #     bench/gpu.sh llama     # builds llama-bench and llama-quantize for sm_90 (~5-8 min)
 #     bench/gpu.sh quantizer # or only llama-quantize, CPU build (~1 min): enough for synth
 #     bench/gpu.sh synth     # the 1B-class synthetic model (bench/gpu-synth.py), Q4_K_M
+#     bench/gpu.sh bg llama  # (or bg quantizer) that build, then synth, detached: start it
+#                            # right after staging .gpu1, run `remote` meanwhile; compare,
+#                            # profile and parity1b wait for it
 #     bench/gpu.sh compare   # llama-bench -fa 1 -ngl 99 and `realm bench --device cuda`
 #                            # on SmolLM2 and the 1B model: pp512 and tg128
 #     bench/gpu.sh parity1b  # the GPU-vs-CPU greedy test on the 1B model
@@ -19,11 +22,24 @@
 #                            # (bench/gpu-profile.py), clocks and caches as in a real run
 #
 # `remote` runs the GPU tests with REALM_REQUIRE_GPU=1 (SmolLM2 on the GPU against the CPU
-# backend), `realm run --device cuda` and `realm bench` on the GPU and on all CPU cores.
+# backend), `realm run --device cuda` and `realm bench` on the GPU; `offload` the partial
+# offload (--gpu-layers) and the CPU-only run on all cores (slower: its own call, not while a
+# background build shares the cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 SCRATCH=${SCRATCH:-/tmp/realm-gpu}
+
+# Waits (up to 10 minutes) for a `bg` job started in this scratch folder, if any.
+wait_bg() {
+    [ -f "$SCRATCH/bg.started" ] || return 0
+    for _ in $(seq 300); do
+        [ -f "$SCRATCH/bg.done" ] && break
+        sleep 2
+    done
+    [ -f "$SCRATCH/bg.done" ] || { echo "the background build has not finished" >&2; exit 1; }
+    tail -3 "$SCRATCH/bg.log"
+}
 
 case "${1:-}" in
 prepare)
@@ -64,6 +80,11 @@ remote)
     grep -m1 'model name' /proc/cpuinfo
     REALM_REQUIRE_GPU=1 REALM_GPU_MODEL="$SCRATCH"/model.gguf "$SCRATCH"/gpu-test --nocapture
     "$SCRATCH"/realm run --device cuda --model "$SCRATCH"/model.gguf --temp 0 -n 24 "What is the capital of France?"
+    "$SCRATCH"/realm bench --device cuda --model "$SCRATCH"/model.gguf -t 1 -p 64,512 -n 128 --runs 3
+    ;;
+offload)
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
     # Partial offload: half the blocks on the GPU, the rest on the CPU (greedy texts may part
     # from the CPU's at a near-tie, as the GPU's do).
     split=$("$SCRATCH"/realm run --device cuda --gpu-layers 15 --model "$SCRATCH"/model.gguf --temp 0 -n 24 "What is the capital of France?")
@@ -71,8 +92,14 @@ remote)
     echo "--gpu-layers 15: $split"
     echo "cpu:             $whole"
     "$SCRATCH"/realm bench --device cuda --gpu-layers 15 --model "$SCRATCH"/model.gguf -t "$(nproc)" -p 512 -n 128 --runs 3
-    "$SCRATCH"/realm bench --device cuda --model "$SCRATCH"/model.gguf -t 1 -p 64,512 -n 128 --runs 3
     "$SCRATCH"/realm bench --model "$SCRATCH"/model.gguf -t "$(nproc)" -p 64,512 -n 128 --runs 3
+    ;;
+bg)
+    case "${2:-}" in llama | quantizer) ;; *) echo "bg llama or bg quantizer" >&2; exit 2 ;; esac
+    rm -f "$SCRATCH/bg.done" && touch "$SCRATCH/bg.started"
+    setsid nohup bash -c "'$0' $2 && '$0' synth; touch '$SCRATCH/bg.done'" \
+        >"$SCRATCH/bg.log" 2>&1 </dev/null &
+    echo "started: $2, then synth (log: $SCRATCH/bg.log)"
     ;;
 llama)
     rm -rf "$SCRATCH/llama.cpp" && mkdir -p "$SCRATCH/llama.cpp/src"
@@ -104,6 +131,7 @@ synth)
     ls -la "$SCRATCH/llama-1b.q4_k_m.gguf"
     ;;
 compare)
+    wait_bg
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
     export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -114,12 +142,14 @@ compare)
     done
     ;;
 parity1b)
+    wait_bg
     # The GPU-vs-CPU greedy test on the synthetic 1B model.
     export REALM_ROOT=$PWD LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
     REALM_REQUIRE_GPU=1 REALM_GPU_MODEL="$SCRATCH"/llama-1b.q4_k_m.gguf "$SCRATCH"/gpu-test \
         --nocapture greedy_ids
     ;;
 profile)
+    wait_bg
     # Kernels of decode steps (after the 16-token prompt's), one at a time under ncu; its
     # clock and cache controls off, so that durations are those of a real run.
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
