@@ -20,6 +20,9 @@
 #     bench/gpu.sh parity1b  # the GPU-vs-CPU greedy test on the 1B model
 #     bench/gpu.sh profile   # ncu over decode steps of both models: per-kernel shares
 #                            # (bench/gpu-profile.py), clocks and caches as in a real run
+#     bench/gpu.sh sass K [M] # one decode launch of kernel K (on model M, default SmolLM2):
+#                            # ncu's instruction and stall statistics, and its SASS source
+#                            # view (CSV into $OUT when set) summed by bench/gpu-sass.py
 #
 # `remote` runs the GPU tests with REALM_REQUIRE_GPU=1 (SmolLM2 on the GPU against the CPU
 # backend), `realm run --device cuda` and `realm bench` on the GPU; `offload` the partial
@@ -164,8 +167,24 @@ profile)
         python3 bench/gpu-profile.py "$csv"
     done
     ;;
+sass)
+    wait_bg
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
+    kernel=${2:?a kernel name, e.g. matmul_q8_fused}
+    model=${3:-$SCRATCH/model.gguf}
+    csv="${OUT:-$SCRATCH}/$kernel.csv"
+    ncu=(/usr/local/cuda/bin/ncu --graph-profiling node --clock-control none --cache-control none
+        --kernel-name "$kernel" --launch-skip 400 --launch-count 1)
+    run=("$SCRATCH"/realm bench --device cuda --model "$model" -t 1 -p 16 -n 64 --runs 1)
+    "${ncu[@]}" --section LaunchStats --section InstructionStats --section WarpStateStats \
+        "${run[@]}" 2>/dev/null | grep -E "Grid Size|Block Size|Registers|Executed Instructions  |Warp Cycles Per Issued"
+    "${ncu[@]}" --section WarpStateStats --section SourceCounters --page source \
+        --print-source sass --csv "${run[@]}" >"$csv" 2>/dev/null
+    python3 bench/gpu-sass.py "$csv"
+    ;;
 *)
-    sed -n '2,22p' "$0"
+    sed -n '2,28p' "$0"
     exit 2
     ;;
 esac
