@@ -184,7 +184,7 @@ sass)
     python3 bench/gpu-sass.py "$csv"
     ;;
 *)
-    sed -n '2,28p' "$0"
+    sed -n '2,30p' "$0"
     exit 2
     ;;
 esac
