@@ -454,6 +454,73 @@ fn ops_agree_with_the_cpu_backend() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
+/// Attention over long contexts against the CPU backend, bit for bit: decoding copies values
+/// into shared memory in tiles (128 positions of a 64-value head, 32 of a 256-value one),
+/// so these contexts take several tiles a row; prompts of 64-value heads take the small
+/// blocks without tiles, of 256-value heads the large ones with them.
+#[test]
+fn long_attention_agrees_with_the_cpu_backend() {
+    let Some(dev) = device() else { return };
+    let gpu = CudaBackend::new(dev, 1 << 32);
+    let cpu = cpu();
+    // (heads, KV heads, head size, prompt rows, then decode steps of these rows)
+    let cases: [(u32, u32, usize, usize, &[usize]); 2] =
+        [(9, 3, 64, 290, &[1, 3, 1]), (4, 1, 256, 70, &[1, 2])];
+    fn run<C: realm_compute::Backend>(
+        c: &C,
+        (heads, kv, hd, prompt, steps): (u32, u32, usize, usize, &[usize]),
+    ) -> Vec<Vec<f32>> {
+        let t = |cols: usize, rows: usize, seed: usize| {
+            let x = Compute::tensor(c, cols as u32);
+            realm_compute::checked::write_tensor(c, &x, rows, values(cols * rows, seed))
+                .expect("write");
+            x
+        };
+        let (qw, kvw) = (heads as usize * hd, kv as usize * hd);
+        let cache = Compute::cache(c, 1, 320, kv, hd as u32);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = Vec::new();
+        let mut pos = 0;
+        for (i, &rows) in std::iter::once(&prompt).chain(steps).enumerate() {
+            let (q, k, v) = (
+                t(qw, rows, 3 * i),
+                t(kvw, rows, 3 * i + 1),
+                t(kvw, rows, 3 * i + 2),
+            );
+            let att = Compute::tensor(c, qw as u32);
+            Compute::attention(
+                c, &q, &k, &v, &cache, 0, pos as u32, heads, scale, 0, 0.0, &att,
+            )
+            .expect("attention");
+            out.push(
+                (0..rows as u32)
+                    .flat_map(|r| Compute::read_row(c, &att, r).expect("row"))
+                    .collect(),
+            );
+            pos += rows;
+        }
+        out
+    }
+    for case in cases {
+        let (on_gpu, on_cpu) = (run(&gpu, case), run(&cpu, case));
+        for (step, (g, c)) in on_gpu.iter().zip(&on_cpu).enumerate() {
+            let worst = g.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            println!(
+                "{} heads of {}, step {step} ({} values): largest difference {worst}",
+                case.0,
+                case.2,
+                g.len()
+            );
+            assert_eq!(g.len(), c.len());
+            assert!(
+                g.iter().zip(c).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "heads of {}, step {step}: largest difference {worst}",
+                case.2
+            );
+        }
+    }
+}
+
 /// A layer's decode ops as the GPU merges them (a norm taken over by the product after it,
 /// q, k and v in one launch, an add folded into the product before it) against the same ops
 /// on the CPU backend, for 1 and 3 rows: every output, the merged ones' too, the CPU's bits.
