@@ -444,7 +444,7 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     unsigned dyn;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     u16* vt = (u16*)(vsa + chunk);
-    int tp = (int)(dyn - 12u * chunk) / (2 * hd);
+    int tp = hd % 2 == 0 ? (int)(dyn - 12u * chunk) / (2 * hd) : 0;
     __shared__ float wmax[8], qs[512];
     int pos = *pos_p;
     int r = blockIdx.x / n_head, h = blockIdx.x % n_head;

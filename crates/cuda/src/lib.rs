@@ -1209,8 +1209,13 @@ impl Backend for CudaBackend {
         } else {
             256
         };
-        // Decoding: 16 KiB more for a tile of values, copied while the block scores.
-        let tile = if threads == 256 { 16 * 1024 } else { 0 };
+        // Decoding: 16 KiB more for a tile of values, copied while the block scores (in
+        // words: heads of an even size).
+        let tile = if threads == 256 && c.head_dim.is_multiple_of(2) {
+            16 * 1024
+        } else {
+            0
+        };
         let cfg = LaunchConfig {
             shared_mem_bytes: 3 * 8 * threads * 4 + tile,
             ..grid(rows * a.n_head, threads)

@@ -457,15 +457,20 @@ fn ops_agree_with_the_cpu_backend() {
 /// Attention over long contexts against the CPU backend, bit for bit: decoding copies values
 /// into shared memory in tiles (128 positions of a 64-value head, 32 of a 256-value one),
 /// so these contexts take several tiles a row; prompts of 64-value heads take the small
-/// blocks without tiles, of 256-value heads the large ones with them.
+/// blocks without tiles, of 256-value heads the large ones with them; heads of an odd size
+/// none.
 #[test]
 fn long_attention_agrees_with_the_cpu_backend() {
     let Some(dev) = device() else { return };
     let gpu = CudaBackend::new(dev, 1 << 32);
     let cpu = cpu();
     // (heads, KV heads, head size, prompt rows, then decode steps of these rows)
-    let cases: [(u32, u32, usize, usize, &[usize]); 2] =
-        [(9, 3, 64, 290, &[1, 3, 1]), (4, 1, 256, 70, &[1, 2])];
+    // (an odd head size: no tiles, its values are copied in words)
+    let cases: [(u32, u32, usize, usize, &[usize]); 3] = [
+        (9, 3, 64, 290, &[1, 3, 1]),
+        (4, 1, 256, 70, &[1, 2]),
+        (2, 1, 65, 20, &[1]),
+    ];
     fn run<C: realm_compute::Backend>(
         c: &C,
         (heads, kv, hd, prompt, steps): (u32, u32, usize, usize, &[usize]),
