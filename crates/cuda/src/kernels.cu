@@ -438,13 +438,13 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     extern __shared__ float att_smem[];
     int chunk = 8 * blockDim.x;
     float *sc = att_smem, *msa = sc + chunk, *vsa = msa + chunk;
-    // Shared memory past the three arrays (decoding: the host gives some) holds a tile of
-    // values, tp positions, copied while the block scores (else values are read from the
+    // Shared memory past the three arrays (decoding, heads of an even size: the host gives
+    // some) holds a tile of values, tp positions, copied while the block scores (else values are read from the
     // cache as they are summed).
     unsigned dyn;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
     u16* vt = (u16*)(vsa + chunk);
-    int tp = hd % 2 == 0 ? (int)(dyn - 12u * chunk) / (2 * hd) : 0;
+    int tp = (int)(dyn - 12u * chunk) / (2 * hd);
     __shared__ float wmax[8], qs[512];
     int pos = *pos_p;
     int r = blockIdx.x / n_head, h = blockIdx.x % n_head;
@@ -681,8 +681,6 @@ extern "C" __global__ void last_row(float* x, int rows, int cols) {
 // Activations quantized as ggml's quantize_row_q8_0 / q8_1 (the CPU backend's numerics:
 // scale amax/127 stored in f16, values rounded half to even; q8_1 also stores d·Σq), one
 // warp per 32-value block: rows × k/32 blocks of 34 (q8_0) or 36 (q8_1) bytes.
-// One 32-value block, lane's value v: d (f16) at b, d·Σq (f16) at b + 2 for q81, the
-// quants at b + at.
 // A 32-value block's quantization, lane's value v (every lane gets d and d·Σq in f16, its
 // quant in q).
 struct Q8v {
@@ -700,6 +698,8 @@ __device__ __forceinline__ Q8v q8_of(float v, int q81) {
     return {f2h(d), q81 ? f2h(d * (float)sum) : (u16)0, q};
 }
 
+// One 32-value block, lane's value v: d (f16) at b, d·Σq (f16) at b + 2 for q81, the
+// quants at b + at.
 __device__ __forceinline__ void q8_quantize(float v, int lane, int q81, u8* b, int at) {
     Q8v r = q8_of(v, q81);
     if (lane == 0) {
@@ -738,32 +738,65 @@ __device__ __forceinline__ int ld4(const u8* p) {
                  ((unsigned)p[3] << 24));
 }
 
-// Values 4l..4l+3 of a weight block as four signed bytes (for dp4a against x's bytes
-// 4l..4l+3): low nibbles of bytes 4l.. for l < 4, high nibbles of bytes 4(l-4).. after.
+// A 32-value quant's block layout, per type.
+template <int TY>
+struct Q32 {
+    static constexpr int BB = TY == T_Q4_0 ? 18 : TY == T_Q4_1 ? 20 : TY == T_Q5_0 ? 22
+                            : TY == T_Q5_1 ? 24 : 34;
+    static constexpr int Q81 = TY == T_Q4_1 || TY == T_Q5_1;
+    static constexpr int Q5 = TY == T_Q5_0 || TY == T_Q5_1;
+    // Where the quants start; the high bits (Q5) at 2 or 4.
+    static constexpr int QS = TY == T_Q4_0 || TY == T_Q8_0 ? 2 : TY == T_Q4_1 ? 4
+                            : TY == T_Q5_0 ? 6 : 8;
+    // Blocks a lane's registers hold per chunk (two chunks: the next one's loads in flight):
+    // Q5's blocks take three words a lane, the others two.
+    static constexpr int CH = Q5 ? 8 : 16;
+};
+
+// Four bytes at p: one word where the block size keeps words aligned, else two halves.
+template <int TY>
+__device__ __forceinline__ unsigned ld_word(const u8* p) {
+    if (Q32<TY>::BB % 4 == 0) return *(const unsigned*)p;
+    const u16* h = (const u16*)p;
+    return (unsigned)h[0] | ((unsigned)h[1] << 16);
+}
+
+// What slot l of a block needs: its header (d, and m at bits 16.. for Q4_1/Q5_1), the high
+// bits (Q5) and the quant word of values 4l..4l+3.
+struct WSlot {
+    unsigned h, qh, qs;
+};
+template <int TY>
+__device__ __forceinline__ WSlot w_slot(const u8* wb, int l) {
+    typedef Q32<TY> Q;
+    WSlot r;
+    r.h = Q::Q81 ? *(const unsigned*)wb : (unsigned)*(const u16*)wb;
+    r.qh = Q::Q5 ? ld_word<TY>(wb + Q::QS - 4) : 0u;
+    r.qs = ld_word<TY>(wb + Q::QS + (TY == T_Q8_0 ? 4 * l : 4 * (l & 3)));
+    return r;
+}
+
+// Values 4l..4l+3 of the block as four signed bytes (for dp4a against x's bytes 4l..):
+// low nibbles of bytes 4l.. for l < 4, high nibbles of bytes 4(l-4).. after.
+template <int TY>
+__device__ __forceinline__ int w_vals(const WSlot& w, int l) {
+    if (TY == T_Q8_0) return (int)w.qs;
+    unsigned nib = l < 4 ? w.qs & 0x0f0f0f0fu : (w.qs >> 4) & 0x0f0f0f0fu;
+    if (TY == T_Q4_0) return (int)__vsub4(nib, 0x08080808u);
+    if (TY == T_Q4_1) return (int)nib;
+    unsigned h = (w.qh >> (4 * l)) & 15u;
+    nib |= ((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25);
+    return TY == T_Q5_1 ? (int)nib : (int)__vsub4(nib, 0x10101010u);
+}
+
+// w_vals of a block of runtime type ty.
 __device__ __forceinline__ int w4(const u8* wb, int ty, int l) {
-    int v0 = 4 * l;
     switch (ty) {
-        case T_Q4_0: {
-            unsigned b = (unsigned)ld4(wb + 2 + 4 * (l & 3));
-            unsigned nib = l < 4 ? b & 0x0f0f0f0fu : (b >> 4) & 0x0f0f0f0fu;
-            return (int)__vsub4(nib, 0x08080808u);
-        }
-        case T_Q4_1: {
-            unsigned b = (unsigned)ld4(wb + 4 + 4 * (l & 3));
-            return (int)(l < 4 ? b & 0x0f0f0f0fu : (b >> 4) & 0x0f0f0f0fu);
-        }
-        case T_Q5_0:
-        case T_Q5_1: {
-            int q51 = ty == T_Q5_1;
-            unsigned qh = (unsigned)ld4(wb + (q51 ? 4 : 2));
-            unsigned b = (unsigned)ld4(wb + (q51 ? 8 : 6) + 4 * (l & 3));
-            unsigned nib = l < 4 ? b & 0x0f0f0f0fu : (b >> 4) & 0x0f0f0f0fu;
-            unsigned h = (qh >> v0) & 15u;
-            nib |= ((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25);
-            return q51 ? (int)nib : (int)__vsub4(nib, 0x10101010u);
-        }
-        default:  // Q8_0
-            return ld4(wb + 2 + v0);
+        case T_Q4_0: return w_vals<T_Q4_0>(w_slot<T_Q4_0>(wb, l), l);
+        case T_Q4_1: return w_vals<T_Q4_1>(w_slot<T_Q4_1>(wb, l), l);
+        case T_Q5_0: return w_vals<T_Q5_0>(w_slot<T_Q5_0>(wb, l), l);
+        case T_Q5_1: return w_vals<T_Q5_1>(w_slot<T_Q5_1>(wb, l), l);
+        default: return w_vals<T_Q8_0>(w_slot<T_Q8_0>(wb, l), l);
     }
 }
 
@@ -854,64 +887,6 @@ extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8
     int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= n) return;
     matvec_q8_col(w, ty, k, n, xq, rows, y, warp, threadIdx.x & 31);
-}
-
-// quantize_q8 and the matvec in one launch, for a few rows (decoding). Lane 8c + l of a
-// warp is slot l of column c of the warp's four (then the next four...): it walks the
-// column's blocks in order, its own f32 chain with no data from other lanes, and
-// hsum8 ends the column. Its weight words come straight from global memory, a chunk of
-// Q32::CH blocks in registers while the chunk before is summed (the first chunk's loads issued
-// before anything else). x is quantized by every block into shared memory first (the
-// values quantize_q8 makes), 40 bytes a block: d and d·Σq as f32 (the f16 values
-// converted), then the 32 quants. One kernel per type.
-template <int TY>
-struct Q32 {
-    static constexpr int BB = TY == T_Q4_0 ? 18 : TY == T_Q4_1 ? 20 : TY == T_Q5_0 ? 22
-                            : TY == T_Q5_1 ? 24 : 34;
-    static constexpr int Q81 = TY == T_Q4_1 || TY == T_Q5_1;
-    static constexpr int Q5 = TY == T_Q5_0 || TY == T_Q5_1;
-    // Where the quants start; the high bits (Q5) at 2 or 4.
-    static constexpr int QS = TY == T_Q4_0 || TY == T_Q8_0 ? 2 : TY == T_Q4_1 ? 4
-                            : TY == T_Q5_0 ? 6 : 8;
-    // Blocks a lane's registers hold per chunk (two chunks: the next one's loads in flight):
-    // Q5's blocks take three words a lane, the others two.
-    static constexpr int CH = Q5 ? 8 : 16;
-};
-
-// Four bytes at p: one word where the block size keeps words aligned, else two halves.
-template <int TY>
-__device__ __forceinline__ unsigned ld_word(const u8* p) {
-    if (Q32<TY>::BB % 4 == 0) return *(const unsigned*)p;
-    const u16* h = (const u16*)p;
-    return (unsigned)h[0] | ((unsigned)h[1] << 16);
-}
-
-// What slot l of a block needs: its header (d, and m at bits 16.. for Q4_1/Q5_1), the high
-// bits (Q5) and the quant word of values 4l..4l+3.
-struct WSlot {
-    unsigned h, qh, qs;
-};
-template <int TY>
-__device__ __forceinline__ WSlot w_slot(const u8* wb, int l) {
-    typedef Q32<TY> Q;
-    WSlot r;
-    r.h = Q::Q81 ? *(const unsigned*)wb : (unsigned)*(const u16*)wb;
-    r.qh = Q::Q5 ? ld_word<TY>(wb + Q::QS - 4) : 0u;
-    r.qs = ld_word<TY>(wb + Q::QS + (TY == T_Q8_0 ? 4 * l : 4 * (l & 3)));
-    return r;
-}
-
-// Values 4l..4l+3 of the block as four signed bytes (for dp4a against x's bytes 4l..):
-// low nibbles of bytes 4l.. for l < 4, high nibbles of bytes 4(l-4).. after.
-template <int TY>
-__device__ __forceinline__ int w_vals(const WSlot& w, int l) {
-    if (TY == T_Q8_0) return (int)w.qs;
-    unsigned nib = l < 4 ? w.qs & 0x0f0f0f0fu : (w.qs >> 4) & 0x0f0f0f0fu;
-    if (TY == T_Q4_0) return (int)__vsub4(nib, 0x08080808u);
-    if (TY == T_Q4_1) return (int)nib;
-    unsigned h = (w.qh >> (4 * l)) & 15u;
-    nib |= ((h & 1u) << 4) | ((h & 2u) << 11) | ((h & 4u) << 18) | ((h & 8u) << 25);
-    return TY == T_Q5_1 ? (int)nib : (int)__vsub4(nib, 0x10101010u);
 }
 
 // What a fused matvec does around its product (the launches it replaces, merged by the
@@ -1018,6 +993,14 @@ __device__ __forceinline__ void w_chunk(const u8* w, const Fuse& f, int col, int
     }
 }
 
+// quantize_q8 and the matvec in one launch, for a few rows (decoding). Lane 8c + l of a
+// warp is slot l of column c of the warp's four (then the next four...): it walks the
+// column's blocks in order, its own f32 chain with no data from other lanes, and
+// hsum8 ends the column. Its weight words come straight from global memory, a chunk of
+// Q32::CH blocks in registers while the chunk before is summed (the first chunk's loads issued
+// before anything else). x is quantized by every block into shared memory first (the
+// values quantize_q8 makes), 40 bytes a block: d and d·Σq as f32 (the f16 values
+// converted), then the 32 quants. One kernel per type.
 template <int TY, int R>
 __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const float* x,
                                                 int rows, float* y, const Fuse& f, int blk,
