@@ -32,8 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PushKernelArg, sys,
+    CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, sys,
 };
 use realm_compute::{
     Activation, Attention, Backend, CacheShape, Error, GgmlType, ModelBytes, Result, RopeMode,
@@ -417,30 +416,6 @@ fn launch_on(
     args: &[Arg],
     pdl: bool,
 ) -> Result<()> {
-    if pdl {
-        return launch_pdl(stream, func, cfg, args);
-    }
-    let mut b = stream.launch_builder(func);
-    for a in args {
-        match a {
-            Arg::P(p) => b.arg(p),
-            Arg::I(i) => b.arg(i),
-            Arg::F(bits) => b.arg(bits),
-        };
-    }
-    // SAFETY: every kernel's arguments are given in its signature's order and sizes
-    // (`kernels.cu`: pointers as 64-bit addresses, ints and floats as 32 bits), over
-    // buffers at least as large as the sizes passed (`ensure`) and alive until the launch
-    // has run (buffers replaced in a step are kept until its flush: `retired`).
-    unsafe { b.launch(cfg) }.map(|_| ()).map_err(gpu)
-}
-
-fn launch_pdl(
-    stream: &Arc<CudaStream>,
-    func: &CudaFunction,
-    cfg: LaunchConfig,
-    args: &[Arg],
-) -> Result<()> {
     // Each argument in 8 bytes; the driver reads a 4-byte one from the first four
     // (little-endian: its low half).
     let mut vals: Vec<u64> = args
@@ -472,11 +447,14 @@ fn launch_pdl(
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: stream.cu_stream(),
         attrs: &mut attr,
-        numAttrs: 1,
+        numAttrs: u32::from(pdl),
     };
     stream.context().bind_to_thread().map_err(gpu)?;
-    // SAFETY: as `launch_on`'s (arguments in the kernel's order and sizes, buffers alive
-    // until it has run); `vals`, `params` and `attr` outlive the call, which copies them.
+    // SAFETY: every kernel's arguments are given in its signature's order and sizes
+    // (`kernels.cu`: pointers as 64-bit addresses, ints and floats as 32 bits), over buffers
+    // at least as large as the sizes passed (`ensure`) and alive until the launch has run
+    // (buffers replaced in a step are kept until its flush: `retired`); `vals`, `params` and
+    // `attr` outlive the call, which copies them.
     unsafe {
         sys::cuLaunchKernelEx(
             &config,
