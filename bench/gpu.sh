@@ -84,6 +84,8 @@ remote)
     REALM_REQUIRE_GPU=1 REALM_GPU_MODEL="$SCRATCH"/model.gguf "$SCRATCH"/gpu-test --nocapture
     "$SCRATCH"/realm run --device cuda --model "$SCRATCH"/model.gguf --temp 0 -n 24 "What is the capital of France?"
     "$SCRATCH"/realm bench --device cuda --model "$SCRATCH"/model.gguf -t 1 -p 64,512 -n 128 --runs 3
+    echo "whole steps (REALM_CUDA_PARTS=0):"
+    REALM_CUDA_PARTS=0 "$SCRATCH"/realm bench --device cuda --model "$SCRATCH"/model.gguf -t 1 -p 512 -n 128 --runs 3
     ;;
 offload)
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}

@@ -582,6 +582,117 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     }
 }
 
+__device__ float v_expf(float x);
+
+// Causal attention of batches of 64 query rows or more, one block of 64 threads per (row,
+// head), in the numerics the CPU backend takes for them (ggml-cpu's tiled flash attention,
+// `realm_kernels::kernels::attend_row_tiled`): q in f32; positions in tiles of 64 aligned
+// to position 0; thread t scores position tile + t as one FMA chain over the head, times
+// the scale (then soft-capped), -inf outside [start, p]; a tile whose scores are all -inf
+// is skipped; when the tile's maximum raises the running one, what was summed is scaled
+// by e^(old - new) (rounded as glibc's expf); weights ggml_v_expf(s - max), summed per 16
+// positions (_mm512_reduce_add_ps's order) into an f64 tile sum; values accumulate in f32
+// by FMA in position order; then times 1 / sum. Thread t holds values t, t + 64, ….
+extern "C" __global__ void attention_tiled(const float* q, const u16* kc, const u16* vc,
+                                           int rows, int n_head, int n_kv, int hd,
+                                           const int* pos_p, float scale, int window,
+                                           float softcap, float* out) {
+    step_start();
+    __shared__ float qs[512], ws[64], part[4], tmax[2];
+    int pos = *pos_p;
+    int r = blockIdx.x / n_head, h = blockIdx.x % n_head;
+    int kvh = h / (n_head / n_kv), width = n_kv * hd;
+    int p = pos + r;
+    int start = window > 0 ? max(0, p + 1 - window) : 0;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const float* qh = q + (size_t)r * n_head * hd + h * hd;
+    for (int d = tid; d < hd; d += 64) qs[d] = qh[d];
+    const u16* kh = kc + kvh * hd;
+    const u16* vh = vc + kvh * hd;
+    int nt = (hd + 63) / 64;
+    float o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float m = NEG_INF, sum = 0.0f;
+    __syncthreads();
+    for (int tile = start / 64 * 64; tile <= p; tile += 64) {
+        int t = tile + tid;
+        float s = NEG_INF;
+        if (t >= start && t <= p) {
+            const u16* kr = kh + (size_t)t * width;
+            float a = 0.0f;
+            if (hd % 8 == 0) {
+                // Eight keys a load (rows and heads of a multiple of 8 values: 16-byte aligned).
+                for (int d = 0; d < hd; d += 8) {
+                    uint4 w = *(const uint4*)(kr + d);
+                    unsigned ws4[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        a = fmaf(qs[d + 2 * i], h2f((u16)(ws4[i] & 0xffff)), a);
+                        a = fmaf(qs[d + 2 * i + 1], h2f((u16)(ws4[i] >> 16)), a);
+                    }
+                }
+            } else {
+                for (int d = 0; d < hd; d++) a = fmaf(qs[d], h2f(kr[d]), a);
+            }
+            float x = __fmul_rn(a, scale);
+            s = __fadd_rn(softcap != 0.0f ? __fmul_rn(softcap, (float)tanh((double)x)) : x, 0.0f);
+        }
+        float mx = s;
+        for (int o2 = 16; o2 > 0; o2 >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o2));
+        if (lane == 0) tmax[warp] = mx;
+        __syncthreads();
+        float tile_max = fmaxf(tmax[0], tmax[1]);
+        if (tile_max != NEG_INF) {
+            float m_new = fmaxf(m, tile_max);
+            if (m_new > m) {
+                float ms = exp_rn(m - m_new);
+#pragma unroll
+                for (int i = 0; i < 8; i++) o[i] *= ms;
+                sum *= ms;
+            }
+            m = m_new;
+            float w = v_expf(s - m_new);
+            ws[tid] = w;
+            // _mm512_reduce_add_ps over each 16 positions: halves, quarters, then pairs.
+            float x = __fadd_rn(w, __shfl_down_sync(0xffffffff, w, 8));
+            x = __fadd_rn(x, __shfl_down_sync(0xffffffff, x, 4));
+            x = __fadd_rn(x, __shfl_down_sync(0xffffffff, x, 2));
+            x = __fadd_rn(x, __shfl_down_sync(0xffffffff, x, 1));
+            if ((tid & 15) == 0) part[tid >> 4] = x;
+            __syncthreads();
+            double ts = 0.0;
+            for (int i = 0; i < 4; i++) ts += (double)part[i];
+            sum = (float)((double)sum + ts);
+            // The tile's valid positions, in order, for each of the thread's values.
+            int lo = max(tile, start), hi = min(tile + 64, p + 1);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                int d = tid + 64 * i;
+                if (i >= nt || d >= hd) break;
+                const u16* vcol = vh + d;
+                float acc = o[i];
+                int j = lo;
+                for (; j + 8 <= hi; j += 8) {
+                    u16 vv[8];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) vv[u] = vcol[(size_t)(j + u) * width];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) acc = fmaf(ws[j + u - tile], h2f(vv[u]), acc);
+                }
+                for (; j < hi; j++) acc = fmaf(ws[j - tile], h2f(vcol[(size_t)j * width]), acc);
+                o[i] = acc;
+            }
+        }
+        __syncthreads();  // ws, part and tmax are rewritten by the next tile
+    }
+    float inv = sum == 0.0f ? 0.0f : 1.0f / sum;
+    float* orow = out + (size_t)r * n_head * hd + h * hd;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int d = tid + 64 * i;
+        if (i < nt && d < hd) orow[d] = o[i] * inv;
+    }
+}
+
 // ggml's vectorized expf (`ggml_v_expf`), as the CPU backend computes it: a degree-5
 // polynomial on the reduced argument, scaled by 2^n exactly in f64.
 __device__ float v_expf(float x) {

@@ -21,7 +21,10 @@
 //! the keys and values (the rules and their guards against races: `merge`). A step whose
 //! launches equal the previous step's (decoding: same kernels, buffers and shapes; positions
 //! live in device memory) is captured once as a CUDA graph and replayed, one launch per
-//! token instead of one per op. On compute capability 9.0+ a tenant's launches are
+//! token instead of one per op. A step is sent in growing parts (one layer, then three
+//! times as many launches as the part before, `send_part`), so that the GPU runs the first
+//! layers while the guest queues the rest; each part has a graph of its own
+//! (`REALM_CUDA_PARTS=0` sends whole steps). On compute capability 9.0+ a tenant's launches are
 //! programmatic dependent launches: a kernel is scheduled while the one before it runs and
 //! waits for it in `step_start` (decode 1.16-1.21× on the H200; `REALM_CUDA_PDL=0` turns
 //! it off).
@@ -86,9 +89,10 @@ enum K {
     MatmulQ81Tiled,
     MatmulQ8kTiled,
     MatmulQ8kMma,
+    AttentionTiled,
 }
 
-const KERNEL_NAMES: [&str; 21] = [
+const KERNEL_NAMES: [&str; 22] = [
     "matmul",
     "quantize_q8",
     "matmul_q8",
@@ -110,12 +114,16 @@ const KERNEL_NAMES: [&str; 21] = [
     "matmul_q81_tiled",
     "matmul_q8k_tiled",
     "matmul_q8k_mma",
+    "attention_tiled",
 ];
 
 /// Products of more rows than this run in tiles (`matmul_q8_tiled`, `matmul_q81_tiled`,
 /// `matmul_q8k_tiled`: 32 rows × 32 columns per block); up to this many, one warp per
 /// column.
 const MATVEC_ROWS: usize = 8;
+/// Query rows from which attention takes the CPU backend's tiled numerics
+/// (`realm_kernels::kernels::FA_TILE`, ggml-cpu's `GGML_FA_TILE_Q`; a test checks they agree).
+const FA_TILE_ROWS: usize = 64;
 /// Rows and columns of a `matmul_q8_tiled` block.
 const TILE: usize = 32;
 /// Rows and columns of a `matmul_q8k_mma` block.
@@ -167,6 +175,9 @@ pub struct CudaDevice {
     /// A tenant's launches may start while the one before finishes (programmatic dependent
     /// launch, compute capability 9.0+: each kernel waits in `step_start`).
     pdl: bool,
+    /// Steps are sent in parts while the guest queues them (`send_part`), unless
+    /// REALM_CUDA_PARTS=0.
+    parts: bool,
     /// Warps per block of the fused matvecs (`MATVEC_WARPS`).
     matvec_warps: u32,
     /// Warps of fused matvec blocks the GPU holds at once (two blocks a multiprocessor).
@@ -255,6 +266,7 @@ impl CudaDevice {
         let mma = tensor_cores && major >= 8;
         // Programmatic dependent launch, unless REALM_CUDA_PDL=0 (for comparisons).
         let pdl = major >= 9 && std::env::var("REALM_CUDA_PDL").map_or(true, |v| v != "0");
+        let parts = std::env::var("REALM_CUDA_PARTS").map_or(true, |v| v != "0");
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, nvrtc_options(major))
             .map_err(|e| format!("compiling Realm's CUDA kernels: {e}"))?;
         let module = ctx
@@ -288,6 +300,7 @@ impl CudaDevice {
             captures: AtomicU64::new(0),
             mma,
             pdl,
+            parts,
             matvec_warps,
             resident_warps: sms * 2 * matvec_warps as usize,
         }))
@@ -497,8 +510,11 @@ pub struct CudaCache {
 
 /// Positions a step can pass to its kernels through device memory before it is flushed.
 const POS_SLOTS: usize = 4096;
+/// Each part of a step sent before its end has at least this many times the launches of
+/// the part before it (`send_part`).
+const PART_GROWTH: usize = 3;
 
-/// A CUDA graph of one step's launches, replayed while the steps stay the same.
+/// A CUDA graph of one part of a step's launches, replayed while the steps stay the same.
 struct Replay {
     launches: Vec<Launch>,
     graph: CudaGraph,
@@ -510,6 +526,8 @@ struct Queue {
     launches: Vec<Launch>,
     /// The positions its kernels read (slot i of the backend's `pos` buffer).
     pos: Vec<i32>,
+    /// Slots of `pos` already written to the device (by parts of the step sent before).
+    written: usize,
     /// Buffers replaced during the step, freed after its launches.
     retired: Vec<CudaSlice<f32>>,
 }
@@ -523,9 +541,12 @@ pub struct CudaBackend {
     own_stream: bool,
     max_kv: u64,
     queue: RefCell<Queue>,
-    /// The previous step's launches (a step seen twice in a row is captured).
-    last: RefCell<Vec<Launch>>,
-    replay: RefCell<Option<Replay>>,
+    /// The previous step's launches, part by part (a part seen twice in a row is captured).
+    last: RefCell<Vec<Vec<Launch>>>,
+    /// The graph of each part of the step, where one was captured.
+    replay: RefCell<Vec<Option<Replay>>>,
+    /// The part of the step being queued, and the launches it needs before it is sent.
+    part: std::cell::Cell<(usize, usize)>,
     /// Positions read by the queued kernels, `POS_SLOTS` of them.
     pos: Option<CudaSlice<i32>>,
     /// Quantized activations, reused across matmuls.
@@ -563,7 +584,8 @@ impl CudaBackend {
             max_kv,
             queue: RefCell::default(),
             last: RefCell::default(),
-            replay: RefCell::new(None),
+            replay: RefCell::default(),
+            part: std::cell::Cell::new((0, 1)),
             pos,
             xq: RefCell::new(None),
             ids: RefCell::new(None),
@@ -653,30 +675,51 @@ impl CudaBackend {
     /// Runs the queued step: from its graph when the same launches ran as one before,
     /// captured when they repeat the previous step's, else launched one by one.
     fn flush(&self) -> Result<()> {
+        self.send(true)
+    }
+
+    /// Sends the queued part of the step (ends it when `end`), each part as `flush` runs a
+    /// step: replayed, captured or launched one by one.
+    fn send(&self, end: bool) -> Result<()> {
         let mut q = self.queue.borrow_mut();
+        let (part, _) = self.part.get();
+        if end {
+            self.part.set((0, 1));
+        }
         if q.launches.is_empty() {
             return Ok(());
         }
         let launches = std::mem::take(&mut q.launches);
-        let pos = std::mem::take(&mut q.pos);
+        let from = q.written;
+        let pos = q.pos[from..].to_vec();
+        if end {
+            q.pos.clear();
+            q.written = 0;
+        } else {
+            q.written = q.pos.len();
+            self.part.set((part + 1, PART_GROWTH * launches.len()));
+        }
         let retired = std::mem::take(&mut q.retired);
         drop(q);
         if !pos.is_empty() {
             // The slots, written before the launches that read them (stream order).
-            self.write_pos(&pos)?;
+            self.write_pos(from, &pos)?;
         }
         let mut replay = self.replay.borrow_mut();
-        let result = if replay.as_ref().is_some_and(|r| r.launches == launches) {
+        let mut last = self.last.borrow_mut();
+        if replay.len() <= part {
+            replay.resize_with(part + 1, || None);
+            last.resize_with(part + 1, Vec::new);
+        }
+        let result = if let Some(r) = replay[part].as_ref().filter(|r| r.launches == launches) {
             self.dev.replays.fetch_add(1, Ordering::Relaxed);
-            replay
-                .as_ref()
-                .map_or(Ok(()), |r| r.graph.launch().map_err(gpu))
-        } else if self.own_stream && *self.last.borrow() == launches {
+            r.graph.launch().map_err(gpu)
+        } else if self.own_stream && last[part] == launches {
             match self.capture(&launches) {
                 Ok(graph) => {
                     self.dev.captures.fetch_add(1, Ordering::Relaxed);
                     let r = graph.launch().map_err(gpu);
-                    *replay = Some(Replay {
+                    replay[part] = Some(Replay {
                         launches: launches.clone(),
                         graph,
                     });
@@ -688,18 +731,32 @@ impl CudaBackend {
         } else {
             self.run(&launches)
         };
-        *self.last.borrow_mut() = launches;
+        last[part] = launches;
         drop(retired);
         result
     }
 
-    fn write_pos(&self, pos: &[i32]) -> Result<()> {
+    /// Sends what is queued of the step so far when it has grown enough (called after a
+    /// layer's attention, where no merge looks back past the cut): the GPU starts on the
+    /// first layers while the guest queues the rest. Parts grow by `PART_GROWTH`: the
+    /// first is one layer, sent while the guest has barely begun, and each later one is
+    /// queued while the GPU runs the part before it.
+    fn send_part(&self) -> Result<()> {
+        let (_, need) = self.part.get();
+        if self.dev.parts && self.queue.borrow().launches.len() >= need {
+            self.send(false)?;
+        }
+        Ok(())
+    }
+
+    fn write_pos(&self, from: usize, pos: &[i32]) -> Result<()> {
         let Some(buf) = &self.pos else {
             return Err(gpu("no position buffer"));
         };
-        // SAFETY: `buf` is this backend's and lives as long as it; the copy is ordered on
-        // its stream before the step's launches.
-        let dst = buf.device_ptr(&self.stream).0;
+        // SAFETY: `buf` is this backend's and lives as long as it (slots `from..` exist:
+        // `pos_arg` flushes before POS_SLOTS); the copy is ordered on its stream before the
+        // launches that read them.
+        let dst = buf.device_ptr(&self.stream).0 + 4 * from as u64;
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, pos, self.stream.cu_stream()) }
             .map_err(gpu)
     }
@@ -1180,6 +1237,12 @@ impl Backend for CudaBackend {
             f(a.softcap),
             self.p(buf(&o)?),
         ];
+        // Batches of 64 rows or more: the CPU backend's tiled numerics (ggml-cpu's), blocks
+        // of 64 threads (a tile's positions).
+        if rows >= FA_TILE_ROWS {
+            self.rec(K::AttentionTiled, grid(rows * a.n_head, 64), args);
+            return self.send_part();
+        }
         // Prompts: blocks of 64 threads where the head fits two values a thread; decoding
         // (a block per head): 256, whose eight warps score the positions sooner.
         let threads: u32 = if rows >= 16 && c.head_dim <= 128 {
@@ -1199,7 +1262,7 @@ impl Backend for CudaBackend {
             ..grid(rows * a.n_head, threads)
         };
         self.rec(K::Attention, cfg, args);
-        Ok(())
+        self.send_part()
     }
 
     fn glu(&self, gate: &CudaTensor, up: &CudaTensor, act: Activation) -> Result<()> {
@@ -1299,5 +1362,14 @@ impl Backend for CudaBackend {
 
     fn rest(&self) {
         let _ = self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Attention switches to the tiled numerics at the CPU backend's batch size.
+    #[test]
+    fn tiled_attention_starts_where_the_cpu_backends_does() {
+        assert_eq!(super::FA_TILE_ROWS, realm_kernels::kernels::FA_TILE);
     }
 }

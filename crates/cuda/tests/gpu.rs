@@ -456,24 +456,28 @@ fn ops_agree_with_the_cpu_backend() {
 
 /// Attention over long contexts against the CPU backend, bit for bit: decoding copies values
 /// into shared memory in tiles (128 positions of a 64-value head, 32 of a 256-value one),
-/// so these contexts take several tiles a row; prompts of 64-value heads take the small
-/// blocks without tiles, of 256-value heads the large ones with them; heads of an odd size
-/// none.
+/// so these contexts take several tiles a row; heads of an odd size take none. Batches of 64
+/// rows or more take the CPU's other numerics (ggml-cpu's tiled flash attention), with and
+/// without a window and a soft cap; batches below 64 the f16 ones.
 #[test]
 fn long_attention_agrees_with_the_cpu_backend() {
     let Some(dev) = device() else { return };
     let gpu = CudaBackend::new(dev, 1 << 32);
     let cpu = cpu();
-    // (heads, KV heads, head size, prompt rows, then decode steps of these rows)
-    // (an odd head size: no tiles, its values are copied in words)
-    let cases: [(u32, u32, usize, usize, &[usize]); 3] = [
-        (9, 3, 64, 290, &[1, 3, 1]),
-        (4, 1, 256, 70, &[1, 2]),
-        (2, 1, 65, 20, &[1]),
+    // (heads, KV heads, head size, prompt rows, then steps of these rows, window, soft cap)
+    type Case = (u32, u32, usize, usize, &'static [usize], u32, f32);
+    let cases: [Case; 6] = [
+        (9, 3, 64, 290, &[1, 3, 1], 0, 0.0),
+        (4, 1, 256, 70, &[1, 2], 0, 0.0),
+        // An odd head size: no value tiles (they are copied in words), keys a value a load.
+        (2, 1, 65, 20, &[1, 64], 0, 0.0),
+        (2, 2, 128, 64, &[1, 63, 100], 0, 0.0),
+        (4, 2, 128, 100, &[1, 70], 50, 0.0),
+        (4, 4, 64, 90, &[2, 65], 0, 30.0),
     ];
     fn run<C: realm_compute::Backend>(
         c: &C,
-        (heads, kv, hd, prompt, steps): (u32, u32, usize, usize, &[usize]),
+        (heads, kv, hd, prompt, steps, window, softcap): Case,
     ) -> Vec<Vec<f32>> {
         let t = |cols: usize, rows: usize, seed: usize| {
             let x = Compute::tensor(c, cols as u32);
@@ -482,7 +486,7 @@ fn long_attention_agrees_with_the_cpu_backend() {
             x
         };
         let (qw, kvw) = (heads as usize * hd, kv as usize * hd);
-        let cache = Compute::cache(c, 1, 320, kv, hd as u32);
+        let cache = Compute::cache(c, 1, 400, kv, hd as u32);
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = Vec::new();
         let mut pos = 0;
@@ -494,7 +498,7 @@ fn long_attention_agrees_with_the_cpu_backend() {
             );
             let att = Compute::tensor(c, qw as u32);
             Compute::attention(
-                c, &q, &k, &v, &cache, 0, pos as u32, heads, scale, 0, 0.0, &att,
+                c, &q, &k, &v, &cache, 0, pos as u32, heads, scale, window, softcap, &att,
             )
             .expect("attention");
             out.push(
