@@ -488,9 +488,13 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
             if (hd % 64 == 0) {
                 s = score64(qs, kr, hd, lane);
             } else {
-                s = 0;
-                for (int d = lane; d < hd; d += 32) s += qs[d] * h2f(kr[d]);
-                s = warp_sum(s);
+                // Other sizes as ggml's portable f16 dot (`realm_kernels::kernels::dot_f16`):
+                // the whole 64-value steps as above, then the rest's products added in f64,
+                // in order (by every lane alike).
+                int h64 = hd / 64 * 64;
+                double t = h64 > 0 ? (double)score64(qs, kr, h64, lane) : 0.0;
+                for (int d = h64; d < hd; d++) t += (double)__fmul_rn(h2f(kr[d]), qs[d]);
+                s = (float)t;
             }
             // Soft-capped scores as ggml-cpu: scale (already divided by softcap on the
             // host), then softcap · tanh, rounded through double as glibc's tanhf.

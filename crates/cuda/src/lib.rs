@@ -528,6 +528,8 @@ struct Queue {
     pos: Vec<i32>,
     /// Slots of `pos` already written to the device (by parts of the step sent before).
     written: usize,
+    /// Launches of the step sent before (in parts).
+    sent: usize,
     /// Buffers replaced during the step, freed after its launches.
     retired: Vec<CudaSlice<f32>>,
 }
@@ -595,9 +597,10 @@ impl CudaBackend {
 
     /// The index of the RoPE table for `p` and `fac` covering positions `..need`, made (or
     /// remade larger: twice what is needed, at least 1024 positions) when there is none.
-    /// Launches queued for the step not yet run (after merging: see `merge`).
+    /// Launches of the step so far, after merging (see `merge`): queued, or sent in parts.
     pub fn queued(&self) -> usize {
-        self.queue.borrow().launches.len()
+        let q = self.queue.borrow();
+        q.sent + q.launches.len()
     }
 
     fn rope_table(&self, p: &RopeParams, fac: Option<&[f32]>, need: usize) -> Result<usize> {
@@ -687,6 +690,10 @@ impl CudaBackend {
             self.part.set((0, 1));
         }
         if q.launches.is_empty() {
+            if end {
+                q.pos.clear();
+                (q.written, q.sent) = (0, 0);
+            }
             return Ok(());
         }
         let launches = std::mem::take(&mut q.launches);
@@ -695,8 +702,10 @@ impl CudaBackend {
         if end {
             q.pos.clear();
             q.written = 0;
+            q.sent = 0;
         } else {
             q.written = q.pos.len();
+            q.sent += launches.len();
             self.part.set((part + 1, PART_GROWTH * launches.len()));
         }
         let retired = std::mem::take(&mut q.retired);
