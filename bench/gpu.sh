@@ -18,6 +18,7 @@
 #     bench/gpu.sh compare   # llama-bench -fa 1 -ngl 99 and `realm bench --device cuda`
 #                            # on SmolLM2 and the 1B model: pp512 and tg128
 #     bench/gpu.sh parity1b  # the GPU-vs-CPU greedy test on the 1B model
+#     bench/gpu.sh parts     # decode with whole steps and with parts of several growths
 #     bench/gpu.sh profile   # ncu over decode steps of both models: per-kernel shares
 #                            # (bench/gpu-profile.py), clocks and caches as in a real run
 #     bench/gpu.sh sass K [M] # one decode launch of kernel K (on model M, default SmolLM2):
@@ -84,8 +85,18 @@ remote)
     REALM_REQUIRE_GPU=1 REALM_GPU_MODEL="$SCRATCH"/model.gguf "$SCRATCH"/gpu-test --nocapture
     "$SCRATCH"/realm run --device cuda --model "$SCRATCH"/model.gguf --temp 0 -n 24 "What is the capital of France?"
     "$SCRATCH"/realm bench --device cuda --model "$SCRATCH"/model.gguf -t 1 -p 64,512 -n 128 --runs 3
-    echo "whole steps (REALM_CUDA_PARTS=0):"
-    REALM_CUDA_PARTS=0 "$SCRATCH"/realm bench --device cuda --model "$SCRATCH"/model.gguf -t 1 -p 512 -n 128 --runs 3
+    ;;
+parts)
+    # Decode with the step sent whole (0) and in parts growing 2, 3 (the default) and 6-fold.
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
+    for m in "$SCRATCH"/model.gguf "$SCRATCH"/llama-1b.q4_k_m.gguf; do
+        [ -f "$m" ] || continue
+        for g in 0 2 3 6 0 3; do
+            echo "== $(basename "$m") REALM_CUDA_PARTS=$g"
+            REALM_CUDA_PARTS=$g "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 -p 512 -n 128 --runs 3 | grep -E 'pp512|tg128'
+        done
+    done
     ;;
 offload)
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}

@@ -497,7 +497,8 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
                 s = (float)t;
             }
             // Soft-capped scores as ggml-cpu: scale (already divided by softcap on the
-            // host), then softcap · tanh, rounded through double as glibc's tanhf.
+            // host), then softcap · tanh, rounded once from double as the CPU backend's
+            // (`realm_kernels::kernels::tanh_f32`).
             if (lane == 0) {
                 float x = __fmul_rn(s, scale);
                 sc[j] = softcap != 0.0f ? __fmul_rn(softcap, (float)tanh((double)x)) : x;
@@ -719,7 +720,7 @@ __device__ float gelu_f16(float x) {
     if (x >= 10.0f) return x;
     float h = h2f(f2h(x));
     float inner = fmaf(0.044715f * h, h, 1.0f);
-    float g = 0.5f * h * (1.0f + tanhf(0.7978846f * h * inner));
+    float g = 0.5f * h * (1.0f + (float)tanh((double)(0.7978846f * h * inner)));
     return h2f(f2h(g));
 }
 

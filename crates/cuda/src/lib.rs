@@ -24,7 +24,7 @@
 //! token instead of one per op. A step is sent in growing parts (one layer, then three
 //! times as many launches as the part before, `send_part`), so that the GPU runs the first
 //! layers while the guest queues the rest; each part has a graph of its own
-//! (`REALM_CUDA_PARTS=0` sends whole steps). On compute capability 9.0+ a tenant's launches are
+//! (`REALM_CUDA_PARTS=0` sends whole steps, `=N` parts growing N-fold). On compute capability 9.0+ a tenant's launches are
 //! programmatic dependent launches: a kernel is scheduled while the one before it runs and
 //! waits for it in `step_start` (decode 1.16-1.21× on the H200; `REALM_CUDA_PDL=0` turns
 //! it off).
@@ -175,9 +175,10 @@ pub struct CudaDevice {
     /// A tenant's launches may start while the one before finishes (programmatic dependent
     /// launch, compute capability 9.0+: each kernel waits in `step_start`).
     pdl: bool,
-    /// Steps are sent in parts while the guest queues them (`send_part`), unless
-    /// REALM_CUDA_PARTS=0.
-    parts: bool,
+    /// Steps are sent in parts while the guest queues them (`send_part`), each part this
+    /// many times as long as the one before: `PART_GROWTH`, or REALM_CUDA_PARTS (2 to 64;
+    /// 0 sends whole steps).
+    part_growth: usize,
     /// Warps per block of the fused matvecs (`MATVEC_WARPS`).
     matvec_warps: u32,
     /// Warps of fused matvec blocks the GPU holds at once (two blocks a multiprocessor).
@@ -266,7 +267,11 @@ impl CudaDevice {
         let mma = tensor_cores && major >= 8;
         // Programmatic dependent launch, unless REALM_CUDA_PDL=0 (for comparisons).
         let pdl = major >= 9 && std::env::var("REALM_CUDA_PDL").map_or(true, |v| v != "0");
-        let parts = std::env::var("REALM_CUDA_PARTS").map_or(true, |v| v != "0");
+        let part_growth = std::env::var("REALM_CUDA_PARTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&g| g == 0 || (2..=64).contains(&g))
+            .unwrap_or(PART_GROWTH);
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, nvrtc_options(major))
             .map_err(|e| format!("compiling Realm's CUDA kernels: {e}"))?;
         let module = ctx
@@ -300,7 +305,7 @@ impl CudaDevice {
             captures: AtomicU64::new(0),
             mma,
             pdl,
-            parts,
+            part_growth,
             matvec_warps,
             resident_warps: sms * 2 * matvec_warps as usize,
         }))
@@ -706,7 +711,8 @@ impl CudaBackend {
         } else {
             q.written = q.pos.len();
             q.sent += launches.len();
-            self.part.set((part + 1, PART_GROWTH * launches.len()));
+            self.part
+                .set((part + 1, self.dev.part_growth * launches.len()));
         }
         let retired = std::mem::take(&mut q.retired);
         drop(q);
@@ -752,7 +758,7 @@ impl CudaBackend {
     /// queued while the GPU runs the part before it.
     fn send_part(&self) -> Result<()> {
         let (_, need) = self.part.get();
-        if self.dev.parts && self.queue.borrow().launches.len() >= need {
+        if self.dev.part_growth > 0 && self.queue.borrow().launches.len() >= need {
             self.send(false)?;
         }
         Ok(())

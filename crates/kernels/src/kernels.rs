@@ -144,6 +144,16 @@ fn glu_portable(gate: &[f32], up: &mut [f32], act: Gate) {
     }
 }
 
+/// tanh of an f32, rounded once from f64: the same bits on every host (and on the CUDA
+/// backend, which computes it alike), where the system's `tanhf` is not (glibc 2.36's
+/// differs from this in about a quarter of the floats in [0.001, 10]). ggml-cpu calls the
+/// system's `tanhf`, so for the GELU table and soft-capped scores Realm's CPU results are
+/// those of a correctly rounded `tanhf` (up to double rounding, rarer than 1 in 2^28).
+#[inline(always)]
+pub fn tanh_f32(x: f32) -> f32 {
+    f64::from(x).tanh() as f32
+}
+
 /// GELU, tanh approximation, as ggml-cpu evaluates it: through its f16 lookup table
 /// (`ggml_table_gelu_f16`, built from `ggml_gelu_f32` of every f16), saturating outside
 /// ±10.
@@ -172,7 +182,7 @@ fn gelu_of_f16(bits: u16) -> f32 {
     let x = f16::from_bits(bits).to_f32();
     // GCC contracts `1.0f + GELU_COEF_A*x*x` into one fused multiply-add.
     let inner = (COEF_A * x).mul_add(x, 1.0);
-    let g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh());
+    let g = 0.5 * x * (1.0 + tanh_f32(SQRT_2_OVER_PI * x * inner));
     f16::from_f32(g).to_f32()
 }
 
@@ -237,7 +247,7 @@ pub struct AttnShape {
     /// Attend to the last `window` positions only (0: all).
     pub window: usize,
     /// Scores capped as softcap · tanh(score · scale / softcap) when non-zero, as
-    /// ggml-cpu computes it (the scale divided by softcap first, libm's tanhf).
+    /// ggml-cpu computes it (the scale divided by softcap first), tanh by [`tanh_f32`].
     pub softcap: f32,
     /// ggml's tiled flash attention (f32 queries and weights, 64-position tiles), which
     /// ggml-cpu runs when a batch has [`FA_TILE`] query rows or more; else the row path.
@@ -245,13 +255,13 @@ pub struct AttnShape {
 }
 
 /// A score times `scale`, soft-capped when `softcap` is non-zero, in ggml-cpu's order:
-/// `scale / softcap` once, then `softcap · tanhf(s · that)`.
+/// `scale / softcap` once, then `softcap · tanh(s · that)` ([`tanh_f32`]).
 #[inline(always)]
 fn capped(s: f32, scale: f32, softcap: f32) -> f32 {
     if softcap == 0.0 {
         return s * scale;
     }
-    softcap * (s * (scale / softcap)).tanh()
+    softcap * tanh_f32(s * (scale / softcap))
 }
 
 /// Query rows from which ggml-cpu switches to tiled flash attention (`GGML_FA_TILE_Q`),
