@@ -1011,7 +1011,10 @@ extern "C" __global__ void matmul_q8(const u8* w, int ty, int k, int n, const u8
 // writes the normed rows to `xo`, the norm's output), and `acc += y` after (the add that
 // followed the product). With w2 (a layer's up weight, w its gate's), each warp computes
 // both products' columns and applies the GLU that followed them: y = gate,
-// y2 = act(gate) · up.
+// y2 = act(gate) · up. With `rtab` (matmul_q8_fused's q, k and v products: normal-mode
+// RoPE), the RoPE launch that followed: product 0's (q) and 1's (k) columns rotated as
+// rope_pair rotates them, k and v (product 2) also stored in the cache rows of their
+// positions (kc, vc) as f16. `prod`: which of the launch's products the block computes.
 struct Fuse {
     const float* nw;
     float eps;
@@ -1020,7 +1023,29 @@ struct Fuse {
     const u8* w2;
     float* y2;
     int act;
+    const float* rtab;
+    const int* rpos;
+    int rhd, rrot;
+    u16 *kc, *vc;
+    int prod;
 };
+
+// A q/k/v column's output s for row q after RoPE (see Fuse; s as every lane of the warp
+// holds it: the pair's other column is in lane ^ 8, the columns of lanes 8c being col0 + c
+// with col0 a multiple of 4), and the cache store of k and v by the lane that writes y.
+__device__ __forceinline__ float fused_rope(const Fuse& f, float s, int q, int col, int n,
+                                            bool store) {
+    float other = __shfl_xor_sync(0xffffffff, s, 8);
+    int pos = *f.rpos + q, j = col % f.rhd;
+    float y = s;
+    if (f.prod < 2 && j < f.rrot) {
+        const float* cs = f.rtab + ((size_t)pos * (f.rrot / 2) + j / 2) * 2;
+        float c = cs[0], sn = cs[1];
+        y = (j & 1) == 0 ? fmaf(s, c, -__fmul_rn(other, sn)) : fmaf(other, sn, __fmul_rn(s, c));
+    }
+    if (store && f.prod > 0) (f.prod == 1 ? f.kc : f.vc)[(size_t)pos * n + col] = f2h(y);
+    return y;
+}
 
 // rms_norm's scale of each of x's rows (k values) into rs (rms_scale's, as rms_norm's).
 __device__ __forceinline__ void norm_scales(const float* x, int rows, int k, float eps,
@@ -1175,6 +1200,7 @@ __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const
                 if (q >= rows) break;
                 float s = hsum8(acc[q]);
                 if (Q::Q81) s = __fadd_rn(s, summs[q]);
+                if (f.rtab) s = fused_rope(f, s, q, col, n, l == 0 && mine);
                 if (l == 0 && mine) fused_out(f, y, (size_t)q * n + col, s, it.pass, gate[q]);
                 acc[q] = summs[q] = 0.0f;
             }
@@ -1198,13 +1224,17 @@ struct Pick {
 __device__ __forceinline__ Pick pick(const u8* w0, int ty0, int n0, float* y0, const u8* w1,
                                      int ty1, int n1, float* y1, const u8* w2, int ty2, int n2,
                                      float* y2, const float* nw, float eps, float* xo,
-                                     float* acc, int cpw, int glu) {
+                                     float* acc, int cpw, int glu, const float* rtab,
+                                     const int* rpos, int rhd, int rrot, u16* rkc, u16* rvc) {
     int per = (blockDim.x >> 5) * cpw;
     int b0 = (n0 + per - 1) / per, b1 = glu >= 0 ? 0 : (n1 + per - 1) / per;
     int b = blockIdx.x;
-    Fuse f = {nw, eps, xo, acc, glu >= 0 ? w1 : nullptr, y1, glu};
+    Fuse f = {nw,   eps,  xo,  acc,  glu >= 0 ? w1 : nullptr, y1, glu, rtab, rpos, rhd,
+              rrot, rkc, rvc, 0};
     if (b < b0) return {w0, ty0, n0, b, y0, f};
+    f.prod = 1;
     if (b < b0 + b1) return {w1, ty1, n1, b - b0, y1, f};
+    f.prod = 2;
     return {w2, ty2, n2, b - b0 - b1, y2, f};
 }
 
@@ -1212,12 +1242,15 @@ __device__ __forceinline__ Pick pick(const u8* w0, int ty0, int n0, float* y0, c
 // 512 threads, cpw columns a warp (matmul_q8k_fused: one per warp and chunk; matmul_q8_fused:
 // a multiple of 4, four at a time): dynamic shared memory of rows × k/32 × 40 bytes (x;
 // matmul_q8k_fused: its weights' chunks first). Up to three products of the same x in one
-// launch (w1, w2 with n1, n2 > 0), a norm before, an add or a GLU after (Fuse).
+// launch (w1, w2 with n1, n2 > 0), a norm before, an add, a GLU or RoPE after (Fuse).
 #define FUSED_ARGS                                                                         \
     const u8 *w0, int ty0, int n0, float *y0, const u8 *w1, int ty1, int n1, float *y1,    \
         const u8 *w2, int ty2, int n2, float *y2, int k, const float *x, int rows,         \
-        const float *nw, float eps, float *xo, float *acc, int cpw, int glu
-#define PICK pick(w0, ty0, n0, y0, w1, ty1, n1, y1, w2, ty2, n2, y2, nw, eps, xo, acc, cpw, glu)
+        const float *nw, float eps, float *xo, float *acc, int cpw, int glu,               \
+        const float *rtab, const int *rpos, int rhd, int rrot, u16 *rkc, u16 *rvc
+#define PICK                                                                               \
+    pick(w0, ty0, n0, y0, w1, ty1, n1, y1, w2, ty2, n2, y2, nw, eps, xo, acc, cpw, glu, rtab, \
+         rpos, rhd, rrot, rkc, rvc)
 template <int R>
 __device__ __forceinline__ void matvec_q8_typed(const Pick& p, int k, const float* x, int rows,
                                                 int cpw) {

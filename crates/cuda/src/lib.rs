@@ -18,7 +18,8 @@
 //! the guest reads a result. While queued, launches are merged where the result is the same
 //! bits: a norm into the product after it, products of one input into one launch, an add
 //! into the product that made its operand, the RoPE of q and k into one launch that stores
-//! the keys and values (the rules and their guards against races: `merge`). A step whose
+//! the keys and values, and that launch (normal mode) into the q/k/v product before it
+//! (`REALM_CUDA_ROPE_FOLD=0`: not; the rules and their guards against races: `merge`). A step whose
 //! launches equal the previous step's (decoding: same kernels, buffers and shapes; positions
 //! live in device memory) is captured once as a CUDA graph and replayed, one launch per
 //! token instead of one per op. A step is sent in growing parts (one layer, then three
@@ -179,6 +180,9 @@ pub struct CudaDevice {
     /// many times as long as the one before: `PART_GROWTH`, or REALM_CUDA_PARTS (2 to 64;
     /// 0 sends whole steps).
     part_growth: usize,
+    /// Normal-mode RoPE folded into the q/k/v launch before it (`merge::fold_rope`), unless
+    /// REALM_CUDA_ROPE_FOLD=0.
+    rope_fold: bool,
     /// Warps per block of the fused matvecs (`MATVEC_WARPS`).
     matvec_warps: u32,
     /// Warps of fused matvec blocks the GPU holds at once (two blocks a multiprocessor).
@@ -272,6 +276,7 @@ impl CudaDevice {
             .and_then(|v| v.parse().ok())
             .filter(|&g| g == 0 || (2..=64).contains(&g))
             .unwrap_or(PART_GROWTH);
+        let rope_fold = std::env::var("REALM_CUDA_ROPE_FOLD").map_or(true, |v| v != "0");
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, nvrtc_options(major))
             .map_err(|e| format!("compiling Realm's CUDA kernels: {e}"))?;
         let module = ctx
@@ -306,6 +311,7 @@ impl CudaDevice {
             mma,
             pdl,
             part_growth,
+            rope_fold,
             matvec_warps,
             resident_warps: sms * 2 * matvec_warps as usize,
         }))
@@ -1061,6 +1067,7 @@ impl Backend for CudaBackend {
                 args.extend([Arg::P(0), Arg::I(0), Arg::I(0), Arg::P(0)].repeat(2));
                 args.extend([k_i, xb, rows_i, Arg::P(0), f(0.0), Arg::P(0), Arg::P(0)]);
                 args.extend([Arg::I(cpw as i32), Arg::I(-1)]);
+                args.extend(merge::NO_ROPE);
                 merge::push_matvec(&mut self.queue.borrow_mut().launches, k, cfg, args);
                 Ok(())
             }
@@ -1226,7 +1233,12 @@ impl Backend for CudaBackend {
             kc,
             vc,
         ];
-        let folded = merge::fold_kv_store(&mut self.queue.borrow_mut().launches, &args);
+        let mut queue = self.queue.borrow_mut();
+        let folded = merge::fold_kv_store(&mut queue.launches, &args);
+        if folded && self.dev.rope_fold {
+            merge::fold_rope(&mut queue.launches);
+        }
+        drop(queue);
         if !folded {
             self.rec(K::KvStore, blocks(rows * width, 256), args);
         }

@@ -8,8 +8,9 @@ use super::{Arg, K, Launch};
 /// Argument positions of a fused matvec launch (`matmul_q8_fused`, `matmul_q8k_fused`):
 /// product i's weight, type, columns and output at 4i + (W, TY, N, Y) for i < 3 (N = 0:
 /// none), then k, x, rows, the norm's weight (0: none), eps and output, and the add's
-/// accumulator (0: none), the columns each warp computes, and the GLU applied to products 0
-/// (gate) and 1 (up) (-1: none; 0: SiLU, 1: GELU).
+/// accumulator (0: none), the columns each warp computes, the GLU applied to products 0
+/// (gate) and 1 (up) (-1: none; 0: SiLU, 1: GELU), then the RoPE folded in (`fold_rope`:
+/// its table (0: none), position, head size, rotated values a head, key and value caches).
 pub(crate) mod mv {
     pub const N: usize = 2;
     pub const Y: usize = 3;
@@ -22,7 +23,20 @@ pub(crate) mod mv {
     pub const ACC: usize = 18;
     pub const CPW: usize = 19;
     pub const GLU: usize = 20;
+    pub const RTAB: usize = 21;
+    /// Arguments of a fused matvec launch.
+    pub const ARGS: usize = 27;
 }
+
+/// A fused matvec's arguments after its GLU: no RoPE.
+pub(crate) const NO_ROPE: [Arg; 6] = [
+    Arg::P(0),
+    Arg::P(0),
+    Arg::I(0),
+    Arg::I(0),
+    Arg::P(0),
+    Arg::P(0),
+];
 
 /// Queues a fused matvec (`matmul_q8_fused`, `matmul_q8k_fused`: arguments as [`mv`]
 /// names them), merged with the launches around it where the result is the same:
@@ -188,6 +202,54 @@ pub(crate) fn fold_kv_store(launches: &mut [Launch], args: &[Arg]) -> bool {
     }
 }
 
+/// Folds the RoPE launch of a layer's queries and keys that also stores its keys and values
+/// (after `fold_kv_store`) into the `matmul_q8_fused` launch before it that made exactly
+/// those q, k and v (its three products, nothing else after them): normal mode only (the
+/// pairs are adjacent columns, which one warp holds) and whole heads of an even size.
+pub(crate) fn fold_rope(launches: &mut Vec<Launch>) -> bool {
+    let [.., m, r] = launches.as_mut_slice() else {
+        return false;
+    };
+    // rope's arguments: x0, cols0, x1, cols1, rows, head_dim, n_rot, neox, pos, table, v,
+    // kc, vc.
+    let a = &r.args;
+    let int = |i: usize| match a.get(i) {
+        Some(Arg::I(v)) if *v > 0 => *v as usize,
+        _ => 0,
+    };
+    let (cols0, cols1, hd, n_rot) = (int(1), int(3), int(5), int(6));
+    let p = &m.args;
+    let fold = r.k == K::Rope
+        && m.k == K::MatmulQ8Fused
+        && p.len() == mv::ARGS
+        && a.len() == 13
+        && a[7] == Arg::I(0)
+        && a[11] != Arg::P(0)
+        && p[mv::Y] == a[0]
+        && p[4 + mv::Y] == a[2]
+        && p[8 + mv::Y] == a[10]
+        && p[mv::N] == a[1]
+        && p[4 + mv::N] == a[3]
+        && p[8 + mv::N] == a[3]
+        && p[mv::ROWS] == a[4]
+        && p[mv::ACC] == Arg::P(0)
+        && p[mv::GLU] == Arg::I(-1)
+        && p[mv::RTAB] == Arg::P(0)
+        && matches!(p[mv::CPW], Arg::I(c) if c % 4 == 0)
+        && hd > 0
+        && hd.is_multiple_of(2)
+        && n_rot.is_multiple_of(2)
+        && n_rot <= hd
+        && cols0.is_multiple_of(hd)
+        && cols1.is_multiple_of(hd);
+    if fold {
+        let rope = [a[9], a[8], a[5], a[6], a[11], a[12]];
+        m.args[mv::RTAB..].copy_from_slice(&rope);
+        launches.pop();
+    }
+    fold
+}
+
 /// Blocks of 256 threads for a `rope` launch's work (its arguments as `rope` records them):
 /// the pairs of x0 and x1, and when it stores keys and values, x1's values past n_rot and
 /// v's.
@@ -224,7 +286,8 @@ mod tests {
         let mut args = vec![Arg::P(0x9000 + y), Arg::I(ty), Arg::I(n), Arg::P(y)];
         args.extend([P0, Arg::I(0), Arg::I(0), P0].repeat(2));
         args.extend([Arg::I(k), Arg::P(x), Arg::I(1), P0, Arg::F(0), P0, P0]);
-        args.extend([Arg::I(1), Arg::I(-1)]);
+        args.extend([Arg::I(4), Arg::I(-1)]);
+        args.extend(NO_ROPE);
         args
     }
 
@@ -381,5 +444,89 @@ mod tests {
         // Another position: a launch of its own.
         push_rope(&mut q, rope(0x400, 576, 0x44));
         assert_eq!(q.len(), 2);
+    }
+
+    /// A RoPE launch with its kv store, after the q/k/v product of a layer.
+    fn qkv_then_rope(neox: i32) -> Vec<Launch> {
+        let mut q = Vec::new();
+        push(&mut q, 3, 576, 0x10, 0x1);
+        push(&mut q, 3, 192, 0x20, 0x1);
+        push(&mut q, 3, 192, 0x30, 0x1);
+        let pos = Arg::P(0x500);
+        push_rope(
+            &mut q,
+            vec![
+                Arg::P(0x10),
+                Arg::I(576),
+                P0,
+                Arg::I(0),
+                Arg::I(1),
+                Arg::I(64),
+                Arg::I(64),
+                Arg::I(neox),
+                pos,
+                Arg::P(0x600),
+                P0,
+                P0,
+                P0,
+            ],
+        );
+        push_rope(
+            &mut q,
+            vec![
+                Arg::P(0x20),
+                Arg::I(192),
+                P0,
+                Arg::I(0),
+                Arg::I(1),
+                Arg::I(64),
+                Arg::I(64),
+                Arg::I(neox),
+                pos,
+                Arg::P(0x600),
+                P0,
+                P0,
+                P0,
+            ],
+        );
+        let store = [
+            Arg::P(0x20),
+            Arg::P(0x30),
+            Arg::I(1),
+            Arg::I(192),
+            pos,
+            Arg::P(0x700),
+            Arg::P(0x800),
+        ];
+        assert!(fold_kv_store(&mut q, &store));
+        q
+    }
+
+    #[test]
+    fn normal_mode_rope_is_folded_into_the_qkv_product() {
+        let mut q = qkv_then_rope(0);
+        assert_eq!(q.len(), 2);
+        assert!(fold_rope(&mut q));
+        assert_eq!(q.len(), 1);
+        let rope = &q[0].args[mv::RTAB..];
+        assert_eq!(
+            rope,
+            [
+                Arg::P(0x600),
+                Arg::P(0x500),
+                Arg::I(64),
+                Arg::I(64),
+                Arg::P(0x700),
+                Arg::P(0x800)
+            ]
+        );
+        // NeoX pairs are half a head apart (other warps): not folded.
+        let mut q = qkv_then_rope(1);
+        assert!(!fold_rope(&mut q));
+        assert_eq!(q.len(), 2);
+        // A RoPE of other tensors than the product's: not folded.
+        let mut q = qkv_then_rope(0);
+        q[1].args[0] = Arg::P(0x99);
+        assert!(!fold_rope(&mut q));
     }
 }

@@ -539,7 +539,13 @@ fn merged_launches_agree_with_the_cpu_backend() {
     let gpu = CudaBackend::new(dev, 1 << 32);
     let cpu = cpu();
     type Out = Vec<(&'static str, Vec<f32>)>;
-    fn run<C: realm_compute::Backend>(c: &C, tys: [GgmlType; 3], k: usize, rows: usize) -> Out {
+    fn run<C: realm_compute::Backend>(
+        c: &C,
+        tys: [GgmlType; 3],
+        k: usize,
+        rows: usize,
+        mode: realm_compute::RopeMode,
+    ) -> Out {
         let norm: Vec<u8> = values(k, 9)
             .iter()
             .flat_map(|v| (v.abs() + 0.5).to_le_bytes())
@@ -580,8 +586,12 @@ fn merged_launches_agree_with_the_cpu_backend() {
         for (w, o) in ws.iter().zip(&outs) {
             Compute::matmul(c, &h, w, o).expect("matmul");
         }
-        // RoPE of q and k, then attention (the keys and values stored by the RoPE launch).
-        let rope = rope_params();
+        // RoPE of q and k, then attention (the keys and values stored by the RoPE launch;
+        // in normal mode, by the q/k/v launch, which then rotates q and k too).
+        let rope = realm_compute::RopeParams {
+            mode,
+            ..rope_params()
+        };
         Compute::rope(c, &outs[0], 0, &rope, None).expect("rope");
         Compute::rope(c, &outs[1], 0, &rope, None).expect("rope");
         let cache = Compute::cache(c, 1, 16, (kv / 64) as u32, 64);
@@ -645,16 +655,25 @@ fn merged_launches_agree_with_the_cpu_backend() {
         ([GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q5_1], 576),
         ([GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K], 1024),
     ] {
-        for rows in [1, 3] {
-            let on_gpu = run(&gpu, tys, k, rows);
-            let on_cpu = run(&cpu, tys, k, rows);
+        for (rows, mode) in [1, 3].into_iter().flat_map(|r| {
+            [
+                realm_compute::RopeMode::Neox,
+                realm_compute::RopeMode::Normal,
+            ]
+            .map(|m| (r, m))
+        }) {
+            let on_gpu = run(&gpu, tys, k, rows, mode);
+            let on_cpu = run(&cpu, tys, k, rows, mode);
             for ((name, g), (_, c)) in on_gpu.iter().zip(&on_cpu) {
                 let same = g.iter().zip(c).all(|(a, b)| a.to_bits() == b.to_bits());
                 println!(
-                    "{tys:?} k {k}, {rows} rows, {name}: {}",
+                    "{tys:?} k {k}, {rows} rows, {mode:?}, {name}: {}",
                     if same { "same bits" } else { "DIFFERENT" }
                 );
-                assert!(same, "{tys:?}, {rows} rows: {name} differs from the CPU's");
+                assert!(
+                    same,
+                    "{tys:?}, {rows} rows, {mode:?}: {name} differs from the CPU's"
+                );
             }
         }
     }
