@@ -1229,8 +1229,8 @@ __device__ __forceinline__ Pick pick(const u8* w0, int ty0, int n0, float* y0, c
     int per = (blockDim.x >> 5) * cpw;
     int b0 = (n0 + per - 1) / per, b1 = glu >= 0 ? 0 : (n1 + per - 1) / per;
     int b = blockIdx.x;
-    Fuse f = {nw,   eps,  xo,  acc,  glu >= 0 ? w1 : nullptr, y1, glu, rtab, rpos, rhd,
-              rrot, rkc, rvc, 0};
+    Fuse f = {nw, eps, xo, acc, glu >= 0 ? w1 : nullptr, y1, glu,
+              rtab, rpos, rhd, rrot, rkc, rvc, 0};
     if (b < b0) return {w0, ty0, n0, b, y0, f};
     f.prod = 1;
     if (b < b0 + b1) return {w1, ty1, n1, b - b0, y1, f};

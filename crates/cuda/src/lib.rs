@@ -19,16 +19,16 @@
 //! bits: a norm into the product after it, products of one input into one launch, an add
 //! into the product that made its operand, the RoPE of q and k into one launch that stores
 //! the keys and values, and that launch (normal mode) into the q/k/v product before it
-//! (`REALM_CUDA_ROPE_FOLD=0`: not; the rules and their guards against races: `merge`). A step whose
-//! launches equal the previous step's (decoding: same kernels, buffers and shapes; positions
-//! live in device memory) is captured once as a CUDA graph and replayed, one launch per
-//! token instead of one per op. A step is sent in growing parts (one layer, then three
-//! times as many launches as the part before, `send_part`), so that the GPU runs the first
-//! layers while the guest queues the rest; each part has a graph of its own
-//! (`REALM_CUDA_PARTS=0` sends whole steps, `=N` parts growing N-fold). On compute capability 9.0+ a tenant's launches are
-//! programmatic dependent launches: a kernel is scheduled while the one before it runs and
-//! waits for it in `step_start` (decode 1.16-1.21× on the H200; `REALM_CUDA_PDL=0` turns
-//! it off).
+//! (`REALM_CUDA_ROPE_FOLD=0`: not; the rules and their guards against races: `merge`). A
+//! step whose launches equal the previous step's (decoding: same kernels, buffers and
+//! shapes; positions live in device memory) is captured once as a CUDA graph and replayed,
+//! one launch per token instead of one per op. A step is sent in growing parts (one layer,
+//! then three times as many launches as the part before, `send_part`), so that the GPU runs
+//! the first layers while the guest queues the rest; each part has a graph of its own
+//! (`REALM_CUDA_PARTS=0` sends whole steps, `=N` parts growing N-fold). On compute
+//! capability 9.0+ a tenant's launches are programmatic dependent launches: a kernel is
+//! scheduled while the one before it runs and waits for it in `step_start` (decode
+//! 1.16-1.21× on the H200; `REALM_CUDA_PDL=0` turns it off).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
