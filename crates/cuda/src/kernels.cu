@@ -340,8 +340,9 @@ extern "C" __global__ void kv_store(const float* k, const float* v, int rows, in
 // head_dim <= 2 * blockDim). Prompts launch small blocks (more of them resident: the walk
 // keeps only head_dim threads busy), decoding large ones (its few blocks score faster). The position comes
 // from device memory, so that a decode step's launches are the same from token to token.
-// e^x rounded to the nearest float (through double: CUDA's expf may be 2 ulp off, and the
-// CPU backend's is glibc's, within 0.502 ulp), so both backends weigh positions alike.
+// e^x rounded to the nearest float through double, as the CPU backend's
+// (`realm_kernels::kernels::exp_f32`; CUDA's expf may be 2 ulp off), so both backends weigh
+// positions alike.
 __device__ __forceinline__ float exp_rn(float x) {
     return (float)exp((double)x);
 }
@@ -595,7 +596,7 @@ __device__ float v_expf(float x);
 // to position 0; thread t scores position tile + t as one FMA chain over the head, times
 // the scale (then soft-capped), -inf outside [start, p]; a tile whose scores are all -inf
 // is skipped; when the tile's maximum raises the running one, what was summed is scaled
-// by e^(old - new) (rounded as glibc's expf); weights ggml_v_expf(s - max), summed per 16
+// by e^(old - new) (exp_rn, as the CPU's); weights ggml_v_expf(s - max), summed per 16
 // positions (_mm512_reduce_add_ps's order) into an f64 tile sum; values accumulate in f32
 // by FMA in position order; then times 1 / sum. Thread t holds values t, t + 64, ….
 extern "C" __global__ void attention_tiled(const float* q, const u16* kc, const u16* vc,

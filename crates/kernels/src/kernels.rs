@@ -144,6 +144,15 @@ fn glu_portable(gate: &[f32], up: &mut [f32], act: Gate) {
     }
 }
 
+/// e^x of an f32, rounded once from f64: the correctly rounded `expf` (up to double
+/// rounding, rarer than 1 in 2^28), on every host and on the CUDA backend alike. ggml-cpu
+/// calls the system's `expf` for attention's softmax factors; glibc 2.36's is not correctly
+/// rounded for about 0.04 % of arguments in [-100, 0), so Realm computes its own.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    f64::from(x).exp() as f32
+}
+
 /// tanh of an f32, rounded once from f64: the same bits on every host (and on the CUDA
 /// backend, which computes it alike), where the system's `tanhf` is not (glibc 2.36's
 /// differs from this in about a quarter of the floats in [0.001, 10]). ggml-cpu calls the
@@ -191,7 +200,7 @@ pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
+        *v = exp_f32(*v - max);
         sum += f64::from(*v);
     }
     let inv = (1.0 / sum) as f32;
@@ -450,7 +459,7 @@ fn attend_row_tiled_body(
             }
             let m_new = m.max(tile_max);
             if m_new > m {
-                let ms = (m - m_new).exp();
+                let ms = exp_f32(m - m_new);
                 o.iter_mut().for_each(|a| *a *= ms);
                 sum *= ms;
             }
@@ -652,7 +661,7 @@ fn attend_heads(
                 let mut ms = 1f32;
                 vs[i] = 1.0;
                 if s > max[i] {
-                    ms = (max[i] - s).exp();
+                    ms = exp_f32(max[i] - s);
                     max[i] = s;
                     if fa == Fa::Portable {
                         for a in acc.iter_mut() {
@@ -662,7 +671,7 @@ fn attend_heads(
                         fa_scale(acc, ms);
                     }
                 } else {
-                    vs[i] = (s - max[i]).exp();
+                    vs[i] = exp_f32(s - max[i]);
                 }
                 sum[i] = crate::fma(sum[i], ms, vs[i]);
             }
@@ -914,6 +923,20 @@ mod tests {
             assert_eq!(ggml_v_expf(x).to_bits(), reference(x).to_bits(), "{x}");
         }
         assert!(ggml_v_expf(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn exp_and_tanh_are_correctly_rounded_where_glibc_2_36s_are_not() {
+        // Arguments where glibc 2.36's expf and tanhf give the neighbouring float; the
+        // expected bits are the nearest floats to the exact values (60-digit decimals).
+        let (x, want) = (f32::from_bits(0xb96a_aeb9), 0x3f7f_f155);
+        assert_eq!(exp_f32(x).to_bits(), want, "e^{x}");
+        let (x, want) = (f32::from_bits(0x3a83_12d0), 0x3a83_12cd);
+        assert_eq!(tanh_f32(x).to_bits(), want, "tanh {x}");
+        // The ends: e^-inf is 0, large arguments saturate.
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(100.0), f32::INFINITY);
+        assert_eq!(tanh_f32(20.0), 1.0);
     }
 
     #[test]
