@@ -341,7 +341,7 @@ extern "C" __global__ void kv_store(const float* k, const float* v, int rows, in
 // keeps only head_dim threads busy), decoding large ones (its few blocks score faster). The position comes
 // from device memory, so that a decode step's launches are the same from token to token.
 // e^x rounded to the nearest float through double, as the CPU backend's
-// (`realm_kernels::kernels::exp_f32`; CUDA's expf may be 2 ulp off), so both backends weigh
+// (`realm_compute::rounded::exp`; CUDA's expf may be 2 ulp off), so both backends weigh
 // positions alike.
 __device__ __forceinline__ float exp_rn(float x) {
     return (float)exp((double)x);
@@ -499,7 +499,7 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
             }
             // Soft-capped scores as ggml-cpu: scale (already divided by softcap on the
             // host), then softcap · tanh, rounded once from double as the CPU backend's
-            // (`realm_kernels::kernels::tanh_f32`).
+            // (`realm_compute::rounded::tanh`).
             if (lane == 0) {
                 float x = __fmul_rn(s, scale);
                 sc[j] = softcap != 0.0f ? __fmul_rn(softcap, (float)tanh((double)x)) : x;

@@ -39,10 +39,10 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     }
 }
 
-use realm_compute::RopeMode;
 /// How RoPE turns positions into angles: ggml's `rope_ext` parameters, which llama.cpp
 /// derives from a file's `rope.*` keys (`realm_gguf::RopeScaling`, plus the base and head).
 pub use realm_compute::RopeParams;
+use realm_compute::{RopeMode, rounded};
 
 /// Rotate each head of `row` for position `pos` as ggml's `rope_ext` does: angles
 /// `pos · base^(-2i/n_rot)` by repeated products, divided by the per-pair frequency
@@ -144,25 +144,6 @@ fn glu_portable(gate: &[f32], up: &mut [f32], act: Gate) {
     }
 }
 
-/// e^x of an f32, rounded once from f64: the correctly rounded `expf` (up to double
-/// rounding, rarer than 1 in 2^28), on every host and on the CUDA backend alike. ggml-cpu
-/// calls the system's `expf` for attention's softmax factors; glibc 2.36's is not correctly
-/// rounded for about 0.04 % of arguments in [-100, 0), so Realm computes its own.
-#[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
-    f64::from(x).exp() as f32
-}
-
-/// tanh of an f32, rounded once from f64: the same bits on every host (and on the CUDA
-/// backend, which computes it alike), where the system's `tanhf` is not (glibc 2.36's
-/// differs from this in about a quarter of the floats in [0.001, 10]). ggml-cpu calls the
-/// system's `tanhf`, so for the GELU table and soft-capped scores Realm's CPU results are
-/// those of a correctly rounded `tanhf` (up to double rounding, rarer than 1 in 2^28).
-#[inline(always)]
-pub fn tanh_f32(x: f32) -> f32 {
-    f64::from(x).tanh() as f32
-}
-
 /// GELU, tanh approximation, as ggml-cpu evaluates it: through its f16 lookup table
 /// (`ggml_table_gelu_f16`, built from `ggml_gelu_f32` of every f16), saturating outside
 /// ±10.
@@ -191,7 +172,7 @@ fn gelu_of_f16(bits: u16) -> f32 {
     let x = f16::from_bits(bits).to_f32();
     // GCC contracts `1.0f + GELU_COEF_A*x*x` into one fused multiply-add.
     let inner = (COEF_A * x).mul_add(x, 1.0);
-    let g = 0.5 * x * (1.0 + tanh_f32(SQRT_2_OVER_PI * x * inner));
+    let g = 0.5 * x * (1.0 + rounded::tanh(SQRT_2_OVER_PI * x * inner));
     f16::from_f32(g).to_f32()
 }
 
@@ -200,7 +181,7 @@ pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
     for v in x.iter_mut() {
-        *v = exp_f32(*v - max);
+        *v = rounded::exp(*v - max);
         sum += f64::from(*v);
     }
     let inv = (1.0 / sum) as f32;
@@ -256,7 +237,7 @@ pub struct AttnShape {
     /// Attend to the last `window` positions only (0: all).
     pub window: usize,
     /// Scores capped as softcap · tanh(score · scale / softcap) when non-zero, as
-    /// ggml-cpu computes it (the scale divided by softcap first), tanh by [`tanh_f32`].
+    /// ggml-cpu computes it (the scale divided by softcap first), tanh by [`rounded::tanh`].
     pub softcap: f32,
     /// ggml's tiled flash attention (f32 queries and weights, 64-position tiles), which
     /// ggml-cpu runs when a batch has [`FA_TILE`] query rows or more; else the row path.
@@ -264,13 +245,13 @@ pub struct AttnShape {
 }
 
 /// A score times `scale`, soft-capped when `softcap` is non-zero, in ggml-cpu's order:
-/// `scale / softcap` once, then `softcap · tanh(s · that)` ([`tanh_f32`]).
+/// `scale / softcap` once, then `softcap · tanh(s · that)` ([`rounded::tanh`]).
 #[inline(always)]
 fn capped(s: f32, scale: f32, softcap: f32) -> f32 {
     if softcap == 0.0 {
         return s * scale;
     }
-    softcap * tanh_f32(s * (scale / softcap))
+    softcap * rounded::tanh(s * (scale / softcap))
 }
 
 /// Query rows from which ggml-cpu switches to tiled flash attention (`GGML_FA_TILE_Q`),
@@ -459,7 +440,7 @@ fn attend_row_tiled_body(
             }
             let m_new = m.max(tile_max);
             if m_new > m {
-                let ms = exp_f32(m - m_new);
+                let ms = rounded::exp(m - m_new);
                 o.iter_mut().for_each(|a| *a *= ms);
                 sum *= ms;
             }
@@ -661,7 +642,7 @@ fn attend_heads(
                 let mut ms = 1f32;
                 vs[i] = 1.0;
                 if s > max[i] {
-                    ms = exp_f32(max[i] - s);
+                    ms = rounded::exp(max[i] - s);
                     max[i] = s;
                     if fa == Fa::Portable {
                         for a in acc.iter_mut() {
@@ -671,7 +652,7 @@ fn attend_heads(
                         fa_scale(acc, ms);
                     }
                 } else {
-                    vs[i] = exp_f32(s - max[i]);
+                    vs[i] = rounded::exp(s - max[i]);
                 }
                 sum[i] = crate::fma(sum[i], ms, vs[i]);
             }
@@ -923,20 +904,6 @@ mod tests {
             assert_eq!(ggml_v_expf(x).to_bits(), reference(x).to_bits(), "{x}");
         }
         assert!(ggml_v_expf(f32::NAN).is_nan());
-    }
-
-    #[test]
-    fn exp_and_tanh_are_correctly_rounded_where_glibc_2_36s_are_not() {
-        // Arguments where glibc 2.36's expf and tanhf give the neighbouring float; the
-        // expected bits are the nearest floats to the exact values (60-digit decimals).
-        let (x, want) = (f32::from_bits(0xb96a_aeb9), 0x3f7f_f155);
-        assert_eq!(exp_f32(x).to_bits(), want, "e^{x}");
-        let (x, want) = (f32::from_bits(0x3a83_12d0), 0x3a83_12cd);
-        assert_eq!(tanh_f32(x).to_bits(), want, "tanh {x}");
-        // The ends: e^-inf is 0, large arguments saturate.
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f32(100.0), f32::INFINITY);
-        assert_eq!(tanh_f32(20.0), 1.0);
     }
 
     #[test]
