@@ -81,8 +81,7 @@ impl RopeParams {
         let n_dims = self.n_rot as f32;
         let corr_dim = |beta: f32| {
             let pi = std::f32::consts::PI;
-            n_dims * rounded::ln(self.n_ctx_orig as f32 / (beta * 2.0 * pi))
-                / (2.0 * rounded::ln(self.freq_base))
+            n_dims * (self.n_ctx_orig as f32 / (beta * 2.0 * pi)).ln() / (2.0 * self.freq_base.ln())
         };
         let start = corr_dim(self.beta_fast).floor();
         let end = corr_dim(self.beta_slow).ceil();
@@ -93,10 +92,11 @@ impl RopeParams {
     /// `n_rot / 2` angles, as ggml's `rope_ext`: `pos · base^(-2i/n_rot)` by repeated
     /// products, divided by the per-pair `factors` when given (Llama 3's `rope_freqs`),
     /// then scaled (linear or YaRN). The CPU backend rotates with these and the GPU backend
-    /// uploads them; `pow`, `ln`, `cos` and `sin` are [`rounded`]'s (ggml-cpu calls the C
-    /// library's, whose last bits differ by host).
+    /// uploads them. `powf`, `logf`, `cosf` and `sinf` are the C library's, as ggml-cpu's
+    /// (unlike [`rounded`]'s functions: RoPE's angles feed every layer of every token, and
+    /// matching llama.cpp on the same host keeps random-weight models' greedy runs equal).
     pub fn angles(&self, factors: Option<&[f32]>, pos: u32, out: &mut Vec<(f32, f32)>) {
-        let theta_scale = rounded::powf(self.freq_base, -2.0 / self.n_rot as f32);
+        let theta_scale = self.freq_base.powf(-2.0 / self.n_rot as f32);
         // YaRN's ramp is only read when it mixes (`ext_factor` ≠ 0).
         let corr = if self.ext_factor != 0.0 {
             self.yarn_corr_dims()
@@ -122,9 +122,9 @@ impl RopeParams {
             let y = ((i0 / 2) as f32 - corr[0]) / (corr[1] - corr[0]).max(0.001);
             let ramp_mix = (1.0 - y.clamp(0.0, 1.0)) * self.ext_factor;
             theta = theta_interp.mul_add(1.0 - ramp_mix, theta_extrap * ramp_mix);
-            mscale *= 0.1f32.mul_add(rounded::ln(1.0 / self.freq_scale), 1.0);
+            mscale *= 0.1f32.mul_add((1.0 / self.freq_scale).ln(), 1.0);
         }
-        (rounded::cos(theta) * mscale, rounded::sin(theta) * mscale)
+        (theta.cos() * mscale, theta.sin() * mscale)
     }
 }
 

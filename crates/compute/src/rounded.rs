@@ -1,12 +1,12 @@
-//! f32 functions rounded once from their f64 counterparts: the correctly rounded result
+//! e^x and tanh of an f32 rounded once from the f64 functions: the correctly rounded result
 //! but in rare double-rounding cases (fewer than 1 in 2^28 arguments), whatever the C
 //! library (glibc's, musl's, the WebAssembly build's own) or device (the CUDA backend
-//! computes e^x and tanh the same way). ggml-cpu calls the C library's f32 functions
-//! (`expf`, `tanhf`, `cosf`, `sinf`, `powf`, `logf`), whose last bits differ between
-//! libraries and versions: glibc 2.36's `expf` misses the correctly rounded value for
-//! about 0.04 % of arguments in [-100, 0), `cosf`/`sinf` for about 1 % in [1e-4, 1e5),
-//! `tanhf` for about a quarter in [0.001, 10]. With these Realm's numbers do not depend on
-//! the host; on a host whose C library rounds correctly they are ggml's.
+//! computes them the same way). ggml-cpu calls the C library's `expf` (attention's softmax
+//! factors) and `tanhf` (the GELU table, soft caps), whose last bits differ between
+//! libraries and versions: glibc 2.36's `expf` misses the correctly rounded value for about
+//! 0.04 % of arguments in [-100, 0), its `tanhf` for about a quarter in [0.001, 10]. On a
+//! host whose C library rounds them correctly these are ggml's. RoPE's angles still take the
+//! C library's `cosf`/`sinf`/`powf`/`logf`, as ggml-cpu (`RopeParams::angles` says why).
 
 /// e^x.
 #[inline(always)]
@@ -18,30 +18,6 @@ pub fn exp(x: f32) -> f32 {
 #[inline(always)]
 pub fn tanh(x: f32) -> f32 {
     f64::from(x).tanh() as f32
-}
-
-/// cos x.
-#[inline(always)]
-pub fn cos(x: f32) -> f32 {
-    f64::from(x).cos() as f32
-}
-
-/// sin x.
-#[inline(always)]
-pub fn sin(x: f32) -> f32 {
-    f64::from(x).sin() as f32
-}
-
-/// ln x.
-#[inline(always)]
-pub fn ln(x: f32) -> f32 {
-    f64::from(x).ln() as f32
-}
-
-/// x^y.
-#[inline(always)]
-pub fn powf(x: f32, y: f32) -> f32 {
-    f64::from(x).powf(f64::from(y)) as f32
 }
 
 #[cfg(test)]
@@ -58,9 +34,5 @@ mod tests {
         assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(super::exp(100.0), f32::INFINITY);
         assert_eq!(super::tanh(20.0), 1.0);
-        assert_eq!(super::cos(0.0), 1.0);
-        assert_eq!(super::sin(0.0), 0.0);
-        assert_eq!(super::powf(10_000.0, 0.0), 1.0);
-        assert_eq!(super::ln(1.0), 0.0);
     }
 }

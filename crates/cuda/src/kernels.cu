@@ -264,7 +264,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, int g, float
 
 // RoPE in place, one thread per (row, head, pair), with each position's cos and sin
 // (times the magnitude scale) from `tab`, which the host fills with the CPU backend's own
-// values (`realm_kernels::kernels::rope_angles`: libm's cosf and sinf, as ggml-cpu), pairs
+// values (`RopeParams::angles`: the C library's cosf and sinf, as ggml-cpu), pairs
 // of floats per (position, pair). The rotation as ggml's C, as GCC contracts it. One or two
 // tensors (x1: a layer's keys after its queries), and with two, optionally kv_store's work
 // for the keys (as rotated) and `v` (kc non-null): the launches the host merged.
