@@ -347,6 +347,14 @@ __device__ __forceinline__ float exp_rn(float x) {
     return (float)exp((double)x);
 }
 
+// A score s times the scale, soft-capped as ggml-cpu caps it when softcap is non-zero (the
+// scale already divided by softcap on the host): softcap · tanh(s · scale), tanh rounded once
+// from double as the CPU backend's (`realm_compute::rounded::tanh`).
+__device__ __forceinline__ float capped(float s, float scale, float softcap) {
+    float x = __fmul_rn(s, scale);
+    return softcap != 0.0f ? __fmul_rn(softcap, (float)tanh((double)x)) : x;
+}
+
 // q·k over a head of a multiple of 64 values in the CPU backend's order (ggml-cpu's
 // AVX2/AVX-512 f16 dot as Realm computes it): 64 accumulators, slot d % 64 summing
 // products (rounded, then added: no fused multiply-add) over 64-value steps; then
@@ -475,11 +483,7 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
                 score64x4(qs, kr, hd, lane, s4);
                 if (lane == 0) {
 #pragma unroll
-                    for (int u = 0; u < 4; u++) {
-                        float x = __fmul_rn(s4[u], scale);
-                        sc[j + u * warps] =
-                            softcap != 0.0f ? __fmul_rn(softcap, (float)tanh((double)x)) : x;
-                    }
+                    for (int u = 0; u < 4; u++) sc[j + u * warps] = capped(s4[u], scale, softcap);
                 }
             }
         }
@@ -497,13 +501,7 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
                 for (int d = h64; d < hd; d++) t += (double)__fmul_rn(h2f(kr[d]), qs[d]);
                 s = (float)t;
             }
-            // Soft-capped scores as ggml-cpu: scale (already divided by softcap on the
-            // host), then softcap · tanh, rounded once from double as the CPU backend's
-            // (`realm_compute::rounded::tanh`).
-            if (lane == 0) {
-                float x = __fmul_rn(s, scale);
-                sc[j] = softcap != 0.0f ? __fmul_rn(softcap, (float)tanh((double)x)) : x;
-            }
+            if (lane == 0) sc[j] = capped(s, scale, softcap);
         }
         __syncthreads();
         int base = threadIdx.x * 8;
@@ -639,8 +637,7 @@ extern "C" __global__ void attention_tiled(const float* q, const u16* kc, const 
             } else {
                 for (int d = 0; d < hd; d++) a = fmaf(qs[d], h2f(kr[d]), a);
             }
-            float x = __fmul_rn(a, scale);
-            s = __fadd_rn(softcap != 0.0f ? __fmul_rn(softcap, (float)tanh((double)x)) : x, 0.0f);
+            s = __fadd_rn(capped(a, scale, softcap), 0.0f);
         }
         float mx = s;
         for (int o2 = 16; o2 > 0; o2 >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o2));

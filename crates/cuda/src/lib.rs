@@ -697,28 +697,21 @@ impl CudaBackend {
     fn send(&self, end: bool) -> Result<()> {
         let mut q = self.queue.borrow_mut();
         let (part, _) = self.part.get();
-        if end {
-            self.part.set((0, 1));
-        }
-        if q.launches.is_empty() {
-            if end {
-                q.pos.clear();
-                (q.written, q.sent) = (0, 0);
-            }
-            return Ok(());
-        }
         let launches = std::mem::take(&mut q.launches);
         let from = q.written;
         let pos = q.pos[from..].to_vec();
         if end {
+            self.part.set((0, 1));
             q.pos.clear();
-            q.written = 0;
-            q.sent = 0;
+            (q.written, q.sent) = (0, 0);
         } else {
             q.written = q.pos.len();
             q.sent += launches.len();
             self.part
                 .set((part + 1, self.dev.part_growth * launches.len()));
+        }
+        if launches.is_empty() {
+            return Ok(());
         }
         let retired = std::mem::take(&mut q.retired);
         drop(q);

@@ -452,43 +452,14 @@ mod tests {
         push(&mut q, 3, 576, 0x10, 0x1);
         push(&mut q, 3, 192, 0x20, 0x1);
         push(&mut q, 3, 192, 0x30, 0x1);
+        // `rope`'s launches (NeoX) in the mode asked for.
+        let mode = |mut args: Vec<Arg>| {
+            args[7] = Arg::I(neox);
+            args
+        };
+        push_rope(&mut q, mode(rope(0x10, 576, 0x500)));
+        push_rope(&mut q, mode(rope(0x20, 192, 0x500)));
         let pos = Arg::P(0x500);
-        push_rope(
-            &mut q,
-            vec![
-                Arg::P(0x10),
-                Arg::I(576),
-                P0,
-                Arg::I(0),
-                Arg::I(1),
-                Arg::I(64),
-                Arg::I(64),
-                Arg::I(neox),
-                pos,
-                Arg::P(0x600),
-                P0,
-                P0,
-                P0,
-            ],
-        );
-        push_rope(
-            &mut q,
-            vec![
-                Arg::P(0x20),
-                Arg::I(192),
-                P0,
-                Arg::I(0),
-                Arg::I(1),
-                Arg::I(64),
-                Arg::I(64),
-                Arg::I(neox),
-                pos,
-                Arg::P(0x600),
-                P0,
-                P0,
-                P0,
-            ],
-        );
         let store = [
             Arg::P(0x20),
             Arg::P(0x30),
@@ -512,7 +483,7 @@ mod tests {
         assert_eq!(
             rope,
             [
-                Arg::P(0x600),
+                Arg::P(0x5000),
                 Arg::P(0x500),
                 Arg::I(64),
                 Arg::I(64),
