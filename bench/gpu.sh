@@ -21,9 +21,11 @@
 #     bench/gpu.sh parts     # decode with whole steps and with parts of several growths
 #     bench/gpu.sh profile   # ncu over decode steps of both models: per-kernel shares
 #                            # (bench/gpu-profile.py), clocks and caches as in a real run
+#     bench/gpu.sh profile-pp # the same over a 512-token prompt of each model
 #     bench/gpu.sh sass K [M] # one decode launch of kernel K (on model M, default SmolLM2):
 #                            # ncu's instruction and stall statistics, and its SASS source
-#                            # view (CSV into $OUT when set) summed by bench/gpu-sass.py
+#                            # view (CSV into $OUT when set) summed by bench/gpu-sass.py;
+#                            # PROMPT=512 SKIP=4 for the fifth launch of K in a prompt's
 #
 # `remote` runs the GPU tests with REALM_REQUIRE_GPU=1 (SmolLM2 on the GPU against the CPU
 # backend), `realm run --device cuda` and `realm bench` on the GPU; `offload` the partial
@@ -51,7 +53,8 @@ prepare)
     cargo build --release -j2 -p realm-cli
     make guest
     mkdir -p .gpu .gpu1 .gpu2
-    for d in .gpu .gpu1 .gpu2; do grep -qx "/$d/" .git/info/exclude || echo "/$d/" >>.git/info/exclude; done
+    mkdir -p .git/info
+    for d in .gpu .gpu1 .gpu2; do grep -qsx "/$d/" .git/info/exclude || echo "/$d/" >>.git/info/exclude; done
     test=$(ls -t target/release/deps/gpu-* | grep -v '\.d$' | head -1)
     cp "$test" .gpu/gpu-test && strip .gpu/gpu-test
     cp target/release/realm .gpu/realm && strip .gpu/realm
@@ -180,6 +183,21 @@ profile)
         python3 bench/gpu-profile.py "$csv"
     done
     ;;
+profile-pp)
+    wait_bg
+    # Every kernel of one 512-token prompt (and the one decode step after it).
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
+    for m in "$SCRATCH"/model.gguf "$SCRATCH"/llama-1b.q4_k_m.gguf; do
+        [ -f "$m" ] || continue
+        csv="$SCRATCH/profile-pp-$(basename "$m" .gguf).csv"
+        /usr/local/cuda/bin/ncu --graph-profiling node --clock-control none --cache-control none \
+            --metrics gpu__time_duration.sum --csv \
+            "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 -p 512 -n 1 --runs 1 \
+            >"$csv" 2>/dev/null
+        python3 bench/gpu-profile.py "$csv"
+    done
+    ;;
 sass)
     wait_bg
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -188,8 +206,8 @@ sass)
     model=${3:-$SCRATCH/model.gguf}
     csv="${OUT:-$SCRATCH}/$kernel.csv"
     ncu=(/usr/local/cuda/bin/ncu --graph-profiling node --clock-control none --cache-control none
-        --kernel-name "$kernel" --launch-skip 400 --launch-count 1)
-    run=("$SCRATCH"/realm bench --device cuda --model "$model" -t 1 -p 16 -n 64 --runs 1)
+        --kernel-name "$kernel" --launch-skip "${SKIP:-400}" --launch-count 1)
+    run=("$SCRATCH"/realm bench --device cuda --model "$model" -t 1 -p "${PROMPT:-16}" -n 64 --runs 1)
     "${ncu[@]}" --section LaunchStats --section InstructionStats --section WarpStateStats \
         "${run[@]}" 2>/dev/null | grep -E "Grid Size|Block Size|Registers|Executed Instructions  |Warp Cycles Per Issued"
     "${ncu[@]}" --section WarpStateStats --section SourceCounters --page source \
