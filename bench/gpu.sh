@@ -209,7 +209,8 @@ sass)
         --kernel-name "$kernel" --launch-skip "${SKIP:-400}" --launch-count 1)
     run=("$SCRATCH"/realm bench --device cuda --model "$model" -t 1 -p "${PROMPT:-16}" -n 64 --runs 1)
     "${ncu[@]}" --section LaunchStats --section InstructionStats --section WarpStateStats \
-        "${run[@]}" 2>/dev/null | grep -E "Grid Size|Block Size|Registers|Executed Instructions  |Warp Cycles Per Issued"
+        --section SpeedOfLight --section Occupancy "${run[@]}" 2>/dev/null |
+        grep -E "Duration|Grid Size|Block Size|Registers|Waves Per SM|Achieved Occupancy|Executed Instructions  |Warp Cycles Per Issued|Stall"
     "${ncu[@]}" --section WarpStateStats --section SourceCounters --page source \
         --print-source sass --csv "${run[@]}" >"$csv" 2>/dev/null
     python3 bench/gpu-sass.py "$csv"

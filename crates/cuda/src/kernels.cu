@@ -1718,55 +1718,185 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_tiled(const u8* w, 
 // warp w takes rows 16 (w % 4).. and columns 32 (w / 4).., four MMA tiles of 16 × 8. A
 // thread holds MMA output e of tile j: row g + 8 (e / 2), column 8 j + 2 q + e % 2 (lane =
 // 4 g + q), whose sums, scales and float steps it keeps.
+//
+// Loads are software-pipelined: the next super-block's bytes travel into registers (KmNext)
+// while the tensor cores work on this one, then are unpacked into shared memory. Each thread
+// has fixed places: weights, column t / 4, a quarter of its super-block (Q4_K: 32 bytes of
+// nibbles, 16-byte loads, and a word of its scales; Q6_K, whose 210-byte blocks are only
+// 2-byte aligned: 48 bytes as aligned words one past, shifted on unpacking); activations,
+// row t / 4, words t % 4 + 4 i and up to three of its d and sums words.
 #define KM_TILE 64
 #define KM_PITCH 272
-extern "C" __global__ void __launch_bounds__(256) matmul_q8k_mma(const u8* w, int ty, int k,
-                                                                 int n, const u8* xq, int rows,
-                                                                 float* y) {
-    step_start();
-#if __CUDA_ARCH__ >= 800
-    __shared__ __align__(16) signed char ws[KM_TILE * KM_PITCH];
-    __shared__ __align__(16) signed char xs[KM_TILE * KM_PITCH];
-    __shared__ int scs[KM_TILE][17];
-    __shared__ int bs[KM_TILE][17];
-    __shared__ float dws[KM_TILE], dms[KM_TILE], dxs[KM_TILE];
-    int nb = k / 256, bb = k_bytes(ty);
-    bool q6 = ty == T_Q6_K;
+#define KM_META 9  // an activation row's words: d, then the 16 sums of 16 as 8 pairs
+template <int TY>
+struct KmNext {
+    unsigned w[18];  // Q4_K uses 12
+    int x[16];
+    int m[3];
+};
+
+// The 4-byte words at p, p + 4, ... (N of them) from a 2-byte aligned p: N + 1 aligned words
+// from p rounded down where p is not 4-byte aligned (funnel-shifted on use, km_word).
+template <int N>
+__device__ __forceinline__ void km_words2(const u8* p, unsigned* r) {
+    const unsigned* a = (const unsigned*)((size_t)p & ~(size_t)3);
+#pragma unroll
+    for (int i = 0; i < N; i++) r[i] = a[i];
+    // (Aligned, the word past is not needed: it may be past the tensor's last block.)
+    r[N] = (size_t)p & 2 ? a[N] : 0u;
+}
+__device__ __forceinline__ unsigned km_word(const unsigned* r, int i, int shift) {
+    return __funnelshift_r(r[i], r[i + 1], shift);
+}
+
+template <int TY>
+__device__ __forceinline__ void km_load_w(KmNext<TY>& nx, const u8* w, int nb, int bb, int col,
+                                          int p, int bi) {
+    const u8* wb = w + ((size_t)col * nb + bi) * bb;
+    if constexpr (TY == T_Q4_K) {
+        uint4 a = *(const uint4*)(wb + 16 + 32 * p), b = *(const uint4*)(wb + 32 + 32 * p);
+        uint4 h = *(const uint4*)wb;
+        unsigned v[12] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w, h.x, h.y, h.z, h.w};
+#pragma unroll
+        for (int i = 0; i < 12; i++) nx.w[i] = v[i];
+    } else {
+        // Thread p: half n = p / 2, values 16 (p % 2).. of each of its four runs of 32.
+        int n = p >> 1, hf = p & 1;
+        km_words2<4>(wb + 64 * n + 16 * hf, nx.w);
+        km_words2<4>(wb + 64 * n + 32 + 16 * hf, nx.w + 5);
+        km_words2<4>(wb + 128 + 32 * n + 16 * hf, nx.w + 10);
+        km_words2<1>(wb + 192 + 4 * p, nx.w + 15);
+        nx.w[17] = *(const u16*)(wb + 208);
+    }
+}
+template <int TY>
+__device__ __forceinline__ void km_load_x(KmNext<TY>& nx, const u8* xq, int nb, int rows,
+                                          int row, int p, int bi) {
+    // Row t / 4 (as the weights' column): words p + 4i of its values, its d and sums words
+    // p, p + 4, p + 8 (of 9).
+    const u8* xb = xq + ((size_t)min(row, rows - 1) * nb + bi) * 292;
+#pragma unroll
+    for (int i = 0; i < 16; i++) nx.x[i] = *(const int*)(xb + 4 + 4 * p + 16 * i);
+#pragma unroll
+    for (int j = 0; j < 3; j++) {
+        int wd = p + 4 * j;
+        if (wd < KM_META) nx.m[j] = *(const int*)(xb + (wd ? 256 + 4 * wd : 0));
+    }
+}
+
+template <int TY>
+__device__ __forceinline__ void km_store(const KmNext<TY>& nx, const u8* wb_for_shift, int cc,
+                                         int p, signed char* ws, int (*scs)[17],
+                                         float* dws, float* dms, signed char* xs,
+                                         int (*xm)[KM_META]) {
+    int* wrow = (int*)(ws + cc * KM_PITCH);
+    if constexpr (TY == T_Q4_K) {
+        // Bytes 32p.. of the nibbles: sub-block 2p's values (low nibbles), then 2p + 1's.
+        int* o = wrow + 16 * p;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            o[i] = (int)(nx.w[i] & 0x0f0f0f0fu);
+            o[8 + i] = (int)((nx.w[i] >> 4) & 0x0f0f0f0fu);
+        }
+        // The 6-bit scales (p 0, 1) and mins (p 2, 3), four each, by words as q8k_item.
+        unsigned u0 = nx.w[9], u1 = nx.w[10], u2 = nx.w[11], e;
+        if (p == 0) e = u0 & 0x3f3f3f3fu;
+        else if (p == 1) e = (u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4);
+        else if (p == 2) e = u1 & 0x3f3f3f3fu;
+        else e = ((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4);
+        int base = p < 2 ? 4 * p : 8 + 4 * (p - 2);
+#pragma unroll
+        for (int i = 0; i < 4; i++) scs[cc][base + i] = (int)((e >> (8 * i)) & 0xff);
+        if (p == 0) {
+            dws[cc] = h2f((u16)(nx.w[8] & 0xffff));
+            dms[cc] = h2f((u16)(nx.w[8] >> 16));
+        }
+    } else {
+        int n = p >> 1, hf = p & 1;
+        int sh = (int)(((size_t)wb_for_shift & 2) * 8);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                unsigned lo = km_word(nx.w + (k & 1 ? 5 : 0), i, sh);
+                lo = k < 2 ? lo & 0x0f0f0f0fu : (lo >> 4) & 0x0f0f0f0fu;
+                unsigned hb = (km_word(nx.w + 10, i, sh) >> (2 * k)) & 0x03030303u;
+                wrow[32 * n + 8 * k + 4 * hf + i] = (int)__vsub4(lo | (hb << 4), 0x20202020u);
+            }
+        }
+        unsigned sc = km_word(nx.w + 15, 0, sh);
+#pragma unroll
+        for (int i = 0; i < 4; i++) scs[cc][4 * p + i] = (int)(signed char)(sc >> (8 * i));
+        if (p == 0) {
+            dws[cc] = h2f((u16)nx.w[17]);
+            dms[cc] = 0.0f;
+        }
+    }
+    int* xrow = (int*)(xs + cc * KM_PITCH);
+#pragma unroll
+    for (int i = 0; i < 16; i++) xrow[p + 4 * i] = nx.x[i];
+#pragma unroll
+    for (int j = 0; j < 3; j++) {
+        if (p + 4 * j < KM_META) xm[cc][p + 4 * j] = nx.m[j];
+    }
+}
+
+// An activation row's sum for scale entry i (Q4_K: sub-block i's 32 values; Q6_K: values
+// 16i.. — unused, its -32 is in the unpacked weights) from its raw words.
+__device__ __forceinline__ int km_bsum(const int* m, int i) {
+    int v = m[1 + i];
+    return (int)(short)(v & 0xffff) + (v >> 16);
+}
+
+// The block's shared memory (one set for both types' code).
+struct KmShared {
+    __align__(16) signed char ws[KM_TILE * KM_PITCH];
+    __align__(16) signed char xs[KM_TILE * KM_PITCH];
+    int scs[KM_TILE][17];
+    int xm[KM_TILE][KM_META];
+    float dws[KM_TILE], dms[KM_TILE];
+};
+
+template <int TY>
+__device__ __forceinline__ void matmul_q8k_mma_typed(const u8* w, int k, int n, const u8* xq,
+                                                     int rows, float* y, KmShared& sh) {
+    signed char *ws = sh.ws, *xs = sh.xs;
+    int(*scs)[17] = sh.scs;
+    int(*xm)[KM_META] = sh.xm;
+    float *dws = sh.dws, *dms = sh.dms;
+    constexpr bool q6 = TY == T_Q6_K;
+    int nb = k / 256, bb = q6 ? 210 : 144;
     int t = threadIdx.x, lane = t & 31, wid = t >> 5, g = lane >> 2, q = lane & 3;
     int tn = (n + KM_TILE - 1) / KM_TILE;
     int col0 = (blockIdx.x % tn) * KM_TILE, row0 = (blockIdx.x / tn) * KM_TILE;
     int wr = 16 * (wid & 3), wc = 32 * (wid >> 2);
+    int cc = t >> 2, p = t & 3, wcol = min(col0 + cc, n - 1);
+    KmNext<TY> nx;
+    // The first weights before step_start (read-only), the activations after it.
+    km_load_w<TY>(nx, w, nb, bb, wcol, p, 0);
+    step_start();
+    km_load_x<TY>(nx, xq, nb, rows, row0 + cc, p, 0);
     float acc[4][4];
 #pragma unroll
     for (int j = 0; j < 4; j++)
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
     for (int bi = 0; bi < nb; bi++) {
-        for (int e = t; e < KM_TILE * 64; e += 256) {
-            int wi = e & 63, cc = e >> 6;
-            const u8* wb = w + ((size_t)min(col0 + cc, n - 1) * nb + bi) * bb;
-            *(int*)(ws + cc * KM_PITCH + 4 * wi) = kq_word(wb, q6, wi);
-            if (wi < 16) scs[cc][wi] = kq_scale(wb, q6, wi);
-            if (wi == 0) {
-                dws[cc] = h2f(rd16(wb + (q6 ? 208 : 0)));
-                dms[cc] = q6 ? 0.0f : h2f(rd16(wb + 2));
-            }
-        }
-        for (int e = t; e < KM_TILE * 64; e += 256) {
-            int wi = e & 63, rr = e >> 6;
-            const u8* xb = xq + ((size_t)min(row0 + rr, rows - 1) * nb + bi) * 292;
-            *(int*)(xs + rr * KM_PITCH + 4 * wi) = ld4(xb + 4 + 4 * wi);
-            if (wi < 16) bs[rr][wi] = kq_sums(xb, q6, wi);
-            if (wi == 0) dxs[rr] = q8k_d(xb);
-        }
+        const u8* wb = w + ((size_t)wcol * nb + bi) * bb;
+        km_store<TY>(nx, wb, cc, p, ws, scs, dws, dms, xs, xm);
         __syncthreads();
-        int s1[4][4], s2[4][4];
+        if (bi + 1 < nb) {
+            km_load_w<TY>(nx, w, nb, bb, wcol, p, bi + 1);
+            km_load_x<TY>(nx, xq, nb, rows, row0 + cc, p, bi + 1);
+        }
+        int s1[4][4];
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) s1[j][e] = s2[j][e] = 0;
+            for (int e = 0; e < 4; e++) s1[j][e] = 0;
         const signed char* xa = xs + (wr + g) * KM_PITCH + 4 * q;
         if (q6) {
+#pragma unroll 1
             for (int sb = 0; sb < 16; sb++) {
                 int a0 = *(const int*)(xa + 16 * sb), a1 = *(const int*)(xa + 8 * KM_PITCH + 16 * sb);
 #pragma unroll
@@ -1784,6 +1914,7 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_mma(const u8* w, in
                 }
             }
         } else {
+#pragma unroll 1
             for (int sb = 0; sb < 8; sb++) {
                 const signed char* xk = xa + 32 * sb;
                 int a0 = *(const int*)xk, a1 = *(const int*)(xk + 8 * KM_PITCH);
@@ -1801,9 +1932,7 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_mma(const u8* w, in
                     int c[4] = {c0, c1, c2, c3};
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
-                        int col = wc + 8 * j + 2 * q + (e & 1), row = wr + g + 8 * (e >> 1);
-                        s1[j][e] += scs[col][sb] * c[e];
-                        s2[j][e] += scs[col][8 + sb] * bs[row][sb];
+                        s1[j][e] += scs[wc + 8 * j + 2 * q + (e & 1)][sb] * c[e];
                     }
                 }
             }
@@ -1814,8 +1943,14 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_mma(const u8* w, in
             for (int e = 0; e < 4; e++) {
                 int col = wc + 8 * j + 2 * q + (e & 1), row = wr + g + 8 * (e >> 1);
                 float p = __fmul_rn((float)s1[j][e], dws[col]);
-                if (!q6) p = fmaf(-dms[col], (float)s2[j][e], p);
-                acc[j][e] = __fadd_rn(acc[j][e], __fmul_rn(p, dxs[row]));
+                if (!q6) {
+                    // The mins' integer sum (exact in any order).
+                    int s2 = 0;
+#pragma unroll
+                    for (int sb = 0; sb < 8; sb++) s2 += scs[col][8 + sb] * km_bsum(xm[row], sb);
+                    p = fmaf(-dms[col], (float)s2, p);
+                }
+                acc[j][e] = __fadd_rn(acc[j][e], __fmul_rn(p, __int_as_float(xm[row][0])));
             }
         __syncthreads();
     }
@@ -1826,7 +1961,17 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_mma(const u8* w, in
             int col = col0 + wc + 8 * j + 2 * q + (e & 1), row = row0 + wr + g + 8 * (e >> 1);
             if (row < rows && col < n) y[(size_t)row * n + col] = acc[j][e];
         }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) matmul_q8k_mma(const u8* w, int ty, int k,
+                                                                    int n, const u8* xq,
+                                                                    int rows, float* y) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ KmShared sh;
+    if (ty == T_Q6_K) matmul_q8k_mma_typed<T_Q6_K>(w, k, n, xq, rows, y, sh);
+    else matmul_q8k_mma_typed<T_Q4_K>(w, k, n, xq, rows, y, sh);
 #else
+    step_start();
     __trap();
 #endif
 }

@@ -183,6 +183,9 @@ pub struct CudaDevice {
     /// Normal-mode RoPE folded into the q/k/v launch before it (`merge::fold_rope`), unless
     /// REALM_CUDA_ROPE_FOLD=0.
     rope_fold: bool,
+    /// Fused matvecs spread to run in one wave (`merge::one_wave`), unless
+    /// `REALM_CUDA_ONE_WAVE=0` (for comparisons).
+    one_wave: bool,
     /// Warps per block of the fused matvecs (`MATVEC_WARPS`).
     matvec_warps: u32,
     /// Warps of fused matvec blocks the GPU holds at once (two blocks a multiprocessor).
@@ -312,6 +315,7 @@ impl CudaDevice {
             pdl,
             part_growth,
             rope_fold,
+            one_wave: std::env::var("REALM_CUDA_ONE_WAVE").map_or(true, |v| v != "0"),
             matvec_warps,
             resident_warps: sms * 2 * matvec_warps as usize,
         }))
@@ -697,7 +701,13 @@ impl CudaBackend {
     fn send(&self, end: bool) -> Result<()> {
         let mut q = self.queue.borrow_mut();
         let (part, _) = self.part.get();
-        let launches = std::mem::take(&mut q.launches);
+        let mut launches = std::mem::take(&mut q.launches);
+        if self.dev.one_wave {
+            let resident = (self.dev.resident_warps / self.dev.matvec_warps as usize) as u32;
+            for l in &mut launches {
+                merge::one_wave(l, resident);
+            }
+        }
         let from = q.written;
         let pos = q.pos[from..].to_vec();
         if end {

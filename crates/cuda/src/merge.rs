@@ -100,6 +100,43 @@ pub(crate) fn push_matvec(
     });
 }
 
+/// Spreads a fused matvec launch whose blocks the GPU cannot hold at once (`resident`
+/// blocks) over more columns a warp, so that it runs in one wave: a merged launch (a
+/// layer's q, k and v) can need more blocks than each of its products alone, and a second
+/// wave of a few blocks takes about as long as the first. Its grid is recomputed as the
+/// kernels' `pick` divides it.
+pub(crate) fn one_wave(l: &mut Launch, resident: u32) {
+    // matmul_q8_fused takes columns four at a time, up to 32 a warp; matmul_q8k_fused any.
+    let step = match l.k {
+        K::MatmulQ8Fused => 4,
+        K::MatmulQ8kFused => 1,
+        _ => return,
+    };
+    let Arg::I(mut cpw) = l.args[mv::CPW] else {
+        return;
+    };
+    let glu = l.args[mv::GLU] != Arg::I(-1);
+    let warps = (l.block / 32).max(1) as i32;
+    let ns = [0, 1, 2].map(|i| l.args[4 * i + mv::N]);
+    let grid = |cpw: i32| -> u32 {
+        (0..3)
+            .map(|i| match ns[i] {
+                // With a GLU, product 1 (up) is the same warps' second pass.
+                Arg::I(n) if n > 0 && !(glu && i == 1) => (n as u32).div_ceil((warps * cpw) as u32),
+                _ => 0,
+            })
+            .sum()
+    };
+    if cpw < 1 || grid(cpw) != l.grid {
+        return;
+    }
+    while grid(cpw) > resident && cpw + step <= 32 {
+        cpw += step;
+    }
+    l.args[mv::CPW] = Arg::I(cpw);
+    l.grid = grid(cpw);
+}
+
 /// Folds `acc += x` into the queued matvec that made x, when it is the only product of
 /// its launch and reads neither acc nor writes it otherwise.
 pub(crate) fn fold_add(launches: &mut [Launch], acc: Arg, x: Arg, n: usize) -> bool {
@@ -365,6 +402,45 @@ mod tests {
         // Nothing merges into a launch with its add.
         push(&mut q, 3, 576, 0x400, 0x200);
         assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn a_merged_launch_too_large_for_one_wave_takes_more_columns_a_warp() {
+        // A 1B model's q, k and v (K-quant, one column a warp, 8 warps a block): 384
+        // blocks, where an H200 holds 264 fused matvec blocks at once.
+        let mut q = Vec::new();
+        for (n, y) in [(2048, 0x300), (512, 0x400), (512, 0x500)] {
+            let mut args = product(12, n, y, 2048, 0x200);
+            args[mv::CPW] = Arg::I(1);
+            push_matvec(&mut q, K::MatmulQ8kFused, cfg(n as u32 / 8), args);
+        }
+        assert_eq!((q.len(), q[0].grid), (1, 384));
+        one_wave(&mut q[0], 264);
+        assert_eq!((q[0].args[mv::CPW], q[0].grid), (Arg::I(2), 128 + 32 + 32));
+        // Already one wave: unchanged.
+        one_wave(&mut q[0], 264);
+        assert_eq!((q[0].args[mv::CPW], q[0].grid), (Arg::I(2), 192));
+        // A GLU launch counts the gate's blocks only (up is the same warps' second pass);
+        // matmul_q8_fused's columns go four at a time.
+        let mut q = Vec::new();
+        for y in [0x300, 0x400] {
+            push_matvec(
+                &mut q,
+                K::MatmulQ8Fused,
+                cfg(128),
+                product(3, 4096, y, 576, 0x200),
+            );
+        }
+        assert!(fold_glu(&mut q, Arg::P(0x300), Arg::P(0x400), 4096, 0));
+        assert_eq!(q[0].grid, 128);
+        one_wave(&mut q[0], 100);
+        assert_eq!((q[0].args[mv::CPW], q[0].grid), (Arg::I(8), 64));
+        // A launch whose grid is not pick's (not made by `matmul`): left alone.
+        let mut q = Vec::new();
+        push(&mut q, 3, 576, 0x300, 0x200);
+        let before = (q[0].args[mv::CPW], q[0].grid);
+        one_wave(&mut q[0], 1);
+        assert_eq!((q[0].args[mv::CPW], q[0].grid), before);
     }
 
     #[test]
