@@ -588,37 +588,49 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
 
 __device__ float v_expf(float x);
 
-// Causal attention of batches of 64 query rows or more, one block of 64 threads per (row,
-// head), in the numerics the CPU backend takes for them (ggml-cpu's tiled flash attention,
-// `realm_kernels::kernels::attend_row_tiled`): q in f32; positions in tiles of 64 aligned
-// to position 0; thread t scores position tile + t as one FMA chain over the head, times
-// the scale (then soft-capped), -inf outside [start, p]; a tile whose scores are all -inf
-// is skipped; when the tile's maximum raises the running one, what was summed is scaled
-// by e^(old - new) (exp_rn, as the CPU's); weights ggml_v_expf(s - max), summed per 16
-// positions (_mm512_reduce_add_ps's order) into an f64 tile sum; values accumulate in f32
-// by FMA in position order; then times 1 / sum. Thread t holds values t, t + 64, ….
-extern "C" __global__ void attention_tiled(const float* q, const u16* kc, const u16* vc,
-                                           int rows, int n_head, int n_kv, int hd,
-                                           const int* pos_p, float scale, int window,
-                                           float softcap, float* out) {
+// Causal attention of batches of 64 query rows or more, in the numerics the CPU backend takes
+// for them (ggml-cpu's tiled flash attention, `realm_kernels::kernels::attend_row_tiled`): q
+// in f32; positions in tiles of 64 aligned to position 0; thread t scores position tile + t
+// as one FMA chain over the head, times the scale (then soft-capped), -inf outside [start,
+// p]; a tile whose scores are all -inf is skipped; when the tile's maximum raises the
+// running one, what was summed is scaled by e^(old - new) (exp_rn, as the CPU's); weights
+// ggml_v_expf(s - max), summed per 16 positions (_mm512_reduce_add_ps's order) into an f64
+// tile sum; values accumulate in f32 by FMA in position order; then times 1 / sum.
+//
+// A block of 64 · hpb threads takes one row and hpb heads of one KV group (64 threads a
+// head, thread t holding values t, t + 64, …: NT of them), so that the group's heads read
+// each key and value once from L2 (the others hit L1). NT is the head size's 64s, rounded
+// up: 1 (heads of up to 64 values), 2 (128) or 8 (512), one kernel each, so that heads of
+// 64 values do not hold registers for 512.
+#define AT_HEADS 4
+template <int NT>
+__device__ __forceinline__ void attention_tiled_body(const float* q, const u16* kc,
+                                                     const u16* vc, int n_head, int n_kv,
+                                                     int hd, const int* pos_p, float scale,
+                                                     int window, float softcap, int hpb,
+                                                     float* out) {
     step_start();
-    __shared__ float qs[512], ws[64], part[4], tmax[2];
+    __shared__ float qs[AT_HEADS][512], ws[AT_HEADS][64], part[AT_HEADS][4], tmax[AT_HEADS][2];
     int pos = *pos_p;
-    int r = blockIdx.x / n_head, h = blockIdx.x % n_head;
+    int groups = n_head / hpb;
+    int tid = threadIdx.x, hg = tid >> 6, lt = tid & 63, lane = tid & 31, warp = lt >> 5;
+    int r = blockIdx.x / groups, h = (blockIdx.x % groups) * hpb + hg;
     int kvh = h / (n_head / n_kv), width = n_kv * hd;
     int p = pos + r;
     int start = window > 0 ? max(0, p + 1 - window) : 0;
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const float* qh = q + (size_t)r * n_head * hd + h * hd;
-    for (int d = tid; d < hd; d += 64) qs[d] = qh[d];
+    float* qv = qs[hg];
+    float* wv = ws[hg];
+    for (int d = lt; d < hd; d += 64) qv[d] = qh[d];
     const u16* kh = kc + kvh * hd;
     const u16* vh = vc + kvh * hd;
-    int nt = (hd + 63) / 64;
-    float o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float o[NT];
+#pragma unroll
+    for (int i = 0; i < NT; i++) o[i] = 0.0f;
     float m = NEG_INF, sum = 0.0f;
     __syncthreads();
     for (int tile = start / 64 * 64; tile <= p; tile += 64) {
-        int t = tile + tid;
+        int t = tile + lt;
         float s = NEG_INF;
         if (t >= start && t <= p) {
             const u16* kr = kh + (size_t)t * width;
@@ -630,47 +642,52 @@ extern "C" __global__ void attention_tiled(const float* q, const u16* kc, const 
                     unsigned ws4[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
                     for (int i = 0; i < 4; i++) {
-                        a = fmaf(qs[d + 2 * i], h2f((u16)(ws4[i] & 0xffff)), a);
-                        a = fmaf(qs[d + 2 * i + 1], h2f((u16)(ws4[i] >> 16)), a);
+                        a = fmaf(qv[d + 2 * i], h2f((u16)(ws4[i] & 0xffff)), a);
+                        a = fmaf(qv[d + 2 * i + 1], h2f((u16)(ws4[i] >> 16)), a);
                     }
                 }
             } else {
-                for (int d = 0; d < hd; d++) a = fmaf(qs[d], h2f(kr[d]), a);
+                for (int d = 0; d < hd; d++) a = fmaf(qv[d], h2f(kr[d]), a);
             }
             s = __fadd_rn(capped(a, scale, softcap), 0.0f);
         }
         float mx = s;
         for (int o2 = 16; o2 > 0; o2 >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, o2));
-        if (lane == 0) tmax[warp] = mx;
+        if (lane == 0) tmax[hg][warp] = mx;
         __syncthreads();
-        float tile_max = fmaxf(tmax[0], tmax[1]);
-        if (tile_max != NEG_INF) {
+        float tile_max = fmaxf(tmax[hg][0], tmax[hg][1]);
+        // (A head's scores: its tile may be all -inf while another head's is not, so the
+        // barriers below are the whole block's, outside the test.)
+        bool live = tile_max != NEG_INF;
+        if (live) {
             float m_new = fmaxf(m, tile_max);
             if (m_new > m) {
                 float ms = exp_rn(m - m_new);
 #pragma unroll
-                for (int i = 0; i < 8; i++) o[i] *= ms;
+                for (int i = 0; i < NT; i++) o[i] *= ms;
                 sum *= ms;
             }
             m = m_new;
             float w = v_expf(s - m_new);
-            ws[tid] = w;
+            wv[lt] = w;
             // _mm512_reduce_add_ps over each 16 positions: halves, quarters, then pairs.
             float x = __fadd_rn(w, __shfl_down_sync(0xffffffff, w, 8));
             x = __fadd_rn(x, __shfl_down_sync(0xffffffff, x, 4));
             x = __fadd_rn(x, __shfl_down_sync(0xffffffff, x, 2));
             x = __fadd_rn(x, __shfl_down_sync(0xffffffff, x, 1));
-            if ((tid & 15) == 0) part[tid >> 4] = x;
-            __syncthreads();
+            if ((lt & 15) == 0) part[hg][lt >> 4] = x;
+        }
+        __syncthreads();
+        if (live) {
             double ts = 0.0;
-            for (int i = 0; i < 4; i++) ts += (double)part[i];
+            for (int i = 0; i < 4; i++) ts += (double)part[hg][i];
             sum = (float)((double)sum + ts);
             // The tile's valid positions, in order, for each of the thread's values.
             int lo = max(tile, start), hi = min(tile + 64, p + 1);
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                int d = tid + 64 * i;
-                if (i >= nt || d >= hd) break;
+            for (int i = 0; i < NT; i++) {
+                int d = lt + 64 * i;
+                if (d >= hd) break;
                 const u16* vcol = vh + d;
                 float acc = o[i];
                 int j = lo;
@@ -679,9 +696,9 @@ extern "C" __global__ void attention_tiled(const float* q, const u16* kc, const 
 #pragma unroll
                     for (int u = 0; u < 8; u++) vv[u] = vcol[(size_t)(j + u) * width];
 #pragma unroll
-                    for (int u = 0; u < 8; u++) acc = fmaf(ws[j + u - tile], h2f(vv[u]), acc);
+                    for (int u = 0; u < 8; u++) acc = fmaf(wv[j + u - tile], h2f(vv[u]), acc);
                 }
-                for (; j < hi; j++) acc = fmaf(ws[j - tile], h2f(vcol[(size_t)j * width]), acc);
+                for (; j < hi; j++) acc = fmaf(wv[j - tile], h2f(vcol[(size_t)j * width]), acc);
                 o[i] = acc;
             }
         }
@@ -690,10 +707,24 @@ extern "C" __global__ void attention_tiled(const float* q, const u16* kc, const 
     float inv = sum == 0.0f ? 0.0f : 1.0f / sum;
     float* orow = out + (size_t)r * n_head * hd + h * hd;
 #pragma unroll
-    for (int i = 0; i < 8; i++) {
-        int d = tid + 64 * i;
-        if (i < nt && d < hd) orow[d] = o[i] * inv;
+    for (int i = 0; i < NT; i++) {
+        int d = lt + 64 * i;
+        if (d < hd) orow[d] = o[i] * inv;
     }
+}
+
+#define AT_ARGS                                                                              \
+    const float *q, const u16 *kc, const u16 *vc, int rows, int n_head, int n_kv, int hd,    \
+        const int *pos_p, float scale, int window, float softcap, float *out, int hpb
+#define AT_PASS q, kc, vc, n_head, n_kv, hd, pos_p, scale, window, softcap, hpb, out
+extern "C" __global__ void __launch_bounds__(64 * AT_HEADS) attention_tiled(AT_ARGS) {
+    attention_tiled_body<8>(AT_PASS);
+}
+extern "C" __global__ void __launch_bounds__(64 * AT_HEADS) attention_tiled1(AT_ARGS) {
+    attention_tiled_body<1>(AT_PASS);
+}
+extern "C" __global__ void __launch_bounds__(64 * AT_HEADS) attention_tiled2(AT_ARGS) {
+    attention_tiled_body<2>(AT_PASS);
 }
 
 // ggml's vectorized expf (`ggml_v_expf`), as the CPU backend computes it: a degree-5

@@ -91,9 +91,11 @@ enum K {
     MatmulQ8kTiled,
     MatmulQ8kMma,
     AttentionTiled,
+    AttentionTiled1,
+    AttentionTiled2,
 }
 
-const KERNEL_NAMES: [&str; 22] = [
+const KERNEL_NAMES: [&str; 24] = [
     "matmul",
     "quantize_q8",
     "matmul_q8",
@@ -116,6 +118,8 @@ const KERNEL_NAMES: [&str; 22] = [
     "matmul_q8k_tiled",
     "matmul_q8k_mma",
     "attention_tiled",
+    "attention_tiled1",
+    "attention_tiled2",
 ];
 
 /// Products of more rows than this run in tiles (`matmul_q8_tiled`, `matmul_q81_tiled`,
@@ -1267,10 +1271,22 @@ impl Backend for CudaBackend {
             f(a.softcap),
             self.p(buf(&o)?),
         ];
-        // Batches of 64 rows or more: the CPU backend's tiled numerics (ggml-cpu's), blocks
-        // of 64 threads (a tile's positions).
+        // Batches of 64 rows or more: the CPU backend's tiled numerics (ggml-cpu's), 64
+        // threads (a tile's positions) for each of up to 4 heads of a KV group a block.
         if rows >= FA_TILE_ROWS {
-            self.rec(K::AttentionTiled, grid(rows * a.n_head, 64), args);
+            let group = a.n_head / c.n_head_kv.max(1);
+            let hpb = [4, 3, 2, 1]
+                .into_iter()
+                .find(|&d| group.is_multiple_of(d))
+                .unwrap_or(1);
+            let k = match c.head_dim {
+                0..=64 => K::AttentionTiled1,
+                65..=128 => K::AttentionTiled2,
+                _ => K::AttentionTiled,
+            };
+            let mut args = args;
+            args.push(Arg::I(hpb as i32));
+            self.rec(k, grid(rows * a.n_head / hpb, 64 * hpb as u32), args);
             return self.send_part();
         }
         // Prompts: blocks of 64 threads where the head fits two values a thread; decoding

@@ -469,8 +469,11 @@ fn long_attention_agrees_with_the_cpu_backend() {
     let cpu = cpu();
     // (heads, KV heads, head size, prompt rows, then steps of these rows, window, soft cap)
     type Case = (u32, u32, usize, usize, &'static [usize], u32, f32);
-    let cases: [Case; 6] = [
+    // Batches of 64+ rows: blocks take up to 4 heads of a KV group (groups of 3, 4, 2, 1
+    // and 8 here: two blocks a group).
+    let cases: [Case; 7] = [
         (9, 3, 64, 290, &[1, 3, 1], 0, 0.0),
+        (16, 2, 64, 80, &[1], 0, 0.0),
         (4, 1, 256, 70, &[1, 2], 0, 0.0),
         // An odd head size: no value tiles (they are copied in words), keys a value a load.
         (2, 1, 65, 20, &[1, 64], 0, 0.0),
