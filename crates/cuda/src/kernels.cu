@@ -1818,8 +1818,8 @@ __device__ __forceinline__ void km_load_x(KmNext<TY>& nx, const u8* xq, int nb, 
 template <int TY>
 __device__ __forceinline__ void km_store(const KmNext<TY>& nx, const u8* wb_for_shift, int cc,
                                          int p, signed char* ws, int (*scs)[17],
-                                         float* dws, float* dms, signed char* xs,
-                                         int (*xm)[KM_META]) {
+                                         unsigned (*mpk)[2], float* dws, float* dms,
+                                         signed char* xs, int (*xm)[KM_META]) {
     int* wrow = (int*)(ws + cc * KM_PITCH);
     if constexpr (TY == T_Q4_K) {
         // Bytes 32p.. of the nibbles: sub-block 2p's values (low nibbles), then 2p + 1's.
@@ -1838,6 +1838,7 @@ __device__ __forceinline__ void km_store(const KmNext<TY>& nx, const u8* wb_for_
         int base = p < 2 ? 4 * p : 8 + 4 * (p - 2);
 #pragma unroll
         for (int i = 0; i < 4; i++) scs[cc][base + i] = (int)((e >> (8 * i)) & 0xff);
+        if (p >= 2) mpk[cc][p - 2] = e;
         if (p == 0) {
             dws[cc] = h2f((u16)(nx.w[8] & 0xffff));
             dms[cc] = h2f((u16)(nx.w[8] >> 16));
@@ -1884,6 +1885,7 @@ struct KmShared {
     __align__(16) signed char ws[KM_TILE * KM_PITCH];
     __align__(16) signed char xs[KM_TILE * KM_PITCH];
     int scs[KM_TILE][17];
+    unsigned mpk[KM_TILE][2];  // Q4_K: the 8 mins as bytes
     int xm[KM_TILE][KM_META];
     float dws[KM_TILE], dms[KM_TILE];
 };
@@ -1893,6 +1895,7 @@ __device__ __forceinline__ void matmul_q8k_mma_typed(const u8* w, int k, int n, 
                                                      int rows, float* y, KmShared& sh) {
     signed char *ws = sh.ws, *xs = sh.xs;
     int(*scs)[17] = sh.scs;
+    unsigned(*mpk)[2] = sh.mpk;
     int(*xm)[KM_META] = sh.xm;
     float *dws = sh.dws, *dms = sh.dms;
     constexpr bool q6 = TY == T_Q6_K;
@@ -1914,7 +1917,7 @@ __device__ __forceinline__ void matmul_q8k_mma_typed(const u8* w, int k, int n, 
         for (int e = 0; e < 4; e++) acc[j][e] = 0.0f;
     for (int bi = 0; bi < nb; bi++) {
         const u8* wb = w + ((size_t)wcol * nb + bi) * bb;
-        km_store<TY>(nx, wb, cc, p, ws, scs, dws, dms, xs, xm);
+        km_store<TY>(nx, wb, cc, p, ws, scs, mpk, dws, dms, xs, xm);
         __syncthreads();
         if (bi + 1 < nb) {
             km_load_w<TY>(nx, w, nb, bb, wcol, p, bi + 1);
@@ -1968,19 +1971,50 @@ __device__ __forceinline__ void matmul_q8k_mma_typed(const u8* w, int k, int n, 
                 }
             }
         }
+        // Q4_K's mins: s2 = Σ_sb min[col][sb] · sum[row][sb], exact integers, by two MMAs
+        // of k = 16 (8 used): the row sums (14 bits) split into a low byte (u8) and a high
+        // one (s8), s2 = low + 256 · high.
+        int s2[4][4];
+        if (!q6) {
+            unsigned alo[2] = {0u, 0u}, ahi[2] = {0u, 0u};
+            if (q < 2) {
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        int v = km_bsum(xm[wr + g + 8 * h], 4 * q + i);
+                        alo[h] |= (unsigned)(v & 0xff) << (8 * i);
+                        ahi[h] |= (unsigned)((v >> 8) & 0xff) << (8 * i);
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                unsigned b0 = q < 2 ? mpk[wc + 8 * j + g][q] : 0u;
+                int l0 = 0, l1 = 0, l2 = 0, l3 = 0, h0 = 0, h1 = 0, h2 = 0, h3 = 0;
+                asm volatile(
+                    "mma.sync.aligned.m16n8k16.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, "
+                    "{%4,%5}, {%6}, {%0,%1,%2,%3};"
+                    : "+r"(l0), "+r"(l1), "+r"(l2), "+r"(l3)
+                    : "r"(alo[0]), "r"(alo[1]), "r"(b0));
+                asm volatile(
+                    "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, "
+                    "{%4,%5}, {%6}, {%0,%1,%2,%3};"
+                    : "+r"(h0), "+r"(h1), "+r"(h2), "+r"(h3)
+                    : "r"(ahi[0]), "r"(ahi[1]), "r"(b0));
+                s2[j][0] = l0 + 256 * h0;
+                s2[j][1] = l1 + 256 * h1;
+                s2[j][2] = l2 + 256 * h2;
+                s2[j][3] = l3 + 256 * h3;
+            }
+        }
 #pragma unroll
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int col = wc + 8 * j + 2 * q + (e & 1), row = wr + g + 8 * (e >> 1);
                 float p = __fmul_rn((float)s1[j][e], dws[col]);
-                if (!q6) {
-                    // The mins' integer sum (exact in any order).
-                    int s2 = 0;
-#pragma unroll
-                    for (int sb = 0; sb < 8; sb++) s2 += scs[col][8 + sb] * km_bsum(xm[row], sb);
-                    p = fmaf(-dms[col], (float)s2, p);
-                }
+                if (!q6) p = fmaf(-dms[col], (float)s2[j][e], p);
                 acc[j][e] = __fadd_rn(acc[j][e], __fmul_rn(p, __int_as_float(xm[row][0])));
             }
         __syncthreads();
