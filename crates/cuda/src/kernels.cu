@@ -1320,14 +1320,13 @@ __device__ __forceinline__ void matmul_q8_tile(const u8* w, int ty, int k, int n
     int tn = (n + TILE_N - 1) / TILE_N;  // a 1-D grid: column tiles within row tiles
     int col0 = (blockIdx.x % tn) * TILE_N, row0 = (blockIdx.x / tn) * TILE_M;
     int rg = g & 7, cg = g >> 3;
-    float acc[4][8], summs[Q81 ? 4 : 1][Q81 ? 8 : 1];
+    // Q81: the m·s chain of the thread's rows and its column cg + 4 l (one chain an output,
+    // kept by the output's slot-l thread, l = its column's c).
+    float acc[4][8], summs[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < 4; i++)
 #pragma unroll
-        for (int c = 0; c < 8; c++) {
-            acc[i][c] = 0.0f;
-            if (Q81) summs[Q81 ? i : 0][Q81 ? c : 0] = 0.0f;
-        }
+        for (int c = 0; c < 8; c++) acc[i][c] = 0.0f;
     for (int b0 = 0; b0 < nb; b0 += TILE_K) {
         int kb_n = min(TILE_K, nb - b0);
         // Weights: TILE_N columns × TILE_K blocks × 8 words; scales (and mins).
@@ -1355,18 +1354,21 @@ __device__ __forceinline__ void matmul_q8_tile(const u8* w, int ty, int k, int n
         __syncthreads();
         for (int kb = 0; kb < kb_n; kb++) {
             int xw[4], ww[8];
-            float dx[4], dw[8], sx[4], mw[8];
+            float dx[4], dw[8];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 xw[i] = xs[rg + 8 * i][kb * 8 + l];
                 dx[i] = dxs[rg + 8 * i][kb];
-                if (Q81) sx[i] = sxs[rg + 8 * i][kb];
             }
 #pragma unroll
             for (int c = 0; c < 8; c++) {
                 ww[c] = ws[cg + 4 * c][kb * 8 + l];
                 dw[c] = dws[cg + 4 * c][kb];
-                if (Q81) mw[c] = mws[cg + 4 * c][kb];
+            }
+            if (Q81) {
+                float mw = mws[cg + 4 * l][kb];
+#pragma unroll
+                for (int i = 0; i < 4; i++) summs[i] = fmaf(mw, sxs[rg + 8 * i][kb], summs[i]);
             }
 #pragma unroll
             for (int i = 0; i < 4; i++)
@@ -1374,10 +1376,6 @@ __device__ __forceinline__ void matmul_q8_tile(const u8* w, int ty, int k, int n
                 for (int c = 0; c < 8; c++) {
                     int sum = __dp4a(ww[c], xw[i], 0);
                     acc[i][c] = fmaf(__fmul_rn(dw[c], dx[i]), (float)sum, acc[i][c]);
-                    if (Q81) {
-                        summs[Q81 ? i : 0][Q81 ? c : 0] =
-                            fmaf(mw[c], sx[i], summs[Q81 ? i : 0][Q81 ? c : 0]);
-                    }
                 }
         }
         __syncthreads();
@@ -1387,9 +1385,11 @@ __device__ __forceinline__ void matmul_q8_tile(const u8* w, int ty, int k, int n
 #pragma unroll
         for (int c = 0; c < 8; c++) {
             float s = hsum8(acc[i][c]);
+            // The output's m·s chain, from its slot-c thread (the same 8 lanes).
+            float ms = Q81 ? __shfl_sync(0xffffffff, summs[i], (t & 24) | c) : 0.0f;
             int row = row0 + rg + 8 * i, col = col0 + cg + 4 * c;
             if (l == 0 && row < rows && col < n) {
-                y[(size_t)row * n + col] = Q81 ? __fadd_rn(s, summs[Q81 ? i : 0][Q81 ? c : 0]) : s;
+                y[(size_t)row * n + col] = Q81 ? __fadd_rn(s, ms) : s;
             }
         }
 }
