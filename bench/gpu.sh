@@ -116,7 +116,11 @@ offload)
 bg)
     case "${2:-}" in llama | quantizer) ;; *) echo "bg llama or bg quantizer" >&2; exit 2 ;; esac
     rm -f "$SCRATCH/bg.done" && touch "$SCRATCH/bg.started"
-    setsid nohup bash -c "'$0' $2 && '$0' synth; touch '$SCRATCH/bg.done'" \
+    # From a copy of what it needs: the next command's copy of this tree replaces this one
+    # (a build configured while it was being copied found no tests/llama-ref/main.cpp).
+    rm -rf "$SCRATCH/tree" && mkdir -p "$SCRATCH/tree/tests"
+    cp -r bench scripts "$SCRATCH/tree/" && cp -r tests/llama-ref "$SCRATCH/tree/tests/"
+    setsid nohup bash -c "cd '$SCRATCH/tree' && bench/gpu.sh $2 && bench/gpu.sh synth; touch '$SCRATCH/bg.done'" \
         >"$SCRATCH/bg.log" 2>&1 </dev/null &
     echo "started: $2, then synth (log: $SCRATCH/bg.log)"
     ;;
