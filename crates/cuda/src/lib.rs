@@ -19,7 +19,9 @@
 //! bits: a norm into the product after it, products of one input into one launch, an add
 //! into the product that made its operand, the RoPE of q and k into one launch that stores
 //! the keys and values, and that launch (normal mode) into the q/k/v product before it
-//! (`REALM_CUDA_ROPE_FOLD=0`: not; the rules and their guards against races: `merge`). A
+//! (`REALM_CUDA_ROPE_FOLD=0`: not; the rules and their guards against races: `merge`); a
+//! merged launch too large for one wave of blocks takes more columns a warp when sent
+//! (`merge::one_wave`; `REALM_CUDA_ONE_WAVE=0`: not). A
 //! step whose launches equal the previous step's (decoding: same kernels, buffers and
 //! shapes; positions live in device memory) is captured once as a CUDA graph and replayed,
 //! one launch per token instead of one per op. A step is sent in growing parts (one layer,
