@@ -44,6 +44,7 @@ wait_bg() {
         sleep 2
     done
     [ -f "$SCRATCH/bg.done" ] || { echo "the background build has not finished" >&2; exit 1; }
+    [ -f "$SCRATCH/bg.ok" ] || { tail -20 "$SCRATCH/bg.log" >&2; echo "the background build failed" >&2; exit 1; }
     tail -3 "$SCRATCH/bg.log"
 }
 
@@ -115,12 +116,12 @@ offload)
     ;;
 bg)
     case "${2:-}" in llama | quantizer) ;; *) echo "bg llama or bg quantizer" >&2; exit 2 ;; esac
-    rm -f "$SCRATCH/bg.done" && touch "$SCRATCH/bg.started"
+    rm -f "$SCRATCH/bg.done" "$SCRATCH/bg.ok" && touch "$SCRATCH/bg.started"
     # From a copy of what it needs: the next command's copy of this tree replaces this one
     # (a build configured while it was being copied found no tests/llama-ref/main.cpp).
     rm -rf "$SCRATCH/tree" && mkdir -p "$SCRATCH/tree/tests"
     cp -r bench scripts "$SCRATCH/tree/" && cp -r tests/llama-ref "$SCRATCH/tree/tests/"
-    setsid nohup bash -c "cd '$SCRATCH/tree' && bench/gpu.sh $2 && bench/gpu.sh synth; touch '$SCRATCH/bg.done'" \
+    setsid nohup bash -c "cd '$SCRATCH/tree' && bench/gpu.sh $2 && bench/gpu.sh synth && touch '$SCRATCH/bg.ok'; touch '$SCRATCH/bg.done'" \
         >"$SCRATCH/bg.log" 2>&1 </dev/null &
     echo "started: $2, then synth (log: $SCRATCH/bg.log)"
     ;;
