@@ -172,33 +172,24 @@ parity1b)
     REALM_REQUIRE_GPU=1 REALM_GPU_MODEL="$SCRATCH"/llama-1b.q4_k_m.gguf "$SCRATCH"/gpu-test \
         --nocapture greedy_ids
     ;;
-profile)
+profile | profile-pp)
     wait_bg
-    # Kernels of decode steps (after the 16-token prompt's), one at a time under ncu; its
-    # clock and cache controls off, so that durations are those of a real run.
+    # Under ncu, one kernel at a time, its clock and cache controls off so that durations
+    # are those of a real run: `profile`, 400 kernels of decode steps (after the 16-token
+    # prompt's); `profile-pp`, every kernel of one 512-token prompt (and a decode step).
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
     export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
+    if [ "$1" = profile ]; then
+        pick=(--launch-skip 2000 -c 400) run=(-p 16 -n 64)
+    else
+        pick=() run=(-p 512 -n 1)
+    fi
     for m in "$SCRATCH"/model.gguf "$SCRATCH"/llama-1b.q4_k_m.gguf; do
         [ -f "$m" ] || continue
-        csv="$SCRATCH/profile-$(basename "$m" .gguf).csv"
+        csv="$SCRATCH/$1-$(basename "$m" .gguf).csv"
         /usr/local/cuda/bin/ncu --graph-profiling node --clock-control none --cache-control none \
-            --metrics gpu__time_duration.sum --csv --launch-skip 2000 -c 400 \
-            "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 -p 16 -n 64 --runs 1 \
-            >"$csv" 2>/dev/null
-        python3 bench/gpu-profile.py "$csv"
-    done
-    ;;
-profile-pp)
-    wait_bg
-    # Every kernel of one 512-token prompt (and the one decode step after it).
-    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-    export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
-    for m in "$SCRATCH"/model.gguf "$SCRATCH"/llama-1b.q4_k_m.gguf; do
-        [ -f "$m" ] || continue
-        csv="$SCRATCH/profile-pp-$(basename "$m" .gguf).csv"
-        /usr/local/cuda/bin/ncu --graph-profiling node --clock-control none --cache-control none \
-            --metrics gpu__time_duration.sum --csv \
-            "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 -p 512 -n 1 --runs 1 \
+            --metrics gpu__time_duration.sum --csv "${pick[@]}" \
+            "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 "${run[@]}" --runs 1 \
             >"$csv" 2>/dev/null
         python3 bench/gpu-profile.py "$csv"
     done
