@@ -1759,7 +1759,6 @@ extern "C" __global__ void __launch_bounds__(256) matmul_q8k_tiled(const u8* w, 
 #define KM_TILE 64
 #define KM_PITCH 272
 #define KM_META 9  // an activation row's words: d, then the 16 sums of 16 as 8 pairs
-template <int TY>
 struct KmNext {
     unsigned w[18];  // Q4_K uses 12
     int x[16];
@@ -1781,7 +1780,7 @@ __device__ __forceinline__ unsigned km_word(const unsigned* r, int i, int shift)
 }
 
 template <int TY>
-__device__ __forceinline__ void km_load_w(KmNext<TY>& nx, const u8* w, int nb, int bb, int col,
+__device__ __forceinline__ void km_load_w(KmNext& nx, const u8* w, int nb, int bb, int col,
                                           int p, int bi) {
     const u8* wb = w + ((size_t)col * nb + bi) * bb;
     if constexpr (TY == T_Q4_K) {
@@ -1800,8 +1799,7 @@ __device__ __forceinline__ void km_load_w(KmNext<TY>& nx, const u8* w, int nb, i
         nx.w[17] = *(const u16*)(wb + 208);
     }
 }
-template <int TY>
-__device__ __forceinline__ void km_load_x(KmNext<TY>& nx, const u8* xq, int nb, int rows,
+__device__ __forceinline__ void km_load_x(KmNext& nx, const u8* xq, int nb, int rows,
                                           int row, int p, int bi) {
     // Row t / 4 (as the weights' column): words p + 4i of its values, its d and sums words
     // p, p + 4, p + 8 (of 9).
@@ -1816,7 +1814,7 @@ __device__ __forceinline__ void km_load_x(KmNext<TY>& nx, const u8* xq, int nb, 
 }
 
 template <int TY>
-__device__ __forceinline__ void km_store(const KmNext<TY>& nx, const u8* wb_for_shift, int cc,
+__device__ __forceinline__ void km_store(const KmNext& nx, const u8* wb_for_shift, int cc,
                                          int p, signed char* ws, int (*scs)[17],
                                          unsigned (*mpk)[2], float* dws, float* dms,
                                          signed char* xs, int (*xm)[KM_META]) {
@@ -1835,10 +1833,13 @@ __device__ __forceinline__ void km_store(const KmNext<TY>& nx, const u8* wb_for_
         else if (p == 1) e = (u2 & 0x0f0f0f0fu) | (((u0 >> 6) & 0x03030303u) << 4);
         else if (p == 2) e = u1 & 0x3f3f3f3fu;
         else e = ((u2 >> 4) & 0x0f0f0f0fu) | (((u1 >> 6) & 0x03030303u) << 4);
-        int base = p < 2 ? 4 * p : 8 + 4 * (p - 2);
+        // Scales a word each (the sub-block loop's), mins as their four bytes (the MMAs').
+        if (p < 2) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) scs[cc][base + i] = (int)((e >> (8 * i)) & 0xff);
-        if (p >= 2) mpk[cc][p - 2] = e;
+            for (int i = 0; i < 4; i++) scs[cc][4 * p + i] = (int)((e >> (8 * i)) & 0xff);
+        } else {
+            mpk[cc][p - 2] = e;
+        }
         if (p == 0) {
             dws[cc] = h2f((u16)(nx.w[8] & 0xffff));
             dms[cc] = h2f((u16)(nx.w[8] >> 16));
@@ -1884,7 +1885,7 @@ __device__ __forceinline__ int km_bsum(const int* m, int i) {
 struct KmShared {
     __align__(16) signed char ws[KM_TILE * KM_PITCH];
     __align__(16) signed char xs[KM_TILE * KM_PITCH];
-    int scs[KM_TILE][17];
+    int scs[KM_TILE][17];      // Q4_K: the 8 scales; Q6_K: the 16
     unsigned mpk[KM_TILE][2];  // Q4_K: the 8 mins as bytes
     int xm[KM_TILE][KM_META];
     float dws[KM_TILE], dms[KM_TILE];
@@ -1905,11 +1906,11 @@ __device__ __forceinline__ void matmul_q8k_mma_typed(const u8* w, int k, int n, 
     int col0 = (blockIdx.x % tn) * KM_TILE, row0 = (blockIdx.x / tn) * KM_TILE;
     int wr = 16 * (wid & 3), wc = 32 * (wid >> 2);
     int cc = t >> 2, p = t & 3, wcol = min(col0 + cc, n - 1);
-    KmNext<TY> nx;
+    KmNext nx;
     // The first weights before step_start (read-only), the activations after it.
     km_load_w<TY>(nx, w, nb, bb, wcol, p, 0);
     step_start();
-    km_load_x<TY>(nx, xq, nb, rows, row0 + cc, p, 0);
+    km_load_x(nx, xq, nb, rows, row0 + cc, p, 0);
     float acc[4][4];
 #pragma unroll
     for (int j = 0; j < 4; j++)
@@ -1921,7 +1922,7 @@ __device__ __forceinline__ void matmul_q8k_mma_typed(const u8* w, int k, int n, 
         __syncthreads();
         if (bi + 1 < nb) {
             km_load_w<TY>(nx, w, nb, bb, wcol, p, bi + 1);
-            km_load_x<TY>(nx, xq, nb, rows, row0 + cc, p, bi + 1);
+            km_load_x(nx, xq, nb, rows, row0 + cc, p, bi + 1);
         }
         int s1[4][4];
 #pragma unroll
