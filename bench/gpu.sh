@@ -18,10 +18,12 @@
 #     bench/gpu.sh compare   # llama-bench -fa 1 -ngl 99 and `realm bench --device cuda`
 #                            # on SmolLM2 and the 1B model: pp512 and tg128
 #     bench/gpu.sh parity1b  # the GPU-vs-CPU greedy test on the 1B model
+#     bench/gpu.sh ab "" "MV_CH=4"  # kernel variants (REALM_CUDA_DEFINES) side by side
 #     bench/gpu.sh parts     # decode with whole steps and with parts of several growths
 #     bench/gpu.sh profile   # ncu over decode steps of both models: per-kernel shares
 #                            # (bench/gpu-profile.py), clocks and caches as in a real run
 #     bench/gpu.sh profile-pp # the same over a 512-token prompt of each model
+#                            # (MODELS="a.gguf ..." instead of both, without waiting for bg)
 #     bench/gpu.sh sass K [M] # one decode launch of kernel K (on model M, default SmolLM2):
 #                            # ncu's instruction and stall statistics, and its SASS source
 #                            # view (CSV into $OUT when set) summed by bench/gpu-sass.py;
@@ -90,6 +92,20 @@ remote)
     "$SCRATCH"/realm run --device cuda --model "$SCRATCH"/model.gguf --temp 0 -n 24 "What is the capital of France?"
     "$SCRATCH"/realm bench --device cuda --model "$SCRATCH"/model.gguf -t 1 -p 64,512 -n 128 --runs 3
     ;;
+ab)
+    # Kernel variants side by side: `bench/gpu.sh ab "" "MV_CH=4" ...`, each set of macros
+    # (REALM_CUDA_DEFINES; "" the defaults) in turn, twice, decode and prompt rates of MODEL.
+    shift
+    export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
+    m=${AB_MODEL:-$SCRATCH/model.gguf}
+    for round in 1 2; do
+        for d in "$@"; do
+            echo "== round $round REALM_CUDA_DEFINES='$d'"
+            REALM_CUDA_DEFINES=$d "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 -p 512 -n 128 --runs 3 | grep -E 'pp512|tg128'
+        done
+    done
+    ;;
 parts)
     # Decode with the step sent whole (0) and in parts growing 2, 3 (the default) and 6-fold.
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -120,7 +136,7 @@ bg)
     # From a copy of what it needs: the next command's copy of this tree replaces this one
     # (a build configured while it was being copied found no tests/llama-ref/main.cpp).
     rm -rf "$SCRATCH/tree" && mkdir -p "$SCRATCH/tree/tests"
-    cp -r bench scripts "$SCRATCH/tree/" && cp -r tests/llama-ref "$SCRATCH/tree/tests/"
+    cp -r bench scripts "$SCRATCH/tree/" && cp -r tests/llama-ref tests/models "$SCRATCH/tree/tests/"
     setsid nohup bash -c "cd '$SCRATCH/tree' && bench/gpu.sh $2 && bench/gpu.sh synth && touch '$SCRATCH/bg.ok'; touch '$SCRATCH/bg.done'" \
         >"$SCRATCH/bg.log" 2>&1 </dev/null &
     echo "started: $2, then synth (log: $SCRATCH/bg.log)"
@@ -173,7 +189,7 @@ parity1b)
         --nocapture greedy_ids
     ;;
 profile | profile-pp)
-    wait_bg
+    [ -n "${MODELS:-}" ] || wait_bg
     # Under ncu, one kernel at a time, its clock and cache controls off so that durations
     # are those of a real run: `profile`, 400 kernels of decode steps (after the 16-token
     # prompt's); `profile-pp`, every kernel of one 512-token prompt (and a decode step).
@@ -184,7 +200,7 @@ profile | profile-pp)
     else
         pick=() run=(-p 512 -n 1)
     fi
-    for m in "$SCRATCH"/model.gguf "$SCRATCH"/llama-1b.q4_k_m.gguf; do
+    for m in ${MODELS:-"$SCRATCH"/model.gguf "$SCRATCH"/llama-1b.q4_k_m.gguf}; do
         [ -f "$m" ] || continue
         csv="$SCRATCH/$1-$(basename "$m" .gguf).csv"
         /usr/local/cuda/bin/ncu --graph-profiling node --clock-control none --cache-control none \
@@ -195,11 +211,11 @@ profile | profile-pp)
     done
     ;;
 sass)
-    wait_bg
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
     export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
     kernel=${2:?a kernel name, e.g. matmul_q8_fused}
     model=${3:-$SCRATCH/model.gguf}
+    [ "$model" = "$SCRATCH/model.gguf" ] || wait_bg  # only the 1B model waits for bg
     csv="${OUT:-$SCRATCH}/$kernel.csv"
     ncu=(/usr/local/cuda/bin/ncu --graph-profiling node --clock-control none --cache-control none
         --kernel-name "$kernel" --launch-skip "${SKIP:-400}" --launch-count 1)

@@ -586,6 +586,140 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
     }
 }
 
+// A level of score64's tree: slot l plus slot l + O, for l < O.
+template <int O>
+__device__ __forceinline__ void tree_sum(float (&a)[64]) {
+#pragma unroll
+    for (int l = 0; l < O; l++) a[l] = __fadd_rn(a[l], a[l + O]);
+}
+
+// score64 of one position by one thread (hd a multiple of 64): the same 64 slots, then the
+// same tree of sums, bit for bit; the key's values loaded 8 at a time (16 bytes).
+__device__ __forceinline__ float score_row(const float* qs, const u16* kr, int hd) {
+    float a[64];
+#pragma unroll
+    for (int i = 0; i < 64; i++) a[i] = 0.0f;
+    for (int i = 0; i < hd; i += 64) {
+        uint4 kw[8];
+#pragma unroll
+        for (int w = 0; w < 8; w++) kw[w] = ((const uint4*)(kr + i))[w];
+#pragma unroll
+        for (int w = 0; w < 8; w++) {
+            unsigned ws[4] = {kw[w].x, kw[w].y, kw[w].z, kw[w].w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int d = 8 * w + 2 * e;
+                a[d] = __fadd_rn(a[d], __fmul_rn(h2f((u16)(ws[e] & 0xffffu)), qs[i + d]));
+                a[d + 1] = __fadd_rn(a[d + 1], __fmul_rn(h2f((u16)(ws[e] >> 16)), qs[i + d + 1]));
+            }
+        }
+    }
+    tree_sum<32>(a);
+    tree_sum<16>(a);
+    tree_sum<8>(a);
+    tree_sum<4>(a);
+    tree_sum<2>(a);
+    tree_sum<1>(a);
+    return a[0];
+}
+
+// Positions of a chunk of attention_rows (its values' tile: 32 KiB of dynamic shared memory).
+#define AR_TILE_BYTES 32768
+
+// attention's numerics for a few rows (decoding) and heads of a multiple of 64 values (up to
+// 256), in fewer steps: a chunk of 16384 / hd positions at a time, thread t scoring position
+// t alone (score_row), the running maxima one scan over the block, each thread the factors
+// (msa, vsa) of its own position; the chunk's values copied to shared memory (16 bytes at a
+// time) while it scores; then the walk, thread d over output value d, as attention's.
+extern "C" __global__ void __launch_bounds__(256) attention_rows(
+    const float* q, const u16* kc, const u16* vc, int rows, int n_head, int n_kv, int hd,
+    const int* pos_p, float scale, int window, float softcap, float* out) {
+    step_start();
+    extern __shared__ __align__(16) u16 ar_vt[];
+    __shared__ __align__(16) float qs[256];
+    __shared__ float2 mv[256];
+    __shared__ float wmax[8];
+    int t = threadIdx.x, lane = t & 31, warp = t >> 5, warps = blockDim.x >> 5;
+    int r = rows == 1 ? 0 : blockIdx.x / n_head;
+    int h = blockIdx.x - r * n_head;
+    int kvh = h / (n_head / n_kv), width = n_kv * hd, off = kvh * hd;
+    int p = *pos_p + r;
+    int start = window > 0 ? max(0, p + 1 - window) : 0;
+    int len = p + 1 - start;
+    const float* qh = q + ((size_t)r * n_head + h) * hd;
+    // q rounded to f16 once.
+    for (int d = t; d < hd; d += blockDim.x) qs[d] = h2f(f2h(qh[d]));
+    int chunk = AR_TILE_BYTES / 2 / hd;
+    // The tile's copy: lane = piece `w` (8 values) of position `sub` of each group of `per`.
+    int pieces = hd / 8, per = 32 / pieces, sub = lane / pieces, w = lane - sub * pieces;
+    float sum = 0.0f, m_prev = NEG_INF;
+    u16 acc = 0;
+    for (int c0 = 0; c0 < len; c0 += chunk) {
+        int cl = min(chunk, len - c0);
+        __syncthreads();  // q is in qs; the chunk before is walked
+        for (int j = sub < per ? warp * per + sub : cl; j < cl; j += warps * per) {
+            const u16* src = vc + (size_t)(start + c0 + j) * width + off + 8 * w;
+            u16* dst = ar_vt + j * hd + 8 * w;
+#if __CUDA_ARCH__ >= 800
+            unsigned sa = (unsigned)__cvta_generic_to_shared(dst);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(sa), "l"(src));
+#else
+            *(uint4*)dst = *(const uint4*)src;
+#endif
+        }
+#if __CUDA_ARCH__ >= 800
+        asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+        float s = NEG_INF;
+        if (t < cl)
+            s = capped(score_row(qs, kc + (size_t)(start + c0 + t) * width + off, hd), scale,
+                       softcap);
+        // The running maximum before each position: m_prev, the warps before, the lanes before.
+        float incl = s;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            float y = __shfl_up_sync(0xffffffff, incl, o);
+            if (lane >= o) incl = fmaxf(incl, y);
+        }
+        if (lane == 31) wmax[warp] = incl;
+        __syncthreads();
+        float run = m_prev, total = m_prev;
+        for (int u = 0; u < warps; u++) {
+            if (u < warp) run = fmaxf(run, wmax[u]);
+            total = fmaxf(total, wmax[u]);
+        }
+        float excl = __shfl_up_sync(0xffffffff, incl, 1);
+        if (lane > 0) run = fmaxf(run, excl);
+        if (t < cl)
+            mv[t] = s > run ? make_float2(exp_rn(run - s), 1.0f)
+                            : make_float2(1.0f, exp_rn(s - run));
+        m_prev = total;
+        v_tile_wait();
+        if (t < hd) {
+            const u16* vcol = ar_vt + t;
+            for (int j0 = 0; j0 < cl; j0 += 8) {
+                u16 vv[8];
+                float2 f[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    int j = min(j0 + u, cl - 1);
+                    vv[u] = vcol[j * hd];
+                    f[u] = mv[j];
+                }
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    if (j0 + u >= cl) break;
+                    float ms = f[u].x, vs = f[u].y;
+                    if (ms != 1.0f) acc = f2h(h2f(acc) * ms);
+                    sum = fmaf(sum, ms, vs);
+                    acc = f2h(fmaf(h2f(vv[u]), vs, h2f(acc)));
+                }
+            }
+        }
+    }
+    if (t < hd) out[((size_t)r * n_head + h) * hd + t] = h2f(acc) * (1.0f / sum);
+}
+
 __device__ float v_expf(float x);
 
 // Causal attention of batches of 64 query rows or more, in the numerics the CPU backend takes
@@ -883,6 +1017,11 @@ __device__ __forceinline__ int ld4(const u8* p) {
                  ((unsigned)p[3] << 24));
 }
 
+// Blocks a lane of the fused matvec holds per chunk (Q5 types half as many); a macro so
+// that variants can be compared (REALM_CUDA_DEFINES).
+#ifndef MV_CH
+#define MV_CH 16
+#endif
 // A 32-value quant's block layout, per type.
 template <int TY>
 struct Q32 {
@@ -895,7 +1034,7 @@ struct Q32 {
                             : TY == T_Q5_0 ? 6 : 8;
     // Blocks a lane's registers hold per chunk (two chunks: the next one's loads in flight):
     // Q5's blocks take three words a lane, the others two.
-    static constexpr int CH = Q5 ? 8 : 16;
+    static constexpr int CH = Q5 ? MV_CH / 2 : MV_CH;
 };
 
 // Four bytes at p: one word where the block size keeps words aligned, else two halves.
@@ -1110,6 +1249,9 @@ __device__ __forceinline__ void fused_out(const Fuse& f, float* y, size_t at, fl
     if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
 }
 
+#ifndef MV_XU
+#define MV_XU 8
+#endif
 // x's rows as 40-byte q8 blocks in shared memory: d and d·Σq (q8_1; else 0) as f32, then
 // the 32 quants at 8.
 __device__ __forceinline__ void q8_rows_smem(const float* x, int rows, int k, int q81,
@@ -1117,15 +1259,15 @@ __device__ __forceinline__ void q8_rows_smem(const float* x, int rows, int k, in
     int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int nb = k / 32;
     for (int q = 0; q < rows; q++)
-    for (int base = wib; base < nb; base += 8 * warps) {
-        float v[8];
+    for (int base = wib; base < nb; base += MV_XU * warps) {
+        float v[MV_XU];
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
+        for (int i = 0; i < MV_XU; i++) {
             int blk = base + i * warps;
             v[i] = blk < nb ? fused_in(x, f, rs, q, k, blk * 32 + lane) : 0.0f;
         }
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
+        for (int i = 0; i < MV_XU; i++) {
             int blk = base + i * warps;
             if (blk >= nb) break;
             Q8v r = q8_of(v[i], q81);

@@ -95,9 +95,10 @@ enum K {
     AttentionTiled,
     AttentionTiled1,
     AttentionTiled2,
+    AttentionRows,
 }
 
-const KERNEL_NAMES: [&str; 24] = [
+const KERNEL_NAMES: [&str; 25] = [
     "matmul",
     "quantize_q8",
     "matmul_q8",
@@ -122,6 +123,7 @@ const KERNEL_NAMES: [&str; 24] = [
     "attention_tiled",
     "attention_tiled1",
     "attention_tiled2",
+    "attention_rows",
 ];
 
 /// Products of more rows than this run in tiles (`matmul_q8_tiled`, `matmul_q81_tiled`,
@@ -131,6 +133,8 @@ const MATVEC_ROWS: usize = 8;
 /// Query rows from which attention takes the CPU backend's tiled numerics
 /// (`realm_kernels::kernels::FA_TILE`, ggml-cpu's `GGML_FA_TILE_Q`; a test checks they agree).
 const FA_TILE_ROWS: usize = 64;
+/// Dynamic shared memory of `attention_rows`: a chunk's values (`AR_TILE_BYTES`).
+const ATTENTION_ROWS_TILE: u32 = 32 * 1024;
 /// Rows and columns of a `matmul_q8_tiled` block.
 const TILE: usize = 32;
 /// Rows and columns of a `matmul_q8k_mma` block.
@@ -286,7 +290,16 @@ impl CudaDevice {
             .filter(|&g| g == 0 || (2..=64).contains(&g))
             .unwrap_or(PART_GROWTH);
         let rope_fold = std::env::var("REALM_CUDA_ROPE_FOLD").map_or(true, |v| v != "0");
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, nvrtc_options(major))
+        let mut options = nvrtc_options(major);
+        // Kernel variants for comparisons: REALM_CUDA_DEFINES="NAME=VALUE ..." (macros that
+        // kernels.cu tests with #ifndef, e.g. MV_CH).
+        if let Ok(defines) = std::env::var("REALM_CUDA_DEFINES") {
+            options.options = defines
+                .split_whitespace()
+                .map(|d| format!("-D{d}"))
+                .collect();
+        }
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, options)
             .map_err(|e| format!("compiling Realm's CUDA kernels: {e}"))?;
         let module = ctx
             .load_module(ptx)
@@ -1298,6 +1311,15 @@ impl Backend for CudaBackend {
         } else {
             256
         };
+        // Heads of 64, 128, 192 or 256 values: a thread a position (`attention_rows`).
+        if threads == 256 && c.head_dim.is_multiple_of(64) && c.head_dim <= 256 {
+            let cfg = LaunchConfig {
+                shared_mem_bytes: ATTENTION_ROWS_TILE,
+                ..grid(rows * a.n_head, threads)
+            };
+            self.rec(K::AttentionRows, cfg, args);
+            return self.send_part();
+        }
         // Decoding: 16 KiB more for a tile of values, copied while the block scores (in
         // words: heads of an even size).
         let tile = if threads == 256 && c.head_dim.is_multiple_of(2) {
