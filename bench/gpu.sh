@@ -18,7 +18,8 @@
 #     bench/gpu.sh compare   # llama-bench -fa 1 -ngl 99 and `realm bench --device cuda`
 #                            # on SmolLM2 and the 1B model: pp512 and tg128
 #     bench/gpu.sh parity1b  # the GPU-vs-CPU greedy test on the 1B model
-#     bench/gpu.sh ab "" "MV_CH=4"  # kernel variants (REALM_CUDA_DEFINES) side by side
+#     bench/gpu.sh ab "" "REALM_CUDA_MATVEC_WARPS=16"  # variants side by side (env settings;
+#                            # REALM_CUDA_DEFINES=A=1,B=2 for kernel macros)
 #     bench/gpu.sh parts     # decode with whole steps and with parts of several growths
 #     bench/gpu.sh profile   # ncu over decode steps of both models: per-kernel shares
 #                            # (bench/gpu-profile.py), clocks and caches as in a real run
@@ -93,16 +94,18 @@ remote)
     "$SCRATCH"/realm bench --device cuda --model "$SCRATCH"/model.gguf -t 1 -p 64,512 -n 128 --runs 3
     ;;
 ab)
-    # Kernel variants side by side: `bench/gpu.sh ab "" "MV_CH=4" ...`, each set of macros
-    # (REALM_CUDA_DEFINES; "" the defaults) in turn, twice, decode and prompt rates of MODEL.
+    # Variants side by side: `bench/gpu.sh ab "" "REALM_CUDA_DEFINES=MV_CH=8,X=1"
+    # "REALM_CUDA_MATVEC_WARPS=16" ...`, each set of environment settings ("" none) in turn,
+    # twice: prompt and decode rates of AB_MODEL (default SmolLM2).
     shift
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
     export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
     m=${AB_MODEL:-$SCRATCH/model.gguf}
     for round in 1 2; do
         for d in "$@"; do
-            echo "== round $round REALM_CUDA_DEFINES='$d'"
-            REALM_CUDA_DEFINES=$d "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 -p 512 -n 128 --runs 3 | grep -E 'pp512|tg128'
+            echo "== round $round: ${d:-defaults}"
+            # shellcheck disable=SC2086 # $d is a list of assignments
+            env $d "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 -p 512 -n 128 --runs 3 | grep -E 'pp512|tg128'
         done
     done
     ;;

@@ -594,15 +594,19 @@ __device__ __forceinline__ void tree_sum(float (&a)[64]) {
 }
 
 // score64 of one position by one thread (hd a multiple of 64): the same 64 slots, then the
-// same tree of sums, bit for bit; the key's values loaded 8 at a time (16 bytes).
-__device__ __forceinline__ float score_row(const float* qs, const u16* kr, int hd) {
+// same tree of sums, bit for bit; the key's values loaded 8 at a time (16 bytes), the first
+// 64 (kw) by the caller.
+__device__ __forceinline__ void key_words(const u16* kr, uint4 (&kw)[8]) {
+#pragma unroll
+    for (int w = 0; w < 8; w++) kw[w] = ((const uint4*)kr)[w];
+}
+__device__ __forceinline__ float score_row(const float* qs, const u16* kr, int hd,
+                                           uint4 (&kw)[8]) {
     float a[64];
 #pragma unroll
     for (int i = 0; i < 64; i++) a[i] = 0.0f;
     for (int i = 0; i < hd; i += 64) {
-        uint4 kw[8];
-#pragma unroll
-        for (int w = 0; w < 8; w++) kw[w] = ((const uint4*)(kr + i))[w];
+        if (i > 0) key_words(kr + i, kw);
 #pragma unroll
         for (int w = 0; w < 8; w++) {
             unsigned ws[4] = {kw[w].x, kw[w].y, kw[w].z, kw[w].w};
@@ -623,14 +627,24 @@ __device__ __forceinline__ float score_row(const float* qs, const u16* kr, int h
     return a[0];
 }
 
+// One position of attention's walk: what was summed rescaled by msa (when not 1), the
+// position's value weighed by vsa, the f16 rounding chain as the CPU's.
+__device__ __forceinline__ void walk_step(float2 f, u16 v, float& sum, u16& acc) {
+    float ms = f.x, vs = f.y;
+    if (ms != 1.0f) acc = f2h(h2f(acc) * ms);
+    sum = fmaf(sum, ms, vs);
+    acc = f2h(fmaf(h2f(v), vs, h2f(acc)));
+}
+
 // Positions of a chunk of attention_rows (its values' tile: 32 KiB of dynamic shared memory).
 #define AR_TILE_BYTES 32768
 
-// attention's numerics for a few rows (decoding) and heads of a multiple of 64 values (up to
-// 256), in fewer steps: a chunk of 16384 / hd positions at a time, thread t scoring position
-// t alone (score_row), the running maxima one scan over the block, each thread the factors
-// (msa, vsa) of its own position; the chunk's values copied to shared memory (16 bytes at a
-// time) while it scores; then the walk, thread d over output value d, as attention's.
+// attention's numerics for a few rows (decoding) and heads of 64, 128 or 256 values, in
+// fewer steps: a chunk of 16384 / hd positions at a time, thread t scoring position t alone
+// (score_row; its key's loads issued before anything waits), the running maxima one scan
+// over the block, each thread the factors (msa, vsa) of its own position; the chunk's
+// values copied to shared memory (16 bytes at a time) while it scores; then the walk, thread
+// d over output value d, as attention's (eight positions' loads ahead of their chain).
 extern "C" __global__ void __launch_bounds__(256) attention_rows(
     const float* q, const u16* kc, const u16* vc, int rows, int n_head, int n_kv, int hd,
     const int* pos_p, float scale, int window, float softcap, float* out) {
@@ -640,22 +654,27 @@ extern "C" __global__ void __launch_bounds__(256) attention_rows(
     __shared__ float2 mv[256];
     __shared__ float wmax[8];
     int t = threadIdx.x, lane = t & 31, warp = t >> 5, warps = blockDim.x >> 5;
-    int r = rows == 1 ? 0 : blockIdx.x / n_head;
+    // Unsigned divisions (shorter), and shifts by hd's log2.
+    int r = rows == 1 ? 0 : (unsigned)blockIdx.x / (unsigned)n_head;
     int h = blockIdx.x - r * n_head;
-    int kvh = h / (n_head / n_kv), width = n_kv * hd, off = kvh * hd;
+    int kvh = (unsigned)h / ((unsigned)n_head / (unsigned)n_kv), width = n_kv * hd;
+    int off = kvh * hd, lg = __ffs(hd) - 1;
     int p = *pos_p + r;
     int start = window > 0 ? max(0, p + 1 - window) : 0;
     int len = p + 1 - start;
     const float* qh = q + ((size_t)r * n_head + h) * hd;
     // q rounded to f16 once.
     for (int d = t; d < hd; d += blockDim.x) qs[d] = h2f(f2h(qh[d]));
-    int chunk = AR_TILE_BYTES / 2 / hd;
+    int chunk = AR_TILE_BYTES / 2 >> lg;
     // The tile's copy: lane = piece `w` (8 values) of position `sub` of each group of `per`.
-    int pieces = hd / 8, per = 32 / pieces, sub = lane / pieces, w = lane - sub * pieces;
+    int per = 256 >> lg, sub = lane >> (lg - 3), w = lane & ((hd >> 3) - 1);
     float sum = 0.0f, m_prev = NEG_INF;
     u16 acc = 0;
     for (int c0 = 0; c0 < len; c0 += chunk) {
         int cl = min(chunk, len - c0);
+        const u16* kr = kc + (size_t)(start + c0 + min(t, cl - 1)) * width + off;
+        uint4 kw[8];
+        key_words(kr, kw);
         __syncthreads();  // q is in qs; the chunk before is walked
         for (int j = sub < per ? warp * per + sub : cl; j < cl; j += warps * per) {
             const u16* src = vc + (size_t)(start + c0 + j) * width + off + 8 * w;
@@ -671,9 +690,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_rows(
         asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
         float s = NEG_INF;
-        if (t < cl)
-            s = capped(score_row(qs, kc + (size_t)(start + c0 + t) * width + off, hd), scale,
-                       softcap);
+        if (t < cl) s = capped(score_row(qs, kr, hd, kw), scale, softcap);
         // The running maximum before each position: m_prev, the warps before, the lanes before.
         float incl = s;
 #pragma unroll
@@ -690,31 +707,27 @@ extern "C" __global__ void __launch_bounds__(256) attention_rows(
         }
         float excl = __shfl_up_sync(0xffffffff, incl, 1);
         if (lane > 0) run = fmaxf(run, excl);
-        if (t < cl)
-            mv[t] = s > run ? make_float2(exp_rn(run - s), 1.0f)
-                            : make_float2(1.0f, exp_rn(s - run));
+        if (t < cl) {
+            float e = exp_rn(s > run ? run - s : s - run);
+            mv[t] = s > run ? make_float2(e, 1.0f) : make_float2(1.0f, e);
+        }
         m_prev = total;
         v_tile_wait();
         if (t < hd) {
             const u16* vcol = ar_vt + t;
-            for (int j0 = 0; j0 < cl; j0 += 8) {
+            int j0 = 0;
+            for (; j0 + 8 <= cl; j0 += 8) {
                 u16 vv[8];
-                float2 f[8];
+                float2 fs[8];
 #pragma unroll
                 for (int u = 0; u < 8; u++) {
-                    int j = min(j0 + u, cl - 1);
-                    vv[u] = vcol[j * hd];
-                    f[u] = mv[j];
+                    vv[u] = vcol[(j0 + u) << lg];
+                    fs[u] = mv[j0 + u];
                 }
 #pragma unroll
-                for (int u = 0; u < 8; u++) {
-                    if (j0 + u >= cl) break;
-                    float ms = f[u].x, vs = f[u].y;
-                    if (ms != 1.0f) acc = f2h(h2f(acc) * ms);
-                    sum = fmaf(sum, ms, vs);
-                    acc = f2h(fmaf(h2f(vv[u]), vs, h2f(acc)));
-                }
+                for (int u = 0; u < 8; u++) walk_step(fs[u], vv[u], sum, acc);
             }
+            for (; j0 < cl; j0++) walk_step(mv[j0], vcol[j0 << lg], sum, acc);
         }
     }
     if (t < hd) out[((size_t)r * n_head + h) * hd + t] = h2f(acc) * (1.0f / sum);
@@ -1249,35 +1262,75 @@ __device__ __forceinline__ void fused_out(const Fuse& f, float* y, size_t at, fl
     if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
 }
 
-#ifndef MV_XU
-#define MV_XU 8
-#endif
 // x's rows as 40-byte q8 blocks in shared memory: d and d·Σq (q8_1; else 0) as f32, then
-// the 32 quants at 8.
+// the 32 quants at 8. A thread a block (the values quantize_q8 makes, with no shuffles: a
+// block's maximum and sum do not depend on their order), its 32 values (normed as fused_in
+// norms them) loaded 16 bytes at a time where x and the norm weight are so aligned.
 __device__ __forceinline__ void q8_rows_smem(const float* x, int rows, int k, int q81,
                                              const Fuse& f, const float* rs, u8* xs) {
-    int lane = threadIdx.x & 31, wib = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int nb = k / 32;
-    for (int q = 0; q < rows; q++)
-    for (int base = wib; base < nb; base += MV_XU * warps) {
-        float v[MV_XU];
+    bool v4 = (((size_t)x | (size_t)f.nw) & 15) == 0;
+    for (int i = threadIdx.x; i < rows * nb; i += blockDim.x) {
+        int q = rows == 1 ? 0 : i / nb, blk = i - q * nb;
+        size_t at = (size_t)q * k + blk * 32;
+        float v[32];
+        if (v4) {
 #pragma unroll
-        for (int i = 0; i < MV_XU; i++) {
-            int blk = base + i * warps;
-            v[i] = blk < nb ? fused_in(x, f, rs, q, k, blk * 32 + lane) : 0.0f;
-        }
-#pragma unroll
-        for (int i = 0; i < MV_XU; i++) {
-            int blk = base + i * warps;
-            if (blk >= nb) break;
-            Q8v r = q8_of(v[i], q81);
-            u8* b = xs + ((size_t)q * nb + blk) * 40;
-            if (lane == 0) {
-                ((float*)b)[0] = h2f(r.d);
-                ((float*)b)[1] = h2f(r.s);
+            for (int w = 0; w < 8; w++) {
+                float4 a = ((const float4*)(x + at))[w];
+                v[4 * w] = a.x, v[4 * w + 1] = a.y, v[4 * w + 2] = a.z, v[4 * w + 3] = a.w;
             }
-            b[8 + lane] = (u8)(signed char)r.q;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 32; j++) v[j] = x[at + j];
         }
+        if (f.nw) {
+            float n[32];
+            if (v4) {
+#pragma unroll
+                for (int w = 0; w < 8; w++) {
+                    float4 a = ((const float4*)(f.nw + blk * 32))[w];
+                    n[4 * w] = a.x, n[4 * w + 1] = a.y, n[4 * w + 2] = a.z, n[4 * w + 3] = a.w;
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 32; j++) n[j] = f.nw[blk * 32 + j];
+            }
+#pragma unroll
+            for (int j = 0; j < 32; j++) {
+                v[j] = (v[j] * rs[q]) * n[j];
+                if (blockIdx.x == 0) f.xo[at + j] = v[j];
+            }
+        }
+        float m[16];
+#pragma unroll
+        for (int j = 0; j < 16; j++) m[j] = fmaxf(fabsf(v[j]), fabsf(v[j + 16]));
+#pragma unroll
+        for (int o = 8; o > 0; o /= 2) {
+#pragma unroll
+            for (int j = 0; j < o; j++) m[j] = fmaxf(m[j], m[j + o]);
+        }
+        float amax = m[0];
+        float d = amax / 127.0f;
+        float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        unsigned words[8];
+#pragma unroll
+        for (int w = 0; w < 8; w++) {
+            unsigned word = 0;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int qv = (int)rintf(v[4 * w + e] * id);
+                sum += qv;
+                word |= ((unsigned)qv & 255u) << (8 * e);
+            }
+            words[w] = word;
+        }
+        u8* b = xs + (size_t)i * 40;
+        ((float*)b)[0] = h2f(f2h(d));
+        ((float*)b)[1] = q81 ? h2f(f2h(d * (float)sum)) : 0.0f;
+#pragma unroll
+        for (int w = 0; w < 8; w++) ((unsigned*)(b + 8))[w] = words[w];
     }
 }
 

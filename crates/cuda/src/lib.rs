@@ -291,11 +291,12 @@ impl CudaDevice {
             .unwrap_or(PART_GROWTH);
         let rope_fold = std::env::var("REALM_CUDA_ROPE_FOLD").map_or(true, |v| v != "0");
         let mut options = nvrtc_options(major);
-        // Kernel variants for comparisons: REALM_CUDA_DEFINES="NAME=VALUE ..." (macros that
+        // Kernel variants for comparisons: REALM_CUDA_DEFINES="NAME=VALUE,..." (macros that
         // kernels.cu tests with #ifndef, e.g. MV_CH).
         if let Ok(defines) = std::env::var("REALM_CUDA_DEFINES") {
             options.options = defines
-                .split_whitespace()
+                .split([' ', ','])
+                .filter(|d| !d.is_empty())
                 .map(|d| format!("-D{d}"))
                 .collect();
         }
@@ -1311,8 +1312,8 @@ impl Backend for CudaBackend {
         } else {
             256
         };
-        // Heads of 64, 128, 192 or 256 values: a thread a position (`attention_rows`).
-        if threads == 256 && c.head_dim.is_multiple_of(64) && c.head_dim <= 256 {
+        // Heads of 64, 128 or 256 values: a thread a position (`attention_rows`).
+        if threads == 256 && matches!(c.head_dim, 64 | 128 | 256) {
             let cfg = LaunchConfig {
                 shared_mem_bytes: ATTENTION_ROWS_TILE,
                 ..grid(rows * a.n_head, threads)
