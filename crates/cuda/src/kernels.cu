@@ -1035,6 +1035,10 @@ __device__ __forceinline__ int ld4(const u8* p) {
 #ifndef MV_CH
 #define MV_CH 16
 #endif
+// Whether the fused matvec prefetches its warp's later weight chunks into L2.
+#ifndef MV_PREFETCH
+#define MV_PREFETCH 1
+#endif
 // A 32-value quant's block layout, per type.
 template <int TY>
 struct Q32 {
@@ -1384,7 +1388,19 @@ __device__ __forceinline__ void matvec_q8_fused(const u8* w, int k, int n, const
     int items = (cols + 3) / 4 * passes * cpc;
     WSlot cur[CH], nxt[CH];
     int col = col0 + cg;  // this lane's column of the chunk in `cur`
-    if (items) w_chunk<TY>(w, f, col, 0, 0, n, nb, l, cur);
+    if (items) {
+        w_chunk<TY>(w, f, col, 0, 0, n, nb, l, cur);
+#if MV_PREFETCH
+        // The rest of the warp's weights (its columns' rows are one range) on their way to
+        // L2, so that the later chunks' loads wait less.
+        size_t bytes = (size_t)cols * nb * Q::BB;
+        for (int pass = 0; pass < passes; pass++) {
+            const u8* wr = (pass ? f.w2 : w) + (size_t)col0 * nb * Q::BB;
+            for (size_t at = (size_t)lane * 128; at < bytes; at += 32 * 128)
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(wr + at));
+        }
+#endif
+    }
     step_start();  // the first weights are on their way while the kernel before finishes
     __shared__ float rs[MATVEC_ROWS];
     if (f.nw) norm_scales(x, rows, k, f.eps, rs);
