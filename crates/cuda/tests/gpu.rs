@@ -457,9 +457,10 @@ fn ops_agree_with_the_cpu_backend() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
-/// Attention over long contexts against the CPU backend, bit for bit: decoding copies values
-/// into shared memory in tiles (128 positions of a 64-value head, 32 of a 256-value one),
-/// so these contexts take several tiles a row; heads of an odd size take none. Batches of 64
+/// Attention over long contexts against the CPU backend, bit for bit: decoding takes heads of
+/// 64, 128 and 256 values in chunks (`attention_rows`: 256, 128 and 64 positions), so these
+/// contexts take several chunks a row; other sizes take `attention` (an odd size: no value
+/// tiles); batches of 16 to 63 rows take `attention` too. Batches of 64
 /// rows or more take the CPU's other numerics (ggml-cpu's tiled flash attention), with and
 /// without a window and a soft cap; batches below 64 the f16 ones.
 #[test]
@@ -477,7 +478,7 @@ fn long_attention_agrees_with_the_cpu_backend() {
         (4, 1, 256, 70, &[1, 2], 0, 0.0),
         // An odd head size: no value tiles (they are copied in words), keys a value a load.
         (2, 1, 65, 20, &[1, 64], 0, 0.0),
-        (2, 2, 128, 64, &[1, 63, 100], 0, 0.0),
+        (2, 2, 128, 64, &[1, 63, 100, 1], 0, 0.0),
         (4, 2, 128, 100, &[1, 70], 50, 0.0),
         (4, 4, 64, 90, &[2, 65], 0, 30.0),
     ];
