@@ -593,13 +593,14 @@ __device__ __forceinline__ void tree_sum(float (&a)[64]) {
     for (int l = 0; l < O; l++) a[l] = __fadd_rn(a[l], a[l + O]);
 }
 
-// score64 of one position by one thread (hd a multiple of 64): the same 64 slots, then the
-// same tree of sums, bit for bit; the key's values loaded 8 at a time (16 bytes), the first
-// 64 (kw) by the caller.
+// 64 of a key's f16 values (16-byte aligned), 8 a load.
 __device__ __forceinline__ void key_words(const u16* kr, uint4 (&kw)[8]) {
 #pragma unroll
     for (int w = 0; w < 8; w++) kw[w] = ((const uint4*)kr)[w];
 }
+
+// score64 of one position by one thread (hd a multiple of 64): the same 64 slots, then the
+// same tree of sums, bit for bit; the key's first 64 values (kw) loaded by the caller.
 __device__ __forceinline__ float score_row(const float* qs, const u16* kr, int hd,
                                            uint4 (&kw)[8]) {
     float a[64];
@@ -636,7 +637,8 @@ __device__ __forceinline__ void walk_step(float2 f, u16 v, float& sum, u16& acc)
     acc = f2h(fmaf(h2f(v), vs, h2f(acc)));
 }
 
-// Positions of a chunk of attention_rows (its values' tile: 32 KiB of dynamic shared memory).
+// A chunk of attention_rows: as many positions as 32 KiB of values (its tile, in dynamic
+// shared memory) hold.
 #define AR_TILE_BYTES 32768
 
 // attention's numerics for a few rows (decoding) and heads of 64, 128 or 256 values, in
@@ -645,6 +647,7 @@ __device__ __forceinline__ void walk_step(float2 f, u16 v, float& sum, u16& acc)
 // over the block, each thread the factors (msa, vsa) of its own position; the chunk's
 // values copied to shared memory (16 bytes at a time) while it scores; then the walk, thread
 // d over output value d, as attention's (eight positions' loads ahead of their chain).
+// Blocks of 256 threads (a chunk's positions and a head's values a thread each).
 extern "C" __global__ void __launch_bounds__(256) attention_rows(
     const float* q, const u16* kc, const u16* vc, int rows, int n_head, int n_kv, int hd,
     const int* pos_p, float scale, int window, float softcap, float* out) {
