@@ -435,6 +435,30 @@ __device__ __forceinline__ void v_tile_wait() {
     __syncthreads();
 }
 
+// The running maximum before thread t's values (v, its values' maximum): m_prev, then the
+// warps before t's, then the lanes before t's; `total` that of all (m_prev included). A
+// barrier inside (wmax: a float a warp, shared).
+__device__ __forceinline__ float running_max(float v, float m_prev, float* wmax, float& total) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        float y = __shfl_up_sync(0xffffffff, incl, o);
+        if (lane >= o) incl = fmaxf(incl, y);
+    }
+    if (lane == 31) wmax[warp] = incl;
+    __syncthreads();
+    float run = m_prev;
+    total = m_prev;
+    for (int w = 0; w < warps; w++) {
+        if (w < warp) run = fmaxf(run, wmax[w]);
+        total = fmaxf(total, wmax[w]);
+    }
+    float excl = __shfl_up_sync(0xffffffff, incl, 1);
+    if (lane > 0) run = fmaxf(run, excl);
+    return run;
+}
+
 extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, int rows,
                                      int n_head, int n_kv, int hd, const int* pos_p,
                                      float scale, int window, float softcap, float* out) {
@@ -509,20 +533,8 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
         for (int i = 0; i < 8; i++) {
             if (base + i < cl) lm = fmaxf(lm, sc[base + i]);
         }
-        float incl = lm;
-        for (int o = 1; o < 32; o <<= 1) {
-            float y = __shfl_up_sync(0xffffffff, incl, o);
-            if (lane >= o) incl = fmaxf(incl, y);
-        }
-        if (lane == 31) wmax[warp] = incl;
-        __syncthreads();
-        float run = m_prev, total = m_prev;
-        for (int w = 0; w < warps; w++) {
-            if (w < warp) run = fmaxf(run, wmax[w]);
-            total = fmaxf(total, wmax[w]);
-        }
-        float excl = __shfl_up_sync(0xffffffff, incl, 1);
-        if (lane > 0) run = fmaxf(run, excl);
+        float total;
+        float run = running_max(lm, m_prev, wmax, total);
         for (int i = 0; i < 8; i++) {
             int j = base + i;
             if (j >= cl) break;
@@ -694,22 +706,8 @@ extern "C" __global__ void __launch_bounds__(256) attention_rows(
 #endif
         float s = NEG_INF;
         if (t < cl) s = capped(score_row(qs, kr, hd, kw), scale, softcap);
-        // The running maximum before each position: m_prev, the warps before, the lanes before.
-        float incl = s;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            float y = __shfl_up_sync(0xffffffff, incl, o);
-            if (lane >= o) incl = fmaxf(incl, y);
-        }
-        if (lane == 31) wmax[warp] = incl;
-        __syncthreads();
-        float run = m_prev, total = m_prev;
-        for (int u = 0; u < warps; u++) {
-            if (u < warp) run = fmaxf(run, wmax[u]);
-            total = fmaxf(total, wmax[u]);
-        }
-        float excl = __shfl_up_sync(0xffffffff, incl, 1);
-        if (lane > 0) run = fmaxf(run, excl);
+        float total;
+        float run = running_max(s, m_prev, wmax, total);
         if (t < cl) {
             float e = exp_rn(s > run ? run - s : s - run);
             mv[t] = s > run ? make_float2(e, 1.0f) : make_float2(1.0f, e);
