@@ -274,6 +274,20 @@ impl CudaDevice {
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| format!("CUDA device {ordinal}: {e}"))?;
+        // How a host thread waits for the GPU, for comparisons (REALM_CUDA_SCHED=spin, yield
+        // or blocking; the driver's own choice otherwise: spinning while there are fewer
+        // contexts than cores).
+        if let Ok(how) = std::env::var("REALM_CUDA_SCHED") {
+            use sys::CUctx_flags::*;
+            let flags = match how.as_str() {
+                "spin" => CU_CTX_SCHED_SPIN,
+                "yield" => CU_CTX_SCHED_YIELD,
+                "blocking" => CU_CTX_SCHED_BLOCKING_SYNC,
+                _ => return Err(format!("REALM_CUDA_SCHED={how}: spin, yield or blocking")),
+            };
+            ctx.set_flags(flags)
+                .map_err(|e| format!("REALM_CUDA_SCHED={how}: {e}"))?;
+        }
         // Buffers are ordered by Realm itself (a tenant's on its stream; weights uploaded and
         // waited for before any tenant reads them): cudarc's per-use events would only add
         // host time to every op.
