@@ -459,6 +459,15 @@ __device__ __forceinline__ float running_max(float v, float m_prev, float* wmax,
     return run;
 }
 
+// One position of attention's walk: what was summed rescaled by msa (when not 1), the
+// position's value weighed by vsa, the f16 rounding chain as the CPU's.
+__device__ __forceinline__ void walk_step(float2 f, u16 v, float& sum, u16& acc) {
+    float ms = f.x, vs = f.y;
+    if (ms != 1.0f) acc = f2h(h2f(acc) * ms);
+    sum = fmaf(sum, ms, vs);
+    acc = f2h(fmaf(h2f(v), vs, h2f(acc)));
+}
+
 extern "C" __global__ void attention(const float* q, const u16* kc, const u16* vc, int rows,
                                      int n_head, int n_kv, int hd, const int* pos_p,
                                      float scale, int window, float softcap, float* out) {
@@ -582,10 +591,7 @@ extern "C" __global__ void attention(const float* q, const u16* kc, const u16* v
                     for (int u = 0; u < 8; u++) {
                         int j = t0 + j0 + u;
                         if (j0 + u >= tl) break;
-                        float ms = msa[j], vs = vsa[j];
-                        if (ms != 1.0f) acc[t] = f2h(h2f(acc[t]) * ms);
-                        sum[t] = fmaf(sum[t], ms, vs);
-                        acc[t] = f2h(fmaf(h2f(vv[u]), vs, h2f(acc[t])));
+                        walk_step(make_float2(msa[j], vsa[j]), vv[u], sum[t], acc[t]);
                     }
                 }
             }
@@ -638,15 +644,6 @@ __device__ __forceinline__ float score_row(const float* qs, const u16* kr, int h
     tree_sum<2>(a);
     tree_sum<1>(a);
     return a[0];
-}
-
-// One position of attention's walk: what was summed rescaled by msa (when not 1), the
-// position's value weighed by vsa, the f16 rounding chain as the CPU's.
-__device__ __forceinline__ void walk_step(float2 f, u16 v, float& sum, u16& acc) {
-    float ms = f.x, vs = f.y;
-    if (ms != 1.0f) acc = f2h(h2f(acc) * ms);
-    sum = fmaf(sum, ms, vs);
-    acc = f2h(fmaf(h2f(v), vs, h2f(acc)));
 }
 
 // A chunk of attention_rows: as many positions as 32 KiB of values (its tile, in dynamic
@@ -1267,6 +1264,20 @@ __device__ __forceinline__ void fused_out(const Fuse& f, float* y, size_t at, fl
     if (f.acc) f.acc[at] = __fadd_rn(f.acc[at], s);
 }
 
+// 32 floats at p, by 16-byte loads when `v4` (p 16-byte aligned).
+__device__ __forceinline__ void load32(const float* p, bool v4, float (&v)[32]) {
+    if (v4) {
+#pragma unroll
+        for (int w = 0; w < 8; w++) {
+            float4 a = ((const float4*)p)[w];
+            v[4 * w] = a.x, v[4 * w + 1] = a.y, v[4 * w + 2] = a.z, v[4 * w + 3] = a.w;
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 32; j++) v[j] = p[j];
+    }
+}
+
 // x's rows as 40-byte q8 blocks in shared memory: d and d·Σq (q8_1; else 0) as f32, then
 // the 32 quants at 8. A thread a block (the values quantize_q8 makes, with no shuffles: a
 // block's maximum and sum do not depend on their order), its 32 values (normed as fused_in
@@ -1279,28 +1290,10 @@ __device__ __forceinline__ void q8_rows_smem(const float* x, int rows, int k, in
         int q = rows == 1 ? 0 : i / nb, blk = i - q * nb;
         size_t at = (size_t)q * k + blk * 32;
         float v[32];
-        if (v4) {
-#pragma unroll
-            for (int w = 0; w < 8; w++) {
-                float4 a = ((const float4*)(x + at))[w];
-                v[4 * w] = a.x, v[4 * w + 1] = a.y, v[4 * w + 2] = a.z, v[4 * w + 3] = a.w;
-            }
-        } else {
-#pragma unroll
-            for (int j = 0; j < 32; j++) v[j] = x[at + j];
-        }
+        load32(x + at, v4, v);
         if (f.nw) {
             float n[32];
-            if (v4) {
-#pragma unroll
-                for (int w = 0; w < 8; w++) {
-                    float4 a = ((const float4*)(f.nw + blk * 32))[w];
-                    n[4 * w] = a.x, n[4 * w + 1] = a.y, n[4 * w + 2] = a.z, n[4 * w + 3] = a.w;
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < 32; j++) n[j] = f.nw[blk * 32 + j];
-            }
+            load32(f.nw + blk * 32, v4, n);
 #pragma unroll
             for (int j = 0; j < 32; j++) {
                 v[j] = (v[j] * rs[q]) * n[j];
