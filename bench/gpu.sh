@@ -96,16 +96,21 @@ remote)
 ab)
     # Variants side by side: `bench/gpu.sh ab "" "REALM_CUDA_DEFINES=MV_CH=8,X=1"
     # "REALM_CUDA_MATVEC_WARPS=16" ...`, each set of environment settings ("" none) in turn,
-    # twice: prompt and decode rates of AB_MODEL (default SmolLM2).
+    # twice (ROUNDS=N: N times): prompt and decode rates of AB_MODEL (default SmolLM2), or
+    # what AB_RUN asks of `realm bench` (default "-p 512 -n 128 --runs 3"). A setting may end
+    # in a command that runs realm (`env` runs it): "taskset -c 3", "REALM_X=1 taskset -c 3".
+    # With REALM_CUDA_TRACE=1 each session's step times are shown too.
     shift
     export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
     export REALM_COMPONENT="$SCRATCH"/realm_guest.wasm
     m=${AB_MODEL:-$SCRATCH/model.gguf}
-    for round in 1 2; do
+    read -ra run <<<"${AB_RUN:--p 512 -n 128 --runs 3}"
+    for round in $(seq "${ROUNDS:-2}"); do
         for d in "$@"; do
             echo "== round $round: ${d:-defaults}"
-            # shellcheck disable=SC2086 # $d is a list of assignments
-            env $d "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 -p 512 -n 128 --runs 3 | grep -E 'pp512|tg128'
+            # shellcheck disable=SC2086 # $d is a list of assignments (and a command)
+            env $d "$SCRATCH"/realm bench --device cuda --model "$m" -t 1 "${run[@]}" 2>&1 |
+                grep -E '\| pp|\| tg|trace'
         done
     done
     ;;

@@ -25,12 +25,13 @@
 //! step whose launches equal the previous step's (decoding: same kernels, buffers and
 //! shapes; positions live in device memory) is captured once as a CUDA graph and replayed,
 //! one launch per token instead of one per op. A step is sent in growing parts (one layer,
-//! then three times as many launches as the part before, `send_part`), so that the GPU runs
+//! then 1.25 times as many launches as the part before, `send_part`), so that the GPU runs
 //! the first layers while the guest queues the rest; each part has a graph of its own
 //! (`REALM_CUDA_PARTS=0` sends whole steps, `=N` parts growing N-fold). On compute
 //! capability 9.0+ a tenant's launches are programmatic dependent launches: a kernel is
 //! scheduled while the one before it runs and waits for it in `step_start` (decode
-//! 1.16-1.21× on the H200; `REALM_CUDA_PDL=0` turns it off).
+//! 1.16-1.21× on the H200; `REALM_CUDA_PDL=0` turns it off). `REALM_CUDA_TRACE=1` prints
+//! where each session's steps spent their time (`trace`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -46,6 +47,7 @@ use realm_compute::{
 };
 
 mod merge;
+mod trace;
 
 const KERNELS: &str = include_str!("kernels.cu");
 
@@ -187,9 +189,9 @@ pub struct CudaDevice {
     /// launch, compute capability 9.0+: each kernel waits in `step_start`).
     pdl: bool,
     /// Steps are sent in parts while the guest queues them (`send_part`), each part this
-    /// many times as long as the one before: `PART_GROWTH`, or REALM_CUDA_PARTS (2 to 64;
+    /// many times as long as the one before: `PART_GROWTH`, or REALM_CUDA_PARTS (1 to 64;
     /// 0 sends whole steps).
-    part_growth: usize,
+    part_growth: f32,
     /// Normal-mode RoPE folded into the q/k/v launch before it (`merge::fold_rope`), unless
     /// REALM_CUDA_ROPE_FOLD=0.
     rope_fold: bool,
@@ -301,7 +303,7 @@ impl CudaDevice {
         let part_growth = std::env::var("REALM_CUDA_PARTS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .filter(|&g| g == 0 || (2..=64).contains(&g))
+            .filter(|&g: &f32| g == 0.0 || (1.0..=64.0).contains(&g))
             .unwrap_or(PART_GROWTH);
         let rope_fold = std::env::var("REALM_CUDA_ROPE_FOLD").map_or(true, |v| v != "0");
         let mut options = nvrtc_options(major);
@@ -560,8 +562,11 @@ pub struct CudaCache {
 /// Positions a step can pass to its kernels through device memory before it is flushed.
 const POS_SLOTS: usize = 4096;
 /// Each part of a step sent before its end has at least this many times the launches of
-/// the part before it (`send_part`).
-const PART_GROWTH: usize = 3;
+/// the part before it (`send_part`). Small, so that the guest (whose WIT calls queue a
+/// SmolLM2 layer in 11-19 µs on the H200 machine, against 23-25 µs of the GPU's) has the
+/// next part ready before the GPU has run the last one (`REALM_CUDA_TRACE`; SmolLM2 decode
+/// 1,345 tok/s against 942-1,151 with growth 3, the 1B model 1,101 against 1,061-1,071).
+const PART_GROWTH: f32 = 1.25;
 
 /// A CUDA graph of one part of a step's launches, replayed while the steps stay the same.
 struct Replay {
@@ -606,6 +611,40 @@ pub struct CudaBackend {
     ids: RefCell<Option<CudaSlice<u32>>>,
     /// RoPE's cos and sin per position, one table per set of parameters in use.
     ropes: RefCell<Vec<RopeTable>>,
+    /// Step times, with `REALM_CUDA_TRACE=1` (`trace`).
+    trace: Option<trace::Tracer>,
+    /// Where rows read back land first (`read_row`).
+    pinned: RefCell<Option<Pinned>>,
+}
+
+/// Page-locked host memory for rows read back: the GPU copies into it directly, where a
+/// copy into pageable memory goes through the driver's own staging (40-70 µs for a
+/// 49,152-value row on the H200 machine, `REALM_CUDA_TRACE`). Not write-combined: the host
+/// reads it.
+struct Pinned {
+    ptr: *mut f32,
+    len: usize,
+}
+
+impl Pinned {
+    fn new(ctx: &Arc<CudaContext>, len: usize) -> Result<Self> {
+        ctx.bind_to_thread().map_err(gpu)?;
+        // SAFETY: a plain allocation of `len` f32s (flags 0: page-locked, cached), freed
+        // once, on drop.
+        let ptr = unsafe { cudarc::driver::result::malloc_host(len * 4, 0) }.map_err(gpu)?;
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from malloc_host and is freed only here; no copy into it is
+        // pending (each read waits for its copy).
+        let _ = unsafe { cudarc::driver::result::free_host(self.ptr.cast()) };
+    }
 }
 
 /// RoPE's (cos, sin) pairs for positions `..positions` of one set of parameters, made on
@@ -628,6 +667,7 @@ impl CudaBackend {
             Err(_) => (dev.stream.clone(), false),
         };
         let pos = stream.alloc_zeros::<i32>(POS_SLOTS).ok();
+        let trace = trace::Tracer::from_env(&dev.ctx);
         Self {
             dev,
             stream,
@@ -641,6 +681,8 @@ impl CudaBackend {
             xq: RefCell::new(None),
             ids: RefCell::new(None),
             ropes: RefCell::default(),
+            trace,
+            pinned: RefCell::new(None),
         }
     }
 
@@ -692,6 +734,9 @@ impl CudaBackend {
 
     /// Queues kernel `k`.
     fn rec(&self, k: K, cfg: LaunchConfig, args: Vec<Arg>) {
+        if let Some(t) = &self.trace {
+            t.queued();
+        }
         self.queue.borrow_mut().launches.push(Launch {
             k,
             grid: cfg.grid_dim.0,
@@ -751,14 +796,19 @@ impl CudaBackend {
         } else {
             q.written = q.pos.len();
             q.sent += launches.len();
-            self.part
-                .set((part + 1, self.dev.part_growth * launches.len()));
+            self.part.set((
+                part + 1,
+                (self.dev.part_growth * launches.len() as f32).ceil() as usize,
+            ));
         }
         if launches.is_empty() {
             return Ok(());
         }
         let retired = std::mem::take(&mut q.retired);
         drop(q);
+        if let Some(t) = &self.trace {
+            t.sending(&self.stream);
+        }
         if !pos.is_empty() {
             // The slots, written before the launches that read them (stream order).
             self.write_pos(from, &pos)?;
@@ -801,7 +851,7 @@ impl CudaBackend {
     /// queued while the GPU runs the part before it.
     fn send_part(&self) -> Result<()> {
         let (_, need) = self.part.get();
-        if self.dev.part_growth > 0 && self.queue.borrow().launches.len() >= need {
+        if self.dev.part_growth > 0.0 && self.queue.borrow().launches.len() >= need {
             self.send(false)?;
         }
         Ok(())
@@ -870,6 +920,9 @@ impl Drop for CudaBackend {
         // Queued launches may use buffers about to be freed: run them first.
         let _ = self.flush();
         let _ = self.stream.synchronize();
+        if let Some(t) = &self.trace {
+            t.report(self.dev.graph_stats());
+        }
     }
 }
 
@@ -957,8 +1010,47 @@ impl Backend for CudaBackend {
         self.flush()?;
         let m = t.0.try_borrow().map_err(|_| busy())?;
         let b = buf(&m)?;
-        let view = b.slice(row * m.cols..(row + 1) * m.cols);
-        self.stream.clone_dtoh(&view).map_err(gpu)
+        let cols = m.cols;
+        if (row + 1) * cols > b.len() {
+            return Err(Error::InvalidArgument(format!(
+                "row {row} of a {}-row tensor",
+                m.rows
+            )));
+        }
+        if let Some(t) = &self.trace {
+            t.reading(&self.stream);
+        }
+        let mut pinned = self.pinned.borrow_mut();
+        if pinned.as_ref().is_none_or(|p| p.len < cols) {
+            // Without page-locked memory (a host limit), through the driver's staging.
+            *pinned = Pinned::new(&self.dev.ctx, cols.max(1)).ok();
+        }
+        let row = match pinned.as_mut() {
+            Some(p) => {
+                // SAFETY: `p` holds at least `cols` f32s and is this backend's alone; the
+                // copy (queued after the step's launches, on its stream) is waited for
+                // before the slice is read or the buffer reused.
+                let dst = unsafe { std::slice::from_raw_parts_mut(p.ptr, cols) };
+                let src = b.device_ptr(&self.stream).0 + (row * cols * 4) as u64;
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(dst, src, self.stream.cu_stream())
+                }
+                .map_err(gpu)?;
+                self.stream.synchronize().map_err(gpu)?;
+                if let Some(t) = &self.trace {
+                    t.synced();
+                }
+                dst.to_vec()
+            }
+            None => {
+                let view = b.slice(row * cols..(row + 1) * cols);
+                self.stream.clone_dtoh(&view).map_err(gpu)?
+            }
+        };
+        if let Some(t) = &self.trace {
+            t.read();
+        }
+        Ok(row)
     }
 
     fn write(&self, t: &CudaTensor, rows: usize, data: Vec<f32>) -> Result<()> {
