@@ -622,6 +622,7 @@ pub struct CudaBackend {
 /// 49,152-value row on the H200 machine, `REALM_CUDA_TRACE`). Not write-combined: the host
 /// reads it.
 struct Pinned {
+    ctx: Arc<CudaContext>,
     ptr: *mut f32,
     len: usize,
 }
@@ -633,6 +634,7 @@ impl Pinned {
         // once, on drop.
         let ptr = unsafe { cudarc::driver::result::malloc_host(len * 4, 0) }.map_err(gpu)?;
         Ok(Self {
+            ctx: ctx.clone(),
             ptr: ptr.cast(),
             len,
         })
@@ -641,6 +643,8 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
+        // (A tenant may be dropped on another thread than the one that made it.)
+        let _ = self.ctx.bind_to_thread();
         // SAFETY: `ptr` came from malloc_host and is freed only here; no copy into it is
         // pending (each read waits for its copy).
         let _ = unsafe { cudarc::driver::result::free_host(self.ptr.cast()) };
