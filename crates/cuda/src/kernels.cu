@@ -748,6 +748,9 @@ __device__ float v_expf(float x);
 // up: 1 (heads of up to 64 values), 2 (128) or 8 (512), one kernel each, so that heads of
 // 64 values do not hold registers for 512.
 #define AT_HEADS 4
+#ifndef AT_PAIRS
+#define AT_PAIRS 1
+#endif
 template <int NT>
 __device__ __forceinline__ void attention_tiled_body(const float* q, const u16* kc,
                                                      const u16* vc, int n_head, int n_kv,
@@ -769,9 +772,15 @@ __device__ __forceinline__ void attention_tiled_body(const float* q, const u16* 
     for (int d = lt; d < hd; d += 64) qv[d] = qh[d];
     const u16* kh = kc + kvh * hd;
     const u16* vh = vc + kvh * hd;
-    float o[NT];
+    // Heads of up to 128 values (an even number: the host sends odd ones to the NT = 8
+    // kernel) take their values in pairs: thread t values 2t and 2t + 1 (one 4-byte load a
+    // position for both, and for heads of 64 the second warp idle), each value still its
+    // own chain over the positions. AT_PAIRS=0: a value a thread, NT apart (comparisons).
+    constexpr bool PAIRS = AT_PAIRS && NT <= 2;
+    constexpr int NO = PAIRS ? 2 : NT;
+    float o[NO];
 #pragma unroll
-    for (int i = 0; i < NT; i++) o[i] = 0.0f;
+    for (int i = 0; i < NO; i++) o[i] = 0.0f;
     float m = NEG_INF, sum = 0.0f;
     __syncthreads();
     for (int tile = start / 64 * 64; tile <= p; tile += 64) {
@@ -809,7 +818,7 @@ __device__ __forceinline__ void attention_tiled_body(const float* q, const u16* 
             if (m_new > m) {
                 float ms = exp_rn(m - m_new);
 #pragma unroll
-                for (int i = 0; i < NT; i++) o[i] *= ms;
+                for (int i = 0; i < NO; i++) o[i] *= ms;
                 sum *= ms;
             }
             m = m_new;
@@ -829,8 +838,34 @@ __device__ __forceinline__ void attention_tiled_body(const float* q, const u16* 
             sum = (float)((double)sum + ts);
             // The tile's valid positions, in order, for each of the thread's values.
             int lo = max(tile, start), hi = min(tile + 64, p + 1);
+            if (PAIRS && 2 * lt < hd) {
+                const unsigned* vp = (const unsigned*)(vh + 2 * lt);
+                size_t words = width / 2;
+                float a0 = o[0], a1 = o[1];
+                int j = lo;
+                for (; j + 8 <= hi; j += 8) {
+                    unsigned vv[8];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) vv[u] = vp[(size_t)(j + u) * words];
+#pragma unroll
+                    for (int u = 0; u < 8; u++) {
+                        float w = wv[j + u - tile];
+                        a0 = fmaf(w, h2f((u16)(vv[u] & 0xffffu)), a0);
+                        a1 = fmaf(w, h2f((u16)(vv[u] >> 16)), a1);
+                    }
+                }
+                for (; j < hi; j++) {
+                    unsigned v2 = vp[(size_t)j * words];
+                    float w = wv[j - tile];
+                    a0 = fmaf(w, h2f((u16)(v2 & 0xffffu)), a0);
+                    a1 = fmaf(w, h2f((u16)(v2 >> 16)), a1);
+                }
+                o[0] = a0;
+                o[1] = a1;
+            }
 #pragma unroll
             for (int i = 0; i < NT; i++) {
+                if (PAIRS) break;
                 int d = lt + 64 * i;
                 if (d >= hd) break;
                 const u16* vcol = vh + d;
@@ -851,6 +886,13 @@ __device__ __forceinline__ void attention_tiled_body(const float* q, const u16* 
     }
     float inv = sum == 0.0f ? 0.0f : 1.0f / sum;
     float* orow = out + (size_t)r * n_head * hd + h * hd;
+    if (PAIRS) {
+        if (2 * lt < hd) {
+            orow[2 * lt] = o[0] * inv;
+            orow[2 * lt + 1] = o[1] * inv;
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < NT; i++) {
         int d = lt + 64 * i;

@@ -1405,7 +1405,9 @@ impl Backend for CudaBackend {
                 .into_iter()
                 .find(|&d| group.is_multiple_of(d))
                 .unwrap_or(1);
+            // (Heads of an odd size: the general kernel; the others take values in pairs.)
             let k = match c.head_dim {
+                h if !h.is_multiple_of(2) => K::AttentionTiled,
                 0..=64 => K::AttentionTiled1,
                 65..=128 => K::AttentionTiled2,
                 _ => K::AttentionTiled,
