@@ -747,6 +747,12 @@ __device__ float v_expf(float x);
 // each key and value once from L2 (the others hit L1). NT is the head size's 64s, rounded
 // up: 1 (heads of up to 64 values), 2 (128) or 8 (512), one kernel each, so that heads of
 // 64 values do not hold registers for 512.
+// One position's step of two values' chains: w times the f16 pair v (low half first).
+__device__ __forceinline__ void pair_fma(float w, unsigned v, float& a0, float& a1) {
+    a0 = fmaf(w, h2f((u16)(v & 0xffffu)), a0);
+    a1 = fmaf(w, h2f((u16)(v >> 16)), a1);
+}
+
 #define AT_HEADS 4
 #ifndef AT_PAIRS
 #define AT_PAIRS 1
@@ -848,18 +854,9 @@ __device__ __forceinline__ void attention_tiled_body(const float* q, const u16* 
 #pragma unroll
                     for (int u = 0; u < 8; u++) vv[u] = vp[(size_t)(j + u) * words];
 #pragma unroll
-                    for (int u = 0; u < 8; u++) {
-                        float w = wv[j + u - tile];
-                        a0 = fmaf(w, h2f((u16)(vv[u] & 0xffffu)), a0);
-                        a1 = fmaf(w, h2f((u16)(vv[u] >> 16)), a1);
-                    }
+                    for (int u = 0; u < 8; u++) pair_fma(wv[j + u - tile], vv[u], a0, a1);
                 }
-                for (; j < hi; j++) {
-                    unsigned v2 = vp[(size_t)j * words];
-                    float w = wv[j - tile];
-                    a0 = fmaf(w, h2f((u16)(v2 & 0xffffu)), a0);
-                    a1 = fmaf(w, h2f((u16)(v2 >> 16)), a1);
-                }
+                for (; j < hi; j++) pair_fma(wv[j - tile], vp[(size_t)j * words], a0, a1);
                 o[0] = a0;
                 o[1] = a1;
             }
