@@ -613,8 +613,10 @@ pub struct CudaBackend {
     ropes: RefCell<Vec<RopeTable>>,
     /// Step times, with `REALM_CUDA_TRACE=1` (`trace`).
     trace: Option<trace::Tracer>,
-    /// Where rows read back land first (`read_row`).
+    /// Where rows read back land first (`read_row`); set once the host refused page-locked
+    /// memory, so that reads do not ask again every token.
     pinned: RefCell<Option<Pinned>>,
+    no_pinned: std::cell::Cell<bool>,
 }
 
 /// Page-locked host memory for rows read back: the GPU copies into it directly, where a
@@ -687,6 +689,7 @@ impl CudaBackend {
             ropes: RefCell::default(),
             trace,
             pinned: RefCell::new(None),
+            no_pinned: std::cell::Cell::new(false),
         }
     }
 
@@ -1025,9 +1028,10 @@ impl Backend for CudaBackend {
             t.reading(&self.stream);
         }
         let mut pinned = self.pinned.borrow_mut();
-        if pinned.as_ref().is_none_or(|p| p.len < cols) {
+        if !self.no_pinned.get() && pinned.as_ref().is_none_or(|p| p.len < cols) {
             // Without page-locked memory (a host limit), through the driver's staging.
             *pinned = Pinned::new(&self.dev.ctx, cols.max(1)).ok();
+            self.no_pinned.set(pinned.is_none());
         }
         let row = match pinned.as_mut() {
             Some(p) => {
